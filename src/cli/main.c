@@ -1,0 +1,59 @@
+/* ublk-qcow2: entry point and subcommand dispatch. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+#define UQ_VERSION "0.1.0"
+
+struct subcommand {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+};
+
+static const struct subcommand subcommands[] = {
+    { "nbd",   cmd_nbd,   "serve an image over NBD (unix socket or TCP)" },
+    { "bench", cmd_bench, "drive the engine directly and report IOPS and MiB/s" },
+};
+
+void cli_error(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("ublk-qcow2: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out, "Usage: ublk-qcow2 COMMAND [OPTIONS] ...\n\n"
+                 "Serve qcow2 (and raw) disk images as block devices.\n\nCommands:\n");
+    for (size_t i = 0; i < sizeof(subcommands) / sizeof(subcommands[0]); i++)
+        fprintf(out, "  %-8s %s\n", subcommands[i].name, subcommands[i].summary);
+    fprintf(out, "\nRun 'ublk-qcow2 COMMAND --help' for a command's options.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
+        printf("ublk-qcow2 %s\n", UQ_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(subcommands) / sizeof(subcommands[0]); i++)
+        if (!strcmp(argv[1], subcommands[i].name))
+            return subcommands[i].run(argc - 1, argv + 1);
+    cli_error("unknown command '%s' (try 'ublk-qcow2 --help')", argv[1]);
+    return 2;
+}

@@ -1,0 +1,70 @@
+/* The per-thread event loop over io_uring, and the I/O primitives the rest
+ * of the program uses.
+ *
+ * Called from a coroutine with a loop on this thread, each primitive queues
+ * an SQE, parks the coroutine, and returns the CQE result when the scheduler
+ * resumes it: no blocking call on the data path.  Called outside a coroutine
+ * (opening an image, offline tools, unit tests) the same primitive performs
+ * the plain system call.  Callers never need to know which mode they are in.
+ *
+ * Return values follow the kernel's convention: >= 0 success, -errno error.
+ */
+#ifndef UQ_IO_LOOP_H
+#define UQ_IO_LOOP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+struct loop;
+
+/* Create this thread's loop (ring with `entries` SQEs) and make it current. */
+struct loop *loop_new(unsigned entries);
+void loop_free(struct loop *l);
+struct loop *loop_current(void);
+
+/* Run until loop_stop() was called and no coroutine is left alive, or until
+ * there is nothing left that could ever wake a coroutine.  Returns 0, or
+ * -errno if the ring failed. */
+int loop_run(struct loop *l);
+void loop_stop(struct loop *l);
+bool loop_stopping(struct loop *l);
+
+/* Full-length positional I/O.  Reads return the bytes read (less than len
+ * only at end of file); writes return len or -errno (a short write is
+ * retried, and reported as -EIO if no progress is possible).
+ * rw_flags: RWF_DSYNC etc. for writes (FUA). */
+ssize_t io_pread(int fd, void *buf, size_t len, uint64_t off);
+ssize_t io_pwrite(int fd, const void *buf, size_t len, uint64_t off, int rw_flags);
+ssize_t io_preadv(int fd, const struct iovec *iov, int iovcnt, uint64_t off);
+ssize_t io_pwritev(int fd, const struct iovec *iov, int iovcnt, uint64_t off, int rw_flags);
+int io_fdatasync(int fd);
+int io_fallocate(int fd, int mode, uint64_t off, uint64_t len);
+
+/* Sockets and other fds (single operation, may be partial). */
+ssize_t io_recv(int fd, void *buf, size_t len, int flags);
+ssize_t io_send(int fd, const void *buf, size_t len, int flags);
+ssize_t io_read(int fd, void *buf, size_t len);
+int io_accept(int fd);
+/* Loop until all len bytes moved; returns len, 0 on EOF before any byte
+ * (recv only), or -errno (-EPIPE/-ECONNRESET on a peer that went away
+ * mid-message). */
+ssize_t io_recv_all(int fd, void *buf, size_t len);
+ssize_t io_send_all(int fd, const void *buf, size_t len);
+
+/* Submit an arbitrary, already-prepared SQE from a coroutine and wait for
+ * its result (used by the ublk frontend for URING_CMD).  prep fills the SQE;
+ * returns the CQE res. */
+struct io_uring_sqe;
+typedef void (*io_prep_fn)(struct io_uring_sqe *sqe, void *arg);
+int io_submit_wait(io_prep_fn prep, void *arg);
+
+/* Aligned allocation for O_DIRECT buffers (4096 bytes). Aborts on OOM. */
+void *io_alloc(size_t len);
+void *io_zalloc(size_t len);
+void io_free(void *p);
+#define IO_ALIGN 4096u
+
+#endif

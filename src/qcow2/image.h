@@ -1,0 +1,73 @@
+/* The image interface every frontend (NBD, ublk, bench) uses.
+ *
+ * An image is a raw file or a qcow2 file (with its backing chain).  All
+ * calls may park the calling coroutine; outside a coroutine they run
+ * synchronously.  Offsets and lengths are multiples of 512 bytes; buffers
+ * are IO_ALIGN-aligned (see io/loop.h io_alloc).
+ *
+ * Errors are returned as -errno: -EIO for I/O failures and for metadata
+ * found corrupt, -ENOSPC when the host file system is full, -EROFS for a
+ * write to a read-only image, -EINVAL for a misaligned or out-of-range request.
+ */
+#ifndef UQ_QCOW2_IMAGE_H
+#define UQ_QCOW2_IMAGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "io/file.h"
+
+enum img_format { IMG_FMT_AUTO = 0, IMG_FMT_RAW, IMG_FMT_QCOW2 };
+
+struct img_opts {
+    enum img_format format;     /* AUTO probes the file's magic */
+    bool read_only;
+    uint64_t cache_size;        /* qcow2 metadata cache bytes; 0 = default */
+    enum file_cache cache;      /* O_DIRECT or not (AUTO: direct when possible) */
+};
+
+/* Request flags. */
+#define IMG_FUA       (1u << 0)   /* write: durable before completion */
+#define IMG_NO_HOLE   (1u << 1)   /* write_zeroes: keep the range allocated */
+
+struct image;
+
+struct image_ops {
+    const char *name;
+    int (*read)(struct image *img, void *buf, uint64_t off, uint64_t len);
+    int (*write)(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
+    int (*flush)(struct image *img);
+    int (*discard)(struct image *img, uint64_t off, uint64_t len);
+    int (*write_zeroes)(struct image *img, uint64_t off, uint64_t len, unsigned flags);
+    int (*close)(struct image *img);
+};
+
+struct image {
+    const struct image_ops *ops;
+    uint64_t size;              /* virtual size in bytes */
+    bool read_only;
+    char *path;
+    void *priv;                 /* the format's own state */
+};
+
+/* Open an image.  Returns NULL and writes a one-line reason (naming the file
+ * and the problem) into err on failure. */
+struct image *img_open(const char *path, const struct img_opts *opts, char *err, size_t errlen);
+
+/* Check the request's range and alignment, then dispatch to the format. */
+int img_read(struct image *img, void *buf, uint64_t off, uint64_t len);
+int img_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
+int img_flush(struct image *img);
+int img_discard(struct image *img, uint64_t off, uint64_t len);
+int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
+/* Flush, mark clean, release.  Returns the flush's error, if any; the image
+ * is released either way. */
+int img_close(struct image *img);
+
+static inline uint64_t img_size(const struct image *img) { return img->size; }
+static inline const char *img_format_name(const struct image *img) { return img->ops->name; }
+
+/* Parse "64M", "1G", "4096" etc. into bytes; -1 on error. */
+int64_t parse_size(const char *s);
+
+#endif
