@@ -252,7 +252,7 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
     opterr = 0;
     optind = 1;
     for (;;) {
-        int opt = getopt_long(argc, argv, "+h", longopts, NULL);
+        int opt = getopt_long(argc, argv, "h", longopts, NULL);
         if (opt == -1)
             break;
         switch (opt) {
