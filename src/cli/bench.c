@@ -411,7 +411,7 @@ int cmd_bench(int argc, char **argv)
 
     struct loop *loop = loop_new(ring_entries(cfg.depth));
     if (!loop) {
-        cli_error("bench: cannot create the io_uring loop");
+        cli_error("bench: cannot create the io_uring loop: %s", strerror(errno));
         return 1;
     }
 
