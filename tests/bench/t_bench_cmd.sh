@@ -1,7 +1,7 @@
 #!/bin/bash
 # The `bench` load generator: JSON report, I/O counts, data really written,
-# timeout: 300
 # option errors.  Needs env UQ (binary) and UQ_TMP (scratch directory).
+# timeout: 300
 set -u
 : "${UQ:?UQ must name the ublk-qcow2 binary}" "${UQ_TMP:?UQ_TMP must name a scratch directory}"
 D=$UQ_TMP/bench_cmd
