@@ -57,6 +57,11 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
     if (len > QCOW2_MAX_SNAPSHOT_TABLE)
         len = QCOW2_MAX_SNAPSHOT_TABLE;   /* anything past the limit is not part of a valid table */
 
+    /* Every entry has a 40-byte fixed part: reject before allocating nb entries. */
+    if ((uint64_t)nb * SN_FIXED_SIZE > len)
+        return fail(-EINVAL, err, errlen,
+                    "qcow2 snapshot table: %zu bytes cannot hold %u snapshots", len, nb);
+
     struct qcow2_snapshot *sn = calloc(nb, sizeof(*sn));
     if (!sn)
         return fail(-ENOMEM, err, errlen, "qcow2 snapshot table: out of memory");
