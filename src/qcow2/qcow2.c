@@ -219,6 +219,7 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
 {
     uint64_t pos = q->h.snapshots_offset, end = q->host_end;
     uint8_t fixed[40];
+    uint64_t unpadded_end = pos;
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++) {
         if (pos + 40 > end || pos - q->h.snapshots_offset > QCOW2_MAX_SNAPSHOT_TABLE) {
             snprintf(err, errlen, "snapshot table entry %u lies outside the image", i);
@@ -228,10 +229,12 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
         if (n < 0)
             return (int)n;
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
+        unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
     }
     uint64_t total = pos - q->h.snapshots_offset;
-    if (total > QCOW2_MAX_SNAPSHOT_TABLE || pos > end) {
+    /* QEMU does not always write the last entry's padding. */
+    if (total > QCOW2_MAX_SNAPSHOT_TABLE || unpadded_end > end) {
         snprintf(err, errlen, "snapshot table (%llu bytes) is too large or lies outside the image",
                  (unsigned long long)total);
         return -EINVAL;
