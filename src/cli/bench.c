@@ -59,7 +59,6 @@ struct bench_run {
     uint64_t deadline_ns;
     uint64_t start_ns, end_ns;
     bool stop;
-    uint64_t issued;
     uint64_t read_ios, write_ios, errors;
     uint64_t lat_ns_total;
     int first_err;              /* -errno of the first failed request */
@@ -74,6 +73,7 @@ struct bench_job {
     struct bench_run *run;
     uint64_t rng;
     uint64_t next_block;        /* sequential modes: this job's position */
+    uint64_t quota;             /* --ios: this job's share; 0 = unlimited */
     void *rbuf, *wbuf;
 };
 
@@ -118,10 +118,9 @@ static void job_main(void *arg)
     struct bench_run *r = j->run;
     const struct bench_cfg *c = r->cfg;
 
-    while (!r->stop) {
-        if (c->ios && r->issued >= c->ios)
+    for (uint64_t done = 0; !r->stop; done++) {
+        if (c->ios && done == j->quota)
             break;
-        r->issued++;
 
         uint64_t block;
         if (c->mode->random) {
@@ -459,6 +458,9 @@ int cmd_bench(int argc, char **argv)
             j->rng = splitmix64(&seed);
         while (!j->rng);
         j->next_block = i % run.nblocks;
+        /* Fixed shares keep the offsets each job visits independent of timing. */
+        if (cfg.ios)
+            j->quota = cfg.ios / cfg.depth + (i < cfg.ios % cfg.depth);
         if (cfg.mode->read_pct > 0)
             j->rbuf = io_alloc(cfg.bs);
         if (cfg.mode->read_pct < 100) {
