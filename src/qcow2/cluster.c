@@ -47,6 +47,22 @@ static inline bool is_zero_alloc_owned(const struct qcow2 *q, uint64_t e)
     return (e & QCOW_OFLAG_COPIED) && etype(q, e) == QCOW2_CLUSTER_ZERO_ALLOC;
 }
 
+static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return a < b + blen && b < a + alen;
+}
+
+/* A hostile or damaged image may map guest data onto its own metadata;
+ * overwriting the header or a table in place would destroy the image. */
+static bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    uint64_t cs = cl_size(q);
+    return ranges_overlap(off, len, 0, cs) ||
+           ranges_overlap(off, len, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8) ||
+           ranges_overlap(off, len, q->h.refcount_table_offset, (uint64_t)q->h.refcount_table_clusters * cs) ||
+           (q->h.nb_snapshots && ranges_overlap(off, len, q->h.snapshots_offset, cs));
+}
+
 static struct inflight_alloc *find_alloc(struct qcow2 *q, uint64_t cluster)
 {
     for (struct inflight_alloc *a = q->allocs; a; a = a->next)
@@ -464,6 +480,12 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
                 n += MIN(len - n, cs);
             }
             mcache_put(&q->l2c, s);
+            if (hits_fixed_metadata(q, first_host, n + offset_into_cluster(q, off))) {
+                qcow2_mark_broken(q, "guest offset 0x%llx maps onto image metadata at 0x%llx",
+                                  (unsigned long long)off, (unsigned long long)first_host);
+                r = -EIO;
+                break;
+            }
             ssize_t w = file_pwrite(&q->file, buf, n, first_host + offset_into_cluster(q, off), fua);
             if (w < 0) {
                 r = (int)w;
