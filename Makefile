@@ -28,7 +28,7 @@ CLI_OBJS := $(CLI_SRCS:%.c=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
-.PHONY: all check bench soak clean unit debug deps
+.PHONY: all check bench soak clean unit debug deps demo
 all: $(BUILD)/ublk-qcow2
 
 $(BUILD)/ublk-qcow2: $(CLI_OBJS) $(BUILD)/libublkqcow2.a
@@ -67,6 +67,11 @@ bench: deps
 soak: deps
 	$(MAKE) debug
 	SOAK=1 tests/run.sh build/debug
+
+# The main job: serve a demo image over NBD and let qemu-img judge it.
+demo: deps
+	$(MAKE) all
+	scripts/demo.sh
 
 clean:
 	rm -rf build
