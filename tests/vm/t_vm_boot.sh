@@ -8,13 +8,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 tmp=${UQ_TMP:-}
 [ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
 
-if ! command -v qemu-system-x86_64 >/dev/null; then
-	echo "skip vm_boot: qemu-system-x86_64 is not installed"; exit 0
-fi
-if ! "$here/vm.sh" --prepare >"$tmp/prepare.log" 2>&1; then
-	cat "$tmp/prepare.log" >&2
-	echo "skip vm_boot: cannot prepare the VM kernel/initramfs: $(tail -n1 "$tmp/prepare.log")"; exit 0
-fi
+. "$here/vm_lib.sh"
+vm_require vm_boot
 
 cat >"$tmp/guest.sh" <<'EOF'
 check() { name=$1; shift; if "$@"; then echo "ok $name"; else echo "not ok $name: '$*' failed in the guest"; fi; }
