@@ -452,7 +452,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         return -EIO;
     qreq_begin(q, &rq);
     while (len) {
-        uint64_t c = off >> cl_bits(q), cs = cl_size(q), n;
+        uint64_t c = off >> cl_bits(q), cs = cl_size(q), n = 0;
         struct inflight_alloc *a = find_alloc(q, c);
         if (a) {
             co_queue_wait(&a->waiters);
