@@ -710,8 +710,10 @@ static void conn_serve(struct nbd_conn *c)
         if (r == 0)
             break;
         if (r < 0) {
-            if (!c->dead)
-                conn_log(c, "connection lost mid-request: %s", strerror(-r));
+            if (r == -EPIPE)
+                conn_log(c, "connection closed in the middle of a request header");
+            else if (!c->dead)
+                conn_log(c, "connection lost: %s", strerror(-r));
             break;
         }
         h = c->rx + c->rx_start;
@@ -758,7 +760,8 @@ static void conn_serve(struct nbd_conn *c)
             rq->payload = io_alloc(rq->len);
             r = rx_copy(c, rq->payload, rq->len);
             if (r < 0) {
-                conn_log(c, "connection lost mid-payload: %s", strerror(-r));
+                conn_log(c, "connection lost in the middle of a write payload: %s",
+                         r == -EPIPE || r == -ECONNRESET ? "closed by the client" : strerror(-r));
                 req_free(rq);
                 break;
             }

@@ -26,13 +26,16 @@ start_server() {
 server_pid() { cat "$NBD_DIR/$1.pid" 2>/dev/null; }
 
 # stop_server NAME: SIGTERM and wait (bounded) until the process is gone.
-# Returns 0 when it exited and removed its socket and pid file.
+# Returns 0 when it exited, removed its socket and pid file, and its log
+# holds no sanitizer report (the exit code of a detached server is not
+# observable, so the report is the evidence).
 stop_server() {
     local name=$1 pid
     pid=$(server_pid "$name") || return 1
     kill -TERM "$pid" 2>/dev/null || return 1
     timeout 30 tail --pid="$pid" -f /dev/null || return 1
-    [ ! -e "$NBD_DIR/$name.sock" ] && [ ! -e "$NBD_DIR/$name.pid" ]
+    [ ! -e "$NBD_DIR/$name.sock" ] && [ ! -e "$NBD_DIR/$name.pid" ] &&
+        ! grep -q -e "Sanitizer" -e "runtime error" "$NBD_DIR/$name.log"
 }
 
 alive() { kill -0 "$(server_pid "$1")" 2>/dev/null; }
@@ -44,7 +47,7 @@ nbd_cleanup() {
         kill -TERM "$p" 2>/dev/null && timeout 10 tail --pid="$p" -f /dev/null
         kill -KILL "$p" 2>/dev/null
     done
-    rm -rf "$NBD_DIR"
+    [ -n "$NBD_KEEP" ] || rm -rf "$NBD_DIR"
 }
 trap nbd_cleanup EXIT
 

@@ -26,11 +26,13 @@ for fmt in $FORMATS; do
         fail "$t" "server unusable after hostile clients: $(tr '\n' ' ' <<<"$out") log: $(tail -3 "$NBD_DIR/rw$fmt.log")"
     fi
 
-    # qemu-io opening the read-only export read-write must fail cleanly.
+    # qemu-io opening the read-only export read-write must fail cleanly; reads
+    # work (contents not checked: this server opened the image before the
+    # writable one wrote to it, and a qcow2 metadata cache is per process).
     t="nbd_read_only_qemu_io_$fmt"
     out=$(qio "$(eval echo "\$URI_ro$fmt")" -c 'write -P 1 0 4k' 2>&1); rc=$?
     if [ $rc -ne 0 ] && grep -qi "read-only\|read only\|permission" <<<"$out" &&
-       qio "$(eval echo "\$URI_ro$fmt")" -r -c 'read -P 0x5c 0 64k' >/dev/null 2>&1; then
+       qio "$(eval echo "\$URI_ro$fmt")" -r -c 'read 0 64k' >/dev/null 2>&1; then
         ok "$t"
     else
         fail "$t" "rc=$rc: $(tr '\n' ' ' <<<"$out")"
