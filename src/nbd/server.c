@@ -45,6 +45,7 @@ struct nbd_server {
     int wake_fd;                /* our own connection that unblocks accept */
     bool listening;             /* listener coroutine alive */
     bool stopping;
+    bool grace_running;         /* shutdown grace timer alive */
 
     struct nbd_conn *conns;     /* open connections (doubly linked) */
     unsigned nconns;
@@ -66,6 +67,7 @@ struct nbd_conn {
     bool dead;                  /* a send failed: drop further replies */
     bool dirty;                 /* wrote since its last FLUSH */
     unsigned inflight;
+    uint64_t mem_used;          /* this connection's share of s->mem_used */
     struct co_queue slot_wait;  /* receive loop waiting for an in-flight slot */
     struct co_queue idle_wait;  /* connection end waiting for inflight == 0 */
     struct co_mutex send_lock;  /* one reply on the wire at a time */
@@ -132,20 +134,27 @@ static void co_sleep_ms(unsigned ms)
 
 /* ---- memory budget --------------------------------------------------------- */
 
-static void mem_reserve(struct nbd_server *s, uint64_t cost)
+/* Bound buffer memory overall and per connection, so one client that
+ * stops reading its replies cannot starve the others.  A request may
+ * always proceed when nothing else holds memory, however large. */
+static void mem_reserve(struct nbd_conn *c, uint64_t cost)
 {
-    /* One request may always proceed alone, however large. */
-    while (s->mem_used > 0 && s->mem_used + cost > NBD_MEM_LIMIT)
+    struct nbd_server *s = c->s;
+
+    while ((c->mem_used > 0 && c->mem_used + cost > NBD_CONN_MEM_LIMIT) ||
+           (s->mem_used > 0 && s->mem_used + cost > NBD_MEM_LIMIT))
         co_queue_wait(&s->mem_wait);
+    c->mem_used += cost;
     s->mem_used += cost;
 }
 
-static void mem_release(struct nbd_server *s, uint64_t cost)
+static void mem_release(struct nbd_conn *c, uint64_t cost)
 {
     if (!cost)
         return;
-    s->mem_used -= cost;
-    co_queue_wake_all(&s->mem_wait);
+    c->mem_used -= cost;
+    c->s->mem_used -= cost;
+    co_queue_wake_all(&c->s->mem_wait);
 }
 
 /* ---- receive buffer -------------------------------------------------------- */
@@ -646,7 +655,7 @@ static void req_free(struct nbd_req *rq)
 
     if (rq->payload)
         io_free(rq->payload);
-    mem_release(c->s, rq->cost);
+    mem_release(c, rq->cost);
     free(rq);
     c->inflight--;
     co_queue_wake_one(&c->slot_wait);
@@ -698,8 +707,6 @@ static void req_run(void *arg)
 /* The receive loop of the transmission phase. */
 static void conn_serve(struct nbd_conn *c)
 {
-    struct nbd_server *s = c->s;
-
     for (;;) {
         struct nbd_req *rq;
         const uint8_t *h;
@@ -753,7 +760,7 @@ static void conn_serve(struct nbd_conn *c)
             rq->cost = rq->len;
         else if (rq->type == NBD_CMD_READ && rq->len <= NBD_BLOCK_MAX)
             rq->cost = IO_ALIGN + rq->len + 2 * SECTOR;
-        mem_reserve(s, rq->cost);
+        mem_reserve(c, rq->cost);
         c->inflight++;
 
         if (rq->type == NBD_CMD_WRITE && rq->len) {
@@ -957,6 +964,25 @@ void nbd_server_listen(struct nbd_server *s, int listen_fd)
     co_spawn(listener_run, s);
 }
 
+/* After shutdown began, give connections NBD_SHUTDOWN_GRACE_MS to finish
+ * their replies, then cut the ones still blocked (a client that does not
+ * read its replies would otherwise hold the server forever). */
+static void grace_run(void *arg)
+{
+    struct nbd_server *s = arg;
+
+    for (unsigned ms = 0; s->nconns && ms < NBD_SHUTDOWN_GRACE_MS; ms += 100)
+        co_sleep_ms(100);
+    if (s->nconns) {
+        fprintf(stderr, "ublk-qcow2: nbd: %u connection(s) still busy after %u ms, closing them\n",
+                s->nconns, NBD_SHUTDOWN_GRACE_MS);
+        for (struct nbd_conn *c = s->conns; c; c = c->next)
+            shutdown(c->fd, SHUT_RDWR);
+    }
+    s->grace_running = false;
+    co_queue_wake_all(&s->idle_wait);
+}
+
 void nbd_server_shutdown(struct nbd_server *s)
 {
     if (s->stopping)
@@ -967,11 +993,15 @@ void nbd_server_shutdown(struct nbd_server *s)
     /* Receive loops see EOF; replies to what they already read still go out. */
     for (struct nbd_conn *c = s->conns; c; c = c->next)
         shutdown(c->fd, SHUT_RD);
+    if (s->nconns) {
+        s->grace_running = true;
+        co_spawn(grace_run, s);
+    }
 }
 
 void nbd_server_wait(struct nbd_server *s)
 {
-    while (s->listening || s->nconns)
+    while (s->listening || s->nconns || s->grace_running)
         co_queue_wait(&s->idle_wait);
     if (s->wake_fd >= 0) {
         close(s->wake_fd);

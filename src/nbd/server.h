@@ -27,6 +27,8 @@ struct nbd_export_opts {
 #define NBD_BLOCK_MAX        (32u << 20)
 #define NBD_MAX_INFLIGHT     128u            /* requests in flight per connection */
 #define NBD_MEM_LIMIT        (256ull << 20)  /* payload buffers of all connections */
+#define NBD_CONN_MEM_LIMIT   (64ull << 20)   /* ... and of one connection */
+#define NBD_SHUTDOWN_GRACE_MS 10000u         /* replies still unsent then are dropped */
 #define NBD_MAX_CONNECTIONS  1024u
 
 /* The server does not own img; the caller closes it after nbd_server_wait(). */
@@ -43,7 +45,8 @@ void nbd_server_listen(struct nbd_server *s, int listen_fd);
 int nbd_server_add_client(struct nbd_server *s, int fd);
 
 /* Begin an orderly shutdown: stop accepting and stop reading on every
- * connection; requests already received complete and get their replies.
+ * connection; requests already received complete and get their replies
+ * (connections still blocked after NBD_SHUTDOWN_GRACE_MS are cut).
  * Safe to call more than once. */
 void nbd_server_shutdown(struct nbd_server *s);
 

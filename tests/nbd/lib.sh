@@ -25,6 +25,13 @@ start_server() {
 
 server_pid() { cat "$NBD_DIR/$1.pid" 2>/dev/null; }
 
+# wait_gone PID: bounded wait until PID has exited.  A detached server is
+# reaped by init, possibly late, so a zombie counts as gone.
+wait_gone() {
+    timeout 30 bash -c 'while [ -e /proc/$1 ] && [ "$(cut -d" " -f3 /proc/$1/stat 2>/dev/null)" != Z ]; do
+        sleep 0.02; done' _ "$1"
+}
+
 # stop_server NAME: SIGTERM and wait (bounded) until the process is gone.
 # Returns 0 when it exited, removed its socket and pid file, and its log
 # holds no sanitizer report (the exit code of a detached server is not
@@ -33,7 +40,7 @@ stop_server() {
     local name=$1 pid
     pid=$(server_pid "$name") || return 1
     kill -TERM "$pid" 2>/dev/null || return 1
-    timeout 30 tail --pid="$pid" -f /dev/null || return 1
+    wait_gone "$pid" || return 1
     [ ! -e "$NBD_DIR/$name.sock" ] && [ ! -e "$NBD_DIR/$name.pid" ] &&
         ! grep -q -e "Sanitizer" -e "runtime error" "$NBD_DIR/$name.log"
 }
@@ -44,7 +51,7 @@ alive() { kill -0 "$(server_pid "$1")" 2>/dev/null; }
 nbd_cleanup() {
     local p
     for p in $NBD_PIDS; do
-        kill -TERM "$p" 2>/dev/null && timeout 10 tail --pid="$p" -f /dev/null
+        kill -TERM "$p" 2>/dev/null && wait_gone "$p"
         kill -KILL "$p" 2>/dev/null
     done
     [ -n "$NBD_KEEP" ] || rm -rf "$NBD_DIR"
@@ -61,7 +68,7 @@ qcow2_available() {
         local pid size
         pid=$(cat "$NBD_DIR/probe.pid")
         size=$(timeout 30 nbdinfo --size "nbd+unix:///?socket=$sock" 2>>"$NBD_DIR/probe.log")
-        kill -TERM "$pid"; timeout 30 tail --pid="$pid" -f /dev/null
+        kill -TERM "$pid"; wait_gone "$pid"
         # Served as qcow2 (virtual size), not as the raw file.
         [ "$size" = 1048576 ] && return 0
         echo "qcow2 image served with size '$size', not 1048576" >>"$NBD_DIR/probe.log"

@@ -90,7 +90,7 @@ if [ -n "$started" ] &&
    out=$(qio "nbd://127.0.0.1:$port" -c 'write -P 0x21 0 1M' -c 'read -P 0x21 0 1M' 2>&1) &&
    ! grep -qi -e fail -e error <<<"$out"; then
     pid=$(cat "$NBD_DIR/tcp.pid"); kill -TERM "$pid"
-    if timeout 30 tail --pid="$pid" -f /dev/null; then ok $t; else fail $t "no exit after SIGTERM"; fi
+    if wait_gone "$pid"; then ok $t; else fail $t "no exit after SIGTERM"; fi
 else
     fail $t "$(cat "$NBD_DIR/tcp.log") $(tr '\n' ' ' <<<"$out")"
 fi
@@ -104,10 +104,10 @@ for sig in TERM INT; do
     NBD_PIDS="$NBD_PIDS $spid"
     # The pid file appears once the socket listens (bounded wait).
     timeout 30 bash -c "until [ -s '$NBD_DIR/fg.pid' ]; do sleep 0.05; done"
-    # Keep a client connected across the signal: it must not block the exit.
+    # Use the export once before the signal.
     qio "nbd+unix:///?socket=$NBD_DIR/fg.sock" -c 'write -P 9 0 64k' >/dev/null 2>&1
     kill -"$sig" "$spid"
-    timeout 30 tail --pid="$spid" -f /dev/null
+    wait_gone "$spid" || kill -KILL "$spid"
     wait "$spid"; rc=$?
     if [ $rc -eq 0 ] && [ ! -e "$NBD_DIR/fg.sock" ] && [ ! -e "$NBD_DIR/fg.pid" ]; then
         ok $t
@@ -119,20 +119,63 @@ done
 # Shutdown with a connected, idle client and one mid-handshake.
 t=nbd_cli_shutdown_with_clients
 if start_server busy "$img"; then
-    python3 - "$NBD_DIR/busy.sock" <<'PY' &
-import socket, struct, sys, time
-a = socket.socket(socket.AF_UNIX); a.connect(sys.argv[1]); a.recv(18)   # stays in the handshake
-b = socket.socket(socket.AF_UNIX); b.connect(sys.argv[1]); b.recv(18)
+    mkfifo "$NBD_DIR/busy.fifo"
+    python3 - "$NBD_DIR/busy.sock" >"$NBD_DIR/busy.fifo" <<'PY' &
+import socket, struct, sys
+a = socket.socket(socket.AF_UNIX); a.connect(sys.argv[1]); a.settimeout(60)
+a.recv(18)                  # stays in the handshake
+b = socket.socket(socket.AF_UNIX); b.connect(sys.argv[1]); b.settimeout(60)
+b.recv(18)
 b.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0))
-b.settimeout(30)
-while b.recv(4096):         # GO replies, then EOF when the server shuts down
+buf = b""
+while not buf.endswith(struct.pack(">QII", 0x3E889045565A9, 7, 1) + struct.pack(">I", 0)):
+    buf += b.recv(1)        # option replies up to the final ACK: in transmission
+print("ready", flush=True)
+while b.recv(4096):         # EOF when the server shuts down
     pass
 PY
     cpid=$!
-    # Wait (bounded) until both are connected and b is in transmission.
-    timeout 30 bash -c "until [ \$(ss -x 2>/dev/null | grep -c '$NBD_DIR/busy.sock') -ge 3 ]; do sleep 0.05; done"
-    if stop_server busy && timeout 30 tail --pid=$cpid -f /dev/null; then ok $t; else fail $t "shutdown blocked by clients"; fi
+    read -r -t 30 line <"$NBD_DIR/busy.fifo"
+    if [ "$line" = ready ] && stop_server busy && wait_gone $cpid &&
+       ! grep -q "still busy" "$NBD_DIR/busy.log"; then
+        ok $t
+    else
+        fail $t "line='$line' shutdown blocked by clients: $(cat "$NBD_DIR/busy.log")"
+    fi
     kill $cpid 2>/dev/null; wait $cpid 2>/dev/null
 else
     fail $t "$(cat "$NBD_DIR/busy.log")"
+fi
+
+# A client that stops reading its replies must neither starve other clients
+# nor keep the server from exiting (it is cut after the grace period).
+t=nbd_cli_shutdown_stuck_client
+if start_server stuck "$img"; then
+    mkfifo "$NBD_DIR/stuck.fifo"
+    python3 - "$NBD_DIR/stuck.sock" >"$NBD_DIR/stuck.fifo" <<'PY' &
+import socket, struct, sys, threading
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(60)
+s.recv(18)
+s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0))
+buf = b""
+while not buf.endswith(struct.pack(">QII", 0x3E889045565A9, 7, 1) + struct.pack(">I", 0)):
+    buf += s.recv(1)        # option replies up to the final ACK
+reqs = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 8 << 20) for i in range(64))
+threading.Thread(target=s.sendall, args=(reqs,), daemon=True).start()
+s.recv(16)                  # the first reply header: the server is now mid-reply
+print("stuck", flush=True)
+threading.Event().wait(60)  # never read again
+PY
+    cpid=$!
+    read -r -t 30 line <"$NBD_DIR/stuck.fifo"
+    out=$(qio "$URI_stuck" -c 'write -P 0x3c 0 1M' -c 'read -P 0x3c 0 1M' 2>&1); qrc=$?
+    if [ "$line" = stuck ] && [ $qrc = 0 ] && ! grep -qi -e fail -e error <<<"$out" &&
+       stop_server stuck && grep -q "still busy" "$NBD_DIR/stuck.log"; then
+        ok $t
+    else
+        fail $t "line='$line' qemu-io rc=$qrc $(tr '\n' ' ' <<<"$out") log: $(cat "$NBD_DIR/stuck.log")"
+    fi
+    kill $cpid 2>/dev/null; wait $cpid 2>/dev/null
+else
+    fail $t "$(cat "$NBD_DIR/stuck.log")"
 fi
