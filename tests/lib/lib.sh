@@ -124,12 +124,19 @@ start_nbd() {
         kill -TERM "$NBD_REAPER" 2>/dev/null
         rc=124
     fi
+    NBD_PID=$(cat "$NBD_PIDFILE" 2>/dev/null)
+    if [[ $rc -ne 0 && $NBD_SERVER == qemu-nbd && -n $NBD_PID && -S $NBD_SOCK ]] &&
+        kill -0 "$NBD_PID" 2>/dev/null; then
+        # qemu-nbd --fork exits 1 when the server printed anything (e.g. repair messages
+        # for a dirty image) although it serves: accept that.
+        note "start_nbd: qemu-nbd exit $rc but serving"
+        rc=0
+    fi
     if [[ $rc -ne 0 ]]; then
         _nbd_reap_after_failure
         sed 's/^/# nbd: /' "$NBD_LOG" >&2
         return "$rc"
     fi
-    NBD_PID=$(cat "$NBD_PIDFILE" 2>/dev/null)
     if [[ -z $NBD_PID ]] || ! kill -0 "$NBD_PID" 2>/dev/null; then
         note "start_nbd: started, but no live server in pid file '$NBD_PID'"
         _nbd_reap_after_failure
@@ -140,9 +147,18 @@ start_nbd() {
     return 0
 }
 
+# After a failed start: end a daemon that may still run, collect the reaper (all bounded).
 _nbd_reap_after_failure() {
-    local w r
-    read -r -t 10 -u "$NBD_FD" w r || true
+    local w r pid
+    pid=$(cat "$NBD_PIDFILE" 2>/dev/null)
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        note "start_nbd: the start failed but server $pid is running: stopping it"
+        kill -TERM "$pid" 2>/dev/null
+    fi
+    if ! read -r -t 30 -u "$NBD_FD" w r; then
+        [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null
+        read -r -t 30 -u "$NBD_FD" w r || kill -KILL "$NBD_REAPER" 2>/dev/null
+    fi
     wait "$NBD_REAPER" 2>/dev/null
     exec {NBD_FD}<&-
     NBD_REAPER= NBD_PID= NBD_FD=
@@ -214,7 +230,7 @@ qio() {
     timeout -k 5 300 qemu-io "$@" -f "$fmt" "$target" "${args[@]}" >"$UQ_TMP/qio.out" 2>&1
     local rc=$?
     # Only failures are worth the log space.
-    grep -v -E '^(wrote|read|discard|[0-9.]+ [KMG]?i?B, [0-9]+ ops)' "$UQ_TMP/qio.out" | head -40 >&2
+    grep -v -E '^(wrote|read|discard) [0-9]+/[0-9]+ bytes|^[0-9.]+ (bytes|[KMGT]iB), [0-9]+ ops' "$UQ_TMP/qio.out" | head -40 >&2
     [[ $rc -eq 0 ]] || note "qemu-io $target -> exit $rc"
     return $rc
 }

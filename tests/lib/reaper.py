@@ -14,6 +14,7 @@ It then exits.  The shell reads these lines with bounded `read -t`.
 """
 import ctypes
 import os
+import signal
 import sys
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -63,31 +64,59 @@ def main():
             daemon = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         pass
-    if done[child] != 0 or daemon is None:
-        # No daemon to follow (start failed or wrote no pid file): wait for
-        # any stray descendants so none outlives us, then report.
-        while True:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
+    if daemon is None or (daemon not in done and not alive(daemon)):
+        # No daemon to follow: make sure no stray descendant outlives us, then report.
+        signal.signal(signal.SIGALRM, lambda *_: kill_children(signal.SIGKILL))
+        signal.alarm(20)
+        reap_all()
         out.write("exited none\n")
         return 0
 
+    # Follow the daemon (even when the start command failed: the shell decides).
     rc = done.get(daemon)
+    for pid, st in reap_all():
+        if pid == daemon:
+            rc = st
+    out.write("exited %s\n" % ("unknown" if rc is None else rc))
+    return 0
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def reap_all():
+    """Wait for every descendant; returns [(pid, code)]."""
+    res = []
     while True:
         try:
             pid, st = os.waitpid(-1, 0)
         except ChildProcessError:
-            break
-        if pid == daemon:
-            rc = status_code(st)
-    if rc is None:
-        # The daemon was not our descendant (should not happen).
-        out.write("exited unknown\n")
-    else:
-        out.write("exited %d\n" % rc)
-    return 0
+            return res
+        except InterruptedError:
+            continue
+        res.append((pid, status_code(st)))
+
+
+def kill_children(sig):
+    me = str(os.getpid())
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid == me:
+            try:
+                os.kill(int(d), sig)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":
