@@ -51,14 +51,16 @@ make_image() {
 # Default prefill: a few QEMU-written extents for the workload to overwrite.
 PREFILL=("write -P 165 0 3M" "write -P 90 5M 1M" "write -P 17 7340032 12345" "write -z 9M 1M")
 
-# apply_workload DIR FMT [--server-opt OPT]... [--wl-opt OPT]... [--extra CMD]...
+# apply_workload DIR FMT SEED [--server-opt OPT]... [--wl-opt OPT]... [--extra CMD]... [--cwd D]
 # DIR/ref.IMG and DIR/ours.IMG exist (IMG = qcow2 or raw by FMT).  Applies extra commands
 # followed by the seeded workload to both, stops the server and judges.  Sets FAIL.
+# --cwd D starts the server from directory D, naming the image relative to D.
 apply_workload() {
     local dir=$1 fmt=$2 seed=$3; shift 3
-    local sopts=() wopts=() extra=()
+    local sopts=() wopts=() extra=() cwd=
     while [[ $# -gt 0 ]]; do
         case $1 in
+            --cwd) cwd=$2; shift 2 ;;
             --server-opt) sopts+=("$2"); shift 2 ;;
             --wl-opt) wopts+=("$2"); shift 2 ;;
             --extra) extra+=("$2"); shift 2 ;;
@@ -76,7 +78,15 @@ apply_workload() {
 
     qio "$fmt" "$ref" "$dir/workload.txt" || { fail "qemu-io on the reference failed (harness)"; return 1; }
 
-    start_nbd "$ours" "${sopts[@]}" || { fail "server did not start (exit $?)"; return 1; }
+    local src=$ours
+    if [[ -n $cwd ]]; then
+        pushd "$cwd" >/dev/null || { fail "no directory $cwd"; return 1; }
+        src=$(realpath --relative-to=. "$ours")
+    fi
+    start_nbd "$src" "${sopts[@]}"
+    local src_rc=$?
+    [[ -n $cwd ]] && popd >/dev/null
+    [[ $src_rc -eq 0 ]] || { fail "server did not start (exit $src_rc)"; return 1; }
     qio raw "$(nbd_uri)" "$dir/workload.txt" || fail "qemu-io through NBD failed"
     local rc=0
     stop_nbd || rc=$?
