@@ -179,3 +179,4 @@ PY
 else
     fail $t "$(cat "$NBD_DIR/stuck.log")"
 fi
+exit 0
