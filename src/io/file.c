@@ -215,3 +215,14 @@ int file_zero_range(struct file *f, uint64_t off, uint64_t len)
 {
     return falloc_ret(io_fallocate(f->fd, FALLOC_FL_ZERO_RANGE, off, len));
 }
+
+int file_allocate(struct file *f, uint64_t off, uint64_t len)
+{
+    int r = io_fallocate(f->fd, 0, off, len);
+    return r == -ENOSYS ? -EOPNOTSUPP : r;
+}
+
+int file_truncate(struct file *f, uint64_t size)
+{
+    return ftruncate(f->fd, (off_t)size) < 0 ? -errno : 0;
+}

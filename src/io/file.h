@@ -38,5 +38,9 @@ int file_sync(struct file *f);
 /* Deallocate (punch hole) or zero a range; -EOPNOTSUPP where unsupported. */
 int file_punch(struct file *f, uint64_t off, uint64_t len);
 int file_zero_range(struct file *f, uint64_t off, uint64_t len);
+/* Allocate blocks for [off, off+len), extending the file size (fallocate
+ * mode 0); -EOPNOTSUPP where unsupported. */
+int file_allocate(struct file *f, uint64_t off, uint64_t len);
+int file_truncate(struct file *f, uint64_t size);
 
 #endif

@@ -63,6 +63,14 @@ static bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
            (q->h.nb_snapshots && ranges_overlap(off, len, q->h.snapshots_offset, cs));
 }
 
+/* Does the old content of a cluster, as the COW source, read as zeros? */
+static bool reads_as_zero_for_cow(const struct qcow2 *q, uint64_t e)
+{
+    enum qcow2_cluster_type t = etype(q, e);
+    return t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
+           (t == QCOW2_CLUSTER_UNALLOCATED && !q->backing);
+}
+
 static struct inflight_alloc *find_alloc(struct qcow2 *q, uint64_t cluster)
 {
     for (struct inflight_alloc *a = q->allocs; a; a = a->next)
@@ -389,18 +397,28 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
 
     uint64_t host = e0 & L2E_OFFSET_MASK, got = 1;
     uint8_t *head = NULL, *tail = NULL;
+    bool fresh = false;
     int r = 0;
     if (!reuse) {
         co_mutex_lock(&q->alloc_lock);
+        uint64_t end_before = q->host_end;
         r = alloc_clusters(q, want, &host, &got);
         co_mutex_unlock(&q->alloc_lock);
         if (r < 0)
             goto out;
         a.last = c0 + got - 1;
+        /* Clusters past the file's end were never written: they read as
+         * zeros already, so COW from zeros needs no write at all. */
+        fresh = host >= end_before;
     }
     uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs;
     uint64_t data_end = MIN(end, span_end);
     uint64_t head_len = off - span_start, tail_len = span_end - data_end;
+    if (fresh && reads_as_zero_for_cow(q, e0) &&
+        reads_as_zero_for_cow(q, l2e_get(q, s, idx + (uint32_t)got - 1))) {
+        head_len = tail_len = 0;
+        host += off - span_start;
+    }
     struct iovec iov[3];
     int niov = 0;
     if (head_len) {
@@ -419,6 +437,7 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         ssize_t w = file_pwritev(&q->file, iov, niov, host, false);
         r = w < 0 ? (int)w : 0;
     }
+    host -= host & (cs - 1);    /* back to the first cluster if only data was written */
     if (r < 0) {
         if (!reuse)     /* nothing points at the new clusters yet: free them now */
             for (uint64_t i = 0; i < got; i++)

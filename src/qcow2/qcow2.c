@@ -390,6 +390,10 @@ static int qcow2_close(struct image *img)
         r = qcow2_flush(q);
         if (r == 0 && (q->frees_ready || mcache_has_dirty(&q->rcc)))
             r = qcow2_flush(q);
+        /* Give back the preallocated tail nothing was allocated in. */
+        uint64_t keep = q->host_end > q->open_len ? q->host_end : q->open_len;
+        if (r == 0 && q->file_len > keep)
+            file_truncate(&q->file, keep);
     }
     qcow2_free(q);
     return r;
@@ -442,7 +446,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "%s: cannot stat: %s", f->path, strerror((int)-fsize));
         goto fail_nofile;
     }
-    q->host_end = (uint64_t)fsize;
+    q->host_end = q->file_len = q->open_len = (uint64_t)fsize;
 
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */
