@@ -245,6 +245,32 @@ with open(sys.argv[1], "rb") as f:
 EOF
 }
 
+# --- sanitizers ---------------------------------------------------------------------------
+# tests/run.sh points ASan/UBSan log_path into UQ_SAN_DIR, so reports of daemons are kept.
+SAN_RE='ERROR: AddressSanitizer|runtime error:|LeakSanitizer'
+
+# san_clean [LOGFILE...]: true if no sanitizer report appeared since the last call (report
+# files are moved to UQ_SAN_DIR/seen, where tests/run.sh still counts them) and none is in the
+# given log files.  Reports are copied to stderr.
+san_clean() {
+    local f clean=0
+    if [[ -n ${UQ_SAN_DIR:-} && -d $UQ_SAN_DIR ]]; then
+        mkdir -p "$UQ_SAN_DIR/seen"
+        for f in "$UQ_SAN_DIR"/*; do
+            [[ -f $f && -s $f ]] || continue
+            clean=1
+            head -60 "$f" | sed 's/^/# san: /' >&2
+            mv "$f" "$UQ_SAN_DIR/seen/"
+        done
+    fi
+    for f in "$@"; do
+        if [[ -f $f ]] && grep -q -E "$SAN_RE" "$f"; then
+            clean=1
+        fi
+    done
+    return $clean
+}
+
 # --- cleanup -------------------------------------------------------------------------------
 # Extra cleanup commands a script wants run at exit.
 LIB_CLEANUP=()
