@@ -125,6 +125,9 @@ enum qcow2_cluster_type qcow2_l2_entry_type(const struct qcow2_header *h, uint64
  * (may extend into the next host cluster). */
 void qcow2_compressed_desc(const struct qcow2_header *h, uint64_t l2e,
                            uint64_t *host_off, uint64_t *nbytes);
+/* Inverse of qcow2_compressed_desc: the L2 entry for nbytes of compressed data
+ * at host_off; 0 if they cannot be described (nbytes 0 or too large for the
+ * size field, host_off past the offset field or bit 55). */
 uint64_t qcow2_compressed_entry(const struct qcow2_header *h, uint64_t host_off, uint64_t nbytes);
 
 /* Extended L2 subcluster bitmap word (second 64 bits). */
@@ -156,7 +159,8 @@ struct qcow2_snapshot {
 };
 
 /* Parse nb entries from a snapshot table buffer.  Returns 0 and a malloc'ed
- * array in *out (free with qcow2_snapshots_free), or -EINVAL with err set. */
+ * array in *out (NULL when nb is 0; free with qcow2_snapshots_free), or
+ * -EINVAL (-ENOMEM) with err set and *out NULL. */
 int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size_t len,
                           uint32_t nb, struct qcow2_snapshot **out, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t nb);

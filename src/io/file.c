@@ -1,0 +1,217 @@
+/* Image files: open with the right cache mode, route I/O through the loop. */
+#include "io/file.h"
+#include "io/loop.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DIRECT_ALIGN 512u
+#define BOUNCE_MAX (1u << 20)
+
+enum dio_verdict { DIO_NO, DIO_YES, DIO_UNKNOWN };
+
+/* Ask the kernel which alignment O_DIRECT needs on this file. */
+static enum dio_verdict dio_statx(int fd)
+{
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+        (stx.stx_mask & STATX_DIOALIGN)) {
+        if (stx.stx_dio_offset_align == 0)
+            return DIO_NO;      /* direct I/O unsupported here */
+        /* Callers align offsets, lengths and buffers to 512 only. */
+        return stx.stx_dio_offset_align <= DIRECT_ALIGN &&
+               stx.stx_dio_mem_align <= DIRECT_ALIGN ? DIO_YES : DIO_NO;
+    }
+#endif
+    (void)fd;
+    return DIO_UNKNOWN;
+}
+
+/* With O_DIRECT set: does a 512-aligned read at a 512 (not 4096) offset
+ * into a 512 (not 4096) aligned buffer work? */
+static bool dio_probe(int fd)
+{
+    char *buf = io_alloc(2 * IO_ALIGN);
+    ssize_t ret;
+    do
+        ret = pread(fd, buf + DIRECT_ALIGN, DIRECT_ALIGN, DIRECT_ALIGN);
+    while (ret < 0 && errno == EINTR);
+    io_free(buf);
+    return ret >= 0;
+}
+
+static int set_direct(int fd, bool on)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    fl = on ? (fl | O_DIRECT) : (fl & ~O_DIRECT);
+    return fcntl(fd, F_SETFL, fl) < 0 ? -errno : 0;
+}
+
+int file_open(struct file *f, const char *path, bool writable, enum file_cache cache,
+              char *err, size_t errlen)
+{
+    struct stat st;
+    int fd, ret;
+
+    memset(f, 0, sizeof(*f));
+    f->fd = -1;
+    fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0) {
+        ret = -errno;
+        snprintf(err, errlen, "cannot open '%s': %s", path, strerror(-ret));
+        return ret;
+    }
+    if (fstat(fd, &st) < 0) {
+        ret = -errno;
+        snprintf(err, errlen, "cannot stat '%s': %s", path, strerror(-ret));
+        close(fd);
+        return ret;
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        ret = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+        snprintf(err, errlen, "cannot open '%s': not a regular file or block device", path);
+        close(fd);
+        return ret;
+    }
+
+    bool direct = false;
+    if (cache != FILE_CACHE_BUFFERED) {
+        enum dio_verdict v = dio_statx(fd);
+        if (v != DIO_NO && set_direct(fd, true) == 0) {
+            direct = v == DIO_YES || dio_probe(fd);
+            if (!direct)
+                set_direct(fd, false);
+        }
+        if (!direct && cache == FILE_CACHE_DIRECT) {
+            snprintf(err, errlen, "cannot open '%s' with O_DIRECT: the file system refuses it "
+                     "or needs more than %u-byte alignment", path, DIRECT_ALIGN);
+            close(fd);
+            return -EINVAL;
+        }
+    }
+
+    f->path = strdup(path);
+    if (!f->path) {
+        snprintf(err, errlen, "cannot open '%s': %s", path, strerror(ENOMEM));
+        close(fd);
+        return -ENOMEM;
+    }
+    f->fd = fd;
+    f->direct = direct;
+    f->writable = writable;
+    return 0;
+}
+
+void file_close(struct file *f)
+{
+    if (f->fd >= 0)
+        close(f->fd);
+    f->fd = -1;
+    free(f->path);
+    f->path = NULL;
+}
+
+int64_t file_size(struct file *f)
+{
+    struct stat st;
+    if (fstat(f->fd, &st) < 0)
+        return -errno;
+    if (S_ISBLK(st.st_mode)) {
+        uint64_t bytes;
+        if (ioctl(f->fd, BLKGETSIZE64, &bytes) < 0)
+            return -errno;
+        return (int64_t)bytes;
+    }
+    return st.st_size;
+}
+
+ssize_t file_pread(struct file *f, void *buf, size_t len, uint64_t off)
+{
+    return io_pread(f->fd, buf, len, off);
+}
+
+ssize_t file_pread_any(struct file *f, void *buf, size_t len, uint64_t off)
+{
+    const uint64_t mask = DIRECT_ALIGN - 1;
+    if (!f->direct || ((off | len | (uintptr_t)buf) & mask) == 0)
+        return io_pread(f->fd, buf, len, off);
+
+    /* Read the covering 512-aligned span through a bounce buffer, in
+     * pieces of at most BOUNCE_MAX. */
+    size_t done = 0;
+    size_t bounce_len = ((off & mask) + len + mask) & ~mask;
+    if (bounce_len > BOUNCE_MAX)
+        bounce_len = BOUNCE_MAX;
+    char *bounce = io_alloc(bounce_len);
+    while (done < len) {
+        uint64_t pos = off + done;
+        uint64_t start = pos & ~mask;
+        size_t head = pos - start;
+        size_t want = ((head + (len - done) + mask) & ~mask);
+        if (want > bounce_len)
+            want = bounce_len;
+        ssize_t ret = io_pread(f->fd, bounce, want, start);
+        if (ret < 0) {
+            io_free(bounce);
+            return ret;
+        }
+        if ((size_t)ret <= head)
+            break;              /* end of file */
+        size_t n = (size_t)ret - head;
+        if (n > len - done)
+            n = len - done;
+        memcpy((char *)buf + done, bounce + head, n);
+        done += n;
+        if ((size_t)ret < want)
+            break;
+    }
+    io_free(bounce);
+    return (ssize_t)done;
+}
+
+ssize_t file_preadv(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return io_preadv(f->fd, iov, iovcnt, off);
+}
+
+/* FUA maps to RWF_DSYNC: the data (and metadata needed to read it back) is
+ * durable when the write completes. */
+ssize_t file_pwrite(struct file *f, const void *buf, size_t len, uint64_t off, bool fua)
+{
+    return io_pwrite(f->fd, buf, len, off, fua ? RWF_DSYNC : 0);
+}
+
+ssize_t file_pwritev(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off, bool fua)
+{
+    return io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0);
+}
+
+int file_sync(struct file *f)
+{
+    return io_fdatasync(f->fd);
+}
+
+static int falloc_ret(int ret)
+{
+    return ret == -ENOSYS || ret == -ENOTSUP ? -EOPNOTSUPP : ret;
+}
+
+int file_punch(struct file *f, uint64_t off, uint64_t len)
+{
+    return falloc_ret(io_fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len));
+}
+
+int file_zero_range(struct file *f, uint64_t off, uint64_t len)
+{
+    return falloc_ret(io_fallocate(f->fd, FALLOC_FL_ZERO_RANGE, off, len));
+}

@@ -1,0 +1,439 @@
+/* Per-thread io_uring event loop and the I/O primitives (see loop.h). */
+#include "io/loop.h"
+#include "io/coroutine.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#endif
+
+struct loop {
+    struct io_uring ring;
+    unsigned inflight;      /* SQEs queued or submitted, CQE not yet reaped */
+    bool stopping;
+};
+
+/* A parked coroutine waiting for one CQE; lives on that coroutine's stack. */
+struct io_waiter {
+    struct co *co;
+    int res;
+    bool done;
+};
+
+static __thread struct loop *cur_loop;
+
+struct loop *loop_new(unsigned entries)
+{
+    struct loop *l = calloc(1, sizeof(*l));
+    if (!l) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    /* A bigger CQ than SQ: many coroutines may have I/O in flight at once. */
+    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_CQSIZE;
+    p.cq_entries = entries * 4;
+    int ret = io_uring_queue_init_params(entries, &l->ring, &p);
+    if (ret == -EINVAL) {
+        memset(&p, 0, sizeof(p));
+        p.flags = IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 4;
+        ret = io_uring_queue_init_params(entries, &l->ring, &p);
+    }
+    if (ret == -EINVAL)
+        ret = io_uring_queue_init(entries, &l->ring, 0);
+    if (ret < 0) {
+        free(l);
+        errno = -ret;
+        return NULL;
+    }
+    cur_loop = l;
+    return l;
+}
+
+void loop_free(struct loop *l)
+{
+    if (!l)
+        return;
+    io_uring_queue_exit(&l->ring);
+    if (cur_loop == l)
+        cur_loop = NULL;
+    free(l);
+}
+
+struct loop *loop_current(void)
+{
+    return cur_loop;
+}
+
+void loop_stop(struct loop *l)
+{
+    l->stopping = true;
+}
+
+bool loop_stopping(struct loop *l)
+{
+    return l->stopping;
+}
+
+static void loop_reap(struct loop *l)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+
+    io_uring_for_each_cqe(&l->ring, head, cqe) {
+        struct io_waiter *w = io_uring_cqe_get_data(cqe);
+        seen++;
+        if (!w)
+            continue;
+        w->res = cqe->res;
+        w->done = true;
+        l->inflight--;
+        co_wake(w->co);
+    }
+    io_uring_cq_advance(&l->ring, seen);
+}
+
+int loop_run(struct loop *l)
+{
+    for (;;) {
+        co_run_ready();
+        if (l->stopping && co_live_count() == 0)
+            return 0;
+        if (l->inflight == 0) {
+            if (co_live_count() == 0)
+                return 0;
+            fprintf(stderr, "loop: all coroutines parked with no I/O in flight\n");
+            return -EDEADLK;
+        }
+        /* One submit for every SQE queued by the coroutines that just ran. */
+        int ret = io_uring_submit_and_wait(&l->ring, 1);
+        if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
+            fprintf(stderr, "loop: io_uring_submit_and_wait: %s\n", strerror(-ret));
+            return ret;
+        }
+        loop_reap(l);
+    }
+}
+
+/* ---- coroutine-mode plumbing ------------------------------------------ */
+
+static inline struct loop *async_loop(void)
+{
+    return co_self() ? cur_loop : NULL;
+}
+
+static struct io_uring_sqe *loop_sqe(struct loop *l)
+{
+    struct io_uring_sqe *sqe;
+    while ((sqe = io_uring_get_sqe(&l->ring)) == NULL) {
+        /* SQ full: push what is queued to the kernel to make room. */
+        int ret = io_uring_submit(&l->ring);
+        if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
+            fprintf(stderr, "loop: io_uring_submit: %s\n", strerror(-ret));
+            abort();
+        }
+        if (ret <= 0)
+            loop_reap(l);   /* CQ backlog: completions only mark waiters ready */
+    }
+    return sqe;
+}
+
+static int loop_wait(struct loop *l, struct io_uring_sqe *sqe)
+{
+    struct io_waiter w = { co_self(), 0, false };
+    io_uring_sqe_set_data(sqe, &w);
+    l->inflight++;
+    while (!w.done)
+        co_yield();
+    return w.res;
+}
+
+int io_submit_wait(io_prep_fn prep, void *arg)
+{
+    struct loop *l = async_loop();
+    if (!l)
+        return -EINVAL;
+    struct io_uring_sqe *sqe = loop_sqe(l);
+    prep(sqe, arg);
+    return loop_wait(l, sqe);
+}
+
+/* ---- positional file I/O ---------------------------------------------- */
+
+#define IOV_WINDOW 64
+
+/* One read or write attempt; may transfer less than asked. */
+static ssize_t rw_once(bool write, int fd, const struct iovec *iov, int iovcnt,
+                       uint64_t off, int rw_flags)
+{
+    struct loop *l = async_loop();
+    ssize_t ret;
+
+    if (l) {
+        struct io_uring_sqe *sqe = loop_sqe(l);
+        if (iovcnt == 1) {
+            if (write)
+                io_uring_prep_write(sqe, fd, iov[0].iov_base, iov[0].iov_len, off);
+            else
+                io_uring_prep_read(sqe, fd, iov[0].iov_base, iov[0].iov_len, off);
+        } else {
+            if (write)
+                io_uring_prep_writev(sqe, fd, iov, iovcnt, off);
+            else
+                io_uring_prep_readv(sqe, fd, iov, iovcnt, off);
+        }
+        sqe->rw_flags = rw_flags;
+        return loop_wait(l, sqe);
+    }
+    do {
+        if (write)
+            ret = rw_flags ? pwritev2(fd, iov, iovcnt, off, rw_flags)
+                           : (iovcnt == 1 ? pwrite(fd, iov[0].iov_base, iov[0].iov_len, off)
+                                          : pwritev(fd, iov, iovcnt, off));
+        else
+            ret = rw_flags ? preadv2(fd, iov, iovcnt, off, rw_flags)
+                           : (iovcnt == 1 ? pread(fd, iov[0].iov_base, iov[0].iov_len, off)
+                                          : preadv(fd, iov, iovcnt, off));
+    } while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
+/* Fill win with the part of iov that starts `skip` bytes in. */
+static int iov_window(const struct iovec *iov, int iovcnt, size_t skip, struct iovec *win)
+{
+    int i = 0, n = 0;
+    while (i < iovcnt && skip >= iov[i].iov_len)
+        skip -= iov[i++].iov_len;
+    for (; i < iovcnt && n < IOV_WINDOW; i++, n++) {
+        win[n].iov_base = (char *)iov[i].iov_base + skip;
+        win[n].iov_len = iov[i].iov_len - skip;
+        skip = 0;
+    }
+    return n;
+}
+
+static ssize_t rw_full(bool write, int fd, const struct iovec *iov, int iovcnt,
+                       uint64_t off, int rw_flags)
+{
+    struct iovec win[IOV_WINDOW];
+    const struct iovec *cur = iov;
+    int curcnt = iovcnt;
+    size_t total = 0, done = 0;
+
+    for (int i = 0; i < iovcnt; i++)
+        total += iov[i].iov_len;
+    if (iovcnt > IOV_WINDOW) {
+        curcnt = iov_window(iov, iovcnt, 0, win);
+        cur = win;
+    }
+    while (done < total) {
+        ssize_t ret = rw_once(write, fd, cur, curcnt, off + done, rw_flags);
+        if (ret == -EINTR || ret == -EAGAIN)
+            continue;
+        if (ret < 0)
+            return ret;
+        if (ret == 0) {
+            if (write)
+                return -EIO;    /* no progress possible */
+            break;              /* end of file */
+        }
+        done += (size_t)ret;
+        if (done < total) {
+            curcnt = iov_window(iov, iovcnt, done, win);
+            cur = win;
+        }
+    }
+    return (ssize_t)done;
+}
+
+ssize_t io_pread(int fd, void *buf, size_t len, uint64_t off)
+{
+    struct iovec iov = { buf, len };
+    return rw_full(false, fd, &iov, 1, off, 0);
+}
+
+ssize_t io_pwrite(int fd, const void *buf, size_t len, uint64_t off, int rw_flags)
+{
+    struct iovec iov = { (void *)buf, len };
+    return rw_full(true, fd, &iov, 1, off, rw_flags);
+}
+
+ssize_t io_preadv(int fd, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return rw_full(false, fd, iov, iovcnt, off, 0);
+}
+
+ssize_t io_pwritev(int fd, const struct iovec *iov, int iovcnt, uint64_t off, int rw_flags)
+{
+    return rw_full(true, fd, iov, iovcnt, off, rw_flags);
+}
+
+int io_fdatasync(int fd)
+{
+    struct loop *l = async_loop();
+    if (l) {
+        struct io_uring_sqe *sqe = loop_sqe(l);
+        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+        return loop_wait(l, sqe);
+    }
+    int ret;
+    do
+        ret = fdatasync(fd);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : 0;
+}
+
+int io_fallocate(int fd, int mode, uint64_t off, uint64_t len)
+{
+    struct loop *l = async_loop();
+    if (l) {
+        struct io_uring_sqe *sqe = loop_sqe(l);
+        io_uring_prep_fallocate(sqe, fd, mode, (off_t)off, (off_t)len);
+        return loop_wait(l, sqe);
+    }
+    int ret;
+    do
+        ret = fallocate(fd, mode, (off_t)off, (off_t)len);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : 0;
+}
+
+/* ---- sockets and other fds -------------------------------------------- */
+
+ssize_t io_recv(int fd, void *buf, size_t len, int flags)
+{
+    struct loop *l = async_loop();
+    ssize_t ret;
+    if (l) {
+        do {
+            struct io_uring_sqe *sqe = loop_sqe(l);
+            io_uring_prep_recv(sqe, fd, buf, len, flags);
+            ret = loop_wait(l, sqe);
+        } while (ret == -EINTR);
+        return ret;
+    }
+    do
+        ret = recv(fd, buf, len, flags);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
+ssize_t io_send(int fd, const void *buf, size_t len, int flags)
+{
+    struct loop *l = async_loop();
+    ssize_t ret;
+    if (l) {
+        do {
+            struct io_uring_sqe *sqe = loop_sqe(l);
+            io_uring_prep_send(sqe, fd, buf, len, flags);
+            ret = loop_wait(l, sqe);
+        } while (ret == -EINTR);
+        return ret;
+    }
+    do
+        ret = send(fd, buf, len, flags);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
+ssize_t io_read(int fd, void *buf, size_t len)
+{
+    struct loop *l = async_loop();
+    ssize_t ret;
+    if (l) {
+        do {
+            struct io_uring_sqe *sqe = loop_sqe(l);
+            /* Offset -1: the fd's own position (pipes, eventfds, ...). */
+            io_uring_prep_read(sqe, fd, buf, len, (uint64_t)-1);
+            ret = loop_wait(l, sqe);
+        } while (ret == -EINTR);
+        return ret;
+    }
+    do
+        ret = read(fd, buf, len);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
+int io_accept(int fd)
+{
+    struct loop *l = async_loop();
+    int ret;
+    if (l) {
+        do {
+            struct io_uring_sqe *sqe = loop_sqe(l);
+            io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+            ret = loop_wait(l, sqe);
+        } while (ret == -EINTR);
+        return ret;
+    }
+    do
+        ret = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
+ssize_t io_recv_all(int fd, void *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t ret = io_recv(fd, (char *)buf + done, len - done, MSG_WAITALL);
+        if (ret < 0)
+            return ret;
+        if (ret == 0)
+            return done == 0 ? 0 : -ECONNRESET;   /* peer closed mid-message */
+        done += (size_t)ret;
+    }
+    return (ssize_t)len;
+}
+
+ssize_t io_send_all(int fd, const void *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t ret = io_send(fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
+        if (ret < 0)
+            return ret;
+        if (ret == 0)
+            return -EPIPE;
+        done += (size_t)ret;
+    }
+    return (ssize_t)len;
+}
+
+/* ---- aligned buffers ---------------------------------------------------- */
+
+void *io_alloc(size_t len)
+{
+    void *p;
+    if (posix_memalign(&p, IO_ALIGN, len ? len : 1) != 0) {
+        fprintf(stderr, "out of memory allocating %zu bytes\n", len);
+        abort();
+    }
+    return p;
+}
+
+void *io_zalloc(size_t len)
+{
+    void *p = io_alloc(len);
+    memset(p, 0, len);
+    return p;
+}
+
+void io_free(void *p)
+{
+    free(p);
+}

@@ -1,0 +1,134 @@
+/* Format probing and the checks every request passes before the format. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2/image.h"
+#include "qcow2/internal.h"
+#include "io/loop.h"
+
+static bool looks_like_qcow2(struct file *f)
+{
+    uint8_t *buf = io_alloc(512);
+    ssize_t n = file_pread(f, buf, 512, 0);
+    bool yes = n >= 4 && be32_load(buf) == QCOW2_MAGIC;
+    io_free(buf);
+    return yes;
+}
+
+struct image *img_open(const char *path, const struct img_opts *opts, char *err, size_t errlen)
+{
+    struct img_opts o = *opts;
+    struct file f;
+    if (file_open(&f, path, !o.read_only, o.cache, err, errlen) < 0)
+        return NULL;
+
+    bool probed = false;
+    if (o.format == IMG_FMT_AUTO) {
+        o.format = looks_like_qcow2(&f) ? IMG_FMT_QCOW2 : IMG_FMT_RAW;
+        probed = true;
+    }
+    struct image *img = o.format == IMG_FMT_QCOW2
+        ? qcow2_open(&f, &o, 0, err, errlen)
+        : raw_open(&f, &o, probed, err, errlen);
+    if (!img)
+        file_close(&f);
+    return img;
+}
+
+static int check_range(struct image *img, uint64_t off, uint64_t len)
+{
+    if ((off | len) & 511)
+        return -EINVAL;
+    if (off > img->size || len > img->size - off)
+        return -EINVAL;
+    return 0;
+}
+
+int img_read(struct image *img, void *buf, uint64_t off, uint64_t len)
+{
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    return img->ops->read(img, buf, off, len);
+}
+
+int img_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags)
+{
+    if (img->read_only)
+        return -EROFS;
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    return img->ops->write(img, buf, off, len, flags);
+}
+
+int img_flush(struct image *img)
+{
+    if (img->read_only)
+        return 0;
+    return img->ops->flush(img);
+}
+
+int img_discard(struct image *img, uint64_t off, uint64_t len)
+{
+    if (img->read_only)
+        return -EROFS;
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    return img->ops->discard(img, off, len);
+}
+
+int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags)
+{
+    if (img->read_only)
+        return -EROFS;
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0)
+        return r;
+    return img->ops->write_zeroes(img, off, len, flags);
+}
+
+int img_close(struct image *img)
+{
+    if (!img)
+        return 0;
+    return img->ops->close(img);
+}
+
+int64_t parse_size(const char *s)
+{
+    char *end;
+    errno = 0;
+    if (!s || !*s || !isdigit((unsigned char)*s))
+        return -1;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno)
+        return -1;
+    unsigned shift = 0;
+    switch (toupper((unsigned char)*end)) {
+    case '\0': break;
+    case 'K': shift = 10; break;
+    case 'M': shift = 20; break;
+    case 'G': shift = 30; break;
+    case 'T': shift = 40; break;
+    case 'P': shift = 50; break;
+    default: return -1;
+    }
+    if (*end) {
+        end++;
+        if (*end == 'i' && end[1] == 'B') end += 2;
+        else if (toupper((unsigned char)*end) == 'B') end++;
+        if (*end)
+            return -1;
+    }
+    if (shift && v > (UINT64_MAX >> 1) >> shift)
+        return -1;
+    v <<= shift;
+    if (v > INT64_MAX)
+        return -1;
+    return (int64_t)v;
+}

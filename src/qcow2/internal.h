@@ -1,0 +1,168 @@
+/* The qcow2 engine's private state, shared by its files:
+ *   qcow2.c     open, close, header updates, flush ordering
+ *   cache.c     L2-table and refcount-block slices in memory
+ *   refcount.c  refcounts, the cluster allocator, deferred frees
+ *   cluster.c   guest-to-host mapping, the read and write paths
+ *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ */
+#ifndef UQ_QCOW2_INTERNAL_H
+#define UQ_QCOW2_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "io/coroutine.h"
+#include "io/file.h"
+#include "qcow2/format.h"
+#include "qcow2/image.h"
+
+struct qcow2;
+
+/* ---- metadata cache (cache.c) ------------------------------------------- */
+struct mslice {
+    uint64_t off;               /* host offset of the slice; valid when in use */
+    uint8_t *data;
+    uint32_t refs;              /* pins by requests: never evicted while > 0 */
+    bool in_use, loading, dirty;
+    int load_err;
+    struct co_queue waiters;    /* requests waiting for this slice to load */
+    struct mslice *hnext;
+    struct mslice *lru_prev, *lru_next;
+};
+
+struct mcache {
+    struct qcow2 *q;
+    const char *name;           /* "L2" or "refcount" (messages) */
+    bool is_l2;
+    uint32_t slice_size;
+    uint32_t nslices;
+    struct mslice *slices;
+    uint8_t *mem;
+    struct mslice **hash;
+    uint32_t hash_mask;
+    struct mslice lru;          /* sentinel: lru.lru_next is the least recently used */
+    struct co_queue slot_waiters;
+    uint64_t hits, misses;
+};
+
+int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
+                uint32_t slice_size, uint32_t nslices);
+void mcache_free(struct mcache *c);
+/* Pin the slice at host offset off, loading it from disk if needed. */
+int mcache_get(struct mcache *c, uint64_t off, struct mslice **out);
+void mcache_put(struct mcache *c, struct mslice *s);
+static inline void mcache_mark_dirty(struct mslice *s) { s->dirty = true; }
+/* Drop every cached slice inside [off, off+len) (a table being freed). */
+void mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len);
+/* Snapshot (copy) every dirty slice and clear its dirty flag; the copies
+ * are what a flush writes, so entries changed after this point wait for the
+ * next flush (their data may not be durable yet). */
+struct mcopy { struct mslice *s; uint8_t *data; };  /* the slice stays pinned until written */
+int mcache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n);
+/* Write copies taken by mcache_snapshot_dirty, unless ret (an earlier
+ * error) is already negative: then, as after a failed write, the slices are
+ * marked dirty again.  Frees the copies; returns the first error. */
+int mcache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int ret);
+bool mcache_has_dirty(struct mcache *c);
+
+/* ---- deferred refcount decrements (refcount.c) --------------------------- */
+struct deferred_free {
+    uint64_t off, len;          /* host byte range; each cluster touched loses one ref */
+    uint64_t tick;              /* when the last reference was dropped in memory */
+    struct deferred_free *next;
+};
+
+/* ---- requests in flight (for safe reuse of freed clusters) --------------- */
+struct qreq {
+    uint64_t tick;
+    struct qreq *prev, *next;
+};
+
+/* A guest cluster range whose allocation is in flight: other writers to it wait. */
+struct inflight_alloc {
+    uint64_t first, last;       /* guest cluster indexes, inclusive */
+    struct co_queue waiters;
+    struct inflight_alloc *next;
+};
+
+struct qcow2 {
+    struct image img;
+    struct file file;
+    struct qcow2_header h;
+    uint8_t *hdr_buf;           /* the header cluster as on disk (extensions kept) */
+    uint32_t hdr_len;           /* bytes of hdr_buf (min(cluster, 64 KiB)) */
+
+    uint64_t *l1;               /* active L1, host endian; l1_alloc entries allocated */
+    uint32_t l1_alloc;
+    uint8_t *l1_dirty;          /* one flag per 512-byte sector of the L1 table */
+
+    uint64_t *reftable;         /* host endian */
+    uint64_t reftable_entries;
+    uint8_t *reftable_dirty;    /* one flag per 512-byte sector */
+
+    struct qcow2_snapshot *snapshots;
+    struct image *backing;      /* NULL if none */
+
+    struct mcache l2c, rcc;
+
+    /* allocator */
+    struct co_mutex alloc_lock;
+    uint64_t free_hint;         /* no free cluster below this index */
+    struct inflight_alloc *allocs;
+
+    /* ordering and freeing */
+    struct co_mutex flush_lock;
+    uint64_t tick;
+    struct qreq reqs;           /* sentinel of the FIFO of requests in flight */
+    struct deferred_free *frees_pending;   /* L2 change not yet durable */
+    struct deferred_free *frees_ready;     /* durable; apply once no old request runs */
+
+    uint64_t host_end;          /* image file end as far as we know (bounds checks) */
+    bool flush_failed;          /* a sync failed: never report a later one as success */
+    bool need_repair;           /* dirty bit: rebuild refcounts before writing */
+    bool broken;                /* metadata found corrupt at run time: refuse writes */
+    bool extl2;
+    uint32_t sc_bits;           /* log2 of subcluster size (extended L2) */
+};
+
+static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
+static inline uint64_t cl_size(const struct qcow2 *q) { return q->h.cluster_size; }
+static inline uint64_t cl_bits(const struct qcow2 *q) { return q->h.cluster_bits; }
+static inline uint64_t start_of_cluster(const struct qcow2 *q, uint64_t off) { return off & ~(cl_size(q) - 1); }
+static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) { return off & (cl_size(q) - 1); }
+
+/* qcow2.c */
+struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
+int qcow2_flush(struct qcow2 *q);
+int qcow2_write_header_fields(struct qcow2 *q);
+void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void qreq_begin(struct qcow2 *q, struct qreq *r);
+void qreq_end(struct qcow2 *q, struct qreq *r);
+
+/* refcount.c */
+int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount);
+int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
+/* Allocate up to n contiguous free clusters (at least one) with refcount 1;
+ * returns the host offset and the count in *got. Caller holds alloc_lock. */
+int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got);
+/* Queue one reference drop on every cluster of [off, off+len) after the next
+ * flush makes the unreferencing L2/L1 change durable. */
+void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
+int apply_ready_frees(struct qcow2 *q);
+/* Write one whole new cluster (content, or zeros if NULL), dropping any
+ * cached slice of its previous use. */
+int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
+
+/* cluster.c */
+int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
+int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
+int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
+int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
+
+/* repair.c */
+int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
+
+/* raw.c */
+struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen);
+
+#endif

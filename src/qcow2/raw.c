@@ -1,0 +1,117 @@
+/* Raw images: the guest sees the file's bytes. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2/internal.h"
+#include "io/loop.h"
+
+struct raw {
+    struct file file;
+    bool probed;
+};
+
+static int raw_read(struct image *img, void *buf, uint64_t off, uint64_t len)
+{
+    struct raw *r = img->priv;
+    ssize_t n = file_pread(&r->file, buf, len, off);
+    if (n < 0)
+        return (int)n;
+    if ((uint64_t)n < len)      /* file shrank under us: the rest reads as zeros */
+        memset((uint8_t *)buf + n, 0, len - n);
+    return 0;
+}
+
+static int raw_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct raw *r = img->priv;
+    /* A probed raw image must never start to look like a qcow2 image, or its
+     * next open would interpret guest data as metadata (QEMU refuses this too). */
+    if (r->probed && off == 0 && be32_load(buf) == QCOW2_MAGIC)
+        return -EPERM;
+    ssize_t n = file_pwrite(&r->file, buf, len, off, flags & IMG_FUA);
+    return n < 0 ? (int)n : 0;
+}
+
+static int raw_flush(struct image *img)
+{
+    struct raw *r = img->priv;
+    return file_sync(&r->file);
+}
+
+static int raw_discard(struct image *img, uint64_t off, uint64_t len)
+{
+    struct raw *r = img->priv;
+    int ret = file_punch(&r->file, off, len);
+    return ret == -EOPNOTSUPP ? 0 : ret;    /* discard is advisory */
+}
+
+static int raw_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct raw *r = img->priv;
+    int ret = (flags & IMG_NO_HOLE) ? file_zero_range(&r->file, off, len)
+                                    : file_punch(&r->file, off, len);
+    if (ret == -EOPNOTSUPP) {
+        /* No fallocate support: write zeros for real. */
+        uint64_t chunk = len < (1u << 20) ? len : (1u << 20);
+        uint8_t *zero = io_zalloc(chunk);
+        ret = 0;
+        for (uint64_t done = 0; done < len && ret == 0; done += chunk) {
+            uint64_t n = len - done < chunk ? len - done : chunk;
+            ssize_t w = file_pwrite(&r->file, zero, n, off + done, false);
+            if (w < 0)
+                ret = (int)w;
+        }
+        io_free(zero);
+    }
+    if (ret == 0 && (flags & IMG_FUA))
+        ret = file_sync(&r->file);
+    return ret;
+}
+
+static int raw_close(struct image *img)
+{
+    struct raw *r = img->priv;
+    int ret = img->read_only ? 0 : file_sync(&r->file);
+    file_close(&r->file);
+    free(r);
+    free(img->path);
+    free(img);
+    return ret;
+}
+
+static const struct image_ops raw_ops = {
+    .name = "raw",
+    .read = raw_read,
+    .write = raw_write,
+    .flush = raw_flush,
+    .discard = raw_discard,
+    .write_zeroes = raw_write_zeroes,
+    .close = raw_close,
+};
+
+struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen)
+{
+    int64_t size = file_size(f);
+    if (size < 0) {
+        snprintf(err, errlen, "cannot stat '%s': %s", f->path, strerror((int)-size));
+        return NULL;
+    }
+    struct raw *r = calloc(1, sizeof(*r));
+    struct image *img = calloc(1, sizeof(*img));
+    if (!r || !img) {
+        free(r);
+        free(img);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    r->file = *f;
+    r->probed = probed;
+    img->ops = &raw_ops;
+    img->size = (uint64_t)size & ~511ull;   /* block devices expose whole sectors */
+    img->read_only = o->read_only;
+    img->path = strdup(f->path);
+    img->priv = r;
+    return img;
+}

@@ -1,0 +1,309 @@
+/* Refcounts, the cluster allocator, and deferred frees.
+ *
+ * Safety rules (a crash may only leak clusters):
+ *  - a refcount is raised (in the cache) before any L2/L1 entry points at
+ *    the cluster, and qcow2_flush writes refcount blocks before L2 tables;
+ *  - a refcount is lowered only after the change that dropped the reference
+ *    is durable (defer_free), and only once no request that might still use
+ *    the old mapping is in flight (the request tick rule below). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/loop.h"
+#include "qcow2/internal.h"
+
+/* Locate the refcount entry of a host cluster: the cache slice offset and
+ * the entry index inside that slice.  Returns 0 if no block exists (all
+ * refcounts in its range are 0), 1 if found, -EIO if the table is corrupt. */
+static int rc_locate(struct qcow2 *q, uint64_t cluster, uint64_t *slice_off, uint64_t *index)
+{
+    uint64_t rbe = q->h.refcount_block_entries;
+    uint64_t ti = cluster / rbe;
+    if (ti >= q->reftable_entries || q->reftable[ti] == 0)
+        return 0;
+    uint64_t block = q->reftable[ti];
+    if ((block & (cl_size(q) - 1)) || (block & ~L1E_OFFSET_MASK)) {
+        qcow2_mark_broken(q, "refcount table entry %llu is invalid (0x%llx)",
+                          (unsigned long long)ti, (unsigned long long)block);
+        return -EIO;
+    }
+    uint64_t idx = cluster % rbe;
+    uint64_t per_slice = (uint64_t)q->rcc.slice_size * 8 >> q->h.refcount_order;
+    *slice_off = block + (idx / per_slice) * q->rcc.slice_size;
+    *index = idx % per_slice;
+    return 1;
+}
+
+int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount)
+{
+    uint64_t soff, idx;
+    int r = rc_locate(q, cluster, &soff, &idx);
+    if (r <= 0) {
+        *refcount = 0;
+        return r;
+    }
+    struct mslice *s;
+    r = mcache_get(&q->rcc, soff, &s);
+    if (r < 0)
+        return r;
+    *refcount = qcow2_refcount_get(s->data, q->h.refcount_order, idx);
+    mcache_put(&q->rcc, s);
+    return 0;
+}
+
+int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
+{
+    uint64_t soff, idx;
+    int r = rc_locate(q, cluster, &soff, &idx);
+    if (r < 0)
+        return r;
+    if (r == 0) {
+        qcow2_mark_broken(q, "refcount block missing for cluster %llu", (unsigned long long)cluster);
+        return -EIO;
+    }
+    struct mslice *s;
+    r = mcache_get(&q->rcc, soff, &s);
+    if (r < 0)
+        return r;
+    uint64_t old = qcow2_refcount_get(s->data, q->h.refcount_order, idx);
+    uint64_t max = qcow2_refcount_max(q->h.refcount_order);
+    if ((delta < 0 && old < (uint64_t)-delta) || (delta > 0 && max - old < (uint64_t)delta)) {
+        mcache_put(&q->rcc, s);
+        if (delta > 0)
+            return -ERANGE;   /* refcount width exhausted (e.g. 1-bit refcounts) */
+        qcow2_mark_broken(q, "refcount of cluster %llu would drop below zero",
+                          (unsigned long long)cluster);
+        return -EIO;
+    }
+    qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
+    mcache_mark_dirty(s);
+    mcache_put(&q->rcc, s);
+    if (old + delta == 0 && cluster < q->free_hint)
+        q->free_hint = cluster;
+    return 0;
+}
+
+int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content)
+{
+    uint8_t *buf = io_zalloc(cl_size(q));
+    if (content)
+        memcpy(buf, content, cl_size(q));
+    /* Nothing cached may describe the old use of this cluster. */
+    mcache_discard_range(&q->l2c, off, cl_size(q));
+    mcache_discard_range(&q->rcc, off, cl_size(q));
+    ssize_t r = file_pwrite(&q->file, buf, cl_size(q), off, false);
+    io_free(buf);
+    return r < 0 ? (int)r : 0;
+}
+
+/* A new refcount block for table index ti, placed at cluster c inside the
+ * range it describes so that it counts itself.  The block is written before
+ * its table entry; the entry reaches the disk only in a flush, after a sync. */
+static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
+{
+    uint8_t *blk = io_zalloc(cl_size(q));
+    qcow2_refcount_set(blk, q->h.refcount_order, c % q->h.refcount_block_entries, 1);
+    int r = write_new_cluster(q, c * cl_size(q), blk);
+    io_free(blk);
+    if (r < 0)
+        return r;
+    q->reftable[ti] = c * cl_size(q);
+    q->reftable_dirty[ti * 8 / 512] = 1;
+    uint64_t end = (c + 1) * cl_size(q);
+    if (end > q->host_end)
+        q->host_end = end;
+    return 0;
+}
+
+/* Grow the refcount table so that index need_ti exists.  The new table and
+ * the refcount blocks describing it go to a fresh area at cluster `start`
+ * (the first cluster the old table cannot describe, so the area is free).
+ * Order: new blocks + new table written and synced, then the header switched
+ * in one sector write and synced, then the old table freed.  A crash before
+ * the header write leaves the old table in force and the area leaked. */
+static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
+{
+    uint64_t cs = cl_size(q), rbe = q->h.refcount_block_entries;
+    uint64_t start = q->reftable_entries * rbe;
+    uint64_t entries = q->reftable_entries * 2;
+    if (entries < need_ti + 1)
+        entries = need_ti + 1;
+    uint64_t nblocks = 1, ntable;
+    for (;;) {
+        ntable = (entries * 8 + cs - 1) / cs;
+        uint64_t need_blocks = (nblocks + ntable + rbe - 1) / rbe;
+        uint64_t need_entries = start / rbe + need_blocks;
+        if (need_blocks <= nblocks && need_entries <= entries)
+            break;
+        if (need_blocks > nblocks)
+            nblocks = need_blocks;
+        if (need_entries > entries)
+            entries = need_entries;
+    }
+    entries = ntable * cs / 8;
+    if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES)
+        return -EFBIG;
+
+    co_mutex_lock(&q->flush_lock);   /* no flush may write the old table meanwhile */
+    int ret = 0;
+    uint8_t *area = io_zalloc((nblocks + ntable) * cs);
+    for (uint64_t i = 0; i < nblocks + ntable; i++) {
+        uint64_t c = start + i;
+        qcow2_refcount_set(area + ((c - start) / rbe) * cs, q->h.refcount_order, c % rbe, 1);
+    }
+    uint64_t *newtab = calloc(entries, sizeof(*newtab));
+    uint8_t *newdirty = calloc((entries * 8 + 511) / 512, 1);
+    if (!newtab || !newdirty) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    memcpy(newtab, q->reftable, q->reftable_entries * 8);
+    for (uint64_t j = 0; j < nblocks; j++)
+        newtab[start / rbe + j] = (start + j) * cs;
+    uint8_t *tab = area + nblocks * cs;
+    for (uint64_t e = 0; e < entries; e++)
+        be64_store(tab + e * 8, newtab[e]);
+
+    mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
+    mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
+    ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
+    if (w < 0 || (ret = file_sync(&q->file)) < 0) {
+        ret = w < 0 ? (int)w : ret;
+        goto out;
+    }
+    uint64_t old_off = q->h.refcount_table_offset;
+    uint64_t old_clusters = q->h.refcount_table_clusters;
+    q->h.refcount_table_offset = (start + nblocks) * cs;
+    q->h.refcount_table_clusters = (uint32_t)ntable;
+    ret = qcow2_write_header_fields(q);
+    if (ret == 0)
+        ret = file_sync(&q->file);
+    if (ret < 0) {
+        q->h.refcount_table_offset = old_off;
+        q->h.refcount_table_clusters = (uint32_t)old_clusters;
+        goto out;
+    }
+    free(q->reftable);
+    free(q->reftable_dirty);
+    q->reftable = newtab;
+    q->reftable_dirty = newdirty;
+    q->reftable_entries = entries;
+    newtab = NULL;
+    newdirty = NULL;
+    if ((start + nblocks + ntable) * cs > q->host_end)
+        q->host_end = (start + nblocks + ntable) * cs;
+    /* The header no longer names the old table: its clusters are free. */
+    for (uint64_t i = 0; i < old_clusters && ret == 0; i++)
+        ret = rc_update(q, old_off / cs + i, -1);
+out:
+    free(newtab);
+    free(newdirty);
+    io_free(area);
+    co_mutex_unlock(&q->flush_lock);
+    return ret;
+}
+
+int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got)
+{
+    uint64_t rbe = q->h.refcount_block_entries;
+    uint64_t max_cluster = (1ull << 56) >> cl_bits(q);   /* offsets must fit L2 entries */
+    uint64_t c = q->free_hint;
+    for (;;) {
+        if (c >= max_cluster)
+            return -ENOSPC;
+        uint64_t ti = c / rbe;
+        if (ti >= q->reftable_entries) {
+            int r = reftable_grow(q, ti);
+            if (r < 0)
+                return r;
+            c = q->free_hint;
+            continue;
+        }
+        if (q->reftable[ti] == 0) {
+            int r = create_refblock(q, ti, c);
+            if (r < 0)
+                return r;
+            c++;
+            continue;
+        }
+        uint64_t rc;
+        int r = rc_get(q, c, &rc);
+        if (r < 0)
+            return r;
+        if (rc != 0) {
+            c++;
+            if (q->free_hint < c && rc != 0)
+                q->free_hint = c;
+            continue;
+        }
+        /* Extend the run of free clusters inside this refcount block. */
+        uint64_t k = 1;
+        while (k < n && (c + k) / rbe == ti) {
+            r = rc_get(q, c + k, &rc);
+            if (r < 0)
+                return r;
+            if (rc != 0)
+                break;
+            k++;
+        }
+        for (uint64_t i = 0; i < k; i++) {
+            r = rc_update(q, c + i, 1);
+            if (r < 0)
+                return r;
+        }
+        if (q->free_hint == c)
+            q->free_hint = c + k;
+        *host_off = c * cl_size(q);
+        *got = k;
+        if ((c + k) * cl_size(q) > q->host_end)
+            q->host_end = (c + k) * cl_size(q);
+        return 0;
+    }
+}
+
+void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    struct deferred_free *d = malloc(sizeof(*d));
+    if (!d)
+        abort();
+    d->off = off;
+    d->len = len;
+    d->tick = ++q->tick;
+    d->next = NULL;
+    struct deferred_free **pp = &q->frees_pending;
+    while (*pp)
+        pp = &(*pp)->next;
+    *pp = d;
+}
+
+/* Apply durable frees whose old mapping no request in flight can still be
+ * using: every request started before the reference was dropped must have
+ * finished, or it might read or write a cluster that is reused meanwhile. */
+int apply_ready_frees(struct qcow2 *q)
+{
+    while (q->frees_ready) {
+        struct deferred_free *d = q->frees_ready;
+        struct qreq *oldest = q->reqs.next;
+        if (oldest != &q->reqs && oldest->tick < d->tick)
+            break;
+        q->frees_ready = d->next;
+        uint64_t first = d->off >> cl_bits(q);
+        uint64_t last = (d->off + d->len - 1) >> cl_bits(q);
+        for (uint64_t c = first; c <= last; c++) {
+            int r = rc_update(q, c, -1);
+            if (r < 0) {
+                free(d);
+                return r;
+            }
+            uint64_t rc;
+            if (rc_get(q, c, &rc) == 0 && rc == 0) {
+                mcache_discard_range(&q->l2c, c * cl_size(q), cl_size(q));
+                mcache_discard_range(&q->rcc, c * cl_size(q), cl_size(q));
+            }
+        }
+        free(d);
+    }
+    return 0;
+}

@@ -1,0 +1,64 @@
+/* The ublk control path: commands to /dev/ublk-control sent as
+ * IORING_OP_URING_CMD on a private IORING_SETUP_SQE128 ring, one at a time
+ * and synchronously (device setup and teardown only; never on the data path).
+ *
+ * Opcodes: the ioctl-encoded form (UBLK_U_CMD_*, kernel >= 6.4) is tried
+ * first; kernels that refuse it get the legacy plain opcode.
+ *
+ * Return values: >= 0 success, -errno error.
+ */
+#ifndef UQ_UBLK_CTRL_H
+#define UQ_UBLK_CTRL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "ublk/uapi.h"
+
+#define UBLK_CTRL_DEV "/dev/ublk-control"
+
+struct ublk_ctrl;
+
+/* Open /dev/ublk-control and ask the kernel for its features.  On failure
+ * prints why to stderr (no ublk in this kernel, not root, ...) and returns
+ * -errno. */
+int ublk_ctrl_open(struct ublk_ctrl **out);
+void ublk_ctrl_close(struct ublk_ctrl *c);
+
+/* UBLK_F_* the kernel supports (GET_FEATURES, kernel >= 6.5).  Before 6.5
+ * the answer is unknown: returns false and *features is the 6.1 baseline. */
+bool ublk_ctrl_features(const struct ublk_ctrl *c, uint64_t *features);
+
+/* Tests: send legacy plain opcodes only (the fallback path). */
+void ublk_ctrl_force_legacy(struct ublk_ctrl *c);
+/* True once the kernel has accepted an ioctl-encoded command. */
+bool ublk_ctrl_uses_ioctl_encoding(const struct ublk_ctrl *c);
+
+/* ADD_DEV: info->dev_id = UBLK_DEV_ID_AUTO lets the kernel pick one.  The
+ * kernel's view (dev_id, clamped queue count, granted flags) is copied back
+ * into *info.  /dev/ublkcN appears. */
+#define UBLK_DEV_ID_AUTO UINT32_MAX
+int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info);
+int ublk_ctrl_del_dev(struct ublk_ctrl *c, uint32_t dev_id);
+int ublk_ctrl_get_dev_info(struct ublk_ctrl *c, uint32_t dev_id, struct ublksrv_ctrl_dev_info *info);
+
+/* params->len and params->types must be set. */
+int ublk_ctrl_set_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_params *params);
+int ublk_ctrl_get_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_params *params);
+
+/* START_DEV blocks until every queue has fetched all its tags; daemon_pid
+ * is the process serving the queues.  /dev/ublkbN appears. */
+int ublk_ctrl_start_dev(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
+/* Removes /dev/ublkbN and aborts the queues' pending fetches. */
+int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
+
+/* Crash recovery (UBLK_F_USER_RECOVERY*): a new daemon takes over a
+ * quiesced device. */
+int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id);
+int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
+
+/* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
+const char *ublk_state_name(unsigned state);
+
+#endif

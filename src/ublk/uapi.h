@@ -1,0 +1,94 @@
+/* The ublk kernel interface: the system's <linux/ublk_cmd.h> plus what an
+ * older header (linux-libc-dev 6.1) lacks.  Values are the kernel's ABI. */
+#ifndef UQ_UBLK_UAPI_H
+#define UQ_UBLK_UAPI_H
+
+#include <linux/ioctl.h>
+#include <linux/ublk_cmd.h>
+
+/* Control commands without an ioctl-encoded form in 6.1 headers. */
+#ifndef UBLK_CMD_GET_DEV_INFO2
+#define UBLK_CMD_GET_DEV_INFO2 0x12
+#endif
+#define UQ_UBLK_CMD_GET_FEATURES 0x13
+#define UQ_UBLK_CMD_DEL_DEV_ASYNC 0x14
+#define UQ_UBLK_CMD_UPDATE_SIZE 0x15
+#define UQ_UBLK_CMD_QUIESCE_DEV 0x16
+
+/* Ioctl-encoded control opcodes (kernel >= 6.4): type 'u', nr = legacy op. */
+#ifndef UBLK_U_CMD_GET_QUEUE_AFFINITY
+#define UBLK_U_CMD_GET_QUEUE_AFFINITY _IOR('u', UBLK_CMD_GET_QUEUE_AFFINITY, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_GET_DEV_INFO _IOR('u', UBLK_CMD_GET_DEV_INFO, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_ADD_DEV _IOWR('u', UBLK_CMD_ADD_DEV, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_DEL_DEV _IOWR('u', UBLK_CMD_DEL_DEV, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_START_DEV _IOWR('u', UBLK_CMD_START_DEV, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_STOP_DEV _IOWR('u', UBLK_CMD_STOP_DEV, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_SET_PARAMS _IOWR('u', UBLK_CMD_SET_PARAMS, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_GET_PARAMS _IOR('u', UBLK_CMD_GET_PARAMS, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_START_USER_RECOVERY _IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_END_USER_RECOVERY _IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_GET_DEV_INFO2 _IOR('u', UBLK_CMD_GET_DEV_INFO2, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_GET_FEATURES
+#define UBLK_U_CMD_GET_FEATURES _IOR('u', UQ_UBLK_CMD_GET_FEATURES, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_DEL_DEV_ASYNC
+#define UBLK_U_CMD_DEL_DEV_ASYNC _IOR('u', UQ_UBLK_CMD_DEL_DEV_ASYNC, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_UPDATE_SIZE
+#define UBLK_U_CMD_UPDATE_SIZE _IOWR('u', UQ_UBLK_CMD_UPDATE_SIZE, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_QUIESCE_DEV
+#define UBLK_U_CMD_QUIESCE_DEV _IOWR('u', UQ_UBLK_CMD_QUIESCE_DEV, struct ublksrv_ctrl_cmd)
+#endif
+
+/* GET_FEATURES writes this many bytes. */
+#ifndef UBLK_FEATURES_LEN
+#define UBLK_FEATURES_LEN 8
+#endif
+
+/* I/O commands, ioctl-encoded (kernel >= 6.4). */
+#ifndef UBLK_U_IO_FETCH_REQ
+#define UBLK_U_IO_FETCH_REQ _IOWR('u', UBLK_IO_FETCH_REQ, struct ublksrv_io_cmd)
+#define UBLK_U_IO_COMMIT_AND_FETCH_REQ _IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd)
+#define UBLK_U_IO_NEED_GET_DATA _IOWR('u', UBLK_IO_NEED_GET_DATA, struct ublksrv_io_cmd)
+#endif
+#ifndef UBLK_U_IO_REGISTER_IO_BUF
+#define UBLK_U_IO_REGISTER_IO_BUF _IOWR('u', 0x23, struct ublksrv_io_cmd)
+#define UBLK_U_IO_UNREGISTER_IO_BUF _IOWR('u', 0x24, struct ublksrv_io_cmd)
+#endif
+
+/* Feature flags newer than 6.1 (version that added each in the comment). */
+#ifndef UBLK_F_UNPRIVILEGED_DEV
+#define UBLK_F_UNPRIVILEGED_DEV (1ULL << 5)         /* 6.3 */
+#endif
+#ifndef UBLK_F_CMD_IOCTL_ENCODE
+#define UBLK_F_CMD_IOCTL_ENCODE (1ULL << 6)         /* 6.4 */
+#endif
+#ifndef UBLK_F_USER_COPY
+#define UBLK_F_USER_COPY (1ULL << 7)                /* 6.5 */
+#endif
+#ifndef UBLK_F_ZONED
+#define UBLK_F_ZONED (1ULL << 8)                    /* 6.6 */
+#endif
+#ifndef UBLK_F_USER_RECOVERY_FAIL_IO
+#define UBLK_F_USER_RECOVERY_FAIL_IO (1ULL << 9)    /* 6.13 */
+#endif
+#ifndef UBLK_F_UPDATE_SIZE
+#define UBLK_F_UPDATE_SIZE (1ULL << 10)
+#endif
+#ifndef UBLK_F_AUTO_BUF_REG
+#define UBLK_F_AUTO_BUF_REG (1ULL << 11)
+#endif
+#ifndef UBLK_F_QUIESCE
+#define UBLK_F_QUIESCE (1ULL << 12)
+#endif
+#ifndef UBLK_F_PER_IO_DAEMON
+#define UBLK_F_PER_IO_DAEMON (1ULL << 13)           /* 6.16 */
+#endif
+
+#ifndef UBLK_S_DEV_FAIL_IO
+#define UBLK_S_DEV_FAIL_IO 3
+#endif
+
+#endif

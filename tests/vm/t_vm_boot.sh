@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The test VM boots, has ublk/nbd/loop and a tmpfs with O_DIRECT, passes the
+# environment and cwd, relays stdout/stderr, and propagates the exit status.
+# One boot; the guest prints its own result lines, the host checks the rest.
+# timeout: 400
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+tmp=${UQ_TMP:-}
+[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
+
+. "$here/vm_lib.sh"
+vm_require vm_boot
+
+cat >"$tmp/guest.sh" <<'EOF'
+check() { name=$1; shift; if "$@"; then echo "ok $name"; else echo "not ok $name: '$*' failed in the guest"; fi; }
+echo "uptime $(cut -d' ' -f1 /proc/uptime)" >"$PROBE_DIR/uptime"
+check vm_ublk_control test -c /dev/ublk-control
+check vm_nbd_device test -b /dev/nbd0
+check vm_loop_control test -c /dev/loop-control
+check vm_root test "$(id -u)" = 0
+check vm_env test "$HOME|$VM_GUEST|$UQ_VM_PROBE|$(pwd)" = "/root|1|a b'c|$PROBE_DIR"
+check vm_no_host_env test -z "${NOT_PASSED:-}"
+check vm_tmpfs test "$(stat -f -c %T "$VM_TMP")" = tmpfs
+check vm_tmpfs_odirect dd if=/dev/zero of="$VM_TMP/direct" bs=4096 count=16 oflag=direct status=none
+check vm_run_lock test -d /run/lock
+echo probe-stderr >&2
+exit 3
+EOF
+
+mkdir -p "$tmp/cwd"
+cd "$tmp/cwd" || exit 1
+start=$(date +%s.%N)
+UQ_VM_PROBE="a b'c" NOT_PASSED=1 \
+	"$here/vm.sh" --timeout 300 -- "PROBE_DIR=$tmp/cwd sh $tmp/guest.sh" >"$tmp/out" 2>"$tmp/err"
+rc=$?
+end=$(date +%s.%N)
+cat "$tmp/out"
+
+if [ $rc -eq 125 ]; then
+	echo "not ok vm_boot: the VM failed to boot or timed out"
+	sed 's/^/# /' "$tmp/err"
+	exit 1
+fi
+echo "ok vm_boot"
+wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+echo "# VM boot + command + power-off: ${wall}s wall; guest $(cat uptime 2>/dev/null) s at command start"
+
+if [ $rc -eq 3 ]; then echo "ok vm_exit_status"; else echo "not ok vm_exit_status: got $rc, want 3"; fi
+if grep -qx probe-stderr "$tmp/err"; then echo "ok vm_stderr"; else echo "not ok vm_stderr: guest stderr not relayed"; fi
+n=$(grep -c -E '^ok vm_' "$tmp/out")
+if [ "$n" -eq 9 ]; then echo "ok vm_guest_checks"; else echo "not ok vm_guest_checks: $n of 9 guest checks passed"; fi

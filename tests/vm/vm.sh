@@ -1,0 +1,308 @@
+#!/bin/bash
+# Run a command as root inside a throw-away QEMU (TCG) guest that boots Debian's
+# stock 6.12 kernel and sees the host's root file system over 9p.  The host
+# kernel has no ublk and no KVM; this guest has ublk_drv, nbd, loop and ext4.
+#
+#   tests/vm/vm.sh [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...
+#   tests/vm/vm.sh --prepare     only fetch/build the cached kernel and initramfs
+#
+# One COMMAND argument is a shell script (sh -c); several are an argv, quoted.
+# The command runs chrooted into the host root, cwd = the current directory,
+# env = HOME, PATH, the caller's UQ*, VM_*, SOAK, CI and *SAN_OPTIONS, plus
+# VM_GUEST=1 and VM_TMP (a guest-only tmpfs for fast images).  Its stdout/stderr are relayed;
+# the exit status is the command's, or 125 if the VM failed or timed out.
+#
+# Kernel and initramfs are cached under ${XDG_CACHE_HOME:-~/.cache}/ublk-qcow2/vm.
+# Env: VM_KERNEL_VERSION=6.12.N+deb12-amd64 picks a kernel; VM_KERNEL_REFRESH=1
+# asks apt for the newest instead of reusing a cached one; VM_VERBOSE=1 shows
+# the guest console.
+set -u -o pipefail
+
+VM_FAIL=125
+die() { echo "vm.sh: $*" >&2; exit $VM_FAIL; }
+
+timeout_s=600
+mem=2G
+smp=2
+prepare_only=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
+	--mem) [ $# -ge 2 ] || die "--mem needs a size like 2G"; mem=$2; shift 2 ;;
+	--smp) [ $# -ge 2 ] || die "--smp needs a cpu count"; smp=$2; shift 2 ;;
+	--prepare) prepare_only=1; shift ;;
+	--) shift; break ;;
+	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown option '$1' (usage: vm.sh [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...)" ;;
+	esac
+done
+[ $# -gt 0 ] || [ -n "$prepare_only" ] || die "no command given (usage: vm.sh [options] -- COMMAND...)"
+case "$timeout_s" in ''|*[!0-9]*) die "--timeout must be whole seconds, got '$timeout_s'" ;; esac
+case "$smp" in ''|*[!0-9]*) die "--smp must be a number, got '$smp'" ;; esac
+
+for tool in qemu-system-x86_64 timeout cpio gzip xz sha256sum flock; do
+	command -v "$tool" >/dev/null || die "missing '$tool' (Debian: apt-get install qemu-system-x86 cpio xz-utils coreutils util-linux)"
+done
+
+# ---------------------------------------------------------------- kernel
+cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ublk-qcow2/vm
+mkdir -p "$cache_root" || die "cannot create cache dir $cache_root"
+
+# Modules the guest loads, in the order asked; dependencies are resolved from
+# each module's own .modinfo, so this list only needs what we want to use.
+# crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at mount.
+WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic crc16 mbcache jbd2 libcrc32c ext4"
+
+newest_cached_kernel() {
+	local d best=
+	for d in "$cache_root"/6.12.*; do
+		[ -f "$d/vmlinuz" ] && [ -f "$d/modules/order" ] && best=${d##*/}
+	done
+	[ -n "$best" ] && printf '%s\n' "$best" | sort -V | tail -n1
+}
+
+newest_apt_kernel() {
+	local list
+	list=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null | cut -d' ' -f1)
+	if [ -z "$list" ] && [ "$(id -u)" = 0 ]; then
+		echo "vm.sh: no 6.12 kernel in the apt lists, running apt-get update" >&2
+		apt-get update -qq >&2 || true
+		list=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null | cut -d' ' -f1)
+	fi
+	[ -n "$list" ] || return 1
+	printf '%s\n' "$list" | sed 's/^linux-image-//; s/-unsigned$//' | sort -V | tail -n1
+}
+
+# The .modinfo section is NUL-separated key=value strings.
+mod_field() { tr '\0' '\n' < "$1" | sed -n "s/^$2=//p" | head -n1; }
+
+# Download the kernel package, keep vmlinuz and the modules we need (decompressed).
+fetch_kernel() {
+	local kver=$1 dir=$cache_root/$1 work pkg
+	command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "need apt-get and dpkg-deb to fetch the guest kernel"
+	work=$(mktemp -d "$cache_root/.fetch.XXXXXX") || die "mktemp failed"
+	pkg=linux-image-$kver-unsigned
+	echo "vm.sh: downloading $pkg (about 100 MB, once)" >&2
+	if ! (cd "$work" && apt-get download "$pkg" >&2 2>"$work/apt.err"); then
+		cat "$work/apt.err" >&2; rm -rf "$work"
+		die "could not download $pkg (is it in 'apt-cache policy $pkg'? try apt-get update)"
+	fi
+	dpkg-deb -x "$work"/*.deb "$work/x" || { rm -rf "$work"; die "dpkg-deb could not unpack $pkg"; }
+	local mroot=$work/x/lib/modules/$kver
+	[ -f "$work/x/boot/vmlinuz-$kver" ] && [ -d "$mroot/kernel" ] || { rm -rf "$work"; die "$pkg has no vmlinuz-$kver or modules"; }
+	mkdir -p "$work/out/modules"
+	cp "$work/x/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+	cp "$work/x/boot/config-$kver" "$work/out/config" 2>/dev/null
+
+	local order=() seen=" "
+	add_module() {	# depth-first: dependencies before the module
+		local m=$1 f dep
+		case "$seen" in *" $m "*) return 0 ;; esac
+		seen="$seen$m "
+		f=$(find "$mroot/kernel" -name "$m.ko.xz" -o -name "$m.ko" | head -n1)
+		if [ -z "$f" ]; then
+			grep -q "/$m\.ko$" "$mroot/modules.builtin" 2>/dev/null && return 0
+			die "module $m is neither in $pkg nor built in"
+		fi
+		case "$f" in
+		*.xz) xz -dc "$f" > "$work/out/modules/$m.ko" || die "xz could not decompress $f" ;;
+		*) cp "$f" "$work/out/modules/$m.ko" ;;
+		esac
+		for dep in $(mod_field "$work/out/modules/$m.ko" depends | tr ',' ' '); do
+			add_module "$dep"
+		done
+		order+=("$m")
+	}
+	local m
+	for m in $WANT_MODULES; do add_module "$m"; done
+	printf '%s\n' "${order[@]}" > "$work/out/modules/order"
+	rm -rf "$dir"
+	mv "$work/out" "$dir" || die "cannot move kernel into $dir"
+	rm -rf "$work"
+}
+
+# ---------------------------------------------------------------- initramfs
+# The guest's /init.  Its hash is part of the initramfs cache key.
+init_script() {
+	cat <<'EOF'
+#!/bin/busybox sh
+# ublk-qcow2 test VM init: load modules, mount the host root, run one command.
+/bin/busybox mkdir -p /proc /sys /dev /newroot
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+say() { echo "vm-init: $*"; }
+fail() { say "$*"; echo "VM-EXIT-STATUS=fail"; sync; reboot -f; sleep 10; }
+# The 9p stack first; the rest loads in the background while the root mounts.
+load() { insmod /modules/$1.ko || say "insmod $1 failed"; }
+rest=
+for m in $(cat /modules/order); do
+	case "$m" in netfs|9pnet|9pnet_virtio|9p) load $m ;; *) rest="$rest $m" ;; esac
+done
+( for m in $rest; do load $m; done ) &
+loader=$!
+ip link set lo up
+run=
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in vmrun=*) run=${arg#vmrun=} ;; esac
+done
+[ -n "$run" ] || fail "no vmrun= on the kernel command line"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 hostroot /newroot || fail "cannot mount the host root over 9p"
+R=/newroot
+mount -t proc proc $R/proc || fail "mount proc"
+mount -t sysfs sys $R/sys || fail "mount sys"
+mount -t devtmpfs dev $R/dev || fail "mount dev"
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts devpts $R/dev/pts
+mount -t tmpfs shm $R/dev/shm
+mount -t tmpfs -o mode=755 run $R/run || fail "mount /run"
+mkdir -p $R/run/lock $R/run/vmtmp
+# Guest-only tmpfs for images that must be fast (9p is slow); O_DIRECT works on it.
+mount -t tmpfs -o mode=1777 vmtmp $R/run/vmtmp || fail "mount /run/vmtmp"
+wait $loader
+[ -f $R$run/run.sh ] || fail "no $run/run.sh on the host"
+chroot $R /usr/bin/env -i /bin/sh $run/run.sh </dev/null >$R$run/stdout 2>$R$run/stderr
+st=$?
+echo $st > $R$run/status
+echo "VM-EXIT-STATUS=$st"
+sync
+reboot -f
+EOF
+}
+
+build_initramfs() {	# $1 = kernel dir, $2 = output file
+	local kdir=$1 out=$2 work bb
+	bb=$(command -v busybox) || die "missing busybox (Debian: apt-get install busybox-static)"
+	if command -v ldd >/dev/null && ldd "$bb" >/dev/null 2>&1; then
+		[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 && bb=/bin/busybox ||
+			die "$bb is dynamically linked; the initramfs needs busybox-static"
+	fi
+	work=$(mktemp -d "$cache_root/.initrd.XXXXXX") || die "mktemp failed"
+	mkdir -p "$work/bin" "$work/modules" "$work/proc" "$work/sys" "$work/dev" "$work/newroot"
+	cp "$bb" "$work/bin/busybox"
+	ln -s busybox "$work/bin/sh"
+	cp "$kdir"/modules/* "$work/modules/"
+	init_script > "$work/init"
+	chmod 755 "$work/init"
+	(cd "$work" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1) > "$work.cpio.gz" ||
+		{ rm -rf "$work" "$work.cpio.gz"; die "cpio/gzip failed building the initramfs"; }
+	rm -rf "$work"
+	mv "$work.cpio.gz" "$out"
+}
+
+prepare() {	# sets kdir and initrd; serialised across concurrent runs
+	local kver=${VM_KERNEL_VERSION:-}
+	if [ -z "$kver" ] && [ -z "${VM_KERNEL_REFRESH:-}" ]; then
+		kver=$(newest_cached_kernel)
+	fi
+	if [ -z "$kver" ]; then
+		command -v apt-cache >/dev/null || die "no cached kernel and no apt-cache to find one"
+		kver=$(newest_apt_kernel) || die "no linux-image-6.12.*+deb12-amd64-unsigned in apt (needs Debian 12 bookworm or bookworm-security sources)"
+	fi
+	kdir=$cache_root/$kver
+	if [ ! -f "$kdir/vmlinuz" ] || [ ! -f "$kdir/modules/order" ]; then
+		fetch_kernel "$kver"
+	fi
+	local key
+	key=$( { init_script; cat "$kdir/modules/order"; sha256sum < "$(command -v busybox)"; } | sha256sum | cut -c1-16)
+	initrd=$kdir/initramfs-$key.cpio.gz
+	[ -f "$initrd" ] || build_initramfs "$kdir" "$initrd"
+}
+
+exec 9>"$cache_root/.lock" || die "cannot open $cache_root/.lock"
+flock -w 900 9 || die "timed out waiting for another vm.sh preparing the cache"
+prepare
+flock -u 9
+exec 9>&-
+[ -z "$prepare_only" ] || exit 0
+
+# ---------------------------------------------------------------- run
+# The run directory lives on the host and is seen at the same path by the
+# guest (whole root shared), so it carries the command in and the result out.
+tmpbase=${TMPDIR:-/tmp}
+case "$tmpbase" in /run/*|/proc/*|/sys/*|/dev/*) tmpbase=/tmp ;; esac
+run=$(mktemp -d "$tmpbase/uq-vm.XXXXXX") || die "mktemp in $tmpbase failed"
+run=$(cd "$run" && pwd -P)
+case "$run" in *[!A-Za-z0-9_./+-]*) rm -rf "$run"; die "run dir path '$run' has characters the kernel command line cannot carry" ;; esac
+
+qpid=
+tail_pids=()
+cleanup() {
+	[ -n "$qpid" ] && kill "$qpid" 2>/dev/null && wait "$qpid" 2>/dev/null
+	local p
+	for p in "${tail_pids[@]}"; do kill "$p" 2>/dev/null; done
+	rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit $VM_FAIL' INT TERM HUP
+
+squote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+
+{
+	echo '#!/bin/sh'
+	echo 'export HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+	echo 'export LANG=C.UTF-8 TERM=dumb'
+	while IFS= read -r name; do
+		echo "export $name=$(squote "${!name}")"
+	done < <(compgen -e | grep -E '^(UQ|VM_|SOAK$|CI$|[AUL]SAN_OPTIONS$)' || true)
+	echo 'export VM_GUEST=1 VM_TMP=/run/vmtmp'
+	echo "cd $(squote "$PWD") || exit $VM_FAIL"
+	if [ $# -eq 1 ]; then
+		echo "exec /bin/sh -c $(squote "$1")"
+	else
+		printf 'exec'
+		for a in "$@"; do printf ' %s' "$(squote "$a")"; done
+		echo
+	fi
+} > "$run/run.sh"
+: > "$run/stdout"
+: > "$run/stderr"
+: > "$run/console.log"
+
+security=passthrough
+[ "$(id -u)" = 0 ] || security=none
+
+loglevel=
+[ -n "${VM_VERBOSE:-}" ] || loglevel="quiet loglevel=1"
+timeout -k 10 "$timeout_s" qemu-system-x86_64 \
+	-accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
+	-kernel "$kdir/vmlinuz" -initrd "$initrd" \
+	-append "console=ttyS0 panic=-1 $loglevel vmrun=$run" \
+	-display none -monitor none -serial "file:$run/console.log" \
+	-nic none -no-reboot \
+	-virtfs "local,path=/,mount_tag=hostroot,security_model=$security,multidevs=remap,id=hostroot" \
+	</dev/null >"$run/qemu.log" 2>&1 &
+qpid=$!
+
+# Relay output while the guest writes it; each tail does a last read and
+# exits once qemu (bounded by timeout) is gone.
+tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stdout" &
+tail_pids+=($!)
+tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stderr" >&2 &
+tail_pids+=($!)
+if [ -n "${VM_VERBOSE:-}" ]; then
+	tail --pid="$qpid" -s 0.2 -c +1 -f "$run/console.log" >&2 &
+	tail_pids+=($!)
+fi
+
+wait "$qpid"
+qrc=$?
+qpid=
+for p in "${tail_pids[@]}"; do wait "$p" 2>/dev/null; done
+tail_pids=()
+
+status=$(cat "$run/status" 2>/dev/null)
+case "$status" in
+''|*[!0-9]*)
+	if [ $qrc -eq 124 ] || [ $qrc -eq 137 ]; then
+		echo "vm.sh: VM timed out after ${timeout_s}s" >&2
+	else
+		echo "vm.sh: VM ended without an exit status (qemu exit $qrc)" >&2
+	fi
+	echo "vm.sh: --- qemu output ---" >&2; tail -n 20 "$run/qemu.log" >&2
+	echo "vm.sh: --- guest console (last 40 lines) ---" >&2; tail -n 40 "$run/console.log" | tr -d '\r' >&2
+	exit $VM_FAIL ;;
+esac
+exit "$status"
