@@ -3,11 +3,11 @@
 
 Usage:
   mkbad.py open VALID.qcow2 BACKED.qcow2 SMALL.qcow2 OUTDIR
-      Images that must be refused at open: OUTDIR/<case>.qcow2 for every case in OPEN_CASES.
+      Images that must be refused at open: OUTDIR/open_<case>.qcow2 for every case in OPEN_CASES.
       BACKED.qcow2 is a valid image with a backing file name (for the backing cases),
       SMALL.qcow2 a valid image with 4 KiB clusters.
   mkbad.py runtime VALID.qcow2 OUTDIR
-      Images that open fine but hold one corrupt mapping: OUTDIR/<case>.qcow2.  VALID must be
+      Images that open fine but hold one corrupt mapping: OUTDIR/rt_<case>.qcow2.  VALID must be
       the image t_hostile.sh makes (4 KiB clusters, data at 0, 4M, compressed data at 8M).
 Prints the case names made, one a line.
 """
@@ -251,12 +251,12 @@ def main():
         valid, backed, small, outdir = sys.argv[2:]
         for name, fn in OPEN_CASES:
             src = backed if name in BACKED_CASES else small if name in SMALL_CASES else valid
-            fn(Image(src), os.path.join(outdir, name + ".qcow2"))
+            fn(Image(src), os.path.join(outdir, "open_" + name + ".qcow2"))
             print(name)
     elif len(sys.argv) == 4 and sys.argv[1] == "runtime":
         valid, outdir = sys.argv[2:]
         for name, fn in RUNTIME_CASES:
-            fn(Image(valid), os.path.join(outdir, name + ".qcow2"))
+            fn(Image(valid), os.path.join(outdir, "rt_" + name + ".qcow2"))
             print(name)
     else:
         sys.stderr.write(__doc__)

@@ -74,7 +74,7 @@ apply_workload() {
     if [[ $fmt == qcow2 ]]; then cs=$(img_csize "$ours"); else cs=65536; fi
     {
         [[ ${#extra[@]} -gt 0 ]] && printf '%s\n' "${extra[@]}"
-        python3 "$WORKLOAD" "$seed" "$size" "$cs" "${wopts[@]}"
+        "$PYTHON" "$WORKLOAD" "$seed" "$size" "$cs" "${wopts[@]}"
     } >"$dir/workload.txt" || { fail "workload generator failed"; return 1; }
 
     qio "$fmt" "$ref" "$dir/workload.txt" || { fail "qemu-io on the reference failed (harness)"; return 1; }

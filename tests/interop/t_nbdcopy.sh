@@ -14,7 +14,7 @@ need_cmd nbdcopy || { skip "interop/nbdcopy" "nbdcopy not installed (libnbd-bin)
 # make_data PATH SIZE SEED: random data with zero runs (nbdcopy turns those into zero writes)
 # and blocks that are zero but for one byte.
 make_data() {
-    python3 - "$1" "$2" "$3" <<'EOF'
+    "$PYTHON" - "$1" "$2" "$3" <<'EOF'
 import random, sys
 path, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 r = random.Random(seed)

@@ -27,6 +27,12 @@ export UQ UQ_TMP NBD_SERVER
 
 LIB_FAILED=0
 
+# The distribution's python3 (tests/deps.sh installs it): a version-manager shim in PATH can
+# cost a second or more per start on a loaded machine.
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x /usr/bin/python3 ]]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
+
 ok()    { echo "ok $1"; }
 notok() { echo "not ok $1: ${2:-failed}"; LIB_FAILED=1; }
 skip()  { echo "skip $1: ${2:-skipped}"; }
@@ -114,7 +120,7 @@ start_nbd() {
     _nbd_cmdline "$@" || return 2
     rm -f "$NBD_SOCK" "$NBD_PIDFILE" "$NBD_FIFO"
     mkfifo "$NBD_FIFO"
-    python3 "$LIB_DIR/reaper.py" "$NBD_FIFO" "$NBD_PIDFILE" -- \
+    "$PYTHON" "$LIB_DIR/reaper.py" "$NBD_FIFO" "$NBD_PIDFILE" -- \
         timeout -k 5 "$NBD_START_TIMEOUT" "${NBD_CMD[@]}" </dev/null >"$NBD_LOG" 2>&1 &
     NBD_REAPER=$!
     exec {NBD_FD}<"$NBD_FIFO"
@@ -237,7 +243,7 @@ qio() {
 
 # header_field IMAGE OFFSET SIZE: a big-endian header field as a decimal number.
 header_field() {
-    python3 - "$1" "$2" "$3" <<'EOF'
+    "$PYTHON" - "$1" "$2" "$3" <<'EOF'
 import sys
 with open(sys.argv[1], "rb") as f:
     f.seek(int(sys.argv[2]))
