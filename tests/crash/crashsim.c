@@ -6,11 +6,14 @@
  *       image file (LOG.fop, data in LOG.dat) and every request with its
  *       issue and acknowledgement time (LOG.req).  Times are positions in
  *       one global event sequence.
- *   crashsim crash LOG INITIAL OUT [--seed N]
- *       Build one crash image: INITIAL plus every write made durable by a
- *       sync completed before the crash point, plus a random subset (whole,
- *       dropped, torn per sector, or a prefix) of the other writes issued
- *       before it.  Prints "t=T dirty=0|1 ...".
+ *   crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states K]
+ *       Build K crash images OUTPREFIX.<i>.qcow2: INITIAL plus every write
+ *       made durable by a sync completed before the crash point, plus a
+ *       random subset (whole, dropped, torn per sector, or a prefix) of the
+ *       other writes issued before it.  Prints "i t=T dirty=0|1 ..." each.
+ *   crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST
+ *       For each "IMAGE RAW T" line of LIST: verify RAW at T (as below),
+ *       then reopen IMAGE with --compare RAW (as below).
  *   crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T
  *       Check the guest view RAW (qemu-img convert of a crash image) against
  *       the request log: every sector acknowledged before a completed flush
@@ -123,6 +126,16 @@ static bool all_zero(const uint8_t *p, size_t n)
         if (p[i])
             return false;
     return true;
+}
+
+static uint64_t num(const char *s)
+{
+    char *end;
+    errno = 0;
+    uint64_t v = strtoull(s, &end, 0);
+    if (errno || !*s || *end)
+        die("invalid number '%s'", s);
+    return v;
 }
 
 /* ---- growable arrays and log files ------------------------------------------- */
@@ -432,7 +445,8 @@ static void pick_range(struct run *r, uint64_t *off, uint64_t *len)
             o = rnd(&r->rng, s / cs) * cs + (rnd(&r->rng, 16) - 8) * SECTOR;
         else
             o = rnd(&r->rng, s / SECTOR) * SECTOR;
-        n = x == 1 ? (1 + rnd(&r->rng, 16)) * SECTOR : (1 + rnd(&r->rng, 2 * cs / SECTOR + 8)) * SECTOR;
+        uint64_t big = 2 * cs > 65536 ? 2 * cs : 65536;
+        n = x == 1 ? (1 + rnd(&r->rng, 16)) * SECTOR : (1 + rnd(&r->rng, big / SECTOR + 8)) * SECTOR;
     }
     if (o >= s)
         o = s - SECTOR;
@@ -622,7 +636,7 @@ static void run_phase(struct run *r, uint64_t ops)
 }
 
 static uint64_t opt_ops = 200, opt_ops2 = 60, opt_seed = 1;
-static unsigned opt_depth = 6;
+static unsigned opt_depth = 6, opt_count = 1;
 
 static void main_co(void *arg)
 {
@@ -821,38 +835,38 @@ static struct req_rec *load_reqs(const char *log, size_t *n)
     return q;
 }
 
-static int cmd_crash(const char *log, const char *initial, const char *out)
+struct crashlog {
+    struct fop_rec *f;
+    size_t nf, nsync;
+    uint64_t last;
+    int dfd;
+    uint8_t *initial;
+    size_t ilen;
+};
+
+/* One crash image for seed `seed`, written to out; prints its summary. */
+static void make_crash(struct crashlog *L, uint64_t seed, const char *out, unsigned idx)
 {
-    size_t nf;
-    struct fop_rec *f = load_fops(log, &nf);
-    char *dp = path_cat(log, ".dat");
-    int dfd = open(dp, O_RDONLY);
-    if (dfd < 0)
-        die("cannot open '%s'", dp);
-    free(dp);
-    uint64_t rng = opt_seed * 0x2545f4914f6cdd1dull + 7;
-    uint64_t last = 0;
-    size_t nsync = 0;
-    for (size_t i = 0; i < nf; i++) {
-        if (f[i].done > last)
-            last = f[i].done;
-        if (f[i].issue > last)
-            last = f[i].issue;
-        nsync += f[i].op == FILE_OP_SYNC;
-    }
+    struct fop_rec *f = L->f;
+    size_t nf = L->nf;
+    uint64_t rng = seed * 0x2545f4914f6cdd1dull + 7;
     /* The crash point: right before or after a sync completes (the edges
      * that matter most), right after some write was issued, or anywhere. */
     uint64_t t, x = rnd(&rng, 10);
-    if (x < 4 && nsync) {
-        size_t k = rnd(&rng, nsync), i = 0;
+    if (x < 4 && L->nsync) {
+        size_t k = rnd(&rng, L->nsync), i = 0;
         for (;; i++)
             if (f[i].op == FILE_OP_SYNC && k-- == 0)
                 break;
         t = (f[i].done ? f[i].done : f[i].issue + 1) + rnd(&rng, 2);
     } else if (x < 7 && nf) {
         t = f[rnd(&rng, nf)].issue + 1;
+    } else if (x < 8 && nf) {
+        /* Early: the open itself (repair of a dirty image) and the first
+         * allocations. */
+        t = 1 + rnd(&rng, f[nf < 10 ? nf - 1 : 9].issue + 1);
     } else {
-        t = 1 + rnd(&rng, last + 1);
+        t = 1 + rnd(&rng, L->last + 1);
     }
     /* Writes completed before the issue of a sync completed before t are
      * on disk; so are completed FUA writes. */
@@ -862,9 +876,9 @@ static int cmd_crash(const char *log, const char *initial, const char *out)
             f[i].issue > durable_before)
             durable_before = f[i].issue;
 
-    size_t ilen;
-    uint8_t *img = load_file(initial, &ilen);
-    uint64_t size = ilen, cap = ilen;
+    uint64_t size = L->ilen, cap = L->ilen + (8u << 20);
+    uint8_t *img = malloc(cap);
+    memcpy(img, L->initial, L->ilen);
     unsigned long n_durable = 0, n_whole = 0, n_dropped = 0, n_torn = 0, n_prefix = 0;
     uint8_t *data = NULL;
     size_t data_cap = 0;
@@ -877,7 +891,8 @@ static int cmd_crash(const char *log, const char *initial, const char *out)
             continue;   /* failed: never reached the disk */
         bool durable = completed && (w->done < durable_before || w->fua);
         uint64_t ns = (w->len + SECTOR - 1) / SECTOR;
-        /* Which sectors reach the disk. */
+        /* Which sectors reach the disk: a disk may drop, reorder and tear
+         * writes that no completed sync covers. */
         int mode = durable ? 1 : (int)rnd(&rng, 4);    /* 0 drop, 1 whole, 2 torn, 3 prefix */
         uint64_t prefix = mode == 3 ? rnd(&rng, ns + 1) : ns;
         if (durable)
@@ -897,7 +912,7 @@ static int cmd_crash(const char *log, const char *initial, const char *out)
                 data_cap = w->len;
                 data = realloc(data, data_cap);
             }
-            if (pread(dfd, data, w->len, (off_t)w->data) != (ssize_t)w->len)
+            if (pread(L->dfd, data, w->len, (off_t)w->data) != (ssize_t)w->len)
                 die("short data log");
         }
         uint64_t end = w->off + w->len;
@@ -926,30 +941,48 @@ static int cmd_crash(const char *log, const char *initial, const char *out)
         }
     }
     save_file(out, img, size);
-    printf("t=%" PRIu64 " dirty=%d durable=%lu whole=%lu dropped=%lu torn=%lu prefix=%lu\n", t,
-           size >= 80 && (img[79] & 1), n_durable, n_whole, n_dropped, n_torn, n_prefix);
+    printf("%u t=%" PRIu64 " dirty=%d durable=%lu whole=%lu dropped=%lu torn=%lu prefix=%lu\n", idx, t,
+           size >= 80 && img[7] >= 3 && (img[79] & 1), n_durable, n_whole, n_dropped, n_torn, n_prefix);
     free(img);
     free(data);
-    free(f);
-    close(dfd);
+}
+
+static int cmd_crash(const char *log, const char *initial, const char *outprefix, unsigned count)
+{
+    struct crashlog L = { 0 };
+    L.f = load_fops(log, &L.nf);
+    char *dp = path_cat(log, ".dat");
+    L.dfd = open(dp, O_RDONLY);
+    if (L.dfd < 0)
+        die("cannot open '%s'", dp);
+    free(dp);
+    for (size_t i = 0; i < L.nf; i++) {
+        if (L.f[i].done > L.last)
+            L.last = L.f[i].done;
+        if (L.f[i].issue > L.last)
+            L.last = L.f[i].issue;
+        L.nsync += L.f[i].op == FILE_OP_SYNC;
+    }
+    L.initial = load_file(initial, &L.ilen);
+    for (unsigned i = 0; i < count; i++) {
+        char out[4096];
+        snprintf(out, sizeof(out), "%s.%u.qcow2", outprefix, i);
+        make_crash(&L, opt_seed * 100003 + i, out, i);
+    }
+    free(L.initial);
+    free(L.f);
+    close(L.dfd);
     return 0;
 }
 
 /* ---- verdict on the guest view --------------------------------------------------------- */
 
-static int cmd_verify(const char *log, const char *raw, const char *initraw, const char *backraw,
-                      const char *tstr)
+/* Check guest view got[] against the request log at crash point t.
+ * Returns the number of wrong sectors (the first few are printed). */
+static unsigned long verify_view(const struct req_rec *q, size_t nq, uint64_t t, const uint8_t *got,
+                                 size_t rlen, const struct views *w, const char *label)
 {
-    size_t nq;
-    struct req_rec *q = load_reqs(log, &nq);
-    uint64_t t = !strcmp(tstr, "end") ? UINT64_MAX : strtoull(tstr, NULL, 10);
-    size_t rlen, ilen, blen = 0;
-    uint8_t *got = load_file(raw, &rlen);
-    uint8_t *init = load_file(initraw, &ilen);
-    uint8_t *back = strcmp(backraw, "-") ? load_file(backraw, &blen) : NULL;
-    struct views w = { init, back, ilen, blen };
     uint64_t nsect = rlen / SECTOR;
-
     /* Acknowledged before the start of a flush that completed before t. */
     uint64_t flushed_before = 0;
     for (size_t i = 0; i < nq; i++)
@@ -962,7 +995,7 @@ static int cmd_verify(const char *log, const char *raw, const char *initraw, con
         cset_only(&c[g], V_INIT);
     unsigned long guaranteed = 0, possible = 0;
     for (size_t i = 0; i < nq; i++) {
-        struct req_rec *r = &q[i];
+        const struct req_rec *r = &q[i];
         if (r->issue >= t || r->kind == RQ_FLUSH || r->kind == RQ_READ || r->kind == RQ_CLOSE)
             continue;
         bool acked = r->done && r->done < t && r->result == 0;
@@ -990,18 +1023,32 @@ static int cmd_verify(const char *log, const char *raw, const char *initraw, con
         }
         bool match = false;
         for (unsigned j = 0; j < c[g].n && !match; j++)
-            match = sector_is(c[g].v[j], got + g * SECTOR, g, &w);
+            match = sector_is(c[g].v[j], got + g * SECTOR, g, w);
         if (!match && bad++ < 5) {
             char a[80], b[120];
             describe(got + g * SECTOR, a, sizeof(a));
             cset_str(&c[g], b, sizeof(b));
-            printf("sector %" PRIu64 " (offset %" PRIu64 "): found %s, expected %s\n", g,
+            printf("%s: sector %" PRIu64 " (offset %" PRIu64 "): found %s, expected %s\n", label, g,
                    g * SECTOR, a, b);
         }
     }
-    printf("verify t=%s: %lu sectors, %lu wrong, %lu unchecked; %lu requests guaranteed, %lu possible\n",
-           tstr, (unsigned long)nsect, bad, unchecked, guaranteed, possible);
+    fprintf(stderr, "%s: %lu sectors, %lu wrong, %lu unchecked; %lu requests guaranteed, %lu possible\n",
+            label, (unsigned long)nsect, bad, unchecked, guaranteed, possible);
     free(c);
+    return bad;
+}
+
+static int cmd_verify(const char *log, const char *raw, const char *initraw, const char *backraw,
+                      const char *tstr)
+{
+    size_t nq, rlen, ilen, blen = 0;
+    struct req_rec *q = load_reqs(log, &nq);
+    uint64_t t = !strcmp(tstr, "end") ? UINT64_MAX : num(tstr);
+    uint8_t *got = load_file(raw, &rlen);
+    uint8_t *init = load_file(initraw, &ilen);
+    uint8_t *back = strcmp(backraw, "-") ? load_file(backraw, &blen) : NULL;
+    struct views w = { init, back, ilen, blen };
+    unsigned long bad = verify_view(q, nq, t, got, rlen, &w, raw);
     free(q);
     free(got);
     free(init);
@@ -1112,13 +1159,54 @@ static int cmd_reopen(const char *path, const char *compare)
     return ro.rc;
 }
 
+/* Every line of LIST is "IMAGE RAW T": verify RAW (qemu's view of the crash
+ * image) at crash point T, then let the engine take IMAGE over (reopen,
+ * comparing its own view with RAW).  Prints "ok N" / "bad N: why" per line. */
+static int cmd_check(const char *log, const char *initraw, const char *backraw, const char *list)
+{
+    size_t nq, ilen, blen = 0;
+    struct req_rec *q = load_reqs(log, &nq);
+    uint8_t *init = load_file(initraw, &ilen);
+    uint8_t *back = strcmp(backraw, "-") ? load_file(backraw, &blen) : NULL;
+    struct views w = { init, back, ilen, blen };
+    FILE *lf = fopen(list, "r");
+    if (!lf)
+        die("cannot open '%s'", list);
+    char image[2048], raw[2048];
+    unsigned long long t;
+    int rc = 0;
+    for (unsigned n = 0; fscanf(lf, "%2047s %2047s %llu", image, raw, &t) == 3; n++) {
+        size_t rlen;
+        uint8_t *got = load_file(raw, &rlen);
+        unsigned long bad = verify_view(q, nq, t, got, rlen, &w, image);
+        free(got);
+        if (bad) {
+            printf("bad %s: %lu sectors read back wrong (t=%llu)\n", image, bad, t);
+            rc = 1;
+            continue;
+        }
+        if (cmd_reopen(image, raw) != 0) {
+            printf("bad %s: the engine could not take the image over (t=%llu)\n", image, t);
+            rc = 1;
+            continue;
+        }
+        printf("ok %s\n", image);
+    }
+    fclose(lf);
+    free(q);
+    free(init);
+    free(back);
+    return rc;
+}
+
 /* ---- command line ------------------------------------------------------------------------- */
 
 static void usage(void)
 {
     fprintf(stderr,
             "usage: crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]\n"
-            "       crashsim crash LOG INITIAL OUT [--seed N]\n"
+            "       crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states N]\n"
+            "       crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST\n"
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
             "       crashsim reopen IMAGE [--seed N] [--compare RAW]\n"
             "       crashsim faults IMAGE LOG --class data|meta|sync|read --errno EIO|ENOSPC|SHORT\n"
@@ -1126,20 +1214,12 @@ static void usage(void)
     exit(2);
 }
 
-static uint64_t num(const char *s)
-{
-    char *end;
-    errno = 0;
-    uint64_t v = strtoull(s, &end, 0);
-    if (errno || !*s || *end)
-        die("invalid number '%s'", s);
-    return v;
-}
 
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
         { "seed", required_argument, NULL, 's' },
+        { "count-states", required_argument, NULL, 'K' },
         { "ops", required_argument, NULL, 'o' },
         { "ops2", required_argument, NULL, 'O' },
         { "depth", required_argument, NULL, 'd' },
@@ -1158,6 +1238,7 @@ int main(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
         case 's': opt_seed = num(optarg); break;
+        case 'K': opt_count = (unsigned)num(optarg); break;
         case 'o': opt_ops = num(optarg); break;
         case 'O': opt_ops2 = num(optarg); break;
         case 'd':
@@ -1199,7 +1280,9 @@ int main(int argc, char **argv)
         return run_workload(a[1], a[2], true);
     }
     if (!strcmp(a[0], "crash") && n == 4)
-        return cmd_crash(a[1], a[2], a[3]);
+        return cmd_crash(a[1], a[2], a[3], opt_count);
+    if (!strcmp(a[0], "check") && n == 5)
+        return cmd_check(a[1], a[2], a[3], a[4]);
     if (!strcmp(a[0], "verify") && n == 6)
         return cmd_verify(a[1], a[2], a[3], a[4], a[5]);
     if (!strcmp(a[0], "reopen") && n == 2)
