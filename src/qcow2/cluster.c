@@ -621,6 +621,9 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
             metadata_changed = true;
         } else {
             r = write_zero_bytes(q, off, n, 0);
+            /* Without FUA of its own, that write may have allocated (v2
+             * has no zero flag; partial clusters): FUA needs the flush. */
+            metadata_changed = true;
         }
         off += n;
         len -= n;
