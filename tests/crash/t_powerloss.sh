@@ -38,6 +38,9 @@ keep_failure() {
     note "evidence kept in $UQ_TMP/failures/$name"
 }
 
+# first_failure MSG: remember the first failure of a configuration.
+first_failure() { [[ -n $first ]] || first=$1; }
+
 # run_config CONFIG SEED: record, then check STATES crash states in batches.
 run_config() {
     local cfg=$1 seed=$2 name="powerloss_${1}_seed$2" d="$W/$1.$2"
@@ -78,7 +81,7 @@ run_config() {
             if [[ $dirty == 0 ]]; then
                 qemu-img check "$img" >"$d/check.out" 2>&1; rc=$?
                 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
-                    first=${first:-"(a) $sid: qemu-img check exit $rc: $(grep -m1 -E 'ERROR|Leaked|corrupt' "$d/check.out")"}
+                    first_failure "(a) $sid: qemu-img check exit $rc: $(grep -m1 -E 'ERROR|Leaked|corrupt' "$d/check.out")"
                     sed 's/^/#   /' "$d/check.out" | head -20 >&2
                     keep_failure "$name.$((done + i))" "$img" "$d/states"
                     fails=$((fails + 1)); continue
@@ -88,7 +91,7 @@ run_config() {
                 dirty_n=$((dirty_n + 1))
             fi
             if ! qemu-img convert -f qcow2 -O raw "$img" "$raw" 2>"$d/convert.err"; then
-                first=${first:-"(b) $sid: qemu-img convert failed: $(head -c 200 "$d/convert.err")"}
+                first_failure "(b) $sid: qemu-img convert failed: $(head -c 200 "$d/convert.err")"
                 keep_failure "$name.$((done + i))" "$img"
                 fails=$((fails + 1)); continue
             fi
@@ -100,22 +103,24 @@ run_config() {
             grep -v '^ok ' "$d/check-list.out" | sed 's/^/#   /' >&2
             local word img2 why
             while read -r word img2 why; do
-                local k=${img2##*/st.}; k=${k%.qcow2}
+                [[ $word == ok || $word == bad ]] || continue
+                img2=${img2%:}; local k=${img2##*/st.}; k=${k%.qcow2}
                 if [[ $word != ok ]]; then
-                    first=${first:-"(b/c) seed $seed state $((done + k)): ${why}$(grep -m2 -E "^st\.|reopen:|sector" "$d/check-list.out" | tr '\n' ' ')"}
-                    keep_failure "$name.$((done + k))" "$img2" "$d/states" "$d/check-list.out"
+                    first_failure "(b/c) seed $seed state $((done + k)): $why; $(grep -m2 -E 'reopen:|sector' "$d/check-list.out" | tr '\n' ' ')"
+                    keep_failure "$name.$((done + k))" "$img2" "$d/states" "$d/check-list.out" "$d/init.qcow2" \
+                        "$d"/log.* "$d/list"
                     fails=$((fails + 1)); continue
                 fi
                 qemu-img check "$img2" >"$d/check.out" 2>&1; rc=$?
                 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
-                    first=${first:-"(c) seed $seed state $((done + k)): qemu-img check after the engine's own writes: exit $rc: $(grep -m1 -E 'ERROR|corrupt' "$d/check.out")"}
+                    first_failure "(c) seed $seed state $((done + k)): qemu-img check after the engine's own writes: exit $rc: $(grep -m1 -E 'ERROR|corrupt' "$d/check.out")"
                     sed 's/^/#   /' "$d/check.out" | head -20 >&2
                     keep_failure "$name.$((done + k))" "$img2" "$d/states"
                     fails=$((fails + 1))
                 fi
             done <"$d/check-list.out"
-            if [[ $(grep -c '' "$d/check-list.out") -ne $(grep -c '' "$d/list") ]]; then
-                first=${first:-"crashsim check stopped early: $(tail -c 300 "$d/check-list.err")"}
+            if [[ $(grep -c -E '^(ok|bad) ' "$d/check-list.out") -ne $(grep -c '' "$d/list") ]]; then
+                first_failure "crashsim check stopped early: $(tail -c 300 "$d/check-list.err")"
                 fails=$((fails + 1))
             fi
         fi
