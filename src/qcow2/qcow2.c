@@ -226,8 +226,10 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
             return -EINVAL;
         }
         ssize_t n = file_pread_any(&q->file, fixed, 40, pos);
-        if (n < 0)
+        if (n < 0) {
+            snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
             return (int)n;
+        }
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
         unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
@@ -243,6 +245,8 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
     if (!buf)
         return -ENOMEM;
     ssize_t n = file_pread_any(&q->file, buf, total, q->h.snapshots_offset);
+    if (n < 0)
+        snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
     int r = n < 0 ? (int)n
           : qcow2_snapshots_parse(&q->h, buf, (size_t)n, q->h.nb_snapshots, &q->snapshots, err, errlen);
     free(buf);
