@@ -23,9 +23,11 @@
  *       Open with the engine (repairing a dirty image), optionally compare
  *       its whole guest view with RAW, write, flush, read back, close.
  *   crashsim faults IMAGE LOG --class data|meta|sync|read --errno EIO|ENOSPC|SHORT
- *                   [--nth N] [--count N] [--space-limit BYTES] [--seed N] [--ops N] [--depth N]
- *       Run the workload while failing image-file operations, check the
- *       errors each request gets, then run a clean phase and close.  The log
+ *                   [--nth N] [--count N] [--space-limit BYTES] [--at-open] [--seed N] [--ops N] [--depth N]
+ *       Run the workload while failing image-file operations (from the open
+ *       on with --at-open, else once the image is open), check the errors
+ *       each request gets, then run a clean phase and close.  A failed open
+ *       exits 2 with the engine's message.  The log
  *       lets `verify LOG ... end` check the data afterwards.
  *
  * Every guest sector written carries a tag (request id, sector number) and
@@ -637,6 +639,7 @@ static void run_phase(struct run *r, uint64_t ops)
 
 static uint64_t opt_ops = 200, opt_ops2 = 60, opt_seed = 1;
 static unsigned opt_depth = 6, opt_count = 1;
+static bool opt_at_open;
 
 static void main_co(void *arg)
 {
@@ -648,6 +651,8 @@ static void main_co(void *arg)
         loop_stop(r->loop);
         return;
     }
+    if (r->fault_mode)
+        hk.armed = true;    /* faults start once the image is open (unless --at-open) */
     r->size = img_size(r->img);
     r->nsect = r->size / SECTOR;
     r->phase = 0;
@@ -741,7 +746,7 @@ static int run_workload(const char *image, const char *log, bool faults)
         r.check_reads = false;
 
     file_set_hooks(&hooks);
-    hk.armed = faults;
+    hk.armed = faults && opt_at_open;
     r.loop = loop_new(256);
     if (!r.loop)
         die("cannot create the event loop");
@@ -1210,7 +1215,7 @@ static void usage(void)
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
             "       crashsim reopen IMAGE [--seed N] [--compare RAW]\n"
             "       crashsim faults IMAGE LOG --class data|meta|sync|read --errno EIO|ENOSPC|SHORT\n"
-            "                [--nth N] [--count N] [--space-limit BYTES] [--seed N] [--ops N] [--ops2 N] [--depth N]\n");
+            "                [--nth N] [--count N] [--space-limit BYTES] [--at-open] [--seed N] [--ops N] [--ops2 N] [--depth N]\n");
     exit(2);
 }
 
@@ -1220,6 +1225,7 @@ int main(int argc, char **argv)
     static const struct option lo[] = {
         { "seed", required_argument, NULL, 's' },
         { "count-states", required_argument, NULL, 'K' },
+        { "at-open", no_argument, NULL, 'A' },
         { "ops", required_argument, NULL, 'o' },
         { "ops2", required_argument, NULL, 'O' },
         { "depth", required_argument, NULL, 'd' },
@@ -1239,6 +1245,7 @@ int main(int argc, char **argv)
         switch (opt) {
         case 's': opt_seed = num(optarg); break;
         case 'K': opt_count = (unsigned)num(optarg); break;
+        case 'A': opt_at_open = true; break;
         case 'o': opt_ops = num(optarg); break;
         case 'O': opt_ops2 = num(optarg); break;
         case 'd':
