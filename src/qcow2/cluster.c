@@ -621,7 +621,6 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
 {
     struct qcow2 *q = to_qcow2(img);
     struct qreq rq;
-    bool metadata_changed = false;
     int r = 0;
     if (q->broken)
         return -EIO;
@@ -638,18 +637,17 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
             /* nothing to do */
         } else if (whole && q->h.version >= 3 && !q->extl2) {
             r = update_whole_cluster(q, off, zero_entry);
-            metadata_changed = true;
         } else {
             r = write_zero_bytes(q, off, n, 0);
-            /* Without FUA of its own, that write may have allocated (v2
-             * has no zero flag; partial clusters): FUA needs the flush. */
-            metadata_changed = true;
         }
         off += n;
         len -= n;
     }
     qreq_end(q, &rq);
-    if (r == 0 && (flags & IMG_FUA) && metadata_changed)
+    /* FUA always flushes: even a range that already reads as zeros may do
+     * so only through entries not yet durable (a discard since the last
+     * flush), and the zero-byte writes above ran without FUA. */
+    if (r == 0 && (flags & IMG_FUA))
         r = qcow2_flush(q);
     return r;
 }
