@@ -115,7 +115,7 @@ static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t 
     return ret;
 }
 
-static int sync_image(struct qcow2 *q)
+int qcow2_sync(struct qcow2 *q)
 {
     if (q->flush_failed)
         return -EIO;
@@ -166,16 +166,16 @@ int qcow2_flush(struct qcow2 *q)
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r);
     if (r == 0)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, l1, nl1, r);
     if (r == 0 && (nl2 || nl1))
-        r = sync_image(q);
+        r = qcow2_sync(q);
 
     if (r == 0) {
         /* The changes that dropped these references are durable now. */
