@@ -22,7 +22,7 @@
  *   crashsim reopen IMAGE [--seed N] [--compare RAW]
  *       Open with the engine (repairing a dirty image), optionally compare
  *       its whole guest view with RAW, write, flush, read back, close.
- *   crashsim faults IMAGE LOG --class data|meta|sync|read --errno EIO|ENOSPC|SHORT
+ *   crashsim faults IMAGE LOG --class data|meta|sync|hdrsync|read --errno EIO|ENOSPC|SHORT
  *                   [--nth N] [--count N] [--space-limit BYTES] [--at-open] [--seed N] [--ops N] [--depth N]
  *       Run the workload while failing image-file operations (from the open
  *       on with --at-open, else once the image is open), check the errors
@@ -263,7 +263,8 @@ static void cset_str(const struct cset *c, char *out, size_t n)
 
 /* ---- recording and fault hooks ------------------------------------------------- */
 
-enum fclass { FC_NONE, FC_DATA, FC_META, FC_SYNC, FC_READ };
+/* hdrsync: a sync right after a header write (refcount-table growth, repair). */
+enum fclass { FC_NONE, FC_DATA, FC_META, FC_SYNC, FC_READ, FC_HDRSYNC };
 
 struct inflight { struct co *co; size_t idx; };
 
@@ -278,7 +279,8 @@ struct hookctx {
     enum fclass fclass;
     int ferr;               /* -errno, or 1 for short reads */
     uint64_t nth, count;    /* fail ops nth .. nth+count-1 of the class (count 0 = all) */
-    uint64_t seen[5];
+    uint64_t seen[6];
+    bool last_write_header;
     uint64_t space_limit;   /* writes ending past this fail with ENOSPC (0 = off) */
     bool armed;
     uint64_t injected;
@@ -326,6 +328,8 @@ static int hook_before(void *ctx, struct file *f, enum file_op op, uint64_t off,
             verdict = -ENOSPC;
         } else if (h->fclass != FC_NONE) {
             enum fclass c = classify(op, iov, iovcnt);
+            if (c == FC_SYNC && h->last_write_header)
+                c = h->fclass == FC_HDRSYNC ? FC_HDRSYNC : c;
             if (c == h->fclass) {
                 uint64_t k = ++h->seen[c];
                 if (k >= h->nth && (h->count == 0 || k < h->nth + h->count))
@@ -334,6 +338,8 @@ static int hook_before(void *ctx, struct file *f, enum file_op op, uint64_t off,
         }
         if (verdict)
             h->injected++;
+        if (op == FILE_OP_WRITE)
+            h->last_write_header = off == 0;
         if (verdict < 0 && op == FILE_OP_SYNC && !h->first_sync_fail)
             h->first_sync_fail = events + 1;
     }
@@ -1214,7 +1220,7 @@ static void usage(void)
             "       crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST\n"
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
             "       crashsim reopen IMAGE [--seed N] [--compare RAW]\n"
-            "       crashsim faults IMAGE LOG --class data|meta|sync|read --errno EIO|ENOSPC|SHORT\n"
+            "       crashsim faults IMAGE LOG --class data|meta|sync|hdrsync|read --errno EIO|ENOSPC|SHORT\n"
             "                [--nth N] [--count N] [--space-limit BYTES] [--at-open] [--seed N] [--ops N] [--ops2 N] [--depth N]\n");
     exit(2);
 }
@@ -1256,7 +1262,8 @@ int main(int argc, char **argv)
         case 'c': compare = optarg; break;
         case 'C':
             hk.fclass = !strcmp(optarg, "data") ? FC_DATA : !strcmp(optarg, "meta") ? FC_META
-                      : !strcmp(optarg, "sync") ? FC_SYNC : !strcmp(optarg, "read") ? FC_READ : FC_NONE;
+                      : !strcmp(optarg, "sync") ? FC_SYNC : !strcmp(optarg, "read") ? FC_READ
+                      : !strcmp(optarg, "hdrsync") ? FC_HDRSYNC : FC_NONE;
             if (hk.fclass == FC_NONE)
                 die("unknown --class '%s'", optarg);
             break;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fault injection through the file layer's test hooks (crashsim faults): EIO and ENOSPC on
-# guest-data writes, on metadata writes (tables, refcounts, header), on fsync; EIO and short
+# guest-data writes (those carrying guest-written sectors), on metadata writes (tables,
+# refcounts, header; also zero-filled data), on fsync (any, or the one after a header switch
+# when the refcount table grows); EIO and short
 # reads; and a file that cannot grow past a given offset (out of space while the image grows,
 # including refcount-table growth on 512-byte clusters).  The workload runs at depth 6 with
 # the faults armed, then a clean phase, then close.  Checked:
@@ -145,7 +147,9 @@ run_all() {
     scenario meta_eio_burst  backv2  --class meta --errno EIO    --nth "$(n 6 6)"  --count 5
     scenario sync_eio        snap64k --class sync --errno EIO    --nth "$(n 7 8)"  --count 1
     scenario sync_eio_dirty  dirty   --class sync --errno EIO    --nth "$(n 8 12)" --count 1
-    scenario read_eio        backv2  --class read --errno EIO    --nth "$(n 9 40)" --count 1
+    # The sync after the header switch of a refcount-table growth.
+    scenario sync_eio_reftable tiny512 --class hdrsync --errno EIO --nth 1 --count 1
+    scenario read_eio        backv2  --class read --errno EIO    --nth "$(n 9 8)" --count 1
     scenario read_eio_burst  snap64k --class read --errno EIO    --nth "$(n 10 20)" --count 4
     scenario read_short      snap64k --class read --errno SHORT  --nth "$(n 11 40)" --count 3
     scenario nospace_grow    snap64k --space-limit +196608
