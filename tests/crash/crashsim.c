@@ -263,7 +263,7 @@ static void cset_str(const struct cset *c, char *out, size_t n)
 
 /* ---- recording and fault hooks ------------------------------------------------- */
 
-/* hdrsync: a sync right after a header write (refcount-table growth, repair). */
+/* hdrsync: the first sync after a header write (refcount-table growth, repair). */
 enum fclass { FC_NONE, FC_DATA, FC_META, FC_SYNC, FC_READ, FC_HDRSYNC };
 
 struct inflight { struct co *co; size_t idx; };
@@ -338,8 +338,11 @@ static int hook_before(void *ctx, struct file *f, enum file_op op, uint64_t off,
         }
         if (verdict)
             h->injected++;
-        if (op == FILE_OP_WRITE)
-            h->last_write_header = off == 0;
+        /* A header write, then the next sync (whoever issues it). */
+        if (op == FILE_OP_WRITE && off == 0)
+            h->last_write_header = true;
+        if (op == FILE_OP_SYNC)
+            h->last_write_header = false;
         if (verdict < 0 && op == FILE_OP_SYNC && !h->first_sync_fail)
             h->first_sync_fail = events + 1;
     }

@@ -148,7 +148,7 @@ run_all() {
     scenario sync_eio        snap64k --class sync --errno EIO    --nth "$(n 7 8)"  --count 1
     scenario sync_eio_dirty  dirty   --class sync --errno EIO    --nth "$(n 8 12)" --count 1
     # The sync after the header switch of a refcount-table growth.
-    scenario sync_eio_reftable tiny512 --class hdrsync --errno EIO --nth 1 --count 1
+    scenario sync_eio_reftable tiny512 --class hdrsync --errno EIO --nth 1 --count 1 --ops 300
     scenario read_eio        backv2  --class read --errno EIO    --nth "$(n 9 8)" --count 1
     scenario read_eio_burst  snap64k --class read --errno EIO    --nth "$(n 10 20)" --count 4
     scenario read_short      snap64k --class read --errno SHORT  --nth "$(n 11 40)" --count 3
