@@ -25,20 +25,20 @@ build_crashsim() {
     fi
 }
 
-# crash_workdir: a scratch directory for many image copies and syncs.  tmpfs when there is
-# one (syncs are free there: the simulator models durability itself), else $UQ_TMP.
+# crash_workdir: set W to a scratch directory for many image copies and syncs: tmpfs when
+# there is one (syncs are free there: the simulator models durability itself), else $UQ_TMP.
+# Not in a $(...) subshell: the cleanup must be registered in the script itself.
 crash_workdir() {
-    local d=
+    W=
     if [[ -d /dev/shm && -w /dev/shm ]]; then
-        d=$(mktemp -d /dev/shm/uq-crash.XXXXXX 2>/dev/null) || d=
+        W=$(mktemp -d /dev/shm/uq-crash.XXXXXX 2>/dev/null) || W=
     fi
-    if [[ -n $d ]]; then
-        at_exit "rm -rf '$d'"
+    if [[ -n $W ]]; then
+        at_exit "rm -rf '$W'"
     else
-        d=$UQ_TMP/work
-        mkdir -p "$d"
+        W=$UQ_TMP/work
+        mkdir -p "$W"
     fi
-    echo "$d"
 }
 
 # qio_quiet IMAGE CMD...: qemu-io commands on a qcow2 image, output to the log.

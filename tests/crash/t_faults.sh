@@ -24,7 +24,7 @@
 
 need_cmd qemu-img qemu-io cc || { skip faults "qemu-img, qemu-io or cc missing"; exit 0; }
 build_crashsim faults || exit 1
-W=$(crash_workdir)
+crash_workdir
 SEED=${FAULTS_SEED:-$((RANDOM % 1000 + 1))}
 note "faults: seed $SEED"
 TOTAL_INJECTED=0 SCENARIOS=0

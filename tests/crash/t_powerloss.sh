@@ -19,7 +19,7 @@
 
 need_cmd qemu-img qemu-io cc || { skip powerloss "qemu-img, qemu-io or cc missing"; exit 0; }
 build_crashsim powerloss || exit 1
-W=$(crash_workdir)
+crash_workdir
 
 if [[ ${SOAK:-0} == 1 ]]; then
     SEEDS=(1 2 3 4 5 6); STATES=300; OPS=400
