@@ -460,6 +460,20 @@ out:
     return r;
 }
 
+/* Are the L2 entries in slice s, and the L1 entries naming L2 tables, on
+ * disk as they are in memory?  Conservative: any dirty L1 sector or a flush
+ * (or refcount-table growth) in progress counts as "not yet". */
+static bool mapping_durable(struct qcow2 *q, const struct mslice *s)
+{
+    if (s->dirty || q->flush_lock.locked)
+        return false;
+    uint64_t sectors = ((uint64_t)q->h.l1_size * 8 + 511) / 512;
+    for (uint64_t i = 0; i < sectors; i++)
+        if (q->l1_dirty[i])
+            return false;
+    return true;
+}
+
 int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t len, unsigned flags)
 {
     struct qcow2 *q = to_qcow2(img);
@@ -498,6 +512,11 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
                     break;
                 n += MIN(len - n, cs);
             }
+            /* RWF_DSYNC makes only the data durable: if the entries
+             * mapping it are not on disk yet (allocated since the last
+             * flush, or a flush is writing them now), FUA needs a flush. */
+            if (fua && !mapping_durable(q, s))
+                metadata_changed = true;
             mcache_put(&q->l2c, s);
             if (hits_fixed_metadata(q, first_host, n + offset_into_cluster(q, off))) {
                 qcow2_mark_broken(q, "guest offset 0x%llx maps onto image metadata at 0x%llx",
@@ -522,7 +541,8 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         len -= n;
     }
     qreq_end(q, &rq);
-    /* FUA: in-place writes used RWF_DSYNC; new mappings need a full flush. */
+    /* FUA: in-place writes to durable mappings used RWF_DSYNC; new or
+     * not yet durable mappings need a full flush. */
     if (r == 0 && fua && metadata_changed)
         r = qcow2_flush(q);
     return r;
@@ -620,7 +640,6 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
 {
     struct qcow2 *q = to_qcow2(img);
     struct qreq rq;
-    bool metadata_changed = false;
     int r = 0;
     if (q->broken)
         return -EIO;
@@ -637,7 +656,6 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
             /* nothing to do */
         } else if (whole && q->h.version >= 3 && !q->extl2) {
             r = update_whole_cluster(q, off, zero_entry);
-            metadata_changed = true;
         } else {
             r = write_zero_bytes(q, off, n, 0);
         }
@@ -645,7 +663,10 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
         len -= n;
     }
     qreq_end(q, &rq);
-    if (r == 0 && (flags & IMG_FUA) && metadata_changed)
+    /* FUA always flushes: even a range that already reads as zeros may do
+     * so only through entries not yet durable (a discard since the last
+     * flush), and the zero-byte writes above ran without FUA. */
+    if (r == 0 && (flags & IMG_FUA))
         r = qcow2_flush(q);
     return r;
 }

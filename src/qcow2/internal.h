@@ -137,6 +137,9 @@ static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) 
 /* qcow2.c */
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
+/* fdatasync the image file; once one failed, every later call fails (the
+ * kernel may have dropped dirty pages: fsyncgate). */
+int qcow2_sync(struct qcow2 *q);
 int qcow2_write_header_fields(struct qcow2 *q);
 void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void qreq_begin(struct qcow2 *q, struct qreq *r);

@@ -115,7 +115,7 @@ static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t 
     return ret;
 }
 
-static int sync_image(struct qcow2 *q)
+int qcow2_sync(struct qcow2 *q)
 {
     if (q->flush_failed)
         return -EIO;
@@ -166,16 +166,16 @@ int qcow2_flush(struct qcow2 *q)
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r);
     if (r == 0)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, l1, nl1, r);
     if (r == 0 && (nl2 || nl1))
-        r = sync_image(q);
+        r = qcow2_sync(q);
 
     if (r == 0) {
         /* The changes that dropped these references are durable now. */
@@ -226,8 +226,10 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
             return -EINVAL;
         }
         ssize_t n = file_pread_any(&q->file, fixed, 40, pos);
-        if (n < 0)
+        if (n < 0) {
+            snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
             return (int)n;
+        }
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
         unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
@@ -243,6 +245,8 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
     if (!buf)
         return -ENOMEM;
     ssize_t n = file_pread_any(&q->file, buf, total, q->h.snapshots_offset);
+    if (n < 0)
+        snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
     int r = n < 0 ? (int)n
           : qcow2_snapshots_parse(&q->h, buf, (size_t)n, q->h.nb_snapshots, &q->snapshots, err, errlen);
     free(buf);

@@ -167,7 +167,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
     mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
     ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
-    if (w < 0 || (ret = file_sync(&q->file)) < 0) {
+    if (w < 0 || (ret = qcow2_sync(q)) < 0) {
         ret = w < 0 ? (int)w : ret;
         goto out;
     }
@@ -177,7 +177,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     q->h.refcount_table_clusters = (uint32_t)ntable;
     ret = qcow2_write_header_fields(q);
     if (ret == 0)
-        ret = file_sync(&q->file);
+        ret = qcow2_sync(q);    /* a failure here marks the image suspect too */
     if (ret < 0) {
         q->h.refcount_table_offset = old_off;
         q->h.refcount_table_clusters = (uint32_t)old_clusters;
