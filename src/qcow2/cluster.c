@@ -71,6 +71,22 @@ static bool reads_as_zero_for_cow(const struct qcow2 *q, uint64_t e)
            (t == QCOW2_CLUSTER_UNALLOCATED && !q->backing);
 }
 
+/* Clusters past the known end of the file are legitimate only if the
+ * refcounts say they are ours (a writer may crash after counting and
+ * mapping a cluster but before writing it); a hostile entry pointing far
+ * away must not make us grow the file there. */
+static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
+{
+    if (host + len <= q->host_end)
+        return true;
+    for (uint64_t c = host >> cl_bits(q); c <= (host + len - 1) >> cl_bits(q); c++) {
+        uint64_t rc;
+        if (rc_get(q, c, &rc) < 0 || rc != 1)
+            return false;
+    }
+    return true;
+}
+
 static struct inflight_alloc *find_alloc(struct qcow2 *q, uint64_t cluster)
 {
     for (struct inflight_alloc *a = q->allocs; a; a = a->next)
@@ -518,9 +534,12 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             if (fua && !mapping_durable(q, s))
                 metadata_changed = true;
             mcache_put(&q->l2c, s);
-            if (hits_fixed_metadata(q, first_host, n + offset_into_cluster(q, off))) {
-                qcow2_mark_broken(q, "guest offset 0x%llx maps onto image metadata at 0x%llx",
-                                  (unsigned long long)off, (unsigned long long)first_host);
+            uint64_t span = n + offset_into_cluster(q, off);
+            bool on_meta = hits_fixed_metadata(q, first_host, span);
+            if (on_meta || !owned_past_end(q, first_host, span)) {
+                qcow2_mark_broken(q, "guest offset 0x%llx maps %s at 0x%llx", (unsigned long long)off,
+                                  on_meta ? "onto image metadata" : "to an unowned cluster past the end of the file",
+                                  (unsigned long long)first_host);
                 r = -EIO;
                 break;
             }
