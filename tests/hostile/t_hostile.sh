@@ -192,6 +192,33 @@ if [[ -z ${CASES:-} || "L2 entry pointing beyond EOF" =~ $CASES ]]; then
     fi
 fi
 
+# The same mapping served read-write: a write there must fail, and the file must not grow
+# to reach the bogus offset (1 TiB away).
+label="hostile/runtime: write to an L2 entry pointing beyond EOF fails, file does not grow"
+if [[ -z ${CASES:-} || "L2 entry pointing beyond EOF" =~ $CASES ]]; then
+    note "=== $label"
+    cp "$D/rt_l2_offset_beyond_eof.qcow2" "$D/rw_beyond_eof.qcow2"
+    rc=0
+    start_nbd "$D/rw_beyond_eof.qcow2" --format qcow2 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        notok "$label" "server did not start (exit $rc)"
+    else
+        why=
+        timeout -k 5 60 qemu-io -f raw "$(nbd_uri)" -c "write -P 9 0 4096" >"$UQ_TMP/bad.out" 2>&1 &&
+            why="the write succeeded"
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "$GOOD_B" >&2 2>&1 ||
+            why=${why:-"a valid range could not be read afterwards"}
+        rc=0
+        stop_nbd || rc=$?
+        [[ $rc -eq 0 ]] || why=${why:-"server exit $rc after SIGTERM"}
+        size=$(stat -c %s "$D/rw_beyond_eof.qcow2")
+        (( size < 1 << 30 )) || why=${why:-"the image file grew to $size bytes"}
+        grep -q "past the end of the file" "$NBD_LOG" || why=${why:-"no message naming the problem"}
+        san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+        if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label"; fi
+    fi
+fi
+
 # An image marked corrupt: opened without --read-only, the server must either refuse it or
 # serve it read-only, naming the problem; never write to it.
 label="hostile/corrupt bit set, no --read-only: refused or served read-only"
