@@ -32,6 +32,7 @@
 
 #define SECTOR            512u
 #define RX_BUF_SIZE       (256u << 10)  /* one recv takes many small requests */
+#define RX_SMALL          (64u << 10)   /* payloads copied through the buffer */
 #define SEND_BATCH        64u           /* replies per sendmsg */
 #define POOL_REQS_MAX     1024u         /* idle request structs kept */
 #define POOL_BUF_MAX      (64u << 10)   /* larger buffers are not kept */
@@ -210,6 +211,16 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
 {
     size_t have = c->rx_end - c->rx_start;
     size_t n = have < len ? have : len;
+
+    if (len <= RX_SMALL && n < len) {
+        /* A small payload cut by the end of the buffer: refill the buffer
+         * instead of receiving only the rest, so the same recv also brings
+         * the requests that follow. */
+        int r = rx_need(c, len);
+        if (r <= 0)
+            return r == 0 ? -EPIPE : r;
+        n = len;
+    }
 
     memcpy(dst, c->rx + c->rx_start, n);
     c->rx_start += n;
