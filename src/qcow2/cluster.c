@@ -198,6 +198,26 @@ static int l2_lookup(struct qcow2 *q, uint64_t off, bool for_write, struct mslic
     return 1;
 }
 
+/* Pin the writable L2 slice mapping guest offset off, once no allocation
+ * is in flight on its cluster: the entry may then be changed safely. */
+static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **sp, uint32_t *idxp)
+{
+    uint64_t c = off >> cl_bits(q);
+    for (;;) {
+        struct inflight_alloc *a = find_alloc(q, c);
+        if (a) {
+            co_queue_wait(&a->waiters);
+            continue;
+        }
+        int r = l2_lookup(q, off, true, sp, idxp);
+        if (r < 0)
+            return r;
+        if (!find_alloc(q, c))
+            return 0;
+        mcache_put(&q->l2c, *sp);   /* one started while we waited for the table */
+    }
+}
+
 /* ---- reading --------------------------------------------------------------- */
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
@@ -501,21 +521,12 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         return -EIO;
     qreq_begin(q, &rq);
     while (len) {
-        uint64_t c = off >> cl_bits(q), cs = cl_size(q), n = 0;
-        struct inflight_alloc *a = find_alloc(q, c);
-        if (a) {
-            co_queue_wait(&a->waiters);
-            continue;
-        }
+        uint64_t cs = cl_size(q), n = 0;
         struct mslice *s;
         uint32_t idx;
-        r = l2_lookup(q, off, true, &s, &idx);
+        r = pin_entry_for_update(q, off, &s, &idx);
         if (r < 0)
             break;
-        if (find_alloc(q, c)) {     /* started while we waited for the table */
-            mcache_put(&q->l2c, s);
-            continue;
-        }
         uint64_t e = l2e_get(q, s, idx);
         if (is_inplace(q, e)) {
             /* Owned clusters are overwritten in place; contiguous host
@@ -590,31 +601,19 @@ typedef uint64_t (*entry_fn)(struct qcow2 *q, uint64_t old);
 
 static int update_whole_cluster(struct qcow2 *q, uint64_t off, entry_fn fn)
 {
-    uint64_t c = off >> cl_bits(q);
-    for (;;) {
-        struct inflight_alloc *a = find_alloc(q, c);
-        if (a) {
-            co_queue_wait(&a->waiters);
-            continue;
-        }
-        struct mslice *s;
-        uint32_t idx;
-        int r = l2_lookup(q, off, true, &s, &idx);
-        if (r < 0)
-            return r;
-        if (find_alloc(q, c)) {
-            mcache_put(&q->l2c, s);
-            continue;
-        }
-        uint64_t old = l2e_get(q, s, idx);
-        uint64_t e = fn(q, old);
-        if (e != old) {
-            l2e_set(q, s, idx, e);
-            mcache_mark_dirty(s);
-        }
-        mcache_put(&q->l2c, s);
-        return 0;
+    struct mslice *s;
+    uint32_t idx;
+    int r = pin_entry_for_update(q, off, &s, &idx);
+    if (r < 0)
+        return r;
+    uint64_t old = l2e_get(q, s, idx);
+    uint64_t e = fn(q, old);
+    if (e != old) {
+        l2e_set(q, s, idx, e);
+        mcache_mark_dirty(s);
     }
+    mcache_put(&q->l2c, s);
+    return 0;
 }
 
 /* Write-zeroes on a whole cluster (v3): the zero flag, keeping a cluster we

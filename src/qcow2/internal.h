@@ -153,6 +153,8 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
 int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got);
 /* Record that [0, end) is now in use; preallocates the file ahead. */
 void note_host_end(struct qcow2 *q, uint64_t end);
+/* Switch to a refcount table already on disk and named by the header. */
+void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries);
 /* Queue one reference drop on every cluster of [off, off+len) after the next
  * flush makes the unreferencing L2/L1 change durable. */
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);

@@ -115,6 +115,15 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
     return 0;
 }
 
+void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries)
+{
+    free(q->reftable);
+    free(q->reftable_dirty);
+    q->reftable = table;
+    q->reftable_dirty = dirty;
+    q->reftable_entries = entries;
+}
+
 /* Grow the refcount table so that index need_ti exists.  The new table and
  * the refcount blocks describing it go to a fresh area at cluster `start`
  * (the first cluster the old table cannot describe, so the area is free).
@@ -183,11 +192,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
         q->h.refcount_table_clusters = (uint32_t)old_clusters;
         goto out;
     }
-    free(q->reftable);
-    free(q->reftable_dirty);
-    q->reftable = newtab;
-    q->reftable_dirty = newdirty;
-    q->reftable_entries = entries;
+    install_reftable(q, newtab, newdirty, entries);
     newtab = NULL;
     newdirty = NULL;
     note_host_end(q, (start + nblocks + ntable) * cs);

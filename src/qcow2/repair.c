@@ -315,11 +315,7 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
         free(newdirty);
         goto out;
     }
-    free(q->reftable);
-    free(q->reftable_dirty);
-    q->reftable = newtab;
-    q->reftable_dirty = newdirty;
-    q->reftable_entries = entries;
+    install_reftable(q, newtab, newdirty, entries);
     note_host_end(q, (start + area) * cs);
     q->free_hint = 0;
     mcache_discard_range(&q->rcc, 0, UINT64_MAX);
