@@ -50,6 +50,12 @@ fio_verify() {
 		--size=64M "$@" >"$W/fio.out" 2>&1 || { tail -n 5 "$W/fio.out" >&2; return 1; }
 }
 
+# reads_as DEV MiB OCTAL: the first MiB MiB of DEV all hold byte \OCTAL.
+reads_as() {
+	head -c "$2M" /dev/zero | tr '\0' "\\$3" > "$W/pattern"
+	dd if="$1" bs=1M count="$2" iflag=direct status=none | cmp -s - "$W/pattern"
+}
+
 # Requests completed by a block device so far (reads + writes).
 dev_ios() { awk '{ print $1 + $5 }' "/sys/block/${1#/dev/}/stat" 2>/dev/null || echo 0; }
 
