@@ -1,0 +1,509 @@
+/* ublk-qcow2 bench: drive the image engine directly, without a frontend.
+ *
+ * One thread, one loop, --depth coroutines ("jobs").  Each job owns its
+ * buffers (filled once with non-zero pseudo-random data) and issues one
+ * img_read/img_write at a time until the time or I/O budget is spent, so
+ * --depth is the number of requests in flight. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/cli.h"
+#include "io/coroutine.h"
+#include "io/loop.h"
+#include "qcow2/image.h"
+
+#define BENCH_MAX_DEPTH 4096u
+#define BENCH_MAX_BS    (64ull << 20)
+
+struct rw_mode {
+    const char *name;
+    unsigned read_pct;          /* 100 = reads only, 0 = writes only, 50 = mixed */
+    bool random;
+};
+
+static const struct rw_mode rw_modes[] = {
+    { "randread",  100, true  },
+    { "randwrite", 0,   true  },
+    { "randrw",    50,  true  },
+    { "read",      100, false },
+    { "write",     0,   false },
+    { "rw",        50,  false },  /* sequential mixed, like fio's rw */
+};
+
+struct bench_cfg {
+    const struct rw_mode *mode;
+    uint64_t bs;
+    unsigned depth;
+    double seconds;             /* 0 = no time limit */
+    uint64_t ios;               /* 0 = no I/O count limit */
+    uint64_t size_limit;        /* 0 = whole image */
+    enum img_format format;
+    uint64_t cache_size;
+    uint64_t seed;
+    bool json;
+    const char *path;
+};
+
+struct bench_run {
+    const struct bench_cfg *cfg;
+    struct loop *loop;
+    struct image *img;
+    uint64_t nblocks;           /* bs-sized blocks in the tested range */
+    uint64_t deadline_ns;
+    uint64_t start_ns, end_ns;
+    bool stop;
+    uint64_t read_ios, write_ios, errors;
+    uint64_t lat_ns_total;
+    int first_err;              /* -errno of the first failed request */
+    bool first_err_write;
+    uint64_t first_err_off;
+    int flush_err, close_err;
+    unsigned jobs_live;
+    struct co_queue jobs_done;
+};
+
+struct bench_job {
+    struct bench_run *run;
+    uint64_t rng;
+    uint64_t next_block;        /* sequential modes: this job's position */
+    uint64_t quota;             /* --ios: this job's share; 0 = unlimited */
+    void *rbuf, *wbuf;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* splitmix64: seeds each job's generator from --seed and the job index. */
+static uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* xorshift64*: cheap per-I/O generator; state must be non-zero. */
+static uint64_t rng_next(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+/* Non-zero bytes throughout, so no engine can take a zero-detection shortcut. */
+static void fill_random(void *buf, size_t len, uint64_t *rng)
+{
+    uint64_t *w = buf;
+    for (size_t i = 0; i < len / 8; i++)
+        w[i] = rng_next(rng) | 0x0101010101010101ull;
+}
+
+static void job_main(void *arg)
+{
+    struct bench_job *j = arg;
+    struct bench_run *r = j->run;
+    const struct bench_cfg *c = r->cfg;
+
+    for (uint64_t done = 0; !r->stop; done++) {
+        if (c->ios && done == j->quota)
+            break;
+
+        uint64_t block;
+        if (c->mode->random) {
+            block = rng_next(&j->rng) % r->nblocks;
+        } else {
+            block = j->next_block;
+            j->next_block = (j->next_block + c->depth) % r->nblocks;
+        }
+        uint64_t off = block * c->bs;
+        bool is_read;
+        if (c->mode->read_pct == 100)
+            is_read = true;
+        else if (c->mode->read_pct == 0)
+            is_read = false;
+        else
+            is_read = (rng_next(&j->rng) >> 63) != 0;
+
+        uint64_t t0 = now_ns();
+        int ret = is_read ? img_read(r->img, j->rbuf, off, c->bs)
+                          : img_write(r->img, j->wbuf, off, c->bs, 0);
+        uint64_t t1 = now_ns();
+
+        if (ret < 0) {
+            r->errors++;
+            if (!r->first_err) {
+                r->first_err = ret;
+                r->first_err_write = !is_read;
+                r->first_err_off = off;
+            }
+            /* A failing image would fail every request: stop everyone. */
+            r->stop = true;
+            break;
+        }
+        if (is_read)
+            r->read_ios++;
+        else
+            r->write_ios++;
+        r->lat_ns_total += t1 - t0;
+        if (t1 >= r->deadline_ns)
+            r->stop = true;
+    }
+    if (--r->jobs_live == 0)
+        co_queue_wake_all(&r->jobs_done);
+}
+
+/* The run itself, as a coroutine so flush and close go through the loop too. */
+static void bench_main(void *arg)
+{
+    struct bench_job *jobs = arg;
+    struct bench_run *r = jobs[0].run;
+    const struct bench_cfg *c = r->cfg;
+
+    r->start_ns = now_ns();
+    r->deadline_ns = c->seconds > 0 ? r->start_ns + (uint64_t)(c->seconds * 1e9) : UINT64_MAX;
+    r->jobs_live = c->depth;
+    for (unsigned i = 0; i < c->depth; i++)
+        co_spawn(job_main, &jobs[i]);
+    while (r->jobs_live)
+        co_queue_wait(&r->jobs_done);
+    r->end_ns = now_ns();
+
+    /* Persist what was written before reporting, as a real client would. */
+    if (!r->img->read_only)
+        r->flush_err = img_flush(r->img);
+    r->close_err = img_close(r->img);
+    r->img = NULL;
+    loop_stop(r->loop);
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 bench [OPTIONS] IMAGE\n\n"
+        "Drive the image engine directly (no frontend) and report IOPS and MiB/s.\n\n"
+        "  --rw MODE          randread|randwrite|randrw|read|write|rw (default randread)\n"
+        "  --bs SIZE          request size, a multiple of 512 (default 4k)\n"
+        "  --depth N          requests in flight, 1..%u (default 32)\n"
+        "  --seconds N        run time (default 10, or unlimited with --ios)\n"
+        "  --ios N            stop after N requests in total\n"
+        "  --size-limit SIZE  only touch the first SIZE bytes of the image\n"
+        "  --format FMT       auto|raw|qcow2 (default auto)\n"
+        "  --cache-size SIZE  qcow2 metadata cache size\n"
+        "  --seed N           random seed (default 1)\n"
+        "  --json             print one JSON object instead of a line of text\n"
+        "  -h, --help         show this help\n",
+        BENCH_MAX_DEPTH);
+}
+
+static bool parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    if (!s || !*s || *s == '-')
+        return false;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* Returns -1 to continue, else the exit code. */
+static int parse_args(int argc, char **argv, struct bench_cfg *c)
+{
+    enum { O_RW = 256, O_BS, O_DEPTH, O_SECONDS, O_IOS, O_SIZE_LIMIT, O_FORMAT,
+           O_CACHE_SIZE, O_SEED, O_JSON };
+    static const struct option longopts[] = {
+        { "rw",         required_argument, NULL, O_RW },
+        { "bs",         required_argument, NULL, O_BS },
+        { "depth",      required_argument, NULL, O_DEPTH },
+        { "seconds",    required_argument, NULL, O_SECONDS },
+        { "ios",        required_argument, NULL, O_IOS },
+        { "size-limit", required_argument, NULL, O_SIZE_LIMIT },
+        { "format",     required_argument, NULL, O_FORMAT },
+        { "cache-size", required_argument, NULL, O_CACHE_SIZE },
+        { "seed",       required_argument, NULL, O_SEED },
+        { "json",       no_argument,       NULL, O_JSON },
+        { "help",       no_argument,       NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool seconds_set = false;
+    int64_t sz;
+    uint64_t v;
+    char *end;
+
+    *c = (struct bench_cfg){ .mode = &rw_modes[0], .bs = 4096, .depth = 32, .seconds = 10,
+                             .format = IMG_FMT_AUTO, .seed = 1 };
+    opterr = 0;
+    optind = 1;
+    for (;;) {
+        int opt = getopt_long(argc, argv, "h", longopts, NULL);
+        if (opt == -1)
+            break;
+        switch (opt) {
+        case O_RW:
+            c->mode = NULL;
+            for (size_t i = 0; i < sizeof(rw_modes) / sizeof(rw_modes[0]); i++)
+                if (!strcmp(optarg, rw_modes[i].name))
+                    c->mode = &rw_modes[i];
+            if (!c->mode) {
+                cli_error("bench: unknown --rw mode '%s' (randread, randwrite, randrw, read, write, rw)",
+                          optarg);
+                return 2;
+            }
+            break;
+        case O_BS:
+            sz = parse_size(optarg);
+            if (sz <= 0 || sz % 512 || (uint64_t)sz > BENCH_MAX_BS) {
+                cli_error("bench: invalid --bs '%s' (a multiple of 512, at most 64M)", optarg);
+                return 2;
+            }
+            c->bs = (uint64_t)sz;
+            break;
+        case O_DEPTH:
+            if (!parse_u64(optarg, &v) || v < 1 || v > BENCH_MAX_DEPTH) {
+                cli_error("bench: invalid --depth '%s' (1..%u)", optarg, BENCH_MAX_DEPTH);
+                return 2;
+            }
+            c->depth = (unsigned)v;
+            break;
+        case O_SECONDS:
+            errno = 0;
+            c->seconds = strtod(optarg, &end);
+            if (errno || end == optarg || *end || !(c->seconds > 0) || c->seconds > 1e6) {
+                cli_error("bench: invalid --seconds '%s' (a positive number)", optarg);
+                return 2;
+            }
+            seconds_set = true;
+            break;
+        case O_IOS:
+            if (!parse_u64(optarg, &v) || v < 1) {
+                cli_error("bench: invalid --ios '%s' (a positive integer)", optarg);
+                return 2;
+            }
+            c->ios = v;
+            break;
+        case O_SIZE_LIMIT:
+            sz = parse_size(optarg);
+            if (sz <= 0) {
+                cli_error("bench: invalid --size-limit '%s'", optarg);
+                return 2;
+            }
+            c->size_limit = (uint64_t)sz;
+            break;
+        case O_FORMAT:
+            if (!strcmp(optarg, "auto"))
+                c->format = IMG_FMT_AUTO;
+            else if (!strcmp(optarg, "raw"))
+                c->format = IMG_FMT_RAW;
+            else if (!strcmp(optarg, "qcow2"))
+                c->format = IMG_FMT_QCOW2;
+            else {
+                cli_error("bench: unknown --format '%s' (auto, raw, qcow2)", optarg);
+                return 2;
+            }
+            break;
+        case O_CACHE_SIZE:
+            sz = parse_size(optarg);
+            if (sz < 0) {
+                cli_error("bench: invalid --cache-size '%s'", optarg);
+                return 2;
+            }
+            c->cache_size = (uint64_t)sz;
+            break;
+        case O_SEED:
+            if (!parse_u64(optarg, &c->seed)) {
+                cli_error("bench: invalid --seed '%s' (a non-negative integer)", optarg);
+                return 2;
+            }
+            break;
+        case O_JSON:
+            c->json = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            if (optopt && optopt < 256)
+                cli_error("bench: unknown option '-%c' (try 'ublk-qcow2 bench --help')", optopt);
+            else if (optopt)
+                cli_error("bench: option '%s' needs a value", argv[optind - 1]);
+            else
+                cli_error("bench: unknown option '%s' (try 'ublk-qcow2 bench --help')",
+                          argv[optind - 1]);
+            return 2;
+        }
+    }
+    if (optind >= argc) {
+        cli_error("bench: missing IMAGE (try 'ublk-qcow2 bench --help')");
+        return 2;
+    }
+    if (optind + 1 < argc) {
+        cli_error("bench: unexpected argument '%s'", argv[optind + 1]);
+        return 2;
+    }
+    c->path = argv[optind];
+    /* --ios alone means "run until done"; both means "whichever comes first". */
+    if (c->ios && !seconds_set)
+        c->seconds = 0;
+    return -1;
+}
+
+static unsigned ring_entries(unsigned depth)
+{
+    unsigned n = 64;
+    while (n < 2 * depth && n < 4096)
+        n *= 2;
+    return n;
+}
+
+static void print_result(const struct bench_cfg *c, const struct bench_run *r, const char *fmt)
+{
+    uint64_t ios = r->read_ios + r->write_ios;
+    double secs = (double)(r->end_ns - r->start_ns) / 1e9;
+    if (secs <= 0)
+        secs = 1e-9;
+    double iops = (double)ios / secs;
+    double mib_s = (double)ios * (double)c->bs / secs / (1024.0 * 1024.0);
+    double lat_us = ios ? (double)r->lat_ns_total / (double)ios / 1000.0 : 0;
+
+    if (c->json) {
+        printf("{\"rw\":\"%s\",\"format\":\"%s\",\"bs\":%" PRIu64 ",\"depth\":%u,"
+               "\"seconds\":%.3f,\"ios\":%" PRIu64 ",\"iops\":%.1f,\"mib_s\":%.2f,"
+               "\"read_ios\":%" PRIu64 ",\"write_ios\":%" PRIu64 ",\"errors\":%" PRIu64 ","
+               "\"lat_avg_us\":%.1f}\n",
+               c->mode->name, fmt, c->bs, c->depth, secs, ios, iops, mib_s,
+               r->read_ios, r->write_ios, r->errors, lat_us);
+    } else {
+        printf("%s bs=%" PRIu64 " depth=%u: %.0f IOPS, %.1f MiB/s, %.1f s, lat avg %.1f us",
+               c->mode->name, c->bs, c->depth, iops, mib_s, secs, lat_us);
+        if (c->mode->read_pct != 0 && c->mode->read_pct != 100)
+            printf(" (read %.0f / write %.0f IOPS)", (double)r->read_ios / secs,
+                   (double)r->write_ios / secs);
+        if (r->errors)
+            printf(", %" PRIu64 " errors", r->errors);
+        printf(" [%s]\n", fmt);
+    }
+    fflush(stdout);
+}
+
+int cmd_bench(int argc, char **argv)
+{
+    struct bench_cfg cfg;
+    int rc = parse_args(argc, argv, &cfg);
+    if (rc >= 0)
+        return rc;
+
+    struct loop *loop = loop_new(ring_entries(cfg.depth));
+    if (!loop) {
+        cli_error("bench: cannot create the io_uring loop: %s", strerror(errno));
+        return 1;
+    }
+
+    char err[256] = "";
+    struct img_opts opts = {
+        .format = cfg.format,
+        .read_only = cfg.mode->read_pct == 100,   /* pure reads: never dirty the image */
+        .cache_size = cfg.cache_size,
+        .cache = FILE_CACHE_AUTO,
+    };
+    struct image *img = img_open(cfg.path, &opts, err, sizeof(err));
+    if (!img) {
+        cli_error("bench: %s", err[0] ? err : cfg.path);
+        loop_free(loop);
+        return 1;
+    }
+    char fmt[16];
+    snprintf(fmt, sizeof(fmt), "%s", img_format_name(img));
+
+    uint64_t range = img_size(img);
+    if (cfg.size_limit && cfg.size_limit < range)
+        range = cfg.size_limit;
+    if (range < cfg.bs) {
+        cli_error("bench: %s: tested range of %" PRIu64 " bytes is smaller than --bs %" PRIu64,
+                  cfg.path, range, cfg.bs);
+        img_close(img);
+        loop_free(loop);
+        return 2;
+    }
+
+    struct bench_run run = { .cfg = &cfg, .loop = loop, .img = img, .nblocks = range / cfg.bs,
+                             .jobs_done = CO_QUEUE_INIT };
+    struct bench_job *jobs = calloc(cfg.depth, sizeof(*jobs));
+    if (!jobs) {
+        cli_error("bench: out of memory");
+        img_close(img);
+        loop_free(loop);
+        return 1;
+    }
+    uint64_t seed = cfg.seed;
+    for (unsigned i = 0; i < cfg.depth; i++) {
+        struct bench_job *j = &jobs[i];
+        j->run = &run;
+        do
+            j->rng = splitmix64(&seed);
+        while (!j->rng);
+        j->next_block = i % run.nblocks;
+        /* Fixed shares keep the offsets each job visits independent of timing. */
+        if (cfg.ios)
+            j->quota = cfg.ios / cfg.depth + (i < cfg.ios % cfg.depth);
+        if (cfg.mode->read_pct > 0)
+            j->rbuf = io_alloc(cfg.bs);
+        if (cfg.mode->read_pct < 100) {
+            j->wbuf = io_alloc(cfg.bs);
+            fill_random(j->wbuf, cfg.bs, &j->rng);
+        }
+        if (j->rbuf)
+            fill_random(j->rbuf, cfg.bs, &j->rng);
+    }
+
+    co_spawn(bench_main, jobs);
+    int lrc = loop_run(loop);
+    if (lrc < 0 || run.img) {
+        cli_error("bench: event loop failed: %s", strerror(lrc < 0 ? -lrc : EIO));
+        if (run.img)
+            img_close(run.img);
+        rc = 1;
+    } else {
+        print_result(&cfg, &run, fmt);
+        rc = 0;
+        if (run.first_err) {
+            cli_error("bench: %" PRIu64 " I/O error(s); first: %s of %" PRIu64 " bytes at offset %"
+                      PRIu64 ": %s", run.errors, run.first_err_write ? "write" : "read", cfg.bs,
+                      run.first_err_off, strerror(-run.first_err));
+            rc = 1;
+        }
+        if (run.flush_err < 0) {
+            cli_error("bench: flush failed: %s", strerror(-run.flush_err));
+            rc = 1;
+        }
+        if (run.close_err < 0) {
+            cli_error("bench: close failed: %s", strerror(-run.close_err));
+            rc = 1;
+        }
+    }
+
+    for (unsigned i = 0; i < cfg.depth; i++) {
+        if (jobs[i].rbuf)
+            io_free(jobs[i].rbuf);
+        if (jobs[i].wbuf)
+            io_free(jobs[i].wbuf);
+    }
+    free(jobs);
+    loop_free(loop);
+    return rc;
+}

@@ -1,0 +1,1015 @@
+/* NBD server: fixed-newstyle handshake, then simple replies to READ, WRITE,
+ * FLUSH, TRIM and WRITE_ZEROES, each served by img_* calls.
+ *
+ * Per connection: a coroutine runs the handshake and then the receive loop,
+ * which parses request headers (and WRITE payloads) from a small receive
+ * buffer and spawns one coroutine per request.  Request coroutines send
+ * their replies under the connection's send lock.  Misaligned requests from
+ * clients that never asked for block sizes are served by read-modify-write
+ * under an export-wide lock taken exclusively; all other requests take it
+ * shared, so an RMW never races a write to the same sector.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <liburing.h>
+
+#include "io/coroutine.h"
+#include "io/loop.h"
+#include "nbd/proto.h"
+#include "nbd/server.h"
+#include "qcow2/image.h"
+
+#define SECTOR            512u
+#define RX_BUF_SIZE       (64u << 10)
+#define MAX_OPTION_LEN    (64u << 10)   /* longer options: hard disconnect */
+
+struct nbd_conn;
+
+struct nbd_server {
+    struct image *img;
+    char *name;
+    char *description;
+    bool read_only;
+    uint16_t tx_flags;
+
+    int listen_fd;
+    int wake_fd;                /* our own connection that unblocks accept */
+    bool listening;             /* listener coroutine alive */
+    bool stopping;
+    bool grace_running;         /* shutdown grace timer alive */
+
+    struct nbd_conn *conns;     /* open connections (doubly linked) */
+    unsigned nconns;
+    uint64_t next_id;
+
+    uint64_t mem_used;          /* payload and read buffers reserved */
+    struct co_queue mem_wait;   /* receive loops waiting for memory */
+    struct co_queue idle_wait;  /* nbd_server_wait() */
+    struct co_rwlock rmw_lock;  /* shared: aligned I/O; exclusive: RMW */
+};
+
+struct nbd_conn {
+    struct nbd_server *s;
+    struct nbd_conn *prev, *next;
+    int fd;
+    uint64_t id;
+    bool strict_align;          /* client asked for block sizes: misaligned -> EINVAL */
+    bool no_zeroes;
+    bool dead;                  /* a send failed: drop further replies */
+    bool dirty;                 /* wrote since its last FLUSH */
+    unsigned inflight;
+    uint64_t mem_used;          /* this connection's share of s->mem_used */
+    struct co_queue slot_wait;  /* receive loop waiting for an in-flight slot */
+    struct co_queue idle_wait;  /* connection end waiting for inflight == 0 */
+    struct co_mutex send_lock;  /* one reply on the wire at a time */
+    uint8_t *rx;
+    size_t rx_start, rx_end;
+};
+
+struct nbd_req {
+    struct nbd_conn *c;
+    uint16_t flags, type;
+    uint64_t cookie, off;
+    uint32_t len;
+    uint64_t cost;              /* bytes reserved against NBD_MEM_LIMIT */
+    uint8_t *payload;           /* WRITE data (io_alloc), else NULL */
+};
+
+static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "ublk-qcow2: nbd: client %llu: ", (unsigned long long)c->id);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+static uint64_t round_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
+static uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
+
+/* -errno from the engine to the protocol's error values. */
+static uint32_t nbd_error(int err)
+{
+    switch (-err) {
+    case 0:          return 0;
+    case EPERM:
+    case EROFS:
+    case EACCES:     return NBD_EPERM;
+    case ENOMEM:     return NBD_ENOMEM;
+    case EINVAL:     return NBD_EINVAL;
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:      return NBD_ENOSPC;
+    case EOVERFLOW:  return NBD_EOVERFLOW;
+    case EOPNOTSUPP: return NBD_ENOTSUP;
+    case ESHUTDOWN:  return NBD_ESHUTDOWN;
+    default:         return NBD_EIO;
+    }
+}
+
+/* Park the running coroutine for ms milliseconds. */
+static void prep_timeout(struct io_uring_sqe *sqe, void *arg)
+{
+    io_uring_prep_timeout(sqe, arg, 0, 0);
+}
+
+static void co_sleep_ms(unsigned ms)
+{
+    struct __kernel_timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000ll };
+    io_submit_wait(prep_timeout, &ts);
+}
+
+/* ---- memory budget --------------------------------------------------------- */
+
+/* Bound buffer memory overall and per connection, so one client that
+ * stops reading its replies cannot starve the others.  A request may
+ * always proceed when nothing else holds memory, however large. */
+static void mem_reserve(struct nbd_conn *c, uint64_t cost)
+{
+    struct nbd_server *s = c->s;
+
+    while ((c->mem_used > 0 && c->mem_used + cost > NBD_CONN_MEM_LIMIT) ||
+           (s->mem_used > 0 && s->mem_used + cost > NBD_MEM_LIMIT))
+        co_queue_wait(&s->mem_wait);
+    c->mem_used += cost;
+    s->mem_used += cost;
+}
+
+static void mem_release(struct nbd_conn *c, uint64_t cost)
+{
+    if (!cost)
+        return;
+    c->mem_used -= cost;
+    c->s->mem_used -= cost;
+    co_queue_wake_all(&c->s->mem_wait);
+}
+
+/* ---- receive buffer -------------------------------------------------------- */
+
+/* Make `need` bytes available at rx + rx_start.  Returns 1, 0 on a clean
+ * EOF (nothing of the unit received), or -errno (-EPIPE: EOF mid-unit). */
+static int rx_need(struct nbd_conn *c, size_t need)
+{
+    size_t have = c->rx_end - c->rx_start;
+    bool partial = have > 0;
+
+    if (have >= need)
+        return 1;
+    if (c->rx_start) {
+        memmove(c->rx, c->rx + c->rx_start, have);
+        c->rx_start = 0;
+        c->rx_end = have;
+    }
+    while (c->rx_end < need) {
+        ssize_t n = io_recv(c->fd, c->rx + c->rx_end, RX_BUF_SIZE - c->rx_end, 0);
+        if (n == -EINTR || n == -EAGAIN)
+            continue;
+        if (n < 0)
+            return (int)n;
+        if (n == 0)
+            return partial || c->rx_end > 0 ? -EPIPE : 0;
+        c->rx_end += (size_t)n;
+    }
+    return 1;
+}
+
+/* Copy the next len bytes of the stream to dst: what is buffered first,
+ * the rest straight from the socket.  Returns 0 or -errno. */
+static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
+{
+    size_t have = c->rx_end - c->rx_start;
+    size_t n = have < len ? have : len;
+
+    memcpy(dst, c->rx + c->rx_start, n);
+    c->rx_start += n;
+    if (n < len) {
+        ssize_t r = io_recv_all(c->fd, (uint8_t *)dst + n, len - n);
+        if (r == 0)
+            return -EPIPE;
+        if (r < 0)
+            return (int)r;
+    }
+    return 0;
+}
+
+static int send_all(struct nbd_conn *c, const void *buf, size_t len)
+{
+    ssize_t r = io_send_all(c->fd, buf, len);
+    return r < 0 ? (int)r : 0;
+}
+
+/* ---- handshake ------------------------------------------------------------- */
+
+static int opt_reply(struct nbd_conn *c, uint32_t opt, uint32_t type,
+                     const void *data, size_t len)
+{
+    uint8_t hdr[20];
+    int r;
+
+    nbd_put64(hdr, NBD_REP_MAGIC);
+    nbd_put32(hdr + 8, opt);
+    nbd_put32(hdr + 12, type);
+    nbd_put32(hdr + 16, (uint32_t)len);
+    r = send_all(c, hdr, sizeof(hdr));
+    if (r == 0 && len)
+        r = send_all(c, data, len);
+    return r;
+}
+
+static int opt_error(struct nbd_conn *c, uint32_t opt, uint32_t type, const char *msg)
+{
+    return opt_reply(c, opt, type, msg, strlen(msg));
+}
+
+static bool name_matches(const struct nbd_server *s, const uint8_t *name, size_t len)
+{
+    return len == strlen(s->name) && memcmp(name, s->name, len) == 0;
+}
+
+/* An NBD_REP_INFO item: u16 type followed by its payload. */
+static int send_info(struct nbd_conn *c, uint32_t opt, uint16_t type, const void *data, size_t len)
+{
+    uint8_t buf[2 + NBD_MAX_STRING];
+
+    if (len > NBD_MAX_STRING)
+        len = NBD_MAX_STRING;
+    nbd_put16(buf, type);
+    memcpy(buf + 2, data, len);
+    return opt_reply(c, opt, NBD_REP_INFO, buf, 2 + len);
+}
+
+/* NBD_OPT_INFO and NBD_OPT_GO.  Returns 1 when GO succeeded (transmission
+ * starts), 0 to keep haggling, -errno when the connection failed. */
+static int handle_info(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
+{
+    struct nbd_server *s = c->s;
+    bool want_name = false, want_desc = false, want_block = false;
+    uint32_t namelen;
+    uint16_t nreq;
+    uint8_t item[14];
+    int r;
+
+    if (len < 6)
+        return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
+    namelen = nbd_get32(data);
+    if (namelen > len - 6)
+        return opt_error(c, opt, NBD_REP_ERR_INVALID, "export name length exceeds the option");
+    nreq = nbd_get16(data + 4 + namelen);
+    if (4ull + namelen + 2 + 2ull * nreq != len)
+        return opt_error(c, opt, NBD_REP_ERR_INVALID, "option length does not match its contents");
+    if (!name_matches(s, data + 4, namelen))
+        return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "no export of that name");
+    for (uint16_t i = 0; i < nreq; i++) {
+        switch (nbd_get16(data + 4 + namelen + 2 + 2 * i)) {
+        case NBD_INFO_NAME:        want_name = true; break;
+        case NBD_INFO_DESCRIPTION: want_desc = true; break;
+        case NBD_INFO_BLOCK_SIZE:  want_block = true; break;
+        default: break;            /* unknown or always sent: ignore */
+        }
+    }
+
+    nbd_put64(item, img_size(s->img));
+    nbd_put16(item + 8, s->tx_flags);
+    r = send_info(c, opt, NBD_INFO_EXPORT, item, 10);
+    if (r == 0 && want_name)
+        r = send_info(c, opt, NBD_INFO_NAME, s->name, strlen(s->name));
+    if (r == 0 && want_desc && s->description)
+        r = send_info(c, opt, NBD_INFO_DESCRIPTION, s->description, strlen(s->description));
+    if (r == 0) {
+        /* Sent even unasked (the protocol allows it); only enforced below
+         * for clients that asked, since only they promised to honour it. */
+        nbd_put32(item, NBD_BLOCK_MIN);
+        nbd_put32(item + 4, NBD_BLOCK_PREFERRED);
+        nbd_put32(item + 8, NBD_BLOCK_MAX);
+        r = send_info(c, opt, NBD_INFO_BLOCK_SIZE, item, 12);
+    }
+    if (r == 0)
+        r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+    if (r < 0)
+        return r;
+    if (opt == NBD_OPT_GO) {
+        c->strict_align = want_block;
+        return 1;
+    }
+    return 0;
+}
+
+/* Returns 1 when transmission starts, 0 when the session ended cleanly
+ * (abort, EOF), -1 on a failure (logged). */
+static int conn_handshake(struct nbd_conn *c)
+{
+    struct nbd_server *s = c->s;
+    uint8_t greet[18];
+    uint8_t *data = NULL;
+    uint32_t cflags;
+    int r, ret = -1;
+
+    nbd_put64(greet, NBD_MAGIC);
+    nbd_put64(greet + 8, NBD_OPTS_MAGIC);
+    nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    if (send_all(c, greet, sizeof(greet)) < 0)
+        return 0;
+
+    r = rx_need(c, 4);
+    if (r <= 0)
+        return r == 0 ? 0 : -1;
+    cflags = nbd_get32(c->rx + c->rx_start);
+    c->rx_start += 4;
+    if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+        conn_log(c, "unknown client flags 0x%x, closing", cflags);
+        return -1;
+    }
+    c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+
+    data = malloc(MAX_OPTION_LEN);
+    if (!data) {
+        conn_log(c, "out of memory");
+        return -1;
+    }
+    for (;;) {
+        uint64_t magic;
+        uint32_t opt, len;
+
+        r = rx_need(c, 16);
+        if (r == 0) {
+            ret = 0;
+            break;
+        }
+        if (r < 0) {
+            conn_log(c, "connection lost during the handshake: %s", strerror(-r));
+            break;
+        }
+        magic = nbd_get64(c->rx + c->rx_start);
+        opt = nbd_get32(c->rx + c->rx_start + 8);
+        len = nbd_get32(c->rx + c->rx_start + 12);
+        c->rx_start += 16;
+        if (magic != NBD_OPTS_MAGIC) {
+            conn_log(c, "bad option magic 0x%016llx, closing", (unsigned long long)magic);
+            break;
+        }
+        if (len > MAX_OPTION_LEN) {
+            conn_log(c, "option %u with %u bytes of data is too long, closing", opt, len);
+            break;
+        }
+        r = rx_copy(c, data, len);
+        if (r < 0) {
+            conn_log(c, "connection lost during the handshake: %s", strerror(-r));
+            break;
+        }
+
+        if (s->stopping && opt != NBD_OPT_ABORT) {
+            if (opt == NBD_OPT_EXPORT_NAME)
+                break;      /* cannot be answered with an error */
+            r = opt_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
+            if (r < 0)
+                break;
+            continue;
+        }
+
+        switch (opt) {
+        case NBD_OPT_EXPORT_NAME: {
+            uint8_t reply[10 + 124] = { 0 };
+            if (!name_matches(s, data, len)) {
+                /* This option has no error reply: the session must end. */
+                conn_log(c, "unknown export name requested, closing");
+                goto out;
+            }
+            nbd_put64(reply, img_size(s->img));
+            nbd_put16(reply + 8, s->tx_flags);
+            r = send_all(c, reply, c->no_zeroes ? 10 : sizeof(reply));
+            ret = r < 0 ? 0 : 1;
+            goto out;
+        }
+        case NBD_OPT_ABORT:
+            opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+            ret = 0;
+            goto out;
+        case NBD_OPT_LIST:
+            if (len) {
+                r = opt_error(c, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+            } else {
+                size_t nl = strlen(s->name);
+                uint8_t *srv = malloc(4 + nl);
+                r = -ENOMEM;
+                if (srv) {
+                    nbd_put32(srv, (uint32_t)nl);
+                    memcpy(srv + 4, s->name, nl);
+                    r = opt_reply(c, opt, NBD_REP_SERVER, srv, 4 + nl);
+                    free(srv);
+                }
+                if (r == 0)
+                    r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+            }
+            break;
+        case NBD_OPT_INFO:
+        case NBD_OPT_GO:
+            r = handle_info(c, opt, data, len);
+            if (r == 1) {
+                ret = 1;
+                goto out;
+            }
+            break;
+        case NBD_OPT_STRUCTURED_REPLY:
+            r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "structured replies are not supported");
+            break;
+        default:
+            r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "option not supported");
+            break;
+        }
+        if (r < 0)
+            break;          /* the client went away */
+    }
+out:
+    free(data);
+    return ret;
+}
+
+/* ---- requests -------------------------------------------------------------- */
+
+/* Checks common to every command: flags, permission, range. */
+static int req_check(const struct nbd_req *rq, uint16_t allowed_flags, bool writes)
+{
+    const struct nbd_server *s = rq->c->s;
+    uint64_t size = img_size(s->img);
+
+    if (rq->flags & ~allowed_flags)
+        return -EINVAL;
+    if (writes && s->read_only)
+        return -EPERM;
+    if (rq->off > size || rq->len > size - rq->off)
+        return writes ? -ENOSPC : -EINVAL;     /* writes past the end: ENOSPC per the protocol */
+    return 0;
+}
+
+static bool aligned(const struct nbd_req *rq)
+{
+    return (rq->off % SECTOR) == 0 && (rq->len % SECTOR) == 0;
+}
+
+/* Read-modify-write of one sector: bytes [from, to) of the sector at
+ * `sector` become src (or zeroes when src is NULL).  Exclusive lock held. */
+static int rmw_sector(struct image *img, uint8_t *bounce, uint64_t sector,
+                      size_t from, size_t to, const uint8_t *src)
+{
+    int r = img_read(img, bounce, sector, SECTOR);
+    if (r < 0)
+        return r;
+    if (src)
+        memcpy(bounce + from, src, to - from);
+    else
+        memset(bounce + from, 0, to - from);
+    return img_write(img, bounce, sector, SECTOR, 0);
+}
+
+/* Fallback when the format cannot write zeroes natively. */
+static int write_zero_buffers(struct image *img, uint64_t off, uint64_t len)
+{
+    const uint64_t chunk = 1u << 20;
+    uint8_t *zero = io_zalloc(chunk);
+    int r = 0;
+
+    while (len && r == 0) {
+        uint64_t n = len < chunk ? len : chunk;
+        r = img_write(img, zero, off, n, 0);
+        off += n;
+        len -= n;
+    }
+    io_free(zero);
+    return r;
+}
+
+static int zeroes_aligned(struct image *img, uint64_t off, uint64_t len, unsigned flags)
+{
+    int r = img_write_zeroes(img, off, len, flags);
+    if (r == -EOPNOTSUPP)
+        r = write_zero_buffers(img, off, len);
+    return r;
+}
+
+/* READ: returns the data pointer in *data (inside *base) on success. */
+static int do_read(struct nbd_req *rq, uint8_t **base, uint8_t **data)
+{
+    struct nbd_server *s = rq->c->s;
+    uint64_t a0, a1;
+    int r;
+
+    r = req_check(rq, NBD_CMD_FLAG_FUA, false);   /* FUA on a read: nothing to persist */
+    if (r < 0)
+        return r;
+    if (rq->len == 0)
+        return 0;
+    if (rq->len > NBD_BLOCK_MAX)
+        return -EINVAL;
+    if (!aligned(rq) && rq->c->strict_align)
+        return -EINVAL;
+    a0 = round_down(rq->off, SECTOR);
+    a1 = round_up(rq->off + rq->len, SECTOR);
+    /* Room for the reply header right before the data: one send per reply. */
+    *base = io_alloc(IO_ALIGN + (a1 - a0));
+    *data = *base + IO_ALIGN + (rq->off - a0);
+    co_rwlock_rdlock(&s->rmw_lock);
+    r = img_read(s->img, *base + IO_ALIGN, a0, a1 - a0);
+    co_rwlock_unlock(&s->rmw_lock);
+    return r < 0 ? r : 0;
+}
+
+static int do_write(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+    unsigned flags = (rq->flags & NBD_CMD_FLAG_FUA) ? IMG_FUA : 0;
+    uint64_t a0, a1, alen;
+    uint8_t *bounce;
+    int r;
+
+    r = req_check(rq, NBD_CMD_FLAG_FUA, true);
+    if (r < 0 || rq->len == 0)
+        return r;
+    rq->c->dirty = true;
+    if (aligned(rq)) {
+        co_rwlock_rdlock(&s->rmw_lock);
+        r = img_write(s->img, rq->payload, rq->off, rq->len, flags);
+        co_rwlock_unlock(&s->rmw_lock);
+        return r < 0 ? r : 0;
+    }
+    if (rq->c->strict_align)
+        return -EINVAL;
+
+    /* Misaligned write from a client that never asked for block sizes:
+     * merge it into whole sectors under the exclusive lock. */
+    a0 = round_down(rq->off, SECTOR);
+    a1 = round_up(rq->off + rq->len, SECTOR);
+    alen = a1 - a0;
+    bounce = io_alloc(alen);
+    co_rwlock_wrlock(&s->rmw_lock);
+    r = 0;
+    if (rq->off != a0)
+        r = img_read(s->img, bounce, a0, SECTOR);
+    if (r >= 0 && rq->off + rq->len != a1 && (alen > SECTOR || rq->off == a0))
+        r = img_read(s->img, bounce + alen - SECTOR, a1 - SECTOR, SECTOR);
+    if (r >= 0) {
+        memcpy(bounce + (rq->off - a0), rq->payload, rq->len);
+        r = img_write(s->img, bounce, a0, alen, flags);
+    }
+    co_rwlock_unlock(&s->rmw_lock);
+    io_free(bounce);
+    return r < 0 ? r : 0;
+}
+
+static int do_trim(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+    uint64_t b0, b1;
+    int r;
+
+    r = req_check(rq, NBD_CMD_FLAG_FUA, true);
+    if (r < 0 || rq->len == 0)
+        return r;
+    if (!aligned(rq) && rq->c->strict_align)
+        return -EINVAL;
+    rq->c->dirty = true;
+    /* TRIM is advisory: only whole sectors inside the range are discarded. */
+    b0 = round_up(rq->off, SECTOR);
+    b1 = round_down(rq->off + rq->len, SECTOR);
+    if (b1 <= b0)
+        return 0;
+    co_rwlock_rdlock(&s->rmw_lock);
+    r = img_discard(s->img, b0, b1 - b0);
+    co_rwlock_unlock(&s->rmw_lock);
+    if (r == -EOPNOTSUPP)
+        r = 0;
+    /* FUA: the discard must be durable before the reply. */
+    if (r == 0 && (rq->flags & NBD_CMD_FLAG_FUA))
+        r = img_flush(s->img);
+    return r < 0 ? r : 0;
+}
+
+static int do_write_zeroes(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+    unsigned flags = (rq->flags & NBD_CMD_FLAG_NO_HOLE) ? IMG_NO_HOLE : 0;
+    uint64_t end = rq->off + rq->len;
+    int r;
+
+    r = req_check(rq, NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE, true);
+    if (r < 0 || rq->len == 0)
+        return r;
+    rq->c->dirty = true;
+    if (aligned(rq)) {
+        co_rwlock_rdlock(&s->rmw_lock);
+        r = zeroes_aligned(s->img, rq->off, rq->len, flags);
+        co_rwlock_unlock(&s->rmw_lock);
+    } else if (rq->c->strict_align) {
+        return -EINVAL;
+    } else {
+        /* Partial head/tail sectors by RMW, the whole sectors between natively. */
+        uint64_t h = round_down(rq->off, SECTOR), t = round_down(end, SECTOR);
+        uint8_t *bounce = io_alloc(SECTOR);
+        co_rwlock_wrlock(&s->rmw_lock);
+        if (h == t) {
+            r = rmw_sector(s->img, bounce, h, rq->off - h, end - h, NULL);
+        } else {
+            uint64_t m0 = round_up(rq->off, SECTOR);
+            r = 0;
+            if (m0 != rq->off)
+                r = rmw_sector(s->img, bounce, h, rq->off - h, SECTOR, NULL);
+            if (r >= 0 && t > m0)
+                r = zeroes_aligned(s->img, m0, t - m0, flags);
+            if (r >= 0 && end != t)
+                r = rmw_sector(s->img, bounce, t, 0, end - t, NULL);
+        }
+        co_rwlock_unlock(&s->rmw_lock);
+        io_free(bounce);
+    }
+    /* FUA: zeroes must be durable before the reply. */
+    if (r >= 0 && (rq->flags & NBD_CMD_FLAG_FUA))
+        r = img_flush(s->img);
+    return r < 0 ? r : 0;
+}
+
+static int do_flush(struct nbd_req *rq)
+{
+    int r = req_check(rq, NBD_CMD_FLAG_FUA, false);
+    if (r < 0)
+        return r;
+    rq->c->dirty = false;
+    r = img_flush(rq->c->s->img);
+    return r < 0 ? r : 0;
+}
+
+static void req_free(struct nbd_req *rq)
+{
+    struct nbd_conn *c = rq->c;
+
+    if (rq->payload)
+        io_free(rq->payload);
+    mem_release(c, rq->cost);
+    free(rq);
+    c->inflight--;
+    co_queue_wake_one(&c->slot_wait);
+    if (c->inflight == 0)
+        co_queue_wake_all(&c->idle_wait);
+}
+
+static void req_run(void *arg)
+{
+    struct nbd_req *rq = arg;
+    struct nbd_conn *c = rq->c;
+    uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
+    uint8_t *base = NULL, *data = NULL, *reply = hdr;
+    size_t reply_len = NBD_SIMPLE_REPLY_SIZE;
+    int err;
+
+    if (c->s->stopping) {
+        err = -ESHUTDOWN;   /* received after shutdown began */
+    } else {
+        switch (rq->type) {
+        case NBD_CMD_READ:         err = do_read(rq, &base, &data); break;
+        case NBD_CMD_WRITE:        err = do_write(rq); break;
+        case NBD_CMD_FLUSH:        err = do_flush(rq); break;
+        case NBD_CMD_TRIM:         err = do_trim(rq); break;
+        case NBD_CMD_WRITE_ZEROES: err = do_write_zeroes(rq); break;
+        default:                   err = -EINVAL; break;   /* unknown or not negotiated */
+        }
+    }
+    if (rq->type == NBD_CMD_READ && err == 0 && rq->len) {
+        reply = data - NBD_SIMPLE_REPLY_SIZE;
+        reply_len += rq->len;
+    }
+    nbd_put32(reply, NBD_SIMPLE_REPLY_MAGIC);
+    nbd_put32(reply + 4, nbd_error(err));
+    nbd_put64(reply + 8, rq->cookie);
+
+    co_mutex_lock(&c->send_lock);
+    if (!c->dead && send_all(c, reply, reply_len) < 0) {
+        /* The client is gone: stop the receive loop too. */
+        c->dead = true;
+        shutdown(c->fd, SHUT_RDWR);
+    }
+    co_mutex_unlock(&c->send_lock);
+    if (base)
+        io_free(base);
+    req_free(rq);
+}
+
+/* The receive loop of the transmission phase. */
+static void conn_serve(struct nbd_conn *c)
+{
+    for (;;) {
+        struct nbd_req *rq;
+        const uint8_t *h;
+        uint32_t magic;
+        int r;
+
+        r = rx_need(c, NBD_REQUEST_SIZE);
+        if (r == 0)
+            break;
+        if (r < 0) {
+            if (r == -EPIPE)
+                conn_log(c, "connection closed in the middle of a request header");
+            else if (!c->dead)
+                conn_log(c, "connection lost: %s", strerror(-r));
+            break;
+        }
+        h = c->rx + c->rx_start;
+        magic = nbd_get32(h);
+        if (magic != NBD_REQUEST_MAGIC) {
+            conn_log(c, "bad request magic 0x%08x, closing", magic);
+            break;
+        }
+        rq = calloc(1, sizeof(*rq));
+        if (!rq) {
+            conn_log(c, "out of memory, closing");
+            break;
+        }
+        rq->c = c;
+        rq->flags = nbd_get16(h + 4);
+        rq->type = nbd_get16(h + 6);
+        rq->cookie = nbd_get64(h + 8);
+        rq->off = nbd_get64(h + 16);
+        rq->len = nbd_get32(h + 24);
+        c->rx_start += NBD_REQUEST_SIZE;
+
+        if (rq->type == NBD_CMD_DISC) {
+            free(rq);
+            break;
+        }
+        if (rq->type == NBD_CMD_WRITE && rq->len > NBD_BLOCK_MAX) {
+            /* Its payload cannot be buffered: the stream is lost. */
+            conn_log(c, "write of %u bytes exceeds the %u byte maximum, closing",
+                     rq->len, NBD_BLOCK_MAX);
+            free(rq);
+            break;
+        }
+
+        while (c->inflight >= NBD_MAX_INFLIGHT)
+            co_queue_wait(&c->slot_wait);
+        if (rq->type == NBD_CMD_WRITE)
+            rq->cost = rq->len;
+        else if (rq->type == NBD_CMD_READ && rq->len <= NBD_BLOCK_MAX)
+            rq->cost = IO_ALIGN + rq->len + 2 * SECTOR;
+        mem_reserve(c, rq->cost);
+        c->inflight++;
+
+        if (rq->type == NBD_CMD_WRITE && rq->len) {
+            rq->payload = io_alloc(rq->len);
+            r = rx_copy(c, rq->payload, rq->len);
+            if (r < 0) {
+                conn_log(c, "connection lost in the middle of a write payload: %s",
+                         r == -EPIPE || r == -ECONNRESET ? "closed by the client" : strerror(-r));
+                req_free(rq);
+                break;
+            }
+        }
+        co_spawn(req_run, rq);
+    }
+}
+
+/* ---- connections ----------------------------------------------------------- */
+
+static void conn_run(void *arg)
+{
+    struct nbd_conn *c = arg;
+    struct nbd_server *s = c->s;
+
+    if (conn_handshake(c) == 1)
+        conn_serve(c);
+
+    while (c->inflight)
+        co_queue_wait(&c->idle_wait);
+    /* Make a departing client's writes durable even if it never flushed
+     * (the metadata cache may hold them).  Cheap: once per disconnect. */
+    if (c->dirty && !s->read_only) {
+        int r = img_flush(s->img);
+        if (r < 0)
+            conn_log(c, "flush after disconnect failed: %s", strerror(-r));
+    }
+    close(c->fd);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->nconns--;
+    free(c->rx);
+    free(c);
+    co_queue_wake_all(&s->idle_wait);
+}
+
+int nbd_server_add_client(struct nbd_server *s, int fd)
+{
+    struct nbd_conn *c;
+    int one = 1;
+
+    if (s->stopping || s->nconns >= NBD_MAX_CONNECTIONS) {
+        if (!s->stopping)
+            fprintf(stderr, "ublk-qcow2: nbd: too many connections, refusing one\n");
+        close(fd);
+        return -EBUSY;
+    }
+    c = calloc(1, sizeof(*c));
+    if (c)
+        c->rx = malloc(RX_BUF_SIZE);
+    if (!c || !c->rx) {
+        if (c)
+            free(c);
+        close(fd);
+        return -ENOMEM;
+    }
+    /* Replies are written whole; do not hold them back (fails harmlessly
+     * on unix sockets). */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    c->s = s;
+    c->fd = fd;
+    c->id = ++s->next_id;
+    c->send_lock = (struct co_mutex)CO_MUTEX_INIT;
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->nconns++;
+    co_spawn(conn_run, c);
+    return 0;
+}
+
+/* ---- listener and lifecycle ------------------------------------------------ */
+
+static bool accept_error_transient(int err)
+{
+    switch (-err) {
+    case EINTR: case EAGAIN: case ECONNABORTED: case EPROTO: case EPERM:
+    case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void listener_run(void *arg)
+{
+    struct nbd_server *s = arg;
+    int last_err = 0;
+
+    while (!s->stopping) {
+        int fd = io_accept(s->listen_fd);
+        if (s->stopping) {
+            if (fd >= 0)
+                close(fd);
+            break;
+        }
+        if (fd >= 0) {
+            last_err = 0;
+            nbd_server_add_client(s, fd);
+            continue;
+        }
+        if (accept_error_transient(fd))
+            continue;
+        /* Out of fds or memory, or worse: report once, retry slowly. */
+        if (fd != last_err)
+            fprintf(stderr, "ublk-qcow2: nbd: accept failed: %s\n", strerror(-fd));
+        last_err = fd;
+        co_sleep_ms(100);
+    }
+    s->listening = false;
+    co_queue_wake_all(&s->idle_wait);
+}
+
+/* Unblock the listener's pending accept by connecting to ourselves. */
+static void wake_listener(struct nbd_server *s)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int fd;
+
+    if (getsockname(s->listen_fd, (struct sockaddr *)&ss, &sl) < 0)
+        goto fallback;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        if (in->sin_addr.s_addr == htonl(INADDR_ANY))
+            in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
+            in6->sin6_addr = in6addr_loopback;
+    }
+    fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        goto fallback;
+    if (connect(fd, (struct sockaddr *)&ss, sl) == 0 || errno == EINPROGRESS || errno == EAGAIN) {
+        s->wake_fd = fd;
+        return;
+    }
+    close(fd);
+fallback:
+    /* No way to reach our own address: shutting the socket down also
+     * fails a pending accept. */
+    shutdown(s->listen_fd, SHUT_RDWR);
+}
+
+struct nbd_server *nbd_server_new(struct image *img, const struct nbd_export_opts *opts)
+{
+    struct nbd_server *s = calloc(1, sizeof(*s));
+
+    if (!s)
+        return NULL;
+    s->img = img;
+    s->name = strdup(opts->name ? opts->name : "");
+    s->description = opts->description ? strdup(opts->description) : NULL;
+    if (!s->name || (opts->description && !s->description)) {
+        nbd_server_free(s);
+        return NULL;
+    }
+    s->read_only = opts->read_only || img->read_only;
+    s->listen_fd = -1;
+    s->wake_fd = -1;
+    /* One loop serves every connection on one image, and FLUSH flushes
+     * the whole image: multi-connection clients see consistent data. */
+    s->tx_flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_CAN_MULTI_CONN;
+    if (s->read_only)
+        s->tx_flags |= NBD_FLAG_READ_ONLY;
+    else
+        s->tx_flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+    return s;
+}
+
+void nbd_server_free(struct nbd_server *s)
+{
+    if (!s)
+        return;
+    if (s->wake_fd >= 0)
+        close(s->wake_fd);
+    free(s->name);
+    free(s->description);
+    free(s);
+}
+
+void nbd_server_listen(struct nbd_server *s, int listen_fd)
+{
+    s->listen_fd = listen_fd;
+    s->listening = true;
+    co_spawn(listener_run, s);
+}
+
+/* After shutdown began, give connections NBD_SHUTDOWN_GRACE_MS to finish
+ * their replies, then cut the ones still blocked (a client that does not
+ * read its replies would otherwise hold the server forever). */
+static void grace_run(void *arg)
+{
+    struct nbd_server *s = arg;
+
+    for (unsigned ms = 0; s->nconns && ms < NBD_SHUTDOWN_GRACE_MS; ms += 100)
+        co_sleep_ms(100);
+    if (s->nconns) {
+        fprintf(stderr, "ublk-qcow2: nbd: %u connection(s) still busy after %u ms, closing them\n",
+                s->nconns, NBD_SHUTDOWN_GRACE_MS);
+        for (struct nbd_conn *c = s->conns; c; c = c->next)
+            shutdown(c->fd, SHUT_RDWR);
+    }
+    s->grace_running = false;
+    co_queue_wake_all(&s->idle_wait);
+}
+
+void nbd_server_shutdown(struct nbd_server *s)
+{
+    if (s->stopping)
+        return;
+    s->stopping = true;
+    if (s->listening)
+        wake_listener(s);
+    /* Receive loops see EOF; replies to what they already read still go out. */
+    for (struct nbd_conn *c = s->conns; c; c = c->next)
+        shutdown(c->fd, SHUT_RD);
+    if (s->nconns) {
+        s->grace_running = true;
+        co_spawn(grace_run, s);
+    }
+}
+
+void nbd_server_wait(struct nbd_server *s)
+{
+    while (s->listening || s->nconns || s->grace_running)
+        co_queue_wait(&s->idle_wait);
+    if (s->wake_fd >= 0) {
+        close(s->wake_fd);
+        s->wake_fd = -1;
+    }
+}
+
+unsigned nbd_server_connections(const struct nbd_server *s)
+{
+    return s->nconns;
+}

@@ -1,0 +1,51 @@
+#!/bin/bash
+# Malformed and hostile NBD clients (tests/nbd/hostile.py): the server must
+# answer or drop the offending connection, keep serving everyone else, and
+# still shut down cleanly.
+. "$(dirname "$0")/lib.sh"
+
+SIZE=$((16 << 20))
+FORMATS="raw"
+qcow2_available && FORMATS="raw qcow2" || skip nbd_hostile_qcow2 "qcow2 engine not landed"
+
+for fmt in $FORMATS; do
+    img="$NBD_DIR/h.$fmt"
+    make_image "$fmt" "$img" "$SIZE"
+    if ! start_server "rw$fmt" "$img" || ! start_server "ro$fmt" --read-only "$img"; then
+        fail "nbd_hostile_start_$fmt" "$(cat "$NBD_DIR"/r?$fmt.log)"
+        continue
+    fi
+    timeout 300 python3 "$NBD_TESTS_DIR/hostile.py" "$fmt" \
+        "$NBD_DIR/rw$fmt.sock" "$NBD_DIR/ro$fmt.sock" "$SIZE"
+
+    t="nbd_hostile_survivor_$fmt"
+    if alive "rw$fmt" && out=$(qio "$(eval echo "\$URI_rw$fmt")" -c 'write -P 0x5c 0 64k' -c 'read -P 0x5c 0 64k' 2>&1) &&
+       ! grep -qi -e fail -e error <<<"$out" && grep -q "bad request magic" "$NBD_DIR/rw$fmt.log"; then
+        ok "$t"
+    else
+        fail "$t" "server unusable after hostile clients: $(tr '\n' ' ' <<<"$out") log: $(tail -3 "$NBD_DIR/rw$fmt.log")"
+    fi
+
+    # qemu-io opening the read-only export read-write must fail cleanly; reads
+    # work (contents not checked: this server opened the image before the
+    # writable one wrote to it, and a qcow2 metadata cache is per process).
+    t="nbd_read_only_qemu_io_$fmt"
+    out=$(qio "$(eval echo "\$URI_ro$fmt")" -c 'write -P 1 0 4k' 2>&1); rc=$?
+    if [ $rc -ne 0 ] && grep -qi "read-only\|read only\|permission" <<<"$out" &&
+       qio "$(eval echo "\$URI_ro$fmt")" -r -c 'read 0 64k' >/dev/null 2>&1; then
+        ok "$t"
+    else
+        fail "$t" "rc=$rc: $(tr '\n' ' ' <<<"$out")"
+    fi
+
+    t="nbd_hostile_shutdown_$fmt"
+    if stop_server "rw$fmt" && stop_server "ro$fmt"; then
+        if [ "$fmt" = qcow2 ] && ! chk=$(qemu-img check "$img" 2>&1); then
+            fail "$t" "qemu-img check: $(tr '\n' ' ' <<<"$chk")"
+        else
+            ok "$t"
+        fi
+    else
+        fail "$t" "server did not exit cleanly"
+    fi
+done
