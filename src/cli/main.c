@@ -19,6 +19,7 @@ static const struct subcommand subcommands[] = {
     { "add",   cmd_add,   "serve an image as a ublk block device /dev/ublkbN" },
     { "del",   cmd_del,   "stop and remove ublk devices" },
     { "list",  cmd_list,  "show ublk devices, their state and images" },
+    { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
 };
 
 void cli_error(const char *fmt, ...)

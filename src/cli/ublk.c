@@ -58,6 +58,9 @@ static void add_usage(FILE *out)
         "  -f, --format FMT       auto (default), raw or qcow2\n"
         "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
+        "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
+        "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
+        "                         flushed when it died may be lost, as with a disk cache\n"
         "  -h, --help             this help\n",
         UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
         UBLK_MAX_QUEUE_DEPTH);
@@ -120,6 +123,101 @@ static int report_child_exit(pid_t pid)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }
 
+/* Fork the daemon and wait until its device is live ("ok N" on the pipe)
+ * or it gave up; in the foreground, then wait for it to end. */
+static int run_daemon(struct ublk_server_opts *o, bool foreground)
+{
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        cli_error("pipe: %s", strerror(errno));
+        return 1;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    /* Fork before any ring or thread exists: the daemon starts clean. */
+    pid_t pid = fork();
+    if (pid < 0) {
+        cli_error("fork: %s", strerror(errno));
+        return 1;
+    }
+    if (pid == 0) {
+        close(pfd[0]);
+        if (!foreground) {
+            setsid();
+            if (chdir("/") < 0)
+                _exit(1);
+        }
+        o->notify_fd = pfd[1];
+        o->log_to_file = !foreground;
+        exit(ublk_server_run(o));
+    }
+    close(pfd[1]);
+    if (foreground) {
+        fg_child = pid;
+        struct sigaction sa = { .sa_handler = forward_signal };
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGHUP, &sa, NULL);
+    }
+
+    /* Wait for "id N" and "ok N" from the daemon, or for it to give up. */
+    char buf[128];
+    size_t have = 0;
+    bool have_id = false, live = false;
+    unsigned long id = 0;
+    time_t deadline = time(NULL) + ADD_START_TIMEOUT_S;
+    while (!live) {
+        int left = (int)(deadline - time(NULL));
+        if (left <= 0) {
+            cli_error("the device did not start within %d s; giving up", ADD_START_TIMEOUT_S);
+            kill(pid, SIGKILL);
+            report_child_exit(pid);
+            if (have_id && !o->recover)
+                remove_leftover((uint32_t)id);
+            return 1;
+        }
+        struct pollfd pf = { .fd = pfd[0], .events = POLLIN };
+        int pr = poll(&pf, 1, left * 1000);
+        if (pr < 0 && errno != EINTR)
+            break;
+        if (pr <= 0)
+            continue;
+        ssize_t n = read(pfd[0], buf + have, sizeof(buf) - 1 - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;      /* the daemon exited (it said why) */
+        have += (size_t)n;
+        buf[have] = '\0';
+        char *nl;
+        while ((nl = strchr(buf, '\n')) != NULL) {
+            *nl = '\0';
+            if (!strncmp(buf, "id ", 3)) {
+                have_id = parse_uint(buf + 3, 0, UINT32_MAX, &id);
+            } else if (!strncmp(buf, "ok ", 3) && parse_uint(buf + 3, 0, UINT32_MAX, &id)) {
+                have_id = true;
+                live = true;
+            }
+            size_t used = (size_t)(nl - buf) + 1;
+            memmove(buf, nl + 1, have - used + 1);
+            have -= used;
+        }
+    }
+    close(pfd[0]);
+    if (!live) {
+        int rc = report_child_exit(pid);
+        if (have_id && !o->recover)
+            remove_leftover((uint32_t)id);
+        return rc ? rc : 1;
+    }
+    printf("/dev/ublkb%lu\n", id);
+    fflush(stdout);
+    if (!foreground)
+        return 0;
+    return report_child_exit(pid);
+
+}
+
 int cmd_add(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -130,6 +228,7 @@ int cmd_add(int argc, char **argv)
         { "format", required_argument, NULL, 'f' },
         { "cache-size", required_argument, NULL, 'c' },
         { "foreground", no_argument, NULL, 'F' },
+        { "recovery", no_argument, NULL, 'R' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -193,6 +292,9 @@ int cmd_add(int argc, char **argv)
         case 'F':
             foreground = true;
             break;
+        case 'R':
+            o.recovery = true;
+            break;
         case 'h':
             add_usage(stdout);
             return 0;
@@ -213,94 +315,7 @@ int cmd_add(int argc, char **argv)
     }
     o.image = image;
 
-    int pfd[2];
-    if (pipe2(pfd, O_CLOEXEC) < 0) {
-        cli_error("add: pipe: %s", strerror(errno));
-        return 1;
-    }
-    fflush(stdout);
-    fflush(stderr);
-    /* Fork before any ring or thread exists: the daemon starts clean. */
-    pid_t pid = fork();
-    if (pid < 0) {
-        cli_error("add: fork: %s", strerror(errno));
-        return 1;
-    }
-    if (pid == 0) {
-        close(pfd[0]);
-        if (!foreground) {
-            setsid();
-            if (chdir("/") < 0)
-                _exit(1);
-        }
-        o.notify_fd = pfd[1];
-        o.log_to_file = !foreground;
-        exit(ublk_server_run(&o));
-    }
-    close(pfd[1]);
-    if (foreground) {
-        fg_child = pid;
-        struct sigaction sa = { .sa_handler = forward_signal };
-        sigaction(SIGTERM, &sa, NULL);
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGHUP, &sa, NULL);
-    }
-
-    /* Wait for "id N" and "ok N" from the daemon, or for it to give up. */
-    char buf[128];
-    size_t have = 0;
-    bool have_id = false, live = false;
-    unsigned long id = 0;
-    time_t deadline = time(NULL) + ADD_START_TIMEOUT_S;
-    while (!live) {
-        int left = (int)(deadline - time(NULL));
-        if (left <= 0) {
-            cli_error("add: the device did not start within %d s; giving up", ADD_START_TIMEOUT_S);
-            kill(pid, SIGKILL);
-            report_child_exit(pid);
-            if (have_id)
-                remove_leftover((uint32_t)id);
-            return 1;
-        }
-        struct pollfd pf = { .fd = pfd[0], .events = POLLIN };
-        int pr = poll(&pf, 1, left * 1000);
-        if (pr < 0 && errno != EINTR)
-            break;
-        if (pr <= 0)
-            continue;
-        ssize_t n = read(pfd[0], buf + have, sizeof(buf) - 1 - have);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;      /* the daemon exited (it said why) */
-        have += (size_t)n;
-        buf[have] = '\0';
-        char *nl;
-        while ((nl = strchr(buf, '\n')) != NULL) {
-            *nl = '\0';
-            if (!strncmp(buf, "id ", 3)) {
-                have_id = parse_uint(buf + 3, 0, UINT32_MAX, &id);
-            } else if (!strncmp(buf, "ok ", 3) && parse_uint(buf + 3, 0, UINT32_MAX, &id)) {
-                have_id = true;
-                live = true;
-            }
-            size_t used = (size_t)(nl - buf) + 1;
-            memmove(buf, nl + 1, have - used + 1);
-            have -= used;
-        }
-    }
-    close(pfd[0]);
-    if (!live) {
-        int rc = report_child_exit(pid);
-        if (have_id)
-            remove_leftover((uint32_t)id);
-        return rc ? rc : 1;
-    }
-    printf("/dev/ublkb%lu\n", id);
-    fflush(stdout);
-    if (!foreground)
-        return 0;
-    return report_child_exit(pid);
+    return run_daemon(&o, foreground);
 }
 
 /* ---- device enumeration --------------------------------------------------------- */
@@ -381,6 +396,9 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
         return 1;
     }
     pid_t pid = info.ublksrv_pid > 0 ? info.ublksrv_pid : 0;
+    /* A dead daemon's pid (quiesced device) may belong to someone else now. */
+    if (pid && info.state != UBLK_S_DEV_LIVE && !is_our_daemon(pid))
+        pid = 0;
     struct ublk_state st;
     if (!pid && ublk_state_read(id, &st) == 0 && st.pid > 0 && is_our_daemon(st.pid))
         pid = st.pid;
@@ -585,4 +603,97 @@ int cmd_list(int argc, char **argv)
         printf("%s]\n", shown ? "\n" : "");
     ublk_ctrl_close(ctrl);
     return rc;
+}
+
+/* ---- recover -------------------------------------------------------------------- */
+
+static void recover_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 recover -n ID [--foreground]\n\n"
+        "Start a new daemon for ublk device ID, added with --recovery, whose daemon\n"
+        "died: the device (QUIESCED, its I/O waiting) becomes LIVE again.  The image\n"
+        "and its options come from %s/ublkID.json.\n\n"
+        "Options:\n"
+        "  -n, --id ID        the device /dev/ublkbID\n"
+        "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "  -h, --help         this help\n", UBLK_STATE_DIR);
+}
+
+int cmd_recover(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "foreground", no_argument, NULL, 'F' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool foreground = false, have_id = false;
+    unsigned long id = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+                cli_error("recover: invalid device id '%s'", optarg);
+                return 2;
+            }
+            have_id = true;
+            break;
+        case 'F':
+            foreground = true;
+            break;
+        case 'h':
+            recover_usage(stdout);
+            return 0;
+        default:
+            recover_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc || !have_id) {
+        cli_error(optind != argc ? "recover: unexpected argument '%s'" : "recover: -n ID is required%s",
+                  optind != argc ? argv[optind] : "");
+        recover_usage(stderr);
+        return 2;
+    }
+    /* Check the device first: clearer than the image lock a live daemon holds. */
+    struct ublk_ctrl *ctrl;
+    if (ublk_ctrl_open(&ctrl) < 0)
+        return 1;
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(ctrl, (uint32_t)id, &info);
+    ublk_ctrl_close(ctrl);
+    if (r < 0) {
+        if (r == -ENODEV)
+            cli_error("recover: there is no ublk device %lu", id);
+        else
+            cli_error("recover: ublk device %lu: %s", id, strerror(-r));
+        return 1;
+    }
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+        cli_error("recover: ublk device %lu was not added with --recovery", id);
+        return 1;
+    }
+    if (info.state == UBLK_S_DEV_LIVE && info.ublksrv_pid > 0 && kill(info.ublksrv_pid, 0) == 0) {
+        cli_error("recover: ublk device %lu is LIVE, served by pid %d: nothing to recover", id,
+                  (int)info.ublksrv_pid);
+        return 1;
+    }
+    static struct ublk_state st;
+    r = ublk_state_read((uint32_t)id, &st);
+    if (r < 0) {
+        cli_error("recover: %s %s/ublk%lu.json: the image of ublk device %lu is not known",
+                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+        return 1;
+    }
+    struct ublk_server_opts o = {
+        .image = st.image, .dev_id = (uint32_t)id, .nr_queues = st.queues, .depth = st.depth,
+        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
+        .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
+                : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
+        .recovery = true, .recover = true, .notify_fd = -1,
+    };
+    return run_daemon(&o, foreground);
 }

@@ -15,6 +15,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef PR_SET_IO_FLUSHER
@@ -89,6 +90,108 @@ static const char *format_name(const struct image *img)
     return img_format_name(img);
 }
 
+/* ADD_DEV with the options; info gets the kernel's view (queues may be
+ * clamped to the CPU count, the buffer size rounded). */
+static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
+                      const struct image *img, bool read_only, struct ublksrv_ctrl_dev_info *info)
+{
+    (void)img;
+    (void)read_only;
+    memset(info, 0, sizeof(*info));
+    info->nr_hw_queues = (uint16_t)o->nr_queues;
+    info->queue_depth = (uint16_t)o->depth;
+    info->max_io_buf_bytes = o->buf_bytes;
+    info->dev_id = o->dev_id;
+    if (ublk_ctrl_uses_ioctl_encoding(ctrl))
+        info->flags |= UBLK_F_CMD_IOCTL_ENCODE;
+    /* REISSUE: requests in flight when a daemon dies go to the next one
+     * (a repeated block write is harmless) rather than failing. */
+    if (o->recovery)
+        info->flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+    int r = ublk_ctrl_add_dev(ctrl, info);
+    if (r < 0) {
+        if (r == -EEXIST)
+            say("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
+                o->dev_id, o->dev_id);
+        else
+            say("cannot add a ublk device: %s", strerror(-r));
+        return r;
+    }
+    if (info->nr_hw_queues != o->nr_queues)
+        say("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
+    if (!info->max_io_buf_bytes || info->max_io_buf_bytes > o->buf_bytes)
+        info->max_io_buf_bytes = o->buf_bytes;
+    return 0;
+}
+
+/* START_USER_RECOVERY on a device whose daemon died; info gets its
+ * geometry.  The image must still match what the device shows. */
+static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
+                     const struct image *img, bool read_only, struct ublksrv_ctrl_dev_info *info)
+{
+    uint32_t id = o->dev_id;
+    int r = ublk_ctrl_get_dev_info(ctrl, id, info);
+    if (r < 0) {
+        if (r == -ENODEV)
+            say("there is no ublk device %u", id);
+        else
+            say("ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    if (!(info->flags & UBLK_F_USER_RECOVERY)) {
+        say("ublk device %u was not added with --recovery; it cannot be taken over", id);
+        return -EINVAL;
+    }
+    struct ublk_params params;
+    memset(&params, 0, sizeof(params));
+    params.len = sizeof(params);
+    params.types = UBLK_PARAM_TYPE_BASIC;
+    r = ublk_ctrl_get_params(ctrl, id, &params);
+    if (r < 0) {
+        say("cannot read the parameters of ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    if (params.basic.dev_sectors != img_size(img) >> 9) {
+        say("%s: its size (%llu bytes) is not that of ublk device %u (%llu bytes)", o->image,
+            (unsigned long long)img_size(img), id,
+            (unsigned long long)params.basic.dev_sectors << 9);
+        return -EINVAL;
+    }
+    if (!read_only && (params.basic.attrs & UBLK_ATTR_READ_ONLY))
+        say("note: ublk device %u is read-only; the image is opened read-write", id);
+    if (read_only && !(params.basic.attrs & UBLK_ATTR_READ_ONLY)) {
+        say("%s is read-only, but ublk device %u is writable", o->image, id);
+        return -EROFS;
+    }
+    if (info->max_io_buf_bytes > o->buf_bytes || info->max_io_buf_bytes % 4096 ||
+        !info->max_io_buf_bytes) {
+        say("ublk device %u has a request size (%u bytes) this daemon cannot serve", id,
+            info->max_io_buf_bytes);
+        return -EINVAL;
+    }
+    /* The dead daemon's rings are torn down asynchronously: until then the
+     * kernel answers EBUSY.  Wait for it, 30 s at most. */
+    for (int i = 0; i < 300; i++) {
+        r = ublk_ctrl_start_user_recovery(ctrl, id);
+        if (r != -EBUSY)
+            break;
+        /* A live daemon is not going away: say so now. */
+        if (ublk_ctrl_get_dev_info(ctrl, id, info) == 0 && info->state == UBLK_S_DEV_LIVE &&
+            info->ublksrv_pid > 0 && kill(info->ublksrv_pid, 0) == 0) {
+            say("ublk device %u is LIVE, served by pid %d: nothing to recover", id,
+                (int)info->ublksrv_pid);
+            return -EBUSY;
+        }
+        struct timespec ts = { 0, 100 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+    if (r < 0) {
+        say("cannot start the recovery of ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    return 0;
+}
+
 int ublk_server_run(const struct ublk_server_opts *o)
 {
     char err[512];
@@ -129,37 +232,27 @@ int ublk_server_run(const struct ublk_server_opts *o)
         goto out;   /* ctrl printed why */
 
     struct ublksrv_ctrl_dev_info info;
-    memset(&info, 0, sizeof(info));
-    info.nr_hw_queues = (uint16_t)o->nr_queues;
-    info.queue_depth = (uint16_t)o->depth;
-    info.max_io_buf_bytes = o->buf_bytes;
-    info.dev_id = o->dev_id;
-    if (ublk_ctrl_uses_ioctl_encoding(ctrl))
-        info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
-    int r = ublk_ctrl_add_dev(ctrl, &info);
-    if (r < 0) {
-        if (r == -EEXIST)
-            say("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
-                o->dev_id, o->dev_id);
-        else
-            say("cannot add a ublk device: %s", strerror(-r));
-        goto out;
-    }
-    added = true;
-    dev_id = info.dev_id;
-    notify(o->notify_fd, "id", dev_id);
-    if (info.nr_hw_queues != o->nr_queues)
-        say("note: the kernel allows %u queues (asked for %u)", info.nr_hw_queues, o->nr_queues);
-
-    uint32_t buf_bytes = info.max_io_buf_bytes ? info.max_io_buf_bytes : o->buf_bytes;
-    if (buf_bytes > o->buf_bytes)
-        buf_bytes = o->buf_bytes;
-    struct ublk_params params;
-    ublk_params_for_image(&params, img, buf_bytes, read_only);
-    r = ublk_ctrl_set_params(ctrl, dev_id, &params);
-    if (r < 0) {
-        say("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
-        goto out;
+    uint32_t buf_bytes;
+    int r;
+    if (o->recover) {
+        dev_id = o->dev_id;
+        if (take_over(ctrl, o, img, read_only, &info) < 0)
+            goto out;
+        buf_bytes = info.max_io_buf_bytes;
+    } else {
+        if (add_device(ctrl, o, img, read_only, &info) < 0)
+            goto out;
+        added = true;
+        dev_id = info.dev_id;
+        notify(o->notify_fd, "id", dev_id);
+        buf_bytes = info.max_io_buf_bytes;
+        struct ublk_params params;
+        ublk_params_for_image(&params, img, buf_bytes, read_only);
+        r = ublk_ctrl_set_params(ctrl, dev_id, &params);
+        if (r < 0) {
+            say("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
+            goto out;
+        }
     }
 
     protect_from_reclaim();
@@ -188,7 +281,19 @@ int ublk_server_run(const struct ublk_server_opts *o)
         close(sig_fd);
         goto out;
     }
-    r = ublk_ctrl_start_dev(ctrl, dev_id, getpid());
+    if (o->recover) {
+        r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
+        if (r < 0) {
+            /* Leave the device quiesced for another attempt: exiting
+             * cancels our fetches, which makes it recoverable again. */
+            say("cannot end the recovery of ublk device %u: %s", dev_id, strerror(-r));
+            fflush(stderr);
+            _exit(1);
+        }
+        added = true;   /* ours now: removed when we stop */
+    } else {
+        r = ublk_ctrl_start_dev(ctrl, dev_id, getpid());
+    }
     if (r < 0) {
         say("cannot start ublk device %u: %s", dev_id, strerror(-r));
         /* STOP_DEV aborts the fetches the queues have outstanding. */
@@ -200,7 +305,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     }
 
     struct ublk_state st = {
-        .id = dev_id, .pid = getpid(), .read_only = read_only,
+        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
         .queues = info.nr_hw_queues, .depth = info.queue_depth,
         .buf_bytes = buf_bytes, .cache_size = o->cache_size,
     };
@@ -309,9 +414,9 @@ int ublk_state_write(const struct ublk_state *s)
     json_put_string(f, s->image);
     fprintf(f, ", \"format\": ");
     json_put_string(f, s->format);
-    fprintf(f, ", \"read_only\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
+    fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
                "\"cache_size\": %llu}\n",
-            s->read_only ? "true" : "false", s->queues, s->depth, s->buf_bytes,
+            s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
             (unsigned long long)s->cache_size);
     bool ok = !ferror(f);
     if (fclose(f) != 0)
@@ -420,6 +525,8 @@ int ublk_state_read(uint32_t id, struct ublk_state *s)
         s->cache_size = v;
     const char *ro = json_find(buf, "read_only");
     s->read_only = ro && !strncmp(ro, "true", 4);
+    const char *rec = json_find(buf, "recovery");
+    s->recovery = rec && !strncmp(rec, "true", 4);
     return 0;
 }
 

@@ -6,6 +6,9 @@
  * (from `del`) or SIGINT/SIGTERM/SIGHUP (then it sends STOP_DEV itself);
  * drain, flush and close the image, DEL_DEV, remove the state file.
  * On a start-up failure it prints why on stderr and removes what it made.
+ * With opts.recover it instead takes over a device whose daemon died
+ * (START_USER_RECOVERY ... END_USER_RECOVERY); a failure leaves that
+ * device as it was.
  */
 #ifndef UQ_UBLK_SERVER_H
 #define UQ_UBLK_SERVER_H
@@ -33,6 +36,11 @@ struct ublk_server_opts {
     bool read_only;
     enum img_format format;
     uint64_t cache_size;
+    /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
+     * device stays, quiesced, until `recover` starts a new daemon. */
+    bool recovery;
+    /* Take over the existing quiesced device dev_id instead of adding one. */
+    bool recover;
     /* Start-up progress for a waiting parent: "id N\n" after ADD_DEV and
      * "ok N\n" once the device is live; -1 for none. */
     int notify_fd;
@@ -51,6 +59,7 @@ struct ublk_state {
     char image[PATH_MAX];
     char format[16];
     bool read_only;
+    bool recovery;
     unsigned queues;
     unsigned depth;
     uint32_t buf_bytes;

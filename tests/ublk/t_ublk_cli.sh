@@ -20,7 +20,7 @@ expect() {
 	local rc=$?
 	if [ "$rc" != "$want" ]; then
 		nok "$name" "'$*' exited $rc, want $want: $(head -n 2 "$tmp/out" | tr '\n' ' ')"
-	elif ! grep -qiE "$pat" "$tmp/out"; then
+	elif ! grep -qiE -- "$pat" "$tmp/out"; then
 		nok "$name" "'$*' output lacks /$pat/: $(head -n 2 "$tmp/out" | tr '\n' ' ')"
 	else
 		ok "$name"
@@ -30,6 +30,8 @@ expect() {
 expect ublk_cli_add_help 0 "Usage: ublk-qcow2 add" "$UQ" add --help
 expect ublk_cli_del_help 0 "Usage: ublk-qcow2 del" "$UQ" del --help
 expect ublk_cli_list_help 0 "Usage: ublk-qcow2 list" "$UQ" list --help
+expect ublk_cli_recover_help 0 "Usage: ublk-qcow2 recover" "$UQ" recover --help
+expect ublk_cli_recover_needs_id 2 "-n ID is required" "$UQ" recover
 expect ublk_cli_main_help_lists_add 0 "add .*ublk" "$UQ" --help
 expect ublk_cli_add_no_image 2 "no image given" "$UQ" add
 expect ublk_cli_add_two_images 2 "more than one image" "$UQ" add a b
@@ -75,6 +77,7 @@ if [ ! -e /dev/ublk-control ]; then
 	expect ublk_cli_add_no_ublk 1 "modprobe ublk_drv" "$UQ" add "$tmp/plain.raw"
 	expect ublk_cli_list_no_ublk 1 "modprobe ublk_drv" "$UQ" list
 	expect ublk_cli_del_no_ublk 1 "modprobe ublk_drv" "$UQ" del --all
+	expect ublk_cli_recover_no_ublk 1 "modprobe ublk_drv" "$UQ" recover -n 0
 else
 	echo "skip ublk_cli_no_ublk: this kernel has ublk"
 fi

@@ -2,7 +2,8 @@
 # ublk devices used like disks, in the test VM (one boot): ext4 on a qcow2
 # image survives del + add (checksums, e2fsck, qemu-img check); a backing-file
 # overlay takes the writes and leaves its backing file unchanged; --read-only;
-# discard and write-zeroes read back as zeroes; foreground mode stops on SIGINT.
+# discard and write-zeroes read back as zeroes; foreground mode stops on SIGINT;
+# --recovery: kill -9 the daemon, `recover`, the waiting read and the data survive.
 # timeout: 600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -120,6 +121,32 @@ else
 	nok ublk_fg_device "no device printed: $(tr '\n' ' ' < "$W/fg.out")"
 	kill -9 $fg 2>/dev/null
 fi
+
+# ---- recovery: the daemon dies, I/O waits, `recover` brings the device back ----
+qemu-img create -q -f qcow2 "$W/rec.qcow2" 64M
+if uq_add --recovery -q 2 "$W/rec.qcow2"; then
+	check_fails ublk_recover_live_refused "LIVE, served by pid" "$UQ" recover -n "$ID"
+	head -c 8M /dev/urandom > "$W/d1"
+	# Flushed (fsync) before the crash: must survive it.
+	check ublk_recovery_write dd if="$W/d1" of="$DEV" bs=1M oflag=direct conv=fsync status=none
+	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
+	kill -9 "$pid"
+	check ublk_recovery_quiesced wait_for 30 eval '[ "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = QUIESCED ]'
+	# A read issued while no daemon runs waits for the next one.
+	(dd if="$DEV" bs=1M count=8 iflag=direct status=none | cmp -s - "$W/d1") &
+	reader=$!
+	check ublk_recover "$UQ" recover -n "$ID"
+	check ublk_recovery_live test "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = LIVE
+	check ublk_recovery_waiting_read wait_for 60 eval '! kill -0 $reader 2>/dev/null'
+	wait $reader; rc=$?
+	check ublk_recovery_waiting_read_data test $rc = 0
+	check ublk_recovery_fio_verify fio_verify "$DEV" --size=16M
+	check ublk_recovery_del uq_del "$ID"
+	check ublk_recovery_qemu_img_check qemu-img check -q "$W/rec.qcow2"
+else
+	nok ublk_recovery_write "add --recovery failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/rec.qcow2" "$W/d1"
 
 check ublk_fs_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]

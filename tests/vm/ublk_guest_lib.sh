@@ -18,7 +18,7 @@ check_fails() {
 	local name=$1 pat=$2; shift 2
 	if "$@" >"$W/check.out" 2>&1; then
 		nok "$name" "'$*' succeeded, should have failed"
-	elif ! grep -qiE "$pat" "$W/check.out"; then
+	elif ! grep -qiE -- "$pat" "$W/check.out"; then
 		nok "$name" "'$*' failed without /$pat/: $(head -n 3 "$W/check.out" | tr '\n' ' ')"
 	else ok "$name"; fi
 }
