@@ -3,6 +3,7 @@
 # /dev/ublkbN on preallocated and empty qcow2 images with 1 and 2 queues,
 # then the device's contents against the image (qemu-img check + compare);
 # `del` under load; image locks against qemu and a second `add`; ID in use;
+# kill -9 without --recovery;
 # SIGTERM; list --json; daemon logs free of sanitizer reports.
 # timeout: 600
 set -u
@@ -89,6 +90,22 @@ if uq_add "$W/lock.qcow2"; then
 else
 	nok ublk_lock_second_add "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
+# A daemon killed without --recovery: the device dies, del still removes it,
+# and the image has at worst leaked clusters (qemu-img check exit 0 or 3).
+qemu-img create -q -f qcow2 "$W/kill.qcow2" 64M
+if uq_add "$W/kill.qcow2"; then
+	check ublk_kill9_write dd if=/dev/urandom of="$DEV" bs=1M count=4 oflag=direct status=none
+	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
+	kill -9 "$pid"
+	check ublk_kill9_dead wait_for 30 eval '[ "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = DEAD ]'
+	check ublk_kill9_del uq_del "$ID"
+	check ublk_kill9_gone test ! -e "/dev/ublkc$ID"
+	qemu-img check -q "$W/kill.qcow2" >"$W/kill.check" 2>&1; rc=$?
+	check ublk_kill9_qemu_img_check eval '[ $rc = 0 ] || [ $rc = 3 ]'
+else
+	nok ublk_kill9_write "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+
 # Bad input that needs the kernel (the rest is in tests/ublk/t_ublk_cli.sh).
 check_fails ublk_del_missing "no ublk device" "$UQ" del -n 99
 
