@@ -142,12 +142,19 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
     }
     if (pid == 0) {
         close(pfd[0]);
+        /* Keep only stdio and the pipe: an inherited fd (a caller's pipe,
+         * a lock) would otherwise stay open as long as the device lives. */
+        int keep = pfd[1] == 3 || dup2(pfd[1], 3) == 3 ? 3 : pfd[1];
+        if (keep != 3 || close_range(4, ~0u, 0) < 0)
+            for (int fd = 3; fd < 1024; fd++)
+                if (fd != keep)
+                    close(fd);
         if (!foreground) {
             setsid();
             if (chdir("/") < 0)
                 _exit(1);
         }
-        o->notify_fd = pfd[1];
+        o->notify_fd = keep;
         o->log_to_file = !foreground;
         exit(ublk_server_run(o));
     }
