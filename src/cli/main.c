@@ -16,6 +16,10 @@ struct subcommand {
 static const struct subcommand subcommands[] = {
     { "nbd",   cmd_nbd,   "serve an image over NBD (unix socket or TCP)" },
     { "bench", cmd_bench, "drive the engine directly and report IOPS and MiB/s" },
+    { "add",   cmd_add,   "serve an image as a ublk block device /dev/ublkbN" },
+    { "del",   cmd_del,   "stop and remove ublk devices" },
+    { "list",  cmd_list,  "show ublk devices, their state and images" },
+    { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
 };
 
 void cli_error(const char *fmt, ...)

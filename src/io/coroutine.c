@@ -268,6 +268,17 @@ unsigned co_live_count(void)
     return sched.live;
 }
 
+void co_pool_release(void)
+{
+    struct co *co;
+    while ((co = sched.pool) != NULL) {
+        sched.pool = co->next;
+        munmap(co->map, CO_GUARD_SIZE + CO_STACK_SIZE);
+        free(co);
+    }
+    sched.pool_len = 0;
+}
+
 /* ---- waiting lists ------------------------------------------------------
  * A waiter is on the waiting coroutine's stack.  Waking pops it and clears
  * w->co, which is what the waiter checks: a stray co_wake cannot release it. */

@@ -36,6 +36,10 @@ unsigned co_run_ready(void);
 /* Number of live coroutines on this thread (spawned, not yet finished). */
 unsigned co_live_count(void);
 
+/* Free this thread's pooled idle stacks (call before a thread that ran
+ * coroutines exits, or their memory is lost with the thread). */
+void co_pool_release(void);
+
 /* ---- waiting lists ------------------------------------------------------ */
 struct co_waiter {
     struct co *co;

@@ -1,0 +1,706 @@
+/* ublk-qcow2 add / del / list: ublk block devices backed by images. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "ublk/ctrl.h"
+#include "ublk/server.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+#define ADD_START_TIMEOUT_S 120     /* image open (a dirty image is repaired) + start */
+#define DEL_DEFAULT_TIMEOUT_S 60    /* daemon drain + final flush */
+
+/* Strict unsigned parse: all digits, within [min, max]. */
+static bool parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out)
+{
+    if (!s || !*s)
+        return false;
+    for (const char *p = s; *p; p++)
+        if (*p < '0' || *p > '9')
+            return false;
+    errno = 0;
+    unsigned long v = strtoul(s, NULL, 10);
+    if (errno || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* ---- add ------------------------------------------------------------------------ */
+
+static void add_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 add [OPTIONS] IMAGE\n\n"
+        "Serve IMAGE (qcow2 or raw) as the block device /dev/ublkbN.  Prints the\n"
+        "device path once it is live; the daemon keeps serving in the background\n"
+        "until 'ublk-qcow2 del'.  Its log: %s/ublkN.log.\n\n"
+        "Options:\n"
+        "  -n, --id ID            device number N (default: the first free one)\n"
+        "  -q, --queues N         hardware queues, one thread each (default %u, max %u)\n"
+        "  -d, --depth N          requests in flight per queue (default %u, max %u)\n"
+        "  -r, --read-only        refuse writes\n"
+        "  -f, --format FMT       auto (default), raw or qcow2\n"
+        "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
+        "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
+        "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
+        "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
+        "                         flushed when it died may be lost, as with a disk cache\n"
+        "  -h, --help             this help\n",
+        UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
+        UBLK_MAX_QUEUE_DEPTH);
+}
+
+static bool device_exists(uint32_t id)
+{
+    struct ublk_ctrl *c;
+    int saved = dup(STDERR_FILENO), null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (null >= 0)
+        dup2(null, STDERR_FILENO);  /* the caller already reported the failure */
+    bool exists = false;
+    if (ublk_ctrl_open(&c) == 0) {
+        struct ublksrv_ctrl_dev_info info;
+        exists = ublk_ctrl_get_dev_info(c, id, &info) == 0;
+        ublk_ctrl_close(c);
+    }
+    if (saved >= 0) {
+        dup2(saved, STDERR_FILENO);
+        close(saved);
+    }
+    if (null >= 0)
+        close(null);
+    return exists;
+}
+
+/* A daemon that died during start-up leaves its device behind: delete it. */
+static void remove_leftover(uint32_t id)
+{
+    if (!device_exists(id))
+        return;
+    struct ublk_ctrl *c;
+    if (ublk_ctrl_open(&c) < 0)
+        return;
+    ublk_ctrl_stop_dev(c, id);
+    int r = ublk_ctrl_del_dev(c, id);
+    if (r < 0 && r != -ENODEV)
+        cli_error("cannot delete the half-made ublk device %u: %s", id, strerror(-r));
+    ublk_ctrl_close(c);
+    ublk_state_remove(id);
+}
+
+static pid_t fg_child;
+static void forward_signal(int sig)
+{
+    if (fg_child > 0)
+        kill(fg_child, sig);
+}
+
+static int report_child_exit(pid_t pid)
+{
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return 1;
+    if (WIFSIGNALED(status)) {
+        cli_error("the daemon died (signal %d)", WTERMSIG(status));
+        return 1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+/* Fork the daemon and wait until its device is live ("ok N" on the pipe)
+ * or it gave up; in the foreground, then wait for it to end. */
+static int run_daemon(struct ublk_server_opts *o, bool foreground)
+{
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        cli_error("pipe: %s", strerror(errno));
+        return 1;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    /* Fork before any ring or thread exists: the daemon starts clean. */
+    pid_t pid = fork();
+    if (pid < 0) {
+        cli_error("fork: %s", strerror(errno));
+        return 1;
+    }
+    if (pid == 0) {
+        close(pfd[0]);
+        /* Keep only stdio and the pipe: an inherited fd (a caller's pipe,
+         * a lock) would otherwise stay open as long as the device lives. */
+        int keep = pfd[1] == 3 || dup2(pfd[1], 3) == 3 ? 3 : pfd[1];
+        if (keep != 3 || close_range(4, ~0u, 0) < 0)
+            for (int fd = 3; fd < 1024; fd++)
+                if (fd != keep)
+                    close(fd);
+        if (!foreground) {
+            setsid();
+            if (chdir("/") < 0)
+                _exit(1);
+        }
+        o->notify_fd = keep;
+        o->log_to_file = !foreground;
+        exit(ublk_server_run(o));
+    }
+    close(pfd[1]);
+    if (foreground) {
+        fg_child = pid;
+        struct sigaction sa = { .sa_handler = forward_signal };
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGHUP, &sa, NULL);
+    }
+
+    /* Wait for "id N" and "ok N" from the daemon, or for it to give up. */
+    char buf[128];
+    size_t have = 0;
+    bool have_id = false, live = false;
+    unsigned long id = 0;
+    time_t deadline = time(NULL) + ADD_START_TIMEOUT_S;
+    while (!live) {
+        int left = (int)(deadline - time(NULL));
+        if (left <= 0) {
+            cli_error("the device did not start within %d s; giving up", ADD_START_TIMEOUT_S);
+            kill(pid, SIGKILL);
+            report_child_exit(pid);
+            if (have_id && !o->recover)
+                remove_leftover((uint32_t)id);
+            return 1;
+        }
+        struct pollfd pf = { .fd = pfd[0], .events = POLLIN };
+        int pr = poll(&pf, 1, left * 1000);
+        if (pr < 0 && errno != EINTR)
+            break;
+        if (pr <= 0)
+            continue;
+        ssize_t n = read(pfd[0], buf + have, sizeof(buf) - 1 - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;      /* the daemon exited (it said why) */
+        have += (size_t)n;
+        buf[have] = '\0';
+        char *nl;
+        while ((nl = strchr(buf, '\n')) != NULL) {
+            *nl = '\0';
+            if (!strncmp(buf, "id ", 3)) {
+                have_id = parse_uint(buf + 3, 0, UINT32_MAX, &id);
+            } else if (!strncmp(buf, "ok ", 3) && parse_uint(buf + 3, 0, UINT32_MAX, &id)) {
+                have_id = true;
+                live = true;
+            }
+            size_t used = (size_t)(nl - buf) + 1;
+            memmove(buf, nl + 1, have - used + 1);
+            have -= used;
+        }
+    }
+    close(pfd[0]);
+    if (!live) {
+        int rc = report_child_exit(pid);
+        if (have_id && !o->recover)
+            remove_leftover((uint32_t)id);
+        return rc ? rc : 1;
+    }
+    printf("/dev/ublkb%lu\n", id);
+    fflush(stdout);
+    if (!foreground)
+        return 0;
+    return report_child_exit(pid);
+
+}
+
+int cmd_add(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "queues", required_argument, NULL, 'q' },
+        { "depth", required_argument, NULL, 'd' },
+        { "read-only", no_argument, NULL, 'r' },
+        { "format", required_argument, NULL, 'f' },
+        { "cache-size", required_argument, NULL, 'c' },
+        { "foreground", no_argument, NULL, 'F' },
+        { "recovery", no_argument, NULL, 'R' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    struct ublk_server_opts o = {
+        .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
+        .depth = UBLK_DEFAULT_DEPTH, .buf_bytes = UBLK_IO_BUF_BYTES,
+        .format = IMG_FMT_AUTO, .notify_fd = -1,
+    };
+    bool foreground = false;
+    unsigned long v;
+    int c;
+
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_uint(optarg, 0, 1u << 20, &v)) {
+                cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
+                return 2;
+            }
+            o.dev_id = (uint32_t)v;
+            break;
+        case 'q':
+            if (!parse_uint(optarg, 1, UBLK_MAX_QUEUES, &v)) {
+                cli_error("add: invalid queue count '%s' (1 to %u)", optarg, UBLK_MAX_QUEUES);
+                return 2;
+            }
+            o.nr_queues = (unsigned)v;
+            break;
+        case 'd':
+            if (!parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &v)) {
+                cli_error("add: invalid depth '%s' (1 to %u)", optarg, UBLK_MAX_QUEUE_DEPTH);
+                return 2;
+            }
+            o.depth = (unsigned)v;
+            break;
+        case 'r':
+            o.read_only = true;
+            break;
+        case 'f':
+            if (!strcmp(optarg, "auto"))
+                o.format = IMG_FMT_AUTO;
+            else if (!strcmp(optarg, "raw"))
+                o.format = IMG_FMT_RAW;
+            else if (!strcmp(optarg, "qcow2"))
+                o.format = IMG_FMT_QCOW2;
+            else {
+                cli_error("add: unknown format '%s' (auto, raw or qcow2)", optarg);
+                return 2;
+            }
+            break;
+        case 'c': {
+            int64_t sz = parse_size(optarg);
+            if (sz <= 0) {
+                cli_error("add: invalid cache size '%s' (e.g. 32M)", optarg);
+                return 2;
+            }
+            o.cache_size = (uint64_t)sz;
+            break;
+        }
+        case 'F':
+            foreground = true;
+            break;
+        case 'R':
+            o.recovery = true;
+            break;
+        case 'h':
+            add_usage(stdout);
+            return 0;
+        default:
+            add_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc - 1) {
+        cli_error(optind >= argc ? "add: no image given" : "add: more than one image given");
+        add_usage(stderr);
+        return 2;
+    }
+    char image[PATH_MAX];
+    if (!realpath(argv[optind], image)) {
+        cli_error("add: cannot open image %s: %s", argv[optind], strerror(errno));
+        return 1;
+    }
+    o.image = image;
+
+    return run_daemon(&o, foreground);
+}
+
+/* ---- device enumeration --------------------------------------------------------- */
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Ids of ublk devices: /dev/ublkcN nodes plus state files.  Sorted, unique. */
+static size_t list_ids(uint32_t *ids, size_t max)
+{
+    size_t n = 0;
+    const char *dirs[2] = { "/dev", UBLK_STATE_DIR };
+    const char *fmts[2] = { "ublkc%u%n", "ublk%u.json%n" };
+    for (int d = 0; d < 2; d++) {
+        DIR *dir = opendir(dirs[d]);
+        if (!dir)
+            continue;
+        struct dirent *de;
+        while ((de = readdir(dir)) != NULL && n < max) {
+            unsigned id;
+            int end = 0;
+            if (sscanf(de->d_name, fmts[d], &id, &end) == 1 && de->d_name[end] == '\0')
+                ids[n++] = id;
+        }
+        closedir(dir);
+    }
+    qsort(ids, n, sizeof(*ids), cmp_u32);
+    size_t u = 0;
+    for (size_t i = 0; i < n; i++)
+        if (u == 0 || ids[u - 1] != ids[i])
+            ids[u++] = ids[i];
+    return u;
+}
+
+/* True if pid runs this same program (a state file's pid may be stale). */
+static bool is_our_daemon(pid_t pid)
+{
+    char a[PATH_MAX], b[PATH_MAX], link[64];
+    snprintf(link, sizeof(link), "/proc/%d/exe", (int)pid);
+    ssize_t n = readlink(link, a, sizeof(a) - 1);
+    ssize_t m = readlink("/proc/self/exe", b, sizeof(b) - 1);
+    if (n <= 0 || m <= 0)
+        return false;
+    a[n] = b[m] = '\0';
+    return !strcmp(a, b);
+}
+
+/* ---- del ------------------------------------------------------------------------ */
+
+static void del_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 del -n ID | --all [--timeout SECS]\n\n"
+        "Stop ublk device(s): the daemon finishes the requests in flight, flushes\n"
+        "and closes the image and exits; then the device is deleted.\n\n"
+        "Options:\n"
+        "  -n, --id ID        the device /dev/ublkbID\n"
+        "  -a, --all          every ublk device\n"
+        "  -t, --timeout SECS how long to wait for a daemon to exit (default %d)\n"
+        "  -h, --help         this help\n", DEL_DEFAULT_TIMEOUT_S);
+}
+
+static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool quiet_missing)
+{
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(c, id, &info);
+    if (r < 0) {
+        ublk_state_remove(id);     /* stale, if any */
+        if (r == -ENODEV && quiet_missing)
+            return 0;
+        if (r == -ENODEV)
+            cli_error("del: there is no ublk device %u", id);
+        else
+            cli_error("del: ublk device %u: %s", id, strerror(-r));
+        return 1;
+    }
+    pid_t pid = info.ublksrv_pid > 0 ? info.ublksrv_pid : 0;
+    /* A dead daemon's pid (quiesced device) may belong to someone else now. */
+    if (pid && info.state != UBLK_S_DEV_LIVE && !is_our_daemon(pid))
+        pid = 0;
+    struct ublk_state st;
+    if (!pid && ublk_state_read(id, &st) == 0 && st.pid > 0 && is_our_daemon(st.pid))
+        pid = st.pid;
+    /* Taken before STOP_DEV, so the pid cannot be reused under us. */
+    int pidfd = pid > 0 ? (int)syscall(SYS_pidfd_open, pid, 0) : -1;
+
+    r = ublk_ctrl_stop_dev(c, id);
+    if (r < 0 && r != -ENODEV) {
+        cli_error("del: cannot stop ublk device %u: %s", id, strerror(-r));
+        if (pidfd >= 0)
+            close(pidfd);
+        return 1;
+    }
+    if (pidfd >= 0) {
+        struct pollfd pf = { .fd = pidfd, .events = POLLIN };
+        int pr;
+        do
+            pr = poll(&pf, 1, (int)timeout_s * 1000);
+        while (pr < 0 && errno == EINTR);
+        close(pidfd);
+        if (pr == 0) {
+            cli_error("del: the daemon of ublk device %u (pid %d) did not exit within %u s; "
+                      "the device is stopped but not deleted", id, (int)pid, timeout_s);
+            return 1;
+        }
+    }
+    /* The daemon deletes its own device on the way out; this covers a dead one. */
+    r = ublk_ctrl_del_dev(c, id);
+    if (r < 0 && r != -ENODEV) {
+        cli_error("del: cannot delete ublk device %u: %s", id, strerror(-r));
+        return 1;
+    }
+    ublk_state_remove(id);
+    return 0;
+}
+
+int cmd_del(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "all", no_argument, NULL, 'a' },
+        { "timeout", required_argument, NULL, 't' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool all = false, have_id = false;
+    unsigned long id = 0, timeout_s = DEL_DEFAULT_TIMEOUT_S;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:at:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+                cli_error("del: invalid device id '%s'", optarg);
+                return 2;
+            }
+            have_id = true;
+            break;
+        case 'a':
+            all = true;
+            break;
+        case 't':
+            if (!parse_uint(optarg, 1, 86400, &timeout_s)) {
+                cli_error("del: invalid timeout '%s' (seconds, 1 to 86400)", optarg);
+                return 2;
+            }
+            break;
+        case 'h':
+            del_usage(stdout);
+            return 0;
+        default:
+            del_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc || have_id == all) {
+        cli_error(optind != argc ? "del: unexpected argument '%s'"
+                                 : "del: give exactly one of -n ID or --all%s",
+                  optind != argc ? argv[optind] : "");
+        del_usage(stderr);
+        return 2;
+    }
+    struct ublk_ctrl *ctrl;
+    if (ublk_ctrl_open(&ctrl) < 0)
+        return 1;
+    int rc = 0;
+    if (have_id) {
+        rc = del_one(ctrl, (uint32_t)id, (unsigned)timeout_s, false);
+    } else {
+        uint32_t ids[1024];
+        size_t n = list_ids(ids, 1024);
+        for (size_t i = 0; i < n; i++)
+            if (del_one(ctrl, ids[i], (unsigned)timeout_s, true))
+                rc = 1;
+    }
+    ublk_ctrl_close(ctrl);
+    return rc;
+}
+
+/* ---- list ----------------------------------------------------------------------- */
+
+static void list_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 list [-n ID] [--json]\n\n"
+        "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
+        "daemon pid and image.\n\n"
+        "Options:\n"
+        "  -n, --id ID   only this device (an error if it does not exist)\n"
+        "  -j, --json    a JSON array of objects\n"
+        "  -h, --help    this help\n");
+}
+
+int cmd_list(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "json", no_argument, NULL, 'j' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool json = false, have_id = false;
+    unsigned long id = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:jh", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+                cli_error("list: invalid device id '%s'", optarg);
+                return 2;
+            }
+            have_id = true;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'h':
+            list_usage(stdout);
+            return 0;
+        default:
+            list_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        cli_error("list: unexpected argument '%s'", argv[optind]);
+        list_usage(stderr);
+        return 2;
+    }
+    struct ublk_ctrl *ctrl;
+    if (ublk_ctrl_open(&ctrl) < 0)
+        return 1;
+    uint32_t ids[1024];
+    size_t n;
+    if (have_id) {
+        ids[0] = (uint32_t)id;
+        n = 1;
+    } else {
+        n = list_ids(ids, 1024);
+    }
+    int rc = 0;
+    unsigned shown = 0;
+    if (json)
+        printf("[");
+    else
+        printf("%-4s %-9s %-6s %-5s %-8s %s\n", "ID", "STATE", "QUEUES", "DEPTH", "PID", "IMAGE");
+    for (size_t i = 0; i < n; i++) {
+        struct ublksrv_ctrl_dev_info info;
+        int r = ublk_ctrl_get_dev_info(ctrl, ids[i], &info);
+        if (r < 0) {
+            if (have_id) {
+                cli_error("list: %s ublk device %u%s%s", r == -ENODEV ? "there is no" : "cannot query",
+                          ids[i], r == -ENODEV ? "" : ": ", r == -ENODEV ? "" : strerror(-r));
+                rc = 1;
+            }
+            continue;
+        }
+        struct ublk_state st;
+        bool have_st = ublk_state_read(ids[i], &st) == 0;
+        const char *state = ublk_state_name(info.state);
+        if (json) {
+            printf("%s\n  {\"id\": %u, \"device\": \"/dev/ublkb%u\", \"state\": \"%s\", "
+                   "\"queues\": %u, \"depth\": %u, \"pid\": %d, \"max_io_buf_bytes\": %u, \"image\": ",
+                   shown ? "," : "", ids[i], ids[i], state, info.nr_hw_queues, info.queue_depth,
+                   (int)info.ublksrv_pid, info.max_io_buf_bytes);
+            if (have_st) {
+                json_put_string(stdout, st.image);
+                printf(", \"format\": ");
+                json_put_string(stdout, st.format);
+                printf(", \"read_only\": %s}", st.read_only ? "true" : "false");
+            } else {
+                printf("null, \"format\": null, \"read_only\": null}");
+            }
+        } else {
+            printf("%-4u %-9s %-6u %-5u %-8d %s\n", ids[i], state, info.nr_hw_queues,
+                   info.queue_depth, (int)info.ublksrv_pid, have_st ? st.image : "-");
+        }
+        shown++;
+    }
+    if (json)
+        printf("%s]\n", shown ? "\n" : "");
+    ublk_ctrl_close(ctrl);
+    return rc;
+}
+
+/* ---- recover -------------------------------------------------------------------- */
+
+static void recover_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 recover -n ID [--foreground]\n\n"
+        "Start a new daemon for ublk device ID, added with --recovery, whose daemon\n"
+        "died: the device (QUIESCED, its I/O waiting) becomes LIVE again.  The image\n"
+        "and its options come from %s/ublkID.json.\n\n"
+        "Options:\n"
+        "  -n, --id ID        the device /dev/ublkbID\n"
+        "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "  -h, --help         this help\n", UBLK_STATE_DIR);
+}
+
+int cmd_recover(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "foreground", no_argument, NULL, 'F' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool foreground = false, have_id = false;
+    unsigned long id = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+                cli_error("recover: invalid device id '%s'", optarg);
+                return 2;
+            }
+            have_id = true;
+            break;
+        case 'F':
+            foreground = true;
+            break;
+        case 'h':
+            recover_usage(stdout);
+            return 0;
+        default:
+            recover_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc || !have_id) {
+        cli_error(optind != argc ? "recover: unexpected argument '%s'" : "recover: -n ID is required%s",
+                  optind != argc ? argv[optind] : "");
+        recover_usage(stderr);
+        return 2;
+    }
+    /* Check the device first: clearer than the image lock a live daemon holds. */
+    struct ublk_ctrl *ctrl;
+    if (ublk_ctrl_open(&ctrl) < 0)
+        return 1;
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(ctrl, (uint32_t)id, &info);
+    ublk_ctrl_close(ctrl);
+    if (r < 0) {
+        if (r == -ENODEV)
+            cli_error("recover: there is no ublk device %lu", id);
+        else
+            cli_error("recover: ublk device %lu: %s", id, strerror(-r));
+        return 1;
+    }
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+        cli_error("recover: ublk device %lu was not added with --recovery", id);
+        return 1;
+    }
+    if (info.state == UBLK_S_DEV_LIVE && info.ublksrv_pid > 0 && kill(info.ublksrv_pid, 0) == 0) {
+        cli_error("recover: ublk device %lu is LIVE, served by pid %d: nothing to recover", id,
+                  (int)info.ublksrv_pid);
+        return 1;
+    }
+    static struct ublk_state st;
+    r = ublk_state_read((uint32_t)id, &st);
+    if (r < 0) {
+        cli_error("recover: %s %s/ublk%lu.json: the image of ublk device %lu is not known",
+                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+        return 1;
+    }
+    struct ublk_server_opts o = {
+        .image = st.image, .dev_id = (uint32_t)id, .nr_queues = st.queues, .depth = st.depth,
+        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
+        .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
+                : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
+        .recovery = true, .recover = true, .notify_fd = -1,
+    };
+    return run_daemon(&o, foreground);
+}

@@ -1,0 +1,58 @@
+/* The ublk I/O path: one thread per hardware queue, one coroutine per tag.
+ *
+ * Each queue thread owns a loop (io_uring) on which its tags' FETCH_REQ and
+ * COMMIT_AND_FETCH_REQ commands go out (before kernel 6.16 the task that
+ * fetched a queue's tags must issue every later command for them).  The
+ * image engine is single-threaded: only queue 0's thread calls img_*.  The
+ * other queues forward each request through a mailbox to queue 0's thread
+ * and get the result back through their own mailbox; buffers are shared
+ * memory, so no data is copied.  With one queue nothing is forwarded.
+ */
+#ifndef UQ_UBLK_QUEUE_H
+#define UQ_UBLK_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qcow2/image.h"
+#include "ublk/uapi.h"
+
+struct ublk_queues_cfg {
+    uint32_t dev_id;
+    unsigned nr_queues;
+    unsigned depth;             /* tags per queue */
+    uint32_t buf_bytes;         /* per tag: the device's max_io_buf_bytes */
+    bool ioctl_encode;          /* send UBLK_U_IO_* opcodes, else legacy ones */
+    struct image *img;
+};
+
+struct ublk_queues;
+
+/* Open /dev/ublkcN, map each queue's descriptor array, allocate the tag
+ * buffers and start the queue threads; each one fetches all its tags.
+ * Returns 0 once every thread is running (START_DEV may be sent now), or
+ * -errno with a message in err; nothing is left running on failure.
+ * The calling thread should block the signals it handles first: the queue
+ * threads inherit its mask. */
+int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **out,
+                      char *err, size_t errlen);
+
+/* An eventfd that becomes readable once every queue thread has finished
+ * (after STOP_DEV aborted their fetches). */
+int ublk_queues_done_fd(const struct ublk_queues *qs);
+
+/* Wait for every queue thread (STOP_DEV must have been sent, or the device
+ * must be going away), then unmap, close /dev/ublkcN and free.  Returns 0,
+ * or the first -errno a queue hit. */
+int ublk_queues_stop(struct ublk_queues *qs);
+
+/* Requests served since start (all queues; for tests and statistics). */
+uint64_t ublk_queues_served(const struct ublk_queues *qs);
+
+/* Device parameters for an image: 512-byte logical and 4 KiB physical
+ * blocks, volatile cache + FUA, discard and write-zeroes unless read-only. */
+void ublk_params_for_image(struct ublk_params *p, const struct image *img,
+                           uint32_t buf_bytes, bool read_only);
+
+#endif

@@ -1,0 +1,538 @@
+/* One ublk device's life: set-up, serving, teardown (see server.h). */
+#include "ublk/server.h"
+#include "io/imagelock.h"
+#include "ublk/ctrl.h"
+#include "ublk/queue.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+#ifndef MCL_ONFAULT
+#define MCL_ONFAULT 4
+#endif
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("ublk-qcow2: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+static bool notify(int fd, const char *what, uint32_t id)
+{
+    if (fd < 0)
+        return true;
+    char line[32];
+    int n = snprintf(line, sizeof(line), "%s %u\n", what, id);
+    ssize_t w;
+    do
+        w = write(fd, line, (size_t)n);
+    while (w < 0 && errno == EINTR);
+    return w == n;
+}
+
+/* Memory reclaim may wait for writeback through this very device: the
+ * daemon must neither be throttled as a writer nor have its pages reclaimed. */
+static void protect_from_reclaim(void)
+{
+    if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 && errno != EINVAL)
+        say("warning: PR_SET_IO_FLUSHER failed: %s", strerror(errno));
+    /* ONFAULT: lock pages as they are touched, not every reserved stack. */
+    if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
+        (errno != EINVAL || mlockall(MCL_CURRENT | MCL_FUTURE) < 0))
+        say("warning: mlockall failed: %s (memory pressure could stall the device)",
+            strerror(errno));
+}
+
+static void log_to_file(uint32_t id)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/ublk%u.log", UBLK_STATE_DIR, id);
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        if (fd < 0)
+            fd = null;
+    }
+    if (fd >= 0) {
+        fflush(stdout);
+        fflush(stderr);
+        dup2(fd, STDOUT_FILENO);
+        dup2(fd, STDERR_FILENO);
+    }
+    if (fd >= 0 && fd != null)
+        close(fd);
+    if (null >= 0)
+        close(null);
+}
+
+static const char *format_name(const struct image *img)
+{
+    return img_format_name(img);
+}
+
+/* ADD_DEV with the options; info gets the kernel's view (queues may be
+ * clamped to the CPU count, the buffer size rounded). */
+static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
+                      const struct image *img, bool read_only, struct ublksrv_ctrl_dev_info *info)
+{
+    (void)img;
+    (void)read_only;
+    memset(info, 0, sizeof(*info));
+    info->nr_hw_queues = (uint16_t)o->nr_queues;
+    info->queue_depth = (uint16_t)o->depth;
+    info->max_io_buf_bytes = o->buf_bytes;
+    info->dev_id = o->dev_id;
+    if (ublk_ctrl_uses_ioctl_encoding(ctrl))
+        info->flags |= UBLK_F_CMD_IOCTL_ENCODE;
+    /* REISSUE: requests in flight when a daemon dies go to the next one
+     * (a repeated block write is harmless) rather than failing. */
+    if (o->recovery)
+        info->flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+    int r = ublk_ctrl_add_dev(ctrl, info);
+    if (r < 0) {
+        if (r == -EEXIST)
+            say("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
+                o->dev_id, o->dev_id);
+        else
+            say("cannot add a ublk device: %s", strerror(-r));
+        return r;
+    }
+    if (info->nr_hw_queues != o->nr_queues)
+        say("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
+    if (!info->max_io_buf_bytes || info->max_io_buf_bytes > o->buf_bytes)
+        info->max_io_buf_bytes = o->buf_bytes;
+    return 0;
+}
+
+/* START_USER_RECOVERY on a device whose daemon died; info gets its
+ * geometry.  The image must still match what the device shows. */
+static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
+                     const struct image *img, bool read_only, struct ublksrv_ctrl_dev_info *info)
+{
+    uint32_t id = o->dev_id;
+    int r = ublk_ctrl_get_dev_info(ctrl, id, info);
+    if (r < 0) {
+        if (r == -ENODEV)
+            say("there is no ublk device %u", id);
+        else
+            say("ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    if (!(info->flags & UBLK_F_USER_RECOVERY)) {
+        say("ublk device %u was not added with --recovery; it cannot be taken over", id);
+        return -EINVAL;
+    }
+    struct ublk_params params;
+    memset(&params, 0, sizeof(params));
+    params.len = sizeof(params);
+    params.types = UBLK_PARAM_TYPE_BASIC;
+    r = ublk_ctrl_get_params(ctrl, id, &params);
+    if (r < 0) {
+        say("cannot read the parameters of ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    if (params.basic.dev_sectors != img_size(img) >> 9) {
+        say("%s: its size (%llu bytes) is not that of ublk device %u (%llu bytes)", o->image,
+            (unsigned long long)img_size(img), id,
+            (unsigned long long)params.basic.dev_sectors << 9);
+        return -EINVAL;
+    }
+    if (!read_only && (params.basic.attrs & UBLK_ATTR_READ_ONLY))
+        say("note: ublk device %u is read-only; the image is opened read-write", id);
+    if (read_only && !(params.basic.attrs & UBLK_ATTR_READ_ONLY)) {
+        say("%s is read-only, but ublk device %u is writable", o->image, id);
+        return -EROFS;
+    }
+    if (info->max_io_buf_bytes > o->buf_bytes || info->max_io_buf_bytes % 4096 ||
+        !info->max_io_buf_bytes) {
+        say("ublk device %u has a request size (%u bytes) this daemon cannot serve", id,
+            info->max_io_buf_bytes);
+        return -EINVAL;
+    }
+    /* The dead daemon's rings are torn down asynchronously: until then the
+     * kernel answers EBUSY.  Wait for it, 30 s at most. */
+    for (int i = 0; i < 300; i++) {
+        r = ublk_ctrl_start_user_recovery(ctrl, id);
+        if (r != -EBUSY)
+            break;
+        /* A live daemon is not going away: say so now. */
+        if (ublk_ctrl_get_dev_info(ctrl, id, info) == 0 && info->state == UBLK_S_DEV_LIVE &&
+            info->ublksrv_pid > 0 && kill(info->ublksrv_pid, 0) == 0) {
+            say("ublk device %u is LIVE, served by pid %d: nothing to recover", id,
+                (int)info->ublksrv_pid);
+            return -EBUSY;
+        }
+        struct timespec ts = { 0, 100 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+    if (r < 0) {
+        say("cannot start the recovery of ublk device %u: %s", id, strerror(-r));
+        return r;
+    }
+    return 0;
+}
+
+int ublk_server_run(const struct ublk_server_opts *o)
+{
+    char err[512];
+    int rc = 1;
+    struct ublk_ctrl *ctrl = NULL;
+    struct ublk_queues *qs = NULL;
+    uint32_t dev_id = 0;
+    bool added = false;
+
+    /* Lock before opening: opening may already write (dirty-image repair). */
+    int lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
+    if (lock_fd < 0) {
+        say("%s", err);
+        return 1;
+    }
+    struct img_opts iopts = {
+        .format = o->format, .read_only = o->read_only,
+        .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
+    };
+    struct image *img = img_open(o->image, &iopts, err, sizeof(err));
+    if (!img) {
+        say("%s", err);
+        close(lock_fd);
+        return 1;
+    }
+    bool read_only = o->read_only || img->read_only;
+    if (read_only && !o->read_only)
+        say("warning: %s can only be opened read-only; serving it read-only", o->image);
+    if (img_size(img) < 512) {
+        say("%s: image is smaller than one sector; nothing to serve", o->image);
+        goto out;
+    }
+    if (img_size(img) % 512)
+        say("warning: %s: the last %u bytes (less than a sector) are not served",
+            o->image, (unsigned)(img_size(img) % 512));
+
+    if (ublk_ctrl_open(&ctrl) < 0)
+        goto out;   /* ctrl printed why */
+
+    struct ublksrv_ctrl_dev_info info;
+    uint32_t buf_bytes;
+    int r;
+    if (o->recover) {
+        dev_id = o->dev_id;
+        if (take_over(ctrl, o, img, read_only, &info) < 0)
+            goto out;
+        buf_bytes = info.max_io_buf_bytes;
+    } else {
+        if (add_device(ctrl, o, img, read_only, &info) < 0)
+            goto out;
+        added = true;
+        dev_id = info.dev_id;
+        notify(o->notify_fd, "id", dev_id);
+        buf_bytes = info.max_io_buf_bytes;
+        struct ublk_params params;
+        ublk_params_for_image(&params, img, buf_bytes, read_only);
+        r = ublk_ctrl_set_params(ctrl, dev_id, &params);
+        if (r < 0) {
+            say("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
+            goto out;
+        }
+    }
+
+    protect_from_reclaim();
+
+    /* Signals are read from a signalfd; the queue threads inherit the mask. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    int sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC);
+    if (sig_fd < 0) {
+        say("signalfd: %s", strerror(errno));
+        goto out;
+    }
+
+    struct ublk_queues_cfg qcfg = {
+        .dev_id = dev_id, .nr_queues = info.nr_hw_queues, .depth = info.queue_depth,
+        .buf_bytes = buf_bytes, .ioctl_encode = ublk_ctrl_uses_ioctl_encoding(ctrl), .img = img,
+    };
+    r = ublk_queues_start(&qcfg, &qs, err, sizeof(err));
+    if (r < 0) {
+        say("ublk device %u: %s", dev_id, err);
+        close(sig_fd);
+        goto out;
+    }
+    if (o->recover) {
+        r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
+        if (r < 0) {
+            /* Leave the device quiesced for another attempt: exiting
+             * cancels our fetches, which makes it recoverable again. */
+            say("cannot end the recovery of ublk device %u: %s", dev_id, strerror(-r));
+            fflush(stderr);
+            _exit(1);
+        }
+        added = true;   /* ours now: removed when we stop */
+    } else {
+        r = ublk_ctrl_start_dev(ctrl, dev_id, getpid());
+    }
+    if (r < 0) {
+        say("cannot start ublk device %u: %s", dev_id, strerror(-r));
+        /* STOP_DEV aborts the fetches the queues have outstanding. */
+        ublk_ctrl_stop_dev(ctrl, dev_id);
+        ublk_queues_stop(qs);
+        qs = NULL;
+        close(sig_fd);
+        goto out;
+    }
+
+    struct ublk_state st = {
+        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
+        .queues = info.nr_hw_queues, .depth = info.queue_depth,
+        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+    };
+    snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    r = ublk_state_write(&st);
+    if (r < 0)
+        say("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
+
+    /* If the parent is gone, nobody was told about the device: undo it. */
+    bool stopping = !notify(o->notify_fd, "ok", dev_id);
+    if (o->notify_fd >= 0)
+        close(o->notify_fd);
+    if (o->log_to_file)
+        log_to_file(dev_id);
+    if (stopping) {
+        say("ublk device %u: the starting command went away; removing the device", dev_id);
+        ublk_ctrl_stop_dev(ctrl, dev_id);
+    }
+
+    /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal. */
+    struct pollfd pf[2] = {
+        { .fd = sig_fd, .events = POLLIN },
+        { .fd = ublk_queues_done_fd(qs), .events = POLLIN },
+    };
+    for (;;) {
+        if (poll(pf, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            say("poll: %s", strerror(errno));
+            break;
+        }
+        if (pf[1].revents)
+            break;
+        if (pf[0].revents) {
+            struct signalfd_siginfo si;
+            if (read(sig_fd, &si, sizeof(si)) == sizeof(si) && !stopping) {
+                say("ublk device %u: signal %u, stopping", dev_id, si.ssi_signo);
+                stopping = true;
+                r = ublk_ctrl_stop_dev(ctrl, dev_id);
+                if (r < 0)
+                    say("ublk device %u: STOP_DEV failed: %s", dev_id, strerror(-r));
+            }
+        }
+    }
+    close(sig_fd);
+    r = ublk_queues_stop(qs);
+    qs = NULL;
+    rc = r < 0 ? 1 : 0;
+    if (r < 0)
+        say("ublk device %u: a queue failed: %s", dev_id, strerror(-r));
+
+out:
+    if (qs)
+        ublk_queues_stop(qs);
+    /* img_close flushes: the data the kernel acknowledged becomes durable. */
+    r = img_close(img);
+    if (r < 0) {
+        say("%s: flush at close failed: %s", o->image, strerror(-r));
+        rc = 1;
+    }
+    close(lock_fd);
+    if (added) {
+        /* The char device is closed by now, so DEL_DEV does not wait. */
+        r = ublk_ctrl_del_dev(ctrl, dev_id);
+        if (r < 0 && r != -ENODEV)
+            say("cannot delete ublk device %u: %s", dev_id, strerror(-r));
+        ublk_state_remove(dev_id);
+    }
+    ublk_ctrl_close(ctrl);
+    return rc;
+}
+
+/* ---- state files --------------------------------------------------------------- */
+
+static void state_path(char *buf, size_t len, uint32_t id, const char *suffix)
+{
+    snprintf(buf, len, "%s/ublk%u.json%s", UBLK_STATE_DIR, id, suffix);
+}
+
+void json_put_string(FILE *out, const char *s)
+{
+    fputc('"', out);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(out, "\\%c", *p);
+        else if (*p < 0x20)
+            fprintf(out, "\\u%04x", *p);
+        else
+            fputc(*p, out);
+    }
+    fputc('"', out);
+}
+
+int ublk_state_write(const struct ublk_state *s)
+{
+    if (mkdir(UBLK_STATE_DIR, 0755) < 0 && errno != EEXIST)
+        return -errno;
+    char tmp[PATH_MAX], path[PATH_MAX];
+    state_path(tmp, sizeof(tmp), s->id, ".tmp");
+    state_path(path, sizeof(path), s->id, "");
+    FILE *f = fopen(tmp, "we");
+    if (!f)
+        return -errno;
+    fprintf(f, "{\"id\": %u, \"pid\": %d, \"image\": ", s->id, (int)s->pid);
+    json_put_string(f, s->image);
+    fprintf(f, ", \"format\": ");
+    json_put_string(f, s->format);
+    fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
+               "\"cache_size\": %llu}\n",
+            s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
+            (unsigned long long)s->cache_size);
+    bool ok = !ferror(f);
+    if (fclose(f) != 0)
+        ok = false;
+    /* Written whole, then renamed: readers never see half a file. */
+    if (!ok || rename(tmp, path) < 0) {
+        int e = errno ? errno : EIO;
+        unlink(tmp);
+        return -e;
+    }
+    return 0;
+}
+
+/* Find "key": in a flat JSON object; returns the value's start. */
+static const char *json_find(const char *buf, const char *key)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\"", key);
+    const char *p = strstr(buf, pat);
+    if (!p)
+        return NULL;
+    p += strlen(pat);
+    while (*p == ' ' || *p == '\t' || *p == '\n')
+        p++;
+    if (*p++ != ':')
+        return NULL;
+    while (*p == ' ' || *p == '\t' || *p == '\n')
+        p++;
+    return p;
+}
+
+static bool json_get_u64(const char *buf, const char *key, uint64_t *v)
+{
+    const char *p = json_find(buf, key);
+    if (!p)
+        return false;
+    char *end;
+    errno = 0;
+    long long x = strtoll(p, &end, 10);
+    if (end == p || errno)
+        return false;
+    *v = (uint64_t)x;
+    return true;
+}
+
+static bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
+{
+    const char *p = json_find(buf, key);
+    if (!p || *p++ != '"')
+        return false;
+    size_t n = 0;
+    while (*p && *p != '"') {
+        char c = *p++;
+        if (c == '\\') {
+            c = *p++;
+            if (c == 'u') {
+                unsigned v;
+                if (sscanf(p, "%4x", &v) != 1)
+                    return false;
+                c = (char)v;
+                p += 4;
+            } else if (c == 'n') {
+                c = '\n';
+            } else if (c == 't') {
+                c = '\t';
+            } else if (!c) {
+                return false;
+            }
+        }
+        if (n + 1 >= outlen)
+            return false;
+        out[n++] = c;
+    }
+    if (*p != '"')
+        return false;
+    out[n] = '\0';
+    return true;
+}
+
+int ublk_state_read(uint32_t id, struct ublk_state *s)
+{
+    char path[PATH_MAX];
+    state_path(path, sizeof(path), id, "");
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    char buf[PATH_MAX * 2 + 1024];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    memset(s, 0, sizeof(*s));
+    uint64_t v;
+    s->id = id;
+    if (!json_get_string(buf, "image", s->image, sizeof(s->image)))
+        return -EINVAL;
+    json_get_string(buf, "format", s->format, sizeof(s->format));
+    if (json_get_u64(buf, "pid", &v))
+        s->pid = (pid_t)v;
+    if (json_get_u64(buf, "queues", &v))
+        s->queues = (unsigned)v;
+    if (json_get_u64(buf, "depth", &v))
+        s->depth = (unsigned)v;
+    if (json_get_u64(buf, "buf_bytes", &v))
+        s->buf_bytes = (uint32_t)v;
+    if (json_get_u64(buf, "cache_size", &v))
+        s->cache_size = v;
+    const char *ro = json_find(buf, "read_only");
+    s->read_only = ro && !strncmp(ro, "true", 4);
+    const char *rec = json_find(buf, "recovery");
+    s->recovery = rec && !strncmp(rec, "true", 4);
+    return 0;
+}
+
+void ublk_state_remove(uint32_t id)
+{
+    char path[PATH_MAX];
+    state_path(path, sizeof(path), id, "");
+    unlink(path);
+}

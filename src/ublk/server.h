@@ -1,0 +1,77 @@
+/* A ublk device served from one image, from creation to removal, and the
+ * state file that describes it to `list`, `del` and `recover`.
+ *
+ * ublk_server_run: lock and open the image, ADD_DEV, SET_PARAMS, start the
+ * queues, START_DEV, write the state file, then serve until STOP_DEV
+ * (from `del`) or SIGINT/SIGTERM/SIGHUP (then it sends STOP_DEV itself);
+ * drain, flush and close the image, DEL_DEV, remove the state file.
+ * On a start-up failure it prints why on stderr and removes what it made.
+ * With opts.recover it instead takes over a device whose daemon died
+ * (START_USER_RECOVERY ... END_USER_RECOVERY); a failure leaves that
+ * device as it was.
+ */
+#ifndef UQ_UBLK_SERVER_H
+#define UQ_UBLK_SERVER_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include "qcow2/image.h"
+
+#define UBLK_STATE_DIR "/run/ublk-qcow2"
+#define UBLK_DEFAULT_QUEUES 1
+#define UBLK_DEFAULT_DEPTH 128
+#define UBLK_MAX_QUEUES 64
+#define UBLK_IO_BUF_BYTES (512u << 10)      /* per tag; max request size */
+
+struct ublk_server_opts {
+    const char *image;          /* absolute path */
+    uint32_t dev_id;            /* UBLK_DEV_ID_AUTO: the kernel picks */
+    unsigned nr_queues;
+    unsigned depth;
+    uint32_t buf_bytes;
+    bool read_only;
+    enum img_format format;
+    uint64_t cache_size;
+    /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
+     * device stays, quiesced, until `recover` starts a new daemon. */
+    bool recovery;
+    /* Take over the existing quiesced device dev_id instead of adding one. */
+    bool recover;
+    /* Start-up progress for a waiting parent: "id N\n" after ADD_DEV and
+     * "ok N\n" once the device is live; -1 for none. */
+    int notify_fd;
+    /* After start-up, send stdout/stderr to STATE_DIR/ublkN.log. */
+    bool log_to_file;
+};
+
+/* Serve one device; returns the process exit code (0: stopped cleanly and
+ * the image was flushed). */
+int ublk_server_run(const struct ublk_server_opts *o);
+
+/* ---- state files: STATE_DIR/ublkN.json ------------------------------------ */
+struct ublk_state {
+    uint32_t id;
+    pid_t pid;
+    char image[PATH_MAX];
+    char format[16];
+    bool read_only;
+    bool recovery;
+    unsigned queues;
+    unsigned depth;
+    uint32_t buf_bytes;
+    uint64_t cache_size;
+};
+
+int ublk_state_write(const struct ublk_state *s);
+/* 0, -ENOENT if there is none, -EINVAL if it cannot be parsed. */
+int ublk_state_read(uint32_t id, struct ublk_state *s);
+void ublk_state_remove(uint32_t id);
+
+/* Append s to out as a JSON string literal (quotes and escapes). */
+void json_put_string(FILE *out, const char *s);
+
+#endif

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# ublk devices used like disks, in the test VM (one boot): ext4 on a qcow2
+# image survives del + add (checksums, e2fsck, qemu-img check); a backing-file
+# overlay takes the writes and leaves its backing file unchanged; --read-only;
+# discard and write-zeroes read back as zeroes; foreground mode stops on SIGINT;
+# --recovery: kill -9 the daemon, `recover`, the waiting read and the data survive.
+# timeout: 600
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+tmp=${UQ_TMP:-}
+[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
+UQ=${UQ:-$root/build/debug/ublk-qcow2}
+[ -x "$UQ" ] || { echo "not ok ublk_fs: no binary $UQ (build first)"; exit 1; }
+export UQ
+
+. "$here/vm_lib.sh"
+vm_require ublk_fs
+
+cat >"$tmp/guest.sh" <<'EOF'
+. "$LIB"
+cd "$W" || exit 1
+mnt=$W/mnt
+mkdir -p "$mnt"
+
+# ---- ext4: write, unmount, del, add again, read back ----
+qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M
+if uq_add -q 2 "$W/fs.qcow2"; then
+	check ublk_fs_mkfs mkfs.ext4 -q -F "$DEV"
+	check ublk_fs_mount mount "$DEV" "$mnt"
+	head -c 24M /dev/urandom > "$mnt/big"
+	for i in $(seq 1 40); do head -c $((i * 997)) /dev/urandom > "$mnt/small$i"; done
+	mkdir -p "$mnt/dir/sub" && echo hello > "$mnt/dir/sub/file"
+	(cd "$mnt" && find . -type f | sort | xargs sha256sum) > "$W/sums"
+	check ublk_fs_umount umount "$mnt"
+	check ublk_fs_e2fsck e2fsck -fn "$DEV"
+	check ublk_fs_del uq_del "$ID"
+	check ublk_fs_qemu_img_check qemu-img check -q "$W/fs.qcow2"
+	if uq_add "$W/fs.qcow2"; then
+		check ublk_fs_remount mount "$DEV" "$mnt"
+		check ublk_fs_checksums eval '(cd "$mnt" && sha256sum --quiet -c "$W/sums")'
+		# Delete a file and trim: discards reach the image, which stays consistent.
+		rm -f "$mnt/big"
+		check ublk_fs_fstrim fstrim "$mnt"
+		check ublk_fs_umount_again umount "$mnt"
+		check ublk_fs_del_again uq_del "$ID"
+		check ublk_fs_qemu_img_check_after_trim qemu-img check -q "$W/fs.qcow2"
+	else
+		nok ublk_fs_remount "second add failed: $(tr '\n' ' ' < "$W/add.err")"
+	fi
+else
+	nok ublk_fs_mkfs "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+umount "$mnt" 2>/dev/null
+rm -f "$W/fs.qcow2"
+
+# ---- backing file: writes land in the overlay only ----
+qemu-img create -q -f qcow2 "$W/base.qcow2" 16M
+qemu-io -c 'write -P 0xab 0 4M' "$W/base.qcow2" >/dev/null
+base_sum=$(sha256sum < "$W/base.qcow2")
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$W/overlay.qcow2"
+if uq_add "$W/overlay.qcow2"; then
+	check ublk_backing_reads_base reads_as "$DEV" 4 253
+	head -c 2M /dev/urandom > "$W/new"
+	check ublk_backing_write dd if="$W/new" of="$DEV" bs=1M seek=1 oflag=direct status=none
+	check ublk_backing_copy dd if="$DEV" of="$W/overlay.raw" bs=1M iflag=direct status=none
+	check ublk_backing_del uq_del "$ID"
+	check ublk_backing_base_unchanged test "$(sha256sum < "$W/base.qcow2")" = "$base_sum"
+	check ublk_backing_overlay_check qemu-img check -q "$W/overlay.qcow2"
+	check ublk_backing_overlay_compare qemu-img compare -q -f raw -F qcow2 "$W/overlay.raw" "$W/overlay.qcow2"
+	check ublk_backing_overlay_has_write eval 'cmp -s -i 0:$((1 << 20)) -n $((2 << 20)) "$W/new" "$W/overlay.raw"'
+else
+	nok ublk_backing_reads_base "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/base.qcow2" "$W/overlay.qcow2" "$W/overlay.raw" "$W/new"
+
+# ---- read-only ----
+qemu-img create -q -f qcow2 "$W/ro.qcow2" 32M
+qemu-io -c 'write -P 0x5a 0 1M' "$W/ro.qcow2" >/dev/null
+ro_sum=$(sha256sum < "$W/ro.qcow2")
+if uq_add --read-only "$W/ro.qcow2"; then
+	check ublk_ro_blockdev_getro test "$(blockdev --getro "$DEV")" = 1
+	check_fails ublk_ro_write_refused "read-only|permission|not permitted|error" \
+		dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct status=none
+	check ublk_ro_reads reads_as "$DEV" 1 132
+	check ublk_ro_qemu_img_info_shares qemu-img info "$W/ro.qcow2"
+	check ublk_ro_json eval '"$UQ" list --json | jq -e ".[] | select(.id == $ID) | .read_only == true"'
+	check ublk_ro_del uq_del "$ID"
+	check ublk_ro_image_unchanged test "$(sha256sum < "$W/ro.qcow2")" = "$ro_sum"
+else
+	nok ublk_ro_blockdev_getro "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/ro.qcow2"
+
+# ---- discard and write-zeroes on a raw image ----
+head -c 32M /dev/urandom > "$W/disk.raw"
+if uq_add -f raw "$W/disk.raw"; then
+	check ublk_raw_discard blkdiscard -o 0 -l 8M "$DEV"
+	check ublk_raw_write_zeroes blkdiscard -z -o 8M -l 8M "$DEV"
+	check ublk_raw_zeroes_read_back reads_as "$DEV" 16 000
+	check ublk_raw_del uq_del "$ID"
+	check ublk_raw_image_zeroed eval 'cmp -s -n $((16 << 20)) "$W/disk.raw" /dev/zero'
+else
+	nok ublk_raw_discard "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/disk.raw"
+
+# ---- foreground mode: SIGINT stops and removes the device ----
+qemu-img create -q -f qcow2 "$W/fg.qcow2" 16M
+"$UQ" add --foreground "$W/fg.qcow2" > "$W/fg.out" 2>&1 &
+fg=$!
+if wait_for 60 grep -q '^/dev/ublkb' "$W/fg.out"; then
+	dev=$(head -n1 "$W/fg.out")
+	check ublk_fg_device test -b "$dev"
+	kill -INT $fg
+	check ublk_fg_exits wait_for 60 eval '! kill -0 $fg 2>/dev/null'
+	wait $fg; rc=$?
+	check ublk_fg_exit_status test $rc = 0
+	check ublk_fg_device_gone test ! -e "$dev"
+else
+	nok ublk_fg_device "no device printed: $(tr '\n' ' ' < "$W/fg.out")"
+	kill -9 $fg 2>/dev/null
+fi
+
+# ---- recovery: the daemon dies, I/O waits, `recover` brings the device back ----
+qemu-img create -q -f qcow2 "$W/rec.qcow2" 64M
+if uq_add --recovery -q 2 "$W/rec.qcow2"; then
+	check_fails ublk_recover_live_refused "LIVE, served by pid" "$UQ" recover -n "$ID"
+	head -c 8M /dev/urandom > "$W/d1"
+	# Flushed (fsync) before the crash: must survive it.
+	check ublk_recovery_write dd if="$W/d1" of="$DEV" bs=1M oflag=direct conv=fsync status=none
+	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
+	kill -9 "$pid"
+	check ublk_recovery_quiesced wait_for 30 eval '[ "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = QUIESCED ]'
+	# A read issued while no daemon runs waits for the next one.
+	(dd if="$DEV" bs=1M count=8 iflag=direct status=none | cmp -s - "$W/d1") &
+	reader=$!
+	check ublk_recover "$UQ" recover -n "$ID"
+	check ublk_recovery_live test "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = LIVE
+	check ublk_recovery_waiting_read wait_for 60 eval '! kill -0 $reader 2>/dev/null'
+	wait $reader; rc=$?
+	check ublk_recovery_waiting_read_data test $rc = 0
+	check ublk_recovery_fio_verify fio_verify "$DEV" --size=16M
+	check ublk_recovery_del uq_del "$ID"
+	check ublk_recovery_qemu_img_check qemu-img check -q "$W/rec.qcow2"
+else
+	nok ublk_recovery_write "add --recovery failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/rec.qcow2" "$W/d1"
+
+check ublk_fs_daemon_logs_clean logs_clean
+[ $FAILED -eq 0 ]
+EOF
+
+vm_run --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+rc=$?
+if [ $rc -eq 125 ]; then
+	echo "not ok ublk_fs_vm: the VM failed to boot or timed out"; exit 1
+fi
+exit $rc
