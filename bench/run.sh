@@ -63,6 +63,8 @@ QCOW2=$DIR/prealloc.qcow2
 RAW=$DIR/prealloc.raw
 EMPTY=$DIR/empty.qcow2
 T_START=$(date +%s.%N)
+# Other work on the machine skews every number: record the load around the run.
+LOAD_START=$(cut -d' ' -f1 /proc/loadavg)
 
 # ---- server bookkeeping: every server we start is stopped on exit ---------
 # Servers are started inside $(...) subshells, so the list is fixed up front.
@@ -260,6 +262,7 @@ if [ "$ONLY" != engine ]; then
     new_empty && measure nbd_qemu_empty alloc_4k m_nbd_qemu "$EMPTY" randwrite_4k
 fi
 rm -f "$EMPTY"
+LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
 T_TOTAL=$(awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 
 # ---- report --------------------------------------------------------------------
@@ -333,6 +336,8 @@ MD=$RESULTS/latest.md
          "$(findmnt -no FSTYPE --target "$DIR") in $DIR."
     echo "IOPS; $SIZE images (preallocation=$PREALLOC for raw and qcow2), iodepth $DEPTH, 1 job," \
          "$SECS s per measurement. r/w cells are read / write IOPS."
+    echo "Load average (1 min) at start $LOAD_START, at end $LOAD_END: other work on the" \
+         "machine lowers and skews the numbers; compare ratios within one run."
     echo
     printf '| path |'; for wl in "${WORKLOADS[@]}"; do printf ' %s |' "${WL_TITLE[$wl]}"; done; echo
     printf '|---|'; for wl in "${WORKLOADS[@]}"; do printf -- '---:|'; done; echo
@@ -382,10 +387,11 @@ jq -n --rawfile res "$DIR/results.tsv" --rawfile rat "$DIR/ratios.tsv" \
     --arg commit "$COMMIT" --arg date "$(date -u +%FT%TZ)" --arg size "$SIZE" \
     --arg prealloc "$PREALLOC" --arg kernel "$(uname -r)" \
     --argjson seconds "$SECS" --argjson depth "$DEPTH" --argjson cpus "$(nproc)" \
-    --argjson total "$T_TOTAL" '
+    --argjson total "$T_TOTAL" --argjson load0 "$LOAD_START" --argjson load1 "$LOAD_END" '
     def num: tonumber? // null;
     {commit: $commit, date: $date, cpus: $cpus, kernel: $kernel, size: $size,
      preallocation: $prealloc, depth: $depth, seconds_each: $seconds, total_seconds: $total,
+     loadavg_start: $load0, loadavg_end: $load1,
      results: [$res | split("\n")[] | select(length > 0) | split(" ")
                | {path: .[0], workload: .[1], read_iops: (.[2] | num), write_iops: (.[3] | num)}],
      ratios: [$rat | split("\n")[] | select(length > 0) | split(" ")

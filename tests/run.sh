@@ -65,6 +65,7 @@ run_one() {
     local asan="$ASAN_OPTIONS:log_path=$scratch/san/asan" ubsan="$UBSAN_OPTIONS:log_path=$scratch/san/ubsan"
 
     : >"$log"
+    local t0=$SECONDS
     # timeout runs the test in its own process group, so leftovers can be found afterwards.
     UQ_TMP=$scratch/tmp UQ_SAN_DIR=$scratch/san ASAN_OPTIONS=$asan UBSAN_OPTIONS=$ubsan \
         timeout -k 10 "$limit" "$t" </dev/null >>"$log" 2>&1 &
@@ -145,6 +146,7 @@ run_one() {
         fi
     fi
 
+    echo "# $rel: $((SECONDS - t0)) s"
     if [[ ${KEEP_TMP:-0} == 1 ]]; then
         echo "# $rel: scratch kept in $scratch"
     else

@@ -135,12 +135,77 @@ int64_t file_size(struct file *f)
     return st.st_size;
 }
 
+/* ---- test hooks ------------------------------------------------------------- */
+
+static const struct file_hooks *file_hooks;
+
+void file_set_hooks(const struct file_hooks *hooks)
+{
+    file_hooks = hooks;
+}
+
+static inline bool hooked(void)
+{
+    return __builtin_expect(file_hooks != NULL, 0);
+}
+
+static int hook_before(struct file *f, enum file_op op, uint64_t off, uint64_t len,
+                       const struct iovec *iov, int iovcnt, unsigned flags)
+{
+    return file_hooks->before ? file_hooks->before(file_hooks->ctx, f, op, off, len, iov, iovcnt, flags) : 0;
+}
+
+static int64_t hook_after(struct file *f, enum file_op op, uint64_t off, uint64_t len,
+                          int64_t result, unsigned flags)
+{
+    if (file_hooks && file_hooks->after)
+        file_hooks->after(file_hooks->ctx, f, op, off, len, result, flags);
+    return result;
+}
+
+static size_t iov_bytes(const struct iovec *iov, int iovcnt)
+{
+    size_t n = 0;
+    for (int i = 0; i < iovcnt; i++)
+        n += iov[i].iov_len;
+    return n;
+}
+
+/* A read hook may shorten a read: with O_DIRECT only to a 512 multiple. */
+static size_t short_len(struct file *f, size_t len, int verdict)
+{
+    if (verdict <= 0 || (size_t)verdict >= len)
+        return len;
+    size_t n = (size_t)verdict;
+    return f->direct ? n & ~(size_t)(DIRECT_ALIGN - 1) : n;
+}
+
+/* ---- I/O ------------------------------------------------------------------------ */
+
+static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off);
+
 ssize_t file_pread(struct file *f, void *buf, size_t len, uint64_t off)
 {
-    return io_pread(f->fd, buf, len, off);
+    if (!hooked())
+        return io_pread(f->fd, buf, len, off);
+    int v = hook_before(f, FILE_OP_READ, off, len, NULL, 0, 0);
+    if (v < 0)
+        return hook_after(f, FILE_OP_READ, off, len, v, 0);
+    return hook_after(f, FILE_OP_READ, off, len, io_pread(f->fd, buf, short_len(f, len, v), off), 0);
 }
 
 ssize_t file_pread_any(struct file *f, void *buf, size_t len, uint64_t off)
+{
+    if (!hooked())
+        return pread_any(f, buf, len, off);
+    int v = hook_before(f, FILE_OP_READ, off, len, NULL, 0, 0);
+    if (v < 0)
+        return hook_after(f, FILE_OP_READ, off, len, v, 0);
+    size_t n = v > 0 && (size_t)v < len ? (size_t)v : len;   /* any length works here */
+    return hook_after(f, FILE_OP_READ, off, len, pread_any(f, buf, n, off), 0);
+}
+
+static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off)
 {
     const uint64_t mask = DIRECT_ALIGN - 1;
     if (!f->direct || ((off | len | (uintptr_t)buf) & mask) == 0)
@@ -181,24 +246,61 @@ ssize_t file_pread_any(struct file *f, void *buf, size_t len, uint64_t off)
 
 ssize_t file_preadv(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off)
 {
-    return io_preadv(f->fd, iov, iovcnt, off);
+    if (!hooked())
+        return io_preadv(f->fd, iov, iovcnt, off);
+    size_t len = iov_bytes(iov, iovcnt);
+    int v = hook_before(f, FILE_OP_READ, off, len, NULL, 0, 0);
+    if (v < 0)
+        return hook_after(f, FILE_OP_READ, off, len, v, 0);
+    size_t want = short_len(f, len, v);
+    if (want == len)
+        return hook_after(f, FILE_OP_READ, off, len, io_preadv(f->fd, iov, iovcnt, off), 0);
+    /* Shortened: read only the first `want` bytes of the vector. */
+    struct iovec *cut = calloc(iovcnt, sizeof(*cut));
+    if (!cut)
+        return hook_after(f, FILE_OP_READ, off, len, -ENOMEM, 0);
+    int n = 0;
+    for (size_t left = want; n < iovcnt && left; n++) {
+        cut[n] = iov[n];
+        if (cut[n].iov_len > left)
+            cut[n].iov_len = left;
+        left -= cut[n].iov_len;
+    }
+    ssize_t r = n ? io_preadv(f->fd, cut, n, off) : 0;
+    free(cut);
+    return hook_after(f, FILE_OP_READ, off, len, r, 0);
 }
 
 /* FUA maps to RWF_DSYNC: the data (and metadata needed to read it back) is
  * durable when the write completes. */
 ssize_t file_pwrite(struct file *f, const void *buf, size_t len, uint64_t off, bool fua)
 {
-    return io_pwrite(f->fd, buf, len, off, fua ? RWF_DSYNC : 0);
+    if (!hooked())
+        return io_pwrite(f->fd, buf, len, off, fua ? RWF_DSYNC : 0);
+    struct iovec iov = { (void *)buf, len };
+    return file_pwritev(f, &iov, 1, off, fua);
 }
 
 ssize_t file_pwritev(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off, bool fua)
 {
-    return io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0);
+    if (!hooked())
+        return io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0);
+    size_t len = iov_bytes(iov, iovcnt);
+    unsigned fl = fua ? FILE_HOOK_FUA : 0;
+    int v = hook_before(f, FILE_OP_WRITE, off, len, iov, iovcnt, fl);
+    if (v < 0)
+        return hook_after(f, FILE_OP_WRITE, off, len, v, fl);
+    return hook_after(f, FILE_OP_WRITE, off, len, io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0), fl);
 }
 
 int file_sync(struct file *f)
 {
-    return io_fdatasync(f->fd);
+    if (!hooked())
+        return io_fdatasync(f->fd);
+    int v = hook_before(f, FILE_OP_SYNC, 0, 0, NULL, 0, 0);
+    if (v < 0)
+        return (int)hook_after(f, FILE_OP_SYNC, 0, 0, v, 0);
+    return (int)hook_after(f, FILE_OP_SYNC, 0, 0, io_fdatasync(f->fd), 0);
 }
 
 static int falloc_ret(int ret)
@@ -206,12 +308,33 @@ static int falloc_ret(int ret)
     return ret == -ENOSYS || ret == -ENOTSUP ? -EOPNOTSUPP : ret;
 }
 
+static int falloc_hooked(struct file *f, enum file_op op, int mode, uint64_t off, uint64_t len)
+{
+    if (!hooked())
+        return falloc_ret(io_fallocate(f->fd, mode, off, len));
+    int v = hook_before(f, op, off, len, NULL, 0, 0);
+    if (v < 0)
+        return (int)hook_after(f, op, off, len, v, 0);
+    return (int)hook_after(f, op, off, len, falloc_ret(io_fallocate(f->fd, mode, off, len)), 0);
+}
+
 int file_punch(struct file *f, uint64_t off, uint64_t len)
 {
-    return falloc_ret(io_fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len));
+    return falloc_hooked(f, FILE_OP_PUNCH, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
 }
 
 int file_zero_range(struct file *f, uint64_t off, uint64_t len)
 {
-    return falloc_ret(io_fallocate(f->fd, FALLOC_FL_ZERO_RANGE, off, len));
+    return falloc_hooked(f, FILE_OP_ZERO_RANGE, FALLOC_FL_ZERO_RANGE, off, len);
+}
+
+int file_allocate(struct file *f, uint64_t off, uint64_t len)
+{
+    int r = io_fallocate(f->fd, 0, off, len);
+    return r == -ENOSYS ? -EOPNOTSUPP : r;
+}
+
+int file_truncate(struct file *f, uint64_t size)
+{
+    return ftruncate(f->fd, (off_t)size) < 0 ? -errno : 0;
 }

@@ -38,5 +38,34 @@ int file_sync(struct file *f);
 /* Deallocate (punch hole) or zero a range; -EOPNOTSUPP where unsupported. */
 int file_punch(struct file *f, uint64_t off, uint64_t len);
 int file_zero_range(struct file *f, uint64_t off, uint64_t len);
+/* Allocate blocks for [off, off+len), extending the file size (fallocate
+ * mode 0); -EOPNOTSUPP where unsupported. */
+int file_allocate(struct file *f, uint64_t off, uint64_t len);
+int file_truncate(struct file *f, uint64_t size);
+
+/* ---- test hooks ------------------------------------------------------------
+ * Fault injection and power-loss recording (tests/crash).  When hooks are
+ * set, every call above that does I/O reports to them; by default there are
+ * none and the cost is one predictable branch. */
+enum file_op { FILE_OP_READ, FILE_OP_WRITE, FILE_OP_SYNC, FILE_OP_PUNCH, FILE_OP_ZERO_RANGE };
+#define FILE_HOOK_FUA (1u << 0)     /* a write with RWF_DSYNC */
+
+struct file_hooks {
+    /* Before the operation (iov is the data of a write, NULL otherwise).
+     * Return 0 to run it, -errno to fail it with that error without running
+     * it, or for a read a positive n < len to read only n bytes (as if the
+     * file ended there). */
+    int (*before)(void *ctx, struct file *f, enum file_op op, uint64_t off, uint64_t len,
+                  const struct iovec *iov, int iovcnt, unsigned flags);
+    /* After it completed (or failed, including by injection): the result as
+     * returned to the caller.  May be NULL. */
+    void (*after)(void *ctx, struct file *f, enum file_op op, uint64_t off, uint64_t len,
+                  int64_t result, unsigned flags);
+    void *ctx;
+};
+
+/* Install hooks for every file of the process (NULL removes them).  The
+ * structure must outlive its use.  Not for production paths. */
+void file_set_hooks(const struct file_hooks *hooks);
 
 #endif

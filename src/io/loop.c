@@ -349,6 +349,24 @@ ssize_t io_send(int fd, const void *buf, size_t len, int flags)
     return ret < 0 ? -errno : ret;
 }
 
+ssize_t io_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    struct loop *l = async_loop();
+    ssize_t ret;
+    if (l) {
+        do {
+            struct io_uring_sqe *sqe = loop_sqe(l);
+            io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags);
+            ret = loop_wait(l, sqe);
+        } while (ret == -EINTR);
+        return ret;
+    }
+    do
+        ret = sendmsg(fd, msg, flags);
+    while (ret < 0 && errno == EINTR);
+    return ret < 0 ? -errno : ret;
+}
+
 ssize_t io_read(int fd, void *buf, size_t len)
 {
     struct loop *l = async_loop();

@@ -46,6 +46,8 @@ int io_fallocate(int fd, int mode, uint64_t off, uint64_t len);
 /* Sockets and other fds (single operation, may be partial). */
 ssize_t io_recv(int fd, void *buf, size_t len, int flags);
 ssize_t io_send(int fd, const void *buf, size_t len, int flags);
+struct msghdr;
+ssize_t io_sendmsg(int fd, const struct msghdr *msg, int flags);
 ssize_t io_read(int fd, void *buf, size_t len);
 int io_accept(int fd);
 /* Loop until all len bytes moved; returns len, 0 on EOF before any byte

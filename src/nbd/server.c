@@ -2,9 +2,11 @@
  * FLUSH, TRIM and WRITE_ZEROES, each served by img_* calls.
  *
  * Per connection: a coroutine runs the handshake and then the receive loop,
- * which parses request headers (and WRITE payloads) from a small receive
- * buffer and spawns one coroutine per request.  Request coroutines send
- * their replies under the connection's send lock.  Misaligned requests from
+ * which parses every complete request (and WRITE payload) it finds in a
+ * receive buffer and spawns one coroutine per request.  Request coroutines
+ * queue their replies; the connection's sender coroutine writes all the
+ * replies queued so far with one sendmsg.  Request structs and their data
+ * buffers are pooled per server.  Misaligned requests from
  * clients that never asked for block sizes are served by read-modify-write
  * under an export-wide lock taken exclusively; all other requests take it
  * shared, so an RMW never races a write to the same sector.
@@ -29,7 +31,12 @@
 #include "qcow2/image.h"
 
 #define SECTOR            512u
-#define RX_BUF_SIZE       (64u << 10)
+#define RX_BUF_SIZE       (256u << 10)  /* one recv takes many small requests */
+#define RX_SMALL          (64u << 10)   /* payloads copied through the buffer */
+#define SEND_BATCH        64u           /* replies per sendmsg */
+#define POOL_REQS_MAX     1024u         /* idle request structs kept */
+#define POOL_BUF_MAX      (64u << 10)   /* larger buffers are not kept */
+#define POOL_BYTES_MAX    (32u << 20)   /* idle buffer memory kept */
 #define MAX_OPTION_LEN    (64u << 10)   /* longer options: hard disconnect */
 
 struct nbd_conn;
@@ -55,6 +62,10 @@ struct nbd_server {
     struct co_queue mem_wait;   /* receive loops waiting for memory */
     struct co_queue idle_wait;  /* nbd_server_wait() */
     struct co_rwlock rmw_lock;  /* shared: aligned I/O; exclusive: RMW */
+
+    struct nbd_req *pool;       /* idle request structs, most keep a buffer */
+    unsigned pool_len;
+    uint64_t pool_bytes;        /* buffer bytes held by idle requests */
 };
 
 struct nbd_conn {
@@ -66,22 +77,30 @@ struct nbd_conn {
     bool no_zeroes;
     bool dead;                  /* a send failed: drop further replies */
     bool dirty;                 /* wrote since its last FLUSH */
+    bool sender_alive;
+    bool closing;               /* no more replies: the sender may end */
     unsigned inflight;
     uint64_t mem_used;          /* this connection's share of s->mem_used */
     struct co_queue slot_wait;  /* receive loop waiting for an in-flight slot */
     struct co_queue idle_wait;  /* connection end waiting for inflight == 0 */
-    struct co_mutex send_lock;  /* one reply on the wire at a time */
+    struct nbd_req *reply_head, *reply_tail;    /* replies not yet sent */
+    struct co_queue send_wait;  /* the sender waiting for replies */
     uint8_t *rx;
     size_t rx_start, rx_end;
 };
 
 struct nbd_req {
     struct nbd_conn *c;
+    struct nbd_req *next;       /* reply queue or pool link */
     uint16_t flags, type;
     uint64_t cookie, off;
     uint32_t len;
     uint64_t cost;              /* bytes reserved against NBD_MEM_LIMIT */
-    uint8_t *payload;           /* WRITE data (io_alloc), else NULL */
+    uint8_t *buf;               /* WRITE payload or READ data (io_alloc) */
+    size_t buf_cap;
+    uint8_t *data;              /* reply data inside buf */
+    uint32_t data_len;
+    uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
 };
 
 static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
@@ -193,6 +212,16 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
     size_t have = c->rx_end - c->rx_start;
     size_t n = have < len ? have : len;
 
+    if (len <= RX_SMALL && n < len) {
+        /* A small payload cut by the end of the buffer: refill the buffer
+         * instead of receiving only the rest, so the same recv also brings
+         * the requests that follow. */
+        int r = rx_need(c, len);
+        if (r <= 0)
+            return r == 0 ? -EPIPE : r;
+        n = len;
+    }
+
     memcpy(dst, c->rx + c->rx_start, n);
     c->rx_start += n;
     if (n < len) {
@@ -209,6 +238,92 @@ static int send_all(struct nbd_conn *c, const void *buf, size_t len)
 {
     ssize_t r = io_send_all(c->fd, buf, len);
     return r < 0 ? (int)r : 0;
+}
+
+/* Send every byte described by iov (modified on the way). */
+static int send_iov(struct nbd_conn *c, struct iovec *iov, int cnt)
+{
+    struct msghdr msg;
+
+    memset(&msg, 0, sizeof(msg));
+    while (cnt > 0) {
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)cnt;
+        ssize_t r = io_sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r < 0)
+            return (int)r;
+        if (r == 0)
+            return -EPIPE;
+        while (cnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+/* ---- request pool ---------------------------------------------------------- */
+
+static struct nbd_req *req_get(struct nbd_conn *c)
+{
+    struct nbd_server *s = c->s;
+    struct nbd_req *rq = s->pool;
+    uint8_t *buf = NULL;
+    size_t cap = 0;
+
+    if (rq) {
+        s->pool = rq->next;
+        s->pool_len--;
+        s->pool_bytes -= rq->buf_cap;
+        buf = rq->buf;
+        cap = rq->buf_cap;
+    } else {
+        rq = malloc(sizeof(*rq));
+        if (!rq)
+            return NULL;
+    }
+    memset(rq, 0, sizeof(*rq));
+    rq->c = c;
+    rq->buf = buf;
+    rq->buf_cap = cap;
+    return rq;
+}
+
+/* A buffer of at least len bytes (contents undefined). */
+static uint8_t *req_buf(struct nbd_req *rq, size_t len)
+{
+    if (rq->buf_cap < len) {
+        size_t cap = round_up(len, IO_ALIGN);
+        io_free(rq->buf);
+        rq->buf = io_alloc(cap);
+        rq->buf_cap = cap;
+    }
+    return rq->buf;
+}
+
+static void req_put(struct nbd_server *s, struct nbd_req *rq)
+{
+    if (rq->buf && (rq->buf_cap > POOL_BUF_MAX || s->pool_bytes + rq->buf_cap > POOL_BYTES_MAX)) {
+        io_free(rq->buf);
+        rq->buf = NULL;
+        rq->buf_cap = 0;
+    }
+    if (s->pool_len >= POOL_REQS_MAX) {
+        io_free(rq->buf);
+        free(rq);
+        return;
+    }
+    rq->next = s->pool;
+    s->pool = rq;
+    s->pool_len++;
+    s->pool_bytes += rq->buf_cap;
 }
 
 /* ---- handshake ------------------------------------------------------------- */
@@ -499,11 +614,12 @@ static int zeroes_aligned(struct image *img, uint64_t off, uint64_t len, unsigne
     return r;
 }
 
-/* READ: returns the data pointer in *data (inside *base) on success. */
-static int do_read(struct nbd_req *rq, uint8_t **base, uint8_t **data)
+/* READ: on success the reply data is rq->data. */
+static int do_read(struct nbd_req *rq)
 {
     struct nbd_server *s = rq->c->s;
     uint64_t a0, a1;
+    uint8_t *buf;
     int r;
 
     r = req_check(rq, NBD_CMD_FLAG_FUA, false);   /* FUA on a read: nothing to persist */
@@ -517,13 +633,15 @@ static int do_read(struct nbd_req *rq, uint8_t **base, uint8_t **data)
         return -EINVAL;
     a0 = round_down(rq->off, SECTOR);
     a1 = round_up(rq->off + rq->len, SECTOR);
-    /* Room for the reply header right before the data: one send per reply. */
-    *base = io_alloc(IO_ALIGN + (a1 - a0));
-    *data = *base + IO_ALIGN + (rq->off - a0);
+    buf = req_buf(rq, a1 - a0);
     co_rwlock_rdlock(&s->rmw_lock);
-    r = img_read(s->img, *base + IO_ALIGN, a0, a1 - a0);
+    r = img_read(s->img, buf, a0, a1 - a0);
     co_rwlock_unlock(&s->rmw_lock);
-    return r < 0 ? r : 0;
+    if (r < 0)
+        return r;
+    rq->data = buf + (rq->off - a0);
+    rq->data_len = rq->len;
+    return 0;
 }
 
 static int do_write(struct nbd_req *rq)
@@ -540,7 +658,7 @@ static int do_write(struct nbd_req *rq)
     rq->c->dirty = true;
     if (aligned(rq)) {
         co_rwlock_rdlock(&s->rmw_lock);
-        r = img_write(s->img, rq->payload, rq->off, rq->len, flags);
+        r = img_write(s->img, rq->buf, rq->off, rq->len, flags);
         co_rwlock_unlock(&s->rmw_lock);
         return r < 0 ? r : 0;
     }
@@ -560,7 +678,7 @@ static int do_write(struct nbd_req *rq)
     if (r >= 0 && rq->off + rq->len != a1 && (alen > SECTOR || rq->off == a0))
         r = img_read(s->img, bounce + alen - SECTOR, a1 - SECTOR, SECTOR);
     if (r >= 0) {
-        memcpy(bounce + (rq->off - a0), rq->payload, rq->len);
+        memcpy(bounce + (rq->off - a0), rq->buf, rq->len);
         r = img_write(s->img, bounce, a0, alen, flags);
     }
     co_rwlock_unlock(&s->rmw_lock);
@@ -653,10 +771,8 @@ static void req_free(struct nbd_req *rq)
 {
     struct nbd_conn *c = rq->c;
 
-    if (rq->payload)
-        io_free(rq->payload);
     mem_release(c, rq->cost);
-    free(rq);
+    req_put(c->s, rq);
     c->inflight--;
     co_queue_wake_one(&c->slot_wait);
     if (c->inflight == 0)
@@ -667,16 +783,13 @@ static void req_run(void *arg)
 {
     struct nbd_req *rq = arg;
     struct nbd_conn *c = rq->c;
-    uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
-    uint8_t *base = NULL, *data = NULL, *reply = hdr;
-    size_t reply_len = NBD_SIMPLE_REPLY_SIZE;
     int err;
 
     if (c->s->stopping) {
         err = -ESHUTDOWN;   /* received after shutdown began */
     } else {
         switch (rq->type) {
-        case NBD_CMD_READ:         err = do_read(rq, &base, &data); break;
+        case NBD_CMD_READ:         err = do_read(rq); break;
         case NBD_CMD_WRITE:        err = do_write(rq); break;
         case NBD_CMD_FLUSH:        err = do_flush(rq); break;
         case NBD_CMD_TRIM:         err = do_trim(rq); break;
@@ -684,24 +797,62 @@ static void req_run(void *arg)
         default:                   err = -EINVAL; break;   /* unknown or not negotiated */
         }
     }
-    if (rq->type == NBD_CMD_READ && err == 0 && rq->len) {
-        reply = data - NBD_SIMPLE_REPLY_SIZE;
-        reply_len += rq->len;
-    }
-    nbd_put32(reply, NBD_SIMPLE_REPLY_MAGIC);
-    nbd_put32(reply + 4, nbd_error(err));
-    nbd_put64(reply + 8, rq->cookie);
+    if (err)
+        rq->data_len = 0;
+    nbd_put32(rq->hdr, NBD_SIMPLE_REPLY_MAGIC);
+    nbd_put32(rq->hdr + 4, nbd_error(err));
+    nbd_put64(rq->hdr + 8, rq->cookie);
 
-    co_mutex_lock(&c->send_lock);
-    if (!c->dead && send_all(c, reply, reply_len) < 0) {
-        /* The client is gone: stop the receive loop too. */
-        c->dead = true;
-        shutdown(c->fd, SHUT_RDWR);
+    if (c->dead) {
+        req_free(rq);
+        return;
     }
-    co_mutex_unlock(&c->send_lock);
-    if (base)
-        io_free(base);
-    req_free(rq);
+    /* The sender owns the request from here and frees it once sent. */
+    rq->next = NULL;
+    if (c->reply_tail)
+        c->reply_tail->next = rq;
+    else
+        c->reply_head = rq;
+    c->reply_tail = rq;
+    co_queue_wake_one(&c->send_wait);
+}
+
+/* Writes the queued replies, as many per sendmsg as have piled up while
+ * the previous one was on its way. */
+static void conn_sender(void *arg)
+{
+    struct nbd_conn *c = arg;
+    struct nbd_req *batch[SEND_BATCH];
+    struct iovec iov[2 * SEND_BATCH];
+
+    for (;;) {
+        unsigned n = 0;
+        int niov = 0;
+
+        while (!c->reply_head && !c->closing)
+            co_queue_wait(&c->send_wait);
+        if (!c->reply_head)
+            break;
+        while (c->reply_head && n < SEND_BATCH) {
+            struct nbd_req *rq = c->reply_head;
+            c->reply_head = rq->next;
+            batch[n++] = rq;
+            iov[niov++] = (struct iovec){ rq->hdr, sizeof(rq->hdr) };
+            if (rq->data_len)
+                iov[niov++] = (struct iovec){ rq->data, rq->data_len };
+        }
+        if (!c->reply_head)
+            c->reply_tail = NULL;
+        if (!c->dead && send_iov(c, iov, niov) < 0) {
+            /* The client is gone: stop the receive loop too. */
+            c->dead = true;
+            shutdown(c->fd, SHUT_RDWR);
+        }
+        for (unsigned i = 0; i < n; i++)
+            req_free(batch[i]);
+    }
+    c->sender_alive = false;
+    co_queue_wake_all(&c->idle_wait);
 }
 
 /* The receive loop of the transmission phase. */
@@ -729,12 +880,11 @@ static void conn_serve(struct nbd_conn *c)
             conn_log(c, "bad request magic 0x%08x, closing", magic);
             break;
         }
-        rq = calloc(1, sizeof(*rq));
+        rq = req_get(c);
         if (!rq) {
             conn_log(c, "out of memory, closing");
             break;
         }
-        rq->c = c;
         rq->flags = nbd_get16(h + 4);
         rq->type = nbd_get16(h + 6);
         rq->cookie = nbd_get64(h + 8);
@@ -743,14 +893,14 @@ static void conn_serve(struct nbd_conn *c)
         c->rx_start += NBD_REQUEST_SIZE;
 
         if (rq->type == NBD_CMD_DISC) {
-            free(rq);
+            req_put(c->s, rq);
             break;
         }
         if (rq->type == NBD_CMD_WRITE && rq->len > NBD_BLOCK_MAX) {
             /* Its payload cannot be buffered: the stream is lost. */
             conn_log(c, "write of %u bytes exceeds the %u byte maximum, closing",
                      rq->len, NBD_BLOCK_MAX);
-            free(rq);
+            req_put(c->s, rq);
             break;
         }
 
@@ -764,8 +914,7 @@ static void conn_serve(struct nbd_conn *c)
         c->inflight++;
 
         if (rq->type == NBD_CMD_WRITE && rq->len) {
-            rq->payload = io_alloc(rq->len);
-            r = rx_copy(c, rq->payload, rq->len);
+            r = rx_copy(c, req_buf(rq, rq->len), rq->len);
             if (r < 0) {
                 conn_log(c, "connection lost in the middle of a write payload: %s",
                          r == -EPIPE || r == -ECONNRESET ? "closed by the client" : strerror(-r));
@@ -784,10 +933,17 @@ static void conn_run(void *arg)
     struct nbd_conn *c = arg;
     struct nbd_server *s = c->s;
 
-    if (conn_handshake(c) == 1)
+    if (conn_handshake(c) == 1) {
+        c->sender_alive = true;
+        co_spawn(conn_sender, c);
         conn_serve(c);
+    }
 
     while (c->inflight)
+        co_queue_wait(&c->idle_wait);
+    c->closing = true;
+    co_queue_wake_all(&c->send_wait);
+    while (c->sender_alive)
         co_queue_wait(&c->idle_wait);
     /* Make a departing client's writes durable even if it never flushed
      * (the metadata cache may hold them).  Cheap: once per disconnect. */
@@ -835,7 +991,6 @@ int nbd_server_add_client(struct nbd_server *s, int fd)
     c->s = s;
     c->fd = fd;
     c->id = ++s->next_id;
-    c->send_lock = (struct co_mutex)CO_MUTEX_INIT;
     c->next = s->conns;
     if (s->conns)
         s->conns->prev = c;
@@ -952,6 +1107,12 @@ void nbd_server_free(struct nbd_server *s)
         return;
     if (s->wake_fd >= 0)
         close(s->wake_fd);
+    while (s->pool) {
+        struct nbd_req *rq = s->pool;
+        s->pool = rq->next;
+        io_free(rq->buf);
+        free(rq);
+    }
     free(s->name);
     free(s->description);
     free(s);

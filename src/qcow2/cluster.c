@@ -63,6 +63,30 @@ static bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
            (q->h.nb_snapshots && ranges_overlap(off, len, q->h.snapshots_offset, cs));
 }
 
+/* Does the old content of a cluster, as the COW source, read as zeros? */
+static bool reads_as_zero_for_cow(const struct qcow2 *q, uint64_t e)
+{
+    enum qcow2_cluster_type t = etype(q, e);
+    return t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
+           (t == QCOW2_CLUSTER_UNALLOCATED && !q->backing);
+}
+
+/* Clusters past the known end of the file are legitimate only if the
+ * refcounts say they are ours (a writer may crash after counting and
+ * mapping a cluster but before writing it); a hostile entry pointing far
+ * away must not make us grow the file there. */
+static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
+{
+    if (host + len <= q->host_end)
+        return true;
+    for (uint64_t c = host >> cl_bits(q); c <= (host + len - 1) >> cl_bits(q); c++) {
+        uint64_t rc;
+        if (rc_get(q, c, &rc) < 0 || rc != 1)
+            return false;
+    }
+    return true;
+}
+
 static struct inflight_alloc *find_alloc(struct qcow2 *q, uint64_t cluster)
 {
     for (struct inflight_alloc *a = q->allocs; a; a = a->next)
@@ -389,18 +413,28 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
 
     uint64_t host = e0 & L2E_OFFSET_MASK, got = 1;
     uint8_t *head = NULL, *tail = NULL;
+    bool fresh = false;
     int r = 0;
     if (!reuse) {
         co_mutex_lock(&q->alloc_lock);
+        uint64_t end_before = q->host_end;
         r = alloc_clusters(q, want, &host, &got);
         co_mutex_unlock(&q->alloc_lock);
         if (r < 0)
             goto out;
         a.last = c0 + got - 1;
+        /* Clusters past the file's end were never written: they read as
+         * zeros already, so COW from zeros needs no write at all. */
+        fresh = host >= end_before;
     }
     uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs;
     uint64_t data_end = MIN(end, span_end);
     uint64_t head_len = off - span_start, tail_len = span_end - data_end;
+    if (fresh && reads_as_zero_for_cow(q, e0) &&
+        reads_as_zero_for_cow(q, l2e_get(q, s, idx + (uint32_t)got - 1))) {
+        head_len = tail_len = 0;
+        host += off - span_start;
+    }
     struct iovec iov[3];
     int niov = 0;
     if (head_len) {
@@ -419,6 +453,7 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         ssize_t w = file_pwritev(&q->file, iov, niov, host, false);
         r = w < 0 ? (int)w : 0;
     }
+    host -= host & (cs - 1);    /* back to the first cluster if only data was written */
     if (r < 0) {
         if (!reuse)     /* nothing points at the new clusters yet: free them now */
             for (uint64_t i = 0; i < got; i++)
@@ -439,6 +474,20 @@ out:
     mcache_put(&q->l2c, s);
     unlink_alloc(q, &a);
     return r;
+}
+
+/* Are the L2 entries in slice s, and the L1 entries naming L2 tables, on
+ * disk as they are in memory?  Conservative: any dirty L1 sector or a flush
+ * (or refcount-table growth) in progress counts as "not yet". */
+static bool mapping_durable(struct qcow2 *q, const struct mslice *s)
+{
+    if (s->dirty || q->flush_lock.locked)
+        return false;
+    uint64_t sectors = ((uint64_t)q->h.l1_size * 8 + 511) / 512;
+    for (uint64_t i = 0; i < sectors; i++)
+        if (q->l1_dirty[i])
+            return false;
+    return true;
 }
 
 int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t len, unsigned flags)
@@ -479,10 +528,18 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
                     break;
                 n += MIN(len - n, cs);
             }
+            /* RWF_DSYNC makes only the data durable: if the entries
+             * mapping it are not on disk yet (allocated since the last
+             * flush, or a flush is writing them now), FUA needs a flush. */
+            if (fua && !mapping_durable(q, s))
+                metadata_changed = true;
             mcache_put(&q->l2c, s);
-            if (hits_fixed_metadata(q, first_host, n + offset_into_cluster(q, off))) {
-                qcow2_mark_broken(q, "guest offset 0x%llx maps onto image metadata at 0x%llx",
-                                  (unsigned long long)off, (unsigned long long)first_host);
+            uint64_t span = n + offset_into_cluster(q, off);
+            bool on_meta = hits_fixed_metadata(q, first_host, span);
+            if (on_meta || !owned_past_end(q, first_host, span)) {
+                qcow2_mark_broken(q, "guest offset 0x%llx maps %s at 0x%llx", (unsigned long long)off,
+                                  on_meta ? "onto image metadata" : "to an unowned cluster past the end of the file",
+                                  (unsigned long long)first_host);
                 r = -EIO;
                 break;
             }
@@ -503,7 +560,8 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         len -= n;
     }
     qreq_end(q, &rq);
-    /* FUA: in-place writes used RWF_DSYNC; new mappings need a full flush. */
+    /* FUA: in-place writes to durable mappings used RWF_DSYNC; new or
+     * not yet durable mappings need a full flush. */
     if (r == 0 && fua && metadata_changed)
         r = qcow2_flush(q);
     return r;
@@ -601,7 +659,6 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
 {
     struct qcow2 *q = to_qcow2(img);
     struct qreq rq;
-    bool metadata_changed = false;
     int r = 0;
     if (q->broken)
         return -EIO;
@@ -618,7 +675,6 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
             /* nothing to do */
         } else if (whole && q->h.version >= 3 && !q->extl2) {
             r = update_whole_cluster(q, off, zero_entry);
-            metadata_changed = true;
         } else {
             r = write_zero_bytes(q, off, n, 0);
         }
@@ -626,7 +682,10 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
         len -= n;
     }
     qreq_end(q, &rq);
-    if (r == 0 && (flags & IMG_FUA) && metadata_changed)
+    /* FUA always flushes: even a range that already reads as zeros may do
+     * so only through entries not yet durable (a discard since the last
+     * flush), and the zero-byte writes above ran without FUA. */
+    if (r == 0 && (flags & IMG_FUA))
         r = qcow2_flush(q);
     return r;
 }

@@ -117,7 +117,10 @@ struct qcow2 {
     struct deferred_free *frees_pending;   /* L2 change not yet durable */
     struct deferred_free *frees_ready;     /* durable; apply once no old request runs */
 
-    uint64_t host_end;          /* image file end as far as we know (bounds checks) */
+    uint64_t host_end;          /* end of everything allocated or present at open */
+    uint64_t file_len;          /* the file's size as we set it (>= host_end) */
+    uint64_t open_len;          /* the file's size at open */
+    bool no_prealloc;           /* fallocate unsupported here */
     bool flush_failed;          /* a sync failed: never report a later one as success */
     bool need_repair;           /* dirty bit: rebuild refcounts before writing */
     bool broken;                /* metadata found corrupt at run time: refuse writes */
@@ -134,6 +137,9 @@ static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) 
 /* qcow2.c */
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
+/* fdatasync the image file; once one failed, every later call fails (the
+ * kernel may have dropped dirty pages: fsyncgate). */
+int qcow2_sync(struct qcow2 *q);
 int qcow2_write_header_fields(struct qcow2 *q);
 void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void qreq_begin(struct qcow2 *q, struct qreq *r);
@@ -145,6 +151,8 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
 /* Allocate up to n contiguous free clusters (at least one) with refcount 1;
  * returns the host offset and the count in *got. Caller holds alloc_lock. */
 int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got);
+/* Record that [0, end) is now in use; preallocates the file ahead. */
+void note_host_end(struct qcow2 *q, uint64_t end);
 /* Queue one reference drop on every cluster of [off, off+len) after the next
  * flush makes the unreferencing L2/L1 change durable. */
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);

@@ -115,7 +115,7 @@ static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t 
     return ret;
 }
 
-static int sync_image(struct qcow2 *q)
+int qcow2_sync(struct qcow2 *q)
 {
     if (q->flush_failed)
         return -EIO;
@@ -166,16 +166,16 @@ int qcow2_flush(struct qcow2 *q)
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r);
     if (r == 0)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
-        r = sync_image(q);
+        r = qcow2_sync(q);
     r = write_sector_copies(q, l1, nl1, r);
     if (r == 0 && (nl2 || nl1))
-        r = sync_image(q);
+        r = qcow2_sync(q);
 
     if (r == 0) {
         /* The changes that dropped these references are durable now. */
@@ -226,8 +226,10 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
             return -EINVAL;
         }
         ssize_t n = file_pread_any(&q->file, fixed, 40, pos);
-        if (n < 0)
+        if (n < 0) {
+            snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
             return (int)n;
+        }
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
         unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
@@ -243,6 +245,8 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
     if (!buf)
         return -ENOMEM;
     ssize_t n = file_pread_any(&q->file, buf, total, q->h.snapshots_offset);
+    if (n < 0)
+        snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
     int r = n < 0 ? (int)n
           : qcow2_snapshots_parse(&q->h, buf, (size_t)n, q->h.nb_snapshots, &q->snapshots, err, errlen);
     free(buf);
@@ -390,6 +394,10 @@ static int qcow2_close(struct image *img)
         r = qcow2_flush(q);
         if (r == 0 && (q->frees_ready || mcache_has_dirty(&q->rcc)))
             r = qcow2_flush(q);
+        /* Give back the preallocated tail nothing was allocated in. */
+        uint64_t keep = q->host_end > q->open_len ? q->host_end : q->open_len;
+        if (r == 0 && q->file_len > keep)
+            file_truncate(&q->file, keep);
     }
     qcow2_free(q);
     return r;
@@ -442,7 +450,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "%s: cannot stat: %s", f->path, strerror((int)-fsize));
         goto fail_nofile;
     }
-    q->host_end = (uint64_t)fsize;
+    q->host_end = q->file_len = q->open_len = (uint64_t)fsize;
 
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */

@@ -10,7 +10,23 @@
 struct raw {
     struct file file;
     bool probed;
+    bool flush_failed;      /* a sync failed: never report a later one as success */
 };
+
+/* After a failed fdatasync the kernel may have dropped dirty pages, so a
+ * later one could succeed without them: fail every later sync (fsyncgate). */
+static int raw_sync(struct raw *r)
+{
+    if (r->flush_failed)
+        return -EIO;
+    int ret = file_sync(&r->file);
+    if (ret < 0) {
+        r->flush_failed = true;
+        fprintf(stderr, "ublk-qcow2: %s: flush failed (%s); the image is suspect from now on\n",
+                r->file.path, strerror(-ret));
+    }
+    return ret;
+}
 
 static int raw_read(struct image *img, void *buf, uint64_t off, uint64_t len)
 {
@@ -37,7 +53,7 @@ static int raw_write(struct image *img, const void *buf, uint64_t off, uint64_t 
 static int raw_flush(struct image *img)
 {
     struct raw *r = img->priv;
-    return file_sync(&r->file);
+    return raw_sync(r);
 }
 
 static int raw_discard(struct image *img, uint64_t off, uint64_t len)
@@ -66,14 +82,14 @@ static int raw_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsig
         io_free(zero);
     }
     if (ret == 0 && (flags & IMG_FUA))
-        ret = file_sync(&r->file);
+        ret = raw_sync(r);
     return ret;
 }
 
 static int raw_close(struct image *img)
 {
     struct raw *r = img->priv;
-    int ret = img->read_only ? 0 : file_sync(&r->file);
+    int ret = img->read_only ? 0 : raw_sync(r);
     file_close(&r->file);
     free(r);
     free(img->path);

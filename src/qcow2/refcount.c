@@ -111,9 +111,7 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
         return r;
     q->reftable[ti] = c * cl_size(q);
     q->reftable_dirty[ti * 8 / 512] = 1;
-    uint64_t end = (c + 1) * cl_size(q);
-    if (end > q->host_end)
-        q->host_end = end;
+    note_host_end(q, (c + 1) * cl_size(q));
     return 0;
 }
 
@@ -169,7 +167,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
     mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
     ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
-    if (w < 0 || (ret = file_sync(&q->file)) < 0) {
+    if (w < 0 || (ret = qcow2_sync(q)) < 0) {
         ret = w < 0 ? (int)w : ret;
         goto out;
     }
@@ -179,7 +177,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     q->h.refcount_table_clusters = (uint32_t)ntable;
     ret = qcow2_write_header_fields(q);
     if (ret == 0)
-        ret = file_sync(&q->file);
+        ret = qcow2_sync(q);    /* a failure here marks the image suspect too */
     if (ret < 0) {
         q->h.refcount_table_offset = old_off;
         q->h.refcount_table_clusters = (uint32_t)old_clusters;
@@ -192,8 +190,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     q->reftable_entries = entries;
     newtab = NULL;
     newdirty = NULL;
-    if ((start + nblocks + ntable) * cs > q->host_end)
-        q->host_end = (start + nblocks + ntable) * cs;
+    note_host_end(q, (start + nblocks + ntable) * cs);
     /* The header no longer names the old table: its clusters are free. */
     for (uint64_t i = 0; i < old_clusters && ret == 0; i++)
         ret = rc_update(q, old_off / cs + i, -1);
@@ -257,10 +254,29 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             q->free_hint = c + k;
         *host_off = c * cl_size(q);
         *got = k;
-        if ((c + k) * cl_size(q) > q->host_end)
-            q->host_end = (c + k) * cl_size(q);
+        note_host_end(q, (c + k) * cl_size(q));
         return 0;
     }
+}
+
+/* Writes past the end of the file extend it, and file systems serialise
+ * those (ext4 takes the inode lock exclusively).  As QEMU's preallocate
+ * filter does, allocate blocks ahead in large steps so that new clusters
+ * are written inside the file; close trims the unused tail again.  The
+ * preallocated range reads as zeros, which fresh-cluster writes rely on. */
+void note_host_end(struct qcow2 *q, uint64_t end)
+{
+    if (end > q->host_end)
+        q->host_end = end;
+    if (end <= q->file_len || q->no_prealloc)
+        return;
+    uint64_t step = end / 8 > (16u << 20) ? end / 8 : (16u << 20);
+    uint64_t want = (end + step + (1u << 20) - 1) & ~((1ull << 20) - 1);
+    int r = file_allocate(&q->file, q->file_len, want - q->file_len);
+    if (r == 0)
+        q->file_len = want;
+    else
+        q->no_prealloc = true;   /* plain extending writes still work */
 }
 
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)

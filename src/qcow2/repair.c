@@ -320,7 +320,7 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
     q->reftable = newtab;
     q->reftable_dirty = newdirty;
     q->reftable_entries = entries;
-    q->host_end = (start + area) * cs;
+    note_host_end(q, (start + area) * cs);
     q->free_hint = 0;
     mcache_discard_range(&q->rcc, 0, UINT64_MAX);
     mcache_discard_range(&q->l2c, 0, UINT64_MAX);

@@ -16,6 +16,7 @@ ROUNDS=1
 [[ ${SOAK:-0} == 1 ]] && ROUNDS=${SOAK_ROUNDS:-5}
 
 FAIL=  # reason of the current case's failure
+FAILED_CASES=0
 
 fail() { [[ -n $FAIL ]] || FAIL=$*; return 1; }
 
@@ -73,7 +74,7 @@ apply_workload() {
     if [[ $fmt == qcow2 ]]; then cs=$(img_csize "$ours"); else cs=65536; fi
     {
         [[ ${#extra[@]} -gt 0 ]] && printf '%s\n' "${extra[@]}"
-        python3 "$WORKLOAD" "$seed" "$size" "$cs" "${wopts[@]}"
+        "$PYTHON" "$WORKLOAD" "$seed" "$size" "$cs" "${wopts[@]}"
     } >"$dir/workload.txt" || { fail "workload generator failed"; return 1; }
 
     qio "$fmt" "$ref" "$dir/workload.txt" || { fail "qemu-io on the reference failed (harness)"; return 1; }
@@ -123,6 +124,9 @@ run_case() {
         note "=== $label (seed $seed)"
         "$func" "$dir" "$seed" "$@"
         if [[ -n $FAIL ]]; then
+            # Keep the failed case's files (seen with KEEP_TMP=1).
+            local keep=$UQ_TMP/failed-$((++FAILED_CASES))
+            mv "$dir" "$keep" && note "files of the failed case: $keep"
             notok "$label" "$FAIL (seed $seed)"
         else
             ok "$label"

@@ -34,6 +34,11 @@ for row in "${MATRIX[@]}"; do
     run_case "$name" case_standard "$opts" "$size"
 done
 
+# A metadata cache far smaller than the metadata (512 L2 tables of 512 bytes): the workload
+# keeps evicting dirty L2 tables and refcount blocks, so write-back order is exercised.
+run_case "cluster_size=512 cache-size=64k" case_standard "cluster_size=512" 16M \
+    --server-opt --cache-size --server-opt 65536
+
 # --- dirty image with lazy refcounts ---------------------------------------------------------
 # QEMU writes with lazy refcounts and is killed: the dirty bit stays set and the refcounts may
 # be stale.  The server must repair before writing; QEMU does the same on the reference copy.

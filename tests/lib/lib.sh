@@ -27,6 +27,12 @@ export UQ UQ_TMP NBD_SERVER
 
 LIB_FAILED=0
 
+# The distribution's python3 (tests/deps.sh installs it): a version-manager shim in PATH can
+# cost a second or more per start on a loaded machine.
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x /usr/bin/python3 ]]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
+
 ok()    { echo "ok $1"; }
 notok() { echo "not ok $1: ${2:-failed}"; LIB_FAILED=1; }
 skip()  { echo "skip $1: ${2:-skipped}"; }
@@ -114,7 +120,7 @@ start_nbd() {
     _nbd_cmdline "$@" || return 2
     rm -f "$NBD_SOCK" "$NBD_PIDFILE" "$NBD_FIFO"
     mkfifo "$NBD_FIFO"
-    python3 "$LIB_DIR/reaper.py" "$NBD_FIFO" "$NBD_PIDFILE" -- \
+    "$PYTHON" "$LIB_DIR/reaper.py" "$NBD_FIFO" "$NBD_PIDFILE" -- \
         timeout -k 5 "$NBD_START_TIMEOUT" "${NBD_CMD[@]}" </dev/null >"$NBD_LOG" 2>&1 &
     NBD_REAPER=$!
     exec {NBD_FD}<"$NBD_FIFO"
@@ -237,12 +243,38 @@ qio() {
 
 # header_field IMAGE OFFSET SIZE: a big-endian header field as a decimal number.
 header_field() {
-    python3 - "$1" "$2" "$3" <<'EOF'
+    "$PYTHON" - "$1" "$2" "$3" <<'EOF'
 import sys
 with open(sys.argv[1], "rb") as f:
     f.seek(int(sys.argv[2]))
     print(int.from_bytes(f.read(int(sys.argv[3])), "big"))
 EOF
+}
+
+# --- sanitizers ---------------------------------------------------------------------------
+# tests/run.sh points ASan/UBSan log_path into UQ_SAN_DIR, so reports of daemons are kept.
+SAN_RE='ERROR: AddressSanitizer|runtime error:|LeakSanitizer'
+
+# san_clean [LOGFILE...]: true if no sanitizer report appeared since the last call (report
+# files are moved to UQ_SAN_DIR/seen, where tests/run.sh still counts them) and none is in the
+# given log files.  Reports are copied to stderr.
+san_clean() {
+    local f clean=0
+    if [[ -n ${UQ_SAN_DIR:-} && -d $UQ_SAN_DIR ]]; then
+        mkdir -p "$UQ_SAN_DIR/seen"
+        for f in "$UQ_SAN_DIR"/*; do
+            [[ -f $f && -s $f ]] || continue
+            clean=1
+            head -60 "$f" | sed 's/^/# san: /' >&2
+            mv "$f" "$UQ_SAN_DIR/seen/"
+        done
+    fi
+    for f in "$@"; do
+        if [[ -f $f ]] && grep -q -E "$SAN_RE" "$f"; then
+            clean=1
+        fi
+    done
+    return $clean
 }
 
 # --- cleanup -------------------------------------------------------------------------------

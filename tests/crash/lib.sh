@@ -1,0 +1,100 @@
+# Shared by the crash suites: build crashsim, pick a fast scratch directory,
+# and prepare the starting images.  Source after tests/lib/lib.sh.
+
+CRASH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# build_crashsim: compile tests/crash/crashsim.c against the library next to $UQ
+# (sanitized if that library is) into $CRASHSIM.  Prints a `not ok` and returns 1 on failure.
+build_crashsim() {
+    local lib san libs
+    lib=$(dirname "$UQ")/libublkqcow2.a
+    if [[ ! -f $lib ]]; then
+        notok "${1}_build" "no $lib (build the project first: make MODE=debug unit)"
+        return 1
+    fi
+    san=
+    grep -qa __asan_init "$lib" && san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
+    libs=$(pkg-config --libs liburing zlib libzstd 2>/dev/null || echo -luring -lz -lzstd)
+    CRASHSIM=$UQ_TMP/crashsim
+    # shellcheck disable=SC2086
+    if ! cc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -O1 -g $san \
+        -I"$REPO_ROOT/src" -o "$CRASHSIM" "$CRASH_DIR/crashsim.c" "$lib" $libs -lpthread \
+        2>"$UQ_TMP/cc.log"; then
+        notok "${1}_build" "$(head -n3 "$UQ_TMP/cc.log" | tr '\n' ' ')"
+        return 1
+    fi
+}
+
+# crash_workdir: set W to a scratch directory for many image copies and syncs: tmpfs when
+# there is one (syncs are free there: the simulator models durability itself), else $UQ_TMP.
+# Not in a $(...) subshell: the cleanup must be registered in the script itself.
+crash_workdir() {
+    W=
+    if [[ -d /dev/shm && -w /dev/shm ]]; then
+        W=$(mktemp -d /dev/shm/uq-crash.XXXXXX 2>/dev/null) || W=
+    fi
+    if [[ -n $W ]]; then
+        at_exit "rm -rf '$W'"
+    else
+        W=$UQ_TMP/work
+        mkdir -p "$W"
+    fi
+}
+
+# qio_quiet IMAGE CMD...: qemu-io commands on a qcow2 image, output to the log.
+qio_quiet() {
+    local img=$1; shift
+    local args=() c
+    for c in "$@"; do args+=(-c "$c"); done
+    timeout -k 5 120 qemu-io -f qcow2 "$img" "${args[@]}" >"$UQ_TMP/qio.out" 2>&1
+    local rc=$?
+    grep -v -E '^(wrote|read|discard) [0-9]+/[0-9]+ bytes|^[0-9.]+ (bytes|[KMGT]iB), [0-9]+ ops' \
+        "$UQ_TMP/qio.out" | head -20 >&2
+    return $rc
+}
+
+# prep_image CONFIG DIR: create DIR/init.qcow2 (and DIR/backing.raw if it has one) for one of
+# the configurations below; prints the backing raw path or "-".
+#   snap64k   v3, 64 KiB clusters, 16-bit refcounts: data, compressed clusters, an internal
+#             snapshot sharing them, more data on top.
+#   backv2    v2 (compat 0.10), 4 KiB clusters, over a raw backing file with varied content:
+#             partial writes copy from the backing file, discard shows it again.
+#   tiny512   v3, 512-byte clusters, 64-bit refcounts, 1.8 MiB of data: the workload pushes
+#             the file past what one refcount-table cluster describes (table growth).
+#   dirty     v3, 64 KiB clusters, 4-bit refcounts, lazy refcounts, left dirty by a crash
+#             (qemu-io abort): the engine repairs it on open, and that is recorded too.
+prep_image() {
+    local cfg=$1 d=$2
+    rm -f "$d/init.qcow2" "$d/backing.raw"
+    case $cfg in
+    snap64k)
+        qemu-img create -q -f qcow2 -o cluster_size=64k,refcount_bits=16 "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0x11 0 1M" "write -c -P 0x22 1536k 256k" \
+            "write -c -P 0x23 3M 128k" &&
+        qemu-img snapshot -c s1 "$d/init.qcow2" &&
+        qio_quiet "$d/init.qcow2" "write -P 0x33 512k 192k" "write -P 0x34 2M 64k" || return 1
+        echo - ;;
+    backv2)
+        qemu-img create -q -f raw "$d/backing.raw" 4M &&
+        timeout 60 qemu-io -f raw "$d/backing.raw" -c "write -P 0x41 0 1M" -c "write -P 0x42 1M 1M" \
+            -c "write -P 0x43 2M 1536k" >/dev/null &&
+        qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k -b backing.raw -F raw \
+            "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0x51 8k 64k" "write -P 0x52 1M 32k" || return 1
+        echo "$d/backing.raw" ;;
+    tiny512)
+        qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0x61 0 1850k" || return 1
+        echo - ;;
+    dirty)
+        qemu-img create -q -f qcow2 -o cluster_size=64k,refcount_bits=4,lazy_refcounts=on \
+            "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0x71 0 1M" || return 1
+        # abort() leaves the dirty bit set and the refcounts stale.
+        (ulimit -c 0; timeout 60 qemu-io -f qcow2 "$d/init.qcow2" -c "write -P 0x72 1M 512k" \
+            -c "write -P 0x73 3M 64k" -c abort >/dev/null 2>&1) 2>/dev/null
+        [[ $(( $(header_field "$d/init.qcow2" 72 8) & 1 )) -eq 1 ]] || return 1
+        echo - ;;
+    *) return 1 ;;
+    esac
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Power-loss simulation.  For each image configuration (see prep_image in lib.sh), crashsim
+# records a seeded random workload run by the engine at depth 6 (allocating and partial-cluster
+# writes, COW from zeros / the backing file / snapshot-shared and compressed clusters, discard,
+# write-zeroes, refcount-table growth, FUA writes, flushes), then builds crash images: the
+# starting image plus every write a completed sync made durable plus a random subset (whole,
+# dropped, sector-torn, prefix) of the writes in flight.  Verdicts for every crash image:
+#   (a) qemu-img check: exit 0 or 3 (leaks allowed), never corruption (for a crash image
+#       still dirty, after the engine's repair on open, i.e. in (c));
+#   (b) the guest view (qemu-img convert) holds every sector acknowledged before a completed
+#       flush (or FUA), every other sector one of its possible values, and the engine reads
+#       exactly what qemu reads;
+#   (c) the engine opens it, writes, flushes, reads back, closes; qemu-img check: 0 or 3.
+# CI runs a bounded sample; SOAK=1 many more (several seeds, more states each).
+# timeout: 600
+# soak-timeout: 7200
+. "$(dirname "$0")/../lib/lib.sh"
+. "$(dirname "$0")/lib.sh"
+
+need_cmd qemu-img qemu-io cc || { skip powerloss "qemu-img, qemu-io or cc missing"; exit 0; }
+build_crashsim powerloss || exit 1
+crash_workdir
+
+if [[ ${SOAK:-0} == 1 ]]; then
+    SEEDS=(1 2 3 4 5 6); STATES=300; OPS=400
+else
+    SEEDS=(${POWERLOSS_SEED:-$((RANDOM % 1000 + 1))}); STATES=${POWERLOSS_STATES:-36}; OPS=200
+fi
+CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty})
+BATCH=12
+TOTAL=0
+
+# keep_failure NAME FILE...: copy evidence to $UQ_TMP/failures (kept with KEEP_TMP=1).
+keep_failure() {
+    local name=$1; shift
+    mkdir -p "$UQ_TMP/failures/$name"
+    cp "$@" "$UQ_TMP/failures/$name/" 2>/dev/null
+    note "evidence kept in $UQ_TMP/failures/$name"
+}
+
+# first_failure MSG: remember the first failure of a configuration.
+first_failure() { [[ -n $first ]] || first=$1; }
+
+# run_config CONFIG SEED: record, then check STATES crash states in batches.
+run_config() {
+    local cfg=$1 seed=$2 name="powerloss_${1}_seed$2" d="$W/$1.$2"
+    mkdir -p "$d"
+    local back
+    back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return; }
+    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
+        { notok "$name" "qemu-img convert of the starting image failed"; return; }
+    [[ $back == - ]] || cp "$back" "$d/log.backraw"
+    cp "$d/init.qcow2" "$d/work.qcow2"
+    if ! timeout -k 5 300 "$CRASHSIM" record "$d/work.qcow2" "$d/log" --seed "$seed" --ops "$OPS" \
+        --depth 6 >"$d/record.out" 2>&1; then
+        sed 's/^/#   /' "$d/record.out" | tail -20 >&2
+        notok "$name" "the workload itself failed: $(grep -m1 problem "$d/record.out")"
+        keep_failure "$name" "$d/init.qcow2" "$d/record.out"
+        return
+    fi
+    note "$cfg seed $seed: $(cat "$d/record.out")"
+    # After a clean close: no leaks at all.
+    if ! qimg_check "$d/work.qcow2"; then
+        notok "$name" "qemu-img check after the recorded run and a clean close: exit $?"
+        keep_failure "$name" "$d/work.qcow2" "$d/init.qcow2"
+        return
+    fi
+
+    local done=0 fails=0 first= leaks=0 dirty_n=0
+    while [[ $done -lt $STATES && $fails -eq 0 ]]; do
+        local n=$((STATES - done < BATCH ? STATES - done : BATCH))
+        rm -f "$d"/st.* "$d/list"
+        if ! timeout -k 5 300 "$CRASHSIM" crash "$d/log" "$d/init.qcow2" "$d/st" \
+            --seed $((seed * 1000 + done)) --count-states "$n" >"$d/states" 2>"$d/crash.err"; then
+            notok "$name" "crashsim crash failed: $(head -c 300 "$d/crash.err")"; return
+        fi
+        local i t dirty rest rc
+        while read -r i t dirty rest; do
+            t=${t#t=}; dirty=${dirty#dirty=}
+            local img="$d/st.$i.qcow2" raw="$d/st.$i.raw" sid="seed $seed state $((done + i)) t=$t"
+            if [[ $dirty == 0 ]]; then
+                qemu-img check "$img" >"$d/check.out" 2>&1; rc=$?
+                if [[ $rc -ne 0 && $rc -ne 3 ]]; then
+                    first_failure "(a) $sid: qemu-img check exit $rc: $(grep -m1 -E 'ERROR|Leaked|corrupt' "$d/check.out")"
+                    sed 's/^/#   /' "$d/check.out" | head -20 >&2
+                    keep_failure "$name.$((done + i))" "$img" "$d/states"
+                    fails=$((fails + 1)); continue
+                fi
+                [[ $rc -eq 3 ]] && leaks=$((leaks + 1))
+            else
+                dirty_n=$((dirty_n + 1))
+            fi
+            if ! qemu-img convert -f qcow2 -O raw "$img" "$raw" 2>"$d/convert.err"; then
+                first_failure "(b) $sid: qemu-img convert failed: $(head -c 200 "$d/convert.err")"
+                keep_failure "$name.$((done + i))" "$img"
+                fails=$((fails + 1)); continue
+            fi
+            echo "$img $raw $t" >>"$d/list"
+        done <"$d/states"
+        if [[ -s $d/list ]]; then
+            timeout -k 5 600 "$CRASHSIM" check "$d/log" "$d/log.initraw" "${back/#*backing.raw/$d/log.backraw}" \
+                "$d/list" >"$d/check-list.out" 2>"$d/check-list.err"
+            grep -v '^ok ' "$d/check-list.out" | sed 's/^/#   /' >&2
+            local word img2 why
+            while read -r word img2 why; do
+                [[ $word == ok || $word == bad ]] || continue
+                img2=${img2%:}; local k=${img2##*/st.}; k=${k%.qcow2}
+                if [[ $word != ok ]]; then
+                    first_failure "(b/c) seed $seed state $((done + k)): $why; $(grep -m2 -E 'reopen:|sector' "$d/check-list.out" | tr '\n' ' ')"
+                    keep_failure "$name.$((done + k))" "$img2" "$d/states" "$d/check-list.out" "$d/init.qcow2" \
+                        "$d"/log.* "$d/list"
+                    fails=$((fails + 1)); continue
+                fi
+                qemu-img check "$img2" >"$d/check.out" 2>&1; rc=$?
+                if [[ $rc -ne 0 && $rc -ne 3 ]]; then
+                    first_failure "(c) seed $seed state $((done + k)): qemu-img check after the engine's own writes: exit $rc: $(grep -m1 -E 'ERROR|corrupt' "$d/check.out")"
+                    sed 's/^/#   /' "$d/check.out" | head -20 >&2
+                    keep_failure "$name.$((done + k))" "$img2" "$d/states"
+                    fails=$((fails + 1))
+                fi
+            done <"$d/check-list.out"
+            if [[ $(grep -c -E '^(ok|bad) ' "$d/check-list.out") -ne $(grep -c '' "$d/list") ]]; then
+                first_failure "crashsim check stopped early: $(tail -c 300 "$d/check-list.err")"
+                fails=$((fails + 1))
+            fi
+        fi
+        done=$((done + n))
+    done
+    TOTAL=$((TOTAL + done))
+    if [[ $fails -gt 0 ]]; then
+        notok "$name" "$first (starting image: prep_image $cfg; workload: crashsim record --seed $seed --ops $OPS --depth 6)"
+    else
+        ok "$name: $done crash states ($leaks with leaks, $dirty_n still dirty) pass (a) check, (b) data, (c) reopen+write"
+    fi
+    rm -rf "$d"
+}
+
+for seed in "${SEEDS[@]}"; do
+    for cfg in "${CONFIGS[@]}"; do
+        run_config "$cfg" "$seed"
+    done
+done
+echo "# powerloss: $TOTAL crash states checked"
