@@ -65,6 +65,13 @@ for tool in qemu-img qemu-nbd fio jq nbdkit awk; do
 done
 
 mkdir -p "$DIR" "$DIR/logs" "$RESULTS" || die "cannot create $DIR"
+# Two runs sharing BENCH_DIR would mix their results and stop each other's
+# servers (same pid files): the second one waits for the first.
+exec 8>"$DIR/.lock" || die "cannot open $DIR/.lock"
+if ! flock -n 8; then
+    log "another bench run is using $DIR; waiting for it (set BENCH_DIR to run elsewhere)"
+    flock -w 3600 8 || die "timed out waiting for the other bench run in $DIR"
+fi
 case "$(findmnt -no FSTYPE --target "$DIR" 2>/dev/null)" in
     tmpfs|ramfs) log "warning: $DIR is on $(findmnt -no FSTYPE --target "$DIR"), not a real disk" ;;
 esac
