@@ -68,7 +68,8 @@ soak: deps
 	$(MAKE) debug
 	SOAK=1 tests/run.sh build/debug
 
-# The main job: serve a demo image over NBD and let qemu-img judge it.
+# The main job: a demo image as a ublk block device with ext4 on it (in a VM
+# if this kernel has no ublk), then over NBD; qemu-img judges each image.
 demo: deps
 	$(MAKE) all
 	scripts/demo.sh

@@ -10,15 +10,22 @@
 #   nbd:     our NBD export vs qemu-nbd --cache=none --aio=io_uring vs
 #            nbdkit null (what the fio nbd client itself can reach),
 #            all driven by fio --ioengine=nbd over a unix socket;
-#   empty:   4k randwrite on an empty (allocating) qcow2, ours vs qemu-nbd.
+#   empty:   4k randwrite on an empty (allocating) qcow2, ours vs qemu-nbd;
+#   ublk:    one boot of the test VM (tests/vm/vm.sh; this host kernel has no
+#            ublk) running bench/vm_ublk.sh: fio io_uring O_DIRECT 4k randread
+#            and randwrite on /dev/ublkbN (qcow2 and raw), the kernel loop
+#            driver with direct I/O (the limit) and qemu-nbd on /dev/nbd0,
+#            all on preallocated images in the guest's tmpfs.
 # Writes a Markdown table and a JSON file to bench/results/latest.{md,json}.
 #
 # Environment:
 #   BENCH_DIR      scratch directory on a real disk (default /var/tmp/ublk-qcow2-bench)
 #   BENCH_SECONDS  seconds per measurement (default 8)
-#   BENCH_ONLY     engine | nbd (default: both)
+#   BENCH_ONLY     engine | nbd | ublk (default: all three)
 #   BENCH_SIZE     image size (default 2G)
 #   BENCH_DEPTH    queue depth (default 128)
+#   BENCH_UBLK_SIZE   image size in the VM's tmpfs (default 1G; the VM gets 4G RAM)
+#   BENCH_UBLK_DEPTH  fio iodepth in the VM (default 64)
 #   BENCH_FRESH=1  recreate the preallocated images even if they look reusable
 #   BENCH_RESULTS  where to write latest.{md,json} (default bench/results)
 #
@@ -44,8 +51,13 @@ SIZE=${BENCH_SIZE:-2G}
 DEPTH=${BENCH_DEPTH:-128}
 RESULTS=${BENCH_RESULTS:-$SCRIPT_DIR/results}
 PREALLOC=full
+USIZE=${BENCH_UBLK_SIZE:-1G}
+UDEPTH=${BENCH_UBLK_DEPTH:-64}
+VM_SH=$SCRIPT_DIR/../tests/vm/vm.sh
 
-case "$ONLY" in all|engine|nbd) ;; *) die "BENCH_ONLY must be engine or nbd (got '$ONLY')" ;; esac
+case "$ONLY" in all|engine|nbd|ublk) ;; *) die "BENCH_ONLY must be engine, nbd or ublk (got '$ONLY')" ;; esac
+[[ "$UDEPTH" =~ ^[0-9]+$ ]] && [ "$UDEPTH" -gt 0 ] || die "BENCH_UBLK_DEPTH must be a positive integer"
+[[ "$USIZE" =~ ^[0-9]+[KMG]?$ ]] || die "BENCH_UBLK_SIZE must be a size like 512M or 1G (got '$USIZE')"
 [[ "$SECS" =~ ^[0-9]+$ ]] && [ "$SECS" -gt 0 ] || die "BENCH_SECONDS must be a positive integer"
 [[ "$DEPTH" =~ ^[0-9]+$ ]] && [ "$DEPTH" -gt 0 ] || die "BENCH_DEPTH must be a positive integer"
 for tool in qemu-img qemu-nbd fio jq nbdkit awk; do
@@ -53,6 +65,13 @@ for tool in qemu-img qemu-nbd fio jq nbdkit awk; do
 done
 
 mkdir -p "$DIR" "$DIR/logs" "$RESULTS" || die "cannot create $DIR"
+# Two runs sharing BENCH_DIR would mix their results and stop each other's
+# servers (same pid files): the second one waits for the first.
+exec 8>"$DIR/.lock" || die "cannot open $DIR/.lock"
+if ! flock -n 8; then
+    log "another bench run is using $DIR; waiting for it (set BENCH_DIR to run elsewhere)"
+    flock -w 3600 8 || die "timed out waiting for the other bench run in $DIR"
+fi
 case "$(findmnt -no FSTYPE --target "$DIR" 2>/dev/null)" in
     tmpfs|ramfs) log "warning: $DIR is on $(findmnt -no FSTYPE --target "$DIR"), not a real disk" ;;
 esac
@@ -223,7 +242,9 @@ images_ok() {
         [ "$(cat "$DIR/images.stamp" 2>/dev/null)" = "$stamp" ] &&
         qemu-img check -q -f qcow2 "$QCOW2" >/dev/null 2>&1
 }
-if images_ok; then
+if [ "$ONLY" = ublk ]; then
+    :  # the VM makes its own images in its tmpfs
+elif images_ok; then
     log "reusing preallocated images in $DIR"
 else
     log "creating $SIZE images with preallocation=$PREALLOC in $DIR"
@@ -241,27 +262,60 @@ new_empty() { rm -f "$EMPTY" && qemu-img create -q -f qcow2 "$EMPTY" "$SIZE"; }
 # ---- run ---------------------------------------------------------------------
 : >"$DIR/results.tsv"
 for wl in "${WORKLOADS[@]}"; do
-    if [ "$ONLY" != nbd ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = engine ]; then
         measure engine_qcow2 "$wl" m_engine "$QCOW2" qcow2 "$wl"
         measure engine_raw "$wl" m_engine "$RAW" raw "$wl"
         measure fio_raw "$wl" m_fio_file "$RAW" "$wl"
         measure qemu_img_bench "$wl" m_qemu_img_bench "$QCOW2" "$wl"
     fi
-    if [ "$ONLY" != engine ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = nbd ]; then
         measure nbd_ours "$wl" m_nbd_ours "$QCOW2" "$wl"
         measure nbd_qemu "$wl" m_nbd_qemu "$QCOW2" "$wl"
         measure nbd_null "$wl" m_nbd_null "$wl"
     fi
 done
 # Allocating writes: a fresh empty image for each contender.
-if [ "$ONLY" != nbd ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = engine ]; then
     new_empty && measure engine_qcow2_empty alloc_4k m_engine "$EMPTY" qcow2 randwrite_4k randwrite
 fi
-if [ "$ONLY" != engine ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = nbd ]; then
     new_empty && measure nbd_ours_empty alloc_4k m_nbd_ours "$EMPTY" randwrite_4k
     new_empty && measure nbd_qemu_empty alloc_4k m_nbd_qemu "$EMPTY" randwrite_4k
 fi
 rm -f "$EMPTY"
+
+# ublk: one VM boot; its result lines go straight into results.tsv as vm_*.
+UBLK_ROWS=(vm_ublk_qcow2 vm_ublk_raw vm_loop_raw vm_qemu_nbd)
+UBLK_WORKLOADS=(randread_4k randwrite_4k)
+UBLK_CHECK=
+run_vm_ublk() {
+    local out=$DIR/logs/vm-ublk.out rc=0 row wl
+    log "ublk: booting the test VM (tests/vm/vm.sh, QEMU TCG), $USIZE images, iodepth $UDEPTH ..."
+    # Guest progress goes to our stderr as it happens; results to $out.
+    "$VM_SH" --mem 4G --timeout $((300 + 8 * (SECS + 60))) -- \
+        bash "$SCRIPT_DIR/vm_ublk.sh" "$BIN" "$SECS" "$UDEPTH" "$USIZE" >"$out" || rc=$?
+    case $rc in
+        0) ;;
+        125) log "ublk: the VM failed to boot or timed out (VM_VERBOSE=1 shows its console)" ;;
+        *) log "ublk: some measurements failed in the VM (exit $rc)" ;;
+    esac
+    UBLK_CHECK=$(sed -n 's/^UQBENCH-INFO qcow2_check //p' "$out")
+    UBLK_KERNEL=$(sed -n 's/^UQBENCH-INFO kernel //p' "$out")
+    for row in "${UBLK_ROWS[@]}"; do
+        for wl in "${UBLK_WORKLOADS[@]}"; do
+            local line
+            line=$(awk -v p="${row#vm_}" -v w="$wl" '$1 == "UQBENCH" && $2 == p && $3 == w { print $4, $5; exit }' "$out")
+            [ -n "$line" ] || line="n/a n/a"
+            log "$row $wl: $line"
+            echo "$row $wl $line" >>"$DIR/results.tsv"
+        done
+    done
+    return $rc
+}
+UBLK_KERNEL=
+if [ "$ONLY" = all ] || [ "$ONLY" = ublk ]; then
+    run_vm_ublk
+fi
 LOAD_END=$(cut -d' ' -f1 /proc/loadavg)
 T_TOTAL=$(awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 
@@ -316,6 +370,10 @@ declare -A LABEL=(
     [engine_qcow2_empty]="ours, engine (\`bench\`), empty qcow2"
     [nbd_ours_empty]="ours, NBD export, empty qcow2"
     [nbd_qemu_empty]="qemu-nbd, empty qcow2"
+    [vm_ublk_qcow2]="ours, \`ublk-qcow2 add\` /dev/ublkbN, qcow2"
+    [vm_ublk_raw]="ours, \`ublk-qcow2 add -f raw\` /dev/ublkbN, raw file"
+    [vm_loop_raw]="kernel loop driver, --direct-io=on, raw file (the limit)"
+    [vm_qemu_nbd]="qemu-nbd --cache=none --aio=io_uring on the kernel nbd driver, qcow2"
 )
 ROWS=(engine_qcow2 engine_raw fio_raw qemu_img_bench nbd_ours nbd_qemu nbd_null)
 EMPTY_ROWS=(engine_qcow2_empty nbd_ours_empty nbd_qemu_empty)
@@ -326,6 +384,20 @@ RATIOS=(
     "engine_qcow2 fio_raw ours engine qcow2 / limit"
     "nbd_ours nbd_null ours NBD / nbdkit null"
 )
+# NUMERATOR DENOMINATOR TARGET TEXT
+UBLK_RATIOS=(
+    "vm_ublk_qcow2 vm_qemu_nbd 6 ublk qcow2 / qemu-nbd"
+    "vm_ublk_qcow2 vm_ublk_raw 0.9 ublk qcow2 / ublk raw"
+    "vm_ublk_qcow2 vm_loop_raw 0.65 ublk qcow2 / kernel loop"
+)
+HAVE_HOST=; [ "$ONLY" = ublk ] || HAVE_HOST=1
+HAVE_UBLK=; [ "$ONLY" = all ] || [ "$ONLY" = ublk ] && HAVE_UBLK=1
+
+# meets RATIO TARGET -> yes / no / n/a
+meets() {
+    case "$1" in n/a) echo "n/a"; return ;; esac
+    awk -v r="${1%x}" -v t="$2" 'BEGIN { print (r >= t) ? "yes" : "no" }'
+}
 
 COMMIT=$(git -C "$SCRIPT_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)
 MD=$RESULTS/latest.md
@@ -334,10 +406,14 @@ MD=$RESULTS/latest.md
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, $(nproc) CPUs, kernel $(uname -r)," \
          "$(findmnt -no FSTYPE --target "$DIR") in $DIR."
-    echo "IOPS; $SIZE images (preallocation=$PREALLOC for raw and qcow2), iodepth $DEPTH, 1 job," \
-         "$SECS s per measurement. r/w cells are read / write IOPS."
     echo "Load average (1 min) at start $LOAD_START, at end $LOAD_END: other work on the" \
          "machine lowers and skews the numbers; compare ratios within one run."
+    echo
+  if [ -n "$HAVE_HOST" ]; then
+    echo "## Engine and NBD export (on this host)"
+    echo
+    echo "IOPS; $SIZE images (preallocation=$PREALLOC for raw and qcow2), iodepth $DEPTH, 1 job," \
+         "$SECS s per measurement. r/w cells are read / write IOPS."
     echo
     printf '| path |'; for wl in "${WORKLOADS[@]}"; do printf ' %s |' "${WL_TITLE[$wl]}"; done; echo
     printf '|---|'; for wl in "${WORKLOADS[@]}"; do printf -- '---:|'; done; echo
@@ -371,32 +447,72 @@ MD=$RESULTS/latest.md
         esac
     done
     echo
+  fi
+  if [ -n "$HAVE_UBLK" ]; then
+    echo "## ublk block devices (inside the test VM)"
+    echo
+    echo "One boot of tests/vm/vm.sh: QEMU TCG (no KVM), 2 vCPUs, 4G RAM, Debian kernel" \
+         "${UBLK_KERNEL:-?}. $USIZE images in the guest's tmpfs, preallocation=full," \
+         "the same data (zeroes) as qcow2 and raw. fio io_uring O_DIRECT 4k, 1 job," \
+         "iodepth $UDEPTH, $SECS s per measurement; ublk-qcow2 with 1 queue. IOPS are" \
+         "emulator-bound: the ratios are what counts."
+    echo
+    echo "| path | randread 4k | randwrite 4k |"
+    echo "|---|---:|---:|"
+    for row in "${UBLK_ROWS[@]}"; do
+        echo "| ${LABEL[$row]} | $(cell "$row" randread_4k) | $(cell "$row" randwrite_4k) |"
+    done
+    echo
+    echo "| ratio | randread 4k | randwrite 4k | target | met |"
+    echo "|---|---:|---:|---:|---|"
+    for spec in "${UBLK_RATIOS[@]}"; do
+        read -r a b t text <<<"$spec"
+        r1=$(ratio "$a" "$b" randread_4k); r2=$(ratio "$a" "$b" randwrite_4k)
+        echo "| $text | $r1 | $r2 | >= ${t}x | $(meets "$r1" "$t") / $(meets "$r2" "$t") |"
+    done
+    echo
+    echo "qemu-img check on the qcow2 after all its runs: ${UBLK_CHECK:-not run}."
+    echo
+  fi
     echo "Total run time: ${T_TOTAL} s."
 } >"$MD"
 
 # JSON: the raw numbers plus the same ratios.
 : >"$DIR/ratios.tsv"
-for spec in "${RATIOS[@]}"; do
-    read -r a b text <<<"$spec"
-    for wl in "${WORKLOADS[@]}"; do echo "$a $b $wl $(ratio "$a" "$b" "$wl")"; done
-done >>"$DIR/ratios.tsv"
-echo "nbd_ours_empty nbd_qemu_empty alloc_4k $(ratio nbd_ours_empty nbd_qemu_empty alloc_4k)" \
-    >>"$DIR/ratios.tsv"
+if [ -n "$HAVE_HOST" ]; then
+    for spec in "${RATIOS[@]}"; do
+        read -r a b text <<<"$spec"
+        for wl in "${WORKLOADS[@]}"; do echo "$a $b $wl $(ratio "$a" "$b" "$wl")"; done
+    done >>"$DIR/ratios.tsv"
+    echo "nbd_ours_empty nbd_qemu_empty alloc_4k $(ratio nbd_ours_empty nbd_qemu_empty alloc_4k)" \
+        >>"$DIR/ratios.tsv"
+fi
+if [ -n "$HAVE_UBLK" ]; then
+    for spec in "${UBLK_RATIOS[@]}"; do
+        read -r a b t text <<<"$spec"
+        for wl in "${UBLK_WORKLOADS[@]}"; do echo "$a $b $wl $(ratio "$a" "$b" "$wl") $t"; done
+    done >>"$DIR/ratios.tsv"
+fi
 
 jq -n --rawfile res "$DIR/results.tsv" --rawfile rat "$DIR/ratios.tsv" \
     --arg commit "$COMMIT" --arg date "$(date -u +%FT%TZ)" --arg size "$SIZE" \
     --arg prealloc "$PREALLOC" --arg kernel "$(uname -r)" \
     --argjson seconds "$SECS" --argjson depth "$DEPTH" --argjson cpus "$(nproc)" \
-    --argjson total "$T_TOTAL" --argjson load0 "$LOAD_START" --argjson load1 "$LOAD_END" '
+    --argjson total "$T_TOTAL" --argjson load0 "$LOAD_START" --argjson load1 "$LOAD_END" \
+    --arg only "$ONLY" --arg vmkernel "$UBLK_KERNEL" --arg usize "$USIZE" \
+    --argjson udepth "$UDEPTH" --arg ucheck "$UBLK_CHECK" '
     def num: tonumber? // null;
     {commit: $commit, date: $date, cpus: $cpus, kernel: $kernel, size: $size,
      preallocation: $prealloc, depth: $depth, seconds_each: $seconds, total_seconds: $total,
-     loadavg_start: $load0, loadavg_end: $load1,
+     loadavg_start: $load0, loadavg_end: $load1, sections: $only,
+     ublk_vm: (if $only == "all" or $only == "ublk" then
+                {kernel: $vmkernel, size: $usize, depth: $udepth, qcow2_check: $ucheck}
+               else null end),
      results: [$res | split("\n")[] | select(length > 0) | split(" ")
                | {path: .[0], workload: .[1], read_iops: (.[2] | num), write_iops: (.[3] | num)}],
      ratios: [$rat | split("\n")[] | select(length > 0) | split(" ")
               | {numerator: .[0], denominator: .[1], workload: .[2],
-                 ratio: (.[3] | rtrimstr("x") | num)}]}' >"$RESULTS/latest.json" ||
+                 ratio: (.[3] | rtrimstr("x") | num), target: (.[4] | num)}]}' >"$RESULTS/latest.json" ||
     die "cannot write $RESULTS/latest.json"
 
 cat "$MD"
