@@ -98,3 +98,16 @@ prep_image() {
     *) return 1 ;;
     esac
 }
+
+# prep_run_dir NAME CONFIG DIR: the starting image DIR/init.qcow2 (and its
+# raw views for the verifier: log.initraw, log.backraw for a backing file),
+# and DIR/work.qcow2, the copy the workload runs on.  Reports NAME failed
+# and returns 1 if any step fails.
+prep_run_dir() {
+    local name=$1 cfg=$2 d=$3 back
+    back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return 1; }
+    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
+        { notok "$name" "qemu-img convert of the starting image failed"; return 1; }
+    [[ $back == - ]] || cp "$back" "$d/log.backraw"
+    cp "$d/init.qcow2" "$d/work.qcow2"
+}

@@ -34,12 +34,9 @@ scenario() {
     local name=faults_$1 cfg=$2; shift 2
     local d="$W/$name"
     mkdir -p "$d"
-    local back
-    back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return; }
-    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
-        { notok "$name" "qemu-img convert of the starting image failed"; return; }
-    [[ $back == - ]] || cp "$back" "$d/log.backraw"
-    cp "$d/init.qcow2" "$d/work.qcow2"
+    prep_run_dir "$name" "$cfg" "$d" || return
+    local backraw=-
+    [[ -e $d/log.backraw ]] && backraw=$d/log.backraw
     local args=("$@")
     local limit_i
     for limit_i in "${!args[@]}"; do
@@ -74,8 +71,6 @@ scenario() {
     fi
     qemu-img convert -f qcow2 -O raw "$d/work.qcow2" "$d/work.raw" ||
         { notok "$name" "qemu-img convert after close failed"; return; }
-    local backraw=-
-    [[ $back == - ]] || backraw=$d/log.backraw
     if [[ " $* " == *" SHORT "* ]]; then
         # A short read looks like the end of the file: the engine reads the rest as zeros (as
         # QEMU does past the end of a file), so data read short may have been copied on write

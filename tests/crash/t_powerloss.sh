@@ -45,12 +45,9 @@ first_failure() { [[ -n $first ]] || first=$1; }
 run_config() {
     local cfg=$1 seed=$2 name="powerloss_${1}_seed$2" d="$W/$1.$2"
     mkdir -p "$d"
-    local back
-    back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return; }
-    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
-        { notok "$name" "qemu-img convert of the starting image failed"; return; }
-    [[ $back == - ]] || cp "$back" "$d/log.backraw"
-    cp "$d/init.qcow2" "$d/work.qcow2"
+    prep_run_dir "$name" "$cfg" "$d" || return
+    local backraw=-
+    [[ -e $d/log.backraw ]] && backraw=$d/log.backraw
     if ! timeout -k 5 300 "$CRASHSIM" record "$d/work.qcow2" "$d/log" --seed "$seed" --ops "$OPS" \
         --depth 6 >"$d/record.out" 2>&1; then
         sed 's/^/#   /' "$d/record.out" | tail -20 >&2
@@ -98,7 +95,7 @@ run_config() {
             echo "$img $raw $t" >>"$d/list"
         done <"$d/states"
         if [[ -s $d/list ]]; then
-            timeout -k 5 600 "$CRASHSIM" check "$d/log" "$d/log.initraw" "${back/#*backing.raw/$d/log.backraw}" \
+            timeout -k 5 600 "$CRASHSIM" check "$d/log" "$d/log.initraw" "$backraw" \
                 "$d/list" >"$d/check-list.out" 2>"$d/check-list.err"
             grep -v '^ok ' "$d/check-list.out" | sed 's/^/#   /' >&2
             local word img2 why
