@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "io/log.h"
 
 #define UQ_VERSION "0.1.0"
 
@@ -25,11 +26,9 @@ static const struct subcommand subcommands[] = {
 void cli_error(const char *fmt, ...)
 {
     va_list ap;
-    fputs("ublk-qcow2: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    uq_verror(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 static void usage(FILE *out)

@@ -1,4 +1,5 @@
 /* One ublk device's life: set-up, serving, teardown (see server.h). */
+#include "io/log.h"
 #include "ublk/server.h"
 #include "io/imagelock.h"
 #include "ublk/ctrl.h"
@@ -25,16 +26,6 @@
 #define MCL_ONFAULT 4
 #endif
 
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...)
-{
-    va_list ap;
-    fputs("ublk-qcow2: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-}
 
 static bool notify(int fd, const char *what, uint32_t id)
 {
@@ -54,11 +45,11 @@ static bool notify(int fd, const char *what, uint32_t id)
 static void protect_from_reclaim(void)
 {
     if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 && errno != EINVAL)
-        say("warning: PR_SET_IO_FLUSHER failed: %s", strerror(errno));
+        uq_error("warning: PR_SET_IO_FLUSHER failed: %s", strerror(errno));
     /* ONFAULT: lock pages as they are touched, not every reserved stack. */
     if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
         (errno != EINVAL || mlockall(MCL_CURRENT | MCL_FUTURE) < 0))
-        say("warning: mlockall failed: %s (memory pressure could stall the device)",
+        uq_error("warning: mlockall failed: %s (memory pressure could stall the device)",
             strerror(errno));
 }
 
@@ -111,14 +102,14 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     int r = ublk_ctrl_add_dev(ctrl, info);
     if (r < 0) {
         if (r == -EEXIST)
-            say("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
+            uq_error("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
                 o->dev_id, o->dev_id);
         else
-            say("cannot add a ublk device: %s", strerror(-r));
+            uq_error("cannot add a ublk device: %s", strerror(-r));
         return r;
     }
     if (info->nr_hw_queues != o->nr_queues)
-        say("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
+        uq_error("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
     if (!info->max_io_buf_bytes || info->max_io_buf_bytes > o->buf_bytes)
         info->max_io_buf_bytes = o->buf_bytes;
     return 0;
@@ -133,13 +124,13 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     int r = ublk_ctrl_get_dev_info(ctrl, id, info);
     if (r < 0) {
         if (r == -ENODEV)
-            say("there is no ublk device %u", id);
+            uq_error("there is no ublk device %u", id);
         else
-            say("ublk device %u: %s", id, strerror(-r));
+            uq_error("ublk device %u: %s", id, strerror(-r));
         return r;
     }
     if (!(info->flags & UBLK_F_USER_RECOVERY)) {
-        say("ublk device %u was not added with --recovery; it cannot be taken over", id);
+        uq_error("ublk device %u was not added with --recovery; it cannot be taken over", id);
         return -EINVAL;
     }
     struct ublk_params params;
@@ -148,24 +139,24 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     params.types = UBLK_PARAM_TYPE_BASIC;
     r = ublk_ctrl_get_params(ctrl, id, &params);
     if (r < 0) {
-        say("cannot read the parameters of ublk device %u: %s", id, strerror(-r));
+        uq_error("cannot read the parameters of ublk device %u: %s", id, strerror(-r));
         return r;
     }
     if (params.basic.dev_sectors != img_size(img) >> 9) {
-        say("%s: its size (%llu bytes) is not that of ublk device %u (%llu bytes)", o->image,
+        uq_error("%s: its size (%llu bytes) is not that of ublk device %u (%llu bytes)", o->image,
             (unsigned long long)img_size(img), id,
             (unsigned long long)params.basic.dev_sectors << 9);
         return -EINVAL;
     }
     if (!read_only && (params.basic.attrs & UBLK_ATTR_READ_ONLY))
-        say("note: ublk device %u is read-only; the image is opened read-write", id);
+        uq_error("note: ublk device %u is read-only; the image is opened read-write", id);
     if (read_only && !(params.basic.attrs & UBLK_ATTR_READ_ONLY)) {
-        say("%s is read-only, but ublk device %u is writable", o->image, id);
+        uq_error("%s is read-only, but ublk device %u is writable", o->image, id);
         return -EROFS;
     }
     if (info->max_io_buf_bytes > o->buf_bytes || info->max_io_buf_bytes % 4096 ||
         !info->max_io_buf_bytes) {
-        say("ublk device %u has a request size (%u bytes) this daemon cannot serve", id,
+        uq_error("ublk device %u has a request size (%u bytes) this daemon cannot serve", id,
             info->max_io_buf_bytes);
         return -EINVAL;
     }
@@ -178,7 +169,7 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         /* A live daemon is not going away: say so now. */
         if (ublk_ctrl_get_dev_info(ctrl, id, info) == 0 && info->state == UBLK_S_DEV_LIVE &&
             info->ublksrv_pid > 0 && kill(info->ublksrv_pid, 0) == 0) {
-            say("ublk device %u is LIVE, served by pid %d: nothing to recover", id,
+            uq_error("ublk device %u is LIVE, served by pid %d: nothing to recover", id,
                 (int)info->ublksrv_pid);
             return -EBUSY;
         }
@@ -186,7 +177,7 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         nanosleep(&ts, NULL);
     }
     if (r < 0) {
-        say("cannot start the recovery of ublk device %u: %s", id, strerror(-r));
+        uq_error("cannot start the recovery of ublk device %u: %s", id, strerror(-r));
         return r;
     }
     return 0;
@@ -204,7 +195,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     /* Lock before opening: opening may already write (dirty-image repair). */
     int lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
     if (lock_fd < 0) {
-        say("%s", err);
+        uq_error("%s", err);
         return 1;
     }
     struct img_opts iopts = {
@@ -213,19 +204,19 @@ int ublk_server_run(const struct ublk_server_opts *o)
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {
-        say("%s", err);
+        uq_error("%s", err);
         close(lock_fd);
         return 1;
     }
     bool read_only = o->read_only || img->read_only;
     if (read_only && !o->read_only)
-        say("warning: %s can only be opened read-only; serving it read-only", o->image);
+        uq_error("warning: %s can only be opened read-only; serving it read-only", o->image);
     if (img_size(img) < 512) {
-        say("%s: image is smaller than one sector; nothing to serve", o->image);
+        uq_error("%s: image is smaller than one sector; nothing to serve", o->image);
         goto out;
     }
     if (img_size(img) % 512)
-        say("warning: %s: the last %u bytes (less than a sector) are not served",
+        uq_error("warning: %s: the last %u bytes (less than a sector) are not served",
             o->image, (unsigned)(img_size(img) % 512));
 
     if (ublk_ctrl_open(&ctrl) < 0)
@@ -250,7 +241,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         ublk_params_for_image(&params, img, buf_bytes, read_only);
         r = ublk_ctrl_set_params(ctrl, dev_id, &params);
         if (r < 0) {
-            say("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
+            uq_error("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
             goto out;
         }
     }
@@ -267,7 +258,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     signal(SIGPIPE, SIG_IGN);
     int sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC);
     if (sig_fd < 0) {
-        say("signalfd: %s", strerror(errno));
+        uq_error("signalfd: %s", strerror(errno));
         goto out;
     }
 
@@ -277,7 +268,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     };
     r = ublk_queues_start(&qcfg, &qs, err, sizeof(err));
     if (r < 0) {
-        say("ublk device %u: %s", dev_id, err);
+        uq_error("ublk device %u: %s", dev_id, err);
         close(sig_fd);
         goto out;
     }
@@ -286,7 +277,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         if (r < 0) {
             /* Leave the device quiesced for another attempt: exiting
              * cancels our fetches, which makes it recoverable again. */
-            say("cannot end the recovery of ublk device %u: %s", dev_id, strerror(-r));
+            uq_error("cannot end the recovery of ublk device %u: %s", dev_id, strerror(-r));
             fflush(stderr);
             _exit(1);
         }
@@ -295,7 +286,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         r = ublk_ctrl_start_dev(ctrl, dev_id, getpid());
     }
     if (r < 0) {
-        say("cannot start ublk device %u: %s", dev_id, strerror(-r));
+        uq_error("cannot start ublk device %u: %s", dev_id, strerror(-r));
         /* STOP_DEV aborts the fetches the queues have outstanding. */
         ublk_ctrl_stop_dev(ctrl, dev_id);
         ublk_queues_stop(qs);
@@ -313,7 +304,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     snprintf(st.format, sizeof(st.format), "%s", format_name(img));
     r = ublk_state_write(&st);
     if (r < 0)
-        say("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
+        uq_error("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
 
     /* If the parent is gone, nobody was told about the device: undo it. */
     bool stopping = !notify(o->notify_fd, "ok", dev_id);
@@ -322,7 +313,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     if (o->log_to_file)
         log_to_file(dev_id);
     if (stopping) {
-        say("ublk device %u: the starting command went away; removing the device", dev_id);
+        uq_error("ublk device %u: the starting command went away; removing the device", dev_id);
         ublk_ctrl_stop_dev(ctrl, dev_id);
     }
 
@@ -335,7 +326,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         if (poll(pf, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            say("poll: %s", strerror(errno));
+            uq_error("poll: %s", strerror(errno));
             break;
         }
         if (pf[1].revents)
@@ -343,11 +334,11 @@ int ublk_server_run(const struct ublk_server_opts *o)
         if (pf[0].revents) {
             struct signalfd_siginfo si;
             if (read(sig_fd, &si, sizeof(si)) == sizeof(si) && !stopping) {
-                say("ublk device %u: signal %u, stopping", dev_id, si.ssi_signo);
+                uq_error("ublk device %u: signal %u, stopping", dev_id, si.ssi_signo);
                 stopping = true;
                 r = ublk_ctrl_stop_dev(ctrl, dev_id);
                 if (r < 0)
-                    say("ublk device %u: STOP_DEV failed: %s", dev_id, strerror(-r));
+                    uq_error("ublk device %u: STOP_DEV failed: %s", dev_id, strerror(-r));
             }
         }
     }
@@ -356,7 +347,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     qs = NULL;
     rc = r < 0 ? 1 : 0;
     if (r < 0)
-        say("ublk device %u: a queue failed: %s", dev_id, strerror(-r));
+        uq_error("ublk device %u: a queue failed: %s", dev_id, strerror(-r));
 
 out:
     if (qs)
@@ -364,7 +355,7 @@ out:
     /* img_close flushes: the data the kernel acknowledged becomes durable. */
     r = img_close(img);
     if (r < 0) {
-        say("%s: flush at close failed: %s", o->image, strerror(-r));
+        uq_error("%s: flush at close failed: %s", o->image, strerror(-r));
         rc = 1;
     }
     close(lock_fd);
@@ -372,7 +363,7 @@ out:
         /* The char device is closed by now, so DEL_DEV does not wait. */
         r = ublk_ctrl_del_dev(ctrl, dev_id);
         if (r < 0 && r != -ENODEV)
-            say("cannot delete ublk device %u: %s", dev_id, strerror(-r));
+            uq_error("cannot delete ublk device %u: %s", dev_id, strerror(-r));
         ublk_state_remove(dev_id);
     }
     ublk_ctrl_close(ctrl);
