@@ -218,6 +218,26 @@ static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **s
     }
 }
 
+/* Copy the L2 entry (and extended-L2 bitmap) for guest offset off; both
+ * are 0 with *has_table false when no L2 table exists.  The slice is not
+ * kept: a freed cluster is not reused while this request is in flight. */
+static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, bool *has_table)
+{
+    struct mslice *s;
+    uint32_t idx;
+    int r = l2_lookup(q, off, false, &s, &idx);
+    if (r < 0)
+        return r;
+    *has_table = r == 1;
+    *e = *bm = 0;
+    if (r == 1) {
+        *e = l2e_get(q, s, idx);
+        *bm = l2bm_get(q, s, idx);
+        mcache_put(&q->l2c, s);
+    }
+    return 0;
+}
+
 /* ---- reading --------------------------------------------------------------- */
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
@@ -359,18 +379,11 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
     qreq_begin(q, &rq);
     while (len && r == 0) {
         uint64_t n = MIN(len, cl_size(q) - offset_into_cluster(q, off));
-        struct mslice *s;
-        uint32_t idx;
-        uint64_t e = 0, bm = 0;
-        r = l2_lookup(q, off, false, &s, &idx);
+        uint64_t e, bm;
+        bool has_table;
+        r = peek_entry(q, off, &e, &bm, &has_table);
         if (r < 0)
             break;
-        if (r == 1) {
-            e = l2e_get(q, s, idx);
-            bm = l2bm_get(q, s, idx);
-            mcache_put(&q->l2c, s);
-        }
-        r = 0;
         /* Simple mappings merge into one extent (one I/O for contiguous
          * host clusters); anything else is read cluster by cluster. */
         enum qcow2_cluster_type t = etype(q, e);
@@ -638,22 +651,6 @@ static uint64_t discard_entry(struct qcow2 *q, uint64_t old)
     return q->h.version >= 3 ? QCOW_OFLAG_ZERO : 0;
 }
 
-static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, bool *has_table)
-{
-    struct mslice *s;
-    uint32_t idx;
-    int r = l2_lookup(q, off, false, &s, &idx);
-    if (r < 0)
-        return r;
-    *has_table = r == 1;
-    *e = 0;
-    if (r == 1) {
-        *e = l2e_get(q, s, idx);
-        mcache_put(&q->l2c, s);
-    }
-    return 0;
-}
-
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags)
 {
     struct qcow2 *q = to_qcow2(img);
@@ -665,9 +662,9 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
     while (len && r == 0) {
         uint64_t n = MIN(len, cl_size(q) - offset_into_cluster(q, off));
         bool whole = offset_into_cluster(q, off) == 0 && (n == cl_size(q) || off + n >= img->size);
-        uint64_t e;
+        uint64_t e, bm;
         bool has_table;
-        r = peek_entry(q, off, &e, &has_table);
+        r = peek_entry(q, off, &e, &bm, &has_table);
         if (r < 0)
             break;
         if (reads_as_zero(q, e, has_table) && !q->extl2) {
@@ -704,9 +701,9 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
         bool whole = offset_into_cluster(q, off) == 0 && (n == cl_size(q) || off + n >= img->size);
         /* Partial clusters are left alone, as QEMU does. */
         if (whole) {
-            uint64_t e;
+            uint64_t e, bm;
             bool has_table;
-            r = peek_entry(q, off, &e, &has_table);
+            r = peek_entry(q, off, &e, &bm, &has_table);
             enum qcow2_cluster_type t = has_table ? etype(q, e) : QCOW2_CLUSTER_UNALLOCATED;
             bool allocated = t == QCOW2_CLUSTER_NORMAL || t == QCOW2_CLUSTER_ZERO_ALLOC ||
                              t == QCOW2_CLUSTER_COMPRESSED;

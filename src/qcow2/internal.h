@@ -101,6 +101,7 @@ struct qcow2 {
     uint8_t *reftable_dirty;    /* one flag per 512-byte sector */
 
     struct qcow2_snapshot *snapshots;
+    uint64_t snapshot_table_len;   /* bytes, as measured when read */
     struct image *backing;      /* NULL if none */
 
     struct mcache l2c, rcc;

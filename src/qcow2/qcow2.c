@@ -235,6 +235,7 @@ static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
         pos += (len + 7) & ~7ull;
     }
     uint64_t total = pos - q->h.snapshots_offset;
+    q->snapshot_table_len = total;
     /* QEMU does not always write the last entry's padding. */
     if (total > QCOW2_MAX_SNAPSHOT_TABLE || unpadded_end > end) {
         snprintf(err, errlen, "snapshot table (%llu bytes) is too large or lies outside the image",
@@ -455,7 +456,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */
     uint32_t want = 4096;
-    q->hdr_buf = io_zalloc(QCOW2_MAX_CLUSTER_BITS >= 21 ? (2u << 20) : want);
+    q->hdr_buf = io_zalloc(1u << QCOW2_MAX_CLUSTER_BITS);   /* the largest header cluster */
     ssize_t n = file_pread(f, q->hdr_buf, want, 0);
     if (n < 0) {
         snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));

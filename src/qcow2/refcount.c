@@ -80,8 +80,14 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
     mcache_mark_dirty(s);
     mcache_put(&q->rcc, s);
-    if (old + delta == 0 && cluster < q->free_hint)
-        q->free_hint = cluster;
+    if (old + delta == 0) {
+        if (cluster < q->free_hint)
+            q->free_hint = cluster;
+        /* A free cluster's cached slices describe a former table: drop them
+         * before the cluster is reused. */
+        mcache_discard_range(&q->l2c, cluster * cl_size(q), cl_size(q));
+        mcache_discard_range(&q->rcc, cluster * cl_size(q), cl_size(q));
+    }
     return 0;
 }
 
@@ -317,11 +323,6 @@ int apply_ready_frees(struct qcow2 *q)
             if (r < 0) {
                 free(d);
                 return r;
-            }
-            uint64_t rc;
-            if (rc_get(q, c, &rc) == 0 && rc == 0) {
-                mcache_discard_range(&q->l2c, c * cl_size(q), cl_size(q));
-                mcache_discard_range(&q->rcc, c * cl_size(q), cl_size(q));
             }
         }
         free(d);

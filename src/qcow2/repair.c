@@ -220,13 +220,7 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
     if (r == 0)
         r = count_l1(&k, q->l1, q->h.l1_size);
     if (r == 0 && q->h.nb_snapshots) {
-        uint64_t len = 0;
-        /* the table's length: walk the parsed entries' on-disk sizes */
-        for (uint32_t i = 0; i < q->h.nb_snapshots; i++) {
-            struct qcow2_snapshot *s = &q->snapshots[i];
-            len += (40 + (uint64_t)s->extra_size + strlen(s->id) + strlen(s->name) + 7) & ~7ull;
-        }
-        r = count_range(&k, q->h.snapshots_offset, len, "the snapshot table");
+        r = count_range(&k, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
         for (uint32_t i = 0; i < q->h.nb_snapshots && r == 0; i++) {
             struct qcow2_snapshot *s = &q->snapshots[i];
             uint64_t *sl1 = NULL;
