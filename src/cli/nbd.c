@@ -18,6 +18,7 @@
 
 #include "cli/cli.h"
 #include "io/coroutine.h"
+#include "io/imagelock.h"
 #include "io/loop.h"
 #include "nbd/server.h"
 #include "qcow2/image.h"
@@ -40,6 +41,7 @@ struct nbd_run {
     struct nbd_server *srv;
     int listen_fd;
     int signal_fd;
+    int lock_fd;                /* QEMU-style image locks, held while serving */
     bool socket_created;
     dev_t socket_dev;
     ino_t socket_ino;
@@ -256,6 +258,11 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create the io_uring event loop");
         return -1;
     }
+    /* Lock before opening, as qemu-nbd does: opening may already write
+     * (refcount repair of a dirty image). */
+    run->lock_fd = image_lock(cli->image, !cli->img_opts.read_only, err, errlen);
+    if (run->lock_fd < 0)
+        return -1;
     run->img = img_open(cli->image, &cli->img_opts, err, errlen);
     if (!run->img)
         return -1;
@@ -290,6 +297,8 @@ static void run_cleanup(struct nbd_run *run)
 
     if (run->img)
         img_close(run->img);
+    if (run->lock_fd >= 0)
+        close(run->lock_fd);
     if (run->srv)
         nbd_server_free(run->srv);
     if (run->listen_fd >= 0)
@@ -321,7 +330,7 @@ static int run_serve(struct nbd_run *run)
 
 static int serve(const struct nbd_cli *cli, int ready_fd)
 {
-    struct nbd_run run = { .cli = cli, .listen_fd = -1, .signal_fd = -1 };
+    struct nbd_run run = { .cli = cli, .listen_fd = -1, .signal_fd = -1, .lock_fd = -1 };
     char err[512] = "";
     int rc;
 

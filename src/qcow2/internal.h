@@ -103,6 +103,7 @@ struct qcow2 {
     struct qcow2_snapshot *snapshots;
     uint64_t snapshot_table_len;   /* bytes, as measured when read */
     struct image *backing;      /* NULL if none */
+    int backing_lock_fd;        /* holds QEMU-style reader locks on the backing file; -1 if none */
 
     struct mcache l2c, rcc;
 

@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "io/imagelock.h"
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
@@ -335,8 +337,16 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "backing file '%s' has format '%s', which is not supported", path, fmt);
         return -ENOTSUP;
     }
+    /* A reader's locks, as QEMU takes them on a backing file: nobody may
+     * write or resize it while an overlay reads through to it. */
+    int lock_fd = image_lock(path, false, msg, sizeof(msg));
+    if (lock_fd < 0) {
+        snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
+        return lock_fd;
+    }
     struct file f;
     if (file_open(&f, path, false, o->cache, msg, sizeof(msg)) < 0) {
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -ENOENT;
     }
@@ -350,10 +360,12 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
                                                     : raw_open(&f, &bo, false, msg, sizeof(msg));
     if (!bimg) {
         file_close(&f);
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -EINVAL;
     }
     q->backing = bimg;
+    q->backing_lock_fd = lock_fd;
     return 0;
 }
 
@@ -361,6 +373,8 @@ static void qcow2_free(struct qcow2 *q)
 {
     if (q->backing)
         img_close(q->backing);
+    if (q->backing_lock_fd >= 0)
+        close(q->backing_lock_fd);
     if (q->snapshots)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     mcache_free(&q->l2c);
@@ -437,6 +451,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    q->backing_lock_fd = -1;
     q->file = *f;
     q->img.ops = &qcow2_ops;
     q->img.priv = q;
