@@ -92,6 +92,13 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
     return img->ops->write_zeroes(img, off, len, flags);
 }
 
+void img_get_stats(struct image *img, struct img_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    if (img->ops->stats)
+        img->ops->stats(img, st);
+}
+
 int img_close(struct image *img)
 {
     if (!img)

@@ -32,6 +32,14 @@ struct img_opts {
 
 struct image;
 
+/* The format engine's counters (statistics).  img_get_stats may be called
+ * from any thread while the engine runs; each value is read whole, the set
+ * is not one consistent snapshot.  Zero where a format has no such thing. */
+struct img_stats {
+    uint64_t cache_hits, cache_misses;  /* metadata cache (L2 + refcount) lookups */
+    uint64_t clusters_allocated;        /* host clusters allocated since open */
+};
+
 struct image_ops {
     const char *name;
     int (*read)(struct image *img, void *buf, uint64_t off, uint64_t len);
@@ -40,6 +48,7 @@ struct image_ops {
     int (*discard)(struct image *img, uint64_t off, uint64_t len);
     int (*write_zeroes)(struct image *img, uint64_t off, uint64_t len, unsigned flags);
     int (*close)(struct image *img);
+    void (*stats)(struct image *img, struct img_stats *st);    /* optional */
 };
 
 struct image {
@@ -63,6 +72,8 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
 /* Flush, mark clean, release.  Returns the flush's error, if any; the image
  * is released either way. */
 int img_close(struct image *img);
+
+void img_get_stats(struct image *img, struct img_stats *st);
 
 static inline uint64_t img_size(const struct image *img) { return img->size; }
 static inline const char *img_format_name(const struct image *img) { return img->ops->name; }

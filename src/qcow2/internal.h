@@ -13,6 +13,7 @@
 
 #include "io/coroutine.h"
 #include "io/file.h"
+#include "io/stat.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
 
@@ -42,7 +43,7 @@ struct mcache {
     uint32_t hash_mask;
     struct mslice lru;          /* sentinel: lru.lru_next is the least recently used */
     struct co_queue slot_waiters;
-    uint64_t hits, misses;
+    stat_counter hits, misses;  /* read by img_get_stats from other threads */
 };
 
 int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
@@ -111,6 +112,7 @@ struct qcow2 {
     struct co_mutex alloc_lock;
     uint64_t free_hint;         /* no free cluster below this index */
     struct inflight_alloc *allocs;
+    stat_counter clusters_allocated;    /* since open (statistics) */
 
     /* ordering and freeing */
     struct co_mutex flush_lock;

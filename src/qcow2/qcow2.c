@@ -423,6 +423,14 @@ static int qcow2_img_flush(struct image *img)
     return qcow2_flush(to_qcow2(img));
 }
 
+static void qcow2_stats(struct image *img, struct img_stats *st)
+{
+    struct qcow2 *q = to_qcow2(img);
+    st->cache_hits = stat_get(&q->l2c.hits) + stat_get(&q->rcc.hits);
+    st->cache_misses = stat_get(&q->l2c.misses) + stat_get(&q->rcc.misses);
+    st->clusters_allocated = stat_get(&q->clusters_allocated);
+}
+
 static const struct image_ops qcow2_ops = {
     .name = "qcow2",
     .read = qcow2_co_read,
@@ -431,6 +439,7 @@ static const struct image_ops qcow2_ops = {
     .discard = qcow2_co_discard,
     .write_zeroes = qcow2_co_write_zeroes,
     .close = qcow2_close,
+    .stats = qcow2_stats,
 };
 
 static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)

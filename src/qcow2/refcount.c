@@ -265,6 +265,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             q->free_hint = c + k;
         *host_off = c * cl_size(q);
         *got = k;
+        stat_add(&q->clusters_allocated, k);
         note_host_end(q, (c + k) * cl_size(q));
         return 0;
     }

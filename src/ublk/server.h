@@ -73,5 +73,9 @@ void ublk_state_remove(uint32_t id);
 
 /* Append s to out as a JSON string literal (quotes and escapes). */
 void json_put_string(FILE *out, const char *s);
+/* Read a member of a flat JSON object (state files, control replies):
+ * false if missing or not of that type. */
+bool json_get_u64(const char *buf, const char *key, uint64_t *v);
+bool json_get_string(const char *buf, const char *key, char *out, size_t outlen);
 
 #endif
