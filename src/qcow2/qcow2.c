@@ -485,11 +485,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
-    if (q->extl2 && !q->img.read_only) {
-        snprintf(err, errlen, "%s: images with extended L2 entries (subclusters) can only be opened "
-                 "read-only for now (use --read-only)", f->path);
-        goto fail_nofile;
-    }
+    q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
 
     int r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);

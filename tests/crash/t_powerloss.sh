@@ -26,7 +26,7 @@ if [[ ${SOAK:-0} == 1 ]]; then
 else
     SEEDS=(${POWERLOSS_SEED:-$((RANDOM % 1000 + 1))}); STATES=${POWERLOSS_STATES:-36}; OPS=200
 fi
-CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty})
+CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty ext32k nounref})
 BATCH=12
 TOTAL=0
 
@@ -48,8 +48,9 @@ run_config() {
     prep_run_dir "$name" "$cfg" "$d" || return
     local backraw=-
     [[ -e $d/log.backraw ]] && backraw=$d/log.backraw
+    # shellcheck disable=SC2046
     if ! timeout -k 5 300 "$CRASHSIM" record "$d/work.qcow2" "$d/log" --seed "$seed" --ops "$OPS" \
-        --depth 6 >"$d/record.out" 2>&1; then
+        --depth 6 $(config_flags "$cfg") >"$d/record.out" 2>&1; then
         sed 's/^/#   /' "$d/record.out" | tail -20 >&2
         notok "$name" "the workload itself failed: $(grep -m1 problem "$d/record.out")"
         keep_failure "$name" "$d/init.qcow2" "$d/record.out"
@@ -125,7 +126,7 @@ run_config() {
     done
     TOTAL=$((TOTAL + done))
     if [[ $fails -gt 0 ]]; then
-        notok "$name" "$first (starting image: prep_image $cfg; workload: crashsim record --seed $seed --ops $OPS --depth 6)"
+        notok "$name" "$first (starting image: prep_image $cfg; workload: crashsim record --seed $seed --ops $OPS --depth 6 $(config_flags "$cfg"))"
     else
         ok "$name: $done crash states ($leaks with leaks, $dirty_n still dirty) pass (a) check, (b) data, (c) reopen+write"
     fi
