@@ -136,7 +136,7 @@ fi
 
 # ---- recovery: the daemon dies, I/O waits, `recover` brings the device back ----
 qemu-img create -q -f qcow2 "$W/rec.qcow2" 64M
-if uq_add --recovery -q 2 "$W/rec.qcow2"; then
+if uq_add --recovery -q 2 --discard unmap --discard-no-unref "$W/rec.qcow2"; then
 	check_fails ublk_recover_live_refused "LIVE, served by pid" "$UQ" recover -n "$ID"
 	head -c 8M /dev/urandom > "$W/d1"
 	# Flushed (fsync) before the crash: must survive it.
@@ -149,6 +149,8 @@ if uq_add --recovery -q 2 "$W/rec.qcow2"; then
 	reader=$!
 	check ublk_recover "$UQ" recover -n "$ID"
 	check ublk_recovery_live test "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = LIVE
+	# The new daemon took the discard options over from the state file.
+	check ublk_recovery_discard_options jq -e '.discard == "unmap" and .discard_no_unref' "/run/ublk-qcow2/ublk$ID.json"
 	check ublk_recovery_waiting_read wait_for 60 eval '! kill -0 $reader 2>/dev/null'
 	wait $reader; rc=$?
 	check ublk_recovery_waiting_read_data test $rc = 0
