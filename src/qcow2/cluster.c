@@ -909,7 +909,14 @@ static int zero_in_place(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t 
     int r = check_own_range(q, off, host, len);
     if (r < 0)
         return r;
-    r = unmap && !q->no_punch ? file_punch(&q->file, host, len) : file_zero_range(&q->file, host, len);
+    r = -EOPNOTSUPP;
+    if (unmap && !q->no_punch) {
+        r = file_punch(&q->file, host, len);
+        if (r == -EOPNOTSUPP || r == -ENOSYS)
+            q->no_punch = true;
+    }
+    if (r == -EOPNOTSUPP || r == -ENOSYS)
+        r = file_zero_range(&q->file, host, len);
     if (r != -EOPNOTSUPP && r != -ENOSYS)
         return r;
     uint8_t *zero = io_zalloc(len);

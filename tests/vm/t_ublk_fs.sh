@@ -45,6 +45,7 @@ if uq_add -q 2 "$W/fs.qcow2"; then
 		# Delete a file and trim: discards reach the image, which stays
 		# consistent, and the file gives the 24 MiB back.
 		rm -f "$mnt/big"
+		sync    # the deleted file's blocks are free for fstrim once the journal commits
 		check ublk_fs_fstrim fstrim "$mnt"
 		check ublk_fs_umount_again umount "$mnt"
 		check ublk_fs_del_again uq_del "$ID"
