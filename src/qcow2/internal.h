@@ -117,6 +117,7 @@ struct qcow2 {
     uint64_t tick;
     struct qreq reqs;           /* sentinel of the FIFO of requests in flight */
     struct deferred_free *frees_pending;   /* L2 change not yet durable */
+    struct deferred_free **frees_pending_tail;  /* its end: a trim may queue millions */
     struct deferred_free *frees_ready;     /* durable; apply once no old request runs */
 
     uint64_t host_end;          /* end of everything allocated or present at open */

@@ -300,10 +300,8 @@ static void defer(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
     d->tick = ++q->tick;
     d->punch = punch;
     d->next = NULL;
-    struct deferred_free **pp = &q->frees_pending;
-    while (*pp)
-        pp = &(*pp)->next;
-    *pp = d;
+    *q->frees_pending_tail = d;
+    q->frees_pending_tail = &d->next;
 }
 
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
