@@ -175,4 +175,8 @@ case_extl2() {
          jq '[.[] | select(.start >= 1048576 and .start < 5242880 and has("offset"))] | length') == 0 ]] ||
         fail "clusters left without data were not let go"
 }
-run_case "extended_l2: 4k write allocates subclusters; subcluster zeroes and discards" case_extl2
+if [[ $NBD_SERVER == qemu-nbd ]]; then
+    skip "interop/extended_l2: subcluster discards" "QEMU 7.2 ignores discards of parts of clusters"
+else
+    run_case "extended_l2: 4k write allocates subclusters; subcluster zeroes and discards" case_extl2
+fi
