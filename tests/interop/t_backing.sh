@@ -66,7 +66,6 @@ run_case "backing qcow2, write-zeroes with unmap" case_backing qcow2 "" --wl-opt
 run_case "backing qcow2, overlay extended_l2 cluster_size=64k" case_backing qcow2 "extended_l2=on" \
     --wl-opt --zero-unmap
 run_case "backing raw, overlay extended_l2 cluster_size=16k" case_backing raw "extended_l2=on,cluster_size=16384"
-run_case "backing qcow2, overlay extended_l2 cluster_size=2M" case_backing qcow2 "extended_l2=on,cluster_size=2M"
 
 # Relative backing name into a sibling directory, server started from an unrelated directory
 # with a relative image path: the name must be resolved against the overlay's directory.
