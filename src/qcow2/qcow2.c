@@ -165,6 +165,7 @@ int qcow2_flush(struct qcow2 *q)
         r = snapshot_table(q->l1, q->h.l1_size, q->l1_dirty, q->h.l1_table_offset, &l1, &nl1);
     struct deferred_free *frees = q->frees_pending;
     q->frees_pending = NULL;
+    q->frees_pending_tail = &q->frees_pending;
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
@@ -186,6 +187,9 @@ int qcow2_flush(struct qcow2 *q)
     } else {
         append_frees(&frees, q->frees_pending);
         q->frees_pending = frees;
+        q->frees_pending_tail = &q->frees_pending;
+        while (*q->frees_pending_tail)
+            q->frees_pending_tail = &(*q->frees_pending_tail)->next;
     }
     co_mutex_unlock(&q->flush_lock);
     return r;
@@ -467,6 +471,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     q->img.path = strdup(f->path);
     q->img.read_only = o->read_only;
     q->reqs.next = q->reqs.prev = &q->reqs;
+    q->frees_pending_tail = &q->frees_pending;
     q->alloc_lock = (struct co_mutex)CO_MUTEX_INIT;
     q->flush_lock = (struct co_mutex)CO_MUTEX_INIT;
 
@@ -509,11 +514,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
-    if (q->extl2 && !q->img.read_only) {
-        snprintf(err, errlen, "%s: images with extended L2 entries (subclusters) can only be opened "
-                 "read-only for now (use --read-only)", f->path);
-        goto fail_nofile;
-    }
+    q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
 
     int r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);

@@ -270,6 +270,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     struct img_opts iopts = {
         .format = o->format, .read_only = o->read_only,
         .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
+        .discard = o->discard, .discard_no_unref = o->discard_no_unref,
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {
@@ -371,6 +372,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
         .queues = info.nr_hw_queues, .depth = info.queue_depth,
         .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
     snprintf(st.format, sizeof(st.format), "%s", format_name(img));
@@ -489,9 +491,10 @@ int ublk_state_write(const struct ublk_state *s)
     fprintf(f, ", \"format\": ");
     json_put_string(f, s->format);
     fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
-               "\"cache_size\": %llu}\n",
+               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s}\n",
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
-            (unsigned long long)s->cache_size);
+            (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
+            s->discard_no_unref ? "true" : "false");
     bool ok = !ferror(f);
     if (fclose(f) != 0)
         ok = false;
@@ -601,6 +604,10 @@ int ublk_state_read(uint32_t id, struct ublk_state *s)
     s->read_only = ro && !strncmp(ro, "true", 4);
     const char *rec = json_find(buf, "recovery");
     s->recovery = rec && !strncmp(rec, "true", 4);
+    char mode[16];
+    s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
+    const char *nu = json_find(buf, "discard_no_unref");
+    s->discard_no_unref = nu && !strncmp(nu, "true", 4);
     return 0;
 }
 

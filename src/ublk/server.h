@@ -36,6 +36,8 @@ struct ublk_server_opts {
     bool read_only;
     enum img_format format;
     uint64_t cache_size;
+    enum img_discard discard;
+    bool discard_no_unref;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -64,6 +66,8 @@ struct ublk_state {
     unsigned depth;
     uint32_t buf_bytes;
     uint64_t cache_size;
+    bool discard_unmap;
+    bool discard_no_unref;
 };
 
 int ublk_state_write(const struct ublk_state *s);

@@ -32,6 +32,8 @@ expect_exit nbd_cli_no_address 2 "exactly one of" "$UQ" nbd "$img"
 expect_exit nbd_cli_two_addresses 2 "exactly one of" "$UQ" nbd --socket "$S" --bind 127.0.0.1:1 "$img"
 expect_exit nbd_cli_bad_format 2 "unknown format 'vmdk'" "$UQ" nbd --format vmdk --socket "$S" "$img"
 expect_exit nbd_cli_bad_cache_size 2 "invalid --cache-size" "$UQ" nbd --cache-size lots --socket "$S" "$img"
+expect_exit nbd_cli_bad_discard 2 "unknown --discard mode 'sometimes'" "$UQ" nbd --discard sometimes --socket "$S" "$img"
+expect_exit nbd_cli_help_discard 0 "--discard-no-unref" "$UQ" nbd --help
 expect_exit nbd_cli_missing_arg 2 "needs an argument" "$UQ" nbd "$img" --socket
 expect_exit nbd_cli_extra_arg 2 "unexpected argument" "$UQ" nbd --socket "$S" "$img" "$img"
 
