@@ -22,6 +22,8 @@ static const struct subcommand subcommands[] = {
     { "list",  cmd_list,  "show ublk devices, their state and images" },
     { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
     { "stats", cmd_stats, "show a ublk device's counters (requests, bytes, errors, cache)" },
+    { "snapshot", cmd_snapshot, "list, create, delete or apply internal qcow2 snapshots" },
+    { "resize", cmd_resize, "change the virtual size of an image (or grow a live device)" },
 };
 
 void cli_error(const char *fmt, ...)
@@ -37,7 +39,7 @@ static void usage(FILE *out)
     fprintf(out, "Usage: ublk-qcow2 COMMAND [OPTIONS] ...\n\n"
                  "Serve qcow2 (and raw) disk images as block devices.\n\nCommands:\n");
     for (size_t i = 0; i < sizeof(subcommands) / sizeof(subcommands[0]); i++)
-        fprintf(out, "  %-8s %s\n", subcommands[i].name, subcommands[i].summary);
+        fprintf(out, "  %-9s %s\n", subcommands[i].name, subcommands[i].summary);
     fprintf(out, "\nRun 'ublk-qcow2 COMMAND --help' for a command's options.\n");
 }
 

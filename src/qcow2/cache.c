@@ -197,13 +197,19 @@ void mcache_put(struct mcache *c, struct mslice *s)
         co_queue_wake_all(&c->slot_waiters);
 }
 
-void mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len)
+bool mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len)
 {
+    bool busy = false;
     for (uint32_t i = 0; i < c->nslices; i++) {
         struct mslice *s = &c->slices[i];
-        if (s->in_use && !s->loading && s->refs == 0 && s->off >= off && s->off < off + len)
+        if (!s->in_use || s->off < off || s->off >= off + len)
+            continue;
+        if (s->loading || s->refs)
+            busy = true;
+        else
             hash_remove(c, s);
     }
+    return busy;
 }
 
 bool mcache_has_dirty(struct mcache *c)

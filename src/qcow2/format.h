@@ -154,9 +154,15 @@ struct qcow2_snapshot {
     uint64_t vm_clock_nsec;
     uint64_t vm_state_size;
     uint64_t disk_size;         /* from extra data, or the image size if absent */
+    uint64_t icount;            /* record/replay instruction count; UINT64_MAX if absent */
     uint32_t extra_size;
     uint8_t *extra;             /* raw extra data (kept to rewrite unchanged) */
 };
+
+/* Extra data QEMU (5.0+) writes for every entry: 64-bit vm-state size, disk
+ * size, icount.  Anything past it is unknown to us and rewritten unchanged. */
+#define QCOW2_SNAPSHOT_EXTRA_KNOWN 24
+#define QCOW2_MAX_SNAPSHOT_NAME 255     /* QEMU's QEMUSnapshotInfo.name holds 255 bytes */
 
 /* Parse nb entries from a snapshot table buffer.  Returns 0 and a malloc'ed
  * array in *out (NULL when nb is 0; free with qcow2_snapshots_free), or
@@ -164,6 +170,14 @@ struct qcow2_snapshot {
 int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size_t len,
                           uint32_t nb, struct qcow2_snapshot **out, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t nb);
+
+/* The on-disk table for nb entries, as QEMU writes it: every entry gets at
+ * least the 24 known bytes of extra data (vm-state size, disk size, icount
+ * from the struct), then whatever unknown extra data it had; entries start
+ * on 8-byte boundaries; the last one is not padded.  Returns 0 with a
+ * malloc'ed buffer of *len bytes (NULL and 0 for nb == 0), -EFBIG if it
+ * would exceed QEMU's 64 MiB limit or a name 65535 bytes, -ENOMEM. */
+int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8_t **out, size_t *len);
 
 /* ---- compression ------------------------------------------------------------ */
 /* Decompress one cluster: returns 0 when exactly out_len bytes were produced,

@@ -104,6 +104,61 @@ void img_get_stats(struct image *img, struct img_stats *st)
         img->ops->stats(img, st);
 }
 
+int img_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    return img->ops->snapshot_list ? img->ops->snapshot_list(img, out, n) : -ENOTSUP;
+}
+
+void img_snapshot_list_free(struct img_snapshot *s, uint32_t n)
+{
+    for (uint32_t i = 0; s && i < n; i++) {
+        free(s[i].id);
+        free(s[i].name);
+    }
+    free(s);
+}
+
+/* Checks shared by the exclusive operations; 0 if op may run. */
+static int exclusive_ok(struct image *img, const void *op, const char *what, char *err, size_t errlen)
+{
+    if (!op) {
+        snprintf(err, errlen, "%s: %s images do not support %s", img->path, img->ops->name, what);
+        return -ENOTSUP;
+    }
+    if (img->read_only) {
+        snprintf(err, errlen, "%s: the image is open read-only", img->path);
+        return -EROFS;
+    }
+    return 0;
+}
+
+int img_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
+                        char *err, size_t errlen)
+{
+    int r = exclusive_ok(img, img->ops->snapshot_create, "internal snapshots", err, errlen);
+    return r < 0 ? r : img->ops->snapshot_create(img, name, id_out, idlen, err, errlen);
+}
+
+int img_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen)
+{
+    int r = exclusive_ok(img, img->ops->snapshot_delete, "internal snapshots", err, errlen);
+    return r < 0 ? r : img->ops->snapshot_delete(img, spec, err, errlen);
+}
+
+int img_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen)
+{
+    int r = exclusive_ok(img, img->ops->snapshot_apply, "internal snapshots", err, errlen);
+    return r < 0 ? r : img->ops->snapshot_apply(img, spec, err, errlen);
+}
+
+int img_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen)
+{
+    int r = exclusive_ok(img, img->ops->resize, "resizing", err, errlen);
+    return r < 0 ? r : img->ops->resize(img, size, shrink, err, errlen);
+}
+
 int img_close(struct image *img)
 {
     if (!img)

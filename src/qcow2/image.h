@@ -36,6 +36,11 @@ struct img_opts {
      * unmap) keeps our clusters allocated, reading as zeros, and only
      * punches their data out of the file (QEMU's discard-no-unref). */
     bool discard_no_unref;
+    /* qcow2: open this internal snapshot (ID or name, or QEMU's
+     * "snapshot.id=ID[,snapshot.name=NAME]") instead of the active image:
+     * its L1 table is the mapping and its disk size the size.  Needs
+     * read_only (as qemu-nbd -l).  NULL: the active image. */
+    const char *snapshot;
 };
 
 /* Request flags. */
@@ -44,6 +49,16 @@ struct img_opts {
                                      range may be deallocated: QEMU's MAY_UNMAP) */
 
 struct image;
+
+/* An internal snapshot as `qemu-img snapshot -l` shows it. */
+struct img_snapshot {
+    char *id, *name;
+    uint64_t vm_state_size;
+    uint64_t disk_size;         /* the virtual size when it was taken */
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;            /* UINT64_MAX: none recorded */
+};
 
 /* The format engine's counters (statistics).  img_get_stats may be called
  * from any thread while the engine runs; each value is read whole, the set
@@ -62,6 +77,13 @@ struct image_ops {
     int (*write_zeroes)(struct image *img, uint64_t off, uint64_t len, unsigned flags);
     int (*close)(struct image *img);
     void (*stats)(struct image *img, struct img_stats *st);    /* optional */
+    /* Optional (NULL: -ENOTSUP); see img_snapshot_* and img_resize. */
+    int (*snapshot_list)(struct image *img, struct img_snapshot **out, uint32_t *n);
+    int (*snapshot_create)(struct image *img, const char *name, char *id_out, size_t idlen,
+                           char *err, size_t errlen);
+    int (*snapshot_delete)(struct image *img, const char *spec, char *err, size_t errlen);
+    int (*snapshot_apply)(struct image *img, const char *spec, char *err, size_t errlen);
+    int (*resize)(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
 };
 
 struct image {
@@ -88,6 +110,29 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
 int img_close(struct image *img);
 
 void img_get_stats(struct image *img, struct img_stats *st);
+
+/* ---- internal snapshots and resize ------------------------------------------
+ * Exclusive operations: no request may be in flight on the image (offline
+ * tools, or a frontend that quiesced its I/O first; -EBUSY otherwise).  They
+ * flush first and leave everything durable when they return 0.  Errors
+ * come with a one-line reason in err.  A snapshot is named by its ID or its
+ * name (ID first, as `qemu-img snapshot -a`), or by QEMU's
+ * "snapshot.id=ID[,snapshot.name=NAME]".
+ *
+ * list: a malloc'ed copy (free with img_snapshot_list_free); raw images
+ * have none (0).  create: a new snapshot of the current content named NAME
+ * (QEMU's semantics: the next numeric ID, which goes to id_out; names may
+ * repeat).  delete: drop it and release what only it used.  apply: make
+ * its content (and disk size) the image's.  resize: set the virtual size;
+ * a smaller one needs shrink and an unused tail (nothing allocated past
+ * the new end, which must read as zeros), else -ENOTSUP with the reason. */
+int img_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n);
+void img_snapshot_list_free(struct img_snapshot *s, uint32_t n);
+int img_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
+                        char *err, size_t errlen);
+int img_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen);
+int img_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen);
+int img_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
 
 static inline uint64_t img_size(const struct image *img) { return img->size; }
 static inline const char *img_format_name(const struct image *img) { return img->ops->name; }

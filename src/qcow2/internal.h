@@ -4,6 +4,8 @@
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   snapshot.c  internal snapshots: list, create, delete, apply, open one
+ *   resize.c    virtual size changes; helpers of the exclusive operations
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -53,8 +55,10 @@ void mcache_free(struct mcache *c);
 int mcache_get(struct mcache *c, uint64_t off, struct mslice **out);
 void mcache_put(struct mcache *c, struct mslice *s);
 static inline void mcache_mark_dirty(struct mslice *s) { s->dirty = true; }
-/* Drop every cached slice inside [off, off+len) (a table being freed). */
-void mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len);
+/* Drop every cached slice inside [off, off+len) (a table being freed).
+ * Slices pinned (by a request, or by a flush writing their copy) or being
+ * loaded cannot go: returns true if any such slice is left. */
+bool mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len);
 /* Snapshot (copy) every dirty slice and clear its dirty flag; the copies
  * are what a flush writes, so entries changed after this point wait for the
  * next flush (their data may not be durable yet). */
@@ -154,6 +158,10 @@ void qreq_end(struct qcow2 *q, struct qreq *r);
 
 /* refcount.c */
 int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount);
+/* Change a refcount in the cache.  A cluster whose count would reach 0
+ * while a cached slice of it is still pinned or loading keeps its count
+ * and -EBUSY is returned: a flush still writing its copy of that slice (or a
+ * load) must not land on the cluster once the allocator reuses it. */
 int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
 /* Allocate up to n contiguous free clusters (at least one) with refcount 1;
  * returns the host offset and the count in *got. Caller holds alloc_lock. */
@@ -169,6 +177,15 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
  * unmap): a cluster whose refcount reaches 0 is also punched out of the file. */
 void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len);
 int apply_ready_frees(struct qcow2 *q);
+/* Drop one reference on every cluster of [off, off+len) whose unreferencing
+ * change is already durable and that no request in flight can be using
+ * (exclusive operations): queued as ready, applied by apply_ready_frees.
+ * punch: a cluster left unused is punched out of the file, as QEMU discards
+ * the clusters a deleted snapshot alone used. */
+void free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch);
+/* Allocate n contiguous clusters (refcount 1 each; runs too short on the
+ * way are given back).  Caller holds alloc_lock or runs exclusively. */
+int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off);
 /* Punch [off, off+len) out of the image file (advisory: 0 where the file
  * system cannot).  Refuses ranges holding the header or the fixed tables. */
 int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
@@ -184,6 +201,31 @@ int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
+
+/* snapshot.c (exclusive operations: see img_snapshot_* in image.h) */
+int qcow2_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n);
+int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
+                          char *err, size_t errlen);
+int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen);
+int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen);
+/* At open: make snapshot spec's L1 table and disk size the (read-only) mapping. */
+int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t errlen);
+
+/* resize.c */
+int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
+/* Start an exclusive operation: no request in flight (-EBUSY), not broken,
+ * everything flushed and every dropped reference applied. */
+int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen);
+/* Write the header's fixed fields (one sector: atomic) and sync. */
+int header_commit(struct qcow2 *q);
+/* L1 entries needed to map size bytes. */
+uint64_t l1_entries_for(const struct qcow2 *q, uint64_t size);
+/* After h.size changed: the derived sizes (img.size, l1_size_needed). */
+void derive_sizes(struct qcow2 *q);
+/* Read n L1 entries at off (checked to lie in the image: -EINVAL). */
+int read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out);
+/* Write len bytes (a table) into freshly allocated contiguous clusters. */
+int write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t *off);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

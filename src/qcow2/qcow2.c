@@ -330,6 +330,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
     struct img_opts bo = *o;
     bo.read_only = true;
     bo.cache_size = 0;
+    bo.snapshot = NULL;     /* a snapshot reads through the overlay's backing file as it is */
     const char *fmt = q->h.backing_format;
     if (!strcmp(fmt, "qcow2"))
         bo.format = IMG_FMT_QCOW2;
@@ -444,6 +445,11 @@ static const struct image_ops qcow2_ops = {
     .write_zeroes = qcow2_co_write_zeroes,
     .close = qcow2_close,
     .stats = qcow2_stats,
+    .snapshot_list = qcow2_snapshot_list,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_apply = qcow2_snapshot_apply,
+    .resize = qcow2_resize,
 };
 
 static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)
@@ -530,6 +536,17 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
+    }
+    if (o->snapshot) {
+        /* A snapshot is served as it was taken: never written (qemu-nbd -l). */
+        if (!o->read_only) {
+            snprintf(err, errlen, "%s: a snapshot can only be opened read-only", f->path);
+            goto fail_nofile;
+        }
+        if (qcow2_open_snapshot(q, o->snapshot, msg, sizeof(msg)) < 0) {
+            snprintf(err, errlen, "%s: %s", f->path, msg);
+            goto fail_nofile;
+        }
     }
 
     /* Metadata cache, bounded by --cache-size.  Default as QEMU: enough L2

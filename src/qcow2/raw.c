@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "qcow2/internal.h"
 #include "io/loop.h"
@@ -97,6 +98,62 @@ static int raw_close(struct image *img)
     return ret;
 }
 
+/* Raw: the file's size is the image's.  Shrinking needs the tail to read
+ * as zeros (holes are skipped without reading), so no data goes. */
+static int raw_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen)
+{
+    struct raw *r = img->priv;
+    int64_t cur = file_size(&r->file);
+    if (cur < 0) {
+        snprintf(err, errlen, "%s: cannot stat: %s", img->path, strerror((int)-cur));
+        return (int)cur;
+    }
+    if (size < (uint64_t)cur) {
+        if (!shrink) {
+            snprintf(err, errlen, "%llu bytes is smaller than the image (%lld bytes): shrinking needs "
+                     "--shrink", (unsigned long long)size, (long long)cur);
+            return -EINVAL;
+        }
+        uint8_t *buf = malloc(1u << 20);
+        if (!buf)
+            return -ENOMEM;
+        for (uint64_t off = size; off < (uint64_t)cur;) {
+            off_t d = lseek(r->file.fd, (off_t)off, SEEK_DATA);
+            if (d < 0 || (uint64_t)d >= (uint64_t)cur)
+                break;      /* only holes left (or no SEEK_DATA: checked below) */
+            off = (uint64_t)d;
+            uint64_t n = (uint64_t)cur - off < (1u << 20) ? (uint64_t)cur - off : (1u << 20);
+            ssize_t got = file_pread_any(&r->file, buf, n, off);
+            if (got <= 0) {
+                free(buf);
+                snprintf(err, errlen, "%s: cannot read offset %llu: %s", img->path,
+                         (unsigned long long)off, got < 0 ? strerror((int)-got) : "end of file");
+                return got < 0 ? (int)got : -EIO;
+            }
+            for (ssize_t k = 0; k < got; k++) {
+                if (buf[k]) {
+                    free(buf);
+                    snprintf(err, errlen, "cannot shrink %s to %llu bytes: offset %llu, past the new end, "
+                             "holds data (discard it first, or keep the size)", img->path,
+                             (unsigned long long)size, (unsigned long long)(off + (uint64_t)k));
+                    return -ENOTSUP;
+                }
+            }
+            off += (uint64_t)got;
+        }
+        free(buf);
+    }
+    int ret = file_truncate(&r->file, size);
+    if (ret == 0)
+        ret = raw_sync(r);
+    if (ret < 0) {
+        snprintf(err, errlen, "%s: cannot resize: %s", img->path, strerror(-ret));
+        return ret;
+    }
+    img->size = size & ~511ull;
+    return 0;
+}
+
 static const struct image_ops raw_ops = {
     .name = "raw",
     .read = raw_read,
@@ -105,10 +162,15 @@ static const struct image_ops raw_ops = {
     .discard = raw_discard,
     .write_zeroes = raw_write_zeroes,
     .close = raw_close,
+    .resize = raw_resize,
 };
 
 struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen)
 {
+    if (o->snapshot) {
+        snprintf(err, errlen, "%s is a raw image: it has no internal snapshots", f->path);
+        return NULL;
+    }
     int64_t size = file_size(f);
     if (size < 0) {
         snprintf(err, errlen, "cannot stat '%s': %s", f->path, strerror((int)-size));

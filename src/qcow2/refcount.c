@@ -77,17 +77,23 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
                           (unsigned long long)cluster);
         return -EIO;
     }
+    if (old + delta == 0) {
+        /* A free cluster's cached slices describe a former table: drop them
+         * before the cluster can be reused.  One still pinned (a flush
+         * writing its copy, a load) would land on the reused cluster: the
+         * cluster stays allocated until it is not (the caller retries). */
+        bool busy = mcache_discard_range(&q->l2c, cluster * cl_size(q), cl_size(q));
+        busy |= mcache_discard_range(&q->rcc, cluster * cl_size(q), cl_size(q));
+        if (busy) {
+            mcache_put(&q->rcc, s);
+            return -EBUSY;
+        }
+        if (cluster < q->free_hint)
+            q->free_hint = cluster;
+    }
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
     mcache_mark_dirty(s);
     mcache_put(&q->rcc, s);
-    if (old + delta == 0) {
-        if (cluster < q->free_hint)
-            q->free_hint = cluster;
-        /* A free cluster's cached slices describe a former table: drop them
-         * before the cluster is reused. */
-        mcache_discard_range(&q->l2c, cluster * cl_size(q), cl_size(q));
-        mcache_discard_range(&q->rcc, cluster * cl_size(q), cl_size(q));
-    }
     return 0;
 }
 
@@ -310,6 +316,24 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
     defer(q, off, len, false);
 }
 
+/* Queue a release at the end of the ready list (the durable frees). */
+static void push_ready(struct qcow2 *q, uint64_t off, uint64_t len, uint64_t tick, bool punch)
+{
+    struct deferred_free *d = malloc(sizeof(*d)), **pp = &q->frees_ready;
+    if (!d)
+        abort();
+    *d = (struct deferred_free){ .off = off, .len = len, .tick = tick, .punch = punch };
+    while (*pp)
+        pp = &(*pp)->next;
+    *pp = d;
+}
+
+void free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
+{
+    push_ready(q, off, len, ++q->tick, punch);
+}
+
+
 void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     defer(q, off, len, true);
@@ -432,8 +456,15 @@ int apply_ready_frees(struct qcow2 *q)
         batch = d->next;
         uint64_t first = d->off >> cl_bits(q);
         uint64_t last = (d->off + d->len - 1) >> cl_bits(q);
-        for (uint64_t c = first; c <= last && r == 0; c++)
+        for (uint64_t c = first; c <= last && r == 0; c++) {
             r = rc_update(q, c, -1);
+            if (r == -EBUSY) {
+                /* A cached slice of it is still pinned: release the last
+                 * reference at a later flush (already punched if asked). */
+                push_ready(q, c << cl_bits(q), cl_size(q), d->tick, false);
+                r = 0;
+            }
+        }
         free(d);
         if (r < 0)
             break;
@@ -443,5 +474,85 @@ int apply_ready_frees(struct qcow2 *q)
         *tail = q->frees_ready;
         q->frees_ready = batch;
     }
+    return r;
+}
+
+/* n contiguous clusters when n does not fit one refcount block's span:
+ * a fresh area past everything allocated, starting on a block boundary,
+ * whose first clusters are the new refcount blocks describing the whole
+ * area (so the run itself is unbroken).  As for refcount-table growth, the
+ * blocks are written before the table entries naming them change in
+ * memory; those reach the disk in a flush, after a sync. */
+static int alloc_area(struct qcow2 *q, uint64_t n, uint64_t *host_off)
+{
+    uint64_t cs = cl_size(q), rbe = q->h.refcount_block_entries;
+    for (;;) {
+        uint64_t start = ((q->host_end + cs - 1) / cs + rbe - 1) / rbe * rbe;
+        uint64_t nb = 1;
+        while ((nb + n + rbe - 1) / rbe > nb)
+            nb = (nb + n + rbe - 1) / rbe;
+        uint64_t ti0 = start / rbe;
+        if (ti0 + nb > q->reftable_entries) {
+            int r = reftable_grow(q, ti0 + nb - 1);
+            if (r < 0)
+                return r;
+            continue;   /* the table moved to the end: look again */
+        }
+        uint8_t *blocks = io_zalloc(nb * cs);
+        for (uint64_t c = start; c < start + nb + n; c++)
+            qcow2_refcount_set(blocks + ((c - start) / rbe) * cs, q->h.refcount_order, c % rbe, 1);
+        mcache_discard_range(&q->l2c, start * cs, (nb + n) * cs);
+        mcache_discard_range(&q->rcc, start * cs, (nb + n) * cs);
+        ssize_t w = file_pwrite(&q->file, blocks, nb * cs, start * cs, false);
+        io_free(blocks);
+        if (w < 0)
+            return (int)w;
+        for (uint64_t j = 0; j < nb; j++) {
+            q->reftable[ti0 + j] = (start + j) * cs;
+            q->reftable_dirty[(ti0 + j) * 8 / 512] = 1;
+        }
+        note_host_end(q, (start + nb + n) * cs);
+        stat_add(&q->clusters_allocated, n);
+        *host_off = (start + nb) * cs;
+        return 0;
+    }
+}
+
+int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
+{
+    if (n >= q->h.refcount_block_entries)
+        return alloc_area(q, n, host_off);
+    /* Runs too short on the way are kept while looking further (so the
+     * allocator moves past them) and given back afterwards.  A fresh
+     * refcount block leaves rbe - 1 free clusters after it, so this ends. */
+    struct { uint64_t off, n; } *spare = NULL;
+    size_t nspare = 0;
+    int r;
+    for (;;) {
+        uint64_t off, got;
+        r = alloc_clusters(q, n, &off, &got);
+        if (r < 0)
+            break;
+        if (got == n) {
+            *host_off = off;
+            break;
+        }
+        if (!(nspare & (nspare - 1))) {
+            void *p = realloc(spare, (nspare ? nspare * 2 : 1) * sizeof(*spare));
+            if (!p) {
+                for (uint64_t i = 0; i < got; i++)
+                    rc_update(q, off / cl_size(q) + i, -1);
+                r = -ENOMEM;
+                break;
+            }
+            spare = p;
+        }
+        spare[nspare].off = off;
+        spare[nspare++].n = got;
+    }
+    for (size_t k = 0; k < nspare; k++)
+        for (uint64_t i = 0; i < spare[k].n; i++)
+            rc_update(q, spare[k].off / cl_size(q) + i, -1);
+    free(spare);
     return r;
 }

@@ -105,6 +105,7 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
         if (s->extra_size >= 8)
             s->vm_state_size = be64_load(extra);    /* supersedes the 32-bit field */
         s->disk_size = s->extra_size >= 16 ? be64_load(extra + 8) : h->size;
+        s->icount = s->extra_size >= QCOW2_SNAPSHOT_EXTRA_KNOWN ? be64_load(extra + 16) : UINT64_MAX;
         if (s->extra_size) {
             s->extra = malloc(s->extra_size);
             if (!s->extra)
@@ -144,4 +145,61 @@ out_nomem:
 out_free:
     qcow2_snapshots_free(sn, nb);
     return ret;
+}
+
+int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8_t **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < nb; i++) {
+        size_t idn = strlen(s[i].id), namen = strlen(s[i].name);
+        if (idn > UINT16_MAX || namen > UINT16_MAX)
+            return -EFBIG;
+        uint32_t extra = s[i].extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN ? s[i].extra_size
+                                                                       : QCOW2_SNAPSHOT_EXTRA_KNOWN;
+        total = (total + 7) & ~7ull;
+        total += SN_FIXED_SIZE + (uint64_t)extra + idn + namen;
+        if (total > QCOW2_MAX_SNAPSHOT_TABLE)
+            return -EFBIG;
+    }
+    if (!nb)
+        return 0;
+    uint8_t *buf = calloc(1, total);
+    if (!buf)
+        return -ENOMEM;
+    size_t pos = 0;
+    for (uint32_t i = 0; i < nb; i++) {
+        const struct qcow2_snapshot *e = &s[i];
+        size_t idn = strlen(e->id), namen = strlen(e->name);
+        uint32_t extra = e->extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN ? e->extra_size
+                                                                     : QCOW2_SNAPSHOT_EXTRA_KNOWN;
+        pos = (pos + 7) & ~(size_t)7;
+        uint8_t *p = buf + pos;
+        be64_store(p + 0, e->l1_table_offset);
+        be32_store(p + 8, e->l1_size);
+        be16_store(p + 12, (uint16_t)idn);
+        be16_store(p + 14, (uint16_t)namen);
+        be32_store(p + 16, e->date_sec);
+        be32_store(p + 20, e->date_nsec);
+        be64_store(p + 24, e->vm_clock_nsec);
+        /* A vm-state size that does not fit 32 bits is written as 0 here, so
+         * older readers see a disk-only snapshot rather than a cut one. */
+        be32_store(p + 32, e->vm_state_size <= UINT32_MAX ? (uint32_t)e->vm_state_size : 0);
+        be32_store(p + 36, extra);
+        p += SN_FIXED_SIZE;
+        be64_store(p + 0, e->vm_state_size);
+        be64_store(p + 8, e->disk_size);
+        be64_store(p + 16, e->icount);
+        if (e->extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN)
+            memcpy(p + QCOW2_SNAPSHOT_EXTRA_KNOWN, e->extra + QCOW2_SNAPSHOT_EXTRA_KNOWN,
+                   e->extra_size - QCOW2_SNAPSHOT_EXTRA_KNOWN);
+        p += extra;
+        memcpy(p, e->id, idn);
+        memcpy(p + idn, e->name, namen);
+        pos += SN_FIXED_SIZE + extra + idn + namen;
+    }
+    *out = buf;
+    *len = total;
+    return 0;
 }

@@ -1,0 +1,342 @@
+/* Changing the virtual size of a qcow2 image (QEMU's qcow2_co_truncate
+ * without preallocation), and the table helpers the exclusive operations
+ * (resize, snapshots) share.
+ *
+ * Growing: a larger L1 table, when one is needed, is written to fresh
+ * clusters and made durable; if a backing file reaches past the old end,
+ * the new range is marked as reading zeros first (as QEMU does, so the
+ * guest never sees backing data appear there); then one header sector
+ * write switches size, L1 offset and L1 length together; only then is the
+ * old L1 table freed.  A crash leaves the old or the new size, never a mix.
+ *
+ * Shrinking needs an unused tail (nothing allocated past the new end, and
+ * the rest of the last cluster reading as zeros), so no data is lost; the
+ * header switch comes first, then the L2 tables past the end are dropped
+ * (their L1 entries cleared, their references released once that is
+ * durable).  The L1 table keeps its length, as in QEMU. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/loop.h"
+#include "qcow2/internal.h"
+
+uint64_t l1_entries_for(const struct qcow2 *q, uint64_t size)
+{
+    uint64_t span_bits = q->h.cluster_bits + q->h.l2_bits;
+    return (size >> span_bits) + ((size & ((1ull << span_bits) - 1)) != 0);
+}
+
+void derive_sizes(struct qcow2 *q)
+{
+    q->h.l1_size_needed = l1_entries_for(q, q->h.size);
+    q->img.size = (q->h.size + 511) & ~511ull;
+}
+
+int header_commit(struct qcow2 *q)
+{
+    int r = qcow2_write_header_fields(q);
+    return r < 0 ? r : qcow2_sync(q);
+}
+
+int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen)
+{
+    if (q->broken) {
+        snprintf(err, errlen, "%s: the image was found corrupt; repair it with 'qemu-img check -r all'",
+                 q->img.path);
+        return -EIO;
+    }
+    if (q->reqs.next != &q->reqs) {
+        snprintf(err, errlen, "%s: requests are in flight (the frontend must quiesce first)", q->img.path);
+        return -EBUSY;
+    }
+    /* Start from a settled image: everything durable, every dropped
+     * reference applied (no request is left that could still use one). */
+    int r = 0;
+    for (int i = 0; i < 4 && r == 0; i++) {
+        r = qcow2_flush(q);
+        if (!q->frees_pending && !q->frees_ready && !mcache_has_dirty(&q->rcc) && !mcache_has_dirty(&q->l2c))
+            break;
+    }
+    if (r < 0)
+        snprintf(err, errlen, "%s: flush failed: %s", q->img.path, strerror(-r));
+    return r;
+}
+
+int read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out)
+{
+    uint64_t bytes = (uint64_t)n * 8;
+    *out = NULL;
+    if (n && ((off & (cl_size(q) - 1)) || !off || off > q->host_end || bytes > q->host_end - off ||
+              bytes > QCOW2_MAX_L1_BYTES))
+        return -EINVAL;
+    uint64_t *t = calloc(n ? n : 1, sizeof(*t));
+    uint8_t *buf = io_zalloc(bytes ? (bytes + 511) & ~511ull : 512);
+    if (!t) {
+        io_free(buf);
+        return -ENOMEM;
+    }
+    ssize_t r = bytes ? file_pread(&q->file, buf, (bytes + 511) & ~511ull, off) : 0;
+    for (uint32_t i = 0; r >= 0 && i < n; i++)
+        t[i] = be64_load(buf + (uint64_t)i * 8);
+    io_free(buf);
+    if (r < 0) {
+        free(t);
+        return (int)r;
+    }
+    *out = t;
+    return 0;
+}
+
+int write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t *off)
+{
+    uint64_t n = (len + cl_size(q) - 1) >> cl_bits(q), host;
+    co_mutex_lock(&q->alloc_lock);
+    int r = alloc_contiguous(q, n, &host);
+    co_mutex_unlock(&q->alloc_lock);
+    if (r < 0)
+        return r;
+    uint8_t *buf = io_zalloc(n << cl_bits(q));
+    memcpy(buf, data, len);
+    /* Nothing cached may describe an earlier use of these clusters. */
+    mcache_discard_range(&q->l2c, host, n << cl_bits(q));
+    mcache_discard_range(&q->rcc, host, n << cl_bits(q));
+    ssize_t w = file_pwrite(&q->file, buf, n << cl_bits(q), host, false);
+    io_free(buf);
+    if (w < 0) {
+        for (uint64_t i = 0; i < n; i++)
+            rc_update(q, (host >> cl_bits(q)) + i, -1);
+        return (int)w;
+    }
+    *off = host;
+    return 0;
+}
+
+/* ---- shrink --------------------------------------------------------------- */
+
+/* Is everything past size unused: no cluster past it allocated (zero
+ * clusters are fine), and the rest of the cluster holding the new end
+ * reading as zeros if it is allocated? */
+static int tail_unused(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
+{
+    uint64_t cs = cl_size(q), first_free = (size + cs - 1) >> cl_bits(q);
+    uint32_t per = q->l2c.slice_size / q->h.l2_entry_size;
+    for (uint64_t i = size >> (cl_bits(q) + q->h.l2_bits); i < q->h.l1_size; i++) {
+        uint64_t t = q->l1[i] & L1E_OFFSET_MASK;
+        if (!t)
+            continue;
+        for (uint64_t so = 0; so < cs; so += q->l2c.slice_size) {
+            struct mslice *s;
+            int r = mcache_get(&q->l2c, t + so, &s);
+            if (r < 0) {
+                snprintf(err, errlen, "cannot read the L2 table at 0x%llx: %s", (unsigned long long)t,
+                         strerror(-r));
+                return r;
+            }
+            for (uint32_t j = 0; j < per; j++) {
+                uint64_t c = (i << q->h.l2_bits) + (so / q->h.l2_entry_size) + j;
+                uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size);
+                enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
+                bool data = ty == QCOW2_CLUSTER_NORMAL || ty == QCOW2_CLUSTER_COMPRESSED ||
+                            ty == QCOW2_CLUSTER_INVALID;
+                if (!data || (c + 1) * cs <= size)
+                    continue;
+                if (c >= first_free) {
+                    mcache_put(&q->l2c, s);
+                    snprintf(err, errlen, "guest offset 0x%llx, past the new end, holds data "
+                             "(discard it first, or keep the size)", (unsigned long long)(c * cs));
+                    return -ENOTSUP;
+                }
+                /* The cluster holding the new end: its tail must be zeros. */
+                mcache_put(&q->l2c, s);
+                uint64_t end = (c + 1) * cs < q->img.size ? (c + 1) * cs : q->img.size;
+                uint8_t *buf = io_alloc(end - size);
+                r = qcow2_co_read(&q->img, buf, size, end - size);
+                uint64_t k = 0;
+                while (r == 0 && k < end - size && !buf[k])
+                    k++;
+                io_free(buf);
+                if (r < 0) {
+                    snprintf(err, errlen, "cannot read guest offset 0x%llx: %s", (unsigned long long)size,
+                             strerror(-r));
+                    return r;
+                }
+                if (k < end - size) {
+                    snprintf(err, errlen, "guest offset 0x%llx, past the new end, holds data "
+                             "(discard it first, or keep the size)", (unsigned long long)(size + k));
+                    return -ENOTSUP;
+                }
+                r = mcache_get(&q->l2c, t + so, &s);
+                if (r < 0)
+                    return r;
+            }
+            mcache_put(&q->l2c, s);
+        }
+    }
+    return 0;
+}
+
+/* Drop the L2 tables wholly past the new end from the active L1 (they map
+ * nothing but zero clusters): L1 entries cleared now, their references
+ * (the table, its zero clusters) released after the flush that makes the
+ * cleared entries durable (rule 5). */
+static int drop_tail_tables(struct qcow2 *q)
+{
+    uint64_t cs = cl_size(q);
+    uint32_t per = q->l2c.slice_size / q->h.l2_entry_size;
+    for (uint64_t i = l1_entries_for(q, q->h.size); i < q->h.l1_size; i++) {
+        uint64_t t = q->l1[i] & L1E_OFFSET_MASK;
+        if (!t)
+            continue;
+        for (uint64_t so = 0; so < cs; so += q->l2c.slice_size) {
+            struct mslice *s;
+            int r = mcache_get(&q->l2c, t + so, &s);
+            if (r < 0)
+                return r;
+            for (uint32_t j = 0; j < per; j++) {
+                uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size);
+                if (qcow2_l2_entry_type(&q->h, e, q->extl2) == QCOW2_CLUSTER_ZERO_ALLOC)
+                    defer_free(q, e & L2E_OFFSET_MASK, cs);
+            }
+            mcache_put(&q->l2c, s);
+        }
+        q->l1[i] = 0;
+        q->l1_dirty[i * 8 / 512] = 1;
+        defer_free(q, t, cs);
+    }
+    return 0;
+}
+
+/* ---- the operation ---------------------------------------------------------- */
+
+int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen)
+{
+    struct qcow2 *q = to_qcow2(img);
+    uint64_t old_size = q->h.size, need = l1_entries_for(q, size);
+    if (size & 511) {
+        snprintf(err, errlen, "the new size (%llu bytes) is not a multiple of 512 bytes",
+                 (unsigned long long)size);
+        return -EINVAL;
+    }
+    if (need * 8 > QCOW2_MAX_L1_BYTES || size > (1ull << 62)) {
+        snprintf(err, errlen, "%llu bytes is too large for this image's cluster size (QEMU's L1 table "
+                 "limit)", (unsigned long long)size);
+        return -EFBIG;
+    }
+    if (size == old_size)
+        return 0;
+    if (size < old_size && !shrink) {
+        snprintf(err, errlen, "%llu bytes is smaller than the image (%llu bytes): shrinking needs "
+                 "--shrink", (unsigned long long)size, (unsigned long long)old_size);
+        return -EINVAL;
+    }
+    int r = qcow2_exclusive_begin(q, err, errlen);
+    if (r < 0)
+        return r;
+
+    if (size < old_size) {
+        char why[300];
+        r = tail_unused(q, size, why, sizeof(why));
+        if (r < 0) {
+            snprintf(err, errlen, "cannot shrink %s to %llu bytes: %s", img->path, (unsigned long long)size, why);
+            return r;
+        }
+        q->h.size = size;
+        r = header_commit(q);
+        if (r < 0) {
+            q->h.size = old_size;
+            q->broken = true;
+            snprintf(err, errlen, "writing the header failed: %s", strerror(-r));
+            return r;
+        }
+        derive_sizes(q);
+        r = drop_tail_tables(q);
+        if (r == 0)
+            r = qcow2_flush(q);     /* cleared L1 entries durable, then released */
+        for (int i = 0; i < 3 && r == 0 && (q->frees_ready || mcache_has_dirty(&q->rcc)); i++)
+            r = qcow2_flush(q);
+        if (r < 0)
+            snprintf(err, errlen, "the image is resized, but releasing the tables past the end failed "
+                     "(%s): they leak", strerror(-r));
+        return r;
+    }
+
+    /* Grow. */
+    uint64_t old_l1_off = q->h.l1_table_offset, old_l1_size = q->h.l1_size;
+    uint64_t *old_l1 = NULL;
+    uint8_t *old_dirty = NULL;
+    if (need > q->h.l1_size) {
+        uint64_t *nl1 = calloc(need, sizeof(*nl1));
+        uint8_t *ndirty = calloc((need * 8 + 511) / 512 + 1, 1);
+        uint8_t *buf = malloc(need * 8);
+        uint64_t noff = 0;
+        if (!nl1 || !ndirty || !buf)
+            r = -ENOMEM;
+        if (r == 0) {
+            memcpy(nl1, q->l1, (uint64_t)q->h.l1_size * 8);
+            for (uint64_t i = 0; i < need; i++)
+                be64_store(buf + i * 8, nl1[i]);
+            r = write_fresh_table(q, buf, need * 8, &noff);
+        }
+        /* The new table and its refcounts durable before anything (also a
+         * refcount-table growth rewriting the header) can name it. */
+        if (r == 0)
+            r = qcow2_flush(q);
+        free(buf);
+        if (r < 0) {
+            if (noff)
+                for (uint64_t c = noff >> cl_bits(q); c <= (noff + need * 8 - 1) >> cl_bits(q); c++)
+                    rc_update(q, c, -1);
+            free(nl1);
+            free(ndirty);
+            snprintf(err, errlen, "cannot write a larger L1 table: %s", strerror(-r));
+            return r;
+        }
+        /* In memory only: the header still names the old table until the
+         * switch below; entries changed meanwhile go to the new one. */
+        old_l1 = q->l1;
+        old_dirty = q->l1_dirty;
+        q->l1 = nl1;
+        q->l1_dirty = ndirty;
+        q->h.l1_size = (uint32_t)need;
+        q->h.l1_table_offset = noff;
+    }
+    /* A backing file reaching past the old end would show through the new
+     * range: make it read as zeros (zero flags, or zeros written on v2),
+     * durably, before the new size is. */
+    int zr = 0;
+    if (q->backing && q->backing->size > old_size) {
+        uint64_t end = q->backing->size < size ? (q->backing->size + 511) & ~511ull : size;
+        q->img.size = size;
+        zr = qcow2_co_write_zeroes(&q->img, old_size, end - old_size, IMG_NO_HOLE);
+        if (zr == 0)
+            zr = qcow2_flush(q);
+        if (zr < 0)
+            snprintf(err, errlen, "cannot zero the new range over the backing file: %s", strerror(-zr));
+    }
+    /* The switch.  Even when the zeroing failed, a new L1 table in use in
+     * memory must become the one the header names (with the old size). */
+    q->h.size = zr == 0 ? size : old_size;
+    r = header_commit(q);
+    if (r < 0) {
+        q->broken = true;
+        snprintf(err, errlen, "writing the header failed: %s", strerror(-r));
+    }
+    if (r == 0)
+        r = zr;
+    derive_sizes(q);
+    free(old_l1);
+    free(old_dirty);
+    if (q->broken)
+        return r;
+    /* The old table is unreferenced once the header is durable. */
+    if (old_l1_size && q->h.l1_table_offset != old_l1_off)
+        free_durable(q, old_l1_off, old_l1_size * 8, true);
+    int r2 = apply_ready_frees(q);
+    for (int i = 0; i < 3 && r2 == 0 && (i == 0 || q->frees_ready || mcache_has_dirty(&q->rcc)); i++)
+        r2 = qcow2_flush(q);
+    if (r2 < 0 && r == 0)
+        snprintf(err, errlen, "the image is resized, but freeing the old L1 table failed: %s", strerror(-r2));
+    return r < 0 ? r : r2;
+}
