@@ -68,6 +68,9 @@ static void usage(FILE *out)
         "                           write-zeroes free clusters and punch holes in the file\n"
         "      --discard-no-unref   with --discard=unmap: keep discarded qcow2 clusters\n"
         "                           allocated (reading as zeros), only punch their data out\n"
+        "  -l, --snapshot SNAP      serve internal snapshot SNAP (ID or name, or\n"
+        "                           snapshot.id=ID[,snapshot.name=NAME]) read-only, as\n"
+        "                           qemu-nbd -l does\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
         "  -h, --help               show this help\n"
@@ -416,6 +419,8 @@ int cmd_nbd(int argc, char **argv)
         { "pid-file",    required_argument, NULL, OPT_PID_FILE },
         { "discard",     required_argument, NULL, OPT_DISCARD },
         { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
+        { "snapshot",    required_argument, NULL, 'l' },
+        { "load-snapshot", required_argument, NULL, 'l' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -425,7 +430,7 @@ int cmd_nbd(int argc, char **argv)
 
     opterr = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":k:x:rf:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":k:x:rf:l:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'k':
             cli.socket_path = optarg;
@@ -474,6 +479,9 @@ int cmd_nbd(int argc, char **argv)
         case OPT_PID_FILE:
             cli.pid_file = optarg;
             break;
+        case 'l':
+            cli.img_opts.snapshot = optarg;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -502,6 +510,9 @@ int cmd_nbd(int argc, char **argv)
         cli_error("nbd: export name longer than 4096 bytes");
         return 2;
     }
+    /* A snapshot is exported read-only (qemu-nbd -l implies -r). */
+    if (cli.img_opts.snapshot)
+        cli.read_only = true;
     cli.img_opts.read_only = cli.read_only;
     return cli.fork ? serve_forked(&cli) : serve(&cli, -1);
 }

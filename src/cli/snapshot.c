@@ -222,7 +222,8 @@ static int snapshot_offline(const char *verb, const char *path, const char *arg)
 /* The control-socket request of a live device; prints the answer's error. */
 static int ask_daemon(const char *cmd, uint32_t id, const char *request, char *reply, size_t len)
 {
-    int r = ctl_request(id, request, reply, len);
+    /* A snapshot walks every L2 table: no time limit while the daemon lives. */
+    int r = ctl_request_wait(id, request, reply, len, -1);
     if (r < 0) {
         if (r == -ENOENT)
             cli_error("%s: ublk device %u has no running daemon (see 'ublk-qcow2 list')", cmd, id);

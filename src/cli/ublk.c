@@ -62,6 +62,9 @@ static void add_usage(FILE *out)
         "                         write-zeroes free clusters and punch holes in the file\n"
         "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
         "                         allocated (reading as zeros), only punch their data out\n"
+        "  -l, --snapshot SNAP    serve internal snapshot SNAP of a qcow2 image (ID or\n"
+        "                         name, or snapshot.id=ID[,snapshot.name=NAME]),\n"
+        "                         read-only\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
@@ -243,6 +246,7 @@ int cmd_add(int argc, char **argv)
         { "recovery", no_argument, NULL, 'R' },
         { "discard", required_argument, NULL, 'D' },
         { "discard-no-unref", no_argument, NULL, 'U' },
+        { "snapshot", required_argument, NULL, 'l' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -256,7 +260,7 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:l:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
             if (!parse_uint(optarg, 0, 1u << 20, &v)) {
@@ -317,6 +321,10 @@ int cmd_add(int argc, char **argv)
             break;
         case 'U':
             o.discard_no_unref = true;
+            break;
+        case 'l':
+            o.snapshot = optarg;
+            o.read_only = true;     /* a snapshot is served as it was taken */
             break;
         case 'h':
             add_usage(stdout);
@@ -719,6 +727,7 @@ int cmd_recover(int argc, char **argv)
         .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
                 : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
         .recovery = true, .recover = true, .notify_fd = -1,
+        .snapshot = st.snapshot[0] ? st.snapshot : NULL,
     };
     return run_daemon(&o, foreground);
 }

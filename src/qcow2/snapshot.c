@@ -781,12 +781,10 @@ int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t err
         return -ENOENT;
     }
     const struct qcow2_snapshot *sn = &q->snapshots[idx];
-    uint64_t need = l1_entries_for(q, sn->disk_size), n = sn->l1_size > need ? sn->l1_size : need;
-    if (n * 8 > QCOW2_MAX_L1_BYTES || sn->disk_size > (1ull << 62)) {
-        snprintf(err, errlen, "snapshot '%s' records an impossible disk size (%llu bytes)", sn->name,
-                 (unsigned long long)sn->disk_size);
-        return -EINVAL;
-    }
+    /* As QEMU loads a snapshot (qemu-nbd -l, qemu-img convert -l): its L1
+     * table becomes the mapping, the image keeps its current virtual size,
+     * and whatever lies past the snapshot's own table reads as unallocated. */
+    uint64_t n = sn->l1_size > q->h.l1_size ? sn->l1_size : q->h.l1_size;
     uint64_t *sl1;
     int r = snapshot_l1(q, sn, &sl1, err, errlen);
     if (r < 0)
@@ -800,9 +798,8 @@ int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t err
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
-    /* Entries past the snapshot's own table map nothing (QEMU reads them
-     * as unallocated too). */
-    memcpy(l1, sl1, (uint64_t)sn->l1_size * 8);
+    if (sn->l1_size)
+        memcpy(l1, sl1, (uint64_t)sn->l1_size * 8);
     free(sl1);
     free(q->l1);
     free(q->l1_dirty);
@@ -810,7 +807,5 @@ int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t err
     q->l1_dirty = dirty;
     q->h.l1_size = (uint32_t)n;
     q->h.l1_table_offset = sn->l1_table_offset;
-    q->h.size = sn->disk_size;
-    derive_sizes(q);
     return 0;
 }

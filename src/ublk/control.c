@@ -111,7 +111,7 @@ void ctl_serve_one(int listen_fd, ctl_answer_fn answer, void *arg)
     int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0)
         return;
-    char req[256], reply[CTL_LINE_MAX];
+    char req[CTL_REQUEST_MAX], reply[CTL_LINE_MAX];
     if (read_line(fd, req, sizeof(req), CTL_SERVER_TIMEOUT_MS) >= 0) {
         answer(arg, req, reply, sizeof(reply) - 1);
         size_t n = strlen(reply);
@@ -122,6 +122,11 @@ void ctl_serve_one(int listen_fd, ctl_answer_fn answer, void *arg)
 }
 
 int ctl_request(uint32_t id, const char *request, char *reply, size_t len)
+{
+    return ctl_request_wait(id, request, reply, len, CTL_CLIENT_TIMEOUT_MS);
+}
+
+int ctl_request_wait(uint32_t id, const char *request, char *reply, size_t len, int timeout_ms)
 {
     struct sockaddr_un sa;
     int r = ctl_addr(id, &sa);
@@ -135,9 +140,9 @@ int ctl_request(uint32_t id, const char *request, char *reply, size_t len)
         close(fd);
         return r;
     }
-    char line[256];
+    char line[CTL_REQUEST_MAX];
     int n = snprintf(line, sizeof(line), "%s\n", request);
-    if (n >= (int)sizeof(line) || write_all(fd, line, (size_t)n) < 0 || read_line(fd, reply, len, CTL_CLIENT_TIMEOUT_MS) < 0)
+    if (n >= (int)sizeof(line) || write_all(fd, line, (size_t)n) < 0 || read_line(fd, reply, len, timeout_ms) < 0)
         r = -EIO;
     close(fd);
     return r;

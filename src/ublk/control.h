@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #define CTL_LINE_MAX 4096
+#define CTL_REQUEST_MAX 512     /* a request line, with its newline */
 
 /* Create and listen on the socket of device id (replacing a stale one).
  * Returns the listening fd, or -errno with a message in err. */
@@ -27,5 +28,8 @@ void ctl_serve_one(int listen_fd, ctl_answer_fn answer, void *arg);
  * (without the newline) in reply.  Returns 0, or -errno (-ENOENT: no
  * socket, no such device or daemon). */
 int ctl_request(uint32_t id, const char *request, char *reply, size_t len);
+/* The same, waiting up to timeout_ms for the answer (-1: as long as the
+ * daemon lives), for requests that take long (a snapshot of a big image). */
+int ctl_request_wait(uint32_t id, const char *request, char *reply, size_t len, int timeout_ms);
 
 #endif

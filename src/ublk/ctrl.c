@@ -238,6 +238,13 @@ int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daem
     return ctrl_cmd(c, &r);
 }
 
+int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors)
+{
+    /* Only in ioctl form (the command is newer than the legacy opcodes). */
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_UPDATE_SIZE, .dev_id = dev_id, .data0 = sectors };
+    return ctrl_cmd(c, &r);
+}
+
 const char *ublk_state_name(unsigned state)
 {
     switch (state) {

@@ -58,6 +58,10 @@ int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
 int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id);
 int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
 
+/* UPDATE_SIZE (UBLK_F_UPDATE_SIZE, Linux 6.16+): the live device's new
+ * size in 512-byte sectors. */
+int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors);
+
 /* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
 const char *ublk_state_name(unsigned state);
 

@@ -60,6 +60,18 @@ struct ublk_queue {
 
 enum start_state { START_WAIT, START_GO, START_ABORT };
 
+/* A function to run on the engine thread with the device quiesced
+ * (ublk_queues_exclusive); the caller waits on cond for done. */
+struct engine_call {
+    struct mbox_msg m;          /* first: a mbox_msg pointer is an engine_call pointer */
+    int (*fn)(void *arg);       /* NULL: the quit note of the control coroutine */
+    void *arg;
+    int result;
+    bool done;
+    pthread_mutex_t *lock;
+    pthread_cond_t cond;
+};
+
 struct ublk_queues {
     struct ublk_queues_cfg cfg;
     int cdev_fd;
@@ -71,6 +83,15 @@ struct ublk_queues {
     struct {
         stat_counter ops[5], bytes[2], errors, in_flight;
     } st;
+    /* Exclusive calls (engine thread): ctl is queue 0's inbox for them; the
+     * gate, while closed, holds new requests before they enter the engine;
+     * active counts the requests inside it. */
+    struct mailbox *ctl;
+    struct engine_call ctl_quit;
+    bool ctl_closed;            /* under lock: no call is taken any more */
+    bool gate_closed;
+    unsigned active;
+    struct co_queue gate, drained;
     /* Start-up handshake: every thread makes its loop, then waits for go. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -87,11 +108,26 @@ static size_t page_round(size_t n)
 /* ---- the engine: every img_* call happens on queue 0's thread ------------- */
 
 static int tag_execute_op(struct ublk_tag *t);
+static int tag_execute_counted(struct ublk_tag *t);
 
 /* Kinds of request in ublk_queues.st.ops, in ublk_io_stats order. */
 enum { ST_READ, ST_WRITE, ST_FLUSH, ST_DISCARD, ST_WRITE_ZEROES };
 
 static int tag_execute(struct ublk_tag *t)
+{
+    struct ublk_queues *qs = t->q->qs;
+    /* An exclusive call (a snapshot, a resize) holds new requests here
+     * until it is done: they wait, nothing fails. */
+    while (qs->gate_closed)
+        co_queue_wait(&qs->gate);
+    qs->active++;
+    int r = tag_execute_counted(t);
+    if (--qs->active == 0 && qs->gate_closed)
+        co_queue_wake_all(&qs->drained);
+    return r;
+}
+
+static int tag_execute_counted(struct ublk_tag *t)
 {
     struct ublk_queues *qs = t->q->qs;
     unsigned op = ublksrv_get_op(&t->desc);
@@ -218,6 +254,86 @@ static int tag_serve(struct ublk_tag *t)
     return t->result;
 }
 
+/* ---- exclusive calls ---------------------------------------------------------- */
+
+static void call_finish(struct engine_call *c, int result)
+{
+    pthread_mutex_lock(c->lock);
+    c->result = result;
+    c->done = true;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(c->lock);
+}
+
+/* Queue 0: take each call, quiesce (close the gate, wait for the requests
+ * inside the engine to finish), run it, reopen the gate.  The quit note
+ * (queue 0's tags are all done) ends this coroutine, so the loop can end. */
+static void engine_control(void *arg)
+{
+    struct ublk_queues *qs = arg;
+    for (;;) {
+        struct mbox_msg *m = mailbox_wait(qs->ctl);
+        if (!m) {
+            fprintf(stderr, "ublk: control mailbox failed: %s\n", strerror(errno));
+            abort();
+        }
+        while (m) {
+            struct engine_call *c = (struct engine_call *)m;
+            m = m->next;
+            if (!c->fn) {
+                /* Calls posted after this one are answered when the
+                 * thread ends (ublk_queues_exclusive sees ctl_closed). */
+                while (m) {
+                    struct engine_call *rest = (struct engine_call *)m;
+                    m = m->next;
+                    if (rest->fn)
+                        call_finish(rest, -ESHUTDOWN);
+                }
+                return;
+            }
+            qs->gate_closed = true;
+            while (qs->active)
+                co_queue_wait(&qs->drained);
+            int r = c->fn(c->arg);
+            qs->gate_closed = false;
+            co_queue_wake_all(&qs->gate);
+            call_finish(c, r);
+        }
+    }
+}
+
+int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *arg)
+{
+    struct engine_call c = { .fn = fn, .arg = arg, .lock = &qs->lock };
+    pthread_cond_init(&c.cond, NULL);
+    pthread_mutex_lock(&qs->lock);
+    int r = 0;
+    if (qs->ctl_closed)
+        r = -ESHUTDOWN;
+    else if (mailbox_post(qs->ctl, &c.m) < 0)
+        r = -errno;
+    while (r == 0 && !c.done)
+        pthread_cond_wait(&c.cond, &qs->lock);
+    pthread_mutex_unlock(&qs->lock);
+    pthread_cond_destroy(&c.cond);
+    return r < 0 ? r : c.result;
+}
+
+/* Queue 0's thread is ending: calls still in the inbox get -ESHUTDOWN, and
+ * later ones are refused at once. */
+static void control_close(struct ublk_queues *qs)
+{
+    pthread_mutex_lock(&qs->lock);
+    qs->ctl_closed = true;
+    pthread_mutex_unlock(&qs->lock);
+    for (struct mbox_msg *m = mailbox_take(qs->ctl); m;) {
+        struct engine_call *c = (struct engine_call *)m;
+        m = m->next;
+        if (c->fn)
+            call_finish(c, -ESHUTDOWN);
+    }
+}
+
 /* ---- the tag loop ---------------------------------------------------------- */
 
 static void prep_io_cmd(struct io_uring_sqe *sqe, void *arg)
@@ -237,8 +353,18 @@ static void prep_io_cmd(struct io_uring_sqe *sqe, void *arg)
 
 static void queue_finished(struct ublk_queue *q)
 {
-    if (q->qs->cfg.nr_queues == 1 || q->qid == 0)
-        return;     /* the engine inbox ends once every other queue is done */
+    if (q->qid == 0) {
+        /* No request comes from this queue any more: end the control
+         * coroutine (the engine inbox ends once every other queue is done). */
+        q->qs->ctl_quit.fn = NULL;
+        if (mailbox_post(q->qs->ctl, &q->qs->ctl_quit.m) < 0) {
+            fprintf(stderr, "ublk: queue 0 cannot post: %s\n", strerror(errno));
+            abort();
+        }
+        return;
+    }
+    if (q->qs->cfg.nr_queues == 1)
+        return;
     q->done_msg.kind = MSG_QUEUE_DONE;
     q->quit_msg.kind = MSG_QUIT;
     if (mailbox_post(q->qs->queues[0].mbox, &q->done_msg.m) < 0 ||
@@ -308,10 +434,14 @@ static void *queue_thread(void *arg)
             q->tags[i].co = co_spawn(tag_loop, &q->tags[i]);
         if (qs->cfg.nr_queues > 1)
             co_spawn(q->qid == 0 ? engine_inbox : completion_inbox, q);
+        if (q->qid == 0)
+            co_spawn(engine_control, qs);
         int r = loop_run(q->loop);
         if (r < 0 && !q->err)
             q->err = r;
     }
+    if (q->qid == 0)
+        control_close(qs);
     co_pool_release();
     loop_free(q->loop);
     q->loop = NULL;
@@ -355,6 +485,7 @@ static void queues_free(struct ublk_queues *qs)
         free(q->tags);
         mailbox_free(q->mbox);
     }
+    mailbox_free(qs->ctl);
     free(qs->queues);
     if (qs->cdev_fd >= 0)
         close(qs->cdev_fd);
@@ -424,8 +555,11 @@ int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **ou
     qs->cdev_fd = -1;
     pthread_mutex_init(&qs->lock, NULL);
     pthread_cond_init(&qs->cond, NULL);
+    qs->gate = (struct co_queue)CO_QUEUE_INIT;
+    qs->drained = (struct co_queue)CO_QUEUE_INIT;
+    qs->ctl = mailbox_new();
     qs->done_fd = eventfd(0, EFD_CLOEXEC);
-    if (qs->done_fd < 0) {
+    if (!qs->ctl || qs->done_fd < 0) {
         int e = errno;
         snprintf(err, errlen, "eventfd: %s", strerror(e));
         queues_free(qs);

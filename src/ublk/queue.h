@@ -60,6 +60,15 @@ struct ublk_io_stats {
 };
 void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st);
 
+/* Run fn(arg) on the engine thread with the device quiesced, and wait for
+ * it (any other thread; blocks the caller): new requests are held before
+ * they enter the engine (they wait, none fails), the requests inside it
+ * finish, fn runs (it may do the image's I/O: it is a coroutine of the
+ * engine's loop, and may call the exclusive img_* operations), then the
+ * held requests go on.  Returns fn's result, or -ESHUTDOWN once the queues
+ * are stopping. */
+int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *arg);
+
 /* Device parameters for an image: 512-byte logical and 4 KiB physical
  * blocks, volatile cache + FUA, discard and write-zeroes unless read-only. */
 void ublk_params_for_image(struct ublk_params *p, const struct image *img,

@@ -17,6 +17,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -99,6 +100,8 @@ struct served {
     const struct ublk_server_opts *o;
     struct image *img;
     struct ublk_queues *qs;
+    struct ublk_ctrl *ctrl;
+    bool read_only;
     struct timespec started;
 };
 
@@ -137,10 +140,138 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
         snprintf(reply, len, "{\"error\": \"reply too long\"}");
 }
 
+/* A reply {"error": MSG}. */
+static void reply_error(char *reply, size_t len, const char *msg)
+{
+    FILE *f = fmemopen(reply, len, "w");
+    if (!f) {
+        snprintf(reply, len, "{\"error\": \"out of memory\"}");
+        return;
+    }
+    fprintf(f, "{\"error\": ");
+    json_put_string(f, msg);
+    fprintf(f, "}");
+    bool ok = !ferror(f) && ftell(f) < (long)len - 1;
+    fclose(f);
+    if (!ok)
+        snprintf(reply, len, "{\"error\": \"reply too long\"}");
+}
+
+/* The exclusive operations of the control socket, run on the engine
+ * thread with the device quiesced (ublk_queues_exclusive). */
+struct excl_op {
+    struct image *img;
+    const char *name;           /* snapshot create */
+    uint64_t size;              /* resize */
+    char id[64];
+    char err[700];
+};
+
+static int run_snapshot_create(void *arg)
+{
+    struct excl_op *x = arg;
+    return img_snapshot_create(x->img, x->name, x->id, sizeof(x->id), x->err, sizeof(x->err));
+}
+
+static int run_resize(void *arg)
+{
+    struct excl_op *x = arg;
+    return img_resize(x->img, x->size, false, x->err, sizeof(x->err));
+}
+
+/* "snapshot-create NAME": the device's content at this instant (every
+ * request completed before it, none after) as internal snapshot NAME. */
+static void answer_snapshot(struct served *sv, const char *name, char *reply, size_t len)
+{
+    if (sv->read_only) {
+        reply_error(reply, len, "the device is read-only: its image cannot take a snapshot");
+        return;
+    }
+    static struct excl_op x;
+    memset(&x, 0, sizeof(x));
+    x.img = sv->img;
+    x.name = name;
+    int r = ublk_queues_exclusive(sv->qs, run_snapshot_create, &x);
+    if (r < 0) {
+        reply_error(reply, len, x.err[0] ? x.err : strerror(-r));
+        return;
+    }
+    uq_error("ublk device %u: snapshot '%s' (ID %s) taken", sv->id, name, x.id);
+    FILE *f = fmemopen(reply, len, "w");
+    if (!f) {
+        snprintf(reply, len, "{\"error\": \"out of memory\"}");
+        return;
+    }
+    fprintf(f, "{\"id\": ");
+    json_put_string(f, x.id);
+    fprintf(f, ", \"name\": ");
+    json_put_string(f, name);
+    fprintf(f, "}");
+    fclose(f);
+}
+
+/* "resize [+]BYTES": grow the image, then the device (UPDATE_SIZE). */
+static void answer_resize(struct served *sv, const char *arg, char *reply, size_t len)
+{
+    char msg[800];
+    uint64_t cur = img_size(sv->img);
+    bool rel = *arg == '+';
+    int64_t v = parse_size(arg + rel);
+    if (v < 0) {
+        reply_error(reply, len, "invalid size");
+        return;
+    }
+    uint64_t size = rel ? cur + (uint64_t)v : (uint64_t)v;
+    if (sv->read_only) {
+        reply_error(reply, len, "the device is read-only: its image cannot be resized");
+        return;
+    }
+    if (size < cur) {
+        snprintf(msg, sizeof(msg), "a live device can only grow (it has %llu bytes); shrink the image "
+                 "offline with 'ublk-qcow2 resize --shrink'", (unsigned long long)cur);
+        reply_error(reply, len, msg);
+        return;
+    }
+    uint64_t features = 0;
+    ublk_ctrl_features(sv->ctrl, &features);
+    if (!(features & UBLK_F_UPDATE_SIZE)) {
+        struct utsname u;
+        snprintf(msg, sizeof(msg), "this kernel (Linux %s) cannot change the size of a live ublk device: "
+                 "that needs UBLK_F_UPDATE_SIZE, in Linux 6.16 or newer; the image is unchanged",
+                 uname(&u) == 0 ? u.release : "?");
+        reply_error(reply, len, msg);
+        return;
+    }
+    if (size > cur) {
+        static struct excl_op x;
+        memset(&x, 0, sizeof(x));
+        x.img = sv->img;
+        x.size = size;
+        int r = ublk_queues_exclusive(sv->qs, run_resize, &x);
+        if (r < 0) {
+            reply_error(reply, len, x.err[0] ? x.err : strerror(-r));
+            return;
+        }
+        r = ublk_ctrl_update_size(sv->ctrl, sv->id, img_size(sv->img) >> 9);
+        if (r < 0) {
+            snprintf(msg, sizeof(msg), "the image now has %llu bytes, but the kernel refused the new "
+                     "device size: %s", (unsigned long long)img_size(sv->img), strerror(-r));
+            reply_error(reply, len, msg);
+            return;
+        }
+        uq_error("ublk device %u: resized to %llu bytes", sv->id, (unsigned long long)img_size(sv->img));
+    }
+    snprintf(reply, len, "{\"size\": %llu}", (unsigned long long)img_size(sv->img));
+}
+
 static void answer(void *arg, const char *request, char *reply, size_t len)
 {
     if (!strcmp(request, "stats"))
         answer_stats(arg, reply, len);
+    else if (!strncmp(request, "snapshot-create ", 16))
+        answer_snapshot(arg, request + 16, reply, len);
+    else if (!strncmp(request, "resize ", 7))
+        answer_resize(arg, request + 7, reply, len);
     else
         snprintf(reply, len, "{\"error\": \"unknown request\"}");
 }
@@ -270,7 +401,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     struct img_opts iopts = {
         .format = o->format, .read_only = o->read_only,
         .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
-        .discard = o->discard, .discard_no_unref = o->discard_no_unref,
+        .discard = o->discard, .discard_no_unref = o->discard_no_unref, .snapshot = o->snapshot,
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {
@@ -376,6 +507,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
     snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    snprintf(st.snapshot, sizeof(st.snapshot), "%s", o->snapshot ? o->snapshot : "");
     r = ublk_state_write(&st);
     if (r < 0)
         uq_error("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
@@ -392,7 +524,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     }
 
     /* Statistics (and later requests) from `ublk-qcow2 stats`. */
-    struct served sv = { .id = dev_id, .o = o, .img = img, .qs = qs };
+    struct served sv = { .id = dev_id, .o = o, .img = img, .qs = qs, .ctrl = ctrl, .read_only = read_only };
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
     int ctl_fd = ctl_listen(dev_id, err, sizeof(err));
     if (ctl_fd < 0)
@@ -491,10 +623,15 @@ int ublk_state_write(const struct ublk_state *s)
     fprintf(f, ", \"format\": ");
     json_put_string(f, s->format);
     fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
-               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s}\n",
+               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s",
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
             (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
             s->discard_no_unref ? "true" : "false");
+    if (s->snapshot[0]) {
+        fprintf(f, ", \"snapshot\": ");
+        json_put_string(f, s->snapshot);
+    }
+    fprintf(f, "}\n");
     bool ok = !ferror(f);
     if (fclose(f) != 0)
         ok = false;
@@ -608,6 +745,8 @@ int ublk_state_read(uint32_t id, struct ublk_state *s)
     s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
     const char *nu = json_find(buf, "discard_no_unref");
     s->discard_no_unref = nu && !strncmp(nu, "true", 4);
+    if (!json_get_string(buf, "snapshot", s->snapshot, sizeof(s->snapshot)))
+        s->snapshot[0] = '\0';
     return 0;
 }
 

@@ -38,6 +38,8 @@ struct ublk_server_opts {
     uint64_t cache_size;
     enum img_discard discard;
     bool discard_no_unref;
+    /* Serve this internal snapshot (read-only) instead of the active image. */
+    const char *snapshot;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -68,6 +70,7 @@ struct ublk_state {
     uint64_t cache_size;
     bool discard_unmap;
     bool discard_no_unref;
+    char snapshot[512];         /* "" unless serving an internal snapshot */
 };
 
 int ublk_state_write(const struct ublk_state *s);
