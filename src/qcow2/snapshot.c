@@ -446,11 +446,20 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         goto undo;
     }
     dirty = true;
+    /* COPIED flags go first, durably: a count of 1 without COPIED only makes
+     * a write copy the cluster, while COPIED over a raised count would let
+     * one overwrite a shared cluster (the order that matters on v2). */
+    r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, true);
+    if (r == 0)
+        r = qcow2_flush(q);
+    if (r < 0) {
+        snprintf(err, errlen, "cannot update the active tables: %s", strerror(-r));
+        goto undo;
+    }
     r = refs_inc(q, &rs, err, errlen);
     if (r < 0)
         goto undo;
     raised = true;
-    r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, true);
     /* The snapshot's L1 table: the active one as it is now (without COPIED:
      * a snapshot's tables are never written in place). */
     if (r == 0 && l1bytes) {
@@ -466,10 +475,6 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
             snprintf(err, errlen, "cannot write the snapshot's L1 table: %s", strerror(-r));
             goto undo;
         }
-    }
-    if (r < 0) {
-        snprintf(err, errlen, "cannot update the active tables: %s", strerror(-r));
-        goto undo;
     }
     if (nb)
         memcpy(list, q->snapshots, nb * sizeof(*list));
@@ -492,8 +497,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     if (r < 0)
         goto undo;
     /* Everything the new table names is durable before the header names
-     * it: raised counts first, then the cleared COPIED flags, the new L1
-     * copy and table (the flush orders and syncs them). */
+     * it: the raised counts, the new L1 copy and table (the flush syncs). */
     r = qcow2_flush(q);
     if (r < 0) {
         snprintf(err, errlen, "flush failed: %s", strerror(-r));

@@ -23,6 +23,14 @@
  *   crashsim reopen IMAGE [--seed N] [--compare RAW]
  *       Open with the engine (repairing a dirty image), optionally compare
  *       its whole guest view with RAW, write, flush, read back, close.
+ *   crashsim op IMAGE LOG OP [ARG] [--class meta|sync --errno EIO|ENOSPC --nth N]
+ *       Open IMAGE with the engine and run one exclusive operation on it,
+ *       recording its file operations like `record` (for `crash`):
+ *       snapshot-create NAME, snapshot-delete SPEC, snapshot-apply SPEC,
+ *       resize SIZE, shrink SIZE.  With --class, the nth operation of that
+ *       class (from the open on) fails instead.  Prints "op=ok" or
+ *       "op=failed: why", then "injected=N"; exits 0 either way (2: usage,
+ *       open failure).
  *   crashsim faults IMAGE LOG --class data|meta|sync|hdrsync|read --errno EIO|ENOSPC|SHORT
  *                   [--nth N] [--count N] [--space-limit BYTES] [--at-open] [--seed N] [--ops N] [--depth N]
  *       Run the workload while failing image-file operations (from the open
@@ -832,6 +840,86 @@ static int run_workload(const char *image, const char *log, bool faults)
     return rc;
 }
 
+/* ---- one exclusive operation (snapshots, resize) --------------------------------------- */
+
+struct oprun {
+    const char *path, *op, *arg;
+    struct loop *loop;
+    int rc;             /* 0 ran (ok or failed), 2 open failed */
+    int result;
+    char err[700];
+};
+
+static void op_co(void *arg)
+{
+    struct oprun *o = arg;
+    struct img_opts io = { .format = IMG_FMT_AUTO, .discard = opt_discard };
+    char err[512];
+    struct image *img = img_open(o->path, &io, err, sizeof(err));
+    if (!img) {
+        snprintf(o->err, sizeof(o->err), "open failed: %s", err);
+        o->rc = 2;
+        loop_stop(o->loop);
+        return;
+    }
+    hk.armed = hk.fclass != FC_NONE;
+    char id[64];
+    const char *a = o->arg ? o->arg : "";
+    if (!strcmp(o->op, "snapshot-create"))
+        o->result = img_snapshot_create(img, a, id, sizeof(id), o->err, sizeof(o->err));
+    else if (!strcmp(o->op, "snapshot-delete"))
+        o->result = img_snapshot_delete(img, a, o->err, sizeof(o->err));
+    else if (!strcmp(o->op, "snapshot-apply"))
+        o->result = img_snapshot_apply(img, a, o->err, sizeof(o->err));
+    else if (!strcmp(o->op, "resize") || !strcmp(o->op, "shrink"))
+        o->result = img_resize(img, num(a), !strcmp(o->op, "shrink"), o->err, sizeof(o->err));
+    else
+        die("unknown operation '%s'", o->op);
+    int r = img_close(img);
+    if (o->result == 0 && r < 0) {
+        o->result = r;
+        snprintf(o->err, sizeof(o->err), "close failed: %s", strerror(-r));
+    }
+    loop_stop(o->loop);
+}
+
+static int cmd_op(const char *image, const char *log, const char *op, const char *arg)
+{
+    static struct oprun o;
+    o = (struct oprun){ .path = image, .op = op, .arg = arg };
+    hk.target = image;
+    hk.record = true;
+    hk.fops.elem = sizeof(struct fop_rec);
+    char *dp = path_cat(log, ".dat");
+    hk.dat = fopen(dp, "wb");
+    if (!hk.dat)
+        die("cannot create '%s'", dp);
+    free(dp);
+    file_set_hooks(&hooks);
+    o.loop = loop_new(64);
+    if (!o.loop)
+        die("cannot create the event loop");
+    co_spawn(op_co, &o);
+    loop_run(o.loop);
+    loop_free(o.loop);
+    file_set_hooks(NULL);
+    fclose(hk.dat);
+    if (o.rc) {
+        fprintf(stderr, "crashsim: %s\n", o.err);
+        return o.rc;
+    }
+    struct run r = { .size = 0 };
+    r.reqs.elem = sizeof(struct req_rec);
+    write_logs(log, &r);
+    if (o.result == 0)
+        printf("op=ok\n");
+    else
+        printf("op=failed: %s\n", o.err);
+    printf("injected=%" PRIu64 " file_ops=%zu\n", hk.injected, hk.fops.n);
+    free(hk.fops.p);
+    return 0;
+}
+
 /* ---- crash images ------------------------------------------------------------------ */
 
 static struct fop_rec *load_fops(const char *log, size_t *n)
@@ -1225,6 +1313,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]\n"
             "                [--discard unmap|ignore] [--discard-no-unref]   (also for faults, reopen)\n"
+            "       crashsim op IMAGE LOG OP [ARG] [--class meta|sync --errno EIO|ENOSPC --nth N]\n"
             "       crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states N]\n"
             "       crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST\n"
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
@@ -1308,6 +1397,11 @@ int main(int argc, char **argv)
         if (hk.fclass != FC_NONE && !hk.ferr)
             die("faults: --class needs --errno");
         return run_workload(a[1], a[2], true);
+    }
+    if (!strcmp(a[0], "op") && (n == 4 || n == 5)) {
+        if (hk.fclass != FC_NONE && !hk.ferr)
+            die("op: --class needs --errno");
+        return cmd_op(a[1], a[2], a[3], n == 5 ? a[4] : NULL);
     }
     if (!strcmp(a[0], "crash") && n == 4)
         return cmd_crash(a[1], a[2], a[3], opt_count);
