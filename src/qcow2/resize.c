@@ -226,6 +226,12 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
     }
     if (size == old_size)
         return 0;
+    /* v2 snapshot entries need not record a disk size: QEMU refuses too. */
+    if (q->h.version < 3 && q->h.nb_snapshots) {
+        snprintf(err, errlen, "cannot resize %s: a v2 image with snapshots cannot be resized (as in "
+                 "QEMU; upgrade it with qemu-img amend -o compat=1.1, or delete the snapshots)", img->path);
+        return -ENOTSUP;
+    }
     if (size < old_size && !shrink) {
         snprintf(err, errlen, "%llu bytes is smaller than the image (%llu bytes): shrinking needs "
                  "--shrink", (unsigned long long)size, (unsigned long long)old_size);
