@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"
 
@@ -63,6 +64,7 @@ static void add_usage(FILE *out)
         "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
         "                         allocated (reading as zeros), only punch their data out\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
@@ -256,8 +258,11 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, 1u << 20, &v)) {
                 cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
@@ -640,6 +645,7 @@ static void recover_usage(FILE *out)
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
 
@@ -648,6 +654,7 @@ int cmd_recover(int argc, char **argv)
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "foreground", no_argument, NULL, 'F' },
+        { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -655,8 +662,11 @@ int cmd_recover(int argc, char **argv)
     unsigned long id = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("recover: invalid device id '%s'", optarg);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Operator features of a live ublk device, in the test VM (one boot):
 # `stats` (text, JSON, --watch) from the daemon's control socket, counters
-# that match the I/O done.
+# that match the I/O done; logging (-v, the device and image named on every
+# line, syslog once daemonised).
 # timeout: 300
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -46,6 +47,31 @@ if uq_add "$W/st.qcow2"; then
 else
 	nok ublk_stats "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
+# --- logging --------------------------------------------------------------------
+# A stand-in syslog daemon on the guest's /dev/log (the guest's /dev is its own).
+python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/dev/log")
+with open(sys.argv[1], "ab", buffering=0) as f:
+    while True:
+        f.write(s.recv(65536) + b"\n")
+' "$W/syslog.txt" &
+syslog_pid=$!
+wait_for 10 test -S /dev/log
+qemu-img create -q -f qcow2 "$W/log.qcow2" 16M
+if uq_add -v "$W/log.qcow2"; then
+	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
+	check ublk_log_file_names_device_and_image grep -q "^ublk-qcow2: ublkb$ID \[$W/log.qcow2\]: serving $W/log.qcow2 (qcow2" "/run/ublk-qcow2/ublk$ID.log"
+	check ublk_log_del uq_del "$ID"
+	check ublk_log_stop_logged grep -q "ublkb$ID \[$W/log.qcow2\]: stopped after [0-9]* requests; image flushed and closed" "/run/ublk-qcow2/ublk$ID.log"
+	# <30>: facility daemon, severity info.
+	check ublk_syslog_lines wait_for 10 grep -q "^<30>.* ublk-qcow2\[$pid\]: ublkb$ID \[$W/log.qcow2\]: stopped after" "$W/syslog.txt"
+else
+	nok ublk_log "add -v failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+kill $syslog_pid 2>/dev/null; wait $syslog_pid 2>/dev/null; rm -f /dev/log
+
 check_fails ublk_stats_no_id "which device" "$UQ" stats
 check_fails ublk_stats_bad_watch "invalid --watch" "$UQ" stats -n 0 --watch=0
 
