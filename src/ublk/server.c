@@ -346,6 +346,19 @@ int ublk_server_run(const struct ublk_server_opts *o)
         close(sig_fd);
         goto out;
     }
+    /* The state file first: udev rules run as the block device appears
+     * (at START_DEV) and read it to name the device after its image. */
+    struct ublk_state st = {
+        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
+        .queues = info.nr_hw_queues, .depth = info.queue_depth,
+        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
+    };
+    snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    r = ublk_state_write(&st);
+    if (r < 0)
+        uq_warn("cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
     if (o->recover) {
         r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
         if (r < 0) {
@@ -371,18 +384,6 @@ int ublk_server_run(const struct ublk_server_opts *o)
 
     if (!o->recover)
         use_no_scheduler(dev_id);
-
-    struct ublk_state st = {
-        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
-        .queues = info.nr_hw_queues, .depth = info.queue_depth,
-        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
-        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
-    };
-    snprintf(st.image, sizeof(st.image), "%s", o->image);
-    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
-    r = ublk_state_write(&st);
-    if (r < 0)
-        uq_warn("cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
 
     /* If the parent is gone, nobody was told about the device: undo it. */
     bool stopping = !notify(o->notify_fd, "ok", dev_id);
@@ -552,6 +553,21 @@ bool json_get_u64(const char *buf, const char *key, uint64_t *v)
     return true;
 }
 
+/* Four hex digits of a \\u escape; -1 if malformed. */
+static long hex4(const char *p)
+{
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0)
+            return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
 bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
 {
     const char *p = json_find(buf, key);
@@ -559,26 +575,61 @@ bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
         return false;
     size_t n = 0;
     while (*p && *p != '"') {
-        char c = *p++;
-        if (c == '\\') {
-            c = *p++;
-            if (c == 'u') {
-                unsigned v;
-                if (sscanf(p, "%4x", &v) != 1)
+        char enc[4];
+        size_t k = 1;
+        enc[0] = *p++;
+        if (enc[0] == '\\') {
+            char e = *p++;
+            long v;
+            switch (e) {
+            case 'n': enc[0] = '\n'; break;
+            case 't': enc[0] = '\t'; break;
+            case 'r': enc[0] = '\r'; break;
+            case 'b': enc[0] = '\b'; break;
+            case 'f': enc[0] = '\f'; break;
+            case '"': case '\\': case '/': enc[0] = e; break;
+            case 'u':
+                /* A code point (a surrogate pair for those above U+FFFF),
+                 * written out as UTF-8. */
+                if ((v = hex4(p)) < 0)
                     return false;
-                c = (char)v;
                 p += 4;
-            } else if (c == 'n') {
-                c = '\n';
-            } else if (c == 't') {
-                c = '\t';
-            } else if (!c) {
+                if (v >= 0xd800 && v < 0xdc00) {
+                    long lo = p[0] == '\\' && p[1] == 'u' ? hex4(p + 2) : -1;
+                    if (lo < 0xdc00 || lo >= 0xe000)
+                        return false;
+                    v = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+                    p += 6;
+                }
+                if (v == 0)
+                    return false;
+                if (v < 0x80) {
+                    enc[0] = (char)v;
+                } else if (v < 0x800) {
+                    enc[0] = (char)(0xc0 | (v >> 6));
+                    enc[1] = (char)(0x80 | (v & 0x3f));
+                    k = 2;
+                } else if (v < 0x10000) {
+                    enc[0] = (char)(0xe0 | (v >> 12));
+                    enc[1] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[2] = (char)(0x80 | (v & 0x3f));
+                    k = 3;
+                } else {
+                    enc[0] = (char)(0xf0 | (v >> 18));
+                    enc[1] = (char)(0x80 | ((v >> 12) & 0x3f));
+                    enc[2] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[3] = (char)(0x80 | (v & 0x3f));
+                    k = 4;
+                }
+                break;
+            default:
                 return false;
             }
         }
-        if (n + 1 >= outlen)
+        if (n + k >= outlen)
             return false;
-        out[n++] = c;
+        memcpy(out + n, enc, k);
+        n += k;
     }
     if (*p != '"')
         return false;
