@@ -49,6 +49,9 @@ void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
  * the update is a single atomic sector write; extensions stay untouched. */
 int qcow2_write_header_fields(struct qcow2 *q)
 {
+    int c = ol_check(q, 0, 512, OL_HEADER, "the header");
+    if (c < 0)
+        return c;
     qcow2_header_store(&q->h, q->hdr_buf);
     ssize_t r = file_pwrite(&q->file, q->hdr_buf, 512, 0, false);
     return r < 0 ? (int)r : 0;
@@ -96,11 +99,16 @@ static int snapshot_table(const uint64_t *tab, uint64_t entries, uint8_t *dirty,
 }
 
 /* Write the sector copies unless ret is already an error; whatever is not
- * written is marked dirty again.  Frees the copies. */
-static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret)
+ * written is marked dirty again.  Frees the copies.  kind: OL_ACTIVE_L1 or
+ * OL_REFTABLE, the table the sectors belong to (overlap check). */
+static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret,
+                               unsigned kind)
 {
     uint8_t *buf = io_alloc(512);
     for (uint32_t i = 0; i < n; i++) {
+        if (ret == 0)
+            ret = ol_check(q, c[i].off, 512, kind,
+                           kind == OL_ACTIVE_L1 ? "an L1 table sector" : "a refcount table sector");
         if (ret == 0) {
             memcpy(buf, c[i].data, 512);
             ssize_t r = file_pwrite(&q->file, buf, 512, c[i].off, false);
@@ -167,13 +175,13 @@ int qcow2_flush(struct qcow2 *q)
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, rt, nrt, r);
+    r = write_sector_copies(q, rt, nrt, r, OL_REFTABLE);
     if (r == 0)
         r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, l1, nl1, r);
+    r = write_sector_copies(q, l1, nl1, r, OL_ACTIVE_L1);
     if (r == 0 && (nl2 || nl1))
         r = qcow2_sync(q);
 
@@ -365,6 +373,7 @@ static void qcow2_free(struct qcow2 *q)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     mcache_free(&q->l2c);
     mcache_free(&q->rcc);
+    ol_free(q);
     while (q->frees_pending) {
         struct deferred_free *d = q->frees_pending;
         q->frees_pending = d->next;
@@ -504,6 +513,12 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    /* Where the metadata lies, so that no write can land on it. */
+    r = ol_build(q);
+    if (r < 0) {
+        snprintf(err, errlen, "%s: cannot index the image's metadata: %s", f->path, strerror(-r));
         goto fail_nofile;
     }
 

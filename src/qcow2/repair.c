@@ -185,12 +185,17 @@ static int fix_copied_flags(struct counter *k)
                 changed = true;
             }
         }
+        if (r == 0 && changed)
+            r = ol_conflict(q, t, cs, OL_ACTIVE_L2, "an L2 table", k->err, k->errlen);
         if (r == 0 && changed) {
             ssize_t n = file_pwrite(&q->file, l2, cs, t, false);
             r = n < 0 ? (int)n : 0;
         }
     }
     io_free(l2);
+    if (r == 0 && l1_changed)
+        r = ol_conflict(q, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, OL_ACTIVE_L1,
+                        "the L1 table", k->err, k->errlen);
     if (r == 0 && l1_changed) {
         uint64_t bytes = ((uint64_t)q->h.l1_size * 8 + 511) & ~511ull;
         uint8_t *buf = io_zalloc(bytes);
@@ -290,7 +295,13 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
     }
     /* COPIED flags first (they only describe refcounts we are about to
      * make true), then the new structures, a sync, and the header switch. */
+    err[0] = '\0';
     r = fix_copied_flags(&k);
+    /* Past everything counted; the old refcount blocks, about to be
+     * replaced, may lie anywhere. */
+    if (r == 0)
+        r = ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
+                        err, errlen);
     if (r == 0) {
         ssize_t n = file_pwrite(&q->file, buf, area * cs, start * cs, false);
         r = n < 0 ? (int)n : file_sync(&q->file);
@@ -304,7 +315,8 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
             r = file_sync(&q->file);
     }
     if (r < 0) {
-        snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
+        if (!err[0])
+            snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
         free(newtab);
         free(newdirty);
         goto out;
