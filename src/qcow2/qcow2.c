@@ -465,7 +465,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */
     uint32_t want = 4096;
-    q->hdr_buf = io_zalloc(1u << QCOW2_MAX_CLUSTER_BITS);   /* the largest header cluster */
+    q->hdr_buf = io_zalloc(want);
     ssize_t n = file_pread(f, q->hdr_buf, want, 0);
     if (n < 0) {
         snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
@@ -475,6 +475,8 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         uint32_t cb = be32_load(q->hdr_buf + 20);
         if (cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS && (1u << cb) > want) {
             want = 1u << cb;
+            io_free(q->hdr_buf);
+            q->hdr_buf = io_zalloc(want);
             n = file_pread(f, q->hdr_buf, want, 0);
             if (n < 0) {
                 snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
