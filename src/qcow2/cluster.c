@@ -216,11 +216,12 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 {
     struct mslice *s;
     uint32_t idx;
+    *has_table = false;     /* defined on errors too: callers may look before checking */
+    *e = *bm = 0;
     int r = l2_lookup(q, off, false, &s, &idx);
     if (r < 0)
         return r;
     *has_table = r == 1;
-    *e = *bm = 0;
     if (r == 1) {
         *e = l2e_get(q, s, idx);
         *bm = l2bm_get(q, s, idx);
