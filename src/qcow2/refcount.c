@@ -302,7 +302,11 @@ void note_host_end(struct qcow2 *q, uint64_t end)
         q->host_end = end;
     if (end <= q->file_len || q->no_prealloc)
         return;
+    /* An eighth of the file, at least 16 MiB and at most 256 MiB: a huge
+     * (or hugely sparse) file must not reserve gigabytes of real space. */
     uint64_t step = end / 8 > (16u << 20) ? end / 8 : (16u << 20);
+    if (step > (256u << 20))
+        step = 256u << 20;
     uint64_t want = (end + step + (1u << 20) - 1) & ~((1ull << 20) - 1);
     int r = file_allocate(&q->file, q->file_len, want - q->file_len);
     if (r == 0)
