@@ -25,7 +25,7 @@
  * them) is read once and its entries counted once per reference, so the
  * work grows with the distinct tables; these caps bound it whatever the
  * file (snapshot L1 tables may all lie on the same bytes). */
-#define REPAIR_MAX_L1_BYTES (1ull << 30)        /* snapshot L1 tables read, in total */
+#define REPAIR_MAX_L1_BYTES (256ull << 20)      /* snapshot L1 tables read, in total */
 #define REPAIR_MAX_L2_BYTES (64ull << 30)       /* distinct L2 tables read */
 #define REPAIR_MAX_BITMAP_TABLE_BYTES (64u << 20)
 
@@ -136,21 +136,29 @@ static size_t table_slot(const uint64_t *tables, size_t cap, uint64_t t)
     return h;
 }
 
-/* One more reference to the L2 table at t; returns its references so far,
- * 0 on failure (k->err set). */
-static uint32_t table_ref(struct counter *k, uint64_t t)
+/* times more references to the L2 table at t; returns its references
+ * before them (0: first met), or UINT32_MAX on failure (k->err set). */
+static uint32_t table_ref(struct counter *k, uint64_t t, uint32_t times)
 {
     if (k->tcap) {
         size_t h = table_slot(k->tables, k->tcap, t);
-        if (k->tables[h])
-            return k->refs[h] == UINT32_MAX ? UINT32_MAX : ++k->refs[h];
+        if (k->tables[h]) {
+            uint32_t before = k->refs[h];
+            if (before > UINT32_MAX - 1 - times) {
+                snprintf(k->err, k->errlen, "refcount overflow at the L2 table at 0x%llx",
+                         (unsigned long long)t);
+                return UINT32_MAX;
+            }
+            k->refs[h] += times;
+            return before;
+        }
     }
     uint64_t mem = (uint64_t)k->used * k->rbe * sizeof(uint32_t) + (uint64_t)k->tcap * 12;
     if ((k->tused + 1) * 2 > k->tcap) {
         size_t ncap = k->tcap ? k->tcap * 2 : 256;
         if (mem + (uint64_t)ncap * 12 > REPAIR_MEM_BUDGET) {
             snprintf(k->err, k->errlen, "the L1 tables name too many L2 tables to count here");
-            return 0;
+            return UINT32_MAX;
         }
         uint64_t *nt = calloc(ncap, sizeof(*nt));
         uint32_t *nr = calloc(ncap, sizeof(*nr));
@@ -158,7 +166,7 @@ static uint32_t table_ref(struct counter *k, uint64_t t)
             free(nt);
             free(nr);
             snprintf(k->err, k->errlen, "out of memory");
-            return 0;
+            return UINT32_MAX;
         }
         for (size_t i = 0; i < k->tcap; i++) {
             if (!k->tables[i])
@@ -175,9 +183,9 @@ static uint32_t table_ref(struct counter *k, uint64_t t)
     }
     size_t h = table_slot(k->tables, k->tcap, t);
     k->tables[h] = t;
-    k->refs[h] = 1;
+    k->refs[h] = times;
     k->tused++;
-    return 1;
+    return 0;
 }
 
 /* times more references to every cluster of [off, off+len). */
@@ -262,10 +270,11 @@ static int count_l2_entries(struct counter *k, uint8_t *l2, uint64_t t, uint32_t
     return r;
 }
 
-/* Count one L1 table and the L2 tables it names.  A table's entries are
- * counted when it is first met; further references (snapshots sharing it)
- * are added by count_shared_tables once every L1 table was walked. */
-static int count_l1(struct counter *k, const uint64_t *l1, uint32_t l1_size)
+/* Count one L1 table (times references to it) and the L2 tables it names.
+ * A table's entries are counted when it is first met; further references
+ * (snapshots sharing it) are added by count_shared_tables once every L1
+ * table was walked. */
+static int count_l1(struct counter *k, const uint64_t *l1, uint32_t l1_size, uint32_t times)
 {
     struct qcow2 *q = k->q;
     uint64_t cs = cl_size(q);
@@ -280,13 +289,13 @@ static int count_l1(struct counter *k, const uint64_t *l1, uint32_t l1_size)
             r = -EINVAL;
             break;
         }
-        r = count_range(k, t, cs, "an L2 table");
+        r = count_range_n(k, t, cs, "an L2 table", times);
         if (r < 0)
             break;
-        uint32_t refs = table_ref(k, t);
-        if (refs == 0)
+        uint32_t before = table_ref(k, t, times);
+        if (before == UINT32_MAX)
             r = -EFBIG;
-        else if (refs == 1)
+        else if (before == 0)
             r = count_l2_entries(k, l2, t, 1);
     }
     io_free(l2);
@@ -425,6 +434,55 @@ static int fix_copied_flags(struct counter *k)
     return r;
 }
 
+static int cmp_snapshot_l1(const void *a, const void *b)
+{
+    const struct qcow2_snapshot *x = *(const struct qcow2_snapshot *const *)a;
+    const struct qcow2_snapshot *y = *(const struct qcow2_snapshot *const *)b;
+    if (x->l1_table_offset != y->l1_table_offset)
+        return x->l1_table_offset < y->l1_table_offset ? -1 : 1;
+    return x->l1_size < y->l1_size ? -1 : x->l1_size > y->l1_size;
+}
+
+/* The snapshot table and the snapshots' L1 tables.  Snapshots naming the
+ * same L1 table are counted together: the table is read once. */
+static int count_snapshots(struct counter *k)
+{
+    struct qcow2 *q = k->q;
+    uint32_t nb = q->h.nb_snapshots;
+    int r = count_range(k, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
+    const struct qcow2_snapshot **order = malloc(nb * sizeof(*order));
+    if (!order)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < nb; i++)
+        order[i] = &q->snapshots[i];
+    qsort(order, nb, sizeof(*order), cmp_snapshot_l1);
+    for (uint32_t i = 0, n; i < nb && r == 0; i += n) {
+        const struct qcow2_snapshot *s = order[i];
+        for (n = 1; i + n < nb && !cmp_snapshot_l1(&order[i], &order[i + n]); n++)
+            ;
+        uint64_t bytes = (uint64_t)s->l1_size * 8;
+        r = count_range_n(k, s->l1_table_offset, bytes, "a snapshot L1 table", n);
+        k->l1_read += bytes;
+        if (r == 0 && k->l1_read > REPAIR_MAX_L1_BYTES) {
+            snprintf(k->err, k->errlen, "the snapshot L1 tables take more than %llu MiB",
+                     REPAIR_MAX_L1_BYTES >> 20);
+            r = -EFBIG;
+        }
+        uint64_t *sl1 = NULL;
+        if (r == 0) {
+            sl1 = calloc(s->l1_size + 1, 8);
+            r = !sl1 ? -ENOMEM : read_exact(q, sl1, bytes, s->l1_table_offset);
+            for (uint32_t j = 0; j < s->l1_size && r == 0; j++)
+                sl1[j] = be64_load(&sl1[j]);
+        }
+        if (r == 0)
+            r = count_l1(k, sl1, s->l1_size, n);
+        free(sl1);
+    }
+    free(order);
+    return r;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -472,31 +530,9 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
     if (r == 0)
         r = count_range(&k, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, "the L1 table");
     if (r == 0)
-        r = count_l1(&k, q->l1, q->h.l1_size);
-    if (r == 0 && q->h.nb_snapshots) {
-        r = count_range(&k, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
-        for (uint32_t i = 0; i < q->h.nb_snapshots && r == 0; i++) {
-            struct qcow2_snapshot *s = &q->snapshots[i];
-            uint64_t *sl1 = NULL;
-            r = count_range(&k, s->l1_table_offset, (uint64_t)s->l1_size * 8, "a snapshot L1 table");
-            k.l1_read += (uint64_t)s->l1_size * 8;
-            if (r == 0 && k.l1_read > REPAIR_MAX_L1_BYTES) {
-                snprintf(err, errlen, "the snapshot L1 tables take more than %llu MiB",
-                         REPAIR_MAX_L1_BYTES >> 20);
-                r = -EFBIG;
-            }
-            if (r == 0) {
-                sl1 = calloc(s->l1_size + 1, 8);
-                uint64_t bytes = (uint64_t)s->l1_size * 8;
-                r = !sl1 ? -ENOMEM : read_exact(q, sl1, bytes, s->l1_table_offset);
-                for (uint32_t j = 0; j < s->l1_size && r == 0; j++)
-                    sl1[j] = be64_load(&sl1[j]);
-            }
-            if (r == 0)
-                r = count_l1(&k, sl1, s->l1_size);
-            free(sl1);
-        }
-    }
+        r = count_l1(&k, q->l1, q->h.l1_size, 1);
+    if (r == 0 && q->h.nb_snapshots)
+        r = count_snapshots(&k);
     if (r == 0)
         r = count_shared_tables(&k);
     if (r == 0)
