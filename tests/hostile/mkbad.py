@@ -14,6 +14,10 @@ Usage:
       entries naming other tables): OUTDIR/ol_<case>.qcow2, VALID as for runtime; SNAP is VALID
       with an internal snapshot, after which guest offset 0 was written again (so the snapshot
       has an L2 table of its own), for the ol_snap_* cases.
+  mkbad.py absurd DIRTY.qcow2 DIRTYSNAP.qcow2 OUTDIR
+      Images whose sizes would make a careless repair allocate or write gigabytes:
+      OUTDIR/ab_<case>.qcow2.  DIRTY: 512-byte clusters, lazy refcounts, left dirty;
+      DIRTYSNAP: the same with an internal snapshot.
   mkbad.py protected IMAGE
       The byte ranges (offset length, one a line) of IMAGE's header, L1 table, refcount table,
       L2 tables, snapshot table and snapshot L1 and L2 tables: no write may ever land there.
@@ -389,6 +393,42 @@ def o_snap_refcount_frees_snapshot_l2(img, out):
 OVERLAP_CASES = [(n[2:], f) for n, f in sorted(globals().items()) if n.startswith("o_")]
 
 
+# --- absurd sizes ----------------------------------------------------------------------------
+def a_sparse_dirty(img, out):
+    # A few KiB of metadata in a 64 GiB sparse file: the refcount repair on open must cost what
+    # is in use, not what the file's size suggests.
+    img.save(out)
+    with open(out, "r+b") as f:
+        f.truncate(64 << 30)
+
+
+def a_snapshot_l1_bomb(img, out):
+    # 65536 snapshots whose 32 KiB L1 tables all lie on the same bytes (a copy of the real
+    # snapshot's L1, then zeros): 2 GiB of L1 tables to read, and their L2 tables to count
+    # 65536 times, for a file of 5 MiB.
+    cs = img.cluster_size
+    sn = img.u64(64)
+    l1off, l1size = img.u64(sn), img.u32(sn + 8)
+    extra = img.u32(sn + 36)
+    idlen, namelen = struct.unpack_from(">HH", img.data, sn + 12)
+    length = 40 + extra + idlen + namelen
+    end = (len(img.data) + cs - 1) // cs * cs
+    img.data += bytes(end - len(img.data))
+    newl1 = end
+    img.data += img.data[l1off:l1off + 8 * l1size] + bytes(32768 - 8 * l1size)
+    entry = bytearray(img.data[sn:sn + length])
+    struct.pack_into(">QI", entry, 0, newl1, 4096)         # l1_size: 32 KiB
+    entry += bytes(-len(entry) % 8)
+    table = newl1 + 32768
+    img.data += bytes(entry) * 65536
+    img.set32(60, 65536)
+    img.set64(64, table)
+    img.save(out)
+
+
+ABSURD_CASES = [(n[2:], f) for n, f in sorted(globals().items()) if n.startswith("a_")]
+
+
 def protected_ranges(img):
     cs = img.cluster_size
     res = [(0, cs), (img.l1_offset, img.l1_size * 8), (img.reftable_offset, img.u32(56) * cs)]
@@ -417,6 +457,11 @@ def main():
         valid, snap, outdir = sys.argv[2:]
         for name, fn in OVERLAP_CASES:
             fn(Image(snap if name.startswith("snap_") else valid), os.path.join(outdir, "ol_" + name + ".qcow2"))
+            print(name)
+    elif len(sys.argv) == 5 and sys.argv[1] == "absurd":
+        dirty, dirtysnap, outdir = sys.argv[2:]
+        for name, fn in ABSURD_CASES:
+            fn(Image(dirtysnap if "snapshot" in name else dirty), os.path.join(outdir, "ab_" + name + ".qcow2"))
             print(name)
     elif len(sys.argv) == 3 and sys.argv[1] == "protected":
         for off, length in protected_ranges(Image(sys.argv[2])):

@@ -12,6 +12,12 @@ NBD_STOP_TIMEOUT=30
 D=$UQ_TMP/bad
 mkdir -p "$D"
 
+# dirty_up IMAGE: a write, then qemu-io aborts: the dirty bit stays set (lazy refcounts).
+dirty_up() {
+    (ulimit -c 0; qemu-io -f qcow2 "$1" -c 'write -P 5 8M 4k' -c abort >/dev/null 2>&1) 2>/dev/null
+    [[ $(( $(header_field "$1" 72 8) & 1 )) -eq 1 ]]
+}
+
 # --- valid sources ---------------------------------------------------------------------------
 qemu-img create -q -f qcow2 "$D/valid.qcow2" 16M &&
     qemu-io -f qcow2 "$D/valid.qcow2" -c 'write -P 1 0 1M' -c 'write -c -P 2 4M 64k' >/dev/null &&
@@ -21,14 +27,19 @@ qemu-img create -q -f qcow2 "$D/valid.qcow2" 16M &&
     qemu-io -f qcow2 "$D/small.qcow2" -c 'write -P 1 0 64k' -c 'write -P 3 4M 64k' \
         -c 'write -c -P 2 8M 4k' -c 'write -c -P 4 8392704 4k' >/dev/null &&
     cp "$D/small.qcow2" "$D/snap.qcow2" && qemu-img snapshot -c s1 "$D/snap.qcow2" &&
-    qemu-io -f qcow2 "$D/snap.qcow2" -c 'write -P 1 0 64k' >/dev/null ||
+    qemu-io -f qcow2 "$D/snap.qcow2" -c 'write -P 1 0 64k' >/dev/null &&
+    qemu-img create -q -f qcow2 -o cluster_size=512,lazy_refcounts=on "$D/dirty.qcow2" 16M &&
+    qemu-io -f qcow2 "$D/dirty.qcow2" -c 'write -P 1 0 64k' -c 'write -P 3 4M 64k' >/dev/null &&
+    cp "$D/dirty.qcow2" "$D/dirtysnap.qcow2" && qemu-img snapshot -c s1 "$D/dirtysnap.qcow2" ||
     { notok "hostile/setup" "could not make the valid images"; exit 1; }
 
 "$PYTHON" "$HERE/mkbad.py" open "$D/valid.qcow2" "$D/backed.qcow2" "$D/small.qcow2" "$D" >/dev/null &&
     "$PYTHON" "$HERE/mkbad.py" runtime "$D/small.qcow2" "$D" >/dev/null &&
     "$PYTHON" "$HERE/mkbad.py" overlap "$D/small.qcow2" "$D/snap.qcow2" "$D" >/dev/null &&
     "$PYTHON" "$HERE/mkbad.py" protected "$D/small.qcow2" >"$D/protected" &&
-    "$PYTHON" "$HERE/mkbad.py" protected "$D/snap.qcow2" >"$D/protected.snap" ||
+    "$PYTHON" "$HERE/mkbad.py" protected "$D/snap.qcow2" >"$D/protected.snap" &&
+    dirty_up "$D/dirty.qcow2" && dirty_up "$D/dirtysnap.qcow2" &&
+    "$PYTHON" "$HERE/mkbad.py" absurd "$D/dirty.qcow2" "$D/dirtysnap.qcow2" "$D" >/dev/null ||
     { notok "hostile/setup" "mkbad.py failed"; exit 1; }
 
 # QEMU-made variants.  (LUKS key setup times the CPU and can fail on a loaded machine: retry.)
@@ -334,6 +345,64 @@ if [[ -z ${CASES:-} || "compressed descriptor past EOF" =~ $CASES ]]; then
         san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
         if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label"; fi
     fi
+fi
+
+# --- absurd sizes: bounded memory, disk and time -------------------------------------------
+# A dirty image (lazy refcounts, 512-byte clusters) with a few KiB of metadata in a 64 GiB
+# sparse file: the repair on open must take memory and disk for what is in use (it took
+# 1.25 GiB and wrote 13 GiB for 100 GiB once).  And 65536 snapshots whose L1 tables all lie on
+# the same bytes: refused with a message, quickly (read-only it is served as it is).
+label="hostile/absurd: dirty image in a 64 GiB sparse file: repaired in bounded memory and disk"
+if [[ -z ${CASES:-} || "sparse" =~ $CASES ]]; then
+    note "=== $label"
+    rc=0
+    start_nbd "$D/ab_sparse_dirty.qcow2" --format qcow2 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        notok "$label" "server did not start (exit $rc)"
+    else
+        why=
+        hwm=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$NBD_PID/status")
+        (( hwm < 256 * 1024 )) || why="peak RSS $hwm KiB"
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "read -P 1 0 64k" -c "read -P 3 4M 64k" >&2 2>&1 ||
+            why=${why:-"the data does not read back"}
+        rc=0
+        stop_nbd || rc=$?
+        [[ $rc -eq 0 ]] || why=${why:-"server exit $rc after SIGTERM"}
+        used=$(du -k "$D/ab_sparse_dirty.qcow2" | cut -f1)
+        (( used < 64 * 1024 )) || why=${why:-"the file takes $used KiB on disk"}
+        qimg_check "$D/ab_sparse_dirty.qcow2" || why=${why:-"qemu-img check after the repair failed"}
+        san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+        if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label (peak RSS $((hwm / 1024)) MiB, $((used / 1024)) MiB on disk)"; fi
+    fi
+    rm -f "$D/ab_sparse_dirty.qcow2"
+fi
+label="hostile/absurd: 65536 snapshots on one L1 table, dirty: refused quickly, served read-only"
+if [[ -z ${CASES:-} || "snapshots" =~ $CASES ]]; then
+    note "=== $label"
+    rc=0
+    t0=$SECONDS
+    start_nbd "$D/ab_snapshot_l1_bomb.qcow2" --format qcow2 || rc=$?
+    why=
+    if [[ $rc -eq 0 ]]; then
+        stop_nbd >/dev/null 2>&1
+        why="the repair accepted 65537 references in 16-bit refcounts"
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        why="did not answer within ${NBD_START_TIMEOUT}s"
+    elif ! grep -v '^#' "$NBD_LOG" | grep -q -i -E 'refcount|snapshot'; then
+        why="no message naming the problem: $(grep -v '^#' "$NBD_LOG" | head -1)"
+    fi
+    secs=$((SECONDS - t0))
+    san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+    rc=0
+    start_nbd "$D/ab_snapshot_l1_bomb.qcow2" --format qcow2 --read-only || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        why=${why:-"not served read-only (exit $rc)"}
+    else
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "read -P 3 4M 64k" >&2 2>&1 ||
+            why=${why:-"read-only: the data does not read back"}
+        stop_nbd >/dev/null 2>&1 || why=${why:-"read-only: unclean exit"}
+    fi
+    if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label (refused in ${secs}s)"; fi
 fi
 
 # An image marked corrupt: opened without --read-only, the server must either refuse it or
