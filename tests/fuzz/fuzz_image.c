@@ -32,6 +32,7 @@
 #include "io/file.h"
 #include "io/loop.h"
 #include "qcow2/image.h"
+#include "fuzz_util.h"
 
 #define MAX_OPS 32
 #define MAX_FILE_SECTORS (128u << 11)     /* 128 MiB */
@@ -81,12 +82,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    const char *tmp = getenv("TMPDIR");
-    snprintf(dir, sizeof(dir), "%s/uq-fuzz-image.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(dir)) {
-        perror("fuzz_image: mkdtemp");
-        exit(1);
-    }
+    fuzz_scratch_dir(dir, sizeof(dir), "uq-fuzz-image");
     atexit(cleanup);
     snprintf(img_path, sizeof(img_path), "%s/img.qcow2", dir);
 
@@ -119,14 +115,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     }
     iobuf = io_alloc(MAX_REQ_SECTORS * 512);
     file_set_hooks(&hooks);
-    const char *v = getenv("UQ_FUZZ_VERBOSE");
-    if (!v || strcmp(v, "1")) {
-        /* The engine names every corruption it meets: keep the fuzzer's output
-         * readable (libFuzzer and the sanitizers do not write through this). */
-        FILE *null = fopen("/dev/null", "w");
-        if (null)
-            stderr = null;
-    }
+    fuzz_quiet_stderr();
     return 0;
 }
 

@@ -23,6 +23,7 @@
 #include "io/loop.h"
 #include "nbd/server.h"
 #include "qcow2/image.h"
+#include "fuzz_util.h"
 
 #define EXPORT_SIZE (1u << 20)
 
@@ -52,12 +53,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     char err[512];
-    const char *tmp = getenv("TMPDIR");
-    snprintf(dir, sizeof(dir), "%s/uq-fuzz-nbd.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(dir)) {
-        perror("fuzz_nbd: mkdtemp");
-        exit(1);
-    }
+    fuzz_scratch_dir(dir, sizeof(dir), "uq-fuzz-nbd");
     snprintf(path, sizeof(path), "%s/export.raw", dir);
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (fd < 0 || ftruncate(fd, EXPORT_SIZE) < 0) {
@@ -76,14 +72,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         exit(1);
     }
     atexit(cleanup);
-    const char *v = getenv("UQ_FUZZ_VERBOSE");
-    if (!v || strcmp(v, "1")) {
-        /* The server logs every broken client: keep the fuzzer's output readable
-         * (libFuzzer and the sanitizers do not write through this stream). */
-        FILE *null = fopen("/dev/null", "w");
-        if (null)
-            stderr = null;
-    }
+    fuzz_quiet_stderr();
     return 0;
 }
 

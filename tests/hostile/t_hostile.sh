@@ -235,6 +235,20 @@ if [[ -z ${CASES:-} || "L2 entry pointing beyond EOF" =~ $CASES ]]; then
     fi
 fi
 
+# stop_checked [EXIT...]: stop the server; unless its exit status is one of EXIT (default 0),
+# $why gets the reason (if it has none yet).
+stop_checked() {
+    local rc=0 e
+    stop_nbd || rc=$?
+    for e in "${@:-0}"; do [[ $rc -eq $e ]] && return 0; done
+    why=${why:-"server exit $rc after SIGTERM"}
+}
+# verdict LABEL [DETAIL]: no sanitizer report either, then ok or not ok with $why.
+verdict() {
+    san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+    if [[ -n $why ]]; then notok "$1" "$why"; else ok "$1${2:+ ($2)}"; fi
+}
+
 # --- metadata overlaps: no write may land on metadata ----------------------------------------
 # Refcounts that call a table's cluster free (the allocator would hand it out for a new L2 table
 # or a data cluster), L2 entries naming tables as data clusters, L1 and refcount table entries
@@ -305,10 +319,8 @@ for row in "${OVERLAP[@]}"; do
     fi
     timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "$GOOD_B" >&2 2>&1 ||
         why=${why:-"a valid range could not be read afterwards"}
-    rc=0
-    stop_nbd || rc=$?
     # The close may report refused metadata as a failed flush (exit 1); never a crash.
-    [[ $rc -eq 0 || $rc -eq 1 ]] || why=${why:-"server exit $rc after SIGTERM"}
+    stop_checked 0 1
     msg=$(grep -m1 'refusing to write' "$NBD_LOG")
     if [[ -z $msg ]]; then
         why=${why:-"no message naming the overlap"}
@@ -316,8 +328,7 @@ for row in "${OVERLAP[@]}"; do
         why=${why:-"message does not name $want: $msg"}
     fi
     [[ $(protected_sum "$img" "$ranges") == "$before" ]] || why=${why:-"metadata was overwritten"}
-    san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
-    if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label"; fi
+    verdict "$label"
 done
 
 # A COW from a compressed cluster whose descriptor lies past EOF: the write fails, the file
@@ -337,13 +348,10 @@ if [[ -z ${CASES:-} || "compressed descriptor past EOF" =~ $CASES ]]; then
             ! grep -q -i error "$UQ_TMP/bad.out" && why="the write succeeded"
         timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "$GOOD_B" >&2 2>&1 ||
             why=${why:-"a valid range could not be read afterwards"}
-        rc=0
-        stop_nbd || rc=$?
-        [[ $rc -eq 0 ]] || why=${why:-"server exit $rc after SIGTERM"}
+        stop_checked
         size=$(stat -c %s "$D/rw_compressed.qcow2")
         (( size <= size0 + (1 << 20) )) || why=${why:-"the image file grew from $size0 to $size bytes"}
-        san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
-        if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label"; fi
+        verdict "$label"
     fi
 fi
 
@@ -365,14 +373,11 @@ if [[ -z ${CASES:-} || "sparse" =~ $CASES ]]; then
         (( hwm < 256 * 1024 )) || why="peak RSS $hwm KiB"
         timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "read -P 1 0 64k" -c "read -P 3 4M 64k" >&2 2>&1 ||
             why=${why:-"the data does not read back"}
-        rc=0
-        stop_nbd || rc=$?
-        [[ $rc -eq 0 ]] || why=${why:-"server exit $rc after SIGTERM"}
+        stop_checked
         used=$(du -k "$D/ab_sparse_dirty.qcow2" | cut -f1)
         (( used < 64 * 1024 )) || why=${why:-"the file takes $used KiB on disk"}
         qimg_check "$D/ab_sparse_dirty.qcow2" || why=${why:-"qemu-img check after the repair failed"}
-        san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
-        if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label (peak RSS $((hwm / 1024)) MiB, $((used / 1024)) MiB on disk)"; fi
+        verdict "$label" "peak RSS $((hwm / 1024)) MiB, $((used / 1024)) MiB on disk"
     fi
     rm -f "$D/ab_sparse_dirty.qcow2"
 fi
