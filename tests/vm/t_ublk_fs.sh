@@ -6,6 +6,7 @@
 # --recovery: several rounds of kill -9 during writes, `recover`; waiting reads, in-flight
 # writes and flushed data survive.
 # timeout: 600
+# soak-timeout: 900
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -128,7 +129,7 @@ fi
 # a writer that is still running when the daemon gets SIGKILL, checks that a read issued while
 # no daemon runs waits for the next one, recovers, and verifies every flushed region so far.
 rounds=4
-[ -n "${SOAK:-}" ] && [ "$SOAK" != 0 ] && rounds=12
+[ "${SOAK:-0}" = 1 ] && rounds=12
 qemu-img create -q -f qcow2 "$W/rec.qcow2" 64M
 if uq_add --recovery -q 2 "$W/rec.qcow2"; then
 	check_fails ublk_recover_live_refused "LIVE, served by pid" "$UQ" recover -n "$ID"
@@ -183,7 +184,9 @@ check ublk_fs_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_run --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+vm_timeout=540
+[ "${SOAK:-0}" = 1 ] && vm_timeout=840     # 12 recovery rounds instead of 4
+vm_run --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
 rc=$?
 if [ $rc -eq 125 ]; then
 	echo "not ok ublk_fs_vm: the VM failed to boot or timed out"; exit 1
