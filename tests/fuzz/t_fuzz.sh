@@ -18,7 +18,7 @@ if [[ ${SOAK:-0} == 1 ]]; then SECS=${FUZZ_SECONDS:-600}; else SECS=${FUZZ_SECON
 TARGETS=(${FUZZ_TARGETS:-fuzz_header fuzz_image fuzz_nbd})
 
 # The build shares make's dependency tracking with everything else (one make at a time).
-if ! make -C "$REPO_ROOT" -s -j2 fuzz >"$UQ_TMP/make.log" 2>&1; then
+if ! env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -C "$REPO_ROOT" -s -j2 fuzz >"$UQ_TMP/make.log" 2>&1; then
     sed 's/^/#   /' "$UQ_TMP/make.log" | tail -30 >&2
     notok fuzz_build "make fuzz failed: $(grep -m1 -E 'error' "$UQ_TMP/make.log")"
     exit 1

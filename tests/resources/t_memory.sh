@@ -24,7 +24,7 @@ vm_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; 
 
 # --- 1. peak memory, 1 GiB vs 1 TiB ----------------------------------------------------------
 REL=$REPO_ROOT/build/ublk-qcow2
-if ! make -C "$REPO_ROOT" -s -j2 all >"$UQ_TMP/make.log" 2>&1; then
+if ! env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -C "$REPO_ROOT" -s -j2 MODE=release all >"$UQ_TMP/make.log" 2>&1; then
     sed 's/^/#   /' "$UQ_TMP/make.log" | tail -20 >&2
     notok memory_build "make all failed"
     exit 1
