@@ -202,8 +202,8 @@ int qcow2_flush(struct qcow2 *q)
 static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t **out)
 {
     uint64_t bytes = (entries * 8 + 511) & ~511ull;
-    uint8_t *buf = io_zalloc(bytes ? bytes : 512);
-    uint64_t *tab = calloc(entries ? entries : 1, sizeof(*tab));
+    uint8_t *buf = io_alloc(bytes ? bytes : 512);
+    uint64_t *tab = malloc((entries ? entries : 1) * sizeof(*tab));
     if (!tab) {
         io_free(buf);
         return -ENOMEM;
@@ -214,6 +214,7 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
         free(tab);
         return (int)n;
     }
+    memset(buf + n, 0, bytes - (uint64_t)n);     /* past the end of the file: zeros */
     for (uint64_t i = 0; i < entries; i++)
         tab[i] = be64_load(buf + i * 8);
     io_free(buf);
