@@ -35,7 +35,7 @@
 #include "fuzz_util.h"
 
 #define MAX_OPS 32
-#define MAX_FILE_SECTORS (128u << 11)     /* 128 MiB */
+#define MAX_FILE_SECTORS (32u << 11)      /* 32 MiB: bounds the tables an input can make us read */
 #define MAX_REQ_SECTORS 2048u             /* 1 MiB */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
