@@ -19,6 +19,7 @@
 #include "cli/cli.h"
 #include "io/coroutine.h"
 #include "io/imagelock.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "nbd/server.h"
 #include "qcow2/image.h"
@@ -73,6 +74,8 @@ static void usage(FILE *out)
         "                           qemu-nbd -l does\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
+        "  -v, --verbose            say more on stderr (clients coming and going);\n"
+        "                           twice for debugging detail\n"
         "  -h, --help               show this help\n"
         "\n"
         "Exactly one of --socket and --bind is required.\n");
@@ -361,8 +364,12 @@ static int serve(const struct nbd_cli *cli, int ready_fd)
         }
         close(ready_fd);
     }
+    uq_info("serving %s (%s, %llu bytes%s) on %s", cli->image, img_format_name(run.img),
+             (unsigned long long)img_size(run.img), run.img->read_only ? ", read-only" : "",
+             cli->socket_path ? cli->socket_path : cli->bind_addr);
     rc = run_serve(&run);
     run_cleanup(&run);
+    uq_info("stopped; image closed");
     return rc;
 }
 
@@ -421,6 +428,7 @@ int cmd_nbd(int argc, char **argv)
         { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
         { "snapshot",    required_argument, NULL, 'l' },
         { "load-snapshot", required_argument, NULL, 'l' },
+        { "verbose",     no_argument,       NULL, 'v' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -430,7 +438,7 @@ int cmd_nbd(int argc, char **argv)
 
     opterr = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":k:x:rf:l:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":k:x:rf:l:vh", longopts, NULL)) != -1) {
         switch (c) {
         case 'k':
             cli.socket_path = optarg;
@@ -443,6 +451,9 @@ int cmd_nbd(int argc, char **argv)
             break;
         case 'r':
             cli.read_only = true;
+            break;
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'f':
             if (!strcmp(optarg, "auto"))

@@ -4,6 +4,7 @@
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   overlap.c   metadata overlap checks before every write
  *   snapshot.c  internal snapshots: list, create, delete, apply, open one
  *   resize.c    virtual size changes; helpers of the exclusive operations
  */
@@ -91,6 +92,29 @@ struct inflight_alloc {
     struct inflight_alloc *next;
 };
 
+/* ---- metadata overlap index (overlap.c) ----------------------------------- */
+enum {
+    OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+};
+#define OL_HEADER         (1u << OL_BIT_HEADER)
+#define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
+#define OL_REFTABLE       (1u << OL_BIT_REFTABLE)
+#define OL_SNAPSHOT_TABLE (1u << OL_BIT_SNAPSHOT_TABLE)
+#define OL_INACTIVE_L1    (1u << OL_BIT_INACTIVE_L1)
+#define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
+#define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
+#define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+
+struct ol_range { uint64_t off, len; };
+struct ol_index {
+    uint64_t *cl;               /* sorted: cluster offset | OL_BIT_* of single-cluster tables */
+    size_t n, cap;
+    struct ol_range *ranges;    /* snapshot L1 tables, sorted by offset */
+    uint64_t *max_end;          /* max end of ranges[0..i] */
+    size_t nranges;
+};
+
 struct qcow2 {
     struct image img;
     struct file file;
@@ -137,6 +161,7 @@ struct qcow2 {
     bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
     bool no_unref;              /* --discard-no-unref: discards keep our clusters */
     bool no_punch;              /* the file system cannot punch holes */
+    struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -194,13 +219,26 @@ int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
 
 /* cluster.c */
-/* Does [off, off+len) of the file overlap the header, the L1 table, the
- * refcount table or the snapshot table? */
-bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len);
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
+
+/* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
+ * whenever an L1 or refcount table entry starts or stops naming a table,
+ * ol_reindex_refblocks after a new refcount table is installed. */
+int ol_build(struct qcow2 *q);
+void ol_free(struct qcow2 *q);
+void ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_reindex_refblocks(struct qcow2 *q);
+/* Does writing [off, off+len) touch metadata other than the kinds in
+ * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
+ * and a message naming `what` and the structure hit. */
+int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+                const char *what, char *msg, size_t msglen);
+/* ol_conflict, and on a conflict mark the image broken with the message. */
+int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 
 /* snapshot.c (exclusive operations: see img_snapshot_* in image.h) */
 int qcow2_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n);
@@ -222,6 +260,10 @@ int header_commit(struct qcow2 *q);
 uint64_t l1_entries_for(const struct qcow2 *q, uint64_t size);
 /* After h.size changed: the derived sizes (img.size, l1_size_needed). */
 void derive_sizes(struct qcow2 *q);
+/* After an exclusive operation switched tables: index the metadata anew
+ * (before anything the old version named is freed); marks the image
+ * broken on failure. */
+int ol_rebuild(struct qcow2 *q);
 /* Read n L1 entries at off (checked to lie in the image: -EINVAL). */
 int read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out);
 /* Write len bytes (a table) into freshly allocated contiguous clusters. */

@@ -64,6 +64,14 @@ int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen)
     return r;
 }
 
+int ol_rebuild(struct qcow2 *q)
+{
+    int r = ol_build(q);
+    if (r < 0)
+        qcow2_mark_broken(q, "cannot index the image's metadata: %s", strerror(-r));
+    return r;
+}
+
 int read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out)
 {
     uint64_t bytes = (uint64_t)n * 8;
@@ -95,6 +103,11 @@ int write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t 
     co_mutex_lock(&q->alloc_lock);
     int r = alloc_contiguous(q, n, &host);
     co_mutex_unlock(&q->alloc_lock);
+    if (r < 0)
+        return r;
+    /* Before anything cached is dropped: a refcount may have called a
+     * table's cluster free (a damaged image). */
+    r = ol_check(q, host, n << cl_bits(q), 0, "a new table");
     if (r < 0)
         return r;
     uint8_t *buf = io_zalloc(n << cl_bits(q));
@@ -203,6 +216,7 @@ static int drop_tail_tables(struct qcow2 *q)
         }
         q->l1[i] = 0;
         q->l1_dirty[i * 8 / 512] = 1;
+        ol_remove(q, t, OL_BIT_ACTIVE_L2);     /* no longer a table once freed */
         defer_free(q, t, cs);
     }
     return 0;

@@ -526,10 +526,13 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         snprintf(id_out, idlen, "%s", id);
     free(l1buf);
     runs_free(&rs);
+    /* The new L1 copy and the tables it names are metadata now. */
+    r = ol_rebuild(q);
     /* The old table is unreferenced once the header is durable. */
-    if (nb && old_len)
+    if (r == 0 && nb && old_len)
         free_durable(q, old_off, old_len, true);
-    r = apply_ready_frees(q);
+    if (r == 0)
+        r = apply_ready_frees(q);
     if (r == 0)
         r = settle(q);
     if (r < 0)
@@ -631,9 +634,12 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t
     free(gone.id);
     free(gone.name);
     free(gone.extra);
-    if (old_len)
+    /* The snapshot's tables leave the index before they can be freed. */
+    r = ol_rebuild(q);
+    if (r == 0 && old_len)
         free_durable(q, old_off, old_len, true);
-    r = refs_release(q, &rs);
+    if (r == 0)
+        r = refs_release(q, &rs);
     runs_free(&rs);
     if (r == 0)
         r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
@@ -742,8 +748,12 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     ndirty = NULL;
     raised = false;
     noff = 0;
+    /* The new active tables in the index, the old ones out of it, before
+     * those are freed. */
+    r = ol_rebuild(q);
     /* The old active tables are unreferenced on disk now. */
-    r = refs_release(q, &old);
+    if (r == 0)
+        r = refs_release(q, &old);
     if (r == 0)
         r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
     if (r == 0)

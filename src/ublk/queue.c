@@ -1,6 +1,7 @@
 /* ublk queues: per-queue threads, per-tag coroutines, forwarding of requests
  * to the single engine thread (see queue.h). */
 #include "ublk/queue.h"
+#include "io/log.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "io/mailbox.h"
@@ -187,7 +188,7 @@ static void engine_request(void *arg)
     t->msg.kind = MSG_COMPLETION;
     /* After the post the tag belongs to its queue again: touch nothing. */
     if (mailbox_post(t->q->mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake queue %u: %s\n", t->q->qid, strerror(errno));
+        uq_error("cannot wake queue %u: %s", t->q->qid, strerror(errno));
         abort();
     }
 }
@@ -200,7 +201,7 @@ static void engine_inbox(void *arg)
     while (remaining > 0) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: engine mailbox failed: %s\n", strerror(errno));
+            uq_error("engine mailbox failed: %s", strerror(errno));
             abort();
         }
         while (m) {
@@ -222,7 +223,7 @@ static void completion_inbox(void *arg)
     while (!quit) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: queue %u mailbox failed: %s\n", q->qid, strerror(errno));
+            uq_error("queue %u mailbox failed: %s", q->qid, strerror(errno));
             abort();
         }
         while (m) {
@@ -246,7 +247,7 @@ static int tag_serve(struct ublk_tag *t)
     t->done = false;
     t->msg.kind = MSG_REQUEST;
     if (mailbox_post(q->qs->queues[0].mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake the engine: %s\n", strerror(errno));
+        uq_error("cannot wake the engine: %s", strerror(errno));
         abort();
     }
     while (!t->done)
@@ -369,7 +370,7 @@ static void queue_finished(struct ublk_queue *q)
     q->quit_msg.kind = MSG_QUIT;
     if (mailbox_post(q->qs->queues[0].mbox, &q->done_msg.m) < 0 ||
         mailbox_post(q->mbox, &q->quit_msg.m) < 0) {
-        fprintf(stderr, "ublk: queue %u cannot post: %s\n", q->qid, strerror(errno));
+        uq_error("queue %u cannot post: %s", q->qid, strerror(errno));
         abort();
     }
 }
@@ -387,7 +388,7 @@ static void tag_loop(void *arg)
         if (res == UBLK_IO_RES_ABORT)
             break;      /* device stopping: nothing more will come */
         if (res != UBLK_IO_RES_OK) {
-            fprintf(stderr, "ublk: queue %u tag %u: %s command failed: %s\n", q->qid, t->tag,
+            uq_error("queue %u tag %u: %s command failed: %s", q->qid, t->tag,
                     t->cmd_op == UBLK_U_IO_FETCH_REQ || t->cmd_op == UBLK_IO_FETCH_REQ
                         ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ",
                     res < 0 ? strerror(-res) : "unexpected result");
@@ -449,7 +450,7 @@ static void *queue_thread(void *arg)
     if (atomic_fetch_sub(&qs->running, 1) == 1) {
         uint64_t one = 1;
         if (write(qs->done_fd, &one, sizeof(one)) < 0)
-            fprintf(stderr, "ublk: cannot signal the end of the queues: %s\n", strerror(errno));
+            uq_error("cannot signal the end of the queues: %s", strerror(errno));
     }
     return NULL;
 }
@@ -458,13 +459,14 @@ static int open_cdev(uint32_t dev_id, char *err, size_t errlen)
 {
     char path[64];
     snprintf(path, sizeof(path), "/dev/ublkc%u", dev_id);
-    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly:
-     * retry for up to 5 s. */
+    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly
+     * (or, for an unprivileged device, not have given it to us yet): retry
+     * for up to 5 s. */
     for (int i = 0; i < 500; i++) {
         int fd = open(path, O_RDWR | O_CLOEXEC);
         if (fd >= 0)
             return fd;
-        if (errno != ENOENT && errno != EBUSY)
+        if (errno != ENOENT && errno != EBUSY && !(errno == EACCES && geteuid() != 0))
             break;
         struct timespec ts = { 0, 10 * 1000 * 1000 };
         nanosleep(&ts, NULL);
