@@ -840,6 +840,76 @@ static void test_snapshot_table_rules(void)
     CHECK_EQ(qcow2_snapshots_parse(&h3, t, sizeof(t), 1, &sn, err, sizeof(err)), -EINVAL);
 }
 
+/* Writing the table as QEMU does: 24 known bytes of extra data at least
+ * (vm state, disk size, icount), unknown extra data kept, 8-byte aligned
+ * entries, no padding after the last; what is written parses back. */
+static void test_snapshot_table_write(void)
+{
+    struct qcow2_header h = geom(3, 16, false);
+    static uint8_t t[4096];
+    uint8_t extra[40];
+    struct qcow2_snapshot *sn, *back;
+    size_t pos = 0;
+
+    memset(extra, 0, sizeof(extra));
+    be64_store(extra, 5ull << 32);          /* vm state size past 32 bits */
+    be64_store(extra + 8, 7ull << 30);
+    be64_store(extra + 16, 42);             /* icount */
+    memset(extra + 24, 0x5a, 16);           /* unknown to us: kept */
+    put_snapshot(t, &pos, 3ull << 16, 16, "1", "first", 77, extra, 40);
+    put_snapshot(t, &pos, 9ull << 16, 2, "22", "second snapshot", 4096, extra, 16);
+    CHECK_EQ(qcow2_snapshots_parse(&h, t, pos, 2, &sn, err, sizeof(err)), 0);
+    if (!sn)
+        return;
+    CHECK_EQ(sn[0].icount, 42);
+    CHECK_EQ(sn[1].icount, UINT64_MAX);     /* absent: -1, as QEMU reads it */
+    sn[1].vm_state_size = 4096;
+
+    uint8_t *buf;
+    size_t len;
+    CHECK_EQ(qcow2_snapshots_serialize(sn, 2, &buf, &len), 0);
+    /* 40 + 40 + 1 + 5 = 86 -> padded to 88; 40 + 24 + 2 + 15 = 81, unpadded. */
+    CHECK_EQ(len, 88 + 81);
+    if (buf) {
+        CHECK_EQ(be32_load(buf + 32), 0);           /* vm state too big for the old field */
+        CHECK_EQ(be32_load(buf + 36), 40);          /* extra size kept */
+        CHECK(memcmp(buf + 40 + 24, extra + 24, 16) == 0);
+        CHECK_EQ(be32_load(buf + 88 + 32), 4096);
+        CHECK_EQ(be32_load(buf + 88 + 36), 24);     /* 16 bytes grew to QEMU's 24 */
+        CHECK_EQ(be64_load(buf + 88 + 40 + 16), UINT64_MAX);
+        CHECK_EQ(qcow2_snapshots_parse(&h, buf, len, 2, &back, err, sizeof(err)), 0);
+        if (back) {
+            for (int i = 0; i < 2; i++) {
+                CHECK_EQ(back[i].l1_table_offset, sn[i].l1_table_offset);
+                CHECK_EQ(back[i].l1_size, sn[i].l1_size);
+                CHECK(strcmp(back[i].id, sn[i].id) == 0 && strcmp(back[i].name, sn[i].name) == 0);
+                CHECK_EQ(back[i].date_sec, sn[i].date_sec);
+                CHECK_EQ(back[i].date_nsec, sn[i].date_nsec);
+                CHECK_EQ(back[i].vm_clock_nsec, sn[i].vm_clock_nsec);
+                CHECK_EQ(back[i].vm_state_size, sn[i].vm_state_size);
+                CHECK_EQ(back[i].disk_size, sn[i].disk_size);
+                CHECK_EQ(back[i].icount, sn[i].icount);
+            }
+            qcow2_snapshots_free(back, 2);
+        }
+        free(buf);
+    }
+    /* An empty table is no table; a name past 65535 bytes cannot be written. */
+    CHECK_EQ(qcow2_snapshots_serialize(sn, 0, &buf, &len), 0);
+    CHECK(buf == NULL && len == 0);
+    char *big = malloc(70000);
+    if (big) {
+        memset(big, 'n', 69999);
+        big[69999] = '\0';
+        char *keep = sn[0].name;
+        sn[0].name = big;
+        CHECK_EQ(qcow2_snapshots_serialize(sn, 2, &buf, &len), -EFBIG);
+        sn[0].name = keep;
+        free(big);
+    }
+    qcow2_snapshots_free(sn, 2);
+}
+
 int main(void)
 {
     RUN_TEST(test_header_v3_roundtrip);
@@ -858,5 +928,6 @@ int main(void)
     RUN_TEST(test_refcount_widths);
     RUN_TEST(test_snapshot_table);
     RUN_TEST(test_snapshot_table_rules);
+    RUN_TEST(test_snapshot_table_write);
     UNIT_EXIT();
 }

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Snapshots and resize of live ublk devices, in the test VM (one boot):
+#  - fio writes with crc32c verification on a 2-queue device while `snapshot create -n`
+#    takes snapshots (I/O quiesced, flushed, snapshot taken, resumed): fio sees no error and
+#    every block verifies; each snapshot then passes qemu-img convert -l; one is taken with
+#    fio stopped and nothing in flight, and equals the device read right after it;
+#  - the snapshot instant: with the writer paused, known data, a snapshot, more writes: the
+#    snapshot (qemu-img convert -l, and 'add --snapshot' as a read-only device) holds exactly
+#    the known data, the device the later data; qemu-img check clean after del;
+#  - 'resize -n' on this 6.12 kernel (no UBLK_F_UPDATE_SIZE) fails naming the version needed,
+#    and changes nothing; a read-only device refuses a snapshot.
+# timeout: 420
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+tmp=${UQ_TMP:-}
+[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
+UQ=${UQ:-$root/build/debug/ublk-qcow2}
+[ -x "$UQ" ] || { echo "not ok ublk_snap: no binary $UQ (build first)"; exit 1; }
+export UQ
+
+. "$here/vm_lib.sh"
+vm_require ublk_snap
+
+cat >"$tmp/guest.sh" <<'EOF'
+. "$LIB"
+cd "$W" || exit 1
+snaps() { qemu-img info -U --output=json "$1" | jq -r '[(.snapshots // [])[].name] | join(" ")'; }
+
+# --- snapshots while fio writes and verifies ------------------------------------------
+qemu-img create -q -f qcow2 "$W/f.qcow2" 128M
+if uq_add -q 2 "$W/f.qcow2"; then
+	rm -f "$W/fio.rc"
+	( fio --name=snapverify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite \
+		--bs=4k --iodepth=16 --numjobs=1 --size=24M --verify=crc32c --verify_fatal=1 \
+		--do_verify=1 >"$W/fio.out" 2>&1; echo $? >"$W/fio.rc" ) &
+	fio_pid=$!
+	stat=/sys/block/${DEV#/dev/}/stat inflight=/sys/block/${DEV#/dev/}/inflight
+	w0= w1=
+	taken=0
+	for n in 1 2 3; do
+		# Each snapshot once fio has written more (progress, not time).
+		want=$(( $(dev_ios "$DEV") + 500 ))
+		wait_for 120 sh -c "[ \$(awk '{print \$1 + \$5}' /sys/block/${DEV#/dev/}/stat) -ge $want ] || [ -e $W/fio.rc ]" ||
+			break
+		[ -e "$W/fio.rc" ] && break
+		if [ $n = 2 ]; then
+			# The instant under fio: writer stopped, nothing in flight in the block layer;
+			# the device read right after the snapshot must be what the snapshot holds.
+			kill -STOP $(pgrep -x fio)
+			wait_for 60 sh -c "[ \$(awk '{print \$1 + \$2}' $inflight) = 0 ]"
+			w0=$(awk '{print $5}' "$stat")
+			"$UQ" snapshot create -n "$ID" "run$n" >"$W/snap$n.out" 2>&1 && taken=$((taken + 1))
+			dd if="$DEV" of="$W/at_run2.raw" bs=1M count=24 iflag=direct status=none
+			w1=$(awk '{print $5}' "$stat")
+			kill -CONT $(pgrep -x fio)
+			continue
+		fi
+		"$UQ" snapshot create -n "$ID" "run$n" >"$W/snap$n.out" 2>&1 && taken=$((taken + 1))
+	done
+	wait "$fio_pid"
+	frc=$(cat "$W/fio.rc" 2>/dev/null || echo 99)
+	if [ $frc -eq 0 ] && ! grep -q -E "verify failed|err= *[1-9]" "$W/fio.out"; then
+		ok ublk_snap_fio_verifies
+	else
+		nok ublk_snap_fio_verifies "fio exit $frc: $(grep -m2 -E 'err|verify' "$W/fio.out" | tr '\n' ' ')"
+	fi
+	if [ $taken -ge 2 ]; then ok ublk_snap_taken_under_io; else
+		nok ublk_snap_taken_under_io "only $taken snapshots: $(cat "$W"/snap*.out | tr '\n' ' ')"; fi
+	check ublk_snap_fio_del uq_del "$ID"
+	check ublk_snap_fio_check qemu-img check "$W/f.qcow2"
+	ok_all=1
+	for s in $(snaps "$W/f.qcow2"); do
+		qemu-img convert -O raw -l "snapshot.name=$s" "$W/f.qcow2" "$W/s.raw" || ok_all=0
+	done
+	[ "$(snaps "$W/f.qcow2")" = "$(seq -f 'run%g' -s ' ' 1 $taken)" ] || ok_all=0
+	if [ $ok_all = 1 ]; then ok ublk_snap_fio_snapshots_readable; else
+		nok ublk_snap_fio_snapshots_readable "snapshots: $(snaps "$W/f.qcow2")"; fi
+	if [ "$w0" != "$w1" ]; then
+		nok ublk_snap_fio_instant "writes completed while fio was stopped ($w0 -> $w1)"
+	elif [ -s "$W/at_run2.raw" ] && qemu-img convert -O raw -l snapshot.name=run2 "$W/f.qcow2" "$W/s.raw" &&
+		cmp -n 25165824 "$W/s.raw" "$W/at_run2.raw" >"$W/cmp.out" 2>&1; then
+		ok ublk_snap_fio_instant
+	else
+		nok ublk_snap_fio_instant "snapshot run2 differs from the device read at the instant: $(cat "$W/cmp.out" 2>/dev/null)"
+	fi
+else
+	nok ublk_snap_fio "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+
+# --- the snapshot instant ---------------------------------------------------------------
+qemu-img create -q -f qcow2 "$W/k.qcow2" 64M
+if uq_add "$W/k.qcow2"; then
+	head -c 8M /dev/urandom >"$W/A"
+	head -c 8M /dev/urandom >"$W/B"
+	dd if="$W/A" of="$DEV" bs=1M oflag=direct status=none
+	# Not flushed by us: the snapshot itself flushes what was acknowledged.
+	check ublk_snap_create "$UQ" snapshot create -n "$ID" known
+	dd if="$W/B" of="$DEV" bs=1M oflag=direct status=none
+	check ublk_snap_device_has_later_data sh -c "dd if=$DEV bs=1M count=8 iflag=direct status=none | cmp -s - $W/B"
+	check_fails ublk_snap_resize_needs_6_16 "Linux 6\.16" "$UQ" resize -n "$ID" +64M
+	check ublk_snap_resize_unchanged sh -c "[ \$(blockdev --getsize64 $DEV) = 67108864 ]"
+	check_fails ublk_snap_shrink_refused "can only grow" "$UQ" resize -n "$ID" 32M
+	check ublk_snap_k_del uq_del "$ID"
+	check ublk_snap_k_check qemu-img check "$W/k.qcow2"
+	check ublk_snap_k_size sh -c "[ \$(qemu-img info --output=json $W/k.qcow2 | jq '.\"virtual-size\"') = 67108864 ]"
+	qemu-img convert -O raw -l snapshot.name=known "$W/k.qcow2" "$W/known.raw"
+	check ublk_snap_holds_instant cmp -n 8388608 "$W/known.raw" "$W/A"
+	# The snapshot as a read-only device.
+	if uq_add --snapshot known "$W/k.qcow2"; then
+		check ublk_snap_add_snapshot_reads sh -c "dd if=$DEV bs=1M count=8 iflag=direct status=none | cmp -s - $W/A"
+		check_fails ublk_snap_add_snapshot_read_only "read-only|Operation not permitted|Permission denied" \
+			dd if="$W/B" of="$DEV" bs=1M count=1 oflag=direct status=none
+		check_fails ublk_snap_ro_refuses_snapshot "read-only" "$UQ" snapshot create -n "$ID" nope
+		check ublk_snap_ro_del uq_del "$ID"
+	else
+		nok ublk_snap_add_snapshot "add --snapshot failed: $(tr '\n' ' ' < "$W/add.err")"
+	fi
+	check ublk_snap_final_check qemu-img check "$W/k.qcow2"
+else
+	nok ublk_snap_instant "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+check_fails ublk_snap_no_daemon "no running daemon" "$UQ" snapshot create -n 77 x
+
+check ublk_snap_daemon_logs_clean logs_clean
+[ $FAILED -eq 0 ]
+EOF
+
+vm_run --timeout 360 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+rc=$?
+if [ $rc -eq 125 ]; then
+	echo "not ok ublk_snap_vm: the VM failed to boot or timed out"; exit 1
+fi
+exit $rc
