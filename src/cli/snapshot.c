@@ -208,8 +208,13 @@ static int snapshot_offline(const char *verb, const char *path, const char *arg)
     }
     if (!strcmp(verb, "create"))
         r = img_snapshot_create(img, arg, id, sizeof(id), err, sizeof(err));
-    else if (!strcmp(verb, "delete"))
-        r = img_snapshot_delete(img, arg, err, sizeof(err));
+    else if (!strcmp(verb, "delete")) {
+        /* Deleting walks and releases every cluster the snapshot used. */
+        struct progress p;
+        progress_start(&p, "Deleting");
+        r = img_snapshot_delete(img, arg, progress_update, &p, err, sizeof(err));
+        progress_end(&p);
+    }
     else
         r = img_snapshot_apply(img, arg, err, sizeof(err));
     if (r < 0) {

@@ -141,10 +141,11 @@ int img_snapshot_create(struct image *img, const char *name, char *id_out, size_
     return r < 0 ? r : img->ops->snapshot_create(img, name, id_out, idlen, err, errlen);
 }
 
-int img_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen)
+int img_snapshot_delete(struct image *img, const char *spec, img_progress_fn progress, void *ctx,
+                        char *err, size_t errlen)
 {
     int r = exclusive_ok(img, img->ops->snapshot_delete, "internal snapshots", err, errlen);
-    return r < 0 ? r : img->ops->snapshot_delete(img, spec, err, errlen);
+    return r < 0 ? r : img->ops->snapshot_delete(img, spec, progress, ctx, err, errlen);
 }
 
 int img_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen)

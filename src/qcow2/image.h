@@ -68,6 +68,10 @@ struct img_stats {
     uint64_t clusters_allocated;        /* host clusters allocated since open */
 };
 
+/* Progress of a long operation: done of total units so far (ctx is the
+ * caller's); called on the engine's thread, may be NULL. */
+typedef void (*img_progress_fn)(void *ctx, uint64_t done, uint64_t total);
+
 struct image_ops {
     const char *name;
     int (*read)(struct image *img, void *buf, uint64_t off, uint64_t len);
@@ -81,7 +85,8 @@ struct image_ops {
     int (*snapshot_list)(struct image *img, struct img_snapshot **out, uint32_t *n);
     int (*snapshot_create)(struct image *img, const char *name, char *id_out, size_t idlen,
                            char *err, size_t errlen);
-    int (*snapshot_delete)(struct image *img, const char *spec, char *err, size_t errlen);
+    int (*snapshot_delete)(struct image *img, const char *spec, img_progress_fn progress, void *ctx,
+                           char *err, size_t errlen);
     int (*snapshot_apply)(struct image *img, const char *spec, char *err, size_t errlen);
     int (*resize)(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
 };
@@ -130,7 +135,8 @@ int img_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n)
 void img_snapshot_list_free(struct img_snapshot *s, uint32_t n);
 int img_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
                         char *err, size_t errlen);
-int img_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen);
+int img_snapshot_delete(struct image *img, const char *spec, img_progress_fn progress, void *ctx,
+                        char *err, size_t errlen);
 int img_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen);
 int img_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
 

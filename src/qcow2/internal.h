@@ -244,7 +244,8 @@ int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const
 int qcow2_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n);
 int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
                           char *err, size_t errlen);
-int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen);
+int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn progress, void *ctx,
+                          char *err, size_t errlen);
 int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t errlen);
 /* At open: make snapshot spec's L1 table and disk size the (read-only) mapping. */
 int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t errlen);

@@ -60,6 +60,22 @@ static void runs_free(struct runs *r)
     *r = (struct runs){ 0 };
 }
 
+/* Progress of a delete in three equal phases (walking the snapshot's
+ * tables, releasing its clusters, restoring COPIED flags), each counted
+ * in per mille: the length of the later phases is known only later. */
+struct del_progress {
+    img_progress_fn fn;
+    void *ctx;
+    unsigned phase;
+};
+#define PHASES 3u
+
+static void progress_at(struct del_progress *p, uint64_t done, uint64_t total)
+{
+    if (p && p->fn && total)
+        p->fn(p->ctx, p->phase * 1000u + done * 1000u / total, PHASES * 1000u);
+}
+
 static uint64_t table_clusters(const struct qcow2 *q, uint64_t entries)
 {
     return (entries * 8 + cl_size(q) - 1) >> cl_bits(q);
@@ -80,13 +96,14 @@ static int l1_entry_table(struct qcow2 *q, uint64_t e, uint64_t *table)
  * cluster those tables map (a compressed one: every host cluster its data
  * touches).  Validates as it goes, so nothing changes for a corrupt table. */
 static int collect_refs(struct qcow2 *q, const uint64_t *l1, uint32_t l1_size, const char *what,
-                        struct runs *out, char *err, size_t errlen)
+                        struct runs *out, struct del_progress *p, char *err, size_t errlen)
 {
     uint64_t cs = cl_size(q), nclusters = (q->host_end + cs - 1) / cs;
     uint32_t per = q->l2c.slice_size / q->h.l2_entry_size;
     int r = 0;
     for (uint32_t i = 0; i < l1_size && r == 0; i++) {
         uint64_t t;
+        progress_at(p, i, l1_size);
         if (l1_entry_table(q, l1[i], &t) < 0) {
             snprintf(err, errlen, "%s: L1 entry %u is invalid (0x%llx)", what, i, (unsigned long long)l1[i]);
             return -EIO;
@@ -175,10 +192,19 @@ static void refs_undo(struct qcow2 *q, const struct runs *rs)
 /* Drop one reference per cluster of the runs, whose last referrer is gone
  * from the disk already; clusters left unused are punched, as QEMU discards
  * them (pass-discard-snapshot). */
-static int refs_release(struct qcow2 *q, const struct runs *rs)
+static int refs_release(struct qcow2 *q, const struct runs *rs, struct del_progress *p)
 {
-    for (size_t i = 0; i < rs->len; i++)
+    for (size_t i = 0; i < rs->len; i++) {
         free_durable(q, rs->v[i].c << cl_bits(q), rs->v[i].n << cl_bits(q), true);
+        /* Applied in batches, to show progress (the order does not matter:
+         * nothing on disk names any of these clusters). */
+        if (p && p->fn && i % 256 == 255) {
+            int r = apply_ready_frees(q);
+            if (r < 0)
+                return r;
+            progress_at(p, i, rs->len);
+        }
+    }
     return apply_ready_frees(q);
 }
 
@@ -188,13 +214,15 @@ static int refs_release(struct qcow2 *q, const struct runs *rs)
  * given: the active one): clear_all clears every COPIED flag (each count
  * was just raised); otherwise COPIED is set exactly where the count is 1
  * (QEMU's refcount pass with addend 0). */
-static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *l1_dirty, bool clear_all)
+static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *l1_dirty, bool clear_all,
+                      struct del_progress *p)
 {
     uint64_t cs = cl_size(q);
     uint32_t per = q->l2c.slice_size / q->h.l2_entry_size;
     int r = 0;
     for (uint32_t i = 0; i < l1_size && r == 0; i++) {
         uint64_t t, rc;
+        progress_at(p, i, l1_size);
         if (l1_entry_table(q, l1[i], &t) < 0)
             return -EIO;
         if (!t)
@@ -423,7 +451,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     snprintf(id, sizeof(id), "%llu", max_id + 1);
 
     struct runs rs = { 0 };
-    r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &rs, err, errlen);
+    r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &rs, NULL, err, errlen);
     if (r < 0) {
         runs_free(&rs);
         return r;
@@ -449,7 +477,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     /* COPIED flags go first, durably: a count of 1 without COPIED only makes
      * a write copy the cluster, while COPIED over a raised count would let
      * one overwrite a shared cluster (the order that matters on v2). */
-    r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, true);
+    r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, true, NULL);
     if (r == 0)
         r = qcow2_flush(q);
     if (r < 0) {
@@ -556,7 +584,7 @@ undo:
     free(l1buf);
     runs_free(&rs);
     if (dirty) {
-        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
+        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
         if (r2 == 0)
             r2 = settle(q);
         if (r2 == 0)
@@ -567,8 +595,10 @@ undo:
 
 /* ---- delete ---------------------------------------------------------------------------------- */
 
-int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t errlen)
+int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn progress, void *ctx,
+                          char *err, size_t errlen)
 {
+    struct del_progress prog = { .fn = progress, .ctx = ctx };
     struct qcow2 *q = to_qcow2(img);
     int idx = find_snapshot(q, spec);
     if (idx < 0)
@@ -584,7 +614,7 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t
     /* Everything it references, checked before anything changes. */
     r = snapshot_l1(q, sn, &sl1, err, errlen);
     if (r == 0)
-        r = collect_refs(q, sl1, sn->l1_size, what, &rs, err, errlen);
+        r = collect_refs(q, sl1, sn->l1_size, what, &rs, &prog, err, errlen);
     if (r == 0 && sn->l1_size)
         r = runs_add(&rs, sn->l1_table_offset >> cl_bits(q), table_clusters(q, sn->l1_size));
     free(sl1);
@@ -638,15 +668,21 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, char *err, size_t
     r = ol_rebuild(q);
     if (r == 0 && old_len)
         free_durable(q, old_off, old_len, true);
-    if (r == 0)
-        r = refs_release(q, &rs);
+    if (r == 0) {
+        prog.phase = 1;
+        r = refs_release(q, &rs, &prog);
+    }
     runs_free(&rs);
-    if (r == 0)
-        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
+    if (r == 0) {
+        prog.phase = 2;
+        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, &prog);
+    }
     if (r == 0)
         r = settle(q);
     if (r == 0)
         r = set_dirty(q, false);
+    if (r == 0)
+        progress_at(&prog, 1, 1);
     if (r < 0)
         snprintf(err, errlen, "the snapshot is deleted, but releasing its clusters failed (%s); "
                  "the image is left to be repaired on its next open", strerror(-r));
@@ -687,9 +723,9 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
      * references (dropped once the switch is durable), both checked first. */
     r = snapshot_l1(q, sn, &sl1, err, errlen);
     if (r == 0)
-        r = collect_refs(q, sl1, sn->l1_size, what, &now, err, errlen);
+        r = collect_refs(q, sl1, sn->l1_size, what, &now, NULL, err, errlen);
     if (r == 0)
-        r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &old, err, errlen);
+        r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &old, NULL, err, errlen);
     if (r == 0 && q->h.l1_size)
         r = runs_add(&old, q->h.l1_table_offset >> cl_bits(q), table_clusters(q, q->h.l1_size));
     nl1 = r == 0 ? calloc(n, sizeof(*nl1)) : NULL;
@@ -717,7 +753,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
         nl1[i] = sl1[i] & ~QCOW_OFLAG_COPIED;
     for (uint64_t i = 0; i < n; i++)
         be64_store(l1buf + i * 8, nl1[i]);
-    r = set_copied(q, nl1, (uint32_t)n, NULL, true);
+    r = set_copied(q, nl1, (uint32_t)n, NULL, true, NULL);
     if (r == 0)
         r = write_fresh_table(q, l1buf, n * 8, &noff);
     if (r == 0)
@@ -753,9 +789,9 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     r = ol_rebuild(q);
     /* The old active tables are unreferenced on disk now. */
     if (r == 0)
-        r = refs_release(q, &old);
+        r = refs_release(q, &old, NULL);
     if (r == 0)
-        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
+        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
     if (r == 0)
         r = settle(q);
     if (r == 0)
@@ -770,7 +806,7 @@ out:
     if (raised)
         refs_undo(q, &now);
     if (dirty) {
-        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false);
+        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
         if (r2 == 0)
             r2 = settle(q);
         if (r2 == 0)

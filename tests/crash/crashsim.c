@@ -868,7 +868,7 @@ static void op_co(void *arg)
     if (!strcmp(o->op, "snapshot-create"))
         o->result = img_snapshot_create(img, a, id, sizeof(id), o->err, sizeof(o->err));
     else if (!strcmp(o->op, "snapshot-delete"))
-        o->result = img_snapshot_delete(img, a, o->err, sizeof(o->err));
+        o->result = img_snapshot_delete(img, a, NULL, NULL, o->err, sizeof(o->err));
     else if (!strcmp(o->op, "snapshot-apply"))
         o->result = img_snapshot_apply(img, a, o->err, sizeof(o->err));
     else if (!strcmp(o->op, "resize") || !strcmp(o->op, "shrink"))

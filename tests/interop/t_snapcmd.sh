@@ -6,7 +6,8 @@
 # and every snapshot reads the same in both (qemu-img convert -l), and our NBD export of a
 # snapshot (--snapshot, as qemu-nbd -l) reads exactly as qemu-img convert -l.
 # Across cluster sizes, refcount widths, v2/v3, extended L2 and compressed clusters; then the
-# refusals (each with a message naming the problem, the image unchanged).
+# refusals (each with a message naming the problem, the image unchanged); the progress bar of
+# 'snapshot delete' (only when stderr is a terminal, checked with `script`).
 # timeout: 600
 . "$(dirname "$0")/../lib/lib.sh"
 . "$(dirname "$0")/common.sh"
@@ -184,3 +185,31 @@ case_refusals() {
     cmp -n 2097152 "$dir/ours.qcow2" "$dir/r.raw" || fail "raw content changed by resize"
 }
 run_case "snapcmd refusals" case_refusals
+
+# Progress of 'snapshot delete': nothing on stderr when it is a file; on a terminal a bar that
+# reaches 100% and is cleared.  Both deletes leave a clean image without the snapshot.
+case_progress() {
+    local dir=$1 bar=$'Deleting \\[#*[ ]*\\] *[0-9]+\\.[0-9]%'
+    make_image "$dir/ours.qcow2" 64M "cluster_size=4096" "write -P 1 0 16M" || { fail "image"; return; }
+    uq snapshot create "$dir/ours.qcow2" s1 || { fail "snapshot create"; return; }
+    qio_cmds qcow2 "$dir/ours.qcow2" -- "write -P 2 0 8M" || { fail "qemu-io"; return; }
+    cp "$dir/ours.qcow2" "$dir/tty.qcow2"
+    "$UQ" snapshot delete "$dir/ours.qcow2" s1 2>"$dir/err.txt" || { fail "delete: $(cat "$dir/err.txt")"; return; }
+    [[ ! -s $dir/err.txt ]] || { fail "delete wrote to a non-terminal stderr: $(head -c 200 "$dir/err.txt" | od -c | head -2)"; return; }
+    if need_cmd script; then
+        local cmd
+        printf -v cmd '%q ' "$UQ" snapshot delete "$dir/tty.qcow2" s1
+        timeout -k 5 120 script -q -e -c "$cmd" /dev/null </dev/null >"$dir/tty.txt" 2>&1 ||
+            { fail "delete on a terminal failed: $(head -c 300 "$dir/tty.txt")"; return; }
+        grep -qE "$bar" "$dir/tty.txt" && grep -q "100.0%" "$dir/tty.txt" && grep -q $'\r\e\\[K' "$dir/tty.txt" ||
+            { fail "no progress bar on a terminal: $(head -c 300 "$dir/tty.txt" | od -c | head -3 | tr '\n' ' ')"; return; }
+    else
+        note "script (util-linux) is missing: terminal case not run"
+        "$UQ" snapshot delete "$dir/tty.qcow2" s1 || { fail "delete"; return; }
+    fi
+    for f in ours tty; do
+        qimg_check "$dir/$f.qcow2" || { fail "$f: qemu-img check exit $?"; return; }
+        [[ $(snaps "$dir/$f.qcow2") == "[]" ]] || { fail "$f: snapshots left: $(snaps "$dir/$f.qcow2")"; return; }
+    done
+}
+run_case "snapcmd delete progress" case_progress
