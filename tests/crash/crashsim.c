@@ -730,6 +730,19 @@ static void write_logs(const char *log, struct run *r)
     free(p);
 }
 
+/* Record every write and sync of image from now on, the data in LOG.dat. */
+static void record_start(const char *image, const char *log)
+{
+    hk.target = image;
+    hk.record = true;
+    hk.fops.elem = sizeof(struct fop_rec);
+    char *dp = path_cat(log, ".dat");
+    hk.dat = fopen(dp, "wb");
+    if (!hk.dat)
+        die("cannot create '%s'", dp);
+    free(dp);
+}
+
 static int run_workload(const char *image, const char *log, bool faults)
 {
     static struct run r;
@@ -747,14 +760,7 @@ static int run_workload(const char *image, const char *log, bool faults)
     struct stat st;
     if (stat(image, &st) < 0)
         die("cannot stat '%s'", image);
-    hk.target = image;
-    hk.record = true;
-    hk.fops.elem = sizeof(struct fop_rec);
-    char *dp = path_cat(log, ".dat");
-    hk.dat = fopen(dp, "wb");
-    if (!hk.dat)
-        die("cannot create '%s'", dp);
-    free(dp);
+    record_start(image, log);
     char *ir = path_cat(log, ".initraw");
     size_t ilen = 0;
     uint8_t *init = access(ir, R_OK) == 0 ? load_file(ir, &ilen) : NULL;
@@ -887,14 +893,7 @@ static int cmd_op(const char *image, const char *log, const char *op, const char
 {
     static struct oprun o;
     o = (struct oprun){ .path = image, .op = op, .arg = arg };
-    hk.target = image;
-    hk.record = true;
-    hk.fops.elem = sizeof(struct fop_rec);
-    char *dp = path_cat(log, ".dat");
-    hk.dat = fopen(dp, "wb");
-    if (!hk.dat)
-        die("cannot create '%s'", dp);
-    free(dp);
+    record_start(image, log);
     file_set_hooks(&hooks);
     o.loop = loop_new(64);
     if (!o.loop)
