@@ -24,6 +24,9 @@ struct img_opts {
     bool read_only;
     uint64_t cache_size;        /* qcow2 metadata cache bytes; 0 = default */
     enum file_cache cache;      /* O_DIRECT or not (AUTO: direct when possible) */
+    bool no_backing;            /* do not open the backing chain (info) */
+    bool check;                 /* qcow2 opened by the checker (tools.h): snapshot table,
+                                   dirty, corrupt and autoclear bits are left to it */
 };
 
 /* Request flags. */

@@ -3,7 +3,9 @@
  *   cache.c     L2-table and refcount-block slices in memory
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
- *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   repair.c    the reference walk and refcount rebuild (dirty images, check)
+ *   check.c     check and repair (qemu-img check's job)
+ *   create.c    image creation;  info.c  what qemu-img info shows
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -15,6 +17,7 @@
 #include "io/file.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
+#include "qcow2/tools.h"
 
 struct qcow2;
 
@@ -170,7 +173,43 @@ int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t le
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
 
-/* repair.c */
+/* Where the backing file NAME of the image OVERLAY (as named) lives, as
+ * QEMU combines them; refuses json:, protocols and non-regular files. */
+int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
+                          char *err, size_t errlen);
+
+/* repair.c: the reference walk (references per host cluster, from all
+ * metadata) and the refcount rebuild, shared by the open-time repair of
+ * dirty images and the checker (check.c). */
+struct rc_walk {
+    struct qcow2 *q;
+    uint32_t *counts;           /* references per host cluster */
+    uint64_t nclusters;         /* entries in use in counts */
+    uint64_t capacity;          /* entries allocated (checker: grows past the file) */
+    /* The checker sets res: problems are counted there and described via
+     * say, and the walk goes on.  Without res the walk is strict: any
+     * invalid entry or reference past nclusters stops it (err says why). */
+    struct check_result *res;
+    unsigned fix;               /* checker: CHECK_FIX_* */
+    void (*say)(void *ctx, const char *line);
+    void *say_ctx;
+    tool_progress_fn progress;
+    void *progress_ctx;
+    uint64_t work_done, work_total;   /* L1 entries visited / to visit */
+    char *err;
+    size_t errlen;
+};
+int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen);
+void rc_walk_free(struct rc_walk *w);
+void rc_walk_say(struct rc_walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* One more reference to every cluster of [off, off+len). */
+int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what);
+/* Count every reference except those of the refcount structures themselves. */
+int rc_walk_image(struct rc_walk *w);
+/* Replace the refcount structures by new ones holding exactly w->counts
+ * (written past them and the end of the file, then switched in by one
+ * header write); fix_copied first makes the active COPIED flags agree. */
+int rc_rebuild(struct rc_walk *w, bool fix_copied);
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
 
 /* raw.c */
