@@ -299,7 +299,7 @@ static int check_refblocks(struct checker *c)
             if (!fix)
                 continue;
             /* The block reads as zeros past the end: make the file hold it. */
-            r = off > q->open_len + (1ull << 40) ? -EFBIG : file_truncate(&q->file, off + cs);
+            r = off > q->open_len + (1ull << 30) ? -EFBIG : file_truncate(&q->file, off + cs);
             if (r < 0) {
                 say(c, "ERROR could not resize image: %s", strerror(-r));
                 c->rebuild = true;
@@ -307,6 +307,7 @@ static int check_refblocks(struct checker *c)
                 continue;
             }
             note_host_end(q, off + cs);
+            c->w.file_end = q->host_end;
             res->corruptions--;
             res->corruptions_fixed++;
             r = rc_walk_count(&c->w, off, cs, "a refcount block");
@@ -485,17 +486,6 @@ static bool overlaps_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
     return false;
 }
 
-static int write_l1_entry(struct qcow2 *q, uint32_t i)
-{
-    uint8_t *buf = io_zalloc(512);
-    uint32_t first = i & ~63u;
-    for (uint32_t k = first; k < first + 64 && k < q->h.l1_size; k++)
-        be64_store(buf + (k - first) * 8, q->l1[k]);
-    ssize_t n = file_pwrite(&q->file, buf, 512, q->h.l1_table_offset + (uint64_t)first * 8, false);
-    io_free(buf);
-    return n < 0 ? (int)n : 0;
-}
-
 static int check_copied(struct checker *c)
 {
     struct qcow2 *q = c->q;
@@ -516,7 +506,7 @@ static int check_copied(struct checker *c)
                 repair ? "Repairing" : "ERROR", i, (unsigned long long)q->l1[i], (unsigned long long)rc);
             if (repair) {
                 q->l1[i] = rc == 1 ? q->l1[i] | QCOW_OFLAG_COPIED : q->l1[i] & ~QCOW_OFLAG_COPIED;
-                r = write_l1_entry(q, i);
+                r = rc_write_l1_entry(q, q->h.l1_table_offset, q->l1, q->h.l1_size, i);
                 if (r < 0) {
                     res->check_errors++;
                     break;

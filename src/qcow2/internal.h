@@ -186,6 +186,7 @@ struct rc_walk {
     uint32_t *counts;           /* references per host cluster */
     uint64_t nclusters;         /* entries in use in counts */
     uint64_t capacity;          /* entries allocated (checker: grows past the file) */
+    uint64_t file_end;          /* checker: references a cluster past this are corrupt */
     /* The checker sets res: problems are counted there and described via
      * say, and the walk goes on.  Without res the walk is strict: any
      * invalid entry or reference past nclusters stops it (err says why). */
@@ -211,6 +212,8 @@ int rc_walk_image(struct rc_walk *w);
  * header write); fix_copied first makes the active COPIED flags agree. */
 int rc_rebuild(struct rc_walk *w, bool fix_copied);
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
+/* Write the 512-byte sector of the L1 table at l1_off holding entry i. */
+int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
 
 /* raw.c */
 struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen);

@@ -51,6 +51,7 @@ int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *e
     if (!w->counts)
         return -ENOMEM;
     w->nclusters = w->capacity = nclusters;
+    w->file_end = q->host_end;
     return 0;
 }
 
@@ -77,11 +78,25 @@ static int grow(struct rc_walk *w, uint64_t need)
     return 0;
 }
 
+/* Checker: does [off, off+len) end a cluster or more past the end of the
+ * file?  QEMU reports such a reference as corruption and does not count it
+ * (which also bounds what a hostile offset can make us allocate). */
+static bool beyond_eof(const struct rc_walk *w, uint64_t off, uint64_t len)
+{
+    return w->res && (off + len < off || (off + len > w->file_end && off + len - w->file_end >= cl_size(w->q)));
+}
+
 int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what)
 {
     if (!len)
         return 0;
     struct qcow2 *q = w->q;
+    if (beyond_eof(w, off, len)) {
+        rc_walk_say(w, "ERROR: counting reference for region exceeding the end of the file by one cluster "
+                    "or more: offset 0x%llx size 0x%llx", (unsigned long long)off, (unsigned long long)len);
+        w->res->corruptions++;
+        return 0;
+    }
     uint64_t first = off >> cl_bits(q), last = (off + len - 1) >> cl_bits(q);
     if (off + len < off || last >= MAX_REPAIR_CLUSTERS || (!w->res && last >= w->nclusters)) {
         snprintf(w->err, w->errlen, "%s at 0x%llx lies past the end of the file", what,
@@ -145,9 +160,16 @@ static enum qcow2_cluster_type check_type(const struct qcow2 *q, uint64_t e)
 #define EXTL2_ALL_ALLOC 0xffffffffull
 #define EXTL2_ALL_ZERO  (0xffffffffull << 32)
 
-/* Checker, -r all: an entry naming a misaligned cluster that holds no data
- * becomes a plain zero entry (what it reads as anyway), written in place
- * and synced. */
+/* Checker, -r all: an entry naming a cluster that holds no data (misaligned
+ * preallocated zeros, or past the end of the file, which reads as zeros)
+ * becomes a plain zero entry, so the guest reads what it read before; on
+ * v2 (no zero flag) an unallocated entry, allowed only without a backing
+ * file.  Written in place and synced. */
+static bool can_zero(const struct qcow2 *q)
+{
+    return q->h.version >= 3 || !q->h.backing_file[0];
+}
+
 static int zero_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64_t j)
 {
     struct qcow2 *q = w->q;
@@ -156,7 +178,7 @@ static int zero_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64
         be64_store(p, 0);
         be64_store(p + 8, EXTL2_ALL_ZERO);
     } else {
-        be64_store(p, QCOW_OFLAG_ZERO);
+        be64_store(p, q->h.version >= 3 ? QCOW_OFLAG_ZERO : 0);
     }
     uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
     mcache_discard_range(&q->l2c, l2_off, cl_size(q));
@@ -253,13 +275,22 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2)
                     }
                 }
             }
+            if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
+                rc_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
+                            "a zero cluster", (unsigned long long)off);
+                if (zero_l2_entry(w, l2, l2_off, j) == 0) {
+                    res->corruptions_fixed++;
+                    continue;
+                }
+            }
             if (res && active) {
                 res->allocated_clusters++;
                 if (next_contiguous && off != next_contiguous)
                     res->fragmented_clusters++;
                 next_contiguous = off + cs;
             }
-            r = rc_walk_count(w, off & ~(cs - 1), cs, "a data cluster");
+            /* A misaligned offset counts every cluster the range touches, as QEMU does. */
+            r = rc_walk_count(w, off, cs, "a data cluster");
             break;
         }
         case QCOW2_CLUSTER_UNALLOCATED:
@@ -282,9 +313,20 @@ static void progress_step(struct rc_walk *w)
         w->progress(w->progress_ctx, w->work_done, w->work_total);
 }
 
+int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i)
+{
+    uint8_t *buf = io_zalloc(512);
+    uint32_t first = i & ~63u;
+    for (uint32_t k = first; k < first + 64 && k < l1_size; k++)
+        be64_store(buf + (k - first) * 8, l1[k]);
+    ssize_t n = file_pwrite(&q->file, buf, 512, l1_off + (uint64_t)first * 8, false);
+    io_free(buf);
+    return n < 0 ? (int)n : 0;
+}
+
 /* Count one L1 table and everything it reaches.  active: the image's own
  * table (its statistics are what qemu-img check reports). */
-static int walk_l1(struct rc_walk *w, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, bool active)
+static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1_size, bool active)
 {
     struct qcow2 *q = w->q;
     uint64_t cs = cl_size(q);
@@ -308,6 +350,23 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, const uint64_t *l1, uint3
         } else if (l1[i] & L1E_RESERVED_MASK) {
             rc_walk_say(w, "ERROR found L1 entry with reserved bits set: %llx", (unsigned long long)l1[i]);
             w->res->corruptions++;
+        }
+        if (beyond_eof(w, t, cs) && (w->fix & CHECK_FIX_ERRORS)) {
+            /* Past the end it reads as an empty table: an empty L1 entry
+             * means the same. */
+            rc_walk_say(w, "Repairing l2_offset=%llx: L2 table past the end of the file; L1 entry cleared",
+                        (unsigned long long)t);
+            l1[i] = 0;
+            r = rc_write_l1_entry(q, l1_off, l1, l1_size, i);
+            if (r == 0)
+                r = file_sync(&q->file);
+            if (r < 0) {
+                rc_walk_say(w, "ERROR: Failed to overwrite L1 table entry: %s", strerror(-r));
+                w->res->check_errors++;
+                break;
+            }
+            w->res->corruptions_fixed++;
+            continue;
         }
         r = rc_walk_count(w, t, cs, "an L2 table");
         if (r == 0 && w->res && (t & (cs - 1))) {
