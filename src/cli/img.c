@@ -401,6 +401,8 @@ static void print_info_human(const struct image_info *in)
     if (in->format != IMG_FMT_QCOW2)
         return;
     printf("cluster_size: %u\n", in->cluster_size);
+    if (in->dirty)
+        printf("cleanly shut down: no\n");
     if (in->backing_file) {
         printf("backing file: %s", in->backing_file);
         if (strcmp(in->backing_file, in->full_backing_file))

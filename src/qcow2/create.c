@@ -218,6 +218,12 @@ static int create_raw(struct file *f, const struct create_opts *o, uint64_t size
     }
     if (r == 0)
         r = file_truncate(f, size);
+    /* As qemu-img does, the first block is written (zeros), so that it is
+     * allocated: block-size probing for O_DIRECT can read it. */
+    if (r == 0 && o->prealloc == PREALLOC_OFF && size) {
+        static const uint8_t zeros[4096];
+        r = write_all(f, zeros, size < sizeof(zeros) ? size : sizeof(zeros), 0);
+    }
     return r;
 }
 

@@ -144,9 +144,14 @@ static int describe(const char *path, enum img_format fmt, struct image_info **o
     if (r == 0) {
         struct stat st;
         info->filename = strdup(path);
+        bool have_st = stat(path, &st) == 0;
         info->virtual_size = img_size(img);
-        info->actual_size = stat(path, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+        info->actual_size = have_st ? (uint64_t)st.st_blocks * 512 : 0;
         info->format = strcmp(img_format_name(img), "qcow2") ? IMG_FMT_RAW : IMG_FMT_QCOW2;
+        /* A raw file's partial last sector counts as a whole one (QEMU); it
+         * is served without it. */
+        if (info->format == IMG_FMT_RAW && have_st && S_ISREG(st.st_mode))
+            info->virtual_size = ((uint64_t)st.st_size + 511) & ~511ull;
         if (info->format == IMG_FMT_QCOW2)
             r = describe_qcow2(to_qcow2(img), info);
         if (r < 0)
