@@ -5,9 +5,9 @@ Usage: damage.py CASE IN.qcow2 OUT.qcow2
 Prints the guest byte ranges whose content the damage changes ("guest OFF LEN" lines), so the
 test can compare everything else with the undamaged image.  Cases are listed by `damage.py list`.
 
-IN must be an image made by t_check.sh (qemu-img/qemu-io): 64 KiB clusters unless noted, data
-at guest 0..1M, a discarded cluster (a hole in the host file), compressed data at 4M, a
-preallocated zero cluster at 5M, and for the snapshot cases one internal snapshot.
+IN must be an image made by t_check.sh (qemu-img/qemu-io): clusters of 64 KiB or less, data at
+guest 0..1M, a cluster freed by a discard inside the file, compressed data at 4M, a preallocated
+zero cluster at 5M, and for the snapshot cases one internal snapshot.
 """
 import struct
 import sys
@@ -53,14 +53,26 @@ class Image:
     def set_l2e(self, guest, v): self.s64(self.l2_pos(guest), v)
 
     def rc_pos(self, cluster):
-        """(byte position, bit shift) of CLUSTER's refcount (16-bit refcounts)."""
-        assert self.rbits == 16
+        """Bit position of CLUSTER's refcount in the file (big-endian fields of 8+ bits;
+        narrower ones packed from the least significant bit of each byte)."""
         per = self.cs * 8 // self.rbits
         blk = self.u64(self.rt_off + 8 * (cluster // per)) & ~0x1FF
-        return blk + 2 * (cluster % per)
+        assert blk, "no refcount block for cluster %d" % cluster
+        return blk * 8 + (cluster % per) * self.rbits
 
-    def refcount(self, c): return struct.unpack_from(">H", self.d, self.rc_pos(c))[0]
-    def set_refcount(self, c, v): struct.pack_into(">H", self.d, self.rc_pos(c), v)
+    def refcount(self, c):
+        bit = self.rc_pos(c)
+        if self.rbits >= 8:
+            return int.from_bytes(self.d[bit // 8:bit // 8 + self.rbits // 8], "big")
+        return (self.d[bit // 8] >> (bit % 8)) & ((1 << self.rbits) - 1)
+
+    def set_refcount(self, c, v):
+        bit = self.rc_pos(c)
+        if self.rbits >= 8:
+            self.d[bit // 8:bit // 8 + self.rbits // 8] = v.to_bytes(self.rbits // 8, "big")
+        else:
+            mask = ((1 << self.rbits) - 1) << (bit % 8)
+            self.d[bit // 8] = (self.d[bit // 8] & ~mask) | ((v << (bit % 8)) & mask)
 
     def free_cluster_inside(self):
         """A cluster inside the file with refcount 0 (the discarded one)."""
@@ -92,8 +104,8 @@ def refcount_too_high(img):
 
 def refcount_too_low(img):
     """Two L2 entries name one data cluster whose refcount is 1."""
-    img.set_l2e(65536, img.l2e(0))
-    img.guest(65536, 65536)
+    img.set_l2e(img.cs, img.l2e(0))
+    img.guest(img.cs, img.cs)
 
 
 def refcount_zero(img):
@@ -104,21 +116,21 @@ def refcount_zero(img):
 def l2_to_free_cluster(img):
     """An L2 entry names a free cluster inside the file."""
     c = img.free_cluster_inside()
-    img.set_l2e(131072, COPIED | (c * img.cs))
-    img.guest(131072, 65536)
+    img.set_l2e(2 * img.cs, COPIED | (c * img.cs))
+    img.guest(2 * img.cs, img.cs)
 
 
 def l2_past_eof(img):
     """An L2 entry names a cluster past the end of the file."""
     end = (len(img.d) + img.cs - 1) // img.cs + 3
-    img.set_l2e(196608, COPIED | (end * img.cs))
-    img.guest(196608, 65536)
+    img.set_l2e(3 * img.cs, COPIED | (end * img.cs))
+    img.guest(3 * img.cs, img.cs)
 
 
 def l2_to_l1_table(img):
     """An L2 entry overlaps metadata: it names the L1 table's cluster."""
-    img.set_l2e(262144, COPIED | img.l1_off)
-    img.guest(262144, 65536)
+    img.set_l2e(4 * img.cs, COPIED | img.l1_off)
+    img.guest(4 * img.cs, img.cs)
 
 
 def copied_clear_l2(img):
@@ -148,7 +160,7 @@ def l2_reserved_bits(img):
 
 def l2_unaligned_data(img):
     img.set_l2e(0, img.l2e(0) + 0x200)
-    img.guest(0, 65536)
+    img.guest(0, img.cs)
 
 
 def l2_unaligned_zero(img):
