@@ -35,6 +35,17 @@ static bool parse_format(const char *cmd, const char *s, bool allow_auto, enum i
     return true;
 }
 
+/* --output=json|human (qemu-img's spelling of --json). */
+static bool parse_output(const char *cmd, const char *s, bool *json)
+{
+    if (strcmp(s, "json") && strcmp(s, "human")) {
+        cli_error("%s: --output takes json or human, not '%s'", cmd, s);
+        return false;
+    }
+    *json = !strcmp(s, "json");
+    return true;
+}
+
 /* Take QEMU's lock on the image for the command's duration (the fd is
  * leaked on purpose: the process exits soon).  force: -U, no lock. */
 static bool lock_image(const char *cmd, const char *path, bool writable, bool force)
@@ -538,11 +549,8 @@ int cmd_info(int argc, char **argv)
             json = true;
             break;
         case O_OUTPUT:
-            if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-                cli_error("info: --output takes json or human, not '%s'", optarg);
+            if (!parse_output("info", optarg, &json))
                 return 2;
-            }
-            json = !strcmp(optarg, "json");
             break;
         case O_CHAIN:
             chain = true;
@@ -701,11 +709,8 @@ int cmd_check(int argc, char **argv)
             json = true;
             break;
         case O_OUTPUT:
-            if (strcmp(optarg, "json") && strcmp(optarg, "human")) {
-                cli_error("check: --output takes json or human, not '%s'", optarg);
+            if (!parse_output("check", optarg, &json))
                 return 1;
-            }
-            json = !strcmp(optarg, "json");
             break;
         case 'f':
             if (!parse_format("check", optarg, true, &fmt))

@@ -95,6 +95,11 @@ struct qcow2_header {
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                        struct qcow2_header *h, char *err, size_t errlen);
 
+/* The data of the first header extension of the given type in the header
+ * cluster buf (len bytes), or NULL; its length in *ext_len. */
+const uint8_t *qcow2_header_find_ext(const uint8_t *buf, size_t len, const struct qcow2_header *h,
+                                     uint32_t type, uint32_t *ext_len);
+
 /* Patch the fixed header fields of h into buf (a copy of the header
  * cluster), leaving extensions and unknown bytes untouched. */
 void qcow2_header_store(const struct qcow2_header *h, uint8_t *buf);

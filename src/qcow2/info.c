@@ -44,50 +44,39 @@ void img_info_free(struct image_info *info)
  * (only when the autoclear bit says they are valid, as QEMU requires). */
 static int read_bitmaps(struct qcow2 *q, struct image_info *info)
 {
-    if (!q->h.has_bitmaps_ext || !(q->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+    uint32_t len;
+    const uint8_t *x = qcow2_header_find_ext(q->hdr_buf, q->hdr_len, &q->h, QCOW2_EXT_BITMAPS, &len);
+    if (!x || len < 24 || !(q->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
         return 0;
-    uint32_t pos = q->h.version >= 3 ? q->h.header_length : QCOW2_V2_HEADER_LEN;
-    uint32_t limit = q->hdr_len < q->h.cluster_size ? q->hdr_len : (uint32_t)q->h.cluster_size;
-    while (pos + 8 <= limit) {
-        uint32_t type = be32_load(q->hdr_buf + pos), len = be32_load(q->hdr_buf + pos + 4);
-        if (type == QCOW2_EXT_END || pos + 8 + (uint64_t)len > limit)
-            break;
-        if (type != QCOW2_EXT_BITMAPS || len < 24) {
-            pos += 8 + ((len + 7) & ~7u);
-            continue;
-        }
-        const uint8_t *x = q->hdr_buf + pos + 8;
-        uint32_t nb = be32_load(x);
-        uint64_t dir_size = be64_load(x + 8), dir_off = be64_load(x + 16);
-        if (dir_size > (64u << 20) || nb > 65535)
-            return -EINVAL;
-        uint8_t *dir = malloc(dir_size + 1);
-        info->bitmaps = calloc(nb + 1, sizeof(*info->bitmaps));
-        if (!dir || !info->bitmaps) {
-            free(dir);
-            return -ENOMEM;
-        }
-        ssize_t n = file_pread_any(&q->file, dir, dir_size, dir_off);
-        uint64_t p = 0, have = n < 0 ? 0 : (uint64_t)n;
-        for (uint32_t b = 0; b < nb && p + 24 <= have; b++) {
-            uint32_t flags = be32_load(dir + p + 12);
-            uint8_t gbits = dir[p + 17];
-            uint16_t name_len = be16_load(dir + p + 18);
-            uint32_t extra = be32_load(dir + p + 20);
-            uint64_t name_at = p + 24 + extra;
-            if (name_at + name_len > have || gbits > 31)
-                break;
-            struct bitmap_info *bi = &info->bitmaps[info->nb_bitmaps++];
-            bi->name = strndup((const char *)dir + name_at, name_len);
-            bi->granularity = 1u << gbits;
-            bi->in_use = flags & BITMAP_FLAG_IN_USE;
-            bi->autoload = flags & BITMAP_FLAG_AUTO;
-            p = (name_at + name_len + 7) & ~7ull;
-        }
+    uint32_t nb = be32_load(x);
+    uint64_t dir_size = be64_load(x + 8), dir_off = be64_load(x + 16);
+    if (dir_size > (64u << 20) || nb > 65535)
+        return -EINVAL;
+    uint8_t *dir = malloc(dir_size + 1);
+    info->bitmaps = calloc(nb + 1, sizeof(*info->bitmaps));
+    if (!dir || !info->bitmaps) {
         free(dir);
-        info->has_bitmaps = info->nb_bitmaps > 0;
-        return 0;
+        return -ENOMEM;
     }
+    ssize_t n = file_pread_any(&q->file, dir, dir_size, dir_off);
+    uint64_t p = 0, have = n < 0 ? 0 : (uint64_t)n;
+    for (uint32_t b = 0; b < nb && p + 24 <= have; b++) {
+        uint32_t flags = be32_load(dir + p + 12);
+        uint8_t gbits = dir[p + 17];
+        uint16_t name_len = be16_load(dir + p + 18);
+        uint32_t extra = be32_load(dir + p + 20);
+        uint64_t name_at = p + 24 + extra;
+        if (name_at + name_len > have || gbits > 31)
+            break;
+        struct bitmap_info *bi = &info->bitmaps[info->nb_bitmaps++];
+        bi->name = strndup((const char *)dir + name_at, name_len);
+        bi->granularity = 1u << gbits;
+        bi->in_use = flags & BITMAP_FLAG_IN_USE;
+        bi->autoload = flags & BITMAP_FLAG_AUTO;
+        p = (name_at + name_len + 7) & ~7ull;
+    }
+    free(dir);
+    info->has_bitmaps = info->nb_bitmaps > 0;
     return 0;
 }
 

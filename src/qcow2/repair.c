@@ -389,55 +389,46 @@ static int count_bitmaps(struct rc_walk *w)
     struct qcow2 *q = w->q;
     if (w->res && !(q->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
         return 0;
-    uint32_t pos = q->h.version >= 3 ? q->h.header_length : QCOW2_V2_HEADER_LEN;
-    uint32_t limit = q->hdr_len < q->h.cluster_size ? q->hdr_len : (uint32_t)q->h.cluster_size;
-    while (pos + 8 <= limit) {
-        uint32_t type = be32_load(q->hdr_buf + pos), len = be32_load(q->hdr_buf + pos + 4);
-        if (type == QCOW2_EXT_END || pos + 8 + (uint64_t)len > limit)
+    uint32_t len;
+    const uint8_t *x = qcow2_header_find_ext(q->hdr_buf, q->hdr_len, &q->h, QCOW2_EXT_BITMAPS, &len);
+    if (!x || len < 24)
+        return 0;
+    uint32_t nb = be32_load(x);
+    uint64_t dir_size = be64_load(x + 8), dir_off = be64_load(x + 16);
+    if (dir_size > (64u << 20))
+        return -EINVAL;
+    int r = rc_walk_count(w, dir_off, dir_size, "the bitmap directory");
+    uint8_t *dir = malloc(dir_size ? dir_size : 1);
+    if (r == 0 && !dir)
+        r = -ENOMEM;
+    if (r == 0)
+        r = read_exact(q, dir, dir_size, dir_off);
+    uint64_t p = 0;
+    for (uint32_t b = 0; b < nb && r == 0 && p + 24 <= dir_size; b++) {
+        uint64_t toff = be64_load(dir + p);
+        uint32_t tsize = be32_load(dir + p + 8);
+        uint16_t name = be16_load(dir + p + 18);
+        uint32_t extra = be32_load(dir + p + 20);
+        p += (24 + (uint64_t)extra + name + 7) & ~7ull;
+        if ((uint64_t)tsize * 8 > (64u << 20)) {
+            r = -EINVAL;
             break;
-        if (type == QCOW2_EXT_BITMAPS && len >= 24) {
-            const uint8_t *x = q->hdr_buf + pos + 8;
-            uint32_t nb = be32_load(x);
-            uint64_t dir_size = be64_load(x + 8), dir_off = be64_load(x + 16);
-            if (dir_size > (64u << 20))
-                return -EINVAL;
-            int r = rc_walk_count(w, dir_off, dir_size, "the bitmap directory");
-            uint8_t *dir = malloc(dir_size ? dir_size : 1);
-            if (r == 0 && !dir)
-                r = -ENOMEM;
-            if (r == 0)
-                r = read_exact(q, dir, dir_size, dir_off);
-            uint64_t p = 0;
-            for (uint32_t b = 0; b < nb && r == 0 && p + 24 <= dir_size; b++) {
-                uint64_t toff = be64_load(dir + p);
-                uint32_t tsize = be32_load(dir + p + 8);
-                uint16_t name = be16_load(dir + p + 18);
-                uint32_t extra = be32_load(dir + p + 20);
-                p += (24 + (uint64_t)extra + name + 7) & ~7ull;
-                if ((uint64_t)tsize * 8 > (64u << 20)) {
-                    r = -EINVAL;
-                    break;
-                }
-                r = rc_walk_count(w, toff, (uint64_t)tsize * 8, "a bitmap table");
-                uint64_t *tab = malloc((uint64_t)tsize * 8 + 1);
-                if (r == 0 && !tab)
-                    r = -ENOMEM;
-                if (r == 0)
-                    r = read_exact(q, tab, (uint64_t)tsize * 8, toff);
-                for (uint32_t t = 0; t < tsize && r == 0; t++) {
-                    uint64_t e = be64_load(&tab[t]) & L2E_OFFSET_MASK;
-                    if (e)
-                        r = rc_walk_count(w, e, cl_size(q), "a bitmap data cluster");
-                }
-                free(tab);
-            }
-            free(dir);
-            if (r < 0)
-                return r;
         }
-        pos += 8 + ((len + 7) & ~7u);
+        r = rc_walk_count(w, toff, (uint64_t)tsize * 8, "a bitmap table");
+        uint64_t *tab = malloc((uint64_t)tsize * 8 + 1);
+        if (r == 0 && !tab)
+            r = -ENOMEM;
+        if (r == 0)
+            r = read_exact(q, tab, (uint64_t)tsize * 8, toff);
+        for (uint32_t t = 0; t < tsize && r == 0; t++) {
+            uint64_t e = be64_load(&tab[t]) & L2E_OFFSET_MASK;
+            if (e)
+                r = rc_walk_count(w, e, cl_size(q), "a bitmap data cluster");
+        }
+        free(tab);
     }
-    return 0;
+    free(dir);
+    return r;
 }
 
 int rc_walk_image(struct rc_walk *w)

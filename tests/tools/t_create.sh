@@ -8,15 +8,11 @@
 # are byte-identical.  Bad options fail as they do with qemu-img, leaving no file behind.
 # timeout: 400
 . "$(dirname "$0")/../lib/lib.sh"
-HERE=$(cd "$(dirname "$0")" && pwd)
-CMP="$PYTHON $HERE/cmp.py"
+. "$(dirname "$0")/common.sh"
 need_cmd qemu-img qemu-io jq || { skip create "qemu-img, qemu-io or jq is missing"; exit 0; }
 W=$UQ_TMP
 cd "$W" || exit 1
 
-FAIL=
-fail() { [[ -n $FAIL ]] || FAIL=$*; }
-result() { if [[ -z $FAIL ]]; then ok "$1"; else notok "$1" "$FAIL"; fi; FAIL=; }
 
 # same_as_qemu NAME OURS THEIRS [FMT] [identical]: every comparison with the twin.
 same_as_qemu() {
@@ -24,17 +20,17 @@ same_as_qemu() {
     if [[ $fmt == qcow2 ]]; then
         qimg_check "$ours" || fail "qemu-img check: exit $?"
     fi
+    if [[ -n $identical ]]; then
+        # A file byte-identical to qemu-img's has the same info, content and map.
+        cmp -s "$ours" "$theirs" ||
+            fail "not byte-identical to qemu-img's image ($(cmp "$ours" "$theirs" 2>&1 | head -1))"
+        return
+    fi
     qemu-img info --output=json "$ours" >"$W/i1.json" 2>&1 || fail "qemu-img info failed on ours"
     qemu-img info --output=json "$theirs" >"$W/i2.json" 2>&1 || fail "qemu-img info failed on qemu's"
     # Names differ by construction, the space used with the layout.
     local ign=filename,full-backing-filename,actual-size
     $CMP json "$W/i1.json" "$W/i2.json" --ignore "$ign" >"$W/diff" || fail "info differs: $(head -3 "$W/diff" | tr '\n' ' ')"
-    if [[ -n $identical ]]; then
-        # Byte-identical files read and map the same.
-        cmp -s "$ours" "$theirs" ||
-            fail "not byte-identical to qemu-img's image ($(cmp "$ours" "$theirs" 2>&1 | head -1))"
-        return
-    fi
     qimg_compare "$ours" "$theirs" "$fmt" "$fmt" || fail "qemu-img compare: images differ"
     qemu-img map --output=json -f "$fmt" "$ours" >"$W/m1.json" 2>&1 &&
         qemu-img map --output=json -f "$fmt" "$theirs" >"$W/m2.json" 2>&1 &&
@@ -89,6 +85,16 @@ case_qcow2 prealloc_falloc_2M 40M "preallocation=falloc,cluster_size=2M"
 # Many refcount blocks and a refcount table of several clusters.
 case_qcow2 prealloc_metadata_512_rb64 64M "preallocation=metadata,cluster_size=512,refcount_bits=64"
 case_qcow2 big_l1_512 10G "cluster_size=512"
+
+# qemu-img info of our image shows the options given (not only through byte identity).
+"$UQ" create -q -o compat=1.1,lazy_refcounts=on,compression_type=zstd,refcount_bits=8,extended_l2=on,cluster_size=32k \
+    shown.qcow2 5G
+if [[ $(qemu-img info --output=json shown.qcow2 | jq -c '[."virtual-size", ."cluster-size", ."format-specific".data]') == \
+    '[5368709120,32768,{"compat":"1.1","compression-type":"zstd","lazy-refcounts":true,"refcount-bits":8,"corrupt":false,"extended-l2":true}]' ]]; then
+    ok create_info_shows_options
+else
+    notok create_info_shows_options "$(qemu-img info --output=json shown.qcow2 | jq -c '."format-specific".data')"
+fi
 
 # ---- backing files ------------------------------------------------------------------------
 mkdir -p sub other
@@ -211,13 +217,7 @@ else
     notok create_overwrites_like_qemu_img "the overwritten image is not a fresh one"
 fi
 # An image a qemu process has open for writing is left alone.
-qemu-io -c 'sleep 60000' old.qcow2 >/dev/null 2>&1 &
-qio=$!
-at_exit "kill $qio 2>/dev/null"
-for _ in $(seq 100); do   # bounded: until qemu-io holds its locks
-    qemu-img info old.qcow2 >/dev/null 2>&1 || break
-    sleep 0.1
-done
+hold_image old.qcow2
 sum=$(md5sum <old.qcow2)
 "$UQ" create -q old.qcow2 1G >"$W/out" 2>&1
 rc=$?
@@ -226,8 +226,7 @@ if [[ $rc -eq 1 && $(md5sum <old.qcow2) == "$sum" ]] && grep -qi "lock\|in use\|
 else
     notok create_refuses_image_in_use "exit $rc: $(head -1 "$W/out")"
 fi
-kill $qio 2>/dev/null
-wait $qio 2>/dev/null
+release_image
 
 out=$("$UQ" create -o lazy_refcounts=on fmt.qcow2 16M)
 [[ $out == "Formatting 'fmt.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size=16777216 compat=1.1 lazy_refcounts=on refcount_bits=16" ]] &&

@@ -7,8 +7,7 @@
 # bad arguments behave as with qemu-img.
 # timeout: 300
 . "$(dirname "$0")/../lib/lib.sh"
-HERE=$(cd "$(dirname "$0")" && pwd)
-CMP="$PYTHON $HERE/cmp.py"
+. "$(dirname "$0")/common.sh"
 need_cmd qemu-img qemu-io jq || { skip info "qemu-img, qemu-io or jq is missing"; exit 0; }
 W=$UQ_TMP
 cd "$W" || exit 1
@@ -133,21 +132,14 @@ qrc=$?
     ok info_json_jq || notok info_json_jq "jq could not read the chain's third format"
 
 # Locks: an image a qemu process writes is refused, as by qemu-img; -U reads it anyway.
-qemu-io -c 'sleep 60000' data.qcow2 >/dev/null 2>&1 &
-qio=$!
-at_exit "kill $qio 2>/dev/null"
-for _ in $(seq 100); do   # bounded: until qemu-io holds its locks
-    qemu-img info data.qcow2 >/dev/null 2>&1 || break
-    sleep 0.1
-done
+hold_image data.qcow2
 "$UQ" info data.qcow2 >out.txt 2>&1
 rc=$?
 [[ $rc -eq 1 ]] && grep -qi "lock\|in use\|busy" out.txt && ok info_locked_refused ||
     notok info_locked_refused "exit $rc: $(head -1 out.txt)"
 "$UQ" info -U data.qcow2 >out.txt 2>&1 && grep -q "file format: qcow2" out.txt &&
     ok info_force_share || notok info_force_share "$(head -1 out.txt)"
-kill $qio 2>/dev/null
-wait $qio 2>/dev/null
+release_image
 
 expect_fail() {   # NAME RC PATTERN ARGS...
     local name=$1 want=$2 pat=$3; shift 3

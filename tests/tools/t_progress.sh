@@ -4,7 +4,7 @@
 # stderr is a file or a pipe, as in scripts.
 # timeout: 200
 . "$(dirname "$0")/../lib/lib.sh"
-HERE=$(cd "$(dirname "$0")" && pwd)
+. "$(dirname "$0")/common.sh"
 need_cmd qemu-img qemu-io || { skip progress "qemu-img or qemu-io is missing"; exit 0; }
 W=$UQ_TMP
 cd "$W" || exit 1
@@ -18,7 +18,7 @@ qemu-io -c 'write -P 1 0 8M' full.qcow2 >/dev/null
 "$UQ" check full.qcow2 >out.txt 2>err.txt
 [[ $? -eq 0 && ! -s err.txt ]] && ok progress_check_not_a_terminal ||
     notok progress_check_not_a_terminal "stderr: $(head -c 200 err.txt | od -c | head -2 | tr '\n' ' ')"
-"$PYTHON" "$HERE/damage.py" leaked_cluster full.qcow2 leak.qcow2 >/dev/null
+$DAMAGE leaked_cluster full.qcow2 leak.qcow2 >/dev/null
 "$UQ" check -r all leak.qcow2 2>&1 >/dev/null | cat >err.txt
 if grep -q "Repairing cluster" err.txt && ! grep -qE "$BAR" err.txt && ! grep -q $'\r' err.txt; then
     ok progress_repair_pipe_only_details
@@ -51,7 +51,7 @@ if grep -qE "Checking $BAR" tty.txt && grep -q "100.0%" tty.txt && grep -q "No e
 else
     notok progress_check_terminal "output: $(head -c 300 tty.txt | od -c | head -3 | tr '\n' ' ')"
 fi
-"$PYTHON" "$HERE/damage.py" leaked_cluster full.qcow2 leak.qcow2 >/dev/null
+$DAMAGE leaked_cluster full.qcow2 leak.qcow2 >/dev/null
 on_tty tty.txt "$UQ" check -r all leak.qcow2
 # Detail lines are printed on a line of their own, not after the bar.
 if grep -qE "Repairing $BAR" tty.txt && grep -qE $'(^|\e\\[K)Repairing cluster [0-9]+ refcount=1 reference=0\r?$' tty.txt; then
