@@ -170,6 +170,21 @@ static bool can_zero(const struct qcow2 *q)
     return q->h.version >= 3 || !q->h.backing_file[0];
 }
 
+/* Write entry j of the L2 table l2 (at l2_off) as it now is in memory. */
+static int write_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64_t j)
+{
+    struct qcow2 *q = w->q;
+    uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
+    mcache_discard_range(&q->l2c, l2_off, cl_size(q));
+    ssize_t n = file_pwrite(&q->file, l2 + sector, 512, l2_off + sector, false);
+    int r = n < 0 ? (int)n : file_sync(&q->file);
+    if (r < 0) {
+        rc_walk_say(w, "ERROR: Failed to overwrite L2 table entry: %s", strerror(-r));
+        w->res->check_errors++;
+    }
+    return r;
+}
+
 static int zero_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64_t j)
 {
     struct qcow2 *q = w->q;
@@ -180,15 +195,27 @@ static int zero_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64
     } else {
         be64_store(p, q->h.version >= 3 ? QCOW_OFLAG_ZERO : 0);
     }
-    uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
-    mcache_discard_range(&q->l2c, l2_off, cl_size(q));
-    ssize_t n = file_pwrite(&q->file, l2 + sector, 512, l2_off + sector, false);
-    int r = n < 0 ? (int)n : file_sync(&q->file);
-    if (r < 0) {
-        rc_walk_say(w, "ERROR: Failed to overwrite L2 table entry: %s", strerror(-r));
-        w->res->check_errors++;
+    return write_l2_entry(w, l2, l2_off, j);
+}
+
+/* Checker: flags an entry must not have (reserved bits; COPIED on a
+ * compressed cluster) are corruption.  -r all clears them (QEMU 7.2 only
+ * reports them): offset and meaning stay, so the guest reads what the
+ * entry names.  Returns the entry as it is now. */
+static uint64_t bad_flags(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64_t j, uint64_t e,
+                          uint64_t bad, const char *what)
+{
+    bool fix = w->fix & CHECK_FIX_ERRORS;
+    rc_walk_say(w, "%s %s: %llx", fix ? "Repairing" : "ERROR", what, (unsigned long long)e);
+    if (fix) {
+        be64_store(l2 + j * w->q->h.l2_entry_size, e & ~bad);
+        if (write_l2_entry(w, l2, l2_off, j) == 0) {
+            w->res->corruptions_fixed++;
+            return e & ~bad;
+        }
     }
-    return r;
+    w->res->corruptions++;
+    return e;
 }
 
 /* Count one L2 table's references; the checker also checks every entry. */
@@ -220,18 +247,15 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2)
             }
         } else {
             t = check_type(q, e);
-            if (t != QCOW2_CLUSTER_COMPRESSED && (e & L2E_STD_RESERVED_MASK)) {
-                rc_walk_say(w, "ERROR found l2 entry with reserved bits set: %llx", (unsigned long long)e);
-                res->corruptions++;
-            }
+            if (t != QCOW2_CLUSTER_COMPRESSED && (e & L2E_STD_RESERVED_MASK))
+                e = bad_flags(w, l2, l2_off, j, e, L2E_STD_RESERVED_MASK, "found l2 entry with reserved bits set");
         }
         switch (t) {
         case QCOW2_CLUSTER_COMPRESSED: {
             if (res && (e & QCOW_OFLAG_COPIED)) {
-                rc_walk_say(w, "ERROR: coffset=0x%llx: copied flag must never be set for compressed clusters",
-                            (unsigned long long)(e & q->h.cluster_offset_mask));
+                e = bad_flags(w, l2, l2_off, j, e, QCOW_OFLAG_COPIED,
+                              "copied flag set on a compressed cluster (it must never be)");
                 e &= ~QCOW_OFLAG_COPIED;
-                res->corruptions++;
             }
             if (res && bm) {
                 rc_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
@@ -348,8 +372,19 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1
                 break;
             }
         } else if (l1[i] & L1E_RESERVED_MASK) {
-            rc_walk_say(w, "ERROR found L1 entry with reserved bits set: %llx", (unsigned long long)l1[i]);
-            w->res->corruptions++;
+            /* As for L2 entries (bad_flags): -r all clears the bits. */
+            bool fix = w->fix & CHECK_FIX_ERRORS;
+            rc_walk_say(w, "%s found L1 entry with reserved bits set: %llx", fix ? "Repairing" : "ERROR",
+                        (unsigned long long)l1[i]);
+            uint64_t old = l1[i];
+            l1[i] &= ~L1E_RESERVED_MASK;
+            if (fix && rc_write_l1_entry(q, l1_off, l1, l1_size, i) == 0 && file_sync(&q->file) == 0) {
+                w->res->corruptions_fixed++;
+            } else {
+                l1[i] = old;
+                w->res->corruptions++;
+            }
+            t = l1[i] & L1E_OFFSET_MASK;
         }
         if (beyond_eof(w, t, cs) && (w->fix & CHECK_FIX_ERRORS)) {
             /* Past the end it reads as an empty table: an empty L1 entry

@@ -8,8 +8,8 @@
         qemu-img map --output=json of two images describes the same guest layout: the same
         present/zero/data/depth for every byte (host offsets may differ).  --no-zero: not the
         zero flag (with different host layouts, host-file holes make it differ).
-  cmp.py raw A.raw B.raw [OFF LEN]...
-        The files are equal outside the given byte ranges.
+  cmp.py raw A.raw B.raw [OFF LEN]... [+ C.raw D.raw [OFF LEN]...]...
+        The files are equal outside the given byte ranges (several pairs, separated by +).
   cmp.py check A.json B.json [--ignore KEY,...]
         qemu-img check --output=json results agree (missing counters are 0; filename ignored).
 Exit status 0 when equal, 1 otherwise.
@@ -82,12 +82,21 @@ def cmd_map(args):
 
 
 def cmd_raw(args):
+    out = []
+    while "+" in args:
+        i = args.index("+")
+        out += raw_pair(args[:i])
+        args = args[i + 1:]
+    return out + raw_pair(args)
+
+
+def raw_pair(args):
     with open(args[0], "rb") as f:
         a = bytearray(f.read())
     with open(args[1], "rb") as f:
         b = bytearray(f.read())
     if len(a) != len(b):
-        return ["sizes differ: %d vs %d" % (len(a), len(b))]
+        return ["%s, %s: sizes differ: %d vs %d" % (args[0], args[1], len(a), len(b))]
     rest = [int(x) for x in args[2:]]
     for off, length in zip(rest[0::2], rest[1::2]):
         a[off:off + length] = bytes(length)
@@ -95,7 +104,7 @@ def cmd_raw(args):
     if a == b:
         return []
     first = next(i for i in range(len(a)) if a[i] != b[i])
-    return ["contents differ, first at byte %d" % first]
+    return ["%s, %s: contents differ, first at byte %d" % (args[0], args[1], first)]
 
 
 COUNTERS = ["corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed",
