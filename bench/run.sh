@@ -11,6 +11,9 @@
 #            nbdkit null (what the fio nbd client itself can reach),
 #            all driven by fio --ioengine=nbd over a unix socket;
 #   empty:   4k randwrite on an empty (allocating) qcow2, ours vs qemu-nbd;
+#   overlay: 4k randwrite on a new overlay of the preallocated qcow2, engine, with
+#            standard L2 (each write copies its whole 64k cluster from the backing
+#            file) and with extended L2 (it allocates two 2k subclusters, no copy);
 #   ublk:    one boot of the test VM (tests/vm/vm.sh; this host kernel has no
 #            ublk) running bench/vm_ublk.sh: fio io_uring O_DIRECT 4k randread
 #            and randwrite on /dev/ublkbN (qcow2 and raw), the kernel loop
@@ -81,6 +84,7 @@ rm -f "$DIR"/results.tsv "$DIR"/ratios.tsv
 QCOW2=$DIR/prealloc.qcow2
 RAW=$DIR/prealloc.raw
 EMPTY=$DIR/empty.qcow2
+OVERLAY=$DIR/overlay.qcow2
 T_START=$(date +%s.%N)
 # Other work on the machine skews every number: record the load around the run.
 LOAD_START=$(cut -d' ' -f1 /proc/loadavg)
@@ -258,6 +262,9 @@ else
 fi
 
 new_empty() { rm -f "$EMPTY" && qemu-img create -q -f qcow2 "$EMPTY" "$SIZE"; }
+new_overlay() {  # [CREATE-OPTIONS]
+    rm -f "$OVERLAY" && qemu-img create -q -f qcow2 ${1:+-o "$1"} -b "$QCOW2" -F qcow2 "$OVERLAY" "$SIZE"
+}
 
 # ---- run ---------------------------------------------------------------------
 : >"$DIR/results.tsv"
@@ -277,6 +284,11 @@ done
 # Allocating writes: a fresh empty image for each contender.
 if [ "$ONLY" = all ] || [ "$ONLY" = engine ]; then
     new_empty && measure engine_qcow2_empty alloc_4k m_engine "$EMPTY" qcow2 randwrite_4k randwrite
+    # Overlays: copy-on-write from the backing file, whole clusters vs subclusters.
+    new_overlay && measure engine_overlay alloc_4k m_engine "$OVERLAY" qcow2 randwrite_4k randwrite
+    new_overlay extended_l2=on &&
+        measure engine_overlay_extl2 alloc_4k m_engine "$OVERLAY" qcow2 randwrite_4k randwrite
+    rm -f "$OVERLAY"
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = nbd ]; then
     new_empty && measure nbd_ours_empty alloc_4k m_nbd_ours "$EMPTY" randwrite_4k
@@ -370,13 +382,15 @@ declare -A LABEL=(
     [engine_qcow2_empty]="ours, engine (\`bench\`), empty qcow2"
     [nbd_ours_empty]="ours, NBD export, empty qcow2"
     [nbd_qemu_empty]="qemu-nbd, empty qcow2"
+    [engine_overlay]="ours, engine, new overlay of the qcow2 (64k clusters: COW of whole clusters)"
+    [engine_overlay_extl2]="ours, engine, new overlay with extended L2 (2k subclusters allocated)"
     [vm_ublk_qcow2]="ours, \`ublk-qcow2 add\` /dev/ublkbN, qcow2"
     [vm_ublk_raw]="ours, \`ublk-qcow2 add -f raw\` /dev/ublkbN, raw file"
     [vm_loop_raw]="kernel loop driver, --direct-io=on, raw file (the limit)"
     [vm_qemu_nbd]="qemu-nbd --cache=none --aio=io_uring on the kernel nbd driver, qcow2"
 )
 ROWS=(engine_qcow2 engine_raw fio_raw qemu_img_bench nbd_ours nbd_qemu nbd_null)
-EMPTY_ROWS=(engine_qcow2_empty nbd_ours_empty nbd_qemu_empty)
+EMPTY_ROWS=(engine_qcow2_empty nbd_ours_empty nbd_qemu_empty engine_overlay engine_overlay_extl2)
 RATIOS=(
     "nbd_ours nbd_qemu ours NBD / qemu-nbd"
     "engine_qcow2 engine_raw ours engine qcow2 / ours engine raw"
@@ -423,7 +437,7 @@ MD=$RESULTS/latest.md
         for wl in "${WORKLOADS[@]}"; do printf ' %s |' "$(cell "$row" "$wl")"; done; echo
     done
     echo
-    echo "Allocating writes (empty qcow2, 4k randwrite):"
+    echo "Allocating writes (empty qcow2 or new overlay, 4k randwrite):"
     echo
     echo "| path | randwrite 4k |"
     echo "|---|---:|"
@@ -431,6 +445,8 @@ MD=$RESULTS/latest.md
         [ -n "${READ[$row|alloc_4k]:-}" ] || continue
         echo "| ${LABEL[$row]} | $(cell "$row" alloc_4k) |"
     done
+    echo
+    echo "Extended L2 overlay / standard overlay: $(ratio engine_overlay_extl2 engine_overlay alloc_4k)"
     echo
     echo "Ratios (total IOPS):"
     echo

@@ -58,6 +58,11 @@ static void add_usage(FILE *out)
         "  -r, --read-only        refuse writes\n"
         "  -f, --format FMT       auto (default), raw or qcow2\n"
         "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
+        "      --discard MODE     ignore (default, as qemu-nbd): discards do nothing and\n"
+        "                         write-zeroes keeps clusters allocated; unmap: discards and\n"
+        "                         write-zeroes free clusters and punch holes in the file\n"
+        "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
+        "                         allocated (reading as zeros), only punch their data out\n"
         "  -s, --size SIZE        create IMAGE with this virtual size if it does not exist\n"
         "                         (qcow2 with create's defaults, raw with -f raw)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
@@ -239,6 +244,8 @@ int cmd_add(int argc, char **argv)
         { "cache-size", required_argument, NULL, 'c' },
         { "foreground", no_argument, NULL, 'F' },
         { "recovery", no_argument, NULL, 'R' },
+        { "discard", required_argument, NULL, 'D' },
+        { "discard-no-unref", no_argument, NULL, 'U' },
         { "size", required_argument, NULL, 's' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
@@ -313,6 +320,15 @@ int cmd_add(int argc, char **argv)
             break;
         case 'R':
             o.recovery = true;
+            break;
+        case 'D':
+            if (img_parse_discard(optarg, &o.discard) < 0) {
+                cli_error("add: unknown --discard mode '%s' (ignore or unmap)", optarg);
+                return 2;
+            }
+            break;
+        case 'U':
+            o.discard_no_unref = true;
             break;
         case 'h':
             add_usage(stdout);
@@ -723,6 +739,8 @@ int cmd_recover(int argc, char **argv)
     struct ublk_server_opts o = {
         .image = st.image, .dev_id = (uint32_t)id, .nr_queues = st.queues, .depth = st.depth,
         .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
+        .discard = st.discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
+        .discard_no_unref = st.discard_no_unref,
         .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
                 : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
         .recovery = true, .recover = true, .notify_fd = -1,

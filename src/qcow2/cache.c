@@ -135,7 +135,7 @@ int mcache_get(struct mcache *c, uint64_t off, struct mslice **out)
                 }
                 return err;
             }
-            c->hits++;
+            stat_add(&c->hits, 1);
             *out = s;
             return 0;
         }
@@ -164,7 +164,7 @@ int mcache_get(struct mcache *c, uint64_t off, struct mslice **out)
         }
         if (victim->in_use)
             hash_remove(c, victim);
-        c->misses++;
+        stat_add(&c->misses, 1);
         hash_insert(c, victim, off);
         victim->refs = 1;
         victim->loading = true;

@@ -15,6 +15,7 @@
 
 #include "io/coroutine.h"
 #include "io/file.h"
+#include "io/stat.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
 #include "qcow2/tools.h"
@@ -45,7 +46,7 @@ struct mcache {
     uint32_t hash_mask;
     struct mslice lru;          /* sentinel: lru.lru_next is the least recently used */
     struct co_queue slot_waiters;
-    uint64_t hits, misses;
+    stat_counter hits, misses;  /* read by img_get_stats from other threads */
 };
 
 int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
@@ -72,6 +73,7 @@ bool mcache_has_dirty(struct mcache *c);
 struct deferred_free {
     uint64_t off, len;          /* host byte range; each cluster touched loses one ref */
     uint64_t tick;              /* when the last reference was dropped in memory */
+    bool punch;                 /* a discard: punch clusters whose refcount reaches 0 */
     struct deferred_free *next;
 };
 
@@ -106,6 +108,7 @@ struct qcow2 {
     struct qcow2_snapshot *snapshots;
     uint64_t snapshot_table_len;   /* bytes, as measured when read */
     struct image *backing;      /* NULL if none */
+    int backing_lock_fd;        /* holds QEMU-style reader locks on the backing file; -1 if none */
 
     struct mcache l2c, rcc;
 
@@ -113,12 +116,14 @@ struct qcow2 {
     struct co_mutex alloc_lock;
     uint64_t free_hint;         /* no free cluster below this index */
     struct inflight_alloc *allocs;
+    stat_counter clusters_allocated;    /* since open (statistics) */
 
     /* ordering and freeing */
     struct co_mutex flush_lock;
     uint64_t tick;
     struct qreq reqs;           /* sentinel of the FIFO of requests in flight */
     struct deferred_free *frees_pending;   /* L2 change not yet durable */
+    struct deferred_free **frees_pending_tail;  /* its end: a trim may queue millions */
     struct deferred_free *frees_ready;     /* durable; apply once no old request runs */
 
     uint64_t host_end;          /* end of everything allocated or present at open */
@@ -128,8 +133,9 @@ struct qcow2 {
     bool flush_failed;          /* a sync failed: never report a later one as success */
     bool need_repair;           /* dirty bit: rebuild refcounts before writing */
     bool broken;                /* metadata found corrupt at run time: refuse writes */
-    bool extl2;
-    uint32_t sc_bits;           /* log2 of subcluster size (extended L2) */
+    bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
+    bool no_unref;              /* --discard-no-unref: discards keep our clusters */
+    bool no_punch;              /* the file system cannot punch holes */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -162,12 +168,21 @@ void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t
 /* Queue one reference drop on every cluster of [off, off+len) after the next
  * flush makes the unreferencing L2/L1 change durable. */
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
+/* The same for a reference dropped by a discard (or a write-zeroes that may
+ * unmap): a cluster whose refcount reaches 0 is also punched out of the file. */
+void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len);
 int apply_ready_frees(struct qcow2 *q);
+/* Punch [off, off+len) out of the image file (advisory: 0 where the file
+ * system cannot).  Refuses ranges holding the header or the fixed tables. */
+int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 /* Write one whole new cluster (content, or zeros if NULL), dropping any
  * cached slice of its previous use. */
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
 
 /* cluster.c */
+/* Does [off, off+len) of the file overlap the header, the L1 table, the
+ * refcount table or the snapshot table? */
+bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len);
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);

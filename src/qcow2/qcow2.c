@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "io/imagelock.h"
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
@@ -162,6 +164,7 @@ int qcow2_flush(struct qcow2 *q)
         r = snapshot_table(q->l1, q->h.l1_size, q->l1_dirty, q->h.l1_table_offset, &l1, &nl1);
     struct deferred_free *frees = q->frees_pending;
     q->frees_pending = NULL;
+    q->frees_pending_tail = &q->frees_pending;
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
@@ -183,6 +186,9 @@ int qcow2_flush(struct qcow2 *q)
     } else {
         append_frees(&frees, q->frees_pending);
         q->frees_pending = frees;
+        q->frees_pending_tail = &q->frees_pending;
+        while (*q->frees_pending_tail)
+            q->frees_pending_tail = &(*q->frees_pending_tail)->next;
     }
     co_mutex_unlock(&q->flush_lock);
     return r;
@@ -334,8 +340,16 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "backing file '%s' has format '%s', which is not supported", path, fmt);
         return -ENOTSUP;
     }
+    /* A reader's locks, as QEMU takes them on a backing file: nobody may
+     * write or resize it while an overlay reads through to it. */
+    int lock_fd = image_lock(path, false, msg, sizeof(msg));
+    if (lock_fd < 0) {
+        snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
+        return lock_fd;
+    }
     struct file f;
     if (file_open(&f, path, false, o->cache, msg, sizeof(msg)) < 0) {
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -ENOENT;
     }
@@ -349,10 +363,12 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
                                                     : raw_open(&f, &bo, false, msg, sizeof(msg));
     if (!bimg) {
         file_close(&f);
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -EINVAL;
     }
     q->backing = bimg;
+    q->backing_lock_fd = lock_fd;
     return 0;
 }
 
@@ -360,6 +376,8 @@ static void qcow2_free(struct qcow2 *q)
 {
     if (q->backing)
         img_close(q->backing);
+    if (q->backing_lock_fd >= 0)
+        close(q->backing_lock_fd);
     if (q->snapshots)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     mcache_free(&q->l2c);
@@ -408,6 +426,14 @@ static int qcow2_img_flush(struct image *img)
     return qcow2_flush(to_qcow2(img));
 }
 
+static void qcow2_stats(struct image *img, struct img_stats *st)
+{
+    struct qcow2 *q = to_qcow2(img);
+    st->cache_hits = stat_get(&q->l2c.hits) + stat_get(&q->rcc.hits);
+    st->cache_misses = stat_get(&q->l2c.misses) + stat_get(&q->rcc.misses);
+    st->clusters_allocated = stat_get(&q->clusters_allocated);
+}
+
 static const struct image_ops qcow2_ops = {
     .name = "qcow2",
     .read = qcow2_co_read,
@@ -416,6 +442,7 @@ static const struct image_ops qcow2_ops = {
     .discard = qcow2_co_discard,
     .write_zeroes = qcow2_co_write_zeroes,
     .close = qcow2_close,
+    .stats = qcow2_stats,
 };
 
 static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)
@@ -437,12 +464,14 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    q->backing_lock_fd = -1;
     q->file = *f;
     q->img.ops = &qcow2_ops;
     q->img.priv = q;
     q->img.path = strdup(f->path);
     q->img.read_only = o->read_only;
     q->reqs.next = q->reqs.prev = &q->reqs;
+    q->frees_pending_tail = &q->frees_pending;
     q->alloc_lock = (struct co_mutex)CO_MUTEX_INIT;
     q->flush_lock = (struct co_mutex)CO_MUTEX_INIT;
 
@@ -496,11 +525,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
-    if (q->extl2 && !q->img.read_only && !o->check) {
-        snprintf(err, errlen, "%s: images with extended L2 entries (subclusters) can only be opened "
-                 "read-only for now (use --read-only)", f->path);
-        goto fail_nofile;
-    }
+    q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
 
     r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);

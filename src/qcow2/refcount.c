@@ -265,6 +265,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             q->free_hint = c + k;
         *host_off = c * cl_size(q);
         *got = k;
+        stat_add(&q->clusters_allocated, k);
         note_host_end(q, (c + k) * cl_size(q));
         return 0;
     }
@@ -290,7 +291,7 @@ void note_host_end(struct qcow2 *q, uint64_t end)
         q->no_prealloc = true;   /* plain extending writes still work */
 }
 
-void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+static void defer(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
 {
     struct deferred_free *d = malloc(sizeof(*d));
     if (!d)
@@ -298,11 +299,112 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
     d->off = off;
     d->len = len;
     d->tick = ++q->tick;
+    d->punch = punch;
     d->next = NULL;
-    struct deferred_free **pp = &q->frees_pending;
-    while (*pp)
-        pp = &(*pp)->next;
-    *pp = d;
+    *q->frees_pending_tail = d;
+    q->frees_pending_tail = &d->next;
+}
+
+void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    defer(q, off, len, false);
+}
+
+void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    defer(q, off, len, true);
+}
+
+int punch_host(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    if (q->no_punch || !len)
+        return 0;
+    if (hits_fixed_metadata(q, off, len)) {
+        qcow2_mark_broken(q, "a discard would punch a hole into the image's metadata at 0x%llx",
+                          (unsigned long long)off);
+        return -EIO;
+    }
+    int r = file_punch(&q->file, off, len);
+    if (r == -EOPNOTSUPP || r == -ENOSYS) {
+        q->no_punch = true;     /* discard is advisory: the data just stays */
+        r = 0;
+    }
+    return r;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+struct clist { uint64_t *v; size_t n, cap; };
+
+static int clist_add(struct clist *l, uint64_t c)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        uint64_t *v = realloc(l->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = c;
+    return 0;
+}
+
+/* Punch the clusters of a batch of discard frees whose refcount the batch
+ * takes to 0.  It runs before any decrement: while a cluster's refcount
+ * still holds it, the allocator cannot hand it out, so no new write can
+ * land in it before the hole is made (a hole punched after reuse would
+ * destroy the new data).  Nothing maps these clusters any more (the L2
+ * changes are durable) and no request in flight predates their release. */
+static int punch_freed(struct qcow2 *q, struct deferred_free *batch)
+{
+    struct clist all = { 0 }, punch = { 0 };
+    int r = 0;
+    for (struct deferred_free *d = batch; d && r == 0; d = d->next) {
+        for (uint64_t c = d->off >> cl_bits(q); c <= (d->off + d->len - 1) >> cl_bits(q) && r == 0; c++) {
+            r = clist_add(&all, c);
+            if (r == 0 && d->punch)
+                r = clist_add(&punch, c);
+        }
+    }
+    if (r == 0 && punch.n) {
+        qsort(all.v, all.n, sizeof(*all.v), cmp_u64);
+        qsort(punch.v, punch.n, sizeof(*punch.v), cmp_u64);
+        uint64_t run = 0, run_len = 0;
+        size_t a = 0;
+        for (size_t i = 0; i < punch.n && r == 0; i++) {
+            uint64_t c = punch.v[i];
+            if (i && c == punch.v[i - 1])
+                continue;
+            /* References the batch drops on c (a host cluster may hold
+             * several compressed clusters): freed if that is all of them. */
+            while (all.v[a] < c)
+                a++;
+            uint64_t drops = 0, rc;
+            while (a + drops < all.n && all.v[a + drops] == c)
+                drops++;
+            r = rc_get(q, c, &rc);
+            if (r < 0 || rc != drops)
+                continue;
+            if (run_len && run + run_len == c) {
+                run_len++;
+                continue;
+            }
+            if (run_len)
+                r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+            run = c;
+            run_len = 1;
+        }
+        if (r == 0 && run_len)
+            r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+    }
+    free(all.v);
+    free(punch.v);
+    return r;
 }
 
 /* Apply durable frees whose old mapping no request in flight can still be
@@ -310,22 +412,36 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
  * finished, or it might read or write a cluster that is reused meanwhile. */
 int apply_ready_frees(struct qcow2 *q)
 {
-    while (q->frees_ready) {
-        struct deferred_free *d = q->frees_ready;
-        struct qreq *oldest = q->reqs.next;
-        if (oldest != &q->reqs && oldest->tick < d->tick)
-            break;
-        q->frees_ready = d->next;
+    struct deferred_free *batch = q->frees_ready, **tail = &batch;
+    struct qreq *oldest = q->reqs.next;
+    while (*tail && (oldest == &q->reqs || oldest->tick >= (*tail)->tick))
+        tail = &(*tail)->next;
+    q->frees_ready = *tail;
+    *tail = NULL;
+    if (!batch)
+        return 0;
+    int r = punch_freed(q, batch);
+    if (r < 0) {
+        /* Nothing was released yet: try the whole batch again next time. */
+        *tail = q->frees_ready;
+        q->frees_ready = batch;
+        return r;
+    }
+    while (batch) {
+        struct deferred_free *d = batch;
+        batch = d->next;
         uint64_t first = d->off >> cl_bits(q);
         uint64_t last = (d->off + d->len - 1) >> cl_bits(q);
-        for (uint64_t c = first; c <= last; c++) {
-            int r = rc_update(q, c, -1);
-            if (r < 0) {
-                free(d);
-                return r;
-            }
-        }
+        for (uint64_t c = first; c <= last && r == 0; c++)
+            r = rc_update(q, c, -1);
         free(d);
+        if (r < 0)
+            break;
     }
-    return 0;
+    if (batch) {
+        /* A decrement failed: the rest waits for the next flush. */
+        *tail = q->frees_ready;
+        q->frees_ready = batch;
+    }
+    return r;
 }

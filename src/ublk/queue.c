@@ -4,6 +4,7 @@
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "io/mailbox.h"
+#include "io/stat.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -66,6 +67,10 @@ struct ublk_queues {
     struct ublk_queue *queues;
     atomic_uint running;        /* threads not yet finished */
     atomic_ullong served;
+    /* Written by the engine thread only (tag_execute). */
+    struct {
+        stat_counter ops[5], bytes[2], errors, in_flight;
+    } st;
     /* Start-up handshake: every thread makes its loop, then waits for go. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -81,7 +86,31 @@ static size_t page_round(size_t n)
 
 /* ---- the engine: every img_* call happens on queue 0's thread ------------- */
 
+static int tag_execute_op(struct ublk_tag *t);
+
+/* Kinds of request in ublk_queues.st.ops, in ublk_io_stats order. */
+enum { ST_READ, ST_WRITE, ST_FLUSH, ST_DISCARD, ST_WRITE_ZEROES };
+
 static int tag_execute(struct ublk_tag *t)
+{
+    struct ublk_queues *qs = t->q->qs;
+    unsigned op = ublksrv_get_op(&t->desc);
+    int kind = op == UBLK_IO_OP_READ ? ST_READ : op == UBLK_IO_OP_WRITE ? ST_WRITE
+             : op == UBLK_IO_OP_FLUSH ? ST_FLUSH : op == UBLK_IO_OP_DISCARD ? ST_DISCARD
+             : op == UBLK_IO_OP_WRITE_ZEROES ? ST_WRITE_ZEROES : -1;
+    stat_add(&qs->st.in_flight, 1);
+    int r = tag_execute_op(t);
+    stat_sub(&qs->st.in_flight, 1);
+    if (kind >= 0)
+        stat_add(&qs->st.ops[kind], 1);
+    if (r < 0)
+        stat_add(&qs->st.errors, 1);
+    else if (kind == ST_READ || kind == ST_WRITE)
+        stat_add(&qs->st.bytes[kind], (uint64_t)t->desc.nr_sectors << 9);
+    return r;
+}
+
+static int tag_execute_op(struct ublk_tag *t)
 {
     struct image *img = t->q->qs->cfg.img;
     const struct ublksrv_io_desc *d = &t->desc;
@@ -472,6 +501,19 @@ int ublk_queues_done_fd(const struct ublk_queues *qs)
 uint64_t ublk_queues_served(const struct ublk_queues *qs)
 {
     return atomic_load_explicit(&((struct ublk_queues *)qs)->served, memory_order_relaxed);
+}
+
+void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st)
+{
+    st->reads = stat_get(&qs->st.ops[ST_READ]);
+    st->writes = stat_get(&qs->st.ops[ST_WRITE]);
+    st->flushes = stat_get(&qs->st.ops[ST_FLUSH]);
+    st->discards = stat_get(&qs->st.ops[ST_DISCARD]);
+    st->write_zeroes = stat_get(&qs->st.ops[ST_WRITE_ZEROES]);
+    st->read_bytes = stat_get(&qs->st.bytes[ST_READ]);
+    st->write_bytes = stat_get(&qs->st.bytes[ST_WRITE]);
+    st->errors = stat_get(&qs->st.errors);
+    st->in_flight = stat_get(&qs->st.in_flight);
 }
 
 int ublk_queues_stop(struct ublk_queues *qs)

@@ -36,6 +36,8 @@ struct ublk_server_opts {
     bool read_only;
     enum img_format format;
     uint64_t cache_size;
+    enum img_discard discard;
+    bool discard_no_unref;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -64,6 +66,8 @@ struct ublk_state {
     unsigned depth;
     uint32_t buf_bytes;
     uint64_t cache_size;
+    bool discard_unmap;
+    bool discard_no_unref;
 };
 
 int ublk_state_write(const struct ublk_state *s);
@@ -73,5 +77,9 @@ void ublk_state_remove(uint32_t id);
 
 /* Append s to out as a JSON string literal (quotes and escapes). */
 void json_put_string(FILE *out, const char *s);
+/* Read a member of a flat JSON object (state files, control replies):
+ * false if missing or not of that type. */
+bool json_get_u64(const char *buf, const char *key, uint64_t *v);
+bool json_get_string(const char *buf, const char *key, char *out, size_t outlen);
 
 #endif

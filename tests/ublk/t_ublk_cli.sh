@@ -43,6 +43,8 @@ expect ublk_cli_add_bad_cache 2 "invalid cache size" "$UQ" add --cache-size 12Q 
 expect ublk_cli_add_bad_size 2 "invalid size '12Q'" "$UQ" add --size 12Q x
 expect ublk_cli_add_help_size 0 "--size SIZE" "$UQ" add --help
 expect ublk_cli_add_unknown_option 2 "usage" "$UQ" add --bogus x
+expect ublk_cli_add_bad_discard 2 "unknown --discard mode 'sometimes'" "$UQ" add --discard sometimes x
+expect ublk_cli_add_help_discard 0 "--discard ignore|unmap|--discard MODE" "$UQ" add --help
 expect ublk_cli_del_needs_target 2 "exactly one of -n ID or --all" "$UQ" del
 expect ublk_cli_del_both_targets 2 "exactly one of" "$UQ" del -n 1 --all
 expect ublk_cli_del_bad_timeout 2 "invalid timeout" "$UQ" del -n 1 -t 0

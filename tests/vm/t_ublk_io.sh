@@ -32,6 +32,7 @@ fio_case() {	# NAME QUEUES CREATE-OPTIONS...
 	if ! uq_add -q "$q" "$W/$name.qcow2"; then
 		nok "ublk_${name}_add" "$(tr '\n' ' ' < "$W/add.err")"; return
 	fi
+	check "ublk_${name}_no_io_scheduler" grep -q '\[none\]' "/sys/block/${DEV#/dev/}/queue/scheduler"
 	check "ublk_${name}_fio_verify" fio_verify "$DEV"
 	if [ "$q" -gt 1 ]; then
 		check "ublk_${name}_list_json_queues" \

@@ -9,7 +9,8 @@
 # One COMMAND argument is a shell script (sh -c); several are an argv, quoted.
 # The command runs chrooted into the host root, cwd = the current directory,
 # env = HOME, PATH, the caller's UQ*, VM_*, SOAK, CI and *SAN_OPTIONS, plus
-# VM_GUEST=1 and VM_TMP (a guest-only tmpfs for fast images).  Its stdout/stderr are relayed;
+# VM_GUEST=1 and VM_TMP (a guest-only tmpfs for fast images); /run/vm-modules holds
+# modules to insmod with parameters (brd).  Its stdout/stderr are relayed;
 # the exit status is the command's, or 125 if the VM failed or timed out.
 #
 # Kernel and initramfs are cached under ${XDG_CACHE_HOME:-~/.cache}/ublk-qcow2/vm.
@@ -52,11 +53,21 @@ mkdir -p "$cache_root" || die "cannot create cache dir $cache_root"
 # each module's own .modinfo, so this list only needs what we want to use.
 # crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at mount.
 WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic crc16 mbcache jbd2 libcrc32c ext4"
+# Modules the guest does not load at boot but offers in /run/vm-modules, for
+# tests to insmod with their own parameters (brd: a RAM disk for a file system
+# with real asynchronous O_DIRECT, unlike tmpfs).
+OPTIONAL_MODULES="brd"
+
+kernel_complete() {	# $1 = cached kernel dir
+	local m
+	[ -f "$1/vmlinuz" ] && [ -f "$1/modules/order" ] || return 1
+	for m in $OPTIONAL_MODULES; do [ -f "$1/modules/optional/$m.ko" ] || return 1; done
+}
 
 newest_cached_kernel() {
 	local d best=
 	for d in "$cache_root"/6.12.*; do
-		[ -f "$d/vmlinuz" ] && [ -f "$d/modules/order" ] && best=${d##*/}
+		kernel_complete "$d" && best=${d##*/}
 	done
 	[ -n "$best" ] && printf '%s\n' "$best" | sort -V | tail -n1
 }
@@ -116,6 +127,12 @@ fetch_kernel() {
 	local m
 	for m in $WANT_MODULES; do add_module "$m"; done
 	printf '%s\n' "${order[@]}" > "$work/out/modules/order"
+	mkdir -p "$work/out/modules/optional"
+	for m in $OPTIONAL_MODULES; do
+		f=$(find "$mroot/kernel" -name "$m.ko.xz" | head -n1)
+		[ -n "$f" ] || die "module $m is not in $pkg"
+		xz -dc "$f" > "$work/out/modules/optional/$m.ko" || die "xz could not decompress $f"
+	done
 	rm -rf "$dir"
 	mv "$work/out" "$dir" || die "cannot move kernel into $dir"
 	rm -rf "$work"
@@ -158,7 +175,8 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
 mount -t tmpfs -o mode=755 run $R/run || fail "mount /run"
-mkdir -p $R/run/lock $R/run/vmtmp
+mkdir -p $R/run/lock $R/run/vmtmp $R/run/vm-modules
+cp /modules/optional/*.ko $R/run/vm-modules/ 2>/dev/null
 # Guest-only tmpfs for images that must be fast (9p is slow); O_DIRECT works on it.
 mount -t tmpfs -o mode=1777 vmtmp $R/run/vmtmp || fail "mount /run/vmtmp"
 wait $loader
@@ -183,7 +201,7 @@ build_initramfs() {	# $1 = kernel dir, $2 = output file
 	mkdir -p "$work/bin" "$work/modules" "$work/proc" "$work/sys" "$work/dev" "$work/newroot"
 	cp "$bb" "$work/bin/busybox"
 	ln -s busybox "$work/bin/sh"
-	cp "$kdir"/modules/* "$work/modules/"
+	cp -r "$kdir"/modules/. "$work/modules/"
 	init_script > "$work/init"
 	chmod 755 "$work/init"
 	(cd "$work" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1) > "$work.cpio.gz" ||
@@ -202,7 +220,7 @@ prepare() {	# sets kdir and initrd; serialised across concurrent runs
 		kver=$(newest_apt_kernel) || die "no linux-image-6.12.*+deb12-amd64-unsigned in apt (needs Debian 12 bookworm or bookworm-security sources)"
 	fi
 	kdir=$cache_root/$kver
-	if [ ! -f "$kdir/vmlinuz" ] || [ ! -f "$kdir/modules/order" ]; then
+	if ! kernel_complete "$kdir"; then
 		fetch_kernel "$kver"
 	fi
 	local key
