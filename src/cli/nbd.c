@@ -19,6 +19,7 @@
 #include "cli/cli.h"
 #include "io/coroutine.h"
 #include "io/imagelock.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "nbd/server.h"
 #include "qcow2/image.h"
@@ -70,6 +71,8 @@ static void usage(FILE *out)
         "                           allocated (reading as zeros), only punch their data out\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
+        "  -v, --verbose            say more on stderr (clients coming and going);\n"
+        "                           twice for debugging detail\n"
         "  -h, --help               show this help\n"
         "\n"
         "Exactly one of --socket and --bind is required.\n");
@@ -358,8 +361,12 @@ static int serve(const struct nbd_cli *cli, int ready_fd)
         }
         close(ready_fd);
     }
+    uq_info("serving %s (%s, %llu bytes%s) on %s", cli->image, img_format_name(run.img),
+             (unsigned long long)img_size(run.img), run.img->read_only ? ", read-only" : "",
+             cli->socket_path ? cli->socket_path : cli->bind_addr);
     rc = run_serve(&run);
     run_cleanup(&run);
+    uq_info("stopped; image closed");
     return rc;
 }
 
@@ -416,6 +423,7 @@ int cmd_nbd(int argc, char **argv)
         { "pid-file",    required_argument, NULL, OPT_PID_FILE },
         { "discard",     required_argument, NULL, OPT_DISCARD },
         { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
+        { "verbose",     no_argument,       NULL, 'v' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -425,7 +433,7 @@ int cmd_nbd(int argc, char **argv)
 
     opterr = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":k:x:rf:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":k:x:rf:vh", longopts, NULL)) != -1) {
         switch (c) {
         case 'k':
             cli.socket_path = optarg;
@@ -438,6 +446,9 @@ int cmd_nbd(int argc, char **argv)
             break;
         case 'r':
             cli.read_only = true;
+            break;
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'f':
             if (!strcmp(optarg, "auto"))

@@ -14,8 +14,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
+
 #include "cli/cli.h"
 #include "qcow2/tools.h"
+#include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"
 
@@ -66,6 +69,7 @@ static void add_usage(FILE *out)
         "  -s, --size SIZE        create IMAGE with this virtual size if it does not exist\n"
         "                         (qcow2 with create's defaults, raw with -f raw)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
@@ -229,6 +233,9 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
     fflush(stdout);
     if (!foreground)
         return 0;
+    /* Under systemd (Type=notify): the service is up once the device is.
+     * Without NOTIFY_SOCKET this does nothing. */
+    sd_notifyf(0, "READY=1\nSTATUS=Serving %s as /dev/ublkb%lu", o->image, id);
     return report_child_exit(pid);
 
 }
@@ -261,8 +268,11 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:s:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:s:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, 1u << 20, &v)) {
                 cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
@@ -551,13 +561,74 @@ int cmd_del(int argc, char **argv)
 static void list_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 list [-n ID] [--json]\n\n"
+        "Usage: ublk-qcow2 list [-n ID] [--json]\n"
+        "       ublk-qcow2 list -n ID --udev-name\n\n"
         "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
         "daemon pid and image.\n\n"
         "Options:\n"
-        "  -n, --id ID   only this device (an error if it does not exist)\n"
-        "  -j, --json    a JSON array of objects\n"
-        "  -h, --help    this help\n");
+        "  -n, --id ID     only this device (an error if it does not exist)\n"
+        "  -j, --json      a JSON array of objects\n"
+        "      --udev-name the stable name of device ID: its image path escaped as\n"
+        "                  'systemd-escape --path' does (for the udev rule that makes\n"
+        "                  /dev/disk/by-ublk-qcow2/NAME)\n"
+        "  -h, --help      this help\n");
+}
+
+/* The image path escaped as systemd-escape --path does it: no leading or
+ * trailing '/', '/' becomes '-', bytes other than [A-Za-z0-9:_.] (and a
+ * leading '.') become \xNN.  Returns false if it does not fit. */
+static bool escape_path(const char *path, char *out, size_t len)
+{
+    size_t n = 0;
+    while (*path == '/')
+        path++;
+    bool first = true;
+    for (const char *p = path; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '/') {
+            while (p[1] == '/')
+                p++;
+            if (!p[1])
+                break;      /* trailing slash */
+            if (n + 1 >= len)
+                return false;
+            out[n++] = '-';
+        } else if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                   ch == ':' || ch == '_' || (ch == '.' && !first)) {
+            if (n + 1 >= len)
+                return false;
+            out[n++] = (char)ch;
+        } else {
+            if (n + 4 >= len)
+                return false;
+            n += (size_t)snprintf(out + n, len - n, "\\x%02x", ch);
+        }
+        first = false;
+    }
+    if (n == 0) {   /* the root directory itself */
+        if (len < 2)
+            return false;
+        out[n++] = '-';
+    }
+    out[n] = '\0';
+    return true;
+}
+
+/* list -n ID --udev-name: one line, or exit 1 if the device is unknown. */
+static int print_udev_name(uint32_t id)
+{
+    static struct ublk_state st;
+    char name[PATH_MAX * 4];
+    if (ublk_state_read(id, &st) < 0) {
+        cli_error("list: ublk device %u has no state file in %s", id, UBLK_STATE_DIR);
+        return 1;
+    }
+    if (!escape_path(st.image, name, sizeof(name))) {
+        cli_error("list: the image path of ublk device %u is too long for a name", id);
+        return 1;
+    }
+    printf("%s\n", name);
+    return 0;
 }
 
 int cmd_list(int argc, char **argv)
@@ -565,10 +636,11 @@ int cmd_list(int argc, char **argv)
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "json", no_argument, NULL, 'j' },
+        { "udev-name", no_argument, NULL, 'U' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    bool json = false, have_id = false;
+    bool json = false, have_id = false, udev_name = false;
     unsigned long id = 0;
     int c;
     optind = 1;
@@ -584,6 +656,9 @@ int cmd_list(int argc, char **argv)
         case 'j':
             json = true;
             break;
+        case 'U':
+            udev_name = true;
+            break;
         case 'h':
             list_usage(stdout);
             return 0;
@@ -596,6 +671,13 @@ int cmd_list(int argc, char **argv)
         cli_error("list: unexpected argument '%s'", argv[optind]);
         list_usage(stderr);
         return 2;
+    }
+    if (udev_name) {
+        if (!have_id || json) {
+            cli_error("list: --udev-name needs -n ID (and no --json)");
+            return 2;
+        }
+        return print_udev_name((uint32_t)id);
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
@@ -665,6 +747,7 @@ static void recover_usage(FILE *out)
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
 
@@ -673,6 +756,7 @@ int cmd_recover(int argc, char **argv)
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "foreground", no_argument, NULL, 'F' },
+        { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -680,8 +764,11 @@ int cmd_recover(int argc, char **argv)
     unsigned long id = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("recover: invalid device id '%s'", optarg);

@@ -5,6 +5,7 @@
  * Stacks are mmap'd with a PROT_NONE guard page below them and pooled.
  */
 #include "io/coroutine.h"
+#include "io/log.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -84,7 +85,7 @@ __asm__(
 
 static void co_fatal(const char *msg)
 {
-    fprintf(stderr, "coroutine: %s\n", msg);
+    uq_error("coroutine: %s", msg);
     abort();
 }
 

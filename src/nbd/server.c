@@ -25,6 +25,7 @@
 #include <liburing.h>
 
 #include "io/coroutine.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "nbd/proto.h"
 #include "nbd/server.h"
@@ -109,11 +110,11 @@ static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
 static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
 {
     va_list ap;
-    fprintf(stderr, "ublk-qcow2: nbd: client %llu: ", (unsigned long long)c->id);
+    char what[512];
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    uq_error("nbd: client %llu: %s", (unsigned long long)c->id, what);
 }
 
 static uint64_t round_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
@@ -934,6 +935,7 @@ static void conn_run(void *arg)
     struct nbd_server *s = c->s;
 
     if (conn_handshake(c) == 1) {
+        uq_info("nbd: client %llu connected", (unsigned long long)c->id);
         c->sender_alive = true;
         co_spawn(conn_sender, c);
         conn_serve(c);
@@ -952,6 +954,7 @@ static void conn_run(void *arg)
         if (r < 0)
             conn_log(c, "flush after disconnect failed: %s", strerror(-r));
     }
+    uq_info("nbd: client %llu disconnected", (unsigned long long)c->id);
     close(c->fd);
     if (c->prev)
         c->prev->next = c->next;
@@ -972,7 +975,7 @@ int nbd_server_add_client(struct nbd_server *s, int fd)
 
     if (s->stopping || s->nconns >= NBD_MAX_CONNECTIONS) {
         if (!s->stopping)
-            fprintf(stderr, "ublk-qcow2: nbd: too many connections, refusing one\n");
+            uq_error("nbd: too many connections, refusing one");
         close(fd);
         return -EBUSY;
     }
@@ -1035,7 +1038,7 @@ static void listener_run(void *arg)
             continue;
         /* Out of fds or memory, or worse: report once, retry slowly. */
         if (fd != last_err)
-            fprintf(stderr, "ublk-qcow2: nbd: accept failed: %s\n", strerror(-fd));
+            uq_error("nbd: accept failed: %s", strerror(-fd));
         last_err = fd;
         co_sleep_ms(100);
     }
@@ -1135,8 +1138,8 @@ static void grace_run(void *arg)
     for (unsigned ms = 0; s->nconns && ms < NBD_SHUTDOWN_GRACE_MS; ms += 100)
         co_sleep_ms(100);
     if (s->nconns) {
-        fprintf(stderr, "ublk-qcow2: nbd: %u connection(s) still busy after %u ms, closing them\n",
-                s->nconns, NBD_SHUTDOWN_GRACE_MS);
+        uq_error("nbd: %u connection(s) still busy after %u ms, closing them",
+                 s->nconns, NBD_SHUTDOWN_GRACE_MS);
         for (struct nbd_conn *c = s->conns; c; c = c->next)
             shutdown(c->fd, SHUT_RDWR);
     }

@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include "io/loop.h"
+#include "io/log.h"
 #include "qcow2/internal.h"
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -368,8 +369,8 @@ static int read_compressed(struct qcow2 *q, uint64_t e, uint64_t off, uint64_t l
         if (r == 0)
             memcpy(buf, out + offset_into_cluster(q, off), len);
         else if (n >= 0)
-            fprintf(stderr, "ublk-qcow2: %s: compressed cluster at 0x%llx does not decompress\n",
-                    q->img.path, (unsigned long long)coff);
+            uq_error("%s: compressed cluster at 0x%llx does not decompress",
+                     q->img.path, (unsigned long long)coff);
     }
     free(in);
     free(out);

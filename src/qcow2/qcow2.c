@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "io/imagelock.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
@@ -36,12 +37,12 @@ void qreq_end(struct qcow2 *q, struct qreq *r)
 void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
 {
     if (!q->broken) {
+        char what[512];
         va_list ap;
-        fprintf(stderr, "ublk-qcow2: %s: corrupt image: ", q->img.path);
         va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
+        vsnprintf(what, sizeof(what), fmt, ap);
         va_end(ap);
-        fprintf(stderr, "; further writes refused\n");
+        uq_error("%s: corrupt image: %s; further writes refused", q->img.path, what);
     }
     q->broken = true;
 }
@@ -126,8 +127,8 @@ int qcow2_sync(struct qcow2 *q)
          * later sync could succeed without them, so never claim success
          * again for this image (fsyncgate). */
         q->flush_failed = true;
-        fprintf(stderr, "ublk-qcow2: %s: flush failed (%s); the image is suspect from now on\n",
-                q->img.path, strerror(-r));
+        uq_error("%s: flush failed (%s); the image is suspect from now on",
+                 q->img.path, strerror(-r));
     }
     return r;
 }
@@ -520,8 +521,8 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->check) {
         if (!o->read_only)
-            fprintf(stderr, "ublk-qcow2: %s: image is marked corrupt; serving it read-only "
-                            "(repair it with 'ublk-qcow2 check -r all')\n", f->path);
+            uq_warn("%s: image is marked corrupt; serving it read-only "
+                    "(repair it with 'ublk-qcow2 check -r all')", f->path);
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;

@@ -1,5 +1,6 @@
 /* ublk control commands over a private SQE128 io_uring (see ctrl.h). */
 #include "ublk/ctrl.h"
+#include "io/log.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -89,13 +90,12 @@ int ublk_ctrl_open(struct ublk_ctrl **out)
     if (fd < 0) {
         int err = errno;
         if (err == ENOENT || err == ENODEV || err == ENXIO)
-            fprintf(stderr, "ublk-qcow2: no ublk in this kernel (%s is missing): "
-                            "load it with 'modprobe ublk_drv'\n", UBLK_CTRL_DEV);
+            uq_error("no ublk in this kernel (%s is missing): load it with 'modprobe ublk_drv'",
+                     UBLK_CTRL_DEV);
         else if (err == EACCES || err == EPERM)
-            fprintf(stderr, "ublk-qcow2: cannot open %s: %s (ublk needs root)\n",
-                    UBLK_CTRL_DEV, strerror(err));
+            uq_error("cannot open %s: %s (ublk needs root)", UBLK_CTRL_DEV, strerror(err));
         else
-            fprintf(stderr, "ublk-qcow2: cannot open %s: %s\n", UBLK_CTRL_DEV, strerror(err));
+            uq_error("cannot open %s: %s", UBLK_CTRL_DEV, strerror(err));
         return -err;
     }
     struct ublk_ctrl *c = calloc(1, sizeof(*c));
@@ -107,8 +107,8 @@ int ublk_ctrl_open(struct ublk_ctrl **out)
     /* Control commands carry an 80-byte payload: they need 128-byte SQEs. */
     int ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);
     if (ret < 0) {
-        fprintf(stderr, "ublk-qcow2: cannot create an io_uring with 128-byte SQEs: %s "
-                        "(kernel too old for ublk?)\n", strerror(-ret));
+        uq_error("cannot create an io_uring with 128-byte SQEs: %s (kernel too old for ublk?)",
+                 strerror(-ret));
         close(fd);
         free(c);
         return ret;

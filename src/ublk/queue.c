@@ -1,6 +1,7 @@
 /* ublk queues: per-queue threads, per-tag coroutines, forwarding of requests
  * to the single engine thread (see queue.h). */
 #include "ublk/queue.h"
+#include "io/log.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "io/mailbox.h"
@@ -151,7 +152,7 @@ static void engine_request(void *arg)
     t->msg.kind = MSG_COMPLETION;
     /* After the post the tag belongs to its queue again: touch nothing. */
     if (mailbox_post(t->q->mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake queue %u: %s\n", t->q->qid, strerror(errno));
+        uq_error("cannot wake queue %u: %s", t->q->qid, strerror(errno));
         abort();
     }
 }
@@ -164,7 +165,7 @@ static void engine_inbox(void *arg)
     while (remaining > 0) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: engine mailbox failed: %s\n", strerror(errno));
+            uq_error("engine mailbox failed: %s", strerror(errno));
             abort();
         }
         while (m) {
@@ -186,7 +187,7 @@ static void completion_inbox(void *arg)
     while (!quit) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: queue %u mailbox failed: %s\n", q->qid, strerror(errno));
+            uq_error("queue %u mailbox failed: %s", q->qid, strerror(errno));
             abort();
         }
         while (m) {
@@ -210,7 +211,7 @@ static int tag_serve(struct ublk_tag *t)
     t->done = false;
     t->msg.kind = MSG_REQUEST;
     if (mailbox_post(q->qs->queues[0].mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake the engine: %s\n", strerror(errno));
+        uq_error("cannot wake the engine: %s", strerror(errno));
         abort();
     }
     while (!t->done)
@@ -243,7 +244,7 @@ static void queue_finished(struct ublk_queue *q)
     q->quit_msg.kind = MSG_QUIT;
     if (mailbox_post(q->qs->queues[0].mbox, &q->done_msg.m) < 0 ||
         mailbox_post(q->mbox, &q->quit_msg.m) < 0) {
-        fprintf(stderr, "ublk: queue %u cannot post: %s\n", q->qid, strerror(errno));
+        uq_error("queue %u cannot post: %s", q->qid, strerror(errno));
         abort();
     }
 }
@@ -261,7 +262,7 @@ static void tag_loop(void *arg)
         if (res == UBLK_IO_RES_ABORT)
             break;      /* device stopping: nothing more will come */
         if (res != UBLK_IO_RES_OK) {
-            fprintf(stderr, "ublk: queue %u tag %u: %s command failed: %s\n", q->qid, t->tag,
+            uq_error("queue %u tag %u: %s command failed: %s", q->qid, t->tag,
                     t->cmd_op == UBLK_U_IO_FETCH_REQ || t->cmd_op == UBLK_IO_FETCH_REQ
                         ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ",
                     res < 0 ? strerror(-res) : "unexpected result");
@@ -319,7 +320,7 @@ static void *queue_thread(void *arg)
     if (atomic_fetch_sub(&qs->running, 1) == 1) {
         uint64_t one = 1;
         if (write(qs->done_fd, &one, sizeof(one)) < 0)
-            fprintf(stderr, "ublk: cannot signal the end of the queues: %s\n", strerror(errno));
+            uq_error("cannot signal the end of the queues: %s", strerror(errno));
     }
     return NULL;
 }

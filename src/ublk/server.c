@@ -46,11 +46,11 @@ static bool notify(int fd, const char *what, uint32_t id)
 static void protect_from_reclaim(void)
 {
     if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 && errno != EINVAL)
-        uq_error("warning: PR_SET_IO_FLUSHER failed: %s", strerror(errno));
+        uq_warn("PR_SET_IO_FLUSHER failed: %s", strerror(errno));
     /* ONFAULT: lock pages as they are touched, not every reserved stack. */
     if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
         (errno != EINVAL || mlockall(MCL_CURRENT | MCL_FUTURE) < 0))
-        uq_error("warning: mlockall failed: %s (memory pressure could stall the device)",
+        uq_warn("mlockall failed: %s (memory pressure could stall the device)",
             strerror(errno));
 }
 
@@ -89,7 +89,7 @@ static void use_no_scheduler(uint32_t id)
     if (fd < 0)
         return;     /* no sysfs here: keep the kernel's default */
     if (write(fd, "none", 4) < 0)
-        uq_error("note: cannot set the I/O scheduler of ublkb%u to none: %s", id, strerror(errno));
+        uq_warn("cannot set the I/O scheduler of ublkb%u to none: %s", id, strerror(errno));
     close(fd);
 }
 
@@ -178,7 +178,7 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         return r;
     }
     if (info->nr_hw_queues != o->nr_queues)
-        uq_error("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
+        uq_warn("the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
     if (!info->max_io_buf_bytes || info->max_io_buf_bytes > o->buf_bytes)
         info->max_io_buf_bytes = o->buf_bytes;
     return 0;
@@ -218,7 +218,7 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         return -EINVAL;
     }
     if (!read_only && (params.basic.attrs & UBLK_ATTR_READ_ONLY))
-        uq_error("note: ublk device %u is read-only; the image is opened read-write", id);
+        uq_warn("ublk device %u is read-only; the image is opened read-write", id);
     if (read_only && !(params.basic.attrs & UBLK_ATTR_READ_ONLY)) {
         uq_error("%s is read-only, but ublk device %u is writable", o->image, id);
         return -EROFS;
@@ -260,6 +260,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
     struct ublk_queues *qs = NULL;
     uint32_t dev_id = 0;
     bool added = false;
+    uint64_t served = 0;        /* requests, once the queues ended */
+    bool served_known = false;
 
     /* Lock before opening: opening may already write (dirty-image repair). */
     int lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
@@ -280,13 +282,13 @@ int ublk_server_run(const struct ublk_server_opts *o)
     }
     bool read_only = o->read_only || img->read_only;
     if (read_only && !o->read_only)
-        uq_error("warning: %s can only be opened read-only; serving it read-only", o->image);
+        uq_warn("%s can only be opened read-only; serving it read-only", o->image);
     if (img_size(img) < 512) {
         uq_error("%s: image is smaller than one sector; nothing to serve", o->image);
         goto out;
     }
     if (img_size(img) % 512)
-        uq_error("warning: %s: the last %u bytes (less than a sector) are not served",
+        uq_warn("%s: the last %u bytes (less than a sector) are not served",
             o->image, (unsigned)(img_size(img) % 512));
 
     if (ublk_ctrl_open(&ctrl) < 0)
@@ -297,6 +299,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     int r;
     if (o->recover) {
         dev_id = o->dev_id;
+        uq_log_context("ublkb%u [%s]", dev_id, o->image);
         if (take_over(ctrl, o, img, read_only, &info) < 0)
             goto out;
         buf_bytes = info.max_io_buf_bytes;
@@ -306,6 +309,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         added = true;
         dev_id = info.dev_id;
         notify(o->notify_fd, "id", dev_id);
+        uq_log_context("ublkb%u [%s]", dev_id, o->image);
         buf_bytes = info.max_io_buf_bytes;
         struct ublk_params params;
         ublk_params_for_image(&params, img, buf_bytes, read_only);
@@ -342,6 +346,19 @@ int ublk_server_run(const struct ublk_server_opts *o)
         close(sig_fd);
         goto out;
     }
+    /* The state file first: udev rules run as the block device appears
+     * (at START_DEV) and read it to name the device after its image. */
+    struct ublk_state st = {
+        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
+        .queues = info.nr_hw_queues, .depth = info.queue_depth,
+        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
+    };
+    snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    r = ublk_state_write(&st);
+    if (r < 0)
+        uq_warn("cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
     if (o->recover) {
         r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
         if (r < 0) {
@@ -368,24 +385,17 @@ int ublk_server_run(const struct ublk_server_opts *o)
     if (!o->recover)
         use_no_scheduler(dev_id);
 
-    struct ublk_state st = {
-        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
-        .queues = info.nr_hw_queues, .depth = info.queue_depth,
-        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
-        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
-    };
-    snprintf(st.image, sizeof(st.image), "%s", o->image);
-    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
-    r = ublk_state_write(&st);
-    if (r < 0)
-        uq_error("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
-
     /* If the parent is gone, nobody was told about the device: undo it. */
     bool stopping = !notify(o->notify_fd, "ok", dev_id);
     if (o->notify_fd >= 0)
         close(o->notify_fd);
-    if (o->log_to_file)
+    if (o->log_to_file) {
         log_to_file(dev_id);
+        uq_log_to_syslog();
+    }
+    uq_info("%s %s (%s, %llu bytes%s): %u queue(s) of depth %u", o->recover ? "took over, serving" : "serving",
+            o->image, format_name(img), (unsigned long long)img_size(img), read_only ? ", read-only" : "",
+            info.nr_hw_queues, info.queue_depth);
     if (stopping) {
         uq_error("ublk device %u: the starting command went away; removing the device", dev_id);
         ublk_ctrl_stop_dev(ctrl, dev_id);
@@ -396,7 +406,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
     int ctl_fd = ctl_listen(dev_id, err, sizeof(err));
     if (ctl_fd < 0)
-        uq_error("warning: ublk device %u: %s (no statistics)", dev_id, err);
+        uq_warn("ublk device %u: %s (no statistics)", dev_id, err);
 
     /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal. */
     struct pollfd pf[3] = {
@@ -428,6 +438,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
     }
     close(sig_fd);
     ctl_close(ctl_fd, dev_id);
+    served = ublk_queues_served(qs);
+    served_known = true;
     r = ublk_queues_stop(qs);
     qs = NULL;
     rc = r < 0 ? 1 : 0;
@@ -442,6 +454,8 @@ out:
     if (r < 0) {
         uq_error("%s: flush at close failed: %s", o->image, strerror(-r));
         rc = 1;
+    } else if (served_known) {
+        uq_info("stopped after %llu requests; image flushed and closed", (unsigned long long)served);
     }
     close(lock_fd);
     if (added) {
@@ -539,6 +553,21 @@ bool json_get_u64(const char *buf, const char *key, uint64_t *v)
     return true;
 }
 
+/* Four hex digits of a \\u escape; -1 if malformed. */
+static long hex4(const char *p)
+{
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0)
+            return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
 bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
 {
     const char *p = json_find(buf, key);
@@ -546,26 +575,61 @@ bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
         return false;
     size_t n = 0;
     while (*p && *p != '"') {
-        char c = *p++;
-        if (c == '\\') {
-            c = *p++;
-            if (c == 'u') {
-                unsigned v;
-                if (sscanf(p, "%4x", &v) != 1)
+        char enc[4];
+        size_t k = 1;
+        enc[0] = *p++;
+        if (enc[0] == '\\') {
+            char e = *p++;
+            long v;
+            switch (e) {
+            case 'n': enc[0] = '\n'; break;
+            case 't': enc[0] = '\t'; break;
+            case 'r': enc[0] = '\r'; break;
+            case 'b': enc[0] = '\b'; break;
+            case 'f': enc[0] = '\f'; break;
+            case '"': case '\\': case '/': enc[0] = e; break;
+            case 'u':
+                /* A code point (a surrogate pair for those above U+FFFF),
+                 * written out as UTF-8. */
+                if ((v = hex4(p)) < 0)
                     return false;
-                c = (char)v;
                 p += 4;
-            } else if (c == 'n') {
-                c = '\n';
-            } else if (c == 't') {
-                c = '\t';
-            } else if (!c) {
+                if (v >= 0xd800 && v < 0xdc00) {
+                    long lo = p[0] == '\\' && p[1] == 'u' ? hex4(p + 2) : -1;
+                    if (lo < 0xdc00 || lo >= 0xe000)
+                        return false;
+                    v = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+                    p += 6;
+                }
+                if (v == 0)
+                    return false;
+                if (v < 0x80) {
+                    enc[0] = (char)v;
+                } else if (v < 0x800) {
+                    enc[0] = (char)(0xc0 | (v >> 6));
+                    enc[1] = (char)(0x80 | (v & 0x3f));
+                    k = 2;
+                } else if (v < 0x10000) {
+                    enc[0] = (char)(0xe0 | (v >> 12));
+                    enc[1] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[2] = (char)(0x80 | (v & 0x3f));
+                    k = 3;
+                } else {
+                    enc[0] = (char)(0xf0 | (v >> 18));
+                    enc[1] = (char)(0x80 | ((v >> 12) & 0x3f));
+                    enc[2] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[3] = (char)(0x80 | (v & 0x3f));
+                    k = 4;
+                }
+                break;
+            default:
                 return false;
             }
         }
-        if (n + 1 >= outlen)
+        if (n + k >= outlen)
             return false;
-        out[n++] = c;
+        memcpy(out + n, enc, k);
+        n += k;
     }
     if (*p != '"')
         return false;

@@ -88,6 +88,25 @@ else
     fail $t "$(cat "$NBD_DIR/locked.log")"
 fi
 
+# -v: the server says what it serves and when clients come and go.
+t=nbd_cli_verbose
+if start_server verbose -v "$NBD_DIR/c2.raw" && qio "$URI_verbose" -c 'read 0 4k' >/dev/null &&
+   stop_server verbose &&
+   grep -q "^ublk-qcow2: serving $NBD_DIR/c2.raw (raw, 1048576 bytes) on $NBD_DIR/verbose.sock" "$NBD_DIR/verbose.log" &&
+   grep -q "^ublk-qcow2: nbd: client [0-9]* connected" "$NBD_DIR/verbose.log" &&
+   grep -q "^ublk-qcow2: nbd: client [0-9]* disconnected" "$NBD_DIR/verbose.log"; then
+    ok $t
+else
+    fail $t "$(tr '\n' ' ' <"$NBD_DIR/verbose.log")"
+fi
+t=nbd_cli_quiet_by_default
+if ! grep -q "connected" "$NBD_DIR/c3.log" 2>/dev/null && start_server quiet "$NBD_DIR/c2.raw" &&
+   qio "$URI_quiet" -c 'read 0 4k' >/dev/null && stop_server quiet && ! grep -q "connected" "$NBD_DIR/quiet.log"; then
+    ok $t
+else
+    fail $t "$(tr '\n' ' ' <"$NBD_DIR/quiet.log")"
+fi
+
 # Export names: only the configured name is served.
 t=nbd_cli_export_name
 if start_server named --export-name disk0 "$img" &&
