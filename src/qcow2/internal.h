@@ -6,6 +6,7 @@
  *   repair.c    the reference walk and refcount rebuild (dirty images, check)
  *   check.c     check and repair (qemu-img check's job)
  *   create.c    image creation;  info.c  what qemu-img info shows
+ *   overlap.c   metadata overlap checks before every write
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -90,6 +91,29 @@ struct inflight_alloc {
     struct inflight_alloc *next;
 };
 
+/* ---- metadata overlap index (overlap.c) ----------------------------------- */
+enum {
+    OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+};
+#define OL_HEADER         (1u << OL_BIT_HEADER)
+#define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
+#define OL_REFTABLE       (1u << OL_BIT_REFTABLE)
+#define OL_SNAPSHOT_TABLE (1u << OL_BIT_SNAPSHOT_TABLE)
+#define OL_INACTIVE_L1    (1u << OL_BIT_INACTIVE_L1)
+#define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
+#define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
+#define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+
+struct ol_range { uint64_t off, len; };
+struct ol_index {
+    uint64_t *cl;               /* sorted: cluster offset | OL_BIT_* of single-cluster tables */
+    size_t n, cap;
+    struct ol_range *ranges;    /* snapshot L1 tables, sorted by offset */
+    uint64_t *max_end;          /* max end of ranges[0..i] */
+    size_t nranges;
+};
+
 struct qcow2 {
     struct image img;
     struct file file;
@@ -136,6 +160,7 @@ struct qcow2 {
     bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
     bool no_unref;              /* --discard-no-unref: discards keep our clusters */
     bool no_punch;              /* the file system cannot punch holes */
+    struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -180,9 +205,6 @@ int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
 
 /* cluster.c */
-/* Does [off, off+len) of the file overlap the header, the L1 table, the
- * refcount table or the snapshot table? */
-bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len);
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
@@ -193,15 +215,42 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
 int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
                           char *err, size_t errlen);
 
+/* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
+ * whenever an L1 or refcount table entry starts or stops naming a table,
+ * ol_reindex_refblocks after a new refcount table is installed. */
+int ol_build(struct qcow2 *q);
+void ol_free(struct qcow2 *q);
+void ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_reindex_refblocks(struct qcow2 *q);
+/* Does writing [off, off+len) touch metadata other than the kinds in
+ * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
+ * and a message naming `what` and the structure hit. */
+int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+                const char *what, char *msg, size_t msglen);
+/* ol_conflict, and on a conflict mark the image broken with the message. */
+int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
+
 /* repair.c: the reference walk (references per host cluster, from all
  * metadata) and the refcount rebuild, shared by the open-time repair of
- * dirty images and the checker (check.c). */
+ * dirty images and the checker (check.c).  Counts are sparse: one array
+ * per refcount-block range holding any (a hash table), so memory grows
+ * with the clusters in use, never with the file's size, up to a budget. */
 struct rc_walk {
     struct qcow2 *q;
-    uint32_t *counts;           /* references per host cluster */
-    uint64_t nclusters;         /* entries in use in counts */
-    uint64_t capacity;          /* entries allocated (checker: grows past the file) */
+    uint64_t nclusters;         /* strict: the file's clusters (nothing counted beyond);
+                                 * checker: also past the last cluster counted */
     uint64_t file_end;          /* checker: references a cluster past this are corrupt */
+    uint64_t rbe;               /* clusters per range (refcount block entries) */
+    uint64_t *keys;             /* range index + 1; 0 = empty slot */
+    uint32_t **chunks;          /* counts of the range */
+    size_t cap, used;
+    uint64_t last_ci;           /* the range counted last (runs stay in one range) */
+    uint32_t *last;
+    uint64_t *tables;           /* distinct L2 tables met (0 = empty slot) ... */
+    uint32_t *refs;             /* ... and the references to each */
+    size_t tcap, tused;
+    uint64_t l1_read, l2_read, bitmap_read;   /* strict: work bounds, bytes read */
     /* The checker sets res: problems are counted there and described via
      * say, and the walk goes on.  Without res the walk is strict: any
      * invalid entry or reference past nclusters stops it (err says why). */
@@ -220,11 +269,17 @@ void rc_walk_free(struct rc_walk *w);
 void rc_walk_say(struct rc_walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* One more reference to every cluster of [off, off+len). */
 int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what);
+/* The references counted to a cluster; one fewer (if any). */
+uint32_t rc_walk_get(const struct rc_walk *w, uint64_t cluster);
+void rc_walk_drop(struct rc_walk *w, uint64_t cluster);
+/* Was anything counted in refcount-block range ci (clusters ci*rbe...)? */
+bool rc_walk_range_used(const struct rc_walk *w, uint64_t ci);
 /* Count every reference except those of the refcount structures themselves. */
 int rc_walk_image(struct rc_walk *w);
-/* Replace the refcount structures by new ones holding exactly w->counts
- * (written past them and the end of the file, then switched in by one
- * header write); fix_copied first makes the active COPIED flags agree. */
+/* Replace the refcount structures by new ones holding exactly the counts,
+ * blocks only for the ranges in use (written past them and the end of the
+ * file, then switched in by one header write); fix_copied first makes the
+ * active COPIED flags agree. */
 int rc_rebuild(struct rc_walk *w, bool fix_copied);
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
 /* Write the 512-byte sector of the L1 table at l1_off holding entry i. */

@@ -9,6 +9,13 @@
  *  - the checker (check.c): problems are counted in rc_walk.res and
  *    described, and the walk goes on, as qemu-img check does.
  *
+ * Memory and the structures written grow with the clusters in use, not
+ * with the file's size: counts are kept per refcount-block range, only for
+ * the ranges something lies in, and only those ranges get a block in the
+ * rebuild (a sparse file of terabytes with a few tables costs a few
+ * blocks).  The counts of one image may take REPAIR_MEM_BUDGET at most;
+ * beyond it the walk stops with a message.
+ *
  * The rebuild writes fresh refcount structures describing exactly the
  * counts past the end of the file, syncs, and switches them in with one
  * header write.  A crash in between leaves the old structures in force (a
@@ -22,7 +29,18 @@
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
-#define MAX_REPAIR_CLUSTERS (256ull << 20)
+#define REPAIR_MEM_BUDGET (256ull << 20)
+#define REPAIR_WRITE_BATCH (1u << 20)
+/* Work bounds of the strict walk.  An L2 table named by several L1 entries
+ * (snapshots share them) is read once and its entries counted once per
+ * reference, so the work grows with the distinct tables; these caps bound
+ * it whatever the file (snapshot L1 tables may all lie on the same bytes).
+ * The checker walks every reference, as qemu-img check does (it reports a
+ * shared table's problems once per reference), and only the bitmap cap
+ * applies to it. */
+#define REPAIR_MAX_L1_BYTES (256ull << 20)      /* snapshot L1 tables read, in total */
+#define REPAIR_MAX_L2_BYTES (64ull << 30)       /* distinct L2 tables read */
+#define REPAIR_MAX_BITMAP_TABLE_BYTES (64u << 20)
 
 void rc_walk_say(struct rc_walk *w, const char *fmt, ...)
 {
@@ -42,51 +60,183 @@ int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *e
     w->q = q;
     w->err = err;
     w->errlen = errlen;
-    if (nclusters > MAX_REPAIR_CLUSTERS) {
-        snprintf(err, errlen, "image too large to check or repair here (%llu clusters)",
-                 (unsigned long long)nclusters);
-        return -EFBIG;
-    }
-    w->counts = calloc(nclusters + 1, sizeof(uint32_t));
-    if (!w->counts)
-        return -ENOMEM;
-    w->nclusters = w->capacity = nclusters;
+    w->nclusters = nclusters;
+    w->rbe = q->h.refcount_block_entries;
     w->file_end = q->host_end;
     return 0;
 }
 
 void rc_walk_free(struct rc_walk *w)
 {
-    free(w->counts);
-    w->counts = NULL;
+    for (size_t i = 0; i < w->cap; i++)
+        free(w->chunks[i]);
+    free(w->keys);
+    free(w->chunks);
+    free(w->tables);
+    free(w->refs);
+    w->keys = w->tables = NULL;
+    w->chunks = NULL;
+    w->refs = NULL;
+    w->cap = w->used = w->tcap = w->tused = 0;
+    w->last = NULL;
 }
 
-/* Checker mode: references past the end of the file are counted too (the
- * array grows), so that the comparison sees them. */
-static int grow(struct rc_walk *w, uint64_t need)
+/* ---- the sparse counter --------------------------------------------------------- */
+
+static uint64_t mem_used(const struct rc_walk *w, size_t chunks, size_t tcap)
 {
-    uint64_t n = need + need / 4 + 64;
-    if (n > MAX_REPAIR_CLUSTERS)
-        n = MAX_REPAIR_CLUSTERS;
-    uint32_t *c = realloc(w->counts, (n + 1) * sizeof(uint32_t));
-    if (!c)
-        return -ENOMEM;
-    memset(c + w->nclusters, 0, (n + 1 - w->nclusters) * sizeof(uint32_t));
-    w->counts = c;
-    w->nclusters = need;     /* what is in use; the rest is headroom */
-    w->capacity = n;
+    return (uint64_t)chunks * w->rbe * sizeof(uint32_t) + (uint64_t)tcap * 12;
+}
+
+static size_t chunk_slot(const uint64_t *keys, size_t cap, uint64_t ci)
+{
+    size_t m = cap - 1, h = (size_t)((ci * 0x9e3779b97f4a7c15ull) >> 29) & m;
+    while (keys[h] && keys[h] != ci + 1)
+        h = (h + 1) & m;
+    return h;
+}
+
+static uint32_t *chunk_find(const struct rc_walk *w, uint64_t ci)
+{
+    if (!w->cap)
+        return NULL;
+    size_t h = chunk_slot(w->keys, w->cap, ci);
+    return w->keys[h] ? w->chunks[h] : NULL;
+}
+
+static uint32_t *chunk_get(struct rc_walk *w, uint64_t ci)
+{
+    uint32_t *c = chunk_find(w, ci);
+    if (c)
+        return c;
+    if (mem_used(w, w->used + 1, w->tcap) > REPAIR_MEM_BUDGET) {
+        snprintf(w->err, w->errlen, "the clusters in use are too many to count here (more than "
+                 "%llu MiB of refcounts)", REPAIR_MEM_BUDGET >> 20);
+        return NULL;
+    }
+    if ((w->used + 1) * 2 > w->cap) {
+        size_t ncap = w->cap ? w->cap * 2 : 64;
+        uint64_t *keys = calloc(ncap, sizeof(*keys));
+        uint32_t **chunks = calloc(ncap, sizeof(*chunks));
+        if (!keys || !chunks) {
+            free(keys);
+            free(chunks);
+            snprintf(w->err, w->errlen, "out of memory");
+            return NULL;
+        }
+        for (size_t i = 0; i < w->cap; i++) {
+            if (!w->keys[i])
+                continue;
+            size_t h = chunk_slot(keys, ncap, w->keys[i] - 1);
+            keys[h] = w->keys[i];
+            chunks[h] = w->chunks[i];
+        }
+        free(w->keys);
+        free(w->chunks);
+        w->keys = keys;
+        w->chunks = chunks;
+        w->cap = ncap;
+    }
+    c = calloc(w->rbe, sizeof(uint32_t));
+    if (!c) {
+        snprintf(w->err, w->errlen, "out of memory");
+        return NULL;
+    }
+    size_t h = chunk_slot(w->keys, w->cap, ci);
+    w->keys[h] = ci + 1;
+    w->chunks[h] = c;
+    w->used++;
+    return c;
+}
+
+uint32_t rc_walk_get(const struct rc_walk *w, uint64_t cluster)
+{
+    const uint32_t *c = chunk_find(w, cluster / w->rbe);
+    return c ? c[cluster % w->rbe] : 0;
+}
+
+void rc_walk_drop(struct rc_walk *w, uint64_t cluster)
+{
+    uint32_t *c = chunk_find(w, cluster / w->rbe);
+    if (c && c[cluster % w->rbe])
+        c[cluster % w->rbe]--;
+}
+
+bool rc_walk_range_used(const struct rc_walk *w, uint64_t ci)
+{
+    return chunk_find(w, ci) != NULL;
+}
+
+static size_t table_slot(const uint64_t *tables, size_t cap, uint64_t t)
+{
+    size_t m = cap - 1, h = (size_t)((t * 0x9e3779b97f4a7c15ull) >> 29) & m;
+    while (tables[h] && tables[h] != t)
+        h = (h + 1) & m;
+    return h;
+}
+
+/* times more references to the L2 table at t; returns its references
+ * before them (0: first met), or UINT32_MAX on failure (w->err set). */
+static uint32_t table_ref(struct rc_walk *w, uint64_t t, uint32_t times)
+{
+    if (w->tcap) {
+        size_t h = table_slot(w->tables, w->tcap, t);
+        if (w->tables[h]) {
+            uint32_t before = w->refs[h];
+            if (before > UINT32_MAX - 1 - times) {
+                snprintf(w->err, w->errlen, "refcount overflow at the L2 table at 0x%llx",
+                         (unsigned long long)t);
+                return UINT32_MAX;
+            }
+            w->refs[h] += times;
+            return before;
+        }
+    }
+    if ((w->tused + 1) * 2 > w->tcap) {
+        size_t ncap = w->tcap ? w->tcap * 2 : 256;
+        if (mem_used(w, w->used, ncap) > REPAIR_MEM_BUDGET) {
+            snprintf(w->err, w->errlen, "the L1 tables name too many L2 tables to count here");
+            return UINT32_MAX;
+        }
+        uint64_t *nt = calloc(ncap, sizeof(*nt));
+        uint32_t *nr = calloc(ncap, sizeof(*nr));
+        if (!nt || !nr) {
+            free(nt);
+            free(nr);
+            snprintf(w->err, w->errlen, "out of memory");
+            return UINT32_MAX;
+        }
+        for (size_t i = 0; i < w->tcap; i++) {
+            if (!w->tables[i])
+                continue;
+            size_t h = table_slot(nt, ncap, w->tables[i]);
+            nt[h] = w->tables[i];
+            nr[h] = w->refs[i];
+        }
+        free(w->tables);
+        free(w->refs);
+        w->tables = nt;
+        w->refs = nr;
+        w->tcap = ncap;
+    }
+    size_t h = table_slot(w->tables, w->tcap, t);
+    w->tables[h] = t;
+    w->refs[h] = times;
+    w->tused++;
     return 0;
 }
 
 /* Checker: does [off, off+len) end a cluster or more past the end of the
  * file?  QEMU reports such a reference as corruption and does not count it
- * (which also bounds what a hostile offset can make us allocate). */
+ * (which also bounds what a hostile offset can make us count). */
 static bool beyond_eof(const struct rc_walk *w, uint64_t off, uint64_t len)
 {
     return w->res && (off + len < off || (off + len > w->file_end && off + len - w->file_end >= cl_size(w->q)));
 }
 
-int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what)
+/* times more references to every cluster of [off, off+len) (the checker
+ * always counts one at a time). */
+static int count_n(struct rc_walk *w, uint64_t off, uint64_t len, const char *what, uint32_t times)
 {
     if (!len)
         return 0;
@@ -98,41 +248,46 @@ int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *wha
         return 0;
     }
     uint64_t first = off >> cl_bits(q), last = (off + len - 1) >> cl_bits(q);
-    if (off + len < off || last >= MAX_REPAIR_CLUSTERS || (!w->res && last >= w->nclusters)) {
+    if (!w->res && (off + len < off || last >= w->nclusters)) {
         snprintf(w->err, w->errlen, "%s at 0x%llx lies past the end of the file", what,
                  (unsigned long long)off);
-        if (!w->res)
-            return -EINVAL;
-        rc_walk_say(w, "ERROR %s at offset 0x%llx lies too far past the end of the image to check",
-                    what, (unsigned long long)off);
-        w->res->check_errors++;
-        return 0;
+        return -EINVAL;
     }
-    if (last >= w->nclusters) {
-        if (last < w->capacity) {
-            w->nclusters = last + 1;
-        } else {
-            int r = grow(w, last + 1);
-            if (r < 0) {
-                w->res->check_errors++;
-                return r;
-            }
-        }
-    }
+    if (last >= w->nclusters)
+        w->nclusters = last + 1;    /* checker: less than a cluster past the end */
     uint64_t max = qcow2_refcount_max(q->h.refcount_order);
     for (uint64_t c = first; c <= last; c++) {
-        if (w->res && w->counts[c] >= max) {
+        uint64_t ci = c / w->rbe;
+        if (!w->last || w->last_ci != ci) {
+            w->last = chunk_get(w, ci);
+            w->last_ci = ci;
+            if (!w->last) {
+                if (w->res) {
+                    rc_walk_say(w, "ERROR %s", w->err);
+                    w->res->check_errors++;
+                }
+                return -EFBIG;
+            }
+        }
+        uint32_t *v = &w->last[c % w->rbe];
+        if (w->res && *v >= max) {
             /* As QEMU: more references than the refcount width holds. */
             rc_walk_say(w, "ERROR: overflow cluster offset=0x%llx", (unsigned long long)(c << cl_bits(q)));
             w->res->corruptions++;
             continue;
         }
-        if (++w->counts[c] == 0) {
+        if (*v > UINT32_MAX - times) {
             snprintf(w->err, w->errlen, "refcount overflow at cluster %llu", (unsigned long long)c);
             return -EINVAL;
         }
+        *v += times;
     }
     return 0;
+}
+
+int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what)
+{
+    return count_n(w, off, len, what, 1);
 }
 
 static int read_exact(struct qcow2 *q, void *buf, uint64_t len, uint64_t off)
@@ -175,9 +330,17 @@ static int write_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
 {
     struct qcow2 *q = w->q;
     uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
-    mcache_discard_range(&q->l2c, l2_off, cl_size(q));
-    ssize_t n = file_pwrite(&q->file, l2 + sector, 512, l2_off + sector, false);
-    int r = n < 0 ? (int)n : file_sync(&q->file);
+    char msg[256];
+    /* A damaged L1 entry may name other metadata as its L2 table. */
+    int r = ol_conflict(q, l2_off + sector, 512, OL_ACTIVE_L2 | OL_INACTIVE_L2, "an L2 table entry",
+                        msg, sizeof(msg));
+    if (r == 0) {
+        mcache_discard_range(&q->l2c, l2_off, cl_size(q));
+        ssize_t n = file_pwrite(&q->file, l2 + sector, 512, l2_off + sector, false);
+        r = n < 0 ? (int)n : file_sync(&q->file);
+    } else {
+        rc_walk_say(w, "ERROR: %s", msg);
+    }
     if (r < 0) {
         rc_walk_say(w, "ERROR: Failed to overwrite L2 table entry: %s", strerror(-r));
         w->res->check_errors++;
@@ -218,12 +381,21 @@ static uint64_t bad_flags(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
     return e;
 }
 
-/* Count one L2 table's references; the checker also checks every entry. */
-static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2)
+/* Count the references of one L2 table, times each (strict: a table named
+ * times more); the checker also checks every entry. */
+static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2, uint32_t times)
 {
     struct qcow2 *q = w->q;
     struct check_result *res = w->res;
     uint64_t cs = cl_size(q), next_contiguous = 0;
+    if (!res) {
+        w->l2_read += cs;
+        if (w->l2_read > REPAIR_MAX_L2_BYTES) {
+            snprintf(w->err, w->errlen, "the L1 tables name more than %llu GiB of L2 tables",
+                     REPAIR_MAX_L2_BYTES >> 30);
+            return -EFBIG;
+        }
+    }
     int r = read_exact(q, l2, cs, l2_off);
     if (r < 0) {
         snprintf(w->err, w->errlen, "cannot read the L2 table at 0x%llx: %s",
@@ -265,7 +437,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2)
             }
             uint64_t coff, nbytes;
             qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
-            r = rc_walk_count(w, coff, nbytes, "a compressed cluster");
+            r = count_n(w, coff, nbytes, "a compressed cluster", times);
             if (res && active) {
                 /* Compressed clusters count as fragmented, as in QEMU. */
                 res->allocated_clusters++;
@@ -314,7 +486,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2)
                 next_contiguous = off + cs;
             }
             /* A misaligned offset counts every cluster the range touches, as QEMU does. */
-            r = rc_walk_count(w, off, cs, "a data cluster");
+            r = count_n(w, off, cs, "a data cluster", times);
             break;
         }
         case QCOW2_CLUSTER_UNALLOCATED:
@@ -339,8 +511,12 @@ static void progress_step(struct rc_walk *w)
 
 int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i)
 {
-    uint8_t *buf = io_zalloc(512);
     uint32_t first = i & ~63u;
+    char msg[256];
+    if (ol_conflict(q, l1_off + (uint64_t)first * 8, 512, OL_ACTIVE_L1 | OL_INACTIVE_L1, "an L1 table entry",
+                    msg, sizeof(msg)) < 0)
+        return -EIO;
+    uint8_t *buf = io_zalloc(512);
     for (uint32_t k = first; k < first + 64 && k < l1_size; k++)
         be64_store(buf + (k - first) * 8, l1[k]);
     ssize_t n = file_pwrite(&q->file, buf, 512, l1_off + (uint64_t)first * 8, false);
@@ -348,15 +524,19 @@ int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint
     return n < 0 ? (int)n : 0;
 }
 
-/* Count one L1 table and everything it reaches.  active: the image's own
- * table (its statistics are what qemu-img check reports). */
-static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1_size, bool active)
+/* Count one L1 table (times references to it) and everything it reaches.
+ * active: the image's own table (its statistics are what qemu-img check
+ * reports).  Strict: an L2 table's entries are counted when it is first
+ * met; further references (snapshots sharing it) are added by
+ * count_shared_tables once every L1 table was walked. */
+static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1_size, bool active,
+                   uint32_t times)
 {
     struct qcow2 *q = w->q;
     uint64_t cs = cl_size(q);
     if (!l1_size)
         return 0;
-    int r = rc_walk_count(w, l1_off, (uint64_t)l1_size * 8, active ? "the L1 table" : "a snapshot L1 table");
+    int r = count_n(w, l1_off, (uint64_t)l1_size * 8, active ? "the L1 table" : "a snapshot L1 table", times);
     uint8_t *l2 = io_alloc(cs);
     for (uint32_t i = 0; i < l1_size && r == 0; i++) {
         progress_step(w);
@@ -403,15 +583,38 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1
             w->res->corruptions_fixed++;
             continue;
         }
-        r = rc_walk_count(w, t, cs, "an L2 table");
+        r = count_n(w, t, cs, "an L2 table", times);
         if (r == 0 && w->res && (t & (cs - 1))) {
             rc_walk_say(w, "ERROR l2_offset=%llx: Table is not cluster aligned; L1 entry corrupted",
                         (unsigned long long)t);
             w->res->corruptions++;
         }
-        if (r == 0)
-            r = walk_l2(w, t, active, l2);
+        if (r < 0)
+            break;
+        /* The checker walks every reference, as QEMU (which reports a
+         * shared table's problems each time). */
+        if (w->res) {
+            r = walk_l2(w, t, active, l2, 1);
+            continue;
+        }
+        uint32_t before = table_ref(w, t, times);
+        if (before == UINT32_MAX)
+            r = -EFBIG;
+        else if (before == 0)
+            r = walk_l2(w, t, active, l2, 1);
     }
+    io_free(l2);
+    return r;
+}
+
+/* Strict: the references to shared L2 tables past the first (see walk_l1). */
+static int count_shared_tables(struct rc_walk *w)
+{
+    uint8_t *l2 = io_alloc(cl_size(w->q));
+    int r = 0;
+    for (size_t i = 0; i < w->tcap && r == 0; i++)
+        if (w->tables[i] && w->refs[i] > 1)
+            r = walk_l2(w, w->tables[i], false, l2, w->refs[i] - 1);
     io_free(l2);
     return r;
 }
@@ -430,8 +633,11 @@ static int count_bitmaps(struct rc_walk *w)
         return 0;
     uint32_t nb = be32_load(x);
     uint64_t dir_size = be64_load(x + 8), dir_off = be64_load(x + 16);
-    if (dir_size > (64u << 20))
+    if (dir_size > (64u << 20)) {
+        snprintf(w->err, w->errlen, "the bitmap directory (%llu bytes) is too large",
+                 (unsigned long long)dir_size);
         return -EINVAL;
+    }
     int r = rc_walk_count(w, dir_off, dir_size, "the bitmap directory");
     uint8_t *dir = malloc(dir_size ? dir_size : 1);
     if (r == 0 && !dir)
@@ -445,7 +651,10 @@ static int count_bitmaps(struct rc_walk *w)
         uint16_t name = be16_load(dir + p + 18);
         uint32_t extra = be32_load(dir + p + 20);
         p += (24 + (uint64_t)extra + name + 7) & ~7ull;
-        if ((uint64_t)tsize * 8 > (64u << 20)) {
+        w->bitmap_read += (uint64_t)tsize * 8;
+        if (w->bitmap_read > REPAIR_MAX_BITMAP_TABLE_BYTES) {
+            snprintf(w->err, w->errlen, "the bitmap tables take more than %u MiB",
+                     REPAIR_MAX_BITMAP_TABLE_BYTES >> 20);
             r = -EINVAL;
             break;
         }
@@ -466,6 +675,70 @@ static int count_bitmaps(struct rc_walk *w)
     return r;
 }
 
+static int cmp_snapshot_l1(const void *a, const void *b)
+{
+    const struct qcow2_snapshot *x = *(const struct qcow2_snapshot *const *)a;
+    const struct qcow2_snapshot *y = *(const struct qcow2_snapshot *const *)b;
+    if (x->l1_table_offset != y->l1_table_offset)
+        return x->l1_table_offset < y->l1_table_offset ? -1 : 1;
+    return x->l1_size < y->l1_size ? -1 : x->l1_size > y->l1_size;
+}
+
+/* The snapshots' L1 tables.  Strict: snapshots naming the same L1 table
+ * are counted together (the table is read once), within REPAIR_MAX_L1_BYTES.
+ * The checker takes them one by one in table order, as QEMU. */
+static int walk_snapshots(struct rc_walk *w)
+{
+    struct qcow2 *q = w->q;
+    uint32_t nb = q->h.nb_snapshots;
+    const struct qcow2_snapshot **order = malloc(nb * sizeof(*order) + 1);
+    if (!order)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < nb; i++)
+        order[i] = &q->snapshots[i];
+    if (!w->res)
+        qsort(order, nb, sizeof(*order), cmp_snapshot_l1);
+    int r = 0;
+    for (uint32_t i = 0, n; i < nb && r == 0; i += n) {
+        const struct qcow2_snapshot *s = order[i];
+        for (n = 1; !w->res && i + n < nb && !cmp_snapshot_l1(&order[i], &order[i + n]); n++)
+            ;
+        uint64_t bytes = (uint64_t)s->l1_size * 8;
+        if (w->res && (s->l1_table_offset & (cl_size(q) - 1))) {
+            rc_walk_say(w, "ERROR snapshot %s (%s) l1_offset=%#llx: L1 table is not cluster aligned; "
+                        "snapshot table entry corrupted", s->id, s->name, (unsigned long long)s->l1_table_offset);
+            w->res->corruptions++;
+            w->work_done += s->l1_size;
+            continue;
+        }
+        if (w->res && bytes > QCOW2_MAX_L1_BYTES) {
+            rc_walk_say(w, "ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; "
+                        "snapshot table entry corrupted", s->id, s->name, s->l1_size);
+            w->res->corruptions++;
+            w->work_done += s->l1_size;
+            continue;
+        }
+        if (!w->res) {
+            w->l1_read += bytes;
+            if (w->l1_read > REPAIR_MAX_L1_BYTES) {
+                snprintf(w->err, w->errlen, "the snapshot L1 tables take more than %llu MiB",
+                         REPAIR_MAX_L1_BYTES >> 20);
+                r = -EFBIG;
+                break;
+            }
+        }
+        uint64_t *sl1 = calloc(s->l1_size + 1, 8);
+        r = !sl1 ? -ENOMEM : read_exact(q, sl1, bytes, s->l1_table_offset);
+        for (uint32_t j = 0; j < s->l1_size && r == 0; j++)
+            sl1[j] = be64_load(&sl1[j]);
+        if (r == 0)
+            r = walk_l1(w, s->l1_table_offset, sl1, s->l1_size, false, n);
+        free(sl1);
+    }
+    free(order);
+    return r;
+}
+
 int rc_walk_image(struct rc_walk *w)
 {
     struct qcow2 *q = w->q;
@@ -476,34 +749,13 @@ int rc_walk_image(struct rc_walk *w)
 
     int r = rc_walk_count(w, 0, cl_size(q), "the header");
     if (r == 0)
-        r = walk_l1(w, q->h.l1_table_offset, q->l1, q->h.l1_size, true);
-    for (uint32_t i = 0; i < q->h.nb_snapshots && r == 0; i++) {
-        struct qcow2_snapshot *s = &q->snapshots[i];
-        if (w->res && (s->l1_table_offset & (cl_size(q) - 1))) {
-            rc_walk_say(w, "ERROR snapshot %s (%s) l1_offset=%#llx: L1 table is not cluster aligned; "
-                        "snapshot table entry corrupted", s->id, s->name, (unsigned long long)s->l1_table_offset);
-            w->res->corruptions++;
-            w->work_done += s->l1_size;
-            continue;
-        }
-        if (w->res && (uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-            rc_walk_say(w, "ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; "
-                        "snapshot table entry corrupted", s->id, s->name, s->l1_size);
-            w->res->corruptions++;
-            w->work_done += s->l1_size;
-            continue;
-        }
-        uint64_t bytes = (uint64_t)s->l1_size * 8;
-        uint64_t *sl1 = calloc(s->l1_size + 1, 8);
-        r = !sl1 ? -ENOMEM : read_exact(q, sl1, bytes, s->l1_table_offset);
-        for (uint32_t j = 0; j < s->l1_size && r == 0; j++)
-            sl1[j] = be64_load(&sl1[j]);
-        if (r == 0)
-            r = walk_l1(w, s->l1_table_offset, sl1, s->l1_size, false);
-        free(sl1);
-    }
+        r = walk_l1(w, q->h.l1_table_offset, q->l1, q->h.l1_size, true, 1);
+    if (r == 0 && q->h.nb_snapshots)
+        r = walk_snapshots(w);
     if (r == 0 && q->h.nb_snapshots)
         r = rc_walk_count(w, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
+    if (r == 0 && !w->res)
+        r = count_shared_tables(w);
     if (r == 0)
         r = count_bitmaps(w);
     if (w->progress && w->work_total)
@@ -511,7 +763,8 @@ int rc_walk_image(struct rc_walk *w)
     return r;
 }
 
-/* Make COPIED flags in the active L1/L2 tables say "refcount is exactly 1". */
+/* Make COPIED flags in the active L1/L2 tables say "refcount is exactly 1".
+ * Strict walks only: it visits the L2 tables the walk met (w->tables). */
 static int fix_copied_flags(struct rc_walk *w)
 {
     struct qcow2 *q = w->q;
@@ -523,11 +776,16 @@ static int fix_copied_flags(struct rc_walk *w)
         uint64_t t = q->l1[i] & L1E_OFFSET_MASK;
         if (!t)
             continue;
-        uint64_t want = w->counts[t >> cl_bits(q)] == 1 ? QCOW_OFLAG_COPIED : 0;
+        uint64_t want = rc_walk_get(w, t >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
         if ((q->l1[i] & QCOW_OFLAG_COPIED) != want) {
             q->l1[i] = (q->l1[i] & ~QCOW_OFLAG_COPIED) | want;
             l1_changed = true;
         }
+        /* Each table once (the active L1 may name one several times). */
+        size_t h = w->tcap ? table_slot(w->tables, w->tcap, t) : 0;
+        if (!w->tcap || !w->tables[h] || !w->refs[h])
+            continue;
+        w->refs[h] = 0;
         r = read_exact(q, l2, cs, t);
         bool changed = false;
         for (uint64_t j = 0; j < q->h.l2_entries && r == 0; j++) {
@@ -536,18 +794,23 @@ static int fix_copied_flags(struct rc_walk *w)
             enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
             if (ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC)
                 continue;
-            uint64_t v = w->counts[(e & L2E_OFFSET_MASK) >> cl_bits(q)] == 1 ? QCOW_OFLAG_COPIED : 0;
+            uint64_t v = rc_walk_get(w, (e & L2E_OFFSET_MASK) >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
             if ((e & QCOW_OFLAG_COPIED) != v) {
                 be64_store(p, (e & ~QCOW_OFLAG_COPIED) | v);
                 changed = true;
             }
         }
+        if (r == 0 && changed)
+            r = ol_conflict(q, t, cs, OL_ACTIVE_L2, "an L2 table", w->err, w->errlen);
         if (r == 0 && changed) {
             ssize_t n = file_pwrite(&q->file, l2, cs, t, false);
             r = n < 0 ? (int)n : 0;
         }
     }
     io_free(l2);
+    if (r == 0 && l1_changed)
+        r = ol_conflict(q, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, OL_ACTIVE_L1,
+                        "the L1 table", w->err, w->errlen);
     if (r == 0 && l1_changed) {
         uint64_t bytes = ((uint64_t)q->h.l1_size * 8 + 511) & ~511ull;
         uint8_t *buf = io_zalloc(bytes);
@@ -560,63 +823,137 @@ static int fix_copied_flags(struct rc_walk *w)
     return r;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Write the new refcount blocks (range indexes blk[0..nblocks), placed
+ * from cluster start on): counts, and 1 for the clusters of the new area
+ * [start, area_end).  Consecutive blocks go out together. */
+static int write_blocks(struct rc_walk *w, const uint64_t *blk, uint64_t nblocks, uint64_t start,
+                        uint64_t area_end)
+{
+    struct qcow2 *q = w->q;
+    uint64_t cs = cl_size(q), per = REPAIR_WRITE_BATCH / cs ? REPAIR_WRITE_BATCH / cs : 1;
+    uint8_t *buf = io_alloc(per * cs);
+    int r = 0;
+    for (uint64_t b = 0; b < nblocks && r == 0; b += per) {
+        uint64_t n = nblocks - b < per ? nblocks - b : per;
+        memset(buf, 0, n * cs);
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t ci = blk[b + i];
+            const uint32_t *c = chunk_find(w, ci);
+            for (uint64_t j = 0; j < w->rbe; j++) {
+                uint64_t cl = ci * w->rbe + j;
+                uint64_t v = cl >= start && cl < area_end ? 1 : c ? c[j] : 0;
+                if (v)
+                    qcow2_refcount_set(buf + i * cs, q->h.refcount_order, j, v);
+            }
+        }
+        ssize_t n2 = file_pwrite(&q->file, buf, n * cs, (start + b) * cs, false);
+        r = n2 < 0 ? (int)n2 : 0;
+    }
+    io_free(buf);
+    return r;
+}
+
 int rc_rebuild(struct rc_walk *w, bool fix_copied)
 {
     struct qcow2 *q = w->q;
-    uint64_t cs = cl_size(q), rbe = q->h.refcount_block_entries;
-    uint64_t nclusters = w->nclusters;
-    uint64_t max = qcow2_refcount_max(q->h.refcount_order);
-    for (uint64_t c = 0; c < nclusters; c++)
-        if (w->counts[c] > max) {
-            snprintf(w->err, w->errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
-                     (unsigned long long)c, w->counts[c], q->h.refcount_bits);
-            return -ERANGE;
-        }
+    uint64_t cs = cl_size(q), rbe = w->rbe;
+    uint64_t *blk = NULL, *newtab = NULL;
+    uint8_t *newdirty = NULL, *tab = NULL;
+    char *err = w->err;
+    size_t errlen = w->errlen;
+    int r = 0;
 
-    /* New refcount blocks and table after everything in use and the end of
-     * the file, so nothing they overwrite is in use. */
-    uint64_t start = nclusters, nblocks = 1, ntable = 1;
+    /* The ranges in use, in order; every count must fit the refcount width. */
+    uint64_t nused = 0, max = qcow2_refcount_max(q->h.refcount_order);
+    blk = malloc((w->used + 2) * sizeof(*blk));
+    if (!blk)
+        return -ENOMEM;
+    for (size_t i = 0; i < w->cap; i++) {
+        if (!w->keys[i])
+            continue;
+        blk[nused++] = w->keys[i] - 1;
+        for (uint64_t j = 0; j < rbe; j++)
+            if (w->chunks[i][j] > max) {
+                snprintf(err, errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
+                         (unsigned long long)((w->keys[i] - 1) * rbe + j), w->chunks[i][j],
+                         q->h.refcount_bits);
+                r = -ERANGE;
+                goto out;
+            }
+    }
+    qsort(blk, nused, sizeof(*blk), cmp_u64);
+
+    /* New refcount blocks and table after everything counted and the end
+     * of the file, so nothing they overwrite is in use: a block for each
+     * range in use and each range the new area itself falls in (at most
+     * two more: the area is far smaller than a range, except for tiny
+     * clusters), then the table. */
+    uint64_t start = w->nclusters, nblocks = nused, ntable = 1, first_a = 0, last_a = 0;
     for (;;) {
-        uint64_t total = start + nblocks + ntable;
-        uint64_t need_blocks = (total + rbe - 1) / rbe;
-        uint64_t need_table = (need_blocks * 8 + cs - 1) / cs;
-        if (need_blocks == nblocks && need_table == ntable)
+        uint64_t end = start + nblocks + ntable;
+        first_a = start / rbe;
+        last_a = (end - 1) / rbe;
+        uint64_t na = last_a - first_a + 1 - (nused && blk[nused - 1] == first_a);
+        uint64_t need_blocks = nused + na;
+        uint64_t need_table = ((last_a + 1) * 8 + cs - 1) / cs;
+        if (need_blocks <= nblocks && need_table <= ntable)
             break;
-        nblocks = need_blocks;
-        ntable = need_table;
+        nblocks = need_blocks > nblocks ? need_blocks : nblocks;
+        ntable = need_table > ntable ? need_table : ntable;
+        if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES)
+            break;
     }
     if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES) {
-        snprintf(w->err, w->errlen, "the rebuilt refcount table would exceed QEMU's limit");
-        return -EFBIG;
+        snprintf(err, errlen, "the rebuilt refcount table would exceed QEMU's limit");
+        r = -EFBIG;
+        goto out;
     }
+    /* The area's ranges after those in use (the first may be the last in use). */
+    uint64_t *nb = realloc(blk, (nblocks + 1) * sizeof(*blk));
+    if (!nb) {
+        r = -ENOMEM;
+        goto out;
+    }
+    blk = nb;
+    uint64_t n = nused;
+    for (uint64_t ci = first_a; ci <= last_a && n < nblocks; ci++)
+        if (!nused || ci != blk[nused - 1])
+            blk[n++] = ci;
+    nblocks = n;
     uint64_t area = nblocks + ntable;
-    uint8_t *buf = io_zalloc(area * cs);
-    for (uint64_t c = 0; c < start + area; c++) {
-        uint64_t v = c < start ? w->counts[c] : 1;
-        if (v)
-            qcow2_refcount_set(buf + (c / rbe) * cs, q->h.refcount_order, c % rbe, v);
-    }
     uint64_t entries = ntable * cs / 8;
-    uint64_t *newtab = calloc(entries, sizeof(uint64_t));
-    uint8_t *newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
+    newtab = calloc(entries, sizeof(uint64_t));
+    newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
+    tab = io_zalloc(ntable * cs);
     if (!newtab || !newdirty) {
-        io_free(buf);
-        free(newtab);
-        free(newdirty);
-        return -ENOMEM;
+        r = -ENOMEM;
+        goto out;
     }
     for (uint64_t b = 0; b < nblocks; b++) {
-        newtab[b] = (start + b) * cs;
-        be64_store(buf + nblocks * cs + b * 8, newtab[b]);
+        newtab[blk[b]] = (start + b) * cs;
+        be64_store(tab + blk[b] * 8, newtab[blk[b]]);
     }
     /* COPIED flags first (they only describe refcounts we are about to
      * make true), then the new structures, a sync, and the header switch. */
-    int r = fix_copied ? fix_copied_flags(w) : 0;
+    err[0] = '\0';
+    r = fix_copied ? fix_copied_flags(w) : 0;
+    /* Past everything counted; the old refcount blocks, about to be
+     * replaced, may lie anywhere. */
+    if (r == 0)
+        r = ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
+                        err, errlen);
+    if (r == 0)
+        r = write_blocks(w, blk, nblocks, start, start + area);
     if (r == 0) {
-        ssize_t n = file_pwrite(&q->file, buf, area * cs, start * cs, false);
-        r = n < 0 ? (int)n : file_sync(&q->file);
+        ssize_t wr = file_pwrite(&q->file, tab, ntable * cs, (start + nblocks) * cs, false);
+        r = wr < 0 ? (int)wr : file_sync(&q->file);
     }
-    io_free(buf);
     if (r == 0) {
         q->h.refcount_table_offset = (start + nblocks) * cs;
         q->h.refcount_table_clusters = (uint32_t)ntable;
@@ -625,17 +962,23 @@ int rc_rebuild(struct rc_walk *w, bool fix_copied)
             r = file_sync(&q->file);
     }
     if (r < 0) {
-        snprintf(w->err, w->errlen, "writing new refcount structures failed: %s", strerror(-r));
-        free(newtab);
-        free(newdirty);
-        return r;
+        if (!err[0])
+            snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
+        goto out;
     }
     install_reftable(q, newtab, newdirty, entries);
+    newtab = NULL;
+    newdirty = NULL;
     note_host_end(q, (start + area) * cs);
     q->free_hint = 0;
     mcache_discard_range(&q->rcc, 0, UINT64_MAX);
     mcache_discard_range(&q->l2c, 0, UINT64_MAX);
-    return 0;
+out:
+    io_free(tab);
+    free(newtab);
+    free(newdirty);
+    free(blk);
+    return r;
 }
 
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
