@@ -14,9 +14,12 @@ int cmd_recover(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_check(int argc, char **argv);
 
 /* Progress bar on stderr (progress.c): drawn only when stderr is a terminal.
- * progress_update has the engine's img_progress_fn signature (ctx = the
+ * progress_update has the engine's tool_progress_fn signature (ctx = the
  * struct progress). */
 struct progress {
     const char *label;

@@ -514,7 +514,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         .date_sec = (uint32_t)now.tv_sec, .date_nsec = (uint32_t)(now.tv_nsec / 1000 * 1000),
         .vm_clock_nsec = 0, .vm_state_size = 0, .disk_size = q->h.size,
         .icount = UINT64_MAX,   /* as QEMU records outside record/replay */
-        .extra_size = QCOW2_SNAPSHOT_EXTRA_KNOWN,
+        .extra_size = 0,        /* written with QEMU's 24 known bytes (entry_store) */
     };
     if (!sn->id || !sn->name) {
         r = -ENOMEM;

@@ -8,8 +8,9 @@
 
 #include "qcow2/format.h"
 
-#define SN_FIXED_SIZE   40     /* bytes 0..39 of an entry */
+#define SN_FIXED_SIZE   QCOW2_SNAPSHOT_FIXED
 #define SN_EXTRA_V3_MIN 16     /* v3: 64-bit vm-state size + disk size */
+#define SN_EXTRA_KNOWN  24     /* ... + instruction count */
 
 __attribute__((format(printf, 4, 5)))
 static int fail(int ret, char *err, size_t errlen, const char *fmt, ...)
@@ -45,6 +46,63 @@ void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t nb)
     free(s);
 }
 
+void qcow2_snapshot_fixed_load(const uint8_t *e, struct qcow2_snapshot *s, uint16_t *id_len,
+                               uint16_t *name_len)
+{
+    s->l1_table_offset = be64_load(e + 0);
+    s->l1_size = be32_load(e + 8);
+    *id_len = be16_load(e + 12);
+    *name_len = be16_load(e + 14);
+    s->date_sec = be32_load(e + 16);
+    s->date_nsec = be32_load(e + 20);
+    s->vm_clock_nsec = be64_load(e + 24);
+    s->vm_state_size = be32_load(e + 32);
+    s->extra_size = be32_load(e + 36);
+}
+
+void qcow2_snapshot_extra_apply(struct qcow2_snapshot *s, uint64_t image_size)
+{
+    if (s->extra_size >= 8)
+        s->vm_state_size = be64_load(s->extra);    /* supersedes the 32-bit field */
+    s->disk_size = s->extra_size >= 16 ? be64_load(s->extra + 8) : image_size;
+    s->icount = s->extra_size >= SN_EXTRA_KNOWN ? be64_load(s->extra + 16) : UINT64_MAX;
+}
+
+/* Entries are written as QEMU writes them: at least the three known words
+ * of extra data (64-bit vm-state size, disk size, instruction count, which
+ * is "none" (all ones) when the entry had none), unknown extra data kept. */
+size_t qcow2_snapshot_entry_len(const struct qcow2_snapshot *s)
+{
+    size_t extra = s->extra_size > SN_EXTRA_KNOWN ? s->extra_size : SN_EXTRA_KNOWN;
+    return SN_FIXED_SIZE + extra + strlen(s->id) + strlen(s->name);
+}
+
+void qcow2_snapshot_entry_store(const struct qcow2_snapshot *s, uint8_t *buf)
+{
+    size_t extra = s->extra_size > SN_EXTRA_KNOWN ? s->extra_size : SN_EXTRA_KNOWN;
+    size_t id_len = strlen(s->id), name_len = strlen(s->name);
+    memset(buf, 0, SN_FIXED_SIZE + extra);
+    be64_store(buf + 0, s->l1_table_offset);
+    be32_store(buf + 8, s->l1_size);
+    be16_store(buf + 12, (uint16_t)id_len);
+    be16_store(buf + 14, (uint16_t)name_len);
+    be32_store(buf + 16, s->date_sec);
+    be32_store(buf + 20, s->date_nsec);
+    be64_store(buf + 24, s->vm_clock_nsec);
+    /* A state too large for 32 bits: older readers see a disk-only snapshot. */
+    be32_store(buf + 32, s->vm_state_size <= UINT32_MAX ? (uint32_t)s->vm_state_size : 0);
+    be32_store(buf + 36, (uint32_t)extra);
+    uint8_t *x = buf + SN_FIXED_SIZE;
+    if (s->extra_size)
+        memcpy(x, s->extra, s->extra_size);
+    be64_store(x, s->vm_state_size);
+    be64_store(x + 8, s->disk_size);
+    if (s->extra_size < SN_EXTRA_KNOWN)
+        be64_store(x + 16, UINT64_MAX);
+    memcpy(x + extra, s->id, id_len);
+    memcpy(x + extra + id_len, s->name, name_len);
+}
+
 int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size_t len,
                           uint32_t nb, struct qcow2_snapshot **out, char *err, size_t errlen)
 {
@@ -76,16 +134,8 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
                        i, pos, len);
             goto out_free;
         }
-        const uint8_t *e = buf + pos;
-        s->l1_table_offset = be64_load(e + 0);
-        s->l1_size = be32_load(e + 8);
-        uint16_t id_size = be16_load(e + 12);
-        uint16_t name_size = be16_load(e + 14);
-        s->date_sec = be32_load(e + 16);
-        s->date_nsec = be32_load(e + 20);
-        s->vm_clock_nsec = be64_load(e + 24);
-        s->vm_state_size = be32_load(e + 32);
-        s->extra_size = be32_load(e + 36);
+        uint16_t id_size, name_size;
+        qcow2_snapshot_fixed_load(buf + pos, s, &id_size, &name_size);
         pos += SN_FIXED_SIZE;
 
         if (s->extra_size > len - pos ||
@@ -101,17 +151,13 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
                        i, s->extra_size, SN_EXTRA_V3_MIN);
             goto out_free;
         }
-        const uint8_t *extra = buf + pos;
-        if (s->extra_size >= 8)
-            s->vm_state_size = be64_load(extra);    /* supersedes the 32-bit field */
-        s->disk_size = s->extra_size >= 16 ? be64_load(extra + 8) : h->size;
-        s->icount = s->extra_size >= QCOW2_SNAPSHOT_EXTRA_KNOWN ? be64_load(extra + 16) : UINT64_MAX;
         if (s->extra_size) {
             s->extra = malloc(s->extra_size);
             if (!s->extra)
                 goto out_nomem;
-            memcpy(s->extra, extra, s->extra_size);
+            memcpy(s->extra, buf + pos, s->extra_size);
         }
+        qcow2_snapshot_extra_apply(s, h->size);
         pos += s->extra_size;
         s->id = dup_name(buf + pos, id_size);
         pos += id_size;
@@ -153,13 +199,9 @@ int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8
     *len = 0;
     uint64_t total = 0;
     for (uint32_t i = 0; i < nb; i++) {
-        size_t idn = strlen(s[i].id), namen = strlen(s[i].name);
-        if (idn > UINT16_MAX || namen > UINT16_MAX)
+        if (strlen(s[i].id) > UINT16_MAX || strlen(s[i].name) > UINT16_MAX)
             return -EFBIG;
-        uint32_t extra = s[i].extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN ? s[i].extra_size
-                                                                       : QCOW2_SNAPSHOT_EXTRA_KNOWN;
-        total = (total + 7) & ~7ull;
-        total += SN_FIXED_SIZE + (uint64_t)extra + idn + namen;
+        total = ((total + 7) & ~7ull) + qcow2_snapshot_entry_len(&s[i]);
         if (total > QCOW2_MAX_SNAPSHOT_TABLE)
             return -EFBIG;
     }
@@ -170,36 +212,11 @@ int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8
         return -ENOMEM;
     size_t pos = 0;
     for (uint32_t i = 0; i < nb; i++) {
-        const struct qcow2_snapshot *e = &s[i];
-        size_t idn = strlen(e->id), namen = strlen(e->name);
-        uint32_t extra = e->extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN ? e->extra_size
-                                                                     : QCOW2_SNAPSHOT_EXTRA_KNOWN;
-        pos = (pos + 7) & ~(size_t)7;
-        uint8_t *p = buf + pos;
-        be64_store(p + 0, e->l1_table_offset);
-        be32_store(p + 8, e->l1_size);
-        be16_store(p + 12, (uint16_t)idn);
-        be16_store(p + 14, (uint16_t)namen);
-        be32_store(p + 16, e->date_sec);
-        be32_store(p + 20, e->date_nsec);
-        be64_store(p + 24, e->vm_clock_nsec);
-        /* A vm-state size that does not fit 32 bits is written as 0 here, so
-         * older readers see a disk-only snapshot rather than a cut one. */
-        be32_store(p + 32, e->vm_state_size <= UINT32_MAX ? (uint32_t)e->vm_state_size : 0);
-        be32_store(p + 36, extra);
-        p += SN_FIXED_SIZE;
-        be64_store(p + 0, e->vm_state_size);
-        be64_store(p + 8, e->disk_size);
-        be64_store(p + 16, e->icount);
-        if (e->extra_size > QCOW2_SNAPSHOT_EXTRA_KNOWN)
-            memcpy(p + QCOW2_SNAPSHOT_EXTRA_KNOWN, e->extra + QCOW2_SNAPSHOT_EXTRA_KNOWN,
-                   e->extra_size - QCOW2_SNAPSHOT_EXTRA_KNOWN);
-        p += extra;
-        memcpy(p, e->id, idn);
-        memcpy(p + idn, e->name, namen);
-        pos += SN_FIXED_SIZE + extra + idn + namen;
+        pos = (pos + 7) & ~(size_t)7;       /* entries start 8-aligned; none after the last */
+        qcow2_snapshot_entry_store(&s[i], buf + pos);
+        pos += qcow2_snapshot_entry_len(&s[i]);
     }
     *out = buf;
-    *len = total;
+    *len = pos;
     return 0;
 }
