@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 
 #include "cli/cli.h"
 #include "io/coroutine.h"
@@ -65,6 +66,7 @@ struct bench_run {
     uint64_t nblocks;           /* bs-sized blocks in the tested range */
     uint64_t deadline_ns;
     uint64_t start_ns, end_ns;
+    struct rusage ru_start, ru_end;     /* CPU time of the measured run only */
     bool stop;
     uint64_t read_ios, write_ios, errors;
     uint64_t lat_ns_total;
@@ -221,6 +223,7 @@ static void bench_main(void *arg)
     struct bench_run *r = jobs[0].run;
     const struct bench_cfg *c = r->cfg;
 
+    getrusage(RUSAGE_SELF, &r->ru_start);
     r->start_ns = now_ns();
     r->deadline_ns = c->seconds > 0 ? r->start_ns + (uint64_t)(c->seconds * 1e9) : UINT64_MAX;
     r->jobs_live = c->depth;
@@ -229,6 +232,7 @@ static void bench_main(void *arg)
     while (r->jobs_live)
         co_queue_wait(&r->jobs_done);
     r->end_ns = now_ns();
+    getrusage(RUSAGE_SELF, &r->ru_end);
 
     /* Persist what was written before reporting, as a real client would. */
     if (!r->img->read_only)
@@ -420,6 +424,11 @@ static unsigned ring_entries(unsigned depth)
     return n;
 }
 
+static double tv_diff(struct timeval a, struct timeval b)
+{
+    return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_usec - a.tv_usec) / 1e6;
+}
+
 static void print_result(const struct bench_cfg *c, const struct bench_run *r, const char *fmt)
 {
     uint64_t ios = r->read_ios + r->write_ios;
@@ -436,10 +445,11 @@ static void print_result(const struct bench_cfg *c, const struct bench_run *r, c
                "\"seconds\":%.3f,\"ios\":%" PRIu64 ",\"iops\":%.1f,\"mib_s\":%.2f,"
                "\"read_ios\":%" PRIu64 ",\"write_ios\":%" PRIu64 ",\"errors\":%" PRIu64 ","
                "\"lat_avg_us\":%.1f,\"lat_p50_us\":%.1f,\"lat_p99_us\":%.1f,"
-               "\"lat_max_us\":%.1f}\n",
+               "\"lat_max_us\":%.1f,\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f}\n",
                c->mode->name, fmt, c->bs, c->depth, secs, ios, iops, mib_s,
                r->read_ios, r->write_ios, r->errors, lat_us, p50, p99,
-               (double)r->lat_ns_max / 1000.0);
+               (double)r->lat_ns_max / 1000.0, tv_diff(r->ru_start.ru_utime, r->ru_end.ru_utime),
+               tv_diff(r->ru_start.ru_stime, r->ru_end.ru_stime));
     } else {
         printf("%s bs=%" PRIu64 " depth=%u: %.0f IOPS, %.1f MiB/s, %.1f s, lat avg %.1f us,"
                " p50 %.1f us, p99 %.1f us", c->mode->name, c->bs, c->depth, iops, mib_s, secs,

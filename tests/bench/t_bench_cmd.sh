@@ -25,7 +25,8 @@ if out=$(timeout 120 "$UQ" bench --rw randrw --bs 4k --depth 16 --ios 2000 --jso
                   and .read_ios > 0 and .write_ios > 0 and .rw == "randrw"
                   and .bs == 4096 and .depth == 16 and .iops > 0
                   and .lat_p50_us > 0 and .lat_p50_us <= .lat_p99_us
-                  and .lat_p99_us <= .lat_max_us * 1.05' >/dev/null <<<"$out"; then
+                  and .lat_p99_us <= .lat_max_us * 1.05
+                  and .cpu_user_s >= 0 and .cpu_sys_s >= 0' >/dev/null <<<"$out"; then
         not_ok bench_cmd_json "unexpected report: $out"
     else
         ok bench_cmd_json
