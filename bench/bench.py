@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """ublk-qcow2 benchmark suite (`make bench`).
 
     bench/bench.py BINARY            run the suite (configured by the environment below)
@@ -450,7 +450,7 @@ class HostBench:
 # ---- the VM part (ublk) --------------------------------------------------------------------------
 
 def run_vm(cfg, results):
-    """One boot of the test VM running `bench.py guest`; returns info from the guest."""
+    """One boot of the test VM running guest.py; returns what the guest reported."""
     c = cfg
     wls = [w for w in VM_WORKLOADS if w in c.workloads]
     if not wls:
@@ -461,7 +461,7 @@ def run_vm(cfg, results):
     log(f"ublk: booting the test VM (QEMU TCG), {size_name(c.usize)} images on "
         f"{', '.join(c.substrates)}, iodepth {c.udepth}, {c.rounds} round(s); at most {timeout} s")
     argv = [VM_SH, "--mem", "4G", "--timeout", str(timeout), "--",
-            "python3", os.path.join(HERE, "guest.py"), "--bin", c.bin,
+            os.path.join(HERE, "guest.py"), "--bin", c.bin,
             "--seconds", f"{c.secs:g}", "--depth", str(c.udepth), "--size", str(c.usize),
             "--rounds", str(c.rounds), "--substrates", ",".join(c.substrates),
             "--workloads", ",".join(wls)]
@@ -552,8 +552,11 @@ def main(argv):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     try:
+        if argv[:1] in (["-h"], ["--help"]):
+            print(__doc__)
+            return 0
         if len(argv) != 1 or argv[0].startswith("-"):
-            print(__doc__.split("\n\n")[0], file=sys.stderr)
+            print("\n\n".join(__doc__.split("\n\n")[:3]), file=sys.stderr)
             return 2
         return suite_main(argv[0])
     except BenchError as e:

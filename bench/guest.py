@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """The ublk part of `make bench`, run as root inside the test VM (tests/vm/vm.sh) by bench.py;
 needs a kernel with ublk_drv, nbd, loop and /run/vm-modules/brd.ko.
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """The report of `make bench`: targets and ratios from the raw results, latest.md, latest.json
 and the gnuplot chart latest.png.
 
@@ -86,7 +86,7 @@ class Data:
             ta, tb = total(ra[rnd]), total(rb.get(rnd))
             if ta is not None and tb:
                 per.append(ta / tb)
-        return x["median"] / y["median"], (min(per), max(per)) if per else None
+        return x["median"] / y["median"], (min(per), max(per)) if len(per) > 1 else None
 
 
 def substrates(d):
@@ -205,8 +205,10 @@ def render_md(doc, chart_name=None):
         L.append("## Targets (issue 5)\n")
         rows = []
         for t in targets:
-            where = t["workload"] if not t.get("substrate") else \
-                f"{t['workload']}, {SUBSTRATE_TEXT.get(t['substrate'], t['substrate'])}"
+            where = WORKLOADS[t["workload"]]["title"] if t["workload"] in WORKLOADS \
+                else t["workload"]
+            if t.get("substrate"):
+                where += f", {SUBSTRATE_TEXT.get(t['substrate'], t['substrate'])}"
             if t.get("growth_kib") is not None:
                 rows.append([t["name"], where, f"+{fmt_kib(t['growth_kib'])}",
                              f"<= +{fmt_kib(t['allowed_kib'])} (cache growth + 1 MiB)",
@@ -430,10 +432,13 @@ plot '{work}/sizes.dat' using 1:3:xtic(2) title 'ours randread', '' using 1:4 ti
 """)
     if not panels:
         return False
+    title = f"ublk-qcow2 make bench, {doc['date']}, commit {doc['commit']}"
+    if doc["config"]["quick"]:
+        title += ": QUICK-MODE SAMPLE (short runs, small images), not a measurement"
     script = f"""set terminal pngcairo size 1200,{420 * len(panels)} font ',9' noenhanced
 set output '{os.path.join(outdir, png)}.tmp'
 set datafile missing '?'
-set multiplot layout {len(panels)},1
+set multiplot layout {len(panels)},1 title '{title}'
 set style data histograms
 set style fill solid 0.8 border -1
 set key outside right top

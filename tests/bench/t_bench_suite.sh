@@ -3,21 +3,15 @@
 # (the VM section takes minutes under TCG; `make bench` runs it): it finishes, latest.json
 # parses and holds every measurement of the plan with numbers, the Markdown report and the
 # chart are written, `bench/report.py` renders them again, bad settings are refused.
-# Never asserts speed.  Needs env UQ (binary) and UQ_TMP (scratch directory).
+# Never asserts speed.
 # timeout: 480
-set -u
-: "${UQ:?UQ must name the ublk-qcow2 binary}" "${UQ_TMP:?UQ_TMP must name a scratch directory}"
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-SUITE=$ROOT/bench/bench.py
-D=$UQ_TMP/bench_suite
-rm -rf "$D" && mkdir -p "$D" || { echo "not ok bench_suite_setup: cannot create $D"; exit 1; }
-trap 'rm -rf "$D"' EXIT
-failed=0
-ok()     { echo "ok $1"; }
-not_ok() { echo "not ok $1: $2"; failed=1; }
+. "$(dirname "$0")/../lib/lib.sh"
 
-for tool in python3 fio qemu-img qemu-nbd nbdkit; do
-    command -v "$tool" >/dev/null || { echo "skip bench_suite: $tool is not installed"; exit 0; }
+SUITE=$REPO_ROOT/bench/bench.py
+D=$UQ_TMP/bench_suite
+mkdir -p "$D" || { notok bench_suite_setup "cannot create $D"; exit 1; }
+for tool in fio qemu-img qemu-nbd nbdkit; do
+    need_cmd "$tool" || { skip bench_suite "$tool is not installed"; exit 0; }
 done
 
 # Tiny everything: 0.1 s per measurement, depth 16, 16 MiB images, two sparse sizes.
@@ -27,15 +21,15 @@ quick() {
     BENCH_DIR="$D/dir" BENCH_RESULTS="$D/res" "$@"
 }
 
-if quick timeout 420 "$SUITE" "$UQ" >"$D/out.md" 2>"$D/err.log"; then
+if quick timeout 420 "$PYTHON" "$SUITE" "$UQ" >"$D/out.md" 2>"$D/err.log"; then
     ok bench_suite_runs
 else
-    not_ok bench_suite_runs "exit $?: $(grep -E 'failed|error|Error' "$D/err.log" | head -c 600)"
+    notok bench_suite_runs "exit $?: $(grep -E 'failed|error|Error' "$D/err.log" | head -c 600)"
 fi
 
 # Every (section, path, workload[, size]) the issue asks for, with IOPS, CPU per I/O and,
 # where they apply, latency percentiles and the server's peak memory.
-if python3 - "$D/res/latest.json" >"$D/check.log" 2>&1 <<'EOF'
+if "$PYTHON" - "$D/res/latest.json" >"$D/check.log" 2>&1 <<'EOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 MAIN = ["randwrite_4k", "randread_4k", "randrw_4k", "rw_512k"]
@@ -89,7 +83,7 @@ EOF
 then
     ok bench_suite_json
 else
-    not_ok bench_suite_json "$(head -c 800 "$D/check.log")"
+    notok bench_suite_json "$(head -c 800 "$D/check.log")"
 fi
 
 # The report: Markdown with every section, the chart as a PNG, stdout = the Markdown.
@@ -99,35 +93,35 @@ for heading in "## Targets" "## Engine and NBD export" "## Latency at depth 1" "
     grep -q "^$heading" "$md" 2>/dev/null || miss="$miss '$heading'"
 done
 if [ -n "$miss" ]; then
-    not_ok bench_suite_markdown "latest.md lacks$miss"
+    notok bench_suite_markdown "latest.md lacks$miss"
 elif ! cmp -s "$md" <(head -c "$(stat -c %s "$md")" "$D/out.md"); then
-    not_ok bench_suite_markdown "stdout is not the Markdown report"
+    notok bench_suite_markdown "stdout is not the Markdown report"
 else
     ok bench_suite_markdown
 fi
 if ! command -v gnuplot >/dev/null; then
-    echo "skip bench_suite_chart: gnuplot is not installed"
+    skip bench_suite_chart "gnuplot is not installed"
 elif [ "$(head -c 4 "$D/res/latest.png" 2>/dev/null | od -An -tx1 | tr -d ' ')" = 89504e47 ] &&
         grep -q '!\[chart\](latest.png)' "$md"; then
     ok bench_suite_chart
 else
-    not_ok bench_suite_chart "no PNG chart, or latest.md does not show it"
+    notok bench_suite_chart "no PNG chart, or latest.md does not show it"
 fi
 
 # Rendering again from the JSON gives the same report.
 mkdir -p "$D/again" && cp "$D/res/latest.json" "$D/again/"
-if "$ROOT/bench/report.py" "$D/again/latest.json" >/dev/null 2>"$D/again.err" &&
+if "$PYTHON" "$REPO_ROOT/bench/report.py" "$D/again/latest.json" >/dev/null 2>"$D/again.err" &&
         cmp -s "$D/again/latest.md" "$md"; then
     ok bench_suite_report_again
 else
-    not_ok bench_suite_report_again "$(head -c 300 "$D/again.err") $(diff "$md" "$D/again/latest.md" | head -5)"
+    notok bench_suite_report_again "$(head -c 300 "$D/again.err") $(diff "$md" "$D/again/latest.md" | head -5)"
 fi
 
 # Bad settings: exit 1 with a message naming the setting, nothing measured.
 bad=""
 for setting in BENCH_ONLY=engine,bogus BENCH_SECONDS=0 BENCH_SECONDS=x BENCH_DEPTH=-1 \
                BENCH_SIZE=12Q BENCH_WORKLOADS=randfoo; do
-    env "$setting" BENCH_DIR="$D/dir" BENCH_RESULTS="$D/bad" timeout 60 "$SUITE" "$UQ" \
+    env "$setting" BENCH_DIR="$D/dir" BENCH_RESULTS="$D/bad" timeout 60 "$PYTHON" "$SUITE" "$UQ" \
         >/dev/null 2>"$D/bad.err"
     rc=$?
     if [ $rc != 1 ]; then bad="$bad $setting exited $rc;"
@@ -136,6 +130,4 @@ for setting in BENCH_ONLY=engine,bogus BENCH_SECONDS=0 BENCH_SECONDS=x BENCH_DEP
     fi
 done
 [ -e "$D/bad" ] && bad="$bad results written for a refused setting;"
-if [ -z "$bad" ]; then ok bench_suite_bad_settings; else not_ok bench_suite_bad_settings "$bad"; fi
-
-exit $failed
+if [ -z "$bad" ]; then ok bench_suite_bad_settings; else notok bench_suite_bad_settings "$bad"; fi
