@@ -39,6 +39,8 @@ Environment:
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
   BENCH_SIZE       image size for engine/nbd (default 2G, quick 256M)
+  BENCH_ALLOC_SIZE size of the empty image for allocating writes (default 64G, quick 256M):
+                   large, so that nearly every write of the run allocates a new cluster
   BENCH_DEPTH      queue depth (default 128)
   BENCH_SIZES      sparse image sizes (default 1G,8G,64G; quick 64M,256M,1G)
   BENCH_COMPRESSED_SIZE  compressed image size (default 1G, quick 64M)
@@ -168,6 +170,7 @@ class Config:
             raise BenchError("BENCH_SECONDS must be a positive number of seconds")
         self.depth = self.posint("BENCH_DEPTH", "128")
         self.size = self.sizelist("BENCH_SIZE", "256M" if q else "2G")[0]
+        self.alloc_size = self.sizelist("BENCH_ALLOC_SIZE", "256M" if q else "64G")[0]
         self.csize = self.sizelist("BENCH_COMPRESSED_SIZE", "64M" if q else "1G")[0]
         self.sizes = self.sizelist("BENCH_SIZES", "64M,256M,1G" if q else "1G,8G,64G")
         self.usize = self.sizelist("BENCH_UBLK_SIZE", "256M" if q else "1G")[0]
@@ -211,6 +214,7 @@ class Config:
 
     def to_json(self):
         return {"seconds_each": self.secs, "depth": self.depth, "size": self.size,
+                "alloc_size": self.alloc_size,
                 "compressed_size": self.csize, "sizes": self.sizes, "sections": self.sections,
                 "workloads": self.workloads, "quick": self.quick,
                 "ublk": {"size": self.usize, "depth": self.udepth, "rounds": self.rounds,
@@ -278,14 +282,13 @@ class HostBench:
     def new_scratch(self, kind, size=None):
         if os.path.exists(self.scratch):
             os.unlink(self.scratch)
-        size = str(size or self.cfg.size)
         if kind == "empty":
-            argv = ["-f", "qcow2", self.scratch, size]
+            argv = ["-f", "qcow2", self.scratch, str(self.cfg.alloc_size)]
         elif kind == "overlay":
             # The backing file is the filled raw image, opened read-only by both servers.
-            argv = ["-f", "qcow2", "-b", self.raw, "-F", "raw", self.scratch, size]
+            argv = ["-f", "qcow2", "-b", self.raw, "-F", "raw", self.scratch, str(self.cfg.size)]
         else:   # sparse: every L2 table and refcount in place, the data clusters are holes
-            argv = ["-f", "qcow2", "-o", "preallocation=metadata", self.scratch, size]
+            argv = ["-f", "qcow2", "-o", "preallocation=metadata", self.scratch, str(size)]
         run(["qemu-img", "create", "-q"] + argv)
         return self.scratch
 
@@ -400,14 +403,15 @@ class HostBench:
                 self.measure("nbd_qemu", wl, self.m_nbd, "nbd_qemu", self.qcow2, wl, section=N)
                 self.measure("nbd_null", wl, self.m_nbd, "nbd_null", None, wl, section=N)
         # Allocating writes and overlay COW: a fresh image for each contender.
-        for wl, kind in (("alloc_4k", "empty"), ("overlay_4k", "overlay")):
+        for wl, kind, size in (("alloc_4k", "empty", c.alloc_size),
+                               ("overlay_4k", "overlay", c.size)):
             if self.wanted(E, wl):
                 self.measure("engine_qcow2", wl, lambda k=kind, w=wl: self.m_engine(
-                    self.new_scratch(k), "qcow2", w), section=E)
+                    self.new_scratch(k), "qcow2", w), section=E, image_size=size)
             if self.wanted(N, wl):
                 for path in ("nbd_ours", "nbd_qemu"):
                     self.measure(path, wl, lambda p=path, k=kind, w=wl: self.m_nbd(
-                        p, self.new_scratch(k), w), section=N)
+                        p, self.new_scratch(k), w), section=N, image_size=size)
         wl = "compressed_4k"
         if self.wanted(E, wl):
             self.measure("engine_qcow2", wl, self.m_engine, self.comp, "qcow2", wl, section=E)

@@ -226,8 +226,9 @@ def render_md(doc, chart_name=None):
         L.append("## Engine and NBD export (this host)\n")
         L.append(f"IOPS, 1 job, iodepth {c['depth']}; r/w cells are read / write IOPS. "
                  f"{size_name(c['size'])} images filled with data (raw, and the same data "
-                 f"converted to qcow2, 64 KiB clusters); empty and overlay images are new qcow2 "
-                 f"images of the same size (the overlay's backing file is the filled raw image); "
+                 f"converted to qcow2, 64 KiB clusters); the empty image is a new qcow2 of "
+                 f"{size_name(c.get('alloc_size', c['size']))}, the overlay a new qcow2 over the "
+                 f"filled raw image; "
                  f"the compressed image is `qemu-img convert -c` of {size_name(c['compressed_size'])}"
                  f" of half-compressible data (the engine's raw cell in that column reads its uncompressed"
                  f" source). `qemu-img bench` is sequential (its 4k rows are "
@@ -237,6 +238,17 @@ def render_md(doc, chart_name=None):
             if any((p, w) in d.host for w in host_wls):
                 rows.append([LABELS[p]] + [fmt_iops_cell(d.host.get((p, w)), w) for w in host_wls])
         L.append(table(["path"] + [WORKLOADS[w]["title"] for w in host_wls], rows))
+        per = []
+        for w in ("alloc_4k", "overlay_4k"):
+            for p in HOST_PATHS:
+                r = d.host.get((p, w)) or {}
+                if r.get("ios") and r.get("image_size"):
+                    per.append(f"{WORKLOADS[w]['title']}, {p}: "
+                               f"{r['ios'] / (r['image_size'] / 65536):.2f}")
+        if per:
+            L.append("\nWrites per cluster of the image over the run (well below 1: nearly every "
+                     "write allocated or copied a cluster; above 1: most did not): "
+                     + "; ".join(per) + ".\n")
         if ratios:
             L.append("\nOther ratios (total IOPS):\n")
             L.append(table(["ratio", "workload", "measured"],

@@ -17,7 +17,7 @@ done
 # Tiny everything: 0.1 s per measurement, depth 16, 16 MiB images, two sparse sizes.
 quick() {
     BENCH_QUICK=1 BENCH_ONLY=engine,nbd,sizes BENCH_SECONDS=0.1 BENCH_DEPTH=16 \
-    BENCH_SIZE=16M BENCH_COMPRESSED_SIZE=16M BENCH_SIZES=16M,32M \
+    BENCH_SIZE=16M BENCH_ALLOC_SIZE=16M BENCH_COMPRESSED_SIZE=16M BENCH_SIZES=16M,32M \
     BENCH_DIR="$D/dir" BENCH_RESULTS="$D/res" "$@"
 }
 
