@@ -21,6 +21,7 @@ static const struct subcommand subcommands[] = {
     { "del",   cmd_del,   "stop and remove ublk devices" },
     { "list",  cmd_list,  "show ublk devices, their state and images" },
     { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
+    { "stats", cmd_stats, "show a ublk device's counters (requests, bytes, errors, cache)" },
 };
 
 void cli_error(const char *fmt, ...)

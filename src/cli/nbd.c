@@ -18,6 +18,8 @@
 
 #include "cli/cli.h"
 #include "io/coroutine.h"
+#include "io/imagelock.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "nbd/server.h"
 #include "qcow2/image.h"
@@ -40,6 +42,7 @@ struct nbd_run {
     struct nbd_server *srv;
     int listen_fd;
     int signal_fd;
+    int lock_fd;                /* QEMU-style image locks, held while serving */
     bool socket_created;
     dev_t socket_dev;
     ino_t socket_ino;
@@ -61,8 +64,15 @@ static void usage(FILE *out)
         "  -r, --read-only          refuse writes (export flagged read-only)\n"
         "  -f, --format FMT         auto (default), raw or qcow2\n"
         "      --cache-size SIZE    qcow2 metadata cache size (e.g. 32M)\n"
+        "      --discard MODE       ignore (default, as qemu-nbd): TRIM does nothing and\n"
+        "                           write-zeroes keeps clusters allocated; unmap: TRIM and\n"
+        "                           write-zeroes free clusters and punch holes in the file\n"
+        "      --discard-no-unref   with --discard=unmap: keep discarded qcow2 clusters\n"
+        "                           allocated (reading as zeros), only punch their data out\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
+        "  -v, --verbose            say more on stderr (clients coming and going);\n"
+        "                           twice for debugging detail\n"
         "  -h, --help               show this help\n"
         "\n"
         "Exactly one of --socket and --bind is required.\n");
@@ -256,6 +266,11 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create the io_uring event loop");
         return -1;
     }
+    /* Lock before opening, as qemu-nbd does: opening may already write
+     * (refcount repair of a dirty image). */
+    run->lock_fd = image_lock(cli->image, !cli->img_opts.read_only, err, errlen);
+    if (run->lock_fd < 0)
+        return -1;
     run->img = img_open(cli->image, &cli->img_opts, err, errlen);
     if (!run->img)
         return -1;
@@ -290,6 +305,8 @@ static void run_cleanup(struct nbd_run *run)
 
     if (run->img)
         img_close(run->img);
+    if (run->lock_fd >= 0)
+        close(run->lock_fd);
     if (run->srv)
         nbd_server_free(run->srv);
     if (run->listen_fd >= 0)
@@ -321,7 +338,7 @@ static int run_serve(struct nbd_run *run)
 
 static int serve(const struct nbd_cli *cli, int ready_fd)
 {
-    struct nbd_run run = { .cli = cli, .listen_fd = -1, .signal_fd = -1 };
+    struct nbd_run run = { .cli = cli, .listen_fd = -1, .signal_fd = -1, .lock_fd = -1 };
     char err[512] = "";
     int rc;
 
@@ -344,8 +361,12 @@ static int serve(const struct nbd_cli *cli, int ready_fd)
         }
         close(ready_fd);
     }
+    uq_info("serving %s (%s, %llu bytes%s) on %s", cli->image, img_format_name(run.img),
+             (unsigned long long)img_size(run.img), run.img->read_only ? ", read-only" : "",
+             cli->socket_path ? cli->socket_path : cli->bind_addr);
     rc = run_serve(&run);
     run_cleanup(&run);
+    uq_info("stopped; image closed");
     return rc;
 }
 
@@ -390,7 +411,7 @@ static int serve_forked(const struct nbd_cli *cli)
 
 int cmd_nbd(int argc, char **argv)
 {
-    enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE };
+    enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF };
     static const struct option longopts[] = {
         { "socket",      required_argument, NULL, 'k' },
         { "bind",        required_argument, NULL, OPT_BIND },
@@ -400,6 +421,9 @@ int cmd_nbd(int argc, char **argv)
         { "cache-size",  required_argument, NULL, OPT_CACHE_SIZE },
         { "fork",        no_argument,       NULL, OPT_FORK },
         { "pid-file",    required_argument, NULL, OPT_PID_FILE },
+        { "discard",     required_argument, NULL, OPT_DISCARD },
+        { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
+        { "verbose",     no_argument,       NULL, 'v' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -409,7 +433,7 @@ int cmd_nbd(int argc, char **argv)
 
     opterr = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, ":k:x:rf:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":k:x:rf:vh", longopts, NULL)) != -1) {
         switch (c) {
         case 'k':
             cli.socket_path = optarg;
@@ -422,6 +446,9 @@ int cmd_nbd(int argc, char **argv)
             break;
         case 'r':
             cli.read_only = true;
+            break;
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'f':
             if (!strcmp(optarg, "auto"))
@@ -445,6 +472,15 @@ int cmd_nbd(int argc, char **argv)
             break;
         case OPT_FORK:
             cli.fork = true;
+            break;
+        case OPT_DISCARD:
+            if (img_parse_discard(optarg, &cli.img_opts.discard) < 0) {
+                cli_error("nbd: unknown --discard mode '%s' (ignore or unmap)", optarg);
+                return 2;
+            }
+            break;
+        case OPT_NO_UNREF:
+            cli.img_opts.discard_no_unref = true;
             break;
         case OPT_PID_FILE:
             cli.pid_file = optarg;

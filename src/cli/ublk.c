@@ -14,7 +14,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
+
 #include "cli/cli.h"
+#include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"
 
@@ -57,7 +60,13 @@ static void add_usage(FILE *out)
         "  -r, --read-only        refuse writes\n"
         "  -f, --format FMT       auto (default), raw or qcow2\n"
         "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
+        "      --discard MODE     ignore (default, as qemu-nbd): discards do nothing and\n"
+        "                         write-zeroes keeps clusters allocated; unmap: discards and\n"
+        "                         write-zeroes free clusters and punch holes in the file\n"
+        "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
+        "                         allocated (reading as zeros), only punch their data out\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
@@ -221,6 +230,9 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
     fflush(stdout);
     if (!foreground)
         return 0;
+    /* Under systemd (Type=notify): the service is up once the device is.
+     * Without NOTIFY_SOCKET this does nothing. */
+    sd_notifyf(0, "READY=1\nSTATUS=Serving %s as /dev/ublkb%lu", o->image, id);
     return report_child_exit(pid);
 
 }
@@ -236,6 +248,8 @@ int cmd_add(int argc, char **argv)
         { "cache-size", required_argument, NULL, 'c' },
         { "foreground", no_argument, NULL, 'F' },
         { "recovery", no_argument, NULL, 'R' },
+        { "discard", required_argument, NULL, 'D' },
+        { "discard-no-unref", no_argument, NULL, 'U' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -249,8 +263,11 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, 1u << 20, &v)) {
                 cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
@@ -301,6 +318,15 @@ int cmd_add(int argc, char **argv)
             break;
         case 'R':
             o.recovery = true;
+            break;
+        case 'D':
+            if (img_parse_discard(optarg, &o.discard) < 0) {
+                cli_error("add: unknown --discard mode '%s' (ignore or unmap)", optarg);
+                return 2;
+            }
+            break;
+        case 'U':
+            o.discard_no_unref = true;
             break;
         case 'h':
             add_usage(stdout);
@@ -393,8 +419,10 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
     struct ublksrv_ctrl_dev_info info;
     int r = ublk_ctrl_get_dev_info(c, id, &info);
     if (r < 0) {
-        ublk_state_remove(id);     /* stale, if any */
-        if (r == -ENODEV && quiet_missing)
+        if (r == -ENODEV)
+            ublk_state_remove(id);     /* stale, if any */
+        /* --all: devices that are gone, or another user's, are not ours to stop. */
+        if ((r == -ENODEV || r == -EPERM || r == -EACCES) && quiet_missing)
             return 0;
         if (r == -ENODEV)
             cli_error("del: there is no ublk device %u", id);
@@ -510,13 +538,115 @@ int cmd_del(int argc, char **argv)
 static void list_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 list [-n ID] [--json]\n\n"
+        "Usage: ublk-qcow2 list [-n ID] [--json]\n"
+        "       ublk-qcow2 list -n ID --udev-name | --owner\n\n"
         "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
         "daemon pid and image.\n\n"
         "Options:\n"
-        "  -n, --id ID   only this device (an error if it does not exist)\n"
-        "  -j, --json    a JSON array of objects\n"
-        "  -h, --help    this help\n");
+        "  -n, --id ID     only this device (an error if it does not exist)\n"
+        "  -j, --json      a JSON array of objects\n"
+        "      --udev-name the stable name of device ID: its image path escaped as\n"
+        "                  'systemd-escape --path' does (for the udev rule that makes\n"
+        "                  /dev/disk/by-ublk-qcow2/NAME)\n"
+        "      --owner     \"UID GID\" of the user who added unprivileged device ID\n"
+        "                  (for the udev rule that gives its nodes to that user)\n"
+        "  -h, --help      this help\n");
+}
+
+/* The image path escaped as systemd-escape --path does it: no leading or
+ * trailing '/', '/' becomes '-', bytes other than [A-Za-z0-9:_.] (and a
+ * leading '.') become \xNN.  Returns false if it does not fit. */
+static bool escape_path(const char *path, char *out, size_t len)
+{
+    size_t n = 0;
+    while (*path == '/')
+        path++;
+    bool first = true;
+    for (const char *p = path; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '/') {
+            while (p[1] == '/')
+                p++;
+            if (!p[1])
+                break;      /* trailing slash */
+            if (n + 1 >= len)
+                return false;
+            out[n++] = '-';
+        } else if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                   ch == ':' || ch == '_' || (ch == '.' && !first)) {
+            if (n + 1 >= len)
+                return false;
+            out[n++] = (char)ch;
+        } else {
+            if (n + 4 >= len)
+                return false;
+            n += (size_t)snprintf(out + n, len - n, "\\x%02x", ch);
+        }
+        first = false;
+    }
+    if (n == 0) {   /* the root directory itself */
+        if (len < 2)
+            return false;
+        out[n++] = '-';
+    }
+    out[n] = '\0';
+    return true;
+}
+
+/* A device's state file: ours, or for root looking at another user's
+ * unprivileged device, that user's (info may be NULL: ours only). */
+static bool device_state(uint32_t id, const struct ublksrv_ctrl_dev_info *info, struct ublk_state *st)
+{
+    if (ublk_state_read(id, st) == 0)
+        return true;
+    if (!info || !(info->flags & UBLK_F_UNPRIVILEGED_DEV) || ublk_info_owner_uid(info) == geteuid())
+        return false;
+    char dir[PATH_MAX];
+    ublk_state_dir_of(ublk_info_owner_uid(info), dir, sizeof(dir));
+    return ublk_state_read_in(dir, id, st) == 0;
+}
+
+/* list -n ID --udev-name: one line, or exit 1 if the device is unknown. */
+static int print_udev_name(uint32_t id)
+{
+    static struct ublk_state st;
+    char name[PATH_MAX * 4];
+    bool found = device_state(id, NULL, &st);
+    struct ublk_ctrl *ctrl;
+    if (!found && ublk_ctrl_open(&ctrl) == 0) {
+        struct ublksrv_ctrl_dev_info info;
+        found = ublk_ctrl_get_dev_info(ctrl, id, &info) == 0 && device_state(id, &info, &st);
+        ublk_ctrl_close(ctrl);
+    }
+    if (!found) {
+        cli_error("list: ublk device %u has no state file in %s", id, UBLK_STATE_DIR);
+        return 1;
+    }
+    if (!escape_path(st.image, name, sizeof(name))) {
+        cli_error("list: the image path of ublk device %u is too long for a name", id);
+        return 1;
+    }
+    printf("%s\n", name);
+    return 0;
+}
+
+/* list -n ID --owner: "UID GID" of an unprivileged device (for the udev
+ * rule that gives its nodes to its owner); exit 1 for root's devices. */
+static int print_owner(struct ublk_ctrl *ctrl, uint32_t id)
+{
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
+    if (r < 0) {
+        cli_error("list: %s ublk device %u%s%s", r == -ENODEV ? "there is no" : "cannot query", id,
+                  r == -ENODEV ? "" : ": ", r == -ENODEV ? "" : strerror(-r));
+        return 1;
+    }
+    if (!(info.flags & UBLK_F_UNPRIVILEGED_DEV)) {
+        cli_error("list: ublk device %u is not an unprivileged device (root's)", id);
+        return 1;
+    }
+    printf("%u %u\n", ublk_info_owner_uid(&info), ublk_info_owner_gid(&info));
+    return 0;
 }
 
 int cmd_list(int argc, char **argv)
@@ -524,10 +654,12 @@ int cmd_list(int argc, char **argv)
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "json", no_argument, NULL, 'j' },
+        { "udev-name", no_argument, NULL, 'U' },
+        { "owner", no_argument, NULL, 'O' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    bool json = false, have_id = false;
+    bool json = false, have_id = false, udev_name = false, owner = false;
     unsigned long id = 0;
     int c;
     optind = 1;
@@ -543,6 +675,12 @@ int cmd_list(int argc, char **argv)
         case 'j':
             json = true;
             break;
+        case 'U':
+            udev_name = true;
+            break;
+        case 'O':
+            owner = true;
+            break;
         case 'h':
             list_usage(stdout);
             return 0;
@@ -556,9 +694,22 @@ int cmd_list(int argc, char **argv)
         list_usage(stderr);
         return 2;
     }
+    if (udev_name || owner) {
+        if (!have_id || json || (udev_name && owner)) {
+            cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
+            return 2;
+        }
+        if (udev_name)
+            return print_udev_name((uint32_t)id);
+    }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
+    if (owner) {
+        int rc = print_owner(ctrl, (uint32_t)id);
+        ublk_ctrl_close(ctrl);
+        return rc;
+    }
     uint32_t ids[1024];
     size_t n;
     if (have_id) {
@@ -585,13 +736,16 @@ int cmd_list(int argc, char **argv)
             continue;
         }
         struct ublk_state st;
-        bool have_st = ublk_state_read(ids[i], &st) == 0;
+        bool have_st = device_state(ids[i], &info, &st);
         const char *state = ublk_state_name(info.state);
+        bool unpriv = info.flags & UBLK_F_UNPRIVILEGED_DEV;
         if (json) {
             printf("%s\n  {\"id\": %u, \"device\": \"/dev/ublkb%u\", \"state\": \"%s\", "
-                   "\"queues\": %u, \"depth\": %u, \"pid\": %d, \"max_io_buf_bytes\": %u, \"image\": ",
+                   "\"queues\": %u, \"depth\": %u, \"pid\": %d, \"max_io_buf_bytes\": %u, "
+                   "\"owner_uid\": %u, \"unprivileged\": %s, \"image\": ",
                    shown ? "," : "", ids[i], ids[i], state, info.nr_hw_queues, info.queue_depth,
-                   (int)info.ublksrv_pid, info.max_io_buf_bytes);
+                   (int)info.ublksrv_pid, info.max_io_buf_bytes,
+                   unpriv ? ublk_info_owner_uid(&info) : 0, unpriv ? "true" : "false");
             if (have_st) {
                 json_put_string(stdout, st.image);
                 printf(", \"format\": ");
@@ -624,6 +778,7 @@ static void recover_usage(FILE *out)
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
 
@@ -632,6 +787,7 @@ int cmd_recover(int argc, char **argv)
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "foreground", no_argument, NULL, 'F' },
+        { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -639,8 +795,11 @@ int cmd_recover(int argc, char **argv)
     unsigned long id = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:vh", longopts, NULL)) != -1) {
         switch (c) {
+        case 'v':
+            uq_set_verbosity(uq_verbosity() + 1);
+            break;
         case 'n':
             if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("recover: invalid device id '%s'", optarg);
@@ -698,6 +857,8 @@ int cmd_recover(int argc, char **argv)
     struct ublk_server_opts o = {
         .image = st.image, .dev_id = (uint32_t)id, .nr_queues = st.queues, .depth = st.depth,
         .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
+        .discard = st.discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
+        .discard_no_unref = st.discard_no_unref,
         .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
                 : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
         .recovery = true, .recover = true, .notify_fd = -1,

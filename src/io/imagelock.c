@@ -1,5 +1,6 @@
 /* QEMU-compatible image locks (see imagelock.h). */
 #include "io/imagelock.h"
+#include "io/log.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -55,8 +56,8 @@ int image_lock(const char *path, bool writable, char *err, size_t errlen)
         if (!r && (unshared & (1u << n)))
             r = ofd_lock(fd, F_RDLCK, SHARED_BASE + n);
         if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
-            fprintf(stderr, "ublk-qcow2: warning: %s: file system has no OFD locks (%s); "
-                            "image not locked\n", path, strerror(-r));
+            uq_warn("%s: file system has no OFD locks (%s); image not locked",
+                    path, strerror(-r));
             return fd;
         }
         if (r < 0) {

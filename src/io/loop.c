@@ -1,5 +1,6 @@
 /* Per-thread io_uring event loop and the I/O primitives (see loop.h). */
 #include "io/loop.h"
+#include "io/log.h"
 #include "io/coroutine.h"
 
 #include <errno.h>
@@ -115,13 +116,13 @@ int loop_run(struct loop *l)
         if (l->inflight == 0) {
             if (co_live_count() == 0)
                 return 0;
-            fprintf(stderr, "loop: all coroutines parked with no I/O in flight\n");
+            uq_error("loop: all coroutines parked with no I/O in flight");
             return -EDEADLK;
         }
         /* One submit for every SQE queued by the coroutines that just ran. */
         int ret = io_uring_submit_and_wait(&l->ring, 1);
         if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
-            fprintf(stderr, "loop: io_uring_submit_and_wait: %s\n", strerror(-ret));
+            uq_error("loop: io_uring_submit_and_wait: %s", strerror(-ret));
             return ret;
         }
         loop_reap(l);
@@ -142,7 +143,7 @@ static struct io_uring_sqe *loop_sqe(struct loop *l)
         /* SQ full: push what is queued to the kernel to make room. */
         int ret = io_uring_submit(&l->ring);
         if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
-            fprintf(stderr, "loop: io_uring_submit: %s\n", strerror(-ret));
+            uq_error("loop: io_uring_submit: %s", strerror(-ret));
             abort();
         }
         if (ret <= 0)
@@ -438,7 +439,7 @@ void *io_alloc(size_t len)
 {
     void *p;
     if (posix_memalign(&p, IO_ALIGN, len ? len : 1) != 0) {
-        fprintf(stderr, "out of memory allocating %zu bytes\n", len);
+        uq_error("out of memory allocating %zu bytes", len);
         abort();
     }
     return p;

@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include "io/loop.h"
+#include "io/log.h"
 #include "qcow2/internal.h"
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -24,6 +25,38 @@ static inline uint64_t l2bm_get(const struct qcow2 *q, const struct mslice *s, u
 static inline void l2e_set(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t e)
 {
     be64_store(s->data + (size_t)idx * q->h.l2_entry_size, e);
+}
+
+static inline void l2bm_set(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t bm)
+{
+    if (q->extl2)
+        be64_store(s->data + (size_t)idx * 16 + 8, bm);
+}
+
+/* ---- units: subclusters with extended L2, else whole clusters ---------------- */
+#define SC_ALL 0xffffffffu
+
+static inline uint64_t mkbm(uint32_t alloc, uint32_t zero) { return (uint64_t)zero << 32 | alloc; }
+static inline uint64_t unit_size(const struct qcow2 *q)
+{
+    return q->extl2 ? cl_size(q) / QCOW2_SUBCLUSTERS : cl_size(q);
+}
+static inline uint32_t unit_count(const struct qcow2 *q) { return q->extl2 ? QCOW2_SUBCLUSTERS : 1; }
+
+/* Bits [from, to) of a subcluster mask (from < 32). */
+static inline uint32_t units_mask(uint32_t from, uint32_t to)
+{
+    if (from >= to)
+        return 0;
+    uint32_t upto = to >= 32 ? SC_ALL : (1u << to) - 1;
+    return upto & ~((1u << from) - 1);
+}
+
+/* Subclusters touched by bytes [from, to) of a cluster (to > from). */
+static inline uint32_t units_touched(const struct qcow2 *q, uint64_t from, uint64_t to)
+{
+    uint64_t us = unit_size(q);
+    return units_mask((uint32_t)(from / us), (uint32_t)((to + us - 1) / us));
 }
 
 static inline uint32_t entries_per_slice(const struct qcow2 *q)
@@ -47,30 +80,6 @@ static inline bool is_zero_alloc_owned(const struct qcow2 *q, uint64_t e)
     return (e & QCOW_OFLAG_COPIED) && etype(q, e) == QCOW2_CLUSTER_ZERO_ALLOC;
 }
 
-static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
-{
-    return a < b + blen && b < a + alen;
-}
-
-/* A hostile or damaged image may map guest data onto its own metadata;
- * overwriting the header or a table in place would destroy the image. */
-static bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
-{
-    uint64_t cs = cl_size(q);
-    return ranges_overlap(off, len, 0, cs) ||
-           ranges_overlap(off, len, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8) ||
-           ranges_overlap(off, len, q->h.refcount_table_offset, (uint64_t)q->h.refcount_table_clusters * cs) ||
-           (q->h.nb_snapshots && ranges_overlap(off, len, q->h.snapshots_offset, cs));
-}
-
-/* Does the old content of a cluster, as the COW source, read as zeros? */
-static bool reads_as_zero_for_cow(const struct qcow2 *q, uint64_t e)
-{
-    enum qcow2_cluster_type t = etype(q, e);
-    return t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
-           (t == QCOW2_CLUSTER_UNALLOCATED && !q->backing);
-}
-
 /* Clusters past the known end of the file are legitimate only if the
  * refcounts say they are ours (a writer may crash after counting and
  * mapping a cluster but before writing it); a hostile entry pointing far
@@ -82,6 +91,63 @@ static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
     for (uint64_t c = host >> cl_bits(q); c <= (host + len - 1) >> cl_bits(q); c++) {
         uint64_t rc;
         if (rc_get(q, c, &rc) < 0 || rc != 1)
+            return false;
+    }
+    return true;
+}
+
+/* Is (e, bm) a valid entry?  If not, the image is marked broken (with a
+ * message naming the entry) and the caller fails with -EIO, as QEMU does.
+ * Extended L2 (docs/interop/qcow2.txt, "Extended L2 Entries"): a subcluster
+ * is never both allocated and zero, an unallocated cluster has no allocated
+ * subclusters, and a compressed cluster's bitmap is all zero. */
+static bool entry_ok(struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t off)
+{
+    enum qcow2_cluster_type t = etype(q, e);
+    if (t == QCOW2_CLUSTER_INVALID) {
+        qcow2_mark_broken(q, "L2 entry 0x%llx for guest offset 0x%llx is invalid",
+                          (unsigned long long)e, (unsigned long long)off);
+        return false;
+    }
+    if (!q->extl2)
+        return true;
+    uint32_t alloc = extl2_alloc_bits(bm), zero = extl2_zero_bits(bm);
+    bool bad = t == QCOW2_CLUSTER_COMPRESSED ? bm != 0
+             : t == QCOW2_CLUSTER_NORMAL ? (alloc & zero) != 0
+             : alloc != 0;
+    if (bad)
+        qcow2_mark_broken(q, "extended L2 bitmap 0x%llx (entry 0x%llx) for guest offset 0x%llx is invalid",
+                          (unsigned long long)bm, (unsigned long long)e, (unsigned long long)off);
+    return !bad;
+}
+
+/* What unit u of a valid, uncompressed entry holds. */
+enum unit_kind { U_DATA, U_ZERO, U_UNALLOC };
+
+static enum unit_kind unit_kind(const struct qcow2 *q, uint64_t e, uint64_t bm, uint32_t u)
+{
+    if (!q->extl2) {
+        enum qcow2_cluster_type t = etype(q, e);
+        return t == QCOW2_CLUSTER_NORMAL ? U_DATA
+             : t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ? U_ZERO : U_UNALLOC;
+    }
+    return (extl2_alloc_bits(bm) >> u) & 1 ? U_DATA : (extl2_zero_bits(bm) >> u) & 1 ? U_ZERO : U_UNALLOC;
+}
+
+/* Do bytes [from, to) of the cluster described by a valid (e, bm) read as
+ * zeros? */
+static bool part_reads_zero(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t from, uint64_t to)
+{
+    if (from >= to)
+        return true;
+    if (etype(q, e) == QCOW2_CLUSTER_COMPRESSED)
+        return false;
+    uint32_t m = units_touched(q, from, to);
+    for (uint32_t u = 0; u < unit_count(q); u++) {
+        if (!((m >> u) & 1))
+            continue;
+        enum unit_kind k = unit_kind(q, e, bm, u);
+        if (k == U_DATA || (k == U_UNALLOC && q->backing))
             return false;
     }
     return true;
@@ -105,18 +171,20 @@ static void unlink_alloc(struct qcow2 *q, struct inflight_alloc *a)
 }
 
 /* Drop the reference an L2 entry held, once the entry's replacement is
- * durable (defer_free).  Owned and shared clusters alike lose one ref. */
-static void release_entry(struct qcow2 *q, uint64_t e)
+ * durable (defer_free).  Owned and shared clusters alike lose one ref;
+ * with punch (a discard), a cluster left unused is punched out of the file. */
+static void release_entry(struct qcow2 *q, uint64_t e, bool punch)
 {
+    void (*drop)(struct qcow2 *, uint64_t, uint64_t) = punch ? defer_free_punch : defer_free;
     switch (etype(q, e)) {
     case QCOW2_CLUSTER_NORMAL:
     case QCOW2_CLUSTER_ZERO_ALLOC:
-        defer_free(q, e & L2E_OFFSET_MASK, cl_size(q));
+        drop(q, e & L2E_OFFSET_MASK, cl_size(q));
         break;
     case QCOW2_CLUSTER_COMPRESSED: {
         uint64_t coff, nbytes;
         qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
-        defer_free(q, coff, nbytes);
+        drop(q, coff, nbytes);
         break;
     }
     default:
@@ -157,8 +225,11 @@ static int l2_make_writable(struct qcow2 *q, uint64_t l1i)
     }
     q->l1[l1i] = host | QCOW_OFLAG_COPIED;
     q->l1_dirty[l1i * 8 / 512] = 1;
-    if (old)
+    ol_add(q, host, OL_BIT_ACTIVE_L2);
+    if (old) {
+        ol_remove(q, old, OL_BIT_ACTIVE_L2);
         defer_free(q, old, cs);
+    }
 out:
     co_mutex_unlock(&q->alloc_lock);
     return r;
@@ -189,6 +260,10 @@ static int l2_lookup(struct qcow2 *q, uint64_t off, bool for_write, struct mslic
     }
     if (!t)
         return 0;
+    /* An entry about to change lives in a table that must be nothing else
+     * (an L1 entry may name the header, the L1 or the refcount table). */
+    if (for_write && ol_check(q, t, cs, OL_ACTIVE_L2, "an L2 table") < 0)
+        return -EIO;
     uint64_t byte = t + l2i * q->h.l2_entry_size;
     uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
     int r = mcache_get(&q->l2c, soff, sp);
@@ -225,11 +300,12 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 {
     struct mslice *s;
     uint32_t idx;
+    *has_table = false;     /* defined on errors too: callers may look before checking */
+    *e = *bm = 0;
     int r = l2_lookup(q, off, false, &s, &idx);
     if (r < 0)
         return r;
     *has_table = r == 1;
-    *e = *bm = 0;
     if (r == 1) {
         *e = l2e_get(q, s, idx);
         *bm = l2bm_get(q, s, idx);
@@ -285,8 +361,8 @@ static int read_compressed(struct qcow2 *q, uint64_t e, uint64_t off, uint64_t l
         if (r == 0)
             memcpy(buf, out + offset_into_cluster(q, off), len);
         else if (n >= 0)
-            fprintf(stderr, "ublk-qcow2: %s: compressed cluster at 0x%llx does not decompress\n",
-                    q->img.path, (unsigned long long)coff);
+            uq_error("%s: compressed cluster at 0x%llx does not decompress",
+                     q->img.path, (unsigned long long)coff);
     }
     free(in);
     free(out);
@@ -299,47 +375,21 @@ enum ext_kind { EXT_NONE, EXT_HOST, EXT_ZERO, EXT_BACKING };
 static int read_cluster_part(struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t off, uint64_t len,
                              uint8_t *buf)
 {
-    enum qcow2_cluster_type t = etype(q, e);
-    uint64_t host = e & L2E_OFFSET_MASK;
-    switch (t) {
-    case QCOW2_CLUSTER_INVALID:
-        qcow2_mark_broken(q, "L2 entry 0x%llx for guest offset 0x%llx is invalid",
-                          (unsigned long long)e, (unsigned long long)off);
+    if (!entry_ok(q, e, bm, off))
         return -EIO;
-    case QCOW2_CLUSTER_COMPRESSED:
+    if (etype(q, e) == QCOW2_CLUSTER_COMPRESSED)
         return read_compressed(q, e, off, len, buf);
-    case QCOW2_CLUSTER_ZERO_PLAIN:
-    case QCOW2_CLUSTER_ZERO_ALLOC:
-        memset(buf, 0, len);
-        return 0;
-    default:
-        break;
-    }
-    if (!q->extl2)
-        return t == QCOW2_CLUSTER_NORMAL ? read_host(q, host + offset_into_cluster(q, off), len, buf)
-                                         : read_backing(q, off, len, buf);
-
-    /* Extended L2: each subcluster is allocated, zero, or unallocated. */
-    uint32_t alloc = extl2_alloc_bits(bm), zero = extl2_zero_bits(bm);
-    if ((alloc & zero) || (alloc && t != QCOW2_CLUSTER_NORMAL)) {
-        qcow2_mark_broken(q, "extended L2 bitmap 0x%llx for guest offset 0x%llx is invalid",
-                          (unsigned long long)bm, (unsigned long long)off);
-        return -EIO;
-    }
-    uint64_t scs = cl_size(q) / QCOW2_SUBCLUSTERS;
+    /* Unit by unit (one unit without extended L2): allocated, zero, or
+     * unallocated (backing file or zeros); runs of one kind in one I/O. */
+    uint64_t host = e & L2E_OFFSET_MASK, us = unit_size(q);
     while (len) {
         uint64_t in = offset_into_cluster(q, off);
-        uint32_t sc = (uint32_t)(in / scs);
-        enum ext_kind k = (alloc >> sc) & 1 ? EXT_HOST : (zero >> sc) & 1 ? EXT_ZERO : EXT_BACKING;
-        uint64_t n = MIN(len, scs - in % scs);
-        for (uint32_t j = sc + 1; n < len; j++) {
-            enum ext_kind kj = (alloc >> j) & 1 ? EXT_HOST : (zero >> j) & 1 ? EXT_ZERO : EXT_BACKING;
-            if (kj != k)
-                break;
-            n += MIN(len - n, scs);
-        }
-        int r = k == EXT_HOST ? read_host(q, host + in, n, buf)
-              : k == EXT_BACKING ? read_backing(q, off, n, buf)
+        enum unit_kind k = unit_kind(q, e, bm, (uint32_t)(in / us));
+        uint64_t n = MIN(len, us - in % us);
+        for (uint32_t u = (uint32_t)(in / us) + 1; n < len && unit_kind(q, e, bm, u) == k; u++)
+            n += MIN(len - n, us);
+        int r = k == U_DATA ? read_host(q, host + in, n, buf)
+              : k == U_UNALLOC ? read_backing(q, off, n, buf)
               : (memset(buf, 0, n), 0);
         if (r < 0)
             return r;
@@ -389,7 +439,7 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
         enum qcow2_cluster_type t = etype(q, e);
         enum ext_kind k = EXT_NONE;
         uint64_t host = 0;
-        if (!q->extl2 && t == QCOW2_CLUSTER_NORMAL) {
+        if (t == QCOW2_CLUSTER_NORMAL && (!q->extl2 || bm == SC_ALL)) {
             k = EXT_HOST;
             host = (e & L2E_OFFSET_MASK) + offset_into_cluster(q, off);
         } else if (t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
@@ -421,17 +471,81 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
 
 /* ---- writing ----------------------------------------------------------------- */
 
+/* Guest data may be written (or punched) at [host, host+len) of a cluster
+ * we own only if that is none of the image's metadata (overlap.c) nor past
+ * the end of the file without the refcounts saying the cluster is ours:
+ * a hostile or damaged image may map guest data anywhere. */
+static int check_own_range(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len)
+{
+    int r = ol_check(q, host, len, 0, "guest data");
+    if (r < 0)
+        return r;
+    if (owned_past_end(q, host, len))
+        return 0;
+    qcow2_mark_broken(q, "guest offset 0x%llx maps to an unowned cluster past the end of the file "
+                      "at 0x%llx", (unsigned long long)off, (unsigned long long)host);
+    return -EIO;
+}
+
+/* Extended L2: where the copy into a new cluster replacing (e, bm) starts,
+ * for guest data from byte o of the cluster.  Only subclusters that hold
+ * something are copied, as QEMU does: all of a compressed cluster; of a
+ * cluster shared with a snapshot, from its first allocated subcluster; of
+ * an unallocated one, only the start of the subcluster the data begins in
+ * (the rest keeps reading from the backing file or as zeros).  Without
+ * extended L2 the whole cluster is copied. */
+static uint64_t cow_start(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t o)
+{
+    if (!q->extl2)
+        return 0;
+    uint64_t us = unit_size(q);
+    uint32_t u = (uint32_t)(o / us), alloc = extl2_alloc_bits(bm);
+    switch (etype(q, e)) {
+    case QCOW2_CLUSTER_COMPRESSED:
+        return 0;
+    case QCOW2_CLUSTER_NORMAL:
+        return MIN(u, alloc ? (uint32_t)__builtin_ctz(alloc) : u) * us;
+    default:
+        return u * us;
+    }
+}
+
+/* ... and where it ends, for data ending at byte eo (0 < eo <= cluster size). */
+static uint64_t cow_end(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t eo)
+{
+    if (!q->extl2)
+        return cl_size(q);
+    uint64_t us = unit_size(q);
+    uint32_t u = (uint32_t)((eo - 1) / us), alloc = extl2_alloc_bits(bm);
+    switch (etype(q, e)) {
+    case QCOW2_CLUSTER_COMPRESSED:
+        return cl_size(q);
+    case QCOW2_CLUSTER_NORMAL: {
+        uint32_t last = alloc ? 31 - (uint32_t)__builtin_clz(alloc) : u;
+        return ((u > last ? u : last) + 1) * us;
+    }
+    default:
+        return (u + 1) * us;
+    }
+}
+
 /* Allocate and write clusters for the start of [off, off+len), all mapped by
- * slice s at idx.  The untouched head and tail of the new clusters are
- * copied from the old content (backing file, zeros, shared or compressed
- * cluster) and written together with the guest data in one I/O.  The L2
- * entries change only after that write completed; the flush that makes
- * them durable syncs the data first.  Releases s.  *done = bytes written. */
+ * slice s at idx.  The parts of the new clusters around the data are copied
+ * from the old content (backing file, zeros, shared or compressed cluster;
+ * with extended L2 only the subclusters that need it, see cow_start) and
+ * written together with the guest data in one I/O.  The L2 entries (and
+ * subcluster bitmaps) change only after that write completed; the flush
+ * that makes them durable syncs the data first.  Releases s.
+ * *done = bytes written. */
 static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const uint8_t *buf,
                        uint64_t off, uint64_t len, uint64_t *done)
 {
     uint64_t cs = cl_size(q), c0 = off >> cl_bits(q), end = off + len;
-    uint64_t e0 = l2e_get(q, s, idx);
+    uint64_t e0 = l2e_get(q, s, idx), bm0 = l2bm_get(q, s, idx);
+    if (!entry_ok(q, e0, bm0, off)) {
+        mcache_put(&q->l2c, s);
+        return -EIO;
+    }
     bool reuse = is_zero_alloc_owned(q, e0);   /* our own zeroed cluster: fill it in place */
     uint64_t want = 1;
     while (!reuse && idx + want < entries_per_slice(q) && (c0 + want) * cs < end) {
@@ -460,53 +574,139 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
          * zeros already, so COW from zeros needs no write at all. */
         fresh = host >= end_before;
     }
-    uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs;
+    uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs, last_start = span_end - cs;
     uint64_t data_end = MIN(end, span_end);
-    uint64_t head_len = off - span_start, tail_len = span_end - data_end;
-    if (fresh && reads_as_zero_for_cow(q, e0) &&
-        reads_as_zero_for_cow(q, l2e_get(q, s, idx + (uint32_t)got - 1))) {
+    uint32_t li = idx + (uint32_t)got - 1;
+    uint64_t el = l2e_get(q, s, li), bml = l2bm_get(q, s, li);
+    if (li != idx && !entry_ok(q, el, bml, last_start)) {
+        r = -EIO;
+        goto fail;
+    }
+    /* [cow_from, cow_to): what the new clusters hold once written. */
+    uint64_t cow_from = span_start + cow_start(q, e0, bm0, off - span_start);
+    uint64_t cow_to = last_start + cow_end(q, el, bml, data_end - last_start);
+    uint64_t head_len = off - cow_from, tail_len = cow_to - data_end, wr = cow_from;
+    if (fresh && part_reads_zero(q, e0, bm0, cow_from - span_start, off - span_start) &&
+        part_reads_zero(q, el, bml, data_end - last_start, cow_to - last_start)) {
         head_len = tail_len = 0;
-        host += off - span_start;
+        wr = off;
     }
     struct iovec iov[3];
     int niov = 0;
     if (head_len) {
         head = io_alloc(head_len);
-        r = read_cluster_part(q, e0, l2bm_get(q, s, idx), span_start, head_len, head);
+        r = read_cluster_part(q, e0, bm0, cow_from, head_len, head);
         iov[niov++] = (struct iovec){ head, head_len };
     }
     iov[niov++] = (struct iovec){ (void *)buf, data_end - off };
     if (r == 0 && tail_len) {
-        uint32_t li = idx + (uint32_t)got - 1;
         tail = io_alloc(tail_len);
-        r = read_cluster_part(q, l2e_get(q, s, li), l2bm_get(q, s, li), data_end, tail_len, tail);
+        r = read_cluster_part(q, el, bml, data_end, tail_len, tail);
         iov[niov++] = (struct iovec){ tail, tail_len };
     }
+    if (r == 0)   /* a refcount may have called a table's cluster free */
+        r = ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
     if (r == 0) {
-        ssize_t w = file_pwritev(&q->file, iov, niov, host, false);
+        ssize_t w = file_pwritev(&q->file, iov, niov, host + (wr - span_start), false);
         r = w < 0 ? (int)w : 0;
     }
-    host -= host & (cs - 1);    /* back to the first cluster if only data was written */
-    if (r < 0) {
-        if (!reuse)     /* nothing points at the new clusters yet: free them now */
-            for (uint64_t i = 0; i < got; i++)
-                rc_update(q, host / cs + i, -1);
-        goto out;
-    }
+    if (r < 0)
+        goto fail;
     for (uint64_t i = 0; i < got; i++) {
-        uint64_t old = l2e_get(q, s, idx + (uint32_t)i);
-        l2e_set(q, s, idx + (uint32_t)i, (host + i * cs) | QCOW_OFLAG_COPIED);
+        uint32_t k = idx + (uint32_t)i;
+        uint64_t old = l2e_get(q, s, k), obm = l2bm_get(q, s, k);
+        l2e_set(q, s, k, (host + i * cs) | QCOW_OFLAG_COPIED);
+        if (q->extl2) {
+            /* The subclusters written are allocated now; the others keep
+             * their state (zero, or unallocated: backing file). */
+            uint64_t from = i == 0 ? cow_from - span_start : 0;
+            uint64_t to = i == got - 1 ? cow_to - last_start : cs;
+            uint32_t m = units_touched(q, from, to);
+            l2bm_set(q, s, k, mkbm(extl2_alloc_bits(obm) | m, extl2_zero_bits(obm) & ~m));
+        }
         if (!reuse)
-            release_entry(q, old);
+            release_entry(q, old, false);
     }
     mcache_mark_dirty(s);
     *done = data_end - off;
+    goto out;
+fail:
+    if (!reuse)     /* nothing points at the new clusters yet: free them now */
+        for (uint64_t i = 0; i < got; i++)
+            rc_update(q, host / cs + i, -1);
 out:
     io_free(head);
     io_free(tail);
     mcache_put(&q->l2c, s);
     unlink_alloc(q, &a);
     return r;
+}
+
+/* Extended L2: write [off, off+n) (inside one cluster) into a cluster we
+ * own where some of the subclusters it touches are not allocated yet.  The
+ * parts of those subclusters the data does not cover are filled with what
+ * they read as now (zeros or the backing file) in the same I/O as the data;
+ * only then are they marked allocated (data before the L2 change, as for a
+ * new cluster).  Other writers to this cluster wait meanwhile (it counts
+ * as an allocation in flight), so two partial writes into one subcluster
+ * never both fill it from the old content.  Releases s. */
+static int write_subclusters(struct qcow2 *q, struct mslice *s, uint32_t idx, const uint8_t *buf,
+                             uint64_t off, uint64_t n)
+{
+    uint64_t us = unit_size(q), c = off >> cl_bits(q), cstart = c * cl_size(q), in = off - cstart;
+    uint64_t e = l2e_get(q, s, idx), bm = l2bm_get(q, s, idx), host = e & L2E_OFFSET_MASK;
+    uint32_t alloc = extl2_alloc_bits(bm);
+    uint64_t from = in, to = in + n;
+    if (!((alloc >> (in / us)) & 1))
+        from = in / us * us;
+    if (!((alloc >> ((to - 1) / us)) & 1))
+        to = (to + us - 1) / us * us;
+    struct inflight_alloc a = { .first = c, .last = c, .waiters = CO_QUEUE_INIT, .next = q->allocs };
+    q->allocs = &a;
+    uint8_t *head = NULL, *tail = NULL;
+    struct iovec iov[3];
+    int niov = 0;
+    int r = check_own_range(q, off, host + from, to - from);
+    if (r == 0 && from < in) {
+        head = io_alloc(in - from);
+        r = read_cluster_part(q, e, bm, cstart + from, in - from, head);
+        iov[niov++] = (struct iovec){ head, in - from };
+    }
+    iov[niov++] = (struct iovec){ (void *)buf, n };
+    if (r == 0 && to > in + n) {
+        tail = io_alloc(to - in - n);
+        r = read_cluster_part(q, e, bm, off + n, to - in - n, tail);
+        iov[niov++] = (struct iovec){ tail, to - in - n };
+    }
+    if (r == 0) {
+        ssize_t w = file_pwritev(&q->file, iov, niov, host + from, false);
+        r = w < 0 ? (int)w : 0;
+    }
+    if (r == 0) {
+        uint64_t now = l2bm_get(q, s, idx);
+        uint32_t m = units_touched(q, from, to);
+        l2bm_set(q, s, idx, mkbm(extl2_alloc_bits(now) | m, extl2_zero_bits(now) & ~m));
+        mcache_mark_dirty(s);
+    }
+    io_free(head);
+    io_free(tail);
+    mcache_put(&q->l2c, s);
+    unlink_alloc(q, &a);
+    return r;
+}
+
+/* May the part [from, from+len) of the cluster mapped by entry k of s be
+ * overwritten in place: ours, and (extended L2) every subcluster it touches
+ * allocated? */
+static bool writable_in_place(struct qcow2 *q, const struct mslice *s, uint32_t k, uint64_t from, uint64_t len)
+{
+    if (!is_inplace(q, l2e_get(q, s, k)))
+        return false;
+    if (!q->extl2)
+        return true;
+    uint64_t bm = l2bm_get(q, s, k);
+    uint32_t m = units_touched(q, from, from + len);
+    return (extl2_alloc_bits(bm) & m) == m && !(extl2_zero_bits(bm) & m);
 }
 
 /* Are the L2 entries in slice s, and the L1 entries naming L2 tables, on
@@ -534,21 +734,25 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         return -EIO;
     qreq_begin(q, &rq);
     while (len) {
-        uint64_t cs = cl_size(q), n = 0;
+        uint64_t cs = cl_size(q), in = offset_into_cluster(q, off), n = MIN(len, cs - in);
         struct mslice *s;
         uint32_t idx;
         r = pin_entry_for_update(q, off, &s, &idx);
         if (r < 0)
             break;
         uint64_t e = l2e_get(q, s, idx);
-        if (is_inplace(q, e)) {
+        if (is_inplace(q, e) && !entry_ok(q, e, l2bm_get(q, s, idx), off)) {
+            mcache_put(&q->l2c, s);
+            r = -EIO;
+            break;
+        }
+        if (writable_in_place(q, s, idx, in, n)) {
             /* Owned clusters are overwritten in place; contiguous host
              * clusters in this slice merge into one write. */
             uint64_t first_host = e & L2E_OFFSET_MASK;
-            n = MIN(len, cs - offset_into_cluster(q, off));
             for (uint32_t k = idx + 1; n < len && k < entries_per_slice(q); k++) {
-                uint64_t ek = l2e_get(q, s, k);
-                if (!is_inplace(q, ek) || (ek & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
+                if (!writable_in_place(q, s, k, 0, MIN(len - n, cs)) ||
+                    (l2e_get(q, s, k) & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
                     break;
                 n += MIN(len - n, cs);
             }
@@ -558,20 +762,19 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             if (fua && !mapping_durable(q, s))
                 metadata_changed = true;
             mcache_put(&q->l2c, s);
-            uint64_t span = n + offset_into_cluster(q, off);
-            bool on_meta = hits_fixed_metadata(q, first_host, span);
-            if (on_meta || !owned_past_end(q, first_host, span)) {
-                qcow2_mark_broken(q, "guest offset 0x%llx maps %s at 0x%llx", (unsigned long long)off,
-                                  on_meta ? "onto image metadata" : "to an unowned cluster past the end of the file",
-                                  (unsigned long long)first_host);
-                r = -EIO;
+            r = check_own_range(q, off, first_host + in, n);
+            if (r < 0)
                 break;
-            }
-            ssize_t w = file_pwrite(&q->file, buf, n, first_host + offset_into_cluster(q, off), fua);
+            ssize_t w = file_pwrite(&q->file, buf, n, first_host + in, fua);
             if (w < 0) {
                 r = (int)w;
                 break;
             }
+        } else if (is_inplace(q, e)) {
+            r = write_subclusters(q, s, idx, buf, off, n);
+            if (r < 0)
+                break;
+            metadata_changed = true;
         } else {
             r = write_alloc(q, s, idx, buf, off, len, &n);
             if (r < 0)
@@ -591,92 +794,258 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
     return r;
 }
 
-/* Does the whole of [off, off+len) inside one cluster already read as zeros? */
-static bool reads_as_zero(struct qcow2 *q, uint64_t e, bool has_table)
+/* ---- write-zeroes and discard ------------------------------------------------- */
+
+/* What a write-zeroes or a discard asks for. */
+struct zop {
+    bool discard;   /* a discard (only reaches here with discard=unmap), else write-zeroes */
+    bool unmap;     /* clusters may be let go and data punched out of the file: a discard,
+                       or a write-zeroes without NO_HOLE under discard=unmap (MAY_UNMAP) */
+};
+
+/* The new state of one cluster's entry once units [u0, u1) of it are
+ * zeroed or discarded (without extended L2 the unit is the whole cluster),
+ * and the I/O that goes with it. */
+struct zplan {
+    uint64_t e, bm;     /* the new entry and subcluster bitmap */
+    bool release;       /* drop the old entry's reference once the new one is durable */
+    uint32_t punch;     /* units of our own cluster whose data is punched out now */
+    bool in_place;      /* zero our whole cluster in the file (v2 has no zero flag) */
+    bool write_zeroes;  /* write zero bytes through the write path (allocates) */
+};
+
+/* Decide how to zero units [u0, u1) of the cluster described by a valid
+ * (e, bm).  The rules follow QEMU (zero_in_l2_slice, discard_in_l2_slice):
+ *  - the range must read as zeros afterwards, never as backing-file data:
+ *    the zero flag (v3), the subclusters' zero bits (extended L2), or, in
+ *    v2, zeros written (with a backing file; a v2 discard does nothing
+ *    there, see qcow2_co_discard) or the cluster made unallocated (without);
+ *  - with unmap, a cluster that no longer holds data is let go (its
+ *    reference dropped once the change is durable, then punched out of the
+ *    file when its refcount reaches 0), unless --discard-no-unref keeps it
+ *    (still ours, reading as zeros) and only punches its data now;
+ *  - without unmap (NO_HOLE, or discard=ignore) our cluster stays allocated
+ *    and reads as zeros through its zero flag or bits;
+ *  - a cluster shared with a snapshot, or compressed, is never written:
+ *    our reference goes once nothing of it is used, and it is punched only
+ *    if that was its last reference. */
+static void plan_zero(struct qcow2 *q, uint64_t e, uint64_t bm, uint32_t u0, uint32_t u1,
+                      const struct zop *z, struct zplan *p)
 {
-    enum qcow2_cluster_type t = has_table ? etype(q, e) : QCOW2_CLUSTER_UNALLOCATED;
-    if (t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC)
-        return true;
-    return t == QCOW2_CLUSTER_UNALLOCATED && !q->backing && (!q->extl2 || !has_table);
+    enum qcow2_cluster_type t = etype(q, e);
+    bool owned = (e & QCOW_OFLAG_COPIED) && (t == QCOW2_CLUSTER_NORMAL || t == QCOW2_CLUSTER_ZERO_ALLOC);
+    bool let_go = z->unmap && !q->no_unref;
+    *p = (struct zplan){ .e = e, .bm = bm };
+    if (q->extl2) {
+        uint32_t m = units_mask(u0, u1), alloc = extl2_alloc_bits(bm), zero = extl2_zero_bits(bm);
+        if (t == QCOW2_CLUSTER_COMPRESSED) {
+            /* No subclusters: all of it, or (write-zeroes) zeros written. */
+            if (m == SC_ALL) {
+                p->e = 0;
+                p->bm = mkbm(0, SC_ALL);
+                p->release = true;
+            } else {
+                p->write_zeroes = !z->discard;
+            }
+        } else if (t == QCOW2_CLUSTER_UNALLOCATED) {
+            if (q->backing)     /* else they read as zeros already */
+                p->bm = mkbm(0, zero | m);
+        } else if (!(alloc & ~m) && (!owned || let_go)) {
+            p->e = 0;           /* nothing of it left in use */
+            p->bm = mkbm(0, zero | m);
+            p->release = true;
+        } else {
+            p->bm = mkbm(alloc & ~m, zero | m);
+            if (owned && z->unmap)
+                p->punch = alloc & m;
+        }
+        return;
+    }
+    bool v3 = q->h.version >= 3;
+    if (t == QCOW2_CLUSTER_ZERO_PLAIN || (t == QCOW2_CLUSTER_UNALLOCATED && !q->backing))
+        return;
+    if (t == QCOW2_CLUSTER_UNALLOCATED) {
+        if (v3)
+            p->e = QCOW_OFLAG_ZERO;
+        else
+            p->write_zeroes = !z->discard;
+    } else if (owned && !let_go) {
+        /* Ours and kept: zero flag (ZERO_ALLOC: the next write reuses it). */
+        if (v3)
+            p->e = e | QCOW_OFLAG_ZERO;
+        else
+            p->in_place = true;
+        if (v3 && z->unmap)
+            p->punch = 1;
+    } else if (v3 || !q->backing) {
+        p->e = v3 ? QCOW_OFLAG_ZERO : 0;
+        p->release = true;
+    } else if (owned) {
+        p->in_place = true;     /* v2 over a backing file: our cluster zeroed in the file */
+    } else {
+        p->write_zeroes = true; /* v2 over a backing file: a new cluster of zeros */
+    }
 }
 
-static int write_zero_bytes(struct qcow2 *q, uint64_t off, uint64_t len, unsigned flags)
+static int write_zero_bytes(struct qcow2 *q, uint64_t off, uint64_t len)
 {
+    if (off + len > q->img.size)
+        len = q->img.size - off;
     uint8_t *zero = io_zalloc(len);
-    int r = qcow2_co_write(&q->img, zero, off, len, flags);
+    int r = qcow2_co_write(&q->img, zero, off, len, 0);
     io_free(zero);
     return r;
 }
 
-/* Change the L2 entry of whole cluster at guest offset off with fn.
- * Waits for allocations in flight on it. */
-typedef uint64_t (*entry_fn)(struct qcow2 *q, uint64_t old);
-
-static int update_whole_cluster(struct qcow2 *q, uint64_t off, entry_fn fn)
+/* Zero [host, host+len) of a cluster we own right in the file: a hole
+ * (unmap) or FALLOC_FL_ZERO_RANGE (stays allocated); zero bytes where the
+ * file system can do neither.  Like any data write it is durable at the
+ * next flush. */
+static int zero_in_place(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len, bool unmap)
 {
-    struct mslice *s;
-    uint32_t idx;
-    int r = pin_entry_for_update(q, off, &s, &idx);
+    int r = check_own_range(q, off, host, len);
     if (r < 0)
         return r;
-    uint64_t old = l2e_get(q, s, idx);
-    uint64_t e = fn(q, old);
-    if (e != old) {
-        l2e_set(q, s, idx, e);
-        mcache_mark_dirty(s);
+    r = -EOPNOTSUPP;
+    if (unmap && !q->no_punch) {
+        r = file_punch(&q->file, host, len);
+        if (r == -EOPNOTSUPP || r == -ENOSYS)
+            q->no_punch = true;
     }
-    mcache_put(&q->l2c, s);
-    return 0;
+    if (r == -EOPNOTSUPP || r == -ENOSYS)
+        r = file_zero_range(&q->file, host, len);
+    if (r != -EOPNOTSUPP && r != -ENOSYS)
+        return r;
+    uint8_t *zero = io_zalloc(len);
+    ssize_t w = file_pwrite(&q->file, zero, len, host, false);
+    io_free(zero);
+    return w < 0 ? (int)w : 0;
 }
 
-/* Write-zeroes on a whole cluster (v3): the zero flag, keeping a cluster we
- * own as ZERO_ALLOC (reused by the next write, never leaked); a shared or
- * compressed cluster loses our reference once the flag is durable. */
-static uint64_t zero_entry(struct qcow2 *q, uint64_t old)
+/* Zero or discard units [u0, u1) of the cluster at guest offset coff. */
+static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, const struct zop *z)
 {
-    if (is_inplace(q, old) || is_zero_alloc_owned(q, old))
-        return old | QCOW_OFLAG_ZERO;
-    if (etype(q, old) == QCOW2_CLUSTER_ZERO_PLAIN)
-        return old;
-    release_entry(q, old);
-    return QCOW_OFLAG_ZERO;
+    uint64_t e, bm;
+    bool has_table;
+    int r = peek_entry(q, coff, &e, &bm, &has_table);
+    if (r < 0 || (!has_table && !q->backing))
+        return r;       /* no L2 table and no backing file: reads as zeros */
+    if (!entry_ok(q, e, bm, coff))
+        return -EIO;
+    struct zplan p;
+    plan_zero(q, e, bm, u0, u1, z, &p);
+    if (p.e != e || p.bm != bm || p.punch || p.in_place) {
+        /* Decide again on the entry as it is once no allocation is in
+         * flight on the cluster (and its L2 table is ours). */
+        struct mslice *s;
+        uint32_t idx;
+        r = pin_entry_for_update(q, coff, &s, &idx);
+        if (r < 0)
+            return r;
+        e = l2e_get(q, s, idx);
+        bm = l2bm_get(q, s, idx);
+        if (!entry_ok(q, e, bm, coff)) {
+            mcache_put(&q->l2c, s);
+            return -EIO;
+        }
+        plan_zero(q, e, bm, u0, u1, z, &p);
+        if (p.e != e || p.bm != bm) {
+            /* Only the entry changes here; a dropped reference is released
+             * after the flush that makes this change durable (rule 5). */
+            l2e_set(q, s, idx, p.e);
+            l2bm_set(q, s, idx, p.bm);
+            mcache_mark_dirty(s);
+            if (p.release)
+                release_entry(q, e, z->unmap);
+        }
+        mcache_put(&q->l2c, s);
+    }
+    /* The cluster stays ours: punch the data of the zeroed units now.  A
+     * crash before the entry change is durable leaves the old entry over a
+     * hole: the range reads as zeros, which a discard or write-zeroes not
+     * yet flushed may. */
+    uint64_t host = e & L2E_OFFSET_MASK, us = unit_size(q);
+    for (uint32_t u = 0; u < unit_count(q) && r == 0; u++) {
+        if (!((p.punch >> u) & 1))
+            continue;
+        uint32_t v = u;
+        while (v < unit_count(q) && ((p.punch >> v) & 1))
+            v++;
+        r = check_own_range(q, coff + u * us, host + u * us, (v - u) * us);
+        if (r == 0)
+            r = punch_host(q, host + u * us, (v - u) * us);
+        u = v;
+    }
+    if (r == 0 && p.in_place)
+        r = zero_in_place(q, coff, host, cl_size(q), z->unmap);
+    if (r == 0 && p.write_zeroes)
+        r = write_zero_bytes(q, coff + u0 * us, (u1 - u0) * us);
+    return r;
 }
 
-/* Discard of a whole cluster, as QEMU does it: v3 keeps the guest reading
- * zeros (zero flag) and frees the cluster; v2 has no zero flag and makes
- * the cluster unallocated. */
-static uint64_t discard_entry(struct qcow2 *q, uint64_t old)
+/* Zero or discard [off, off+len), part of one unit. */
+static int zero_piece(struct qcow2 *q, uint64_t off, uint64_t len, const struct zop *z)
 {
-    release_entry(q, old);
-    return q->h.version >= 3 ? QCOW_OFLAG_ZERO : 0;
+    uint64_t e, bm;
+    bool has_table;
+    int r = peek_entry(q, off, &e, &bm, &has_table);
+    if (r < 0)
+        return r;
+    if (has_table && !entry_ok(q, e, bm, off))
+        return -EIO;
+    uint64_t in = offset_into_cluster(q, off), host = (e & L2E_OFFSET_MASK) + in;
+    bool compressed = etype(q, e) == QCOW2_CLUSTER_COMPRESSED;
+    enum unit_kind k = !has_table ? U_UNALLOC : compressed ? U_DATA
+                     : unit_kind(q, e, bm, (uint32_t)(in / unit_size(q)));
+    bool own_data = k == U_DATA && !compressed && (e & QCOW_OFLAG_COPIED);
+    if (z->discard) {
+        /* Advisory: the part of our own data is punched (reads as zeros,
+         * its blocks go back to the file system); elsewhere nothing, as
+         * QEMU ignores partial clusters. */
+        if (!own_data)
+            return 0;
+        r = check_own_range(q, off, host, len);
+        return r < 0 ? r : punch_host(q, host, len);
+    }
+    if (k == U_ZERO || (k == U_UNALLOC && !q->backing))
+        return 0;
+    return own_data ? zero_in_place(q, off, host, len, z->unmap) : write_zero_bytes(q, off, len);
+}
+
+/* Units entirely inside the range go through zero_units; the unaligned
+ * head and tail of each cluster's part through zero_piece. */
+static int zero_range(struct qcow2 *q, uint64_t off, uint64_t len, const struct zop *z)
+{
+    uint64_t cs = cl_size(q), us = unit_size(q);
+    int r = 0;
+    while (len && r == 0) {
+        uint64_t coff = start_of_cluster(q, off), in = off - coff, n = MIN(len, cs - in);
+        uint64_t end = in + n;
+        if (off + n >= q->img.size)
+            end = (end + us - 1) / us * us;     /* past the guest's end counts as covered */
+        uint64_t a = (in + us - 1) / us * us, b = end / us * us;
+        if (a < b)
+            r = zero_units(q, coff, (uint32_t)(a / us), (uint32_t)(b / us), z);
+        if (r == 0 && in < MIN(a, in + n))
+            r = zero_piece(q, off, MIN(a, in + n) - in, z);
+        uint64_t t = a > b ? a : b;
+        if (r == 0 && t < in + n)
+            r = zero_piece(q, coff + t, in + n - t, z);
+        off += n;
+        len -= n;
+    }
+    return r;
 }
 
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags)
 {
     struct qcow2 *q = to_qcow2(img);
+    struct zop z = { .discard = false, .unmap = !(flags & IMG_NO_HOLE) };
     struct qreq rq;
-    int r = 0;
     if (q->broken)
         return -EIO;
     qreq_begin(q, &rq);
-    while (len && r == 0) {
-        uint64_t n = MIN(len, cl_size(q) - offset_into_cluster(q, off));
-        bool whole = offset_into_cluster(q, off) == 0 && (n == cl_size(q) || off + n >= img->size);
-        uint64_t e, bm;
-        bool has_table;
-        r = peek_entry(q, off, &e, &bm, &has_table);
-        if (r < 0)
-            break;
-        if (reads_as_zero(q, e, has_table) && !q->extl2) {
-            /* nothing to do */
-        } else if (whole && q->h.version >= 3 && !q->extl2) {
-            r = update_whole_cluster(q, off, zero_entry);
-        } else {
-            r = write_zero_bytes(q, off, n, 0);
-        }
-        off += n;
-        len -= n;
-    }
+    int r = zero_range(q, off, len, &z);
     qreq_end(q, &rq);
     /* FUA always flushes: even a range that already reads as zeros may do
      * so only through entries not yet durable (a discard since the last
@@ -689,31 +1058,16 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
 {
     struct qcow2 *q = to_qcow2(img);
+    struct zop z = { .discard = true, .unmap = true };
     struct qreq rq;
-    int r = 0;
     if (q->broken)
         return -EIO;
-    if (q->extl2)
-        return 0;       /* discard is advisory; extended L2 is read-only for now */
+    /* v2 has no zero flag: a discarded cluster would uncover the backing
+     * file's stale data, so (as QEMU) discard does nothing there. */
+    if (q->h.version < 3 && q->backing)
+        return 0;
     qreq_begin(q, &rq);
-    while (len && r == 0) {
-        uint64_t n = MIN(len, cl_size(q) - offset_into_cluster(q, off));
-        bool whole = offset_into_cluster(q, off) == 0 && (n == cl_size(q) || off + n >= img->size);
-        /* Partial clusters are left alone, as QEMU does. */
-        if (whole) {
-            uint64_t e, bm;
-            bool has_table;
-            r = peek_entry(q, off, &e, &bm, &has_table);
-            enum qcow2_cluster_type t = has_table ? etype(q, e) : QCOW2_CLUSTER_UNALLOCATED;
-            bool allocated = t == QCOW2_CLUSTER_NORMAL || t == QCOW2_CLUSTER_ZERO_ALLOC ||
-                             t == QCOW2_CLUSTER_COMPRESSED;
-            bool backing_shows = t == QCOW2_CLUSTER_UNALLOCATED && q->backing && q->h.version >= 3;
-            if (r == 0 && (allocated || backing_shows))
-                r = update_whole_cluster(q, off, discard_entry);
-        }
-        off += n;
-        len -= n;
-    }
+    int r = zero_range(q, off, len, &z);
     qreq_end(q, &rq);
     return r;
 }

@@ -35,6 +35,8 @@ struct image *img_open(const char *path, const struct img_opts *opts, char *err,
         : raw_open(&f, &o, probed, err, errlen);
     if (!img)
         file_close(&f);
+    else
+        img->unmap = o.discard == IMG_DISCARD_UNMAP;
     return img;
 }
 
@@ -77,8 +79,8 @@ int img_discard(struct image *img, uint64_t off, uint64_t len)
     if (img->read_only)
         return -EROFS;
     int r = check_range(img, off, len);
-    if (r < 0 || len == 0)
-        return r;
+    if (r < 0 || len == 0 || !img->unmap)
+        return r;       /* discard=ignore: discard is advisory, so this is allowed */
     return img->ops->discard(img, off, len);
 }
 
@@ -89,7 +91,17 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
     int r = check_range(img, off, len);
     if (r < 0 || len == 0)
         return r;
+    /* As QEMU: without discard=unmap, write-zeroes never deallocates. */
+    if (!img->unmap)
+        flags |= IMG_NO_HOLE;
     return img->ops->write_zeroes(img, off, len, flags);
+}
+
+void img_get_stats(struct image *img, struct img_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    if (img->ops->stats)
+        img->ops->stats(img, st);
 }
 
 int img_close(struct image *img)
@@ -97,6 +109,17 @@ int img_close(struct image *img)
     if (!img)
         return 0;
     return img->ops->close(img);
+}
+
+int img_parse_discard(const char *s, enum img_discard *out)
+{
+    if (!strcmp(s, "ignore") || !strcmp(s, "off"))
+        *out = IMG_DISCARD_IGNORE;
+    else if (!strcmp(s, "unmap") || !strcmp(s, "on"))
+        *out = IMG_DISCARD_UNMAP;
+    else
+        return -1;
+    return 0;
 }
 
 int64_t parse_size(const char *s)

@@ -19,18 +19,39 @@
 
 enum img_format { IMG_FMT_AUTO = 0, IMG_FMT_RAW, IMG_FMT_QCOW2 };
 
+/* What a discard does (QEMU's discard=ignore|unmap; ignore is the default of
+ * qemu-nbd and qemu-storage-daemon too). */
+enum img_discard {
+    IMG_DISCARD_IGNORE = 0,     /* discard does nothing; write-zeroes never deallocates */
+    IMG_DISCARD_UNMAP,          /* discard and write-zeroes may free clusters and punch holes */
+};
+
 struct img_opts {
     enum img_format format;     /* AUTO probes the file's magic */
     bool read_only;
     uint64_t cache_size;        /* qcow2 metadata cache bytes; 0 = default */
     enum file_cache cache;      /* O_DIRECT or not (AUTO: direct when possible) */
+    enum img_discard discard;
+    /* qcow2, with IMG_DISCARD_UNMAP: a discard (or a write-zeroes that may
+     * unmap) keeps our clusters allocated, reading as zeros, and only
+     * punches their data out of the file (QEMU's discard-no-unref). */
+    bool discard_no_unref;
 };
 
 /* Request flags. */
 #define IMG_FUA       (1u << 0)   /* write: durable before completion */
-#define IMG_NO_HOLE   (1u << 1)   /* write_zeroes: keep the range allocated */
+#define IMG_NO_HOLE   (1u << 1)   /* write_zeroes: keep the range allocated (without it the
+                                     range may be deallocated: QEMU's MAY_UNMAP) */
 
 struct image;
+
+/* The format engine's counters (statistics).  img_get_stats may be called
+ * from any thread while the engine runs; each value is read whole, the set
+ * is not one consistent snapshot.  Zero where a format has no such thing. */
+struct img_stats {
+    uint64_t cache_hits, cache_misses;  /* metadata cache (L2 + refcount) lookups */
+    uint64_t clusters_allocated;        /* host clusters allocated since open */
+};
 
 struct image_ops {
     const char *name;
@@ -40,12 +61,14 @@ struct image_ops {
     int (*discard)(struct image *img, uint64_t off, uint64_t len);
     int (*write_zeroes)(struct image *img, uint64_t off, uint64_t len, unsigned flags);
     int (*close)(struct image *img);
+    void (*stats)(struct image *img, struct img_stats *st);    /* optional */
 };
 
 struct image {
     const struct image_ops *ops;
     uint64_t size;              /* virtual size in bytes */
     bool read_only;
+    bool unmap;                 /* opened with IMG_DISCARD_UNMAP */
     char *path;
     void *priv;                 /* the format's own state */
 };
@@ -64,8 +87,13 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
  * is released either way. */
 int img_close(struct image *img);
 
+void img_get_stats(struct image *img, struct img_stats *st);
+
 static inline uint64_t img_size(const struct image *img) { return img->size; }
 static inline const char *img_format_name(const struct image *img) { return img->ops->name; }
+
+/* Parse a --discard mode as QEMU does: ignore (off) or unmap (on); -1 on error. */
+int img_parse_discard(const char *s, enum img_discard *out);
 
 /* Parse "64M", "1G", "4096" etc. into bytes; -1 on error. */
 int64_t parse_size(const char *s);

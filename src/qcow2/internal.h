@@ -4,6 +4,7 @@
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   overlap.c   metadata overlap checks before every write
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -13,6 +14,7 @@
 
 #include "io/coroutine.h"
 #include "io/file.h"
+#include "io/stat.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
 
@@ -42,7 +44,7 @@ struct mcache {
     uint32_t hash_mask;
     struct mslice lru;          /* sentinel: lru.lru_next is the least recently used */
     struct co_queue slot_waiters;
-    uint64_t hits, misses;
+    stat_counter hits, misses;  /* read by img_get_stats from other threads */
 };
 
 int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
@@ -69,6 +71,7 @@ bool mcache_has_dirty(struct mcache *c);
 struct deferred_free {
     uint64_t off, len;          /* host byte range; each cluster touched loses one ref */
     uint64_t tick;              /* when the last reference was dropped in memory */
+    bool punch;                 /* a discard: punch clusters whose refcount reaches 0 */
     struct deferred_free *next;
 };
 
@@ -83,6 +86,29 @@ struct inflight_alloc {
     uint64_t first, last;       /* guest cluster indexes, inclusive */
     struct co_queue waiters;
     struct inflight_alloc *next;
+};
+
+/* ---- metadata overlap index (overlap.c) ----------------------------------- */
+enum {
+    OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+};
+#define OL_HEADER         (1u << OL_BIT_HEADER)
+#define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
+#define OL_REFTABLE       (1u << OL_BIT_REFTABLE)
+#define OL_SNAPSHOT_TABLE (1u << OL_BIT_SNAPSHOT_TABLE)
+#define OL_INACTIVE_L1    (1u << OL_BIT_INACTIVE_L1)
+#define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
+#define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
+#define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+
+struct ol_range { uint64_t off, len; };
+struct ol_index {
+    uint64_t *cl;               /* sorted: cluster offset | OL_BIT_* of single-cluster tables */
+    size_t n, cap;
+    struct ol_range *ranges;    /* snapshot L1 tables, sorted by offset */
+    uint64_t *max_end;          /* max end of ranges[0..i] */
+    size_t nranges;
 };
 
 struct qcow2 {
@@ -103,6 +129,7 @@ struct qcow2 {
     struct qcow2_snapshot *snapshots;
     uint64_t snapshot_table_len;   /* bytes, as measured when read */
     struct image *backing;      /* NULL if none */
+    int backing_lock_fd;        /* holds QEMU-style reader locks on the backing file; -1 if none */
 
     struct mcache l2c, rcc;
 
@@ -110,12 +137,14 @@ struct qcow2 {
     struct co_mutex alloc_lock;
     uint64_t free_hint;         /* no free cluster below this index */
     struct inflight_alloc *allocs;
+    stat_counter clusters_allocated;    /* since open (statistics) */
 
     /* ordering and freeing */
     struct co_mutex flush_lock;
     uint64_t tick;
     struct qreq reqs;           /* sentinel of the FIFO of requests in flight */
     struct deferred_free *frees_pending;   /* L2 change not yet durable */
+    struct deferred_free **frees_pending_tail;  /* its end: a trim may queue millions */
     struct deferred_free *frees_ready;     /* durable; apply once no old request runs */
 
     uint64_t host_end;          /* end of everything allocated or present at open */
@@ -125,8 +154,10 @@ struct qcow2 {
     bool flush_failed;          /* a sync failed: never report a later one as success */
     bool need_repair;           /* dirty bit: rebuild refcounts before writing */
     bool broken;                /* metadata found corrupt at run time: refuse writes */
-    bool extl2;
-    uint32_t sc_bits;           /* log2 of subcluster size (extended L2) */
+    bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
+    bool no_unref;              /* --discard-no-unref: discards keep our clusters */
+    bool no_punch;              /* the file system cannot punch holes */
+    struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -159,7 +190,13 @@ void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t
 /* Queue one reference drop on every cluster of [off, off+len) after the next
  * flush makes the unreferencing L2/L1 change durable. */
 void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
+/* The same for a reference dropped by a discard (or a write-zeroes that may
+ * unmap): a cluster whose refcount reaches 0 is also punched out of the file. */
+void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len);
 int apply_ready_frees(struct qcow2 *q);
+/* Punch [off, off+len) out of the image file (advisory: 0 where the file
+ * system cannot).  Refuses ranges holding the header or the fixed tables. */
+int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 /* Write one whole new cluster (content, or zeros if NULL), dropping any
  * cached slice of its previous use. */
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
@@ -169,6 +206,22 @@ int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
+
+/* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
+ * whenever an L1 or refcount table entry starts or stops naming a table,
+ * ol_reindex_refblocks after a new refcount table is installed. */
+int ol_build(struct qcow2 *q);
+void ol_free(struct qcow2 *q);
+void ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_reindex_refblocks(struct qcow2 *q);
+/* Does writing [off, off+len) touch metadata other than the kinds in
+ * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
+ * and a message naming `what` and the structure hit. */
+int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+                const char *what, char *msg, size_t msglen);
+/* ol_conflict, and on a conflict mark the image broken with the message. */
+int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

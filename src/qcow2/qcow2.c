@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "io/imagelock.h"
+#include "io/log.h"
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
@@ -35,12 +38,12 @@ void qreq_end(struct qcow2 *q, struct qreq *r)
 void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
 {
     if (!q->broken) {
+        char what[512];
         va_list ap;
-        fprintf(stderr, "ublk-qcow2: %s: corrupt image: ", q->img.path);
         va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
+        vsnprintf(what, sizeof(what), fmt, ap);
         va_end(ap);
-        fprintf(stderr, "; further writes refused\n");
+        uq_error("%s: corrupt image: %s; further writes refused", q->img.path, what);
     }
     q->broken = true;
 }
@@ -49,6 +52,9 @@ void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
  * the update is a single atomic sector write; extensions stay untouched. */
 int qcow2_write_header_fields(struct qcow2 *q)
 {
+    int c = ol_check(q, 0, 512, OL_HEADER, "the header");
+    if (c < 0)
+        return c;
     qcow2_header_store(&q->h, q->hdr_buf);
     ssize_t r = file_pwrite(&q->file, q->hdr_buf, 512, 0, false);
     return r < 0 ? (int)r : 0;
@@ -96,11 +102,16 @@ static int snapshot_table(const uint64_t *tab, uint64_t entries, uint8_t *dirty,
 }
 
 /* Write the sector copies unless ret is already an error; whatever is not
- * written is marked dirty again.  Frees the copies. */
-static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret)
+ * written is marked dirty again.  Frees the copies.  kind: OL_ACTIVE_L1 or
+ * OL_REFTABLE, the table the sectors belong to (overlap check). */
+static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret,
+                               unsigned kind)
 {
     uint8_t *buf = io_alloc(512);
     for (uint32_t i = 0; i < n; i++) {
+        if (ret == 0)
+            ret = ol_check(q, c[i].off, 512, kind,
+                           kind == OL_ACTIVE_L1 ? "an L1 table sector" : "a refcount table sector");
         if (ret == 0) {
             memcpy(buf, c[i].data, 512);
             ssize_t r = file_pwrite(&q->file, buf, 512, c[i].off, false);
@@ -125,8 +136,8 @@ int qcow2_sync(struct qcow2 *q)
          * later sync could succeed without them, so never claim success
          * again for this image (fsyncgate). */
         q->flush_failed = true;
-        fprintf(stderr, "ublk-qcow2: %s: flush failed (%s); the image is suspect from now on\n",
-                q->img.path, strerror(-r));
+        uq_error("%s: flush failed (%s); the image is suspect from now on",
+                 q->img.path, strerror(-r));
     }
     return r;
 }
@@ -163,17 +174,18 @@ int qcow2_flush(struct qcow2 *q)
         r = snapshot_table(q->l1, q->h.l1_size, q->l1_dirty, q->h.l1_table_offset, &l1, &nl1);
     struct deferred_free *frees = q->frees_pending;
     q->frees_pending = NULL;
+    q->frees_pending_tail = &q->frees_pending;
 
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, rt, nrt, r);
+    r = write_sector_copies(q, rt, nrt, r, OL_REFTABLE);
     if (r == 0)
         r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, l1, nl1, r);
+    r = write_sector_copies(q, l1, nl1, r, OL_ACTIVE_L1);
     if (r == 0 && (nl2 || nl1))
         r = qcow2_sync(q);
 
@@ -184,6 +196,9 @@ int qcow2_flush(struct qcow2 *q)
     } else {
         append_frees(&frees, q->frees_pending);
         q->frees_pending = frees;
+        q->frees_pending_tail = &q->frees_pending;
+        while (*q->frees_pending_tail)
+            q->frees_pending_tail = &(*q->frees_pending_tail)->next;
     }
     co_mutex_unlock(&q->flush_lock);
     return r;
@@ -194,8 +209,8 @@ int qcow2_flush(struct qcow2 *q)
 static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t **out)
 {
     uint64_t bytes = (entries * 8 + 511) & ~511ull;
-    uint8_t *buf = io_zalloc(bytes ? bytes : 512);
-    uint64_t *tab = calloc(entries ? entries : 1, sizeof(*tab));
+    uint8_t *buf = io_alloc(bytes ? bytes : 512);
+    uint64_t *tab = malloc((entries ? entries : 1) * sizeof(*tab));
     if (!tab) {
         io_free(buf);
         return -ENOMEM;
@@ -206,6 +221,7 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
         free(tab);
         return (int)n;
     }
+    memset(buf + n, 0, bytes - (uint64_t)n);     /* past the end of the file: zeros */
     for (uint64_t i = 0; i < entries; i++)
         tab[i] = be64_load(buf + i * 8);
     io_free(buf);
@@ -218,22 +234,37 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
 static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
 {
     uint64_t pos = q->h.snapshots_offset, end = q->host_end;
-    uint8_t fixed[40];
     uint64_t unpadded_end = pos;
+    /* The fixed parts come from a window read in large pieces: one read per
+     * entry made 65536 snapshots cost 65536 direct reads. */
+    const size_t win_size = 64u << 10;
+    uint8_t *win = malloc(win_size);
+    uint64_t win_off = 0, win_len = 0;
+    if (!win)
+        return -ENOMEM;
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++) {
         if (pos + 40 > end || pos - q->h.snapshots_offset > QCOW2_MAX_SNAPSHOT_TABLE) {
             snprintf(err, errlen, "snapshot table entry %u lies outside the image", i);
+            free(win);
             return -EINVAL;
         }
-        ssize_t n = file_pread_any(&q->file, fixed, 40, pos);
-        if (n < 0) {
-            snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
-            return (int)n;
+        if (pos < win_off || pos + 40 > win_off + win_len) {
+            ssize_t n = file_pread_any(&q->file, win, win_size, pos);
+            if (n < 40) {
+                snprintf(err, errlen, "cannot read the snapshot table: %s",
+                         n < 0 ? strerror((int)-n) : "short read");
+                free(win);
+                return n < 0 ? (int)n : -EIO;
+            }
+            win_off = pos;
+            win_len = (uint64_t)n;
         }
+        const uint8_t *fixed = win + (pos - win_off);
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
         unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
     }
+    free(win);
     uint64_t total = pos - q->h.snapshots_offset;
     q->snapshot_table_len = total;
     /* QEMU does not always write the last entry's padding. */
@@ -335,8 +366,16 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "backing file '%s' has format '%s', which is not supported", path, fmt);
         return -ENOTSUP;
     }
+    /* A reader's locks, as QEMU takes them on a backing file: nobody may
+     * write or resize it while an overlay reads through to it. */
+    int lock_fd = image_lock(path, false, msg, sizeof(msg));
+    if (lock_fd < 0) {
+        snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
+        return lock_fd;
+    }
     struct file f;
     if (file_open(&f, path, false, o->cache, msg, sizeof(msg)) < 0) {
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -ENOENT;
     }
@@ -350,10 +389,12 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
                                                     : raw_open(&f, &bo, false, msg, sizeof(msg));
     if (!bimg) {
         file_close(&f);
+        close(lock_fd);
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -EINVAL;
     }
     q->backing = bimg;
+    q->backing_lock_fd = lock_fd;
     return 0;
 }
 
@@ -361,10 +402,13 @@ static void qcow2_free(struct qcow2 *q)
 {
     if (q->backing)
         img_close(q->backing);
+    if (q->backing_lock_fd >= 0)
+        close(q->backing_lock_fd);
     if (q->snapshots)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     mcache_free(&q->l2c);
     mcache_free(&q->rcc);
+    ol_free(q);
     while (q->frees_pending) {
         struct deferred_free *d = q->frees_pending;
         q->frees_pending = d->next;
@@ -409,6 +453,14 @@ static int qcow2_img_flush(struct image *img)
     return qcow2_flush(to_qcow2(img));
 }
 
+static void qcow2_stats(struct image *img, struct img_stats *st)
+{
+    struct qcow2 *q = to_qcow2(img);
+    st->cache_hits = stat_get(&q->l2c.hits) + stat_get(&q->rcc.hits);
+    st->cache_misses = stat_get(&q->l2c.misses) + stat_get(&q->rcc.misses);
+    st->clusters_allocated = stat_get(&q->clusters_allocated);
+}
+
 static const struct image_ops qcow2_ops = {
     .name = "qcow2",
     .read = qcow2_co_read,
@@ -417,6 +469,7 @@ static const struct image_ops qcow2_ops = {
     .discard = qcow2_co_discard,
     .write_zeroes = qcow2_co_write_zeroes,
     .close = qcow2_close,
+    .stats = qcow2_stats,
 };
 
 static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)
@@ -437,12 +490,14 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    q->backing_lock_fd = -1;
     q->file = *f;
     q->img.ops = &qcow2_ops;
     q->img.priv = q;
     q->img.path = strdup(f->path);
     q->img.read_only = o->read_only;
     q->reqs.next = q->reqs.prev = &q->reqs;
+    q->frees_pending_tail = &q->frees_pending;
     q->alloc_lock = (struct co_mutex)CO_MUTEX_INIT;
     q->flush_lock = (struct co_mutex)CO_MUTEX_INIT;
 
@@ -456,7 +511,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */
     uint32_t want = 4096;
-    q->hdr_buf = io_zalloc(1u << QCOW2_MAX_CLUSTER_BITS);   /* the largest header cluster */
+    q->hdr_buf = io_zalloc(want);
     ssize_t n = file_pread(f, q->hdr_buf, want, 0);
     if (n < 0) {
         snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
@@ -466,6 +521,8 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         uint32_t cb = be32_load(q->hdr_buf + 20);
         if (cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS && (1u << cb) > want) {
             want = 1u << cb;
+            io_free(q->hdr_buf);
+            q->hdr_buf = io_zalloc(want);
             n = file_pread(f, q->hdr_buf, want, 0);
             if (n < 0) {
                 snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
@@ -480,16 +537,12 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     if (q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
         if (!o->read_only)
-            fprintf(stderr, "ublk-qcow2: %s: image is marked corrupt; serving it read-only "
-                            "(repair it with 'qemu-img check -r all')\n", f->path);
+            uq_warn("%s: image is marked corrupt; serving it read-only "
+                    "(repair it with 'qemu-img check -r all')", f->path);
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
-    if (q->extl2 && !q->img.read_only) {
-        snprintf(err, errlen, "%s: images with extended L2 entries (subclusters) can only be opened "
-                 "read-only for now (use --read-only)", f->path);
-        goto fail_nofile;
-    }
+    q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
 
     int r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);
@@ -504,6 +557,12 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    /* Where the metadata lies, so that no write can land on it. */
+    r = ol_build(q);
+    if (r < 0) {
+        snprintf(err, errlen, "%s: cannot index the image's metadata: %s", f->path, strerror(-r));
         goto fail_nofile;
     }
 

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "qcow2/internal.h"
+#include "io/log.h"
 #include "io/loop.h"
 
 struct raw {
@@ -22,8 +23,8 @@ static int raw_sync(struct raw *r)
     int ret = file_sync(&r->file);
     if (ret < 0) {
         r->flush_failed = true;
-        fprintf(stderr, "ublk-qcow2: %s: flush failed (%s); the image is suspect from now on\n",
-                r->file.path, strerror(-ret));
+        uq_error("%s: flush failed (%s); the image is suspect from now on",
+                 r->file.path, strerror(-ret));
     }
     return ret;
 }

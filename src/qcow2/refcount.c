@@ -63,6 +63,10 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
         qcow2_mark_broken(q, "refcount block missing for cluster %llu", (unsigned long long)cluster);
         return -EIO;
     }
+    /* The block must be nothing else (a refcount table entry may name the
+     * table itself, an L2 table, the header...). */
+    if (ol_check(q, soff, q->rcc.slice_size, OL_REFBLOCK, "a refcount block") < 0)
+        return -EIO;
     struct mslice *s;
     r = mcache_get(&q->rcc, soff, &s);
     if (r < 0)
@@ -75,6 +79,13 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
             return -ERANGE;   /* refcount width exhausted (e.g. 1-bit refcounts) */
         qcow2_mark_broken(q, "refcount of cluster %llu would drop below zero",
                           (unsigned long long)cluster);
+        return -EIO;
+    }
+    /* A cluster that still holds metadata must never become free (the
+     * allocator would hand it out): the references dropped were bogus. */
+    if (old + delta == 0 &&
+        ol_check(q, cluster * cl_size(q), cl_size(q), 0, "a free cluster (refcount 0)") < 0) {
+        mcache_put(&q->rcc, s);
         return -EIO;
     }
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
@@ -93,6 +104,11 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
 
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content)
 {
+    /* Before anything cached is dropped: a refcount may have called a
+     * table's cluster free. */
+    int c = ol_check(q, off, cl_size(q), 0, "a new L2 table or refcount block");
+    if (c < 0)
+        return c;
     uint8_t *buf = io_zalloc(cl_size(q));
     if (content)
         memcpy(buf, content, cl_size(q));
@@ -117,6 +133,7 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
         return r;
     q->reftable[ti] = c * cl_size(q);
     q->reftable_dirty[ti * 8 / 512] = 1;
+    ol_add(q, c * cl_size(q), OL_BIT_REFBLOCK);
     note_host_end(q, (c + 1) * cl_size(q));
     return 0;
 }
@@ -128,6 +145,7 @@ void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t
     q->reftable = table;
     q->reftable_dirty = dirty;
     q->reftable_entries = entries;
+    ol_reindex_refblocks(q);
 }
 
 /* Grow the refcount table so that index need_ti exists.  The new table and
@@ -179,6 +197,9 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     for (uint64_t e = 0; e < entries; e++)
         be64_store(tab + e * 8, newtab[e]);
 
+    ret = ol_check(q, start * cs, (nblocks + ntable) * cs, 0, "a new refcount table");
+    if (ret < 0)
+        goto out;
     mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
     mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
     ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
@@ -265,6 +286,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             q->free_hint = c + k;
         *host_off = c * cl_size(q);
         *got = k;
+        stat_add(&q->clusters_allocated, k);
         note_host_end(q, (c + k) * cl_size(q));
         return 0;
     }
@@ -281,7 +303,11 @@ void note_host_end(struct qcow2 *q, uint64_t end)
         q->host_end = end;
     if (end <= q->file_len || q->no_prealloc)
         return;
+    /* An eighth of the file, at least 16 MiB and at most 256 MiB: a huge
+     * (or hugely sparse) file must not reserve gigabytes of real space. */
     uint64_t step = end / 8 > (16u << 20) ? end / 8 : (16u << 20);
+    if (step > (256u << 20))
+        step = 256u << 20;
     uint64_t want = (end + step + (1u << 20) - 1) & ~((1ull << 20) - 1);
     int r = file_allocate(&q->file, q->file_len, want - q->file_len);
     if (r == 0)
@@ -290,7 +316,7 @@ void note_host_end(struct qcow2 *q, uint64_t end)
         q->no_prealloc = true;   /* plain extending writes still work */
 }
 
-void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+static void defer(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
 {
     struct deferred_free *d = malloc(sizeof(*d));
     if (!d)
@@ -298,11 +324,111 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
     d->off = off;
     d->len = len;
     d->tick = ++q->tick;
+    d->punch = punch;
     d->next = NULL;
-    struct deferred_free **pp = &q->frees_pending;
-    while (*pp)
-        pp = &(*pp)->next;
-    *pp = d;
+    *q->frees_pending_tail = d;
+    q->frees_pending_tail = &d->next;
+}
+
+void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    defer(q, off, len, false);
+}
+
+void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    defer(q, off, len, true);
+}
+
+int punch_host(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    if (q->no_punch || !len)
+        return 0;
+    /* A hole in metadata would destroy the image (a hostile mapping). */
+    int c = ol_check(q, off, len, 0, "a discard's hole");
+    if (c < 0)
+        return c;
+    int r = file_punch(&q->file, off, len);
+    if (r == -EOPNOTSUPP || r == -ENOSYS) {
+        q->no_punch = true;     /* discard is advisory: the data just stays */
+        r = 0;
+    }
+    return r;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+struct clist { uint64_t *v; size_t n, cap; };
+
+static int clist_add(struct clist *l, uint64_t c)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        uint64_t *v = realloc(l->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = c;
+    return 0;
+}
+
+/* Punch the clusters of a batch of discard frees whose refcount the batch
+ * takes to 0.  It runs before any decrement: while a cluster's refcount
+ * still holds it, the allocator cannot hand it out, so no new write can
+ * land in it before the hole is made (a hole punched after reuse would
+ * destroy the new data).  Nothing maps these clusters any more (the L2
+ * changes are durable) and no request in flight predates their release. */
+static int punch_freed(struct qcow2 *q, struct deferred_free *batch)
+{
+    struct clist all = { 0 }, punch = { 0 };
+    int r = 0;
+    for (struct deferred_free *d = batch; d && r == 0; d = d->next) {
+        for (uint64_t c = d->off >> cl_bits(q); c <= (d->off + d->len - 1) >> cl_bits(q) && r == 0; c++) {
+            r = clist_add(&all, c);
+            if (r == 0 && d->punch)
+                r = clist_add(&punch, c);
+        }
+    }
+    if (r == 0 && punch.n) {
+        qsort(all.v, all.n, sizeof(*all.v), cmp_u64);
+        qsort(punch.v, punch.n, sizeof(*punch.v), cmp_u64);
+        uint64_t run = 0, run_len = 0;
+        size_t a = 0;
+        for (size_t i = 0; i < punch.n && r == 0; i++) {
+            uint64_t c = punch.v[i];
+            if (i && c == punch.v[i - 1])
+                continue;
+            /* References the batch drops on c (a host cluster may hold
+             * several compressed clusters): freed if that is all of them. */
+            while (all.v[a] < c)
+                a++;
+            uint64_t drops = 0, rc;
+            while (a + drops < all.n && all.v[a + drops] == c)
+                drops++;
+            r = rc_get(q, c, &rc);
+            if (r < 0 || rc != drops)
+                continue;
+            if (run_len && run + run_len == c) {
+                run_len++;
+                continue;
+            }
+            if (run_len)
+                r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+            run = c;
+            run_len = 1;
+        }
+        if (r == 0 && run_len)
+            r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+    }
+    free(all.v);
+    free(punch.v);
+    return r;
 }
 
 /* Apply durable frees whose old mapping no request in flight can still be
@@ -310,22 +436,36 @@ void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
  * finished, or it might read or write a cluster that is reused meanwhile. */
 int apply_ready_frees(struct qcow2 *q)
 {
-    while (q->frees_ready) {
-        struct deferred_free *d = q->frees_ready;
-        struct qreq *oldest = q->reqs.next;
-        if (oldest != &q->reqs && oldest->tick < d->tick)
-            break;
-        q->frees_ready = d->next;
+    struct deferred_free *batch = q->frees_ready, **tail = &batch;
+    struct qreq *oldest = q->reqs.next;
+    while (*tail && (oldest == &q->reqs || oldest->tick >= (*tail)->tick))
+        tail = &(*tail)->next;
+    q->frees_ready = *tail;
+    *tail = NULL;
+    if (!batch)
+        return 0;
+    int r = punch_freed(q, batch);
+    if (r < 0) {
+        /* Nothing was released yet: try the whole batch again next time. */
+        *tail = q->frees_ready;
+        q->frees_ready = batch;
+        return r;
+    }
+    while (batch) {
+        struct deferred_free *d = batch;
+        batch = d->next;
         uint64_t first = d->off >> cl_bits(q);
         uint64_t last = (d->off + d->len - 1) >> cl_bits(q);
-        for (uint64_t c = first; c <= last; c++) {
-            int r = rc_update(q, c, -1);
-            if (r < 0) {
-                free(d);
-                return r;
-            }
-        }
+        for (uint64_t c = first; c <= last && r == 0; c++)
+            r = rc_update(q, c, -1);
         free(d);
+        if (r < 0)
+            break;
     }
-    return 0;
+    if (batch) {
+        /* A decrement failed: the rest waits for the next flush. */
+        *tail = q->frees_ready;
+        q->frees_ready = batch;
+    }
+    return r;
 }

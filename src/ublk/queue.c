@@ -1,9 +1,11 @@
 /* ublk queues: per-queue threads, per-tag coroutines, forwarding of requests
  * to the single engine thread (see queue.h). */
 #include "ublk/queue.h"
+#include "io/log.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "io/mailbox.h"
+#include "io/stat.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -66,6 +68,10 @@ struct ublk_queues {
     struct ublk_queue *queues;
     atomic_uint running;        /* threads not yet finished */
     atomic_ullong served;
+    /* Written by the engine thread only (tag_execute). */
+    struct {
+        stat_counter ops[5], bytes[2], errors, in_flight;
+    } st;
     /* Start-up handshake: every thread makes its loop, then waits for go. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -81,7 +87,31 @@ static size_t page_round(size_t n)
 
 /* ---- the engine: every img_* call happens on queue 0's thread ------------- */
 
+static int tag_execute_op(struct ublk_tag *t);
+
+/* Kinds of request in ublk_queues.st.ops, in ublk_io_stats order. */
+enum { ST_READ, ST_WRITE, ST_FLUSH, ST_DISCARD, ST_WRITE_ZEROES };
+
 static int tag_execute(struct ublk_tag *t)
+{
+    struct ublk_queues *qs = t->q->qs;
+    unsigned op = ublksrv_get_op(&t->desc);
+    int kind = op == UBLK_IO_OP_READ ? ST_READ : op == UBLK_IO_OP_WRITE ? ST_WRITE
+             : op == UBLK_IO_OP_FLUSH ? ST_FLUSH : op == UBLK_IO_OP_DISCARD ? ST_DISCARD
+             : op == UBLK_IO_OP_WRITE_ZEROES ? ST_WRITE_ZEROES : -1;
+    stat_add(&qs->st.in_flight, 1);
+    int r = tag_execute_op(t);
+    stat_sub(&qs->st.in_flight, 1);
+    if (kind >= 0)
+        stat_add(&qs->st.ops[kind], 1);
+    if (r < 0)
+        stat_add(&qs->st.errors, 1);
+    else if (kind == ST_READ || kind == ST_WRITE)
+        stat_add(&qs->st.bytes[kind], (uint64_t)t->desc.nr_sectors << 9);
+    return r;
+}
+
+static int tag_execute_op(struct ublk_tag *t)
 {
     struct image *img = t->q->qs->cfg.img;
     const struct ublksrv_io_desc *d = &t->desc;
@@ -122,7 +152,7 @@ static void engine_request(void *arg)
     t->msg.kind = MSG_COMPLETION;
     /* After the post the tag belongs to its queue again: touch nothing. */
     if (mailbox_post(t->q->mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake queue %u: %s\n", t->q->qid, strerror(errno));
+        uq_error("cannot wake queue %u: %s", t->q->qid, strerror(errno));
         abort();
     }
 }
@@ -135,7 +165,7 @@ static void engine_inbox(void *arg)
     while (remaining > 0) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: engine mailbox failed: %s\n", strerror(errno));
+            uq_error("engine mailbox failed: %s", strerror(errno));
             abort();
         }
         while (m) {
@@ -157,7 +187,7 @@ static void completion_inbox(void *arg)
     while (!quit) {
         struct mbox_msg *m = mailbox_wait(q->mbox);
         if (!m) {
-            fprintf(stderr, "ublk: queue %u mailbox failed: %s\n", q->qid, strerror(errno));
+            uq_error("queue %u mailbox failed: %s", q->qid, strerror(errno));
             abort();
         }
         while (m) {
@@ -181,7 +211,7 @@ static int tag_serve(struct ublk_tag *t)
     t->done = false;
     t->msg.kind = MSG_REQUEST;
     if (mailbox_post(q->qs->queues[0].mbox, &t->msg.m) < 0) {
-        fprintf(stderr, "ublk: cannot wake the engine: %s\n", strerror(errno));
+        uq_error("cannot wake the engine: %s", strerror(errno));
         abort();
     }
     while (!t->done)
@@ -214,7 +244,7 @@ static void queue_finished(struct ublk_queue *q)
     q->quit_msg.kind = MSG_QUIT;
     if (mailbox_post(q->qs->queues[0].mbox, &q->done_msg.m) < 0 ||
         mailbox_post(q->mbox, &q->quit_msg.m) < 0) {
-        fprintf(stderr, "ublk: queue %u cannot post: %s\n", q->qid, strerror(errno));
+        uq_error("queue %u cannot post: %s", q->qid, strerror(errno));
         abort();
     }
 }
@@ -232,7 +262,7 @@ static void tag_loop(void *arg)
         if (res == UBLK_IO_RES_ABORT)
             break;      /* device stopping: nothing more will come */
         if (res != UBLK_IO_RES_OK) {
-            fprintf(stderr, "ublk: queue %u tag %u: %s command failed: %s\n", q->qid, t->tag,
+            uq_error("queue %u tag %u: %s command failed: %s", q->qid, t->tag,
                     t->cmd_op == UBLK_U_IO_FETCH_REQ || t->cmd_op == UBLK_IO_FETCH_REQ
                         ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ",
                     res < 0 ? strerror(-res) : "unexpected result");
@@ -290,7 +320,7 @@ static void *queue_thread(void *arg)
     if (atomic_fetch_sub(&qs->running, 1) == 1) {
         uint64_t one = 1;
         if (write(qs->done_fd, &one, sizeof(one)) < 0)
-            fprintf(stderr, "ublk: cannot signal the end of the queues: %s\n", strerror(errno));
+            uq_error("cannot signal the end of the queues: %s", strerror(errno));
     }
     return NULL;
 }
@@ -299,13 +329,14 @@ static int open_cdev(uint32_t dev_id, char *err, size_t errlen)
 {
     char path[64];
     snprintf(path, sizeof(path), "/dev/ublkc%u", dev_id);
-    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly:
-     * retry for up to 5 s. */
+    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly
+     * (or, for an unprivileged device, not have given it to us yet): retry
+     * for up to 5 s. */
     for (int i = 0; i < 500; i++) {
         int fd = open(path, O_RDWR | O_CLOEXEC);
         if (fd >= 0)
             return fd;
-        if (errno != ENOENT && errno != EBUSY)
+        if (errno != ENOENT && errno != EBUSY && !(errno == EACCES && geteuid() != 0))
             break;
         struct timespec ts = { 0, 10 * 1000 * 1000 };
         nanosleep(&ts, NULL);
@@ -472,6 +503,19 @@ int ublk_queues_done_fd(const struct ublk_queues *qs)
 uint64_t ublk_queues_served(const struct ublk_queues *qs)
 {
     return atomic_load_explicit(&((struct ublk_queues *)qs)->served, memory_order_relaxed);
+}
+
+void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st)
+{
+    st->reads = stat_get(&qs->st.ops[ST_READ]);
+    st->writes = stat_get(&qs->st.ops[ST_WRITE]);
+    st->flushes = stat_get(&qs->st.ops[ST_FLUSH]);
+    st->discards = stat_get(&qs->st.ops[ST_DISCARD]);
+    st->write_zeroes = stat_get(&qs->st.ops[ST_WRITE_ZEROES]);
+    st->read_bytes = stat_get(&qs->st.bytes[ST_READ]);
+    st->write_bytes = stat_get(&qs->st.bytes[ST_WRITE]);
+    st->errors = stat_get(&qs->st.errors);
+    st->in_flight = stat_get(&qs->st.in_flight);
 }
 
 int ublk_queues_stop(struct ublk_queues *qs)

@@ -50,6 +50,16 @@ int ublk_queues_stop(struct ublk_queues *qs);
 /* Requests served since start (all queues; for tests and statistics). */
 uint64_t ublk_queues_served(const struct ublk_queues *qs);
 
+/* Requests the engine executed, by kind, since start.  May be read from any
+ * thread while the queues run (values read one by one, not a snapshot). */
+struct ublk_io_stats {
+    uint64_t reads, writes, flushes, discards, write_zeroes;
+    uint64_t read_bytes, write_bytes;
+    uint64_t errors;            /* requests that completed with an error */
+    uint64_t in_flight;         /* requests executing in the engine now */
+};
+void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st);
+
 /* Device parameters for an image: 512-byte logical and 4 KiB physical
  * blocks, volatile cache + FUA, discard and write-zeroes unless read-only. */
 void ublk_params_for_image(struct ublk_params *p, const struct image *img,

@@ -2,6 +2,7 @@
 #include "io/log.h"
 #include "ublk/server.h"
 #include "io/imagelock.h"
+#include "ublk/control.h"
 #include "ublk/ctrl.h"
 #include "ublk/queue.h"
 
@@ -44,12 +45,17 @@ static bool notify(int fd, const char *what, uint32_t id)
  * daemon must neither be throttled as a writer nor have its pages reclaimed. */
 static void protect_from_reclaim(void)
 {
+    if (geteuid() != 0) {
+        /* Both need privileges (CAP_SYS_RESOURCE, a large RLIMIT_MEMLOCK). */
+        uq_info("not root: memory is not locked and reclaim may wait on this daemon");
+        return;
+    }
     if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 && errno != EINVAL)
-        uq_error("warning: PR_SET_IO_FLUSHER failed: %s", strerror(errno));
+        uq_warn("PR_SET_IO_FLUSHER failed: %s", strerror(errno));
     /* ONFAULT: lock pages as they are touched, not every reserved stack. */
     if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
         (errno != EINVAL || mlockall(MCL_CURRENT | MCL_FUTURE) < 0))
-        uq_error("warning: mlockall failed: %s (memory pressure could stall the device)",
+        uq_warn("mlockall failed: %s (memory pressure could stall the device)",
             strerror(errno));
 }
 
@@ -86,10 +92,80 @@ static void use_no_scheduler(uint32_t id)
     snprintf(path, sizeof(path), "/sys/block/ublkb%u/queue/scheduler", id);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
-        return;     /* no sysfs here: keep the kernel's default */
+        return;     /* no sysfs here, or not root: keep the kernel's default */
     if (write(fd, "none", 4) < 0)
-        uq_error("note: cannot set the I/O scheduler of ublkb%u to none: %s", id, strerror(errno));
+        uq_warn("cannot set the I/O scheduler of ublkb%u to none: %s", id, strerror(errno));
     close(fd);
+}
+
+/* What the control socket's requests see of the running device. */
+struct served {
+    uint32_t id;
+    const struct ublk_server_opts *o;
+    struct image *img;
+    struct ublk_queues *qs;
+    struct timespec started;
+};
+
+/* "stats": the counters as one JSON object (see ublk-qcow2 stats). */
+static void answer_stats(struct served *sv, char *reply, size_t len)
+{
+    struct ublk_io_stats io;
+    struct img_stats is;
+    struct timespec now;
+    ublk_queues_stats(sv->qs, &io);
+    img_get_stats(sv->img, &is);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double up = (double)(now.tv_sec - sv->started.tv_sec) + (now.tv_nsec - sv->started.tv_nsec) / 1e9;
+    FILE *f = fmemopen(reply, len, "w");
+    if (!f) {
+        snprintf(reply, len, "{\"error\": \"out of memory\"}");
+        return;
+    }
+    fprintf(f, "{\"id\": %u, \"pid\": %d, \"image\": ", sv->id, (int)getpid());
+    json_put_string(f, sv->o->image);
+    fprintf(f, ", \"format\": ");
+    json_put_string(f, img_format_name(sv->img));
+    fprintf(f, ", \"uptime_s\": %.3f, \"reads\": %llu, \"writes\": %llu, \"read_bytes\": %llu, "
+               "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
+               "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
+               "\"clusters_allocated\": %llu}",
+            up, (unsigned long long)io.reads, (unsigned long long)io.writes,
+            (unsigned long long)io.read_bytes, (unsigned long long)io.write_bytes,
+            (unsigned long long)io.flushes, (unsigned long long)io.discards,
+            (unsigned long long)io.write_zeroes, (unsigned long long)io.errors,
+            (unsigned long long)io.in_flight, (unsigned long long)is.cache_hits,
+            (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated);
+    bool ok = !ferror(f) && ftell(f) < (long)len - 1;
+    fclose(f);
+    if (!ok)
+        snprintf(reply, len, "{\"error\": \"reply too long\"}");
+}
+
+static void answer(void *arg, const char *request, char *reply, size_t len)
+{
+    if (!strcmp(request, "stats"))
+        answer_stats(arg, reply, len);
+    else
+        snprintf(reply, len, "{\"error\": \"unknown request\"}");
+}
+
+/* The nodes of an unprivileged device are given to its owner by udev, a
+ * moment after they appear (the char node at ADD_DEV: every later control
+ * command needs it; the block node at START_DEV).  Wait for that, 5 s at
+ * most, so that commands work and the path we print opens at once. */
+static bool wait_for_own_node(const char *kind, uint32_t id)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/dev/ublk%s%u", kind, id);
+    for (int i = 0; i < 500; i++) {
+        if (access(path, R_OK | W_OK) == 0)
+            return true;
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+    uq_warn("%s does not belong to this user: is the ublk-qcow2 udev rule installed?", path);
+    return false;
 }
 
 static const char *format_name(const struct image *img)
@@ -111,6 +187,17 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     info->dev_id = o->dev_id;
     if (ublk_ctrl_uses_ioctl_encoding(ctrl))
         info->flags |= UBLK_F_CMD_IOCTL_ENCODE;
+    /* Not root: an unprivileged device, owned by us, which only we (and
+     * root) may control and open; udev gives us its nodes. */
+    if (geteuid() != 0) {
+        uint64_t features;
+        if (!ublk_ctrl_features(ctrl, &features) || !(features & UBLK_F_UNPRIVILEGED_DEV)) {
+            uq_error("this kernel cannot give ublk devices to users other than root "
+                     "(unprivileged ublk devices need Linux 6.3 or later)");
+            return -EPERM;
+        }
+        info->flags |= UBLK_F_UNPRIVILEGED_DEV;
+    }
     /* REISSUE: requests in flight when a daemon dies go to the next one
      * (a repeated block write is harmless) rather than failing. */
     if (o->recovery)
@@ -125,7 +212,7 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         return r;
     }
     if (info->nr_hw_queues != o->nr_queues)
-        uq_error("note: the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
+        uq_warn("the kernel allows %u queues (asked for %u)", info->nr_hw_queues, o->nr_queues);
     if (!info->max_io_buf_bytes || info->max_io_buf_bytes > o->buf_bytes)
         info->max_io_buf_bytes = o->buf_bytes;
     return 0;
@@ -165,7 +252,7 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         return -EINVAL;
     }
     if (!read_only && (params.basic.attrs & UBLK_ATTR_READ_ONLY))
-        uq_error("note: ublk device %u is read-only; the image is opened read-write", id);
+        uq_warn("ublk device %u is read-only; the image is opened read-write", id);
     if (read_only && !(params.basic.attrs & UBLK_ATTR_READ_ONLY)) {
         uq_error("%s is read-only, but ublk device %u is writable", o->image, id);
         return -EROFS;
@@ -207,6 +294,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
     struct ublk_queues *qs = NULL;
     uint32_t dev_id = 0;
     bool added = false;
+    uint64_t served = 0;        /* requests, once the queues ended */
+    bool served_known = false;
 
     /* Lock before opening: opening may already write (dirty-image repair). */
     int lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
@@ -217,6 +306,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     struct img_opts iopts = {
         .format = o->format, .read_only = o->read_only,
         .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
+        .discard = o->discard, .discard_no_unref = o->discard_no_unref,
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {
@@ -226,13 +316,13 @@ int ublk_server_run(const struct ublk_server_opts *o)
     }
     bool read_only = o->read_only || img->read_only;
     if (read_only && !o->read_only)
-        uq_error("warning: %s can only be opened read-only; serving it read-only", o->image);
+        uq_warn("%s can only be opened read-only; serving it read-only", o->image);
     if (img_size(img) < 512) {
         uq_error("%s: image is smaller than one sector; nothing to serve", o->image);
         goto out;
     }
     if (img_size(img) % 512)
-        uq_error("warning: %s: the last %u bytes (less than a sector) are not served",
+        uq_warn("%s: the last %u bytes (less than a sector) are not served",
             o->image, (unsigned)(img_size(img) % 512));
 
     if (ublk_ctrl_open(&ctrl) < 0)
@@ -243,6 +333,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
     int r;
     if (o->recover) {
         dev_id = o->dev_id;
+        uq_log_context("ublkb%u [%s]", dev_id, o->image);
         if (take_over(ctrl, o, img, read_only, &info) < 0)
             goto out;
         buf_bytes = info.max_io_buf_bytes;
@@ -252,6 +343,9 @@ int ublk_server_run(const struct ublk_server_opts *o)
         added = true;
         dev_id = info.dev_id;
         notify(o->notify_fd, "id", dev_id);
+        uq_log_context("ublkb%u [%s]", dev_id, o->image);
+        if (geteuid() != 0)
+            wait_for_own_node("c", dev_id);
         buf_bytes = info.max_io_buf_bytes;
         struct ublk_params params;
         ublk_params_for_image(&params, img, buf_bytes, read_only);
@@ -288,6 +382,19 @@ int ublk_server_run(const struct ublk_server_opts *o)
         close(sig_fd);
         goto out;
     }
+    /* The state file first: udev rules run as the block device appears
+     * (at START_DEV) and read it to name the device after its image. */
+    struct ublk_state st = {
+        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
+        .queues = info.nr_hw_queues, .depth = info.queue_depth,
+        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+        .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
+    };
+    snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    r = ublk_state_write(&st);
+    if (r < 0)
+        uq_warn("cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
     if (o->recover) {
         r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
         if (r < 0) {
@@ -313,36 +420,40 @@ int ublk_server_run(const struct ublk_server_opts *o)
 
     if (!o->recover)
         use_no_scheduler(dev_id);
-
-    struct ublk_state st = {
-        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
-        .queues = info.nr_hw_queues, .depth = info.queue_depth,
-        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
-    };
-    snprintf(st.image, sizeof(st.image), "%s", o->image);
-    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
-    r = ublk_state_write(&st);
-    if (r < 0)
-        uq_error("warning: cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
+    if (geteuid() != 0)
+        wait_for_own_node("b", dev_id);
 
     /* If the parent is gone, nobody was told about the device: undo it. */
     bool stopping = !notify(o->notify_fd, "ok", dev_id);
     if (o->notify_fd >= 0)
         close(o->notify_fd);
-    if (o->log_to_file)
+    if (o->log_to_file) {
         log_to_file(dev_id);
+        uq_log_to_syslog();
+    }
+    uq_info("%s %s (%s, %llu bytes%s): %u queue(s) of depth %u", o->recover ? "took over, serving" : "serving",
+            o->image, format_name(img), (unsigned long long)img_size(img), read_only ? ", read-only" : "",
+            info.nr_hw_queues, info.queue_depth);
     if (stopping) {
         uq_error("ublk device %u: the starting command went away; removing the device", dev_id);
         ublk_ctrl_stop_dev(ctrl, dev_id);
     }
 
+    /* Statistics (and later requests) from `ublk-qcow2 stats`. */
+    struct served sv = { .id = dev_id, .o = o, .img = img, .qs = qs };
+    clock_gettime(CLOCK_MONOTONIC, &sv.started);
+    int ctl_fd = ctl_listen(dev_id, err, sizeof(err));
+    if (ctl_fd < 0)
+        uq_warn("ublk device %u: %s (no statistics)", dev_id, err);
+
     /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal. */
-    struct pollfd pf[2] = {
+    struct pollfd pf[3] = {
         { .fd = sig_fd, .events = POLLIN },
         { .fd = ublk_queues_done_fd(qs), .events = POLLIN },
+        { .fd = ctl_fd, .events = POLLIN },
     };
     for (;;) {
-        if (poll(pf, 2, -1) < 0) {
+        if (poll(pf, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             uq_error("poll: %s", strerror(errno));
@@ -350,6 +461,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
         }
         if (pf[1].revents)
             break;
+        if (pf[2].revents)
+            ctl_serve_one(ctl_fd, answer, &sv);
         if (pf[0].revents) {
             struct signalfd_siginfo si;
             if (read(sig_fd, &si, sizeof(si)) == sizeof(si) && !stopping) {
@@ -362,6 +475,9 @@ int ublk_server_run(const struct ublk_server_opts *o)
         }
     }
     close(sig_fd);
+    ctl_close(ctl_fd, dev_id);
+    served = ublk_queues_served(qs);
+    served_known = true;
     r = ublk_queues_stop(qs);
     qs = NULL;
     rc = r < 0 ? 1 : 0;
@@ -376,6 +492,8 @@ out:
     if (r < 0) {
         uq_error("%s: flush at close failed: %s", o->image, strerror(-r));
         rc = 1;
+    } else if (served_known) {
+        uq_info("stopped after %llu requests; image flushed and closed", (unsigned long long)served);
     }
     close(lock_fd);
     if (added) {
@@ -391,9 +509,30 @@ out:
 
 /* ---- state files --------------------------------------------------------------- */
 
-static void state_path(char *buf, size_t len, uint32_t id, const char *suffix)
+void ublk_state_dir_of(uid_t uid, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s/ublk%u.json%s", UBLK_STATE_DIR, id, suffix);
+    if (uid == 0)
+        snprintf(buf, len, "%s", UBLK_ROOT_STATE_DIR);
+    else
+        snprintf(buf, len, "/run/user/%u/ublk-qcow2", (unsigned)uid);
+}
+
+const char *ublk_state_dir(void)
+{
+    static char dir[PATH_MAX];
+    if (!dir[0]) {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+        if (geteuid() != 0 && xdg && xdg[0] == '/')
+            snprintf(dir, sizeof(dir), "%s/ublk-qcow2", xdg);
+        else
+            ublk_state_dir_of(geteuid(), dir, sizeof(dir));
+    }
+    return dir;
+}
+
+static void state_path(char *buf, size_t len, const char *dir, uint32_t id, const char *suffix)
+{
+    snprintf(buf, len, "%s/ublk%u.json%s", dir, id, suffix);
 }
 
 void json_put_string(FILE *out, const char *s)
@@ -415,8 +554,8 @@ int ublk_state_write(const struct ublk_state *s)
     if (mkdir(UBLK_STATE_DIR, 0755) < 0 && errno != EEXIST)
         return -errno;
     char tmp[PATH_MAX], path[PATH_MAX];
-    state_path(tmp, sizeof(tmp), s->id, ".tmp");
-    state_path(path, sizeof(path), s->id, "");
+    state_path(tmp, sizeof(tmp), UBLK_STATE_DIR, s->id, ".tmp");
+    state_path(path, sizeof(path), UBLK_STATE_DIR, s->id, "");
     FILE *f = fopen(tmp, "we");
     if (!f)
         return -errno;
@@ -425,9 +564,10 @@ int ublk_state_write(const struct ublk_state *s)
     fprintf(f, ", \"format\": ");
     json_put_string(f, s->format);
     fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
-               "\"cache_size\": %llu}\n",
+               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s}\n",
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
-            (unsigned long long)s->cache_size);
+            (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
+            s->discard_no_unref ? "true" : "false");
     bool ok = !ferror(f);
     if (fclose(f) != 0)
         ok = false;
@@ -458,7 +598,7 @@ static const char *json_find(const char *buf, const char *key)
     return p;
 }
 
-static bool json_get_u64(const char *buf, const char *key, uint64_t *v)
+bool json_get_u64(const char *buf, const char *key, uint64_t *v)
 {
     const char *p = json_find(buf, key);
     if (!p)
@@ -472,33 +612,83 @@ static bool json_get_u64(const char *buf, const char *key, uint64_t *v)
     return true;
 }
 
-static bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
+/* Four hex digits of a \\u escape; -1 if malformed. */
+static long hex4(const char *p)
+{
+    long v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0)
+            return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
 {
     const char *p = json_find(buf, key);
     if (!p || *p++ != '"')
         return false;
     size_t n = 0;
     while (*p && *p != '"') {
-        char c = *p++;
-        if (c == '\\') {
-            c = *p++;
-            if (c == 'u') {
-                unsigned v;
-                if (sscanf(p, "%4x", &v) != 1)
+        char enc[4];
+        size_t k = 1;
+        enc[0] = *p++;
+        if (enc[0] == '\\') {
+            char e = *p++;
+            long v;
+            switch (e) {
+            case 'n': enc[0] = '\n'; break;
+            case 't': enc[0] = '\t'; break;
+            case 'r': enc[0] = '\r'; break;
+            case 'b': enc[0] = '\b'; break;
+            case 'f': enc[0] = '\f'; break;
+            case '"': case '\\': case '/': enc[0] = e; break;
+            case 'u':
+                /* A code point (a surrogate pair for those above U+FFFF),
+                 * written out as UTF-8. */
+                if ((v = hex4(p)) < 0)
                     return false;
-                c = (char)v;
                 p += 4;
-            } else if (c == 'n') {
-                c = '\n';
-            } else if (c == 't') {
-                c = '\t';
-            } else if (!c) {
+                if (v >= 0xd800 && v < 0xdc00) {
+                    long lo = p[0] == '\\' && p[1] == 'u' ? hex4(p + 2) : -1;
+                    if (lo < 0xdc00 || lo >= 0xe000)
+                        return false;
+                    v = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+                    p += 6;
+                }
+                if (v == 0)
+                    return false;
+                if (v < 0x80) {
+                    enc[0] = (char)v;
+                } else if (v < 0x800) {
+                    enc[0] = (char)(0xc0 | (v >> 6));
+                    enc[1] = (char)(0x80 | (v & 0x3f));
+                    k = 2;
+                } else if (v < 0x10000) {
+                    enc[0] = (char)(0xe0 | (v >> 12));
+                    enc[1] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[2] = (char)(0x80 | (v & 0x3f));
+                    k = 3;
+                } else {
+                    enc[0] = (char)(0xf0 | (v >> 18));
+                    enc[1] = (char)(0x80 | ((v >> 12) & 0x3f));
+                    enc[2] = (char)(0x80 | ((v >> 6) & 0x3f));
+                    enc[3] = (char)(0x80 | (v & 0x3f));
+                    k = 4;
+                }
+                break;
+            default:
                 return false;
             }
         }
-        if (n + 1 >= outlen)
+        if (n + k >= outlen)
             return false;
-        out[n++] = c;
+        memcpy(out + n, enc, k);
+        n += k;
     }
     if (*p != '"')
         return false;
@@ -508,8 +698,13 @@ static bool json_get_string(const char *buf, const char *key, char *out, size_t 
 
 int ublk_state_read(uint32_t id, struct ublk_state *s)
 {
+    return ublk_state_read_in(UBLK_STATE_DIR, id, s);
+}
+
+int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
+{
     char path[PATH_MAX];
-    state_path(path, sizeof(path), id, "");
+    state_path(path, sizeof(path), dir, id, "");
     FILE *f = fopen(path, "re");
     if (!f)
         return -errno;
@@ -537,12 +732,16 @@ int ublk_state_read(uint32_t id, struct ublk_state *s)
     s->read_only = ro && !strncmp(ro, "true", 4);
     const char *rec = json_find(buf, "recovery");
     s->recovery = rec && !strncmp(rec, "true", 4);
+    char mode[16];
+    s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
+    const char *nu = json_find(buf, "discard_no_unref");
+    s->discard_no_unref = nu && !strncmp(nu, "true", 4);
     return 0;
 }
 
 void ublk_state_remove(uint32_t id)
 {
     char path[PATH_MAX];
-    state_path(path, sizeof(path), id, "");
+    state_path(path, sizeof(path), UBLK_STATE_DIR, id, "");
     unlink(path);
 }

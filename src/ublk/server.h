@@ -21,7 +21,15 @@
 
 #include "qcow2/image.h"
 
-#define UBLK_STATE_DIR "/run/ublk-qcow2"
+/* State files, logs and control sockets: /run/ublk-qcow2 for root; for
+ * other users (unprivileged devices) $XDG_RUNTIME_DIR/ublk-qcow2, else
+ * /run/user/UID/ublk-qcow2. */
+#define UBLK_ROOT_STATE_DIR "/run/ublk-qcow2"
+const char *ublk_state_dir(void);
+/* The state directory a daemon run by uid uses (root looking at the
+ * unprivileged devices of others). */
+void ublk_state_dir_of(uid_t uid, char *buf, size_t len);
+#define UBLK_STATE_DIR (ublk_state_dir())
 #define UBLK_DEFAULT_QUEUES 1
 #define UBLK_DEFAULT_DEPTH 128
 #define UBLK_MAX_QUEUES 64
@@ -36,6 +44,8 @@ struct ublk_server_opts {
     bool read_only;
     enum img_format format;
     uint64_t cache_size;
+    enum img_discard discard;
+    bool discard_no_unref;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -64,14 +74,22 @@ struct ublk_state {
     unsigned depth;
     uint32_t buf_bytes;
     uint64_t cache_size;
+    bool discard_unmap;
+    bool discard_no_unref;
 };
 
 int ublk_state_write(const struct ublk_state *s);
 /* 0, -ENOENT if there is none, -EINVAL if it cannot be parsed. */
 int ublk_state_read(uint32_t id, struct ublk_state *s);
+/* The same, from another state directory. */
+int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s);
 void ublk_state_remove(uint32_t id);
 
 /* Append s to out as a JSON string literal (quotes and escapes). */
 void json_put_string(FILE *out, const char *s);
+/* Read a member of a flat JSON object (state files, control replies):
+ * false if missing or not of that type. */
+bool json_get_u64(const char *buf, const char *key, uint64_t *v);
+bool json_get_string(const char *buf, const char *key, char *out, size_t outlen);
 
 #endif

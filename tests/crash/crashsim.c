@@ -1,6 +1,7 @@
 /* crashsim: power-loss simulation and fault injection for the image engine.
  *
  *   crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]
+ *                   [--discard unmap|ignore] [--discard-no-unref]
  *       Open IMAGE (a scratch copy) with the engine, run a seeded random
  *       workload, and record every write/sync/punch the engine sends to the
  *       image file (LOG.fop, data in LOG.dat) and every request with its
@@ -394,7 +395,7 @@ static void hook_after(void *ctx, struct file *f, enum file_op op, uint64_t off,
 }
 
 static struct hookctx hk;
-static const struct file_hooks hooks = { hook_before, hook_after, &hk };
+static const struct file_hooks hooks = { .before = hook_before, .after = hook_after, .ctx = &hk };
 
 /* ---- the workload --------------------------------------------------------------- */
 
@@ -649,11 +650,15 @@ static void run_phase(struct run *r, uint64_t ops)
 static uint64_t opt_ops = 200, opt_ops2 = 60, opt_seed = 1;
 static unsigned opt_depth = 6, opt_count = 1;
 static bool opt_at_open;
+/* The engine's discard options (--discard, --discard-no-unref): unmap by
+ * default, so discards and write-zeroes free and punch clusters. */
+static enum img_discard opt_discard = IMG_DISCARD_UNMAP;
+static bool opt_no_unref;
 
 static void main_co(void *arg)
 {
     struct run *r = arg;
-    struct img_opts o = { .format = IMG_FMT_QCOW2 };
+    struct img_opts o = { .format = IMG_FMT_QCOW2, .discard = opt_discard, .discard_no_unref = opt_no_unref };
     r->img = img_open(r->path, &o, r->err, sizeof(r->err));
     if (!r->img) {
         r->open_err = 1;
@@ -1077,7 +1082,7 @@ struct reopen { const char *path, *compare; struct loop *loop; int rc; char msg[
 static void reopen_co(void *arg)
 {
     struct reopen *ro = arg;
-    struct img_opts o = { .format = IMG_FMT_QCOW2 };
+    struct img_opts o = { .format = IMG_FMT_QCOW2, .discard = opt_discard, .discard_no_unref = opt_no_unref };
     char err[512];
     struct image *img = img_open(ro->path, &o, err, sizeof(err));
     if (!img) {
@@ -1219,6 +1224,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]\n"
+            "                [--discard unmap|ignore] [--discard-no-unref]   (also for faults, reopen)\n"
             "       crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states N]\n"
             "       crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST\n"
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
@@ -1244,6 +1250,8 @@ int main(int argc, char **argv)
         { "nth", required_argument, NULL, 'n' },
         { "count", required_argument, NULL, 'k' },
         { "space-limit", required_argument, NULL, 'l' },
+        { "discard", required_argument, NULL, 'D' },
+        { "discard-no-unref", no_argument, NULL, 'U' },
         { NULL, 0, NULL, 0 },
     };
     const char *compare = NULL;
@@ -1279,6 +1287,11 @@ int main(int argc, char **argv)
         case 'n': hk.nth = num(optarg); break;
         case 'k': hk.count = num(optarg); break;
         case 'l': hk.space_limit = num(optarg); break;
+        case 'D':
+            if (img_parse_discard(optarg, &opt_discard) < 0)
+                die("unknown --discard '%s'", optarg);
+            break;
+        case 'U': opt_no_unref = true; break;
         default: usage();
         }
     }

@@ -58,11 +58,17 @@ qio_quiet() {
 #   snap64k   v3, 64 KiB clusters, 16-bit refcounts: data, compressed clusters, an internal
 #             snapshot sharing them, more data on top.
 #   backv2    v2 (compat 0.10), 4 KiB clusters, over a raw backing file with varied content:
-#             partial writes copy from the backing file, discard shows it again.
+#             partial writes copy from the backing file; discard does nothing (as QEMU:
+#             without a zero flag it would uncover the backing file).
 #   tiny512   v3, 512-byte clusters, 64-bit refcounts, 1.8 MiB of data: the workload pushes
 #             the file past what one refcount-table cluster describes (table growth).
 #   dirty     v3, 64 KiB clusters, 4-bit refcounts, lazy refcounts, left dirty by a crash
 #             (qemu-io abort): the engine repairs it on open, and that is recorded too.
+#   ext32k    v3, 32 KiB clusters with extended L2 (1 KiB subclusters) over a raw backing
+#             file: subclusters written, zeroed and discarded one by one, compressed
+#             clusters and an internal snapshot sharing them.
+#   nounref   as snap64k, run with --discard-no-unref (config_flags): discarded clusters
+#             stay allocated as zero clusters and their data is punched out at once.
 prep_image() {
     local cfg=$1 d=$2
     rm -f "$d/init.qcow2" "$d/backing.raw"
@@ -95,7 +101,27 @@ prep_image() {
             -c "write -P 0x73 3M 64k" -c abort >/dev/null 2>&1) 2>/dev/null
         [[ $(( $(header_field "$d/init.qcow2" 72 8) & 1 )) -eq 1 ]] || return 1
         echo - ;;
+    ext32k)
+        qemu-img create -q -f raw "$d/backing.raw" 4M &&
+        timeout 60 qemu-io -f raw "$d/backing.raw" -c "write -P 0x81 0 2M" -c "write -P 0x82 2M 2M" \
+            >/dev/null &&
+        qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=32k -b backing.raw -F raw \
+            "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0x91 4k 8k" "write -P 0x92 100k 70k" "write -z 300k 3k" \
+            "write -c -P 0x93 1M 64k" &&
+        qemu-img snapshot -c s1 "$d/init.qcow2" &&
+        qio_quiet "$d/init.qcow2" "write -P 0x94 6k 1k" "discard 1056k 32k" || return 1
+        echo "$d/backing.raw" ;;
+    nounref)
+        prep_image snap64k "$d" ;;
     *) return 1 ;;
+    esac
+}
+
+# config_flags CONFIG: extra crashsim options of a configuration.
+config_flags() {
+    case $1 in
+    nounref) echo --discard-no-unref ;;
     esac
 }
 

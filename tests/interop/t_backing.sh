@@ -55,9 +55,17 @@ run_case "backing qcow2" case_backing qcow2 ""
 run_case "backing raw" case_backing raw ""
 run_case "backing qcow2, overlay cluster_size=4k" case_backing qcow2 "cluster_size=4096"
 run_case "backing qcow2, overlay cluster_size=2M" case_backing qcow2 "cluster_size=2M"
-# v2 has no zero flag: a discard there uncovers the backing data in QEMU, which the NBD
-# protocol leaves unspecified, so no discards for this one.
-run_case "backing qcow2, overlay compat=0.10" case_backing qcow2 "compat=0.10" --wl-opt --no-discard
+# v2 has no zero flag: a discard there would uncover the backing data, so it does nothing (as in
+# QEMU), and zeroes are written for real.
+run_case "backing qcow2, overlay compat=0.10" case_backing qcow2 "compat=0.10" --wl-opt --zero-unmap
+# Write-zeroes that may unmap (NBD without NO_HOLE): clusters let go, never uncovering the
+# backing file.
+run_case "backing qcow2, write-zeroes with unmap" case_backing qcow2 "" --wl-opt --zero-unmap
+# Extended L2 overlays: partial writes allocate subclusters, the rest of the cluster keeps
+# reading from the backing file; zeroes and discards at subcluster granularity.
+run_case "backing qcow2, overlay extended_l2 cluster_size=64k" case_backing qcow2 "extended_l2=on" \
+    --wl-opt --zero-unmap
+run_case "backing raw, overlay extended_l2 cluster_size=16k" case_backing raw "extended_l2=on,cluster_size=16384"
 
 # Relative backing name into a sibling directory, server started from an unrelated directory
 # with a relative image path: the name must be resolved against the overlay's directory.

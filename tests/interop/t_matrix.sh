@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interop matrix: cluster sizes, refcount widths, compat levels, preallocation, dirty
-# lazy-refcount images, compressed clusters, refcount-table growth, raw images.
+# lazy-refcount images, compressed clusters, refcount-table growth, raw images, extended L2.
 # timeout: 900
 # soak-timeout: 3600
 . "$(dirname "$0")/../lib/lib.sh"
@@ -27,6 +27,10 @@ MATRIX=(
     "preallocation=full|preallocation=full|16M"
     "lazy_refcounts=on|lazy_refcounts=on|16M"
     "cluster_size=512 refcount_bits=2|cluster_size=512,refcount_bits=2|16M"
+    # Extended L2 (32 subclusters per cluster, clusters of 16 KiB and more).
+    "extended_l2 cluster_size=16k|extended_l2=on,cluster_size=16384|16M"
+    "extended_l2 cluster_size=64k|extended_l2=on|16M"
+    "extended_l2 cluster_size=2M|extended_l2=on,cluster_size=2M|64M"
 )
 
 for row in "${MATRIX[@]}"; do
@@ -81,6 +85,8 @@ run_case "compressed zlib" case_compressed "compression_type=zlib"
 run_case "compressed zstd" case_compressed "compression_type=zstd"
 run_case "compressed zlib compat=0.10" case_compressed "compat=0.10"
 run_case "compressed zstd cluster_size=4k" case_compressed "compression_type=zstd,cluster_size=4096"
+run_case "compressed zstd extended_l2 cluster_size=32k" case_compressed \
+    "compression_type=zstd,extended_l2=on,cluster_size=32768"
 
 # --- refcount table growth -------------------------------------------------------------------
 # 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters, one table

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Seeded random qemu-io workload, one command per line.
 
-Usage: workload.py SEED SIZE CLUSTER_SIZE [--ops N] [--no-discard] [--no-aio] [--no-read]
+Usage: workload.py SEED SIZE CLUSTER_SIZE [--ops N] [--no-discard] [--no-aio] [--no-read] [--zero-unmap]
 
 Writes with patterns at unaligned and cluster-crossing offsets/lengths, overwrites of earlier
 writes, zero writes, whole-cluster discards (QEMU ignores partial-cluster ones), flushes and
-batches of concurrent non-overlapping aio writes.  Reads (`read -P`) check ranges whose
+batches of concurrent non-overlapping aio writes.  --zero-unmap makes half the zero writes
+`write -z -u` (the range may be deallocated: NBD without NO_HOLE).  Reads (`read -P`) check ranges whose
 content the workload itself determined (written, never touched since), so the server's read
 path is checked while it is still caching metadata.  Everything stays inside SIZE.
 """
@@ -24,8 +25,9 @@ def parse_size(s):
 
 
 class Gen:
-    def __init__(self, seed, size, cluster, ops, discard, aio, reads):
+    def __init__(self, seed, size, cluster, ops, discard, aio, reads, zero_unmap=False):
         self.r = random.Random(seed)
+        self.zero_unmap = zero_unmap
         self.size = size
         self.cs = cluster
         self.nops = ops
@@ -94,7 +96,8 @@ class Gen:
         if align > 1:
             n = max(SECTOR, n - n % SECTOR)
         off, n = self.clip(off, n)
-        self.emit("write -z %d %d" % (off, n), off, n, 0)
+        u = " -u" if self.zero_unmap and self.r.random() < 0.5 else ""
+        self.emit("write -z%s %d %d" % (u, off, n), off, n, 0)
 
     def do_discard(self):
         nclusters = self.size // self.cs
@@ -171,8 +174,10 @@ def main():
     ap.add_argument("--no-discard", action="store_true")
     ap.add_argument("--no-aio", action="store_true")
     ap.add_argument("--no-read", action="store_true")
+    ap.add_argument("--zero-unmap", action="store_true")
     a = ap.parse_args()
-    g = Gen(a.seed, a.size, a.cluster_size, a.ops, not a.no_discard, not a.no_aio, not a.no_read)
+    g = Gen(a.seed, a.size, a.cluster_size, a.ops, not a.no_discard, not a.no_aio, not a.no_read,
+            a.zero_unmap)
     print("\n".join(g.run()))
 
 

@@ -72,7 +72,7 @@ _nbd_cmdline() {
     local image=$1; shift
     NBD_EXPORT=
     if [[ $NBD_SERVER == qemu-nbd ]]; then
-        local fmt=auto args=()
+        local fmt=auto args=() discard=unmap
         local sockargs=(-k "$NBD_SOCK")
         while [[ $# -gt 0 ]]; do
             case $1 in
@@ -82,6 +82,7 @@ _nbd_cmdline() {
                 --cache-size) shift ;;  # qemu-nbd sizes its caches itself
                 --socket) NBD_SOCK=$2; sockargs=(-k "$2"); shift ;;
                 --bind) sockargs=(-b "${2%:*}" -p "${2##*:}"); shift ;;
+                --discard) discard=$2; shift ;;
                 *) note "start_nbd: option $1 not mapped for qemu-nbd"; return 2 ;;
             esac
             shift
@@ -97,17 +98,20 @@ _nbd_cmdline() {
         # -t: keep serving after a client disconnects; discard=unmap: honour TRIM like QEMU's
         # own qemu-io does on the reference copy.
         NBD_CMD=(qemu-nbd --fork --pid-file "$NBD_PIDFILE" "${sockargs[@]}" -t -e 8
-                 -f "$fmt" --cache=none --aio=io_uring --discard=unmap "${args[@]}" "$image")
+                 -f "$fmt" --cache=none --aio=io_uring --discard="$discard" "${args[@]}" "$image")
     else
-        local i
+        local i discard=(--discard unmap)
         for ((i = 1; i <= $#; i++)); do
             if [[ ${!i} == --export-name ]]; then
                 local j=$((i + 1)); NBD_EXPORT=${!j}
             elif [[ ${!i} == --socket ]]; then
                 local j=$((i + 1)); NBD_SOCK=${!j}
+            elif [[ ${!i} == --discard || ${!i} == --discard=* ]]; then
+                discard=()
             fi
         done
-        NBD_CMD=("$UQ" nbd --fork --pid-file "$NBD_PIDFILE" --socket "$NBD_SOCK" "$@" "$image")
+        # As for qemu-nbd above: --discard unmap unless the caller chose.
+        NBD_CMD=("$UQ" nbd --fork --pid-file "$NBD_PIDFILE" --socket "$NBD_SOCK" "${discard[@]}" "$@" "$image")
     fi
 }
 

@@ -32,6 +32,8 @@ expect_exit nbd_cli_no_address 2 "exactly one of" "$UQ" nbd "$img"
 expect_exit nbd_cli_two_addresses 2 "exactly one of" "$UQ" nbd --socket "$S" --bind 127.0.0.1:1 "$img"
 expect_exit nbd_cli_bad_format 2 "unknown format 'vmdk'" "$UQ" nbd --format vmdk --socket "$S" "$img"
 expect_exit nbd_cli_bad_cache_size 2 "invalid --cache-size" "$UQ" nbd --cache-size lots --socket "$S" "$img"
+expect_exit nbd_cli_bad_discard 2 "unknown --discard mode 'sometimes'" "$UQ" nbd --discard sometimes --socket "$S" "$img"
+expect_exit nbd_cli_help_discard 0 "--discard-no-unref" "$UQ" nbd --help
 expect_exit nbd_cli_missing_arg 2 "needs an argument" "$UQ" nbd "$img" --socket
 expect_exit nbd_cli_extra_arg 2 "unexpected argument" "$UQ" nbd --socket "$S" "$img" "$img"
 
@@ -57,10 +59,53 @@ if [ -S "$NBD_DIR/stale.sock" ] && start_server stale "$img" && timeout 30 nbdin
 else
     fail $t "$(cat "$NBD_DIR/stale.log")"
 fi
-# A live socket is not stolen.
-expect_exit nbd_cli_socket_in_use 1 "another server" "$UQ" nbd --fork --pid-file "$X" --socket "$NBD_DIR/stale.sock" "$img"
+# A live socket is not stolen (another image: this one is locked by the server).
+make_image raw "$NBD_DIR/c2.raw" 1M
+expect_exit nbd_cli_socket_in_use 1 "another server" "$UQ" nbd --fork --pid-file "$X" --socket "$NBD_DIR/stale.sock" "$NBD_DIR/c2.raw"
+expect_exit nbd_cli_image_locked 1 "in use" "$UQ" nbd --fork --pid-file "$X" --socket "$NBD_DIR/c3.sock" "$img"
 t=nbd_cli_pid_file
 if [ "$(server_pid stale)" -gt 1 ] && alive stale && stop_server stale; then ok $t; else fail $t "pid file or shutdown wrong"; fi
+
+# Locks as QEMU takes them: a served image is refused to QEMU writers, its
+# backing file too (read-only users may still open both).
+t=nbd_cli_locks
+qemu-img create -q -f qcow2 "$NBD_DIR/lbase.qcow2" 8M
+(cd "$NBD_DIR" && qemu-img create -q -f qcow2 -b lbase.qcow2 -F qcow2 lover.qcow2 8M)
+if start_server locked "$NBD_DIR/lover.qcow2"; then
+    w_top=$(timeout 30 qemu-io -c 'write 0 4k' "$NBD_DIR/lover.qcow2" 2>&1); rc_top=$?
+    w_base=$(timeout 30 qemu-io -c 'write 0 4k' "$NBD_DIR/lbase.qcow2" 2>&1); rc_base=$?
+    r_base=$(timeout 30 qemu-io -r -c 'read 0 4k' "$NBD_DIR/lbase.qcow2" 2>&1); rc_read=$?
+    if [ $rc_top != 0 ] && grep -qi lock <<<"$w_top" && [ $rc_base != 0 ] && grep -qi lock <<<"$w_base" &&
+       [ $rc_read = 0 ]; then
+        ok $t
+    else
+        fail $t "top: rc $rc_top $w_top; base: rc $rc_base $w_base; base read-only: rc $rc_read $r_base"
+    fi
+    stop_server locked
+    t=nbd_cli_locks_released
+    if timeout 30 qemu-io -c 'write 0 4k' "$NBD_DIR/lbase.qcow2" >/dev/null 2>&1; then ok $t; else fail $t "backing file still locked after the server stopped"; fi
+else
+    fail $t "$(cat "$NBD_DIR/locked.log")"
+fi
+
+# -v: the server says what it serves and when clients come and go.
+t=nbd_cli_verbose
+if start_server verbose -v "$NBD_DIR/c2.raw" && qio "$URI_verbose" -c 'read 0 4k' >/dev/null &&
+   stop_server verbose &&
+   grep -q "^ublk-qcow2: serving $NBD_DIR/c2.raw (raw, 1048576 bytes) on $NBD_DIR/verbose.sock" "$NBD_DIR/verbose.log" &&
+   grep -q "^ublk-qcow2: nbd: client [0-9]* connected" "$NBD_DIR/verbose.log" &&
+   grep -q "^ublk-qcow2: nbd: client [0-9]* disconnected" "$NBD_DIR/verbose.log"; then
+    ok $t
+else
+    fail $t "$(tr '\n' ' ' <"$NBD_DIR/verbose.log")"
+fi
+t=nbd_cli_quiet_by_default
+if ! grep -q "connected" "$NBD_DIR/c3.log" 2>/dev/null && start_server quiet "$NBD_DIR/c2.raw" &&
+   qio "$URI_quiet" -c 'read 0 4k' >/dev/null && stop_server quiet && ! grep -q "connected" "$NBD_DIR/quiet.log"; then
+    ok $t
+else
+    fail $t "$(tr '\n' ' ' <"$NBD_DIR/quiet.log")"
+fi
 
 # Export names: only the configured name is served.
 t=nbd_cli_export_name

@@ -11,7 +11,10 @@ qcow2_available && FORMATS="raw qcow2" || skip nbd_hostile_qcow2 "qcow2 engine n
 for fmt in $FORMATS; do
     img="$NBD_DIR/h.$fmt"
     make_image "$fmt" "$img" "$SIZE"
-    if ! start_server "rw$fmt" "$img" || ! start_server "ro$fmt" --read-only "$img"; then
+    # The read-only export serves its own copy: the writable server's image
+    # lock refuses readers that need it unchanged, as qemu-nbd's does.
+    cp "$img" "$img.ro"
+    if ! start_server "rw$fmt" "$img" || ! start_server "ro$fmt" --read-only "$img.ro"; then
         fail "nbd_hostile_start_$fmt" "$(cat "$NBD_DIR"/r?$fmt.log)"
         continue
     fi
@@ -27,8 +30,7 @@ for fmt in $FORMATS; do
     fi
 
     # qemu-io opening the read-only export read-write must fail cleanly; reads
-    # work (contents not checked: this server opened the image before the
-    # writable one wrote to it, and a qcow2 metadata cache is per process).
+    # work.
     t="nbd_read_only_qemu_io_$fmt"
     out=$(qio "$(eval echo "\$URI_ro$fmt")" -c 'write -P 1 0 4k' 2>&1); rc=$?
     if [ $rc -ne 0 ] && grep -qi "read-only\|read only\|permission" <<<"$out" &&

@@ -41,6 +41,8 @@ expect ublk_cli_add_bad_id 2 "invalid device id 'x1'" "$UQ" add -n x1 img
 expect ublk_cli_add_bad_format 2 "unknown format 'vmdk'" "$UQ" add -f vmdk x
 expect ublk_cli_add_bad_cache 2 "invalid cache size" "$UQ" add --cache-size 12Q x
 expect ublk_cli_add_unknown_option 2 "usage" "$UQ" add --bogus x
+expect ublk_cli_add_bad_discard 2 "unknown --discard mode 'sometimes'" "$UQ" add --discard sometimes x
+expect ublk_cli_add_help_discard 0 "--discard ignore|unmap|--discard MODE" "$UQ" add --help
 expect ublk_cli_del_needs_target 2 "exactly one of -n ID or --all" "$UQ" del
 expect ublk_cli_del_both_targets 2 "exactly one of" "$UQ" del -n 1 --all
 expect ublk_cli_del_bad_timeout 2 "invalid timeout" "$UQ" del -n 1 -t 0

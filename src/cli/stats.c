@@ -1,0 +1,234 @@
+/* ublk-qcow2 stats: a live device's counters, from its daemon's control socket. */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/cli.h"
+#include "ublk/control.h"
+#include "ublk/server.h"
+
+static void stats_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 stats -n ID [--json] [--watch [SECS]] [--count N]\n\n"
+        "Show the counters of ublk device ID, read from its daemon: requests by\n"
+        "kind, bytes, errors, requests in flight, metadata cache hits, clusters\n"
+        "allocated since the device was added.\n\n"
+        "Options:\n"
+        "  -n, --id ID          the device /dev/ublkbID\n"
+        "  -j, --json           print the counters as one JSON object\n"
+        "  -w, --watch [SECS]   print rates every SECS seconds (default 1) until\n"
+        "                       interrupted; with --json, one JSON object per line\n"
+        "  -c, --count N        with --watch: stop after N reports\n"
+        "  -h, --help           this help\n");
+}
+
+static bool parse_num(const char *s, unsigned long min, unsigned long max, unsigned long *out)
+{
+    char *end;
+    if (!s || *s < '0' || *s > '9')
+        return false;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *end || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+struct sample {
+    uint64_t reads, writes, read_bytes, write_bytes, flushes, discards, write_zeroes;
+    uint64_t errors, in_flight, cache_hits, cache_misses, clusters_allocated;
+    char image[4096], format[16];
+};
+
+/* Ask the daemon; 0, or 1 after saying why. */
+static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
+{
+    int r = ctl_request(id, "stats", reply, len);
+    if (r < 0) {
+        if (r == -ENOENT)
+            cli_error("stats: ublk device %u has no running daemon (see 'ublk-qcow2 list')", id);
+        else
+            cli_error("stats: cannot ask the daemon of ublk device %u: %s", id, strerror(-r));
+        return 1;
+    }
+    struct { const char *key; uint64_t *v; } f[] = {
+        { "reads", &s->reads }, { "writes", &s->writes }, { "read_bytes", &s->read_bytes },
+        { "write_bytes", &s->write_bytes }, { "flushes", &s->flushes },
+        { "discards", &s->discards }, { "write_zeroes", &s->write_zeroes },
+        { "errors", &s->errors }, { "in_flight", &s->in_flight },
+        { "cache_hits", &s->cache_hits }, { "cache_misses", &s->cache_misses },
+        { "clusters_allocated", &s->clusters_allocated },
+    };
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        if (!json_get_u64(reply, f[i].key, f[i].v)) {
+            cli_error("stats: the daemon of ublk device %u gave an unexpected answer: %.200s", id, reply);
+            return 1;
+        }
+    }
+    if (!json_get_string(reply, "image", s->image, sizeof(s->image)))
+        s->image[0] = '\0';
+    if (!json_get_string(reply, "format", s->format, sizeof(s->format)))
+        s->format[0] = '\0';
+    return 0;
+}
+
+static double mib(uint64_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
+
+static void print_sample(uint32_t id, const struct sample *s)
+{
+    uint64_t lookups = s->cache_hits + s->cache_misses;
+    printf("device        /dev/ublkb%u\n", id);
+    printf("image         %s (%s)\n", s->image, s->format);
+    printf("reads         %llu (%.1f MiB)\n", (unsigned long long)s->reads, mib(s->read_bytes));
+    printf("writes        %llu (%.1f MiB)\n", (unsigned long long)s->writes, mib(s->write_bytes));
+    printf("flushes       %llu\n", (unsigned long long)s->flushes);
+    printf("discards      %llu\n", (unsigned long long)s->discards);
+    printf("write-zeroes  %llu\n", (unsigned long long)s->write_zeroes);
+    printf("errors        %llu\n", (unsigned long long)s->errors);
+    printf("in flight     %llu\n", (unsigned long long)s->in_flight);
+    if (lookups)
+        printf("cache hits    %.1f%% (%llu of %llu metadata lookups)\n",
+               100.0 * (double)s->cache_hits / (double)lookups,
+               (unsigned long long)s->cache_hits, (unsigned long long)lookups);
+    else
+        printf("cache hits    - (no metadata lookups)\n");
+    printf("allocated     %llu clusters since the device was added\n",
+           (unsigned long long)s->clusters_allocated);
+}
+
+static volatile sig_atomic_t interrupted;
+static void on_signal(int sig) { (void)sig; interrupted = 1; }
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int watch(uint32_t id, bool json, unsigned long secs, unsigned long count)
+{
+    struct sigaction sa = { .sa_handler = on_signal };
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    static char reply[CTL_LINE_MAX];
+    static struct sample prev, cur;
+    if (fetch(id, reply, sizeof(reply), &prev))
+        return 1;
+    double t_prev = now_s();
+    if (!json)
+        printf("%-8s %9s %9s %8s %8s %8s %8s %6s %7s\n", "time", "reads/s", "writes/s", "rMiB/s",
+               "wMiB/s", "flush/s", "inflight", "errors", "cache%");
+    for (unsigned long n = 0; !interrupted && (!count || n < count); n++) {
+        struct timespec ts = { (time_t)secs, 0 };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !interrupted)
+            ;
+        if (interrupted)
+            break;
+        if (fetch(id, reply, sizeof(reply), &cur))
+            return 1;
+        double t = now_s(), dt = t - t_prev;
+        if (json) {
+            printf("%s\n", reply);
+        } else {
+            uint64_t lookups = (cur.cache_hits - prev.cache_hits) + (cur.cache_misses - prev.cache_misses);
+            char when[16], hit[16] = "-";
+            time_t wall = time(NULL);
+            strftime(when, sizeof(when), "%H:%M:%S", localtime(&wall));
+            if (lookups)
+                snprintf(hit, sizeof(hit), "%.1f", 100.0 * (double)(cur.cache_hits - prev.cache_hits) / (double)lookups);
+            printf("%-8s %9.0f %9.0f %8.1f %8.1f %8.0f %8llu %6llu %7s\n", when,
+                   (double)(cur.reads - prev.reads) / dt, (double)(cur.writes - prev.writes) / dt,
+                   mib(cur.read_bytes - prev.read_bytes) / dt, mib(cur.write_bytes - prev.write_bytes) / dt,
+                   (double)(cur.flushes - prev.flushes) / dt, (unsigned long long)cur.in_flight,
+                   (unsigned long long)cur.errors, hit);
+        }
+        fflush(stdout);
+        prev = cur;
+        t_prev = t;
+    }
+    return 0;
+}
+
+int cmd_stats(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "id", required_argument, NULL, 'n' },
+        { "json", no_argument, NULL, 'j' },
+        { "watch", optional_argument, NULL, 'w' },
+        { "count", required_argument, NULL, 'c' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool json = false, have_id = false, watching = false;
+    unsigned long id = 0, secs = 1, count = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "n:jw::c:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'n':
+            if (!parse_num(optarg, 0, UINT32_MAX - 1, &id)) {
+                cli_error("stats: invalid device id '%s'", optarg);
+                return 2;
+            }
+            have_id = true;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'w':
+            watching = true;
+            /* "--watch 2" as well as "--watch=2". */
+            if (!optarg && optind < argc && argv[optind][0] >= '0' && argv[optind][0] <= '9')
+                optarg = argv[optind++];
+            if (optarg && !parse_num(optarg, 1, 3600, &secs)) {
+                cli_error("stats: invalid --watch interval '%s' (1 to 3600 seconds)", optarg);
+                return 2;
+            }
+            break;
+        case 'c':
+            if (!parse_num(optarg, 1, 1000000, &count)) {
+                cli_error("stats: invalid --count '%s'", optarg);
+                return 2;
+            }
+            break;
+        case 'h':
+            stats_usage(stdout);
+            return 0;
+        default:
+            stats_usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        cli_error("stats: unexpected argument '%s'", argv[optind]);
+        stats_usage(stderr);
+        return 2;
+    }
+    if (!have_id) {
+        cli_error("stats: which device? (-n ID)");
+        stats_usage(stderr);
+        return 2;
+    }
+    if (count && !watching) {
+        cli_error("stats: --count only goes with --watch");
+        return 2;
+    }
+    if (watching)
+        return watch((uint32_t)id, json, secs, count);
+    static char reply[CTL_LINE_MAX];
+    static struct sample s;
+    if (fetch((uint32_t)id, reply, sizeof(reply), &s))
+        return 1;
+    if (json)
+        printf("%s\n", reply);
+    else
+        print_sample((uint32_t)id, &s);
+    return 0;
+}

@@ -1,0 +1,144 @@
+/* The ublk daemon's control socket (see control.h). */
+#include "ublk/control.h"
+#include "ublk/server.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define CTL_SERVER_TIMEOUT_MS 1000      /* a client gets this long to ask, and to read */
+#define CTL_CLIENT_TIMEOUT_MS 60000     /* the daemon may be busy (a flush) before answering */
+
+static int ctl_addr(uint32_t id, struct sockaddr_un *sa)
+{
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    int n = snprintf(sa->sun_path, sizeof(sa->sun_path), "%s/ublk%u.sock", UBLK_STATE_DIR, id);
+    return n < (int)sizeof(sa->sun_path) ? 0 : -ENAMETOOLONG;
+}
+
+int ctl_listen(uint32_t id, char *err, size_t errlen)
+{
+    struct sockaddr_un sa;
+    int r = ctl_addr(id, &sa);
+    if (r == 0 && mkdir(UBLK_STATE_DIR, 0755) < 0 && errno != EEXIST)
+        r = -errno;
+    int fd = r == 0 ? socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0) : -1;
+    if (r == 0 && fd < 0)
+        r = -errno;
+    if (r == 0) {
+        /* A socket left by a daemon of the same id that died. */
+        unlink(sa.sun_path);
+        mode_t old = umask(077);
+        if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 8) < 0)
+            r = -errno;
+        umask(old);
+    }
+    if (r < 0) {
+        snprintf(err, errlen, "cannot create the control socket %s: %s", sa.sun_path, strerror(-r));
+        if (fd >= 0)
+            close(fd);
+        return r;
+    }
+    return fd;
+}
+
+void ctl_close(int listen_fd, uint32_t id)
+{
+    struct sockaddr_un sa;
+    if (listen_fd < 0)
+        return;
+    close(listen_fd);
+    if (ctl_addr(id, &sa) == 0)
+        unlink(sa.sun_path);
+}
+
+/* Read up to a newline, waiting at most timeout_ms between reads; returns
+ * the length or -1. */
+static int read_line(int fd, char *buf, size_t len, int timeout_ms)
+{
+    size_t have = 0;
+    while (have + 1 < len) {
+        struct pollfd pf = { .fd = fd, .events = POLLIN };
+        int pr = poll(&pf, 1, timeout_ms);
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr <= 0)
+            return -1;
+        ssize_t n = read(fd, buf + have, len - 1 - have);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = '\0';
+        char *nl = memchr(buf, '\n', have);
+        if (nl) {
+            *nl = '\0';
+            return (int)(nl - buf);
+        }
+    }
+    return -1;
+}
+
+static int write_all(int fd, const char *buf, size_t len)
+{
+    while (len) {
+        struct pollfd pf = { .fd = fd, .events = POLLOUT };
+        int pr = poll(&pf, 1, CTL_SERVER_TIMEOUT_MS);
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr <= 0)
+            return -1;
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+void ctl_serve_one(int listen_fd, ctl_answer_fn answer, void *arg)
+{
+    int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0)
+        return;
+    char req[256], reply[CTL_LINE_MAX];
+    if (read_line(fd, req, sizeof(req), CTL_SERVER_TIMEOUT_MS) >= 0) {
+        answer(arg, req, reply, sizeof(reply) - 1);
+        size_t n = strlen(reply);
+        reply[n++] = '\n';
+        write_all(fd, reply, n);
+    }
+    close(fd);
+}
+
+int ctl_request(uint32_t id, const char *request, char *reply, size_t len)
+{
+    struct sockaddr_un sa;
+    int r = ctl_addr(id, &sa);
+    if (r < 0)
+        return r;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        r = errno == ECONNREFUSED ? -ENOENT : -errno;
+        close(fd);
+        return r;
+    }
+    char line[256];
+    int n = snprintf(line, sizeof(line), "%s\n", request);
+    if (n >= (int)sizeof(line) || write_all(fd, line, (size_t)n) < 0 || read_line(fd, reply, len, CTL_CLIENT_TIMEOUT_MS) < 0)
+        r = -EIO;
+    close(fd);
+    return r;
+}
