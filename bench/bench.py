@@ -21,8 +21,10 @@ Measures side by side, in one run, on the same images and with the same clients:
 
 Workloads (engine and nbd): 4k randwrite, randread, randrw and 512k sequential rw at BENCH_DEPTH;
 depth-1 4k read and write latency (p50, p99); 4k randwrite on an empty qcow2 (allocating) and on
-a qcow2 overlay of the fully written raw file; 4k randread of a compressed qcow2 (qemu-img
-convert -c).  Every image is filled with data when created (no holes, no unwritten extents;
+a qcow2 overlay of the fully written raw file (copy-on-write; for the engine also with extended
+L2), each path on a fresh image and stopping early after writing a quarter of its clusters, so
+that nearly every write allocates whatever the speed (qemu-img check counts the clusters
+afterwards); 4k randread of a compressed qcow2 (qemu-img convert -c).  Every image is filled with data when created (no holes, no unwritten extents;
 the qcow2 is `qemu-img convert` of the filled raw file, so both hold the same data); the sizes
 section is sparse on purpose.  Each result also has the CPU time per I/O of the process that
 serves it (server, or the bench/fio/qemu-img process itself) and its peak memory.
@@ -33,20 +35,25 @@ number) and latest.png (gnuplot chart, if gnuplot is installed).
 Environment:
   BENCH_DIR        scratch directory on a real disk (default /var/tmp/ublk-qcow2-bench); the
                    filled images are kept there for the next run (about 2 x BENCH_SIZE +
-                   2 x BENCH_COMPRESSED_SIZE), and it is locked against concurrent runs
+                   BENCH_OVERLAY_SIZE + 2 x BENCH_COMPRESSED_SIZE), and it is locked against
+                   concurrent runs
   BENCH_SECONDS    seconds per measurement (default 8, quick 2; decimals allowed)
   BENCH_ONLY       sections, comma-separated: engine,nbd,sizes,ublk (default all)
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
   BENCH_SIZE       image size for engine/nbd (default 2G, quick 256M)
   BENCH_ALLOC_SIZE size of the empty image for allocating writes (default 64G, quick 256M):
-                   large, so that nearly every write of the run allocates a new cluster
+                   large, so that the run lasts until BENCH_SECONDS; its allocated clusters
+                   take real disk space (64 KiB per write, deleted after each run)
+  BENCH_OVERLAY_SIZE  size of the overlays and of their filled raw backing file (default 8G,
+                   kept like the others; quick: BENCH_SIZE, the raw image is the backing file)
   BENCH_DEPTH      queue depth (default 128)
   BENCH_SIZES      sparse image sizes (default 1G,8G,64G; quick 64M,256M,1G)
   BENCH_COMPRESSED_SIZE  compressed image size (default 1G, quick 64M)
   BENCH_UBLK_SIZE  image size in the VM (default 1G, quick 256M; the VM gets 4G RAM)
   BENCH_UBLK_DEPTH fio iodepth in the VM (default 64)
-  BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 3, quick 1)
+  BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 2, quick 1; 3 for a
+                          real median, about 6 minutes more)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
@@ -62,8 +69,8 @@ import sys
 import time
 
 sys.dont_write_bytecode = True
-from common import (HERE, LATENCY, MAIN, ROOT, SIZE_WORKLOADS, SUBSTRATES,  # noqa: E402
-                    VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError, default_cache_bytes,
+from common import (ALLOC_CAP_PER_CLUSTER, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
+                    SIZE_WORKLOADS, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError, default_cache_bytes,
                     fio_argv, fill_file, fmt_iops_cell, log, make_qcow2_copy, parse_fio,
                     parse_size, proc_alive, proc_cpu_s, proc_hwm_kib, run, run_measured,
                     size_name)
@@ -171,11 +178,14 @@ class Config:
         self.depth = self.posint("BENCH_DEPTH", "128")
         self.size = self.sizelist("BENCH_SIZE", "256M" if q else "2G")[0]
         self.alloc_size = self.sizelist("BENCH_ALLOC_SIZE", "256M" if q else "64G")[0]
+        self.osize = self.sizelist("BENCH_OVERLAY_SIZE", env.get("BENCH_SIZE", "256M")
+                                   if q else "8G")[0]
         self.csize = self.sizelist("BENCH_COMPRESSED_SIZE", "64M" if q else "1G")[0]
         self.sizes = self.sizelist("BENCH_SIZES", "64M,256M,1G" if q else "1G,8G,64G")
         self.usize = self.sizelist("BENCH_UBLK_SIZE", "256M" if q else "1G")[0]
         self.udepth = self.posint("BENCH_UBLK_DEPTH", "64")
-        self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
+        # 2 rounds keep a full run near 20-25 minutes (each fio start costs seconds under TCG).
+        self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "2")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
         self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "sizes", "ublk"],
                                    ["engine", "nbd", "sizes", "ublk"])
@@ -214,11 +224,30 @@ class Config:
 
     def to_json(self):
         return {"seconds_each": self.secs, "depth": self.depth, "size": self.size,
-                "alloc_size": self.alloc_size,
+                "alloc_size": self.alloc_size, "overlay_size": self.osize,
                 "compressed_size": self.csize, "sizes": self.sizes, "sections": self.sections,
                 "workloads": self.workloads, "quick": self.quick,
                 "ublk": {"size": self.usize, "depth": self.udepth, "rounds": self.rounds,
                          "substrates": self.substrates}}
+
+
+def plan(cfg):
+    """(host measurements, fio runs in the VM, rough wall seconds) of this configuration.
+    The overheads are from runs on the 2-core development machine: about 1.5 s of setup per
+    host measurement, 6-15 s to start fio under TCG, a minute to boot, a few to fill and convert
+    each VM image."""
+    def n(section, wls):
+        return sum(1 for w in wls if w in cfg.workloads) if section in cfg.sections else 0
+    host = n("engine", MAIN + LATENCY) * 3 + n("engine", ["randwrite_4k", "randread_4k", "rw_512k"])
+    host += n("nbd", MAIN + LATENCY) * 3 + n("engine", ["alloc_4k"]) + 2 * n("nbd", ["alloc_4k"])
+    host += 2 * (n("engine", ["overlay_4k", "compressed_4k"]) + n("nbd", ["overlay_4k",
+                                                                         "compressed_4k"]))
+    host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
+    vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
+    secs = host * (cfg.secs + 1.5) + vm * (cfg.secs + 10)
+    if vm:
+        secs += 60 + len(cfg.substrates) * (60 + cfg.usize / (10 << 20))
+    return host, vm, secs
 
 
 class HostBench:
@@ -231,17 +260,19 @@ class HostBench:
         self.csrc = os.path.join(cfg.dir, "comp-src.raw")
         self.comp = os.path.join(cfg.dir, "comp.qcow2")
         self.scratch = os.path.join(cfg.dir, "scratch.qcow2")
+        # The overlays' backing file: the filled raw image if it has the size, else its own.
+        self.obase = self.raw if cfg.osize == cfg.size else os.path.join(cfg.dir, "base.raw")
         self.steps = 0
 
     def wanted(self, section, wl):
         return section in self.cfg.sections and wl in self.cfg.workloads
 
     # -- images --
-    def kept_images(self, name, files, make):
+    def kept_images(self, name, files, size, make):
         """Images kept between runs while their stamp matches; make() creates them."""
         stamp_path = os.path.join(self.cfg.dir, f"{name}.stamp")
         stamp = json.dumps({"v": IMAGES_VERSION, "files": [os.path.basename(f) for f in files],
-                            "size": self.cfg.csize if name == "comp" else self.cfg.size})
+                            "size": size})
         try:
             ok = (not self.cfg.fresh and open(stamp_path).read() == stamp
                   and all(os.path.exists(f) for f in files))
@@ -263,41 +294,50 @@ class HostBench:
 
     def prepare(self):
         c = self.cfg
-        need_data = any(self.wanted(s, w) for s in ("engine", "nbd")
-                        for w in MAIN + LATENCY + ["overlay_4k"])
+        need_overlay = any(self.wanted(s, "overlay_4k") for s in ("engine", "nbd"))
+        need_data = any(self.wanted(s, w) for s in ("engine", "nbd") for w in MAIN + LATENCY) \
+            or (need_overlay and self.obase == self.raw)
         need_comp = any(self.wanted(s, "compressed_4k") for s in ("engine", "nbd"))
         if need_data:
             def make():
                 log(f"filling a {size_name(c.size)} raw image and converting it to qcow2")
                 fill_file(self.raw, c.size)
                 make_qcow2_copy(self.raw, self.qcow2)
-            self.kept_images("data", [self.raw, self.qcow2], make)
+            self.kept_images("data", [self.raw, self.qcow2], c.size, make)
+        if need_overlay and self.obase != self.raw:
+            def make():
+                log(f"filling a {size_name(c.osize)} raw image, the overlays' backing file")
+                fill_file(self.obase, c.osize)
+            self.kept_images("base", [self.obase], c.osize, make)
         if need_comp:
             def make():
                 log(f"making a {size_name(c.csize)} compressed qcow2 (qemu-img convert -c)")
                 fill_file(self.csrc, c.csize, compressible=True)
                 make_qcow2_copy(self.csrc, self.comp, compressed=True)
-            self.kept_images("comp", [self.csrc, self.comp], make)
+            self.kept_images("comp", [self.csrc, self.comp], c.csize, make)
 
-    def new_scratch(self, kind, size=None):
+    def new_scratch(self, kind, size=None, extended_l2=False):
         if os.path.exists(self.scratch):
             os.unlink(self.scratch)
         if kind == "empty":
             argv = ["-f", "qcow2", self.scratch, str(self.cfg.alloc_size)]
         elif kind == "overlay":
             # The backing file is the filled raw image, opened read-only by both servers.
-            argv = ["-f", "qcow2", "-b", self.raw, "-F", "raw", self.scratch, str(self.cfg.size)]
+            # Extended L2: a 4k write allocates two 2k subclusters instead of copying the
+            # whole 64k cluster from the backing file.
+            argv = ["-f", "qcow2"] + (["-o", "extended_l2=on"] if extended_l2 else []) + [
+                "-b", self.obase, "-F", "raw", self.scratch, str(self.cfg.osize)]
         else:   # sparse: every L2 table and refcount in place, the data clusters are holes
             argv = ["-f", "qcow2", "-o", "preallocation=metadata", self.scratch, str(size)]
         run(["qemu-img", "create", "-q"] + argv)
         return self.scratch
 
     # -- measurements: each returns a dict of numbers or raises BenchError --
-    def m_engine(self, img, fmt, wl):
+    def m_engine(self, img, fmt, wl, ios=None):
         w, c = WORKLOADS[wl], self.cfg
         argv = [c.bin, "bench", "--rw", w["rw"], "--bs", w["bs"],
                 "--depth", str(w.get("depth") or c.depth), "--seconds", f"{c.secs:g}",
-                "--format", fmt, "--json", img]
+                "--format", fmt, "--json", img] + (["--ios", str(ios)] if ios else [])
         rc, out, _, peak = run_measured(argv, c.secs + 300, f"{self.logs}/engine.log")
         if rc != 0:
             raise BenchError(f"bench exited {rc} (see {self.logs}/engine.log)")
@@ -354,19 +394,34 @@ class HostBench:
             res["peak_kib"] = max(res["peak_kib"], peak)
         return res
 
-    def fio_nbd(self, srv, wl, tag):
+    def fio_nbd(self, srv, wl, tag, ios=None):
         js = f"{self.logs}/fio-{srv.kind}-{tag}.json"
         cpu0 = proc_cpu_s(srv.pid)
-        run(fio_argv(wl, self.cfg.depth, self.cfg.secs, js, ["--ioengine=nbd", f"--uri={srv.uri()}"]),
-            timeout=self.cfg.secs + 300)
+        run(fio_argv(wl, self.cfg.depth, self.cfg.secs, js, ["--ioengine=nbd", f"--uri={srv.uri()}"],
+                     ios=ios), timeout=self.cfg.secs + 300)
         res = parse_fio(js)
         res["cpu_s"], res["cpu_of"] = proc_cpu_s(srv.pid) - cpu0, "server process"
         res["peak_kib"] = proc_hwm_kib(srv.pid)
         return res
 
-    def m_nbd(self, kind, img, wl):
+    def m_nbd(self, kind, img, wl, ios=None):
         with Server(kind, self.cfg, image=img, size=self.cfg.size) as srv:
-            return self.fio_nbd(srv, wl, wl)
+            return self.fio_nbd(srv, wl, wl, ios=ios)
+
+    def m_fresh(self, path, kind, wl, size):
+        """A new empty image or overlay for one contender, at most a quarter of its clusters'
+        worth of writes; afterwards qemu-img check (the image must be clean) counts the
+        clusters the run allocated."""
+        cap = max(int(size // CLUSTER * ALLOC_CAP_PER_CLUSTER), self.cfg.depth)
+        img = self.new_scratch(kind, extended_l2=path.endswith("_extl2"))
+        if path.startswith("engine_"):
+            res = self.m_engine(img, "qcow2", wl, ios=cap)
+        else:
+            res = self.m_nbd(path, img, wl, ios=cap)
+        chk = json.loads(run(["qemu-img", "check", "--output=json", "-f", "qcow2", img],
+                             timeout=600))
+        res.update(ios_cap=cap, image_size=size, clusters_allocated=chk["allocated-clusters"])
+        return res
 
     def measure(self, path, wl, fn, *args, **extra):
         self.steps += 1
@@ -384,6 +439,7 @@ class HostBench:
         except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
             rec["error"] = str(e)
             log(f"    failed: {e}")
+        rec["wall_s"] = time.monotonic() - t0     # with setup and teardown: for planning runs
         self.results.append(rec)
         return rec
 
@@ -404,14 +460,16 @@ class HostBench:
                 self.measure("nbd_null", wl, self.m_nbd, "nbd_null", None, wl, section=N)
         # Allocating writes and overlay COW: a fresh image for each contender.
         for wl, kind, size in (("alloc_4k", "empty", c.alloc_size),
-                               ("overlay_4k", "overlay", c.size)):
+                               ("overlay_4k", "overlay", c.osize)):
             if self.wanted(E, wl):
-                self.measure("engine_qcow2", wl, lambda k=kind, w=wl: self.m_engine(
-                    self.new_scratch(k), "qcow2", w), section=E, image_size=size)
+                self.measure("engine_qcow2", wl, self.m_fresh, "engine_qcow2", kind, wl, size,
+                             section=E)
+                if wl == "overlay_4k":
+                    self.measure("engine_qcow2_extl2", wl, self.m_fresh, "engine_qcow2_extl2",
+                                 kind, wl, size, section=E)
             if self.wanted(N, wl):
                 for path in ("nbd_ours", "nbd_qemu"):
-                    self.measure(path, wl, lambda p=path, k=kind, w=wl: self.m_nbd(
-                        p, self.new_scratch(k), w), section=N, image_size=size)
+                    self.measure(path, wl, self.m_fresh, path, kind, wl, size, section=N)
         wl = "compressed_4k"
         if self.wanted(E, wl):
             self.measure("engine_qcow2", wl, self.m_engine, self.comp, "qcow2", wl, section=E)
@@ -517,6 +575,10 @@ def suite_main(binary):
                             capture_output=True, text=True).stdout.strip() or "?"
     if fstype in ("tmpfs", "ramfs"):
         log(f"warning: {cfg.dir} is on {fstype}, not a real disk")
+    n_host, n_vm, secs = plan(cfg)
+    log(f"plan: {n_host} measurements on this host, {n_vm} fio runs in the VM, "
+        f"{cfg.secs:g} s each; roughly {secs / 60:.0f} minutes, more under load or when the kept "
+        f"images must be made first")
     t0 = time.monotonic()
     load0 = float(open("/proc/loadavg").read().split()[0])
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
@@ -525,12 +587,19 @@ def suite_main(binary):
         commit += "+changes"
     hb = HostBench(cfg)
     vm_info = {}
+    phases = {}     # wall seconds: preparing images, host measurements, the VM
     try:
         if {"engine", "nbd", "sizes"} & set(cfg.sections):
+            t = time.monotonic()
             hb.prepare()
+            phases["prepare"] = time.monotonic() - t
+            t = time.monotonic()
             hb.run()
+            phases["host"] = time.monotonic() - t
         if "ublk" in cfg.sections:
+            t = time.monotonic()
             vm_info = run_vm(cfg, hb.results)
+            phases["vm"] = time.monotonic() - t
     finally:
         for s in list(Server.live):
             s.stop()
@@ -539,7 +608,7 @@ def suite_main(binary):
            "host": {"cpus": os.cpu_count(), "kernel": os.uname().release, "fstype": fstype,
                     "dir": cfg.dir},
            "loadavg_start": load0, "loadavg_end": float(open("/proc/loadavg").read().split()[0]),
-           "total_seconds": time.monotonic() - t0, "config": cfg.to_json(), "vm": vm_info,
+           "total_seconds": time.monotonic() - t0, "phase_seconds": phases, "config": cfg.to_json(), "vm": vm_info,
            "results": hb.results}
     doc["vm_summary"] = vm_summary(hb.results)
     md = write_report(doc, cfg.results)

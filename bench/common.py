@@ -62,12 +62,18 @@ MAIN = ["randwrite_4k", "randread_4k", "randrw_4k", "rw_512k"]
 LATENCY = ["lat_read_4k", "lat_write_4k"]
 SPECIAL = ["alloc_4k", "overlay_4k", "compressed_4k"]
 SIZE_WORKLOADS = ["randread_4k", "randwrite_4k"]
+# Allocating and copy-on-write runs write at most this share of the image's clusters (random
+# offsets, so some land twice): each contender then allocates (or copies) for nearly every
+# write, however fast it is, and all of them for about the same share.
+ALLOC_CAP_PER_CLUSTER = 0.25
+CLUSTER = 65536             # qemu-img create's default, used by every image made here
 VM_WORKLOADS = ["randread_4k", "randwrite_4k"]
 VM_PATHS = ["ublk_qcow2", "ublk_raw", "loop_raw", "qemu_nbd"]
 SUBSTRATES = ["brd", "tmpfs"]
 
 LABELS = {
     "engine_qcow2": "ours, engine (`bench`), qcow2",
+    "engine_qcow2_extl2": "ours, engine (`bench`), overlay with extended L2 (2k subclusters)",
     "engine_raw": "ours, engine (`bench`), raw",
     "fio_raw": "fio io_uring O_DIRECT, raw file (the limit)",
     "qemu_img_bench": "`qemu-img bench`, qcow2 (QEMU's engine; sequential)",
@@ -79,17 +85,20 @@ LABELS = {
     "loop_raw": "kernel loop, --direct-io=on, raw file (the limit)",
     "qemu_nbd": "qemu-nbd on the kernel nbd driver, qcow2",
 }
-HOST_PATHS = ["engine_qcow2", "engine_raw", "fio_raw", "qemu_img_bench",
+HOST_PATHS = ["engine_qcow2", "engine_qcow2_extl2", "engine_raw", "fio_raw", "qemu_img_bench",
               "nbd_ours", "nbd_qemu", "nbd_null"]
 SUBSTRATE_TEXT = {"brd": "ext4 on a RAM disk (brd)", "tmpfs": "tmpfs"}
 
 
-def fio_argv(wl, depth, secs, out_json, extra):
+def fio_argv(wl, depth, secs, out_json, extra, ios=None):
+    """ios: stop after that many I/Os or secs, whichever comes first (fio ignores
+    --number_ios in time-based runs, so then the run is not time-based)."""
     w = WORKLOADS[wl]
     argv = ["fio", "--name=bench", f"--rw={w['rw']}", "--rwmixread=50", f"--bs={w['bs']}",
             f"--iodepth={w.get('depth') or depth}", "--numjobs=1",
-            f"--runtime={max(1, round(secs * 1000))}ms", "--time_based", "--norandommap",
+            f"--runtime={max(1, round(secs * 1000))}ms", "--norandommap",
             "--output-format=json", f"--output={out_json}"]
+    argv += [f"--number_ios={ios}"] if ios else ["--time_based"]
     # The client's own cost should be as low as possible: no per-I/O clock reads, except
     # where latency is what is measured.
     argv += ["--percentile_list=50:99"] if w.get("latency") else ["--gtod_reduce=1"]

@@ -162,13 +162,15 @@ def guest_substrate_run(a, sub, work):
                 for wl in a.workloads.split(","):
                     rec = {"section": "ublk", "substrate": sub, "round": rnd, "path": path,
                            "workload": wl}
+                    t0 = time.monotonic()
                     try:
                         rec.update(guest_fio(a, dev, wl, work))
                     except (BenchError, OSError, ValueError, KeyError,
                             subprocess.SubprocessError) as e:
                         rec["error"] = str(e)
                         ok = False
-                    glog(f"  {wl}: {fmt_iops_cell(rec, wl)}")
+                    rec["wall_s"] = time.monotonic() - t0
+                    glog(f"  {wl}: {fmt_iops_cell(rec, wl)} ({rec['wall_s']:.0f} s)")
                     emit("result", **rec)
             except (BenchError, OSError, ValueError, subprocess.SubprocessError) as e:
                 glog(f"  {path}: {e}")

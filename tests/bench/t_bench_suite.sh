@@ -17,7 +17,7 @@ done
 # Tiny everything: 0.1 s per measurement, depth 16, 16 MiB images, two sparse sizes.
 quick() {
     BENCH_QUICK=1 BENCH_ONLY=engine,nbd,sizes BENCH_SECONDS=0.1 BENCH_DEPTH=16 \
-    BENCH_SIZE=16M BENCH_ALLOC_SIZE=16M BENCH_COMPRESSED_SIZE=16M BENCH_SIZES=16M,32M \
+    BENCH_SIZE=16M BENCH_ALLOC_SIZE=16M BENCH_OVERLAY_SIZE=32M BENCH_COMPRESSED_SIZE=16M BENCH_SIZES=16M,32M \
     BENCH_DIR="$D/dir" BENCH_RESULTS="$D/res" "$@"
 }
 
@@ -42,7 +42,8 @@ want += [("engine", "qemu_img_bench", wl, None) for wl in ("randwrite_4k", "rand
 for wl in ("alloc_4k", "overlay_4k", "compressed_4k"):
     want += [("engine", "engine_qcow2", wl, None)]
     want += [("nbd", p, wl, None) for p in ("nbd_ours", "nbd_qemu")]
-want += [("engine", "engine_raw", "compressed_4k", None)]
+want += [("engine", "engine_raw", "compressed_4k", None),
+         ("engine", "engine_qcow2_extl2", "overlay_4k", None)]
 for size in (16 << 20, 32 << 20):
     want += [("sizes", p, wl, size) for p in ("nbd_ours", "nbd_qemu")
              for wl in ("randread_4k", "randwrite_4k")]
@@ -64,6 +65,8 @@ for key in want:
         d = "read" if key[2] == "lat_read_4k" else "write"
         if not 0 < r.get(f"{d}_p50_us", 0) <= r.get(f"{d}_p99_us", 0):
             bad.append(f"{key}: latency percentiles {r.get(d + '_p50_us')} {r.get(d + '_p99_us')}")
+    if key[2] in ("alloc_4k", "overlay_4k") and not 0 < r.get("clusters_allocated", 0) <= r["ios"]:
+        bad.append(f"{key}: {r.get('clusters_allocated')} clusters allocated by {r['ios']} writes")
     if key[1].startswith("nbd_") and not r.get("peak_kib"):
         bad.append(f"{key}: no server peak memory")
 extra = set(got) - set(want)
@@ -120,7 +123,7 @@ fi
 # Bad settings: exit 1 with a message naming the setting, nothing measured.
 bad=""
 for setting in BENCH_ONLY=engine,bogus BENCH_SECONDS=0 BENCH_SECONDS=x BENCH_DEPTH=-1 \
-               BENCH_SIZE=12Q BENCH_WORKLOADS=randfoo; do
+               BENCH_SIZE=12Q BENCH_ALLOC_SIZE=1M BENCH_OVERLAY_SIZE=x BENCH_WORKLOADS=randfoo; do
     env "$setting" BENCH_DIR="$D/dir" BENCH_RESULTS="$D/bad" timeout 60 "$PYTHON" "$SUITE" "$UQ" \
         >/dev/null 2>"$D/bad.err"
     rc=$?
