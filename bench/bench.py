@@ -571,6 +571,12 @@ def suite_main(binary):
     except BlockingIOError:
         log(f"another bench run is using {cfg.dir}; waiting for it (set BENCH_DIR to run elsewhere)")
         fcntl.flock(lock, fcntl.LOCK_EX)
+    # Kept images, plus the clusters the allocating runs may reserve (a quarter of the image).
+    need = 2 * cfg.size + cfg.osize + 2 * cfg.csize + cfg.alloc_size * ALLOC_CAP_PER_CLUSTER
+    st = os.statvfs(cfg.dir)
+    if st.f_bavail * st.f_frsize < need:
+        log(f"warning: {cfg.dir} has {size_name(st.f_bavail * st.f_frsize >> 30 << 30)} free; "
+            f"the run may need up to {need / (1 << 30):.0f} GiB")
     fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "--target", cfg.dir],
                             capture_output=True, text=True).stdout.strip() or "?"
     if fstype in ("tmpfs", "ramfs"):
