@@ -21,12 +21,12 @@ Measures side by side, in one run, on the same images and with the same clients:
 
 Workloads (engine and nbd): 4k randwrite, randread, randrw and 512k sequential rw at BENCH_DEPTH;
 depth-1 4k read and write latency (p50, p99); 4k randwrite on an empty qcow2 (allocating) and on
-a qcow2 overlay of the fully written raw file (copy-on-write; for the engine also with extended
+a qcow2 overlay of a fully written raw file (copy-on-write; for the engine also with extended
 L2), each path on a fresh image and stopping early after writing a quarter of its clusters, so
 that nearly every write allocates whatever the speed (qemu-img check counts the clusters
-afterwards); 4k randread of a compressed qcow2 (qemu-img convert -c).  Every image is filled with data when created (no holes, no unwritten extents;
-the qcow2 is `qemu-img convert` of the filled raw file, so both hold the same data); the sizes
-section is sparse on purpose.  Each result also has the CPU time per I/O of the process that
+afterwards); 4k randread of a compressed qcow2 (qemu-img convert -c).  Every image is filled
+with data when created (no holes, no unwritten extents; the qcow2 is `qemu-img convert` of the
+filled raw file, so both hold the same data); the sizes section is sparse on purpose.  Each result also has the CPU time per I/O of the process that
 serves it (server, or the bench/fio/qemu-img process itself) and its peak memory.
 
 Writes BENCH_RESULTS/latest.md (tables, ratios, targets met or not), latest.json (every raw
@@ -70,10 +70,10 @@ import time
 
 sys.dont_write_bytecode = True
 from common import (ALLOC_CAP_PER_CLUSTER, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
-                    SIZE_WORKLOADS, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError, default_cache_bytes,
-                    fio_argv, fill_file, fmt_iops_cell, log, make_qcow2_copy, parse_fio,
-                    parse_size, proc_alive, proc_cpu_s, proc_hwm_kib, run, run_measured,
-                    size_name)
+                    SIZE_WORKLOADS, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError,
+                    default_cache_bytes, fio_argv, fill_file, fmt_iops_cell, log,
+                    make_qcow2_copy, parse_fio, parse_size, proc_alive, proc_cpu_s,
+                    proc_hwm_kib, run, run_measured, size_name)
 from report import vm_summary, write_report  # noqa: E402
 
 VM_SH = os.path.join(ROOT, "tests", "vm", "vm.sh")
@@ -322,7 +322,7 @@ class HostBench:
         if kind == "empty":
             argv = ["-f", "qcow2", self.scratch, str(self.cfg.alloc_size)]
         elif kind == "overlay":
-            # The backing file is the filled raw image, opened read-only by both servers.
+            # The backing file is a filled raw image, opened read-only by both servers.
             # Extended L2: a 4k write allocates two 2k subclusters instead of copying the
             # whole 64k cluster from the backing file.
             argv = ["-f", "qcow2"] + (["-o", "extended_l2=on"] if extended_l2 else []) + [
