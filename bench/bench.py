@@ -50,10 +50,11 @@ Environment:
   BENCH_DEPTH      queue depth (default 128)
   BENCH_SIZES      sparse image sizes (default 1G,8G,64G; quick 64M,256M,1G)
   BENCH_COMPRESSED_SIZE  compressed image size (default 1G, quick 64M)
-  BENCH_UBLK_SIZE  image size in the VM (default 1G, quick 256M; the VM gets 4G RAM)
+  BENCH_UBLK_SIZE  image size in the VM (default 512M, quick 256M; the VM gets 4G RAM; making
+                   the images under TCG takes about 3 minutes per GiB and substrate)
   BENCH_UBLK_DEPTH fio iodepth in the VM (default 64)
   BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 2, quick 1; 3 for a
-                          real median, about 6 minutes more)
+                          real median, about 5 minutes more)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
@@ -182,7 +183,7 @@ class Config:
                                    if q else "8G")[0]
         self.csize = self.sizelist("BENCH_COMPRESSED_SIZE", "64M" if q else "1G")[0]
         self.sizes = self.sizelist("BENCH_SIZES", "64M,256M,1G" if q else "1G,8G,64G")
-        self.usize = self.sizelist("BENCH_UBLK_SIZE", "256M" if q else "1G")[0]
+        self.usize = self.sizelist("BENCH_UBLK_SIZE", "256M" if q else "512M")[0]
         self.udepth = self.posint("BENCH_UBLK_DEPTH", "64")
         # 2 rounds keep a full run near 20-25 minutes (each fio start costs seconds under TCG).
         self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "2")
@@ -234,8 +235,8 @@ class Config:
 def plan(cfg):
     """(host measurements, fio runs in the VM, rough wall seconds) of this configuration.
     The overheads are from runs on the 2-core development machine: about 1.5 s of setup per
-    host measurement, 6-15 s to start fio under TCG, a minute to boot, a few to fill and convert
-    each VM image."""
+    host measurement, 6-15 s to start fio under TCG, a minute to boot, 40 s per substrate and
+    about 6 MiB/s to fill and convert its images."""
     def n(section, wls):
         return sum(1 for w in wls if w in cfg.workloads) if section in cfg.sections else 0
     host = n("engine", MAIN + LATENCY) * 3 + n("engine", ["randwrite_4k", "randread_4k", "rw_512k"])
@@ -246,7 +247,7 @@ def plan(cfg):
     vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
     secs = host * (cfg.secs + 1.5) + vm * (cfg.secs + 10)
     if vm:
-        secs += 60 + len(cfg.substrates) * (60 + cfg.usize / (10 << 20))
+        secs += 60 + len(cfg.substrates) * (40 + cfg.usize / (6 << 20))
     return host, vm, secs
 
 
