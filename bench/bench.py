@@ -22,8 +22,8 @@ Measures side by side, in one run, on the same images and with the same clients:
 Workloads (engine and nbd): 4k randwrite, randread, randrw and 512k sequential rw at BENCH_DEPTH;
 depth-1 4k read and write latency (p50, p99); 4k randwrite on an empty qcow2 (allocating) and on
 a qcow2 overlay of a fully written raw file (copy-on-write; for the engine also with extended
-L2), each path on a fresh image and stopping early after writing a quarter of its clusters, so
-that nearly every write allocates whatever the speed (qemu-img check counts the clusters
+L2), each path on a fresh image and stopping early after 32768 writes or a quarter of its
+clusters, so that nearly every write allocates whatever the speed (qemu-img check counts the clusters
 afterwards); 4k randread of a compressed qcow2 (qemu-img convert -c).  Every image is filled
 with data when created (no holes, no unwritten extents; the qcow2 is `qemu-img convert` of the
 filled raw file, so both hold the same data); the sizes section is sparse on purpose.  Each result also has the CPU time per I/O of the process that
@@ -70,7 +70,7 @@ import sys
 import time
 
 sys.dont_write_bytecode = True
-from common import (ALLOC_CAP_PER_CLUSTER, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
+from common import (ALLOC_CAP_PER_CLUSTER, ALLOC_MAX_WRITES, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
                     SIZE_WORKLOADS, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError,
                     default_cache_bytes, fio_argv, fill_file, fmt_iops_cell, log,
                     make_qcow2_copy, parse_fio, parse_size, proc_alive, proc_cpu_s,
@@ -245,7 +245,10 @@ def plan(cfg):
                                                                          "compressed_4k"]))
     host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
     vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
+    # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
     secs = host * (cfg.secs + 1.5) + vm * (cfg.secs + 10)
+    secs += 10 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
+                  + len(cfg.sizes) * 2 * n("sizes", ["randwrite_4k"]))
     if vm:
         secs += 60 + len(cfg.substrates) * (40 + cfg.usize / (6 << 20))
     return host, vm, secs
@@ -411,18 +414,34 @@ class HostBench:
 
     def m_fresh(self, path, kind, wl, size):
         """A new empty image or overlay for one contender, at most a quarter of its clusters'
-        worth of writes; afterwards qemu-img check (the image must be clean) counts the
-        clusters the run allocated."""
-        cap = max(int(size // CLUSTER * ALLOC_CAP_PER_CLUSTER), self.cfg.depth)
+        worth of writes (and ALLOC_MAX_WRITES); afterwards qemu-img check (the image must be
+        clean) counts the clusters the run allocated."""
+        cap = min(int(size // CLUSTER * ALLOC_CAP_PER_CLUSTER), ALLOC_MAX_WRITES)
+        cap = max(cap, self.cfg.depth)
         img = self.new_scratch(kind, extended_l2=path.endswith("_extl2"))
-        if path.startswith("engine_"):
-            res = self.m_engine(img, "qcow2", wl, ios=cap)
-        else:
-            res = self.m_nbd(path, img, wl, ios=cap)
-        chk = json.loads(run(["qemu-img", "check", "--output=json", "-f", "qcow2", img],
-                             timeout=600))
-        res.update(ios_cap=cap, image_size=size, clusters_allocated=chk["allocated-clusters"])
+        try:
+            if path.startswith("engine_"):
+                res = self.m_engine(img, "qcow2", wl, ios=cap)
+            else:
+                res = self.m_nbd(path, img, wl, ios=cap)
+            chk = json.loads(run(["qemu-img", "check", "--output=json", "-f", "qcow2", img],
+                                 timeout=600))
+        finally:
+            cleanup_s = self.remove(img)
+        res.update(ios_cap=cap, image_size=size, clusters_allocated=chk["allocated-clusters"],
+                   cleanup_s=cleanup_s)
         return res
+
+    @staticmethod
+    def remove(path):
+        """Delete a scratch image; returns the seconds it took (many extents: can be long)."""
+        t = time.monotonic()
+        if os.path.exists(path):
+            os.unlink(path)
+        t = time.monotonic() - t
+        if t > 5:
+            log(f"    deleting {os.path.basename(path)} took {t:.0f} s")
+        return t
 
     def measure(self, path, wl, fn, *args, **extra):
         self.steps += 1
@@ -502,12 +521,13 @@ class HostBench:
                     continue
                 try:
                     for wl in wls:
+                        cap = ALLOC_MAX_WRITES if WORKLOADS[wl]["rw"] != "randread" else None
                         self.measure(path, wl, self.fio_nbd, srv, wl, f"{wl}-{size_name(size)}",
-                                     section="sizes", size=size,
-                                     cache_bytes=default_cache_bytes(size))
+                                     cap, section="sizes", size=size,
+                                     cache_bytes=default_cache_bytes(size), ios_cap=cap)
                 finally:
                     srv.stop()
-                os.unlink(img)
+                    self.remove(img)
 
 
 # ---- the VM part (ublk) --------------------------------------------------------------------------

@@ -66,6 +66,11 @@ SIZE_WORKLOADS = ["randread_4k", "randwrite_4k"]
 # offsets, so some land twice): each contender then allocates (or copies) for nearly every
 # write, however fast it is, and all of them for about the same share.
 ALLOC_CAP_PER_CLUSTER = 0.25
+# ... and at most this many writes (also the random writes into the sparse images of the sizes
+# section): each leaves a written 4k inside an unwritten (preallocated) or unallocated range,
+# so the file ends up with about two extents per write, and ext4 took 3 minutes to delete a
+# file after 65536 such writes on the loaded development machine.
+ALLOC_MAX_WRITES = 32768
 CLUSTER = 65536             # qemu-img create's default, used by every image made here
 VM_WORKLOADS = ["randread_4k", "randwrite_4k"]
 VM_PATHS = ["ublk_qcow2", "ublk_raw", "loop_raw", "qemu_nbd"]

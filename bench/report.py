@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 sys.dont_write_bytecode = True
-from common import (HOST_PATHS, LABELS, LATENCY, MAIN, SIZE_WORKLOADS, SPECIAL,  # noqa: E402
+from common import (ALLOC_MAX_WRITES, HOST_PATHS, LABELS, LATENCY, MAIN, SIZE_WORKLOADS, SPECIAL,  # noqa: E402
                     SUBSTRATE_TEXT, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS,
                     default_cache_bytes, fmt_iops_cell, fmt_num, log, size_name)
 
@@ -235,7 +235,7 @@ def render_md(doc, chart_name=None):
                  f"{size_name(c.get('overlay_size', c['size']))} over a raw image of that size "
                  f"filled with data (also with extended L2 for the engine), a fresh one for each "
                  f"path, and those runs stop early after writing a quarter of the image's clusters"
-                 f" (see below); "
+                 f" or {ALLOC_MAX_WRITES:,} times (see below); "
                  f"the compressed image is `qemu-img convert -c` of {size_name(c['compressed_size'])}"
                  f" of half-compressible data (the engine's raw cell in that column reads its uncompressed"
                  f" source). `qemu-img bench` is sequential (its 4k rows are "
@@ -259,9 +259,9 @@ def render_md(doc, chart_name=None):
                      "cluster (copied it from the backing file, for a standard overlay), as "
                      "`qemu-img check` counts the clusters afterwards (it also found each image "
                      "clean). Random offsets land twice on some clusters; each run stops after "
-                     "BENCH_SECONDS or a quarter of the image's clusters in writes, whichever "
-                     "comes first, so that fast and slow paths do about the same share of "
-                     "allocating writes.\n")
+                     f"BENCH_SECONDS, a quarter of the image's clusters in writes or "
+                     f"{ALLOC_MAX_WRITES:,} writes, whichever comes first, so that fast and slow "
+                     "paths do about the same share of allocating writes.\n")
             L.append(table(["workload", "path", "image", "writes", "seconds",
                             "clusters allocated", "allocating writes"], rows,
                            ["---", "---"] + ["---:"] * 5))
@@ -315,7 +315,8 @@ def render_md(doc, chart_name=None):
         L.append("\n## Image size (this host)\n")
         L.append("Sparse qcow2 images (`preallocation=metadata`: every L2 table and refcount "
                  "block in place, the data clusters are holes in the file), one server per "
-                 "image, fio nbd 4k randread then randwrite over the whole image. Peak memory is "
+                 "image, fio nbd 4k randread then randwrite over the whole image (the writes stop "
+                 f"after BENCH_SECONDS or {ALLOC_MAX_WRITES:,} writes). Peak memory is "
                  "the server's VmHWM after both; the engine's default metadata cache for that "
                  "size is shown for comparison.\n")
         rows = []
