@@ -37,7 +37,7 @@ Environment:
                    filled images are kept there for the next run (about 2 x BENCH_SIZE +
                    BENCH_OVERLAY_SIZE + 2 x BENCH_COMPRESSED_SIZE), and it is locked against
                    concurrent runs
-  BENCH_SECONDS    seconds per measurement (default 8, quick 2; decimals allowed)
+  BENCH_SECONDS    seconds per measurement (default 6, quick 2; decimals allowed)
   BENCH_ONLY       sections, comma-separated: engine,nbd,sizes,ublk (default all)
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
@@ -54,7 +54,7 @@ Environment:
                    the images under TCG takes about 3 minutes per GiB and substrate)
   BENCH_UBLK_DEPTH fio iodepth in the VM (default 64)
   BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 2, quick 1; 3 for a
-                          real median, about 5 minutes more)
+                          real median, about 4 minutes more)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
@@ -171,7 +171,7 @@ class Config:
         self.dir = os.path.realpath(env.get("BENCH_DIR", "/var/tmp/ublk-qcow2-bench"))
         self.results = env.get("BENCH_RESULTS", os.path.join(HERE, "results"))
         try:
-            self.secs = float(env.get("BENCH_SECONDS", "2" if q else "8"))
+            self.secs = float(env.get("BENCH_SECONDS", "2" if q else "6"))
         except ValueError:
             self.secs = 0
         if not 0 < self.secs <= 3600:
