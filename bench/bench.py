@@ -247,7 +247,7 @@ def plan(cfg):
     vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
     # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
     secs = host * (cfg.secs + 1.5) + vm * (cfg.secs + 10)
-    secs += 10 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
+    secs += 15 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
                   + len(cfg.sizes) * 2 * n("sizes", ["randwrite_4k"]))
     if vm:
         secs += 60 + len(cfg.substrates) * (40 + cfg.usize / (6 << 20))
