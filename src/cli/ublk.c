@@ -17,6 +17,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "cli/cli.h"
+#include "qcow2/tools.h"
 #include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"
@@ -65,6 +66,8 @@ static void add_usage(FILE *out)
         "                         write-zeroes free clusters and punch holes in the file\n"
         "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
         "                         allocated (reading as zeros), only punch their data out\n"
+        "  -s, --size SIZE        create IMAGE with this virtual size if it does not exist\n"
+        "                         (qcow2 with create's defaults, raw with -f raw)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
         "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
@@ -250,9 +253,11 @@ int cmd_add(int argc, char **argv)
         { "recovery", no_argument, NULL, 'R' },
         { "discard", required_argument, NULL, 'D' },
         { "discard-no-unref", no_argument, NULL, 'U' },
+        { "size", required_argument, NULL, 's' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    int64_t create_size = -1;
     struct ublk_server_opts o = {
         .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
         .depth = UBLK_DEFAULT_DEPTH, .buf_bytes = UBLK_IO_BUF_BYTES,
@@ -263,7 +268,7 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:vh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:s:vh", longopts, NULL)) != -1) {
         switch (c) {
         case 'v':
             uq_set_verbosity(uq_verbosity() + 1);
@@ -313,6 +318,13 @@ int cmd_add(int argc, char **argv)
             o.cache_size = (uint64_t)sz;
             break;
         }
+        case 's':
+            create_size = parse_size(optarg);
+            if (create_size < 0) {
+                cli_error("add: invalid size '%s' (e.g. 10G)", optarg);
+                return 2;
+            }
+            break;
         case 'F':
             foreground = true;
             break;
@@ -340,6 +352,19 @@ int cmd_add(int argc, char **argv)
         cli_error(optind >= argc ? "add: no image given" : "add: more than one image given");
         add_usage(stderr);
         return 2;
+    }
+    if (create_size >= 0 && access(argv[optind], F_OK) < 0 && errno == ENOENT) {
+        /* A missing image is made first, with create's code and defaults. */
+        struct create_opts co;
+        char err[1024];
+        create_opts_init(&co);
+        co.format = o.format == IMG_FMT_RAW ? IMG_FMT_RAW : IMG_FMT_QCOW2;
+        co.size = (uint64_t)create_size;
+        co.size_set = true;
+        if (img_create(argv[optind], &co, err, sizeof(err)) < 0) {
+            cli_error("add: cannot create %s: %s", argv[optind], err);
+            return 1;
+        }
     }
     char image[PATH_MAX];
     if (!realpath(argv[optind], image)) {

@@ -36,6 +36,9 @@ struct img_opts {
      * unmap) keeps our clusters allocated, reading as zeros, and only
      * punches their data out of the file (QEMU's discard-no-unref). */
     bool discard_no_unref;
+    bool no_backing;            /* do not open the backing chain (info) */
+    bool check;                 /* qcow2 opened by the checker (tools.h): snapshot table,
+                                   dirty, corrupt and autoclear bits are left to it */
 };
 
 /* Request flags. */
