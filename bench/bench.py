@@ -592,8 +592,9 @@ def suite_main(binary):
     except BlockingIOError:
         log(f"another bench run is using {cfg.dir}; waiting for it (set BENCH_DIR to run elsewhere)")
         fcntl.flock(lock, fcntl.LOCK_EX)
-    # Kept images, plus the clusters the allocating runs may reserve (a quarter of the image).
-    need = 2 * cfg.size + cfg.osize + 2 * cfg.csize + cfg.alloc_size * ALLOC_CAP_PER_CLUSTER
+    # Kept images, plus the clusters an allocating run may reserve (and 256 MiB preallocated).
+    need = 2 * cfg.size + cfg.osize + 2 * cfg.csize + (256 << 20) + min(
+        cfg.alloc_size * ALLOC_CAP_PER_CLUSTER, ALLOC_MAX_WRITES * CLUSTER)
     st = os.statvfs(cfg.dir)
     if st.f_bavail * st.f_frsize < need:
         log(f"warning: {cfg.dir} has {size_name(st.f_bavail * st.f_frsize >> 30 << 30)} free; "
