@@ -33,7 +33,9 @@
 /* Autoclear */
 #define QCOW2_AUTOCLEAR_BITMAPS     (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_RAW    (1ull << 1)
-#define QCOW2_AUTOCLEAR_KNOWN       0x0ull   /* none maintained yet: all are cleared on write */
+/* Autoclear bits the engine keeps true while writing (others are cleared
+ * before the first write): data_file_raw (datafile.c keeps the raw view). */
+#define QCOW2_AUTOCLEAR_KNOWN       QCOW2_AUTOCLEAR_DATA_RAW
 
 /* Header extension types */
 #define QCOW2_EXT_END            0x00000000u
@@ -90,7 +92,7 @@ struct qcow2_header {
  * min(cluster_size, file_size) bytes, at least 72 are required; pass as much
  * as is available, up to 2 MiB).  file_size bounds table offsets.
  * Returns 0, or -EINVAL (malformed), -ENOTSUP (unsupported feature:
- * unknown incompatible bit, encryption, external data file) with a
+ * unknown incompatible bit, encryption) with a
  * one-line reason in err naming the problem. */
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                        struct qcow2_header *h, char *err, size_t errlen);

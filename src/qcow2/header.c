@@ -272,8 +272,11 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
             describe_unknown_bits(ftable, ftable_len, unknown, err, errlen);
         return r;
     }
-    if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
-        return fail(-ENOTSUP, err, errlen, "external data files are not supported yet");
+    /* As QEMU: the raw-data-file bit needs a data file (qcow2.txt: "may only
+     * be set if the External Data File bit is also set"). */
+    if ((h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW) &&
+        !(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE))
+        return fail(-EINVAL, err, errlen, "autoclear bit data_file_raw is set without an external data file");
     if ((h->incompatible_features & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14)
         return fail(-EINVAL, err, errlen, "extended L2 entries need cluster_bits >= 14 (got %u)",
                     h->cluster_bits);

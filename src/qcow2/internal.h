@@ -4,12 +4,14 @@
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   datafile.c  where guest data lives: the image file or an external data file
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "io/coroutine.h"
 #include "io/file.h"
@@ -133,6 +135,13 @@ struct qcow2 {
     bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
     bool no_unref;              /* --discard-no-unref: discards keep our clusters */
     bool no_punch;              /* the file system cannot punch holes */
+
+    /* Guest data (datafile.c): in the image file, or in an external data
+     * file at host offset == guest offset, nothing refcounted there. */
+    struct file *data;          /* &file, or &data_file */
+    struct file data_file;
+    int data_lock_fd;           /* QEMU-style locks on the data file; -1 if none */
+    bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -140,8 +149,13 @@ static inline uint64_t cl_size(const struct qcow2 *q) { return q->h.cluster_size
 static inline uint64_t cl_bits(const struct qcow2 *q) { return q->h.cluster_bits; }
 static inline uint64_t start_of_cluster(const struct qcow2 *q, uint64_t off) { return off & ~(cl_size(q) - 1); }
 static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) { return off & (cl_size(q) - 1); }
+static inline bool has_data_file(const struct qcow2 *q) { return q->data != &q->file; }
 
 /* qcow2.c */
+/* Resolve a file name an image refers to (backing or data file) against the
+ * image's directory; refuses protocols and non-regular files. */
+int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
+                       size_t outlen, char *err, size_t errlen);
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
 /* fdatasync the image file; once one failed, every later call fails (the
@@ -184,6 +198,17 @@ int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
+
+/* datafile.c: every guest-data I/O of the read and write paths */
+int datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void datafile_close(struct qcow2 *q);
+int datafile_sync(struct qcow2 *q);
+int data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host);
+int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua);
+int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
+int data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
+int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
+bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

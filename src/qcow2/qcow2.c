@@ -173,6 +173,8 @@ int qcow2_flush(struct qcow2 *q)
         r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r);
     if (r == 0)
+        r = datafile_sync(q);   /* guest data in an external data file: durable first too */
+    if (r == 0)
         r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
@@ -267,14 +269,16 @@ static const char *const protocols[] = {
     "host_cdrom", "throttle", "quorum", "fd", NULL,
 };
 
-/* Backing file names are resolved like QEMU does: relative to the directory
- * of the overlay as named (not the working directory).  Pseudo-protocols
- * (json:, nbd: ...) and devices are refused: we only open image files. */
-static int resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
-                           char *err, size_t errlen)
+/* Names of other files an image refers to (backing file, external data
+ * file) are resolved against the directory of the image as named (not the
+ * working directory), as QEMU resolves backing file names.  Pseudo-protocols
+ * (json:, nbd: ...) and devices are refused: we only open image files.
+ * `what` names the reference in messages ("backing file", "data file"). */
+int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
+                       size_t outlen, char *err, size_t errlen)
 {
     if (!strncmp(name, "json:", 5)) {
-        snprintf(err, errlen, "backing file '%s' uses the json: pseudo-protocol, which is not supported", name);
+        snprintf(err, errlen, "%s '%s' uses the json: pseudo-protocol, which is not supported", what, name);
         return -ENOTSUP;
     }
     if (!strncmp(name, "file:", 5))
@@ -284,8 +288,8 @@ static int resolve_backing(const char *overlay, const char *name, char *out, siz
         for (int i = 0; protocols[i]; i++) {
             size_t n = strlen(protocols[i]);
             if ((size_t)(colon - name) == n && !strncmp(name, protocols[i], n)) {
-                snprintf(err, errlen, "backing file '%s' uses the %s: protocol, which is not supported",
-                         name, protocols[i]);
+                snprintf(err, errlen, "%s '%s' uses the %s: protocol, which is not supported",
+                         what, name, protocols[i]);
                 return -ENOTSUP;
             }
         }
@@ -294,12 +298,12 @@ static int resolve_backing(const char *overlay, const char *name, char *out, siz
         snprintf(out, outlen, "%s", name);
     } else {
         char tmp[PATH_MAX];
-        snprintf(tmp, sizeof(tmp), "%s", overlay);
+        snprintf(tmp, sizeof(tmp), "%s", image);
         snprintf(out, outlen, "%s/%s", dirname(tmp), name);
     }
     struct stat st;
     if (stat(out, &st) == 0 && !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "backing file '%s' is not a regular file", out);
+        snprintf(err, errlen, "%s '%s' is not a regular file", what, out);
         return -ENOTSUP;
     }
     return 0;
@@ -311,7 +315,8 @@ static char *chain_paths[MAX_BACKING_DEPTH + 2];
 static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, char *err, size_t errlen)
 {
     char path[PATH_MAX + 1100], msg[512];
-    int r = resolve_backing(q->img.path, q->h.backing_file, path, sizeof(path), err, errlen);
+    int r = qcow2_resolve_name(q->img.path, q->h.backing_file, "backing file", path, sizeof(path),
+                               err, errlen);
     if (r < 0)
         return r;
     if (depth + 1 > MAX_BACKING_DEPTH) {
@@ -376,6 +381,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
 
 static void qcow2_free(struct qcow2 *q)
 {
+    datafile_close(q);
     if (q->backing)
         img_close(q->backing);
     if (q->backing_lock_fd >= 0)
@@ -466,7 +472,9 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         return NULL;
     }
     q->backing_lock_fd = -1;
+    q->data_lock_fd = -1;
     q->file = *f;
+    q->data = &q->file;
     q->img.ops = &qcow2_ops;
     q->img.priv = q;
     q->img.path = strdup(f->path);
@@ -529,6 +537,12 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         goto fail_nofile;
     }
     if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
+        snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+    if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
+        datafile_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }

@@ -76,7 +76,8 @@ static int count_l1(struct counter *k, const uint64_t *l1, uint32_t l1_size)
             switch (qcow2_l2_entry_type(&q->h, e, q->extl2)) {
             case QCOW2_CLUSTER_NORMAL:
             case QCOW2_CLUSTER_ZERO_ALLOC:
-                r = count_range(k, e & L2E_OFFSET_MASK, cs, "a data cluster");
+                if (!has_data_file(q))  /* data in a data file is not refcounted */
+                    r = count_range(k, e & L2E_OFFSET_MASK, cs, "a data cluster");
                 break;
             case QCOW2_CLUSTER_COMPRESSED: {
                 uint64_t coff, nbytes;
@@ -177,8 +178,8 @@ static int fix_copied_flags(struct counter *k)
             uint8_t *p = l2 + j * q->h.l2_entry_size;
             uint64_t e = be64_load(p);
             enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
-            if (ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC)
-                continue;
+            if ((ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC) || has_data_file(q))
+                continue;   /* data-file clusters keep COPIED: their refcount is 1 by definition */
             uint64_t w = k->counts[(e & L2E_OFFSET_MASK) >> cl_bits(q)] == 1 ? QCOW_OFLAG_COPIED : 0;
             if ((e & QCOW_OFLAG_COPIED) != w) {
                 be64_store(p, (e & ~QCOW_OFLAG_COPIED) | w);

@@ -69,10 +69,24 @@ qio_quiet() {
 #             clusters and an internal snapshot sharing them.
 #   nounref   as snap64k, run with --discard-no-unref (config_flags): discarded clusters
 #             stay allocated as zero clusters and their data is punched out at once.
+#   datafile  v3, 32 KiB clusters with extended L2, guest data in an external data file
+#             (data_file=data.raw): data before the metadata naming it across two files.
+#   dataraw   v3, 4 KiB clusters, external data file with data_file_raw=on: the data file
+#             must equal the guest view in every crash state too.
+# Configurations with a data file keep each image in a directory of its own next to its data
+# file (DIR/init/disk.qcow2 + DIR/init/data.raw; see config_image).
 prep_image() {
     local cfg=$1 d=$2
-    rm -f "$d/init.qcow2" "$d/backing.raw"
+    rm -rf "$d/init.qcow2" "$d/backing.raw" "$d/init"
     case $cfg in
+    datafile|dataraw)
+        local raw=off opts=extended_l2=on,cluster_size=32k
+        [[ $cfg == dataraw ]] && raw=on opts=cluster_size=4k
+        mkdir -p "$d/init" &&
+        (cd "$d/init" && qemu-img create -q -f qcow2 -o "$opts,data_file=data.raw,data_file_raw=$raw" \
+            disk.qcow2 4M && qio_quiet disk.qcow2 "write -P 0xa1 0 1M" "write -P 0xa2 1536k 100k" \
+            "write -z 2M 256k" "discard 3M 64k") || return 1
+        echo - ;;
     snap64k)
         qemu-img create -q -f qcow2 -o cluster_size=64k,refcount_bits=16 "$d/init.qcow2" 4M &&
         qio_quiet "$d/init.qcow2" "write -P 0x11 0 1M" "write -c -P 0x22 1536k 256k" \
@@ -122,7 +136,24 @@ prep_image() {
 config_flags() {
     case $1 in
     nounref) echo --discard-no-unref ;;
+    datafile|dataraw) echo --data-file data.raw ;;
     esac
+}
+
+# config_image CONFIG DIR NAME: the path of image NAME (init, work, or a crash state st.N) of
+# a configuration: DIR/NAME.qcow2, or DIR/NAME/disk.qcow2 with a data file next to it.
+config_image() {
+    case $1 in
+    datafile|dataraw) echo "$2/$3/disk.qcow2" ;;
+    *) echo "$2/$3.qcow2" ;;
+    esac
+}
+
+# in_dir IMAGE CMD...: run CMD from IMAGE's directory (QEMU 7.2 resolves a relative data file
+# name against its working directory, we against the image's: there both agree).
+in_dir() {
+    local img=$1; shift
+    (cd "$(dirname "$img")" && "$@")
 }
 
 # prep_run_dir NAME CONFIG DIR: the starting image DIR/init.qcow2 (and its
@@ -130,10 +161,15 @@ config_flags() {
 # and DIR/work.qcow2, the copy the workload runs on.  Reports NAME failed
 # and returns 1 if any step fails.
 prep_run_dir() {
-    local name=$1 cfg=$2 d=$3 back
+    local name=$1 cfg=$2 d=$3 back init work
     back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return 1; }
-    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
+    init=$(config_image "$cfg" "$d" init) work=$(config_image "$cfg" "$d" work)
+    in_dir "$init" qemu-img convert -f qcow2 -O raw "$init" "$d/log.initraw" ||
         { notok "$name" "qemu-img convert of the starting image failed"; return 1; }
     [[ $back == - ]] || cp "$back" "$d/log.backraw"
-    cp "$d/init.qcow2" "$d/work.qcow2"
+    if [[ $init == */init/* ]]; then
+        rm -rf "$d/work" && cp -a --sparse=always "$d/init" "$d/work"
+    else
+        cp "$init" "$work"
+    fi
 }
