@@ -41,13 +41,11 @@ case_datafile() {
     fi
 }
 
-run_case "data file" case_datafile off ""
-run_case "data file, data_file_raw" case_datafile on ""
-run_case "data file, data_file_raw, write-zeroes with unmap" case_datafile on "" --wl-opt --zero-unmap
-run_case "data file, extended_l2 cluster_size=16k" case_datafile off "extended_l2=on,cluster_size=16384" \
-    --wl-opt --zero-unmap
 run_case "data file, cluster_size=4k, --discard-no-unref" case_datafile off "cluster_size=4096" \
     --server-opt --discard-no-unref
+run_case "data file, data_file_raw, write-zeroes with unmap" case_datafile on "" --wl-opt --zero-unmap
+run_case "data file, extended_l2 cluster_size=16k, write-zeroes with unmap" case_datafile off \
+    "extended_l2=on,cluster_size=16384" --wl-opt --zero-unmap
 
 # A relative name into a sibling directory, the server started from elsewhere with a relative
 # image path: resolved against the image's directory, never the working directory.

@@ -238,8 +238,14 @@ static void test_header_feature_rejects(void)
     CHECK(strstr(err, "dirty") == NULL);
     CHECK(strstr(err, "compat forty") == NULL);
 
+    /* External data files are parsed (the engine opens the data file);
+     * data_file_raw without one is refused, as QEMU refuses it. */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DATA_FILE);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "external data files are not supported yet");
+    CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+    make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DATA_FILE); be64_store(buf + 88, QCOW2_AUTOCLEAR_DATA_RAW);
+    CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+    make_v3(buf); be64_store(buf + 88, QCOW2_AUTOCLEAR_DATA_RAW);
+    REJECT(CS, FILE_SIZE, -EINVAL, "data_file_raw is set without an external data file");
 
     /* Extended L2 needs 16 KiB clusters. */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_EXTL2); be32_store(buf + 20, 13);
@@ -514,8 +520,14 @@ static void test_l2_entry_types(void)
     CHECK_EQ(qcow2_l2_entry_type(&h3, off | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_ZERO_ALLOC);
     CHECK_EQ(qcow2_l2_entry_type(&h3, off | QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED, false),
              QCOW2_CLUSTER_ZERO_ALLOC);
-    /* Offset 0 with COPIED and no external data file is corruption. */
+    /* Offset 0 with COPIED and no external data file is corruption; with
+     * one it is guest cluster 0's data at offset 0 of the data file. */
     CHECK_EQ(qcow2_l2_entry_type(&h3, QCOW_OFLAG_COPIED, false), QCOW2_CLUSTER_INVALID);
+    struct qcow2_header hd = h3;
+    hd.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE;
+    CHECK_EQ(qcow2_l2_entry_type(&hd, QCOW_OFLAG_COPIED, false), QCOW2_CLUSTER_NORMAL);
+    CHECK_EQ(qcow2_l2_entry_type(&hd, 0, false), QCOW2_CLUSTER_UNALLOCATED);
+    CHECK_EQ(qcow2_l2_entry_type(&hd, QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_ZERO_PLAIN);
     /* Misaligned host offset. */
     CHECK_EQ(qcow2_l2_entry_type(&h3, off + 512, false), QCOW2_CLUSTER_INVALID);
     CHECK_EQ(qcow2_l2_entry_type(&h3, (off + 4096) | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_INVALID);
