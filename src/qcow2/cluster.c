@@ -745,6 +745,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
     int r = 0;
     if (q->broken)
         return -EIO;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
     while (len) {
         uint64_t cs = cl_size(q), in = offset_into_cluster(q, off), n = MIN(len, cs - in);
@@ -1041,6 +1042,7 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
     struct qreq rq;
     if (q->broken)
         return -EIO;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
     int r = datafile_zero_raw(q, off, len, z.unmap);
     if (r == 0)
@@ -1065,6 +1067,7 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
      * file's stale data, so (as QEMU) discard does nothing there. */
     if (q->h.version < 3 && q->backing)
         return 0;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
     /* data_file_raw: the range reads as zeros afterwards, so the data file
      * is zeroed first (the entries change after that, never before). */

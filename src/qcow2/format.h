@@ -34,8 +34,9 @@
 #define QCOW2_AUTOCLEAR_BITMAPS     (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_RAW    (1ull << 1)
 /* Autoclear bits the engine keeps true while writing (others are cleared
- * before the first write): data_file_raw (datafile.c keeps the raw view). */
-#define QCOW2_AUTOCLEAR_KNOWN       QCOW2_AUTOCLEAR_DATA_RAW
+ * before the first write): data_file_raw (datafile.c keeps the raw view),
+ * bitmaps (bitmap.c keeps enabled bitmaps up to date). */
+#define QCOW2_AUTOCLEAR_KNOWN       (QCOW2_AUTOCLEAR_DATA_RAW | QCOW2_AUTOCLEAR_BITMAPS)
 
 /* Header extension types */
 #define QCOW2_EXT_END            0x00000000u
@@ -73,6 +74,9 @@ struct qcow2_header {
     char backing_format[64];                        /* "" if absent */
     char data_file[1024];                           /* "" if absent */
     bool has_bitmaps_ext;
+    /* The bitmaps extension's fields when present (validated by bitmap.c). */
+    uint32_t bitmaps_nb, bitmaps_ext_len, bitmaps_reserved;
+    uint64_t bitmaps_dir_size, bitmaps_dir_offset;
     uint32_t ext_end;           /* offset just past the last extension (incl. end marker) */
 
     /* Derived geometry. */

@@ -153,6 +153,13 @@ static int walk_extensions(const uint8_t *buf, size_t start, size_t limit,
             break;
         case QCOW2_EXT_BITMAPS:
             h->has_bitmaps_ext = true;
+            h->bitmaps_ext_len = len;
+            if (len >= 24) {
+                h->bitmaps_nb = be32_load(data);
+                h->bitmaps_reserved = be32_load(data + 4);
+                h->bitmaps_dir_size = be64_load(data + 8);
+                h->bitmaps_dir_offset = be64_load(data + 16);
+            }
             break;
         default:
             /* Unknown: skipped here, preserved since store never touches it. */

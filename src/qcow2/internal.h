@@ -5,6 +5,7 @@
  *   cluster.c   guest-to-host mapping, the read and write paths
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
  *   datafile.c  where guest data lives: the image file or an external data file
+ *   bitmap.c    persistent dirty bitmaps kept up to date
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -142,6 +143,8 @@ struct qcow2 {
     struct file data_file;
     int data_lock_fd;           /* QEMU-style locks on the data file; -1 if none */
     bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
+
+    struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -209,6 +212,12 @@ int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
 int data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
 int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
 bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
+
+/* bitmap.c: persistent dirty bitmaps */
+int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write opens */
+void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
+int bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
+void bitmaps_free(struct qcow2 *q);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

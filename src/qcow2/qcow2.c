@@ -381,6 +381,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
 
 static void qcow2_free(struct qcow2 *q)
 {
+    bitmaps_free(q);
     datafile_close(q);
     if (q->backing)
         img_close(q->backing);
@@ -415,6 +416,8 @@ static int qcow2_close(struct image *img)
     struct qcow2 *q = to_qcow2(img);
     int r = 0;
     if (!img->read_only) {
+        /* Dirty bitmaps first: storing them allocates and frees clusters. */
+        bitmaps_close(q);
         /* Twice: the first flush releases dropped references, the second
          * writes those refcounts, so a clean close leaves no leaks. */
         r = qcow2_flush(q);
@@ -606,6 +609,10 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
                 snprintf(err, errlen, "%s: cannot update the header: %s", f->path, strerror(-r));
                 goto fail_nofile;
             }
+        }
+        if (bitmaps_open(q, msg, sizeof(msg)) < 0) {
+            snprintf(err, errlen, "%s: persistent dirty bitmaps: %s", f->path, msg);
+            goto fail_nofile;
         }
     }
     return &q->img;

@@ -73,12 +73,24 @@ qio_quiet() {
 #             (data_file=data.raw): data before the metadata naming it across two files.
 #   dataraw   v3, 4 KiB clusters, external data file with data_file_raw=on: the data file
 #             must equal the guest view in every crash state too.
+#   bitmap    v3, 64 KiB clusters, enabled dirty bitmaps of 64 KiB and 4 KiB granularity
+#             (with bits set by QEMU) and a disabled one: in every crash state QEMU must find
+#             each enabled bitmap in use (inconsistent), or, if it trusts one, the bitmap must
+#             cover every range that differs from the starting image (bitmap_covers).
 # Configurations with a data file keep each image in a directory of its own next to its data
 # file (DIR/init/disk.qcow2 + DIR/init/data.raw; see config_image).
 prep_image() {
     local cfg=$1 d=$2
     rm -rf "$d/init.qcow2" "$d/backing.raw" "$d/init"
     case $cfg in
+    bitmap)
+        qemu-img create -q -f qcow2 "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0xb1 0 1M" &&
+        qemu-img bitmap --add "$d/init.qcow2" b64k && qemu-img bitmap --add -g 4k "$d/init.qcow2" b4k &&
+        qemu-img bitmap --add "$d/init.qcow2" off &&
+        qio_quiet "$d/init.qcow2" "write -P 0xb2 2M 100k" && qemu-img bitmap --disable "$d/init.qcow2" off ||
+            return 1
+        echo - ;;
     datafile|dataraw)
         local raw=off opts=extended_l2=on,cluster_size=32k
         [[ $cfg == dataraw ]] && raw=on opts=cluster_size=4k
@@ -147,6 +159,37 @@ config_image() {
     datafile|dataraw) echo "$2/$3/disk.qcow2" ;;
     *) echo "$2/$3.qcow2" ;;
     esac
+}
+
+# bitmap_covers IMAGE RAW INITRAW: for each enabled bitmap of IMAGE that QEMU trusts (not
+# in-use, autoclear bit 0 set), every granule where RAW differs from INITRAW must be dirty.
+# Prints what is wrong; returns 1 then.
+bitmap_covers() {
+    local img=$1 raw=$2 init=$3 b sock=$UQ_TMP/cov.sock pidf=$UQ_TMP/cov.pid
+    (( $(header_field "$img" 88 8) & 1 )) || return 0    # QEMU ignores all of them
+    for b in b64k b4k; do
+        local flags
+        flags=$(qemu-img info -U --output=json "$img" |
+            jq -r --arg n "$b" '."format-specific".data.bitmaps[] | select(.name == $n) | .flags | join(",")')
+        [[ $flags == *in-use* ]] && continue
+        rm -f "$sock" "$pidf"
+        qemu-nbd -r --fork --pid-file "$pidf" -k "$sock" -f qcow2 -B "$b" "$img" >&2 || { echo "qemu-nbd -B $b failed"; return 1; }
+        nbdinfo --map="qemu:dirty-bitmap:$b" "nbd+unix:///?socket=$sock" >"$UQ_TMP/cov.map" 2>&1
+        local pid; pid=$(cat "$pidf"); kill "$pid" 2>/dev/null; timeout 30 tail --pid="$pid" -f /dev/null
+        "$PYTHON" - "$raw" "$init" "$UQ_TMP/cov.map" "$b" <<'EOF' || return 1
+import sys
+raw, init, mp, name = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), sys.argv[3], sys.argv[4]
+dirty = []
+for line in open(mp):
+    f = line.split()
+    if len(f) >= 3 and f[2] == "1":
+        dirty.append((int(f[0]), int(f[0]) + int(f[1])))
+for off in range(0, max(len(raw), len(init)), 512):
+    if raw[off:off + 512] != init[off:off + 512] and not any(a <= off < e for a, e in dirty):
+        print(f"bitmap {name} is trusted by QEMU but misses a change at offset {off}")
+        sys.exit(1)
+EOF
+    done
 }
 
 # in_dir IMAGE CMD...: run CMD from IMAGE's directory (QEMU 7.2 resolves a relative data file

@@ -27,8 +27,8 @@ else
     SEEDS=(${POWERLOSS_SEED:-$((RANDOM % 1000 + 1))}); STATES=${POWERLOSS_STATES:-36}; OPS=200
 fi
 # CI time budget: the extended-L2 and discard-no-unref configurations check fewer states.
-declare -A CI_STATES=([ext32k]=24 [nounref]=24 [datafile]=18 [dataraw]=18)
-CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty ext32k nounref datafile dataraw})
+declare -A CI_STATES=([ext32k]=24 [nounref]=24 [datafile]=18 [dataraw]=18 [bitmap]=12)
+CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty ext32k nounref datafile dataraw bitmap})
 BATCH=12
 TOTAL=0
 
@@ -97,6 +97,11 @@ run_config() {
             fi
             if ! in_dir "$img" qemu-img convert -f qcow2 -O raw "$img" "$raw" 2>"$d/convert.err"; then
                 first_failure "(b) $sid: qemu-img convert failed: $(head -c 200 "$d/convert.err")"
+                keep_failure "$name.$((done + i))" "$img"
+                fails=$((fails + 1)); continue
+            fi
+            if [[ $cfg == bitmap ]] && ! bitmap_covers "$img" "$raw" "$d/log.initraw" >"$d/cov.out" 2>&1; then
+                first_failure "(b) $sid: $(tail -1 "$d/cov.out")"
                 keep_failure "$name.$((done + i))" "$img"
                 fails=$((fails + 1)); continue
             fi
