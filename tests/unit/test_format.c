@@ -278,9 +278,9 @@ static void test_header_feature_rejects(void)
 
     /* Dirty, corrupt and lazy refcounts are accepted (the engine acts on them). */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT);
-    be64_store(buf + 80, ~0ull); be64_store(buf + 88, ~0ull);
+    be64_store(buf + 80, ~0ull); be64_store(buf + 88, ~QCOW2_AUTOCLEAR_DATA_RAW);
     CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
-    CHECK_EQ(h.autoclear_features, ~0ull);
+    CHECK_EQ(h.autoclear_features, ~QCOW2_AUTOCLEAR_DATA_RAW);
 }
 
 static void test_header_l1_rejects(void)
