@@ -3,6 +3,7 @@
 #   make check      sanitized (ASan/UBSan) build in build/debug, then every test
 #   make bench      optimised build, then the benchmark suite
 #   make soak       long crash/fuzz/soak runs
+#   make fuzz       libFuzzer targets (clang, ASan/UBSan) in build/fuzz (tests/fuzz/t_fuzz.sh runs them)
 CC      ?= cc
 PKGS    := liburing zlib libzstd libsystemd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -28,7 +29,7 @@ CLI_OBJS := $(CLI_SRCS:%.c=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
-.PHONY: all check bench soak clean unit debug deps demo install uninstall
+.PHONY: all check bench soak clean unit debug deps demo fuzz install uninstall
 all: $(BUILD)/ublk-qcow2
 
 $(BUILD)/ublk-qcow2: $(CLI_OBJS) $(BUILD)/libublkqcow2.a
@@ -47,6 +48,28 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libublkqcow2.a tests/unit/unit.h
 	$(CC) $(CFLAGS_ALL) -Itests/unit -o $@ $< $(BUILD)/libublkqcow2.a $(PKG_LIBS) -lpthread
 
 unit: $(BUILD)/ublk-qcow2 $(UNIT_BINS)
+
+# libFuzzer targets: tests/fuzz/fuzz_*.c, each linked with the library built by
+# clang with the fuzzer's coverage instrumentation and ASan/UBSan.
+FUZZ_CC     ?= clang
+FUZZ_DIR    := build/fuzz
+FUZZ_CFLAGS := $(filter-out -Wno-format-truncation,$(WARN)) -g -O1 -fno-omit-frame-pointer \
+               -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined \
+               -Isrc $(PKG_CFLAGS)
+FUZZ_OBJS   := $(LIB_SRCS:%.c=$(FUZZ_DIR)/obj/%.o)
+FUZZ_BINS   := $(patsubst tests/fuzz/%.c,$(FUZZ_DIR)/%,$(wildcard tests/fuzz/fuzz_*.c))
+
+fuzz: $(FUZZ_BINS)
+
+$(FUZZ_DIR)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -c -o $@ $<
+
+$(FUZZ_DIR)/libublkqcow2.a: $(FUZZ_OBJS)
+	rm -f $@ && ar rcs $@ $^
+
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DIR)/libublkqcow2.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -MMD -MP -o $@ $< $(FUZZ_DIR)/libublkqcow2.a $(PKG_LIBS) -lpthread
 
 # Tests always run against the sanitized build.
 debug:
@@ -99,4 +122,4 @@ uninstall:
 clean:
 	rm -rf build
 
--include $(LIB_OBJS:.o=.d) $(CLI_OBJS:.o=.d)
+-include $(LIB_OBJS:.o=.d) $(CLI_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d) $(FUZZ_BINS:=.d)

@@ -12,10 +12,17 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 
+/* ASan must be told about stack switches (GCC and clang announce it differently). */
 #if defined(__SANITIZE_ADDRESS__)
+#define CO_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CO_ASAN 1
+#endif
+#endif
+#ifdef CO_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define CO_ASAN 1
 #endif
 
 #if !defined(__x86_64__)
@@ -89,7 +96,7 @@ static void co_fatal(const char *msg)
     abort();
 }
 
-static inline char *stack_lo(struct co *co) { return co->map + CO_GUARD_SIZE; }
+static inline __attribute__((unused)) char *stack_lo(struct co *co) { return co->map + CO_GUARD_SIZE; }
 
 static void ready_push(struct co *co)
 {

@@ -330,6 +330,11 @@ int file_zero_range(struct file *f, uint64_t off, uint64_t len)
 
 int file_allocate(struct file *f, uint64_t off, uint64_t len)
 {
+    if (hooked() && file_hooks->allocate) {
+        int v = file_hooks->allocate(file_hooks->ctx, f, off, len);
+        if (v < 0)
+            return v;
+    }
     int r = io_fallocate(f->fd, 0, off, len);
     return r == -ENOSYS ? -EOPNOTSUPP : r;
 }

@@ -62,6 +62,10 @@ struct file_hooks {
     void (*after)(void *ctx, struct file *f, enum file_op op, uint64_t off, uint64_t len,
                   int64_t result, unsigned flags);
     void *ctx;
+    /* Before file_allocate (blocks reserved ahead of the end of the file):
+     * 0 to run it, -errno to fail it instead (-EOPNOTSUPP: as on a file
+     * system without fallocate).  May be NULL. */
+    int (*allocate)(void *ctx, struct file *f, uint64_t off, uint64_t len);
 };
 
 /* Install hooks for every file of the process (NULL removes them).  The

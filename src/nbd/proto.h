@@ -4,6 +4,7 @@
 #ifndef UQ_NBD_PROTO_H
 #define UQ_NBD_PROTO_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <endian.h>
@@ -105,6 +106,40 @@
 #define NBD_EOVERFLOW               75
 #define NBD_ENOTSUP                 95
 #define NBD_ESHUTDOWN               108
+
+/* ---- parsing (proto.c: pure, no I/O) -------------------------------------- */
+
+/* Option header of the handshake: magic, option, data length (16 bytes). */
+#define NBD_OPT_HDR_SIZE            16u
+struct nbd_opt_hdr {
+    uint64_t magic;
+    uint32_t opt, len;
+};
+void nbd_parse_opt_hdr(const uint8_t *p, struct nbd_opt_hdr *o);
+
+/* The data of NBD_OPT_INFO / NBD_OPT_GO: export name and requested items. */
+struct nbd_info_req {
+    const uint8_t *name;        /* inside the option data, not NUL-terminated */
+    uint32_t namelen;
+    bool want_name, want_desc, want_block;
+};
+/* Returns 0, or NBD_REP_ERR_INVALID with *why naming the problem. */
+uint32_t nbd_parse_info_req(const uint8_t *data, uint32_t len, struct nbd_info_req *out,
+                            const char **why);
+
+/* A transmission request header (NBD_REQUEST_SIZE bytes). */
+struct nbd_request {
+    uint32_t magic;
+    uint16_t flags, type;
+    uint64_t cookie, off;
+    uint32_t len;
+};
+void nbd_parse_request(const uint8_t *p, struct nbd_request *r);
+
+/* Checks common to every command: flags, permission, range against an
+ * export of `size` bytes.  0 or -errno (EINVAL, EPERM, ENOSPC). */
+int nbd_check_request(uint16_t flags, uint64_t off, uint32_t len, uint16_t allowed_flags,
+                      bool writes, bool read_only, uint64_t size);
 
 /* ---- byte order helpers -------------------------------------------------- */
 static inline void nbd_put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }

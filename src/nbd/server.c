@@ -372,37 +372,22 @@ static int send_info(struct nbd_conn *c, uint32_t opt, uint16_t type, const void
 static int handle_info(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
 {
     struct nbd_server *s = c->s;
-    bool want_name = false, want_desc = false, want_block = false;
-    uint32_t namelen;
-    uint16_t nreq;
+    struct nbd_info_req in;
+    const char *why;
     uint8_t item[14];
     int r;
 
-    if (len < 6)
-        return opt_error(c, opt, NBD_REP_ERR_INVALID, "option data too short");
-    namelen = nbd_get32(data);
-    if (namelen > len - 6)
-        return opt_error(c, opt, NBD_REP_ERR_INVALID, "export name length exceeds the option");
-    nreq = nbd_get16(data + 4 + namelen);
-    if (4ull + namelen + 2 + 2ull * nreq != len)
-        return opt_error(c, opt, NBD_REP_ERR_INVALID, "option length does not match its contents");
-    if (!name_matches(s, data + 4, namelen))
+    if (nbd_parse_info_req(data, len, &in, &why))
+        return opt_error(c, opt, NBD_REP_ERR_INVALID, why);
+    if (!name_matches(s, in.name, in.namelen))
         return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "no export of that name");
-    for (uint16_t i = 0; i < nreq; i++) {
-        switch (nbd_get16(data + 4 + namelen + 2 + 2 * i)) {
-        case NBD_INFO_NAME:        want_name = true; break;
-        case NBD_INFO_DESCRIPTION: want_desc = true; break;
-        case NBD_INFO_BLOCK_SIZE:  want_block = true; break;
-        default: break;            /* unknown or always sent: ignore */
-        }
-    }
 
     nbd_put64(item, img_size(s->img));
     nbd_put16(item + 8, s->tx_flags);
     r = send_info(c, opt, NBD_INFO_EXPORT, item, 10);
-    if (r == 0 && want_name)
+    if (r == 0 && in.want_name)
         r = send_info(c, opt, NBD_INFO_NAME, s->name, strlen(s->name));
-    if (r == 0 && want_desc && s->description)
+    if (r == 0 && in.want_desc && s->description)
         r = send_info(c, opt, NBD_INFO_DESCRIPTION, s->description, strlen(s->description));
     if (r == 0) {
         /* Sent even unasked (the protocol allows it); only enforced below
@@ -417,7 +402,7 @@ static int handle_info(struct nbd_conn *c, uint32_t opt, const uint8_t *data, ui
     if (r < 0)
         return r;
     if (opt == NBD_OPT_GO) {
-        c->strict_align = want_block;
+        c->strict_align = in.want_block;
         return 1;
     }
     return 0;
@@ -456,10 +441,10 @@ static int conn_handshake(struct nbd_conn *c)
         return -1;
     }
     for (;;) {
-        uint64_t magic;
+        struct nbd_opt_hdr oh;
         uint32_t opt, len;
 
-        r = rx_need(c, 16);
+        r = rx_need(c, NBD_OPT_HDR_SIZE);
         if (r == 0) {
             ret = 0;
             break;
@@ -468,12 +453,12 @@ static int conn_handshake(struct nbd_conn *c)
             conn_log(c, "connection lost during the handshake: %s", strerror(-r));
             break;
         }
-        magic = nbd_get64(c->rx + c->rx_start);
-        opt = nbd_get32(c->rx + c->rx_start + 8);
-        len = nbd_get32(c->rx + c->rx_start + 12);
-        c->rx_start += 16;
-        if (magic != NBD_OPTS_MAGIC) {
-            conn_log(c, "bad option magic 0x%016llx, closing", (unsigned long long)magic);
+        nbd_parse_opt_hdr(c->rx + c->rx_start, &oh);
+        opt = oh.opt;
+        len = oh.len;
+        c->rx_start += NBD_OPT_HDR_SIZE;
+        if (oh.magic != NBD_OPTS_MAGIC) {
+            conn_log(c, "bad option magic 0x%016llx, closing", (unsigned long long)oh.magic);
             break;
         }
         if (len > MAX_OPTION_LEN) {
@@ -559,15 +544,9 @@ out:
 static int req_check(const struct nbd_req *rq, uint16_t allowed_flags, bool writes)
 {
     const struct nbd_server *s = rq->c->s;
-    uint64_t size = img_size(s->img);
 
-    if (rq->flags & ~allowed_flags)
-        return -EINVAL;
-    if (writes && s->read_only)
-        return -EPERM;
-    if (rq->off > size || rq->len > size - rq->off)
-        return writes ? -ENOSPC : -EINVAL;     /* writes past the end: ENOSPC per the protocol */
-    return 0;
+    return nbd_check_request(rq->flags, rq->off, rq->len, allowed_flags, writes, s->read_only,
+                             img_size(s->img));
 }
 
 static bool aligned(const struct nbd_req *rq)
@@ -861,8 +840,7 @@ static void conn_serve(struct nbd_conn *c)
 {
     for (;;) {
         struct nbd_req *rq;
-        const uint8_t *h;
-        uint32_t magic;
+        struct nbd_request h;
         int r;
 
         r = rx_need(c, NBD_REQUEST_SIZE);
@@ -875,10 +853,9 @@ static void conn_serve(struct nbd_conn *c)
                 conn_log(c, "connection lost: %s", strerror(-r));
             break;
         }
-        h = c->rx + c->rx_start;
-        magic = nbd_get32(h);
-        if (magic != NBD_REQUEST_MAGIC) {
-            conn_log(c, "bad request magic 0x%08x, closing", magic);
+        nbd_parse_request(c->rx + c->rx_start, &h);
+        if (h.magic != NBD_REQUEST_MAGIC) {
+            conn_log(c, "bad request magic 0x%08x, closing", h.magic);
             break;
         }
         rq = req_get(c);
@@ -886,11 +863,11 @@ static void conn_serve(struct nbd_conn *c)
             conn_log(c, "out of memory, closing");
             break;
         }
-        rq->flags = nbd_get16(h + 4);
-        rq->type = nbd_get16(h + 6);
-        rq->cookie = nbd_get64(h + 8);
-        rq->off = nbd_get64(h + 16);
-        rq->len = nbd_get32(h + 24);
+        rq->flags = h.flags;
+        rq->type = h.type;
+        rq->cookie = h.cookie;
+        rq->off = h.off;
+        rq->len = h.len;
         c->rx_start += NBD_REQUEST_SIZE;
 
         if (rq->type == NBD_CMD_DISC) {

@@ -102,6 +102,9 @@ static void hash_insert(struct mcache *c, struct mslice *s, uint64_t off)
  * durable.  The write uses a copy so changes made meanwhile stay dirty. */
 static int write_back_refcount_slice(struct mcache *c, struct mslice *s)
 {
+    int ol = ol_check(c->q, s->off, c->slice_size, OL_REFBLOCK, "a refcount block");
+    if (ol < 0)
+        return ol;
     uint8_t *copy = io_alloc(c->slice_size);
     memcpy(copy, s->data, c->slice_size);
     uint64_t off = s->off;
@@ -249,6 +252,9 @@ int mcache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int 
 {
     for (uint32_t i = 0; i < n; i++) {
         struct mslice *s = copies[i].s;
+        if (ret == 0)
+            ret = ol_check(c->q, s->off, c->slice_size, c->is_l2 ? OL_ACTIVE_L2 : OL_REFBLOCK,
+                           c->is_l2 ? "an L2 table" : "a refcount block");
         if (ret == 0) {
             ssize_t r = file_pwrite(&c->q->file, copies[i].data, c->slice_size, s->off, false);
             if (r < 0)

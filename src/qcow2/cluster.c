@@ -80,22 +80,6 @@ static inline bool is_zero_alloc_owned(const struct qcow2 *q, uint64_t e)
     return (e & QCOW_OFLAG_COPIED) && etype(q, e) == QCOW2_CLUSTER_ZERO_ALLOC;
 }
 
-static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
-{
-    return a < b + blen && b < a + alen;
-}
-
-/* A hostile or damaged image may map guest data onto its own metadata;
- * overwriting the header or a table in place would destroy the image. */
-bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len)
-{
-    uint64_t cs = cl_size(q);
-    return ranges_overlap(off, len, 0, cs) ||
-           ranges_overlap(off, len, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8) ||
-           ranges_overlap(off, len, q->h.refcount_table_offset, (uint64_t)q->h.refcount_table_clusters * cs) ||
-           (q->h.nb_snapshots && ranges_overlap(off, len, q->h.snapshots_offset, cs));
-}
-
 /* Clusters past the known end of the file are legitimate only if the
  * refcounts say they are ours (a writer may crash after counting and
  * mapping a cluster but before writing it); a hostile entry pointing far
@@ -253,8 +237,11 @@ static int l2_make_writable(struct qcow2 *q, uint64_t l1i)
     }
     q->l1[l1i] = host | QCOW_OFLAG_COPIED;
     q->l1_dirty[l1i * 8 / 512] = 1;
-    if (old)
+    ol_add(q, host, OL_BIT_ACTIVE_L2);
+    if (old) {
+        ol_remove(q, old, OL_BIT_ACTIVE_L2);
         defer_free(q, old, cs);
+    }
 out:
     co_mutex_unlock(&q->alloc_lock);
     return r;
@@ -285,6 +272,10 @@ static int l2_lookup(struct qcow2 *q, uint64_t off, bool for_write, struct mslic
     }
     if (!t)
         return 0;
+    /* An entry about to change lives in a table that must be nothing else
+     * (an L1 entry may name the header, the L1 or the refcount table). */
+    if (for_write && ol_check(q, t, cs, OL_ACTIVE_L2, "an L2 table") < 0)
+        return -EIO;
     uint64_t byte = t + l2i * q->h.l2_entry_size;
     uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
     int r = mcache_get(&q->l2c, soff, sp);
@@ -321,11 +312,12 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 {
     struct mslice *s;
     uint32_t idx;
+    *has_table = false;     /* defined on errors too: callers may look before checking */
+    *e = *bm = 0;
     int r = l2_lookup(q, off, false, &s, &idx);
     if (r < 0)
         return r;
     *has_table = r == 1;
-    *e = *bm = 0;
     if (r == 1) {
         *e = l2e_get(q, s, idx);
         *bm = l2bm_get(q, s, idx);
@@ -486,19 +478,21 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
 
 /* ---- writing ----------------------------------------------------------------- */
 
-/* Guest data may be written at [host, host+len) of a cluster we own only if
- * that is neither the image's fixed metadata nor past the end of the file
- * without the refcounts saying the cluster is ours (a hostile mapping). */
+/* Guest data may be written (or punched) at [host, host+len) of a cluster
+ * we own only if that is none of the image's metadata (overlap.c) nor past
+ * the end of the file without the refcounts saying the cluster is ours:
+ * a hostile or damaged image may map guest data anywhere. */
 static int check_own_range(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len)
 {
     if (has_data_file(q))
         return 0;   /* the data file holds no metadata; entry_ok checked host == guest */
-    bool on_meta = hits_fixed_metadata(q, host, len);
-    if (!on_meta && owned_past_end(q, host, len))
+    int r = ol_check(q, host, len, 0, "guest data");
+    if (r < 0)
+        return r;
+    if (owned_past_end(q, host, len))
         return 0;
-    qcow2_mark_broken(q, "guest offset 0x%llx maps %s at 0x%llx", (unsigned long long)off,
-                      on_meta ? "onto image metadata" : "to an unowned cluster past the end of the file",
-                      (unsigned long long)host);
+    qcow2_mark_broken(q, "guest offset 0x%llx maps to an unowned cluster past the end of the file "
+                      "at 0x%llx", (unsigned long long)off, (unsigned long long)host);
     return -EIO;
 }
 
@@ -623,6 +617,8 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         r = read_cluster_part(q, el, bml, data_end, tail_len, tail);
         iov[niov++] = (struct iovec){ tail, tail_len };
     }
+    if (r == 0 && !has_data_file(q))   /* a refcount may have called a table's cluster free */
+        r = ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
     if (r == 0)
         r = data_writev(q, iov, niov, host + (wr - span_start), false);
     if (r < 0)
@@ -776,7 +772,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             if (fua && !mapping_durable(q, s))
                 metadata_changed = true;
             mcache_put(&q->l2c, s);
-            r = check_own_range(q, off, first_host, n + in);
+            r = check_own_range(q, off, first_host + in, n);
             if (r < 0)
                 break;
             struct iovec iov = { (void *)buf, n };

@@ -6,6 +6,7 @@
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
  *   datafile.c  where guest data lives: the image file or an external data file
  *   bitmap.c    persistent dirty bitmaps kept up to date
+ *   overlap.c   metadata overlap checks before every write
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -90,6 +91,29 @@ struct inflight_alloc {
     struct inflight_alloc *next;
 };
 
+/* ---- metadata overlap index (overlap.c) ----------------------------------- */
+enum {
+    OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+};
+#define OL_HEADER         (1u << OL_BIT_HEADER)
+#define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
+#define OL_REFTABLE       (1u << OL_BIT_REFTABLE)
+#define OL_SNAPSHOT_TABLE (1u << OL_BIT_SNAPSHOT_TABLE)
+#define OL_INACTIVE_L1    (1u << OL_BIT_INACTIVE_L1)
+#define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
+#define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
+#define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+
+struct ol_range { uint64_t off, len; };
+struct ol_index {
+    uint64_t *cl;               /* sorted: cluster offset | OL_BIT_* of single-cluster tables */
+    size_t n, cap;
+    struct ol_range *ranges;    /* snapshot L1 tables, sorted by offset */
+    uint64_t *max_end;          /* max end of ranges[0..i] */
+    size_t nranges;
+};
+
 struct qcow2 {
     struct image img;
     struct file file;
@@ -145,6 +169,7 @@ struct qcow2 {
     bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
 
     struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
+    struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -194,9 +219,6 @@ int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
 
 /* cluster.c */
-/* Does [off, off+len) of the file overlap the header, the L1 table, the
- * refcount table or the snapshot table? */
-bool hits_fixed_metadata(struct qcow2 *q, uint64_t off, uint64_t len);
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
@@ -218,6 +240,21 @@ int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write open
 void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
 int bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
 void bitmaps_free(struct qcow2 *q);
+/* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
+ * whenever an L1 or refcount table entry starts or stops naming a table,
+ * ol_reindex_refblocks after a new refcount table is installed. */
+int ol_build(struct qcow2 *q);
+void ol_free(struct qcow2 *q);
+void ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
+void ol_reindex_refblocks(struct qcow2 *q);
+/* Does writing [off, off+len) touch metadata other than the kinds in
+ * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
+ * and a message naming `what` and the structure hit. */
+int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+                const char *what, char *msg, size_t msglen);
+/* ol_conflict, and on a conflict mark the image broken with the message. */
+int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

@@ -52,6 +52,9 @@ void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
  * the update is a single atomic sector write; extensions stay untouched. */
 int qcow2_write_header_fields(struct qcow2 *q)
 {
+    int c = ol_check(q, 0, 512, OL_HEADER, "the header");
+    if (c < 0)
+        return c;
     qcow2_header_store(&q->h, q->hdr_buf);
     ssize_t r = file_pwrite(&q->file, q->hdr_buf, 512, 0, false);
     return r < 0 ? (int)r : 0;
@@ -99,11 +102,16 @@ static int snapshot_table(const uint64_t *tab, uint64_t entries, uint8_t *dirty,
 }
 
 /* Write the sector copies unless ret is already an error; whatever is not
- * written is marked dirty again.  Frees the copies. */
-static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret)
+ * written is marked dirty again.  Frees the copies.  kind: OL_ACTIVE_L1 or
+ * OL_REFTABLE, the table the sectors belong to (overlap check). */
+static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t n, int ret,
+                               unsigned kind)
 {
     uint8_t *buf = io_alloc(512);
     for (uint32_t i = 0; i < n; i++) {
+        if (ret == 0)
+            ret = ol_check(q, c[i].off, 512, kind,
+                           kind == OL_ACTIVE_L1 ? "an L1 table sector" : "a refcount table sector");
         if (ret == 0) {
             memcpy(buf, c[i].data, 512);
             ssize_t r = file_pwrite(&q->file, buf, 512, c[i].off, false);
@@ -171,7 +179,7 @@ int qcow2_flush(struct qcow2 *q)
     r = mcache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, rt, nrt, r);
+    r = write_sector_copies(q, rt, nrt, r, OL_REFTABLE);
     if (r == 0)
         r = datafile_sync(q);   /* guest data in an external data file: durable first too */
     if (r == 0)
@@ -179,7 +187,7 @@ int qcow2_flush(struct qcow2 *q)
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
         r = qcow2_sync(q);
-    r = write_sector_copies(q, l1, nl1, r);
+    r = write_sector_copies(q, l1, nl1, r, OL_ACTIVE_L1);
     if (r == 0 && (nl2 || nl1))
         r = qcow2_sync(q);
 
@@ -203,8 +211,8 @@ int qcow2_flush(struct qcow2 *q)
 static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t **out)
 {
     uint64_t bytes = (entries * 8 + 511) & ~511ull;
-    uint8_t *buf = io_zalloc(bytes ? bytes : 512);
-    uint64_t *tab = calloc(entries ? entries : 1, sizeof(*tab));
+    uint8_t *buf = io_alloc(bytes ? bytes : 512);
+    uint64_t *tab = malloc((entries ? entries : 1) * sizeof(*tab));
     if (!tab) {
         io_free(buf);
         return -ENOMEM;
@@ -215,6 +223,7 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
         free(tab);
         return (int)n;
     }
+    memset(buf + n, 0, bytes - (uint64_t)n);     /* past the end of the file: zeros */
     for (uint64_t i = 0; i < entries; i++)
         tab[i] = be64_load(buf + i * 8);
     io_free(buf);
@@ -227,22 +236,37 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
 static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
 {
     uint64_t pos = q->h.snapshots_offset, end = q->host_end;
-    uint8_t fixed[40];
     uint64_t unpadded_end = pos;
+    /* The fixed parts come from a window read in large pieces: one read per
+     * entry made 65536 snapshots cost 65536 direct reads. */
+    const size_t win_size = 64u << 10;
+    uint8_t *win = malloc(win_size);
+    uint64_t win_off = 0, win_len = 0;
+    if (!win)
+        return -ENOMEM;
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++) {
         if (pos + 40 > end || pos - q->h.snapshots_offset > QCOW2_MAX_SNAPSHOT_TABLE) {
             snprintf(err, errlen, "snapshot table entry %u lies outside the image", i);
+            free(win);
             return -EINVAL;
         }
-        ssize_t n = file_pread_any(&q->file, fixed, 40, pos);
-        if (n < 0) {
-            snprintf(err, errlen, "cannot read the snapshot table: %s", strerror((int)-n));
-            return (int)n;
+        if (pos < win_off || pos + 40 > win_off + win_len) {
+            ssize_t n = file_pread_any(&q->file, win, win_size, pos);
+            if (n < 40) {
+                snprintf(err, errlen, "cannot read the snapshot table: %s",
+                         n < 0 ? strerror((int)-n) : "short read");
+                free(win);
+                return n < 0 ? (int)n : -EIO;
+            }
+            win_off = pos;
+            win_len = (uint64_t)n;
         }
+        const uint8_t *fixed = win + (pos - win_off);
         uint64_t len = 40 + (uint64_t)be32_load(fixed + 36) + be16_load(fixed + 12) + be16_load(fixed + 14);
         unpadded_end = pos + len;
         pos += (len + 7) & ~7ull;
     }
+    free(win);
     uint64_t total = pos - q->h.snapshots_offset;
     q->snapshot_table_len = total;
     /* QEMU does not always write the last entry's padding. */
@@ -391,6 +415,7 @@ static void qcow2_free(struct qcow2 *q)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     mcache_free(&q->l2c);
     mcache_free(&q->rcc);
+    ol_free(q);
     while (q->frees_pending) {
         struct deferred_free *d = q->frees_pending;
         q->frees_pending = d->next;
@@ -497,7 +522,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     /* The header cluster: read 4 KiB to learn the cluster size, then all of
      * it (up to 2 MiB) so extensions and the backing name are in view. */
     uint32_t want = 4096;
-    q->hdr_buf = io_zalloc(1u << QCOW2_MAX_CLUSTER_BITS);   /* the largest header cluster */
+    q->hdr_buf = io_zalloc(want);
     ssize_t n = file_pread(f, q->hdr_buf, want, 0);
     if (n < 0) {
         snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
@@ -507,6 +532,8 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         uint32_t cb = be32_load(q->hdr_buf + 20);
         if (cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS && (1u << cb) > want) {
             want = 1u << cb;
+            io_free(q->hdr_buf);
+            q->hdr_buf = io_zalloc(want);
             n = file_pread(f, q->hdr_buf, want, 0);
             if (n < 0) {
                 snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
@@ -547,6 +574,12 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
         datafile_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    /* Where the metadata lies, so that no write can land on it. */
+    r = ol_build(q);
+    if (r < 0) {
+        snprintf(err, errlen, "%s: cannot index the image's metadata: %s", f->path, strerror(-r));
         goto fail_nofile;
     }
 

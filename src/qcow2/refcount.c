@@ -63,6 +63,10 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
         qcow2_mark_broken(q, "refcount block missing for cluster %llu", (unsigned long long)cluster);
         return -EIO;
     }
+    /* The block must be nothing else (a refcount table entry may name the
+     * table itself, an L2 table, the header...). */
+    if (ol_check(q, soff, q->rcc.slice_size, OL_REFBLOCK, "a refcount block") < 0)
+        return -EIO;
     struct mslice *s;
     r = mcache_get(&q->rcc, soff, &s);
     if (r < 0)
@@ -75,6 +79,13 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
             return -ERANGE;   /* refcount width exhausted (e.g. 1-bit refcounts) */
         qcow2_mark_broken(q, "refcount of cluster %llu would drop below zero",
                           (unsigned long long)cluster);
+        return -EIO;
+    }
+    /* A cluster that still holds metadata must never become free (the
+     * allocator would hand it out): the references dropped were bogus. */
+    if (old + delta == 0 &&
+        ol_check(q, cluster * cl_size(q), cl_size(q), 0, "a free cluster (refcount 0)") < 0) {
+        mcache_put(&q->rcc, s);
         return -EIO;
     }
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
@@ -93,6 +104,11 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
 
 int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content)
 {
+    /* Before anything cached is dropped: a refcount may have called a
+     * table's cluster free. */
+    int c = ol_check(q, off, cl_size(q), 0, "a new L2 table or refcount block");
+    if (c < 0)
+        return c;
     uint8_t *buf = io_zalloc(cl_size(q));
     if (content)
         memcpy(buf, content, cl_size(q));
@@ -117,6 +133,7 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
         return r;
     q->reftable[ti] = c * cl_size(q);
     q->reftable_dirty[ti * 8 / 512] = 1;
+    ol_add(q, c * cl_size(q), OL_BIT_REFBLOCK);
     note_host_end(q, (c + 1) * cl_size(q));
     return 0;
 }
@@ -128,6 +145,7 @@ void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t
     q->reftable = table;
     q->reftable_dirty = dirty;
     q->reftable_entries = entries;
+    ol_reindex_refblocks(q);
 }
 
 /* Grow the refcount table so that index need_ti exists.  The new table and
@@ -179,6 +197,9 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     for (uint64_t e = 0; e < entries; e++)
         be64_store(tab + e * 8, newtab[e]);
 
+    ret = ol_check(q, start * cs, (nblocks + ntable) * cs, 0, "a new refcount table");
+    if (ret < 0)
+        goto out;
     mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
     mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
     ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
@@ -282,7 +303,11 @@ void note_host_end(struct qcow2 *q, uint64_t end)
         q->host_end = end;
     if (end <= q->file_len || q->no_prealloc)
         return;
+    /* An eighth of the file, at least 16 MiB and at most 256 MiB: a huge
+     * (or hugely sparse) file must not reserve gigabytes of real space. */
     uint64_t step = end / 8 > (16u << 20) ? end / 8 : (16u << 20);
+    if (step > (256u << 20))
+        step = 256u << 20;
     uint64_t want = (end + step + (1u << 20) - 1) & ~((1ull << 20) - 1);
     int r = file_allocate(&q->file, q->file_len, want - q->file_len);
     if (r == 0)
@@ -319,11 +344,10 @@ int punch_host(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     if (q->no_punch || !len)
         return 0;
-    if (hits_fixed_metadata(q, off, len)) {
-        qcow2_mark_broken(q, "a discard would punch a hole into the image's metadata at 0x%llx",
-                          (unsigned long long)off);
-        return -EIO;
-    }
+    /* A hole in metadata would destroy the image (a hostile mapping). */
+    int c = ol_check(q, off, len, 0, "a discard's hole");
+    if (c < 0)
+        return c;
     int r = file_punch(&q->file, off, len);
     if (r == -EOPNOTSUPP || r == -ENOSYS) {
         q->no_punch = true;     /* discard is advisory: the data just stays */

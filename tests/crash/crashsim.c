@@ -425,7 +425,7 @@ static void hook_after(void *ctx, struct file *f, enum file_op op, uint64_t off,
 }
 
 static struct hookctx hk;
-static const struct file_hooks hooks = { hook_before, hook_after, &hk };
+static const struct file_hooks hooks = { .before = hook_before, .after = hook_after, .ctx = &hk };
 
 /* ---- the workload --------------------------------------------------------------- */
 

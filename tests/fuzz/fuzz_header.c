@@ -1,10 +1,8 @@
 /* libFuzzer target for the qcow2 header and snapshot table parsers.
- * Not part of the default build (tests/fuzz is not scanned).  Build and run:
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -std=gnu11 -D_GNU_SOURCE -Isrc \
- *     tests/fuzz/fuzz_header.c src/qcow2/header.c src/qcow2/entry.c \
- *     src/qcow2/snapshot_table.c -o /tmp/fuzz_header
- *   /tmp/fuzz_header -max_total_time=30 /tmp/corpus tests/fuzz/corpus_header
- * (seeds: real qemu-img headers; the first directory collects new inputs).
+ * Built by `make fuzz` (build/fuzz/fuzz_header) and run by tests/fuzz/t_fuzz.sh
+ * from the seeds in tests/fuzz/corpus_header (real qemu-img headers):
+ *   build/fuzz/fuzz_header -max_total_time=30 /tmp/corpus tests/fuzz/corpus_header
+ * (the first directory collects new inputs).
  * Input: 8 bytes of file size, then the header cluster bytes.  When the header
  * parses, the bytes after the header cluster (if any) are fed to the snapshot
  * table parser, and derived geometry is exercised on entry helpers. */

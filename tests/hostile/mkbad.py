@@ -9,6 +9,18 @@ Usage:
   mkbad.py runtime VALID.qcow2 OUTDIR
       Images that open fine but hold one corrupt mapping: OUTDIR/rt_<case>.qcow2.  VALID must be
       the image t_hostile.sh makes (4 KiB clusters, data at 0, 4M, compressed data at 8M).
+  mkbad.py overlap VALID.qcow2 SNAP.qcow2 OUTDIR
+      Images whose metadata overlaps (refcounts calling a table free, L2/L1/refcount table
+      entries naming other tables): OUTDIR/ol_<case>.qcow2, VALID as for runtime; SNAP is VALID
+      with an internal snapshot, after which guest offset 0 was written again (so the snapshot
+      has an L2 table of its own), for the ol_snap_* cases.
+  mkbad.py absurd DIRTY.qcow2 DIRTYSNAP.qcow2 OUTDIR
+      Images whose sizes would make a careless repair allocate or write gigabytes:
+      OUTDIR/ab_<case>.qcow2.  DIRTY: 512-byte clusters, lazy refcounts, left dirty;
+      DIRTYSNAP: the same with an internal snapshot.
+  mkbad.py protected IMAGE
+      The byte ranges (offset length, one a line) of IMAGE's header, L1 table, refcount table,
+      L2 tables, snapshot table and snapshot L1 and L2 tables: no write may ever land there.
 Prints the case names made, one a line.
 """
 import os
@@ -45,6 +57,44 @@ class Image:
 
     def set64(self, off, v):
         struct.pack_into(">Q", self.data, off, v)
+
+    @property
+    def reftable_offset(self):
+        return self.u64(48)
+
+    @property
+    def refcount_order(self):
+        return self.u32(96) if self.u32(4) >= 3 else 4
+
+    def l2_tables(self):
+        return [e & L1E_OFFSET_MASK for e in (self.u64(self.l1_entry_pos(i)) for i in range(self.l1_size))
+                if e & L1E_OFFSET_MASK]
+
+    def snapshot_l1(self):
+        """(offset, entries) of the first snapshot's L1 table."""
+        assert self.u32(60) >= 1
+        sn = self.u64(64)
+        return self.u64(sn), self.u32(sn + 8)
+
+    def snapshot_l2_tables(self):
+        off, n = self.snapshot_l1()
+        return [e & L1E_OFFSET_MASK for e in (self.u64(off + 8 * i) for i in range(n)) if e & L1E_OFFSET_MASK]
+
+    def set_refcount(self, cluster, value):
+        """Set the refcount of host cluster CLUSTER (its refcount block must exist)."""
+        bits = 1 << self.refcount_order
+        per_block = self.cluster_size * 8 // bits
+        block = self.u64(self.reftable_offset + 8 * (cluster // per_block)) & L1E_OFFSET_MASK
+        assert block
+        idx = cluster % per_block
+        if bits >= 8:
+            pos = block + idx * bits // 8
+            self.data[pos:pos + bits // 8] = value.to_bytes(bits // 8, "big")
+        else:
+            pos = block + idx * bits // 8
+            shift = (idx * bits) % 8
+            mask = ((1 << bits) - 1) << shift
+            self.data[pos] = (self.data[pos] & ~mask) | ((value << shift) & mask)
 
     def l1_entry_pos(self, idx):
         return self.l1_offset + 8 * idx
@@ -246,6 +296,151 @@ def r_compressed_past_eof(img, out):
 RUNTIME_CASES = [(n[2:], f) for n, f in sorted(globals().items()) if n.startswith("r_")]
 
 
+# --- metadata that overlaps other metadata -----------------------------------------------------
+# Same VALID as runtime.  A write to guest offset OL_NEW (no L2 table there yet) allocates a new
+# L2 table and a data cluster; a write to RT_DATA_A rewrites a mapped cluster in place.
+def _refcount_zero(img, out, off):
+    img.set_refcount(off >> img.cluster_bits, 0); img.save(out)
+
+
+def o_refcount_frees_header(img, out):
+    _refcount_zero(img, out, 0)
+
+
+def o_refcount_frees_l1(img, out):
+    _refcount_zero(img, out, img.l1_offset)
+
+
+def o_refcount_frees_reftable(img, out):
+    _refcount_zero(img, out, img.reftable_offset)
+
+
+def o_refcount_frees_refblock(img, out):
+    _refcount_zero(img, out, img.u64(img.reftable_offset) & L1E_OFFSET_MASK)
+
+
+def o_refcount_frees_l2(img, out):
+    _refcount_zero(img, out, img.l2_tables()[-1])
+
+
+def _l2_points_at(img, out, target):
+    p = img.l2_entry_pos(RT_DATA_A)
+    img.set64(p, OFLAG_COPIED | target); img.save(out)
+
+
+def o_l2_points_at_l1(img, out):
+    _l2_points_at(img, out, img.l1_offset)
+
+
+def o_l2_points_at_reftable(img, out):
+    _l2_points_at(img, out, img.reftable_offset)
+
+
+def o_l2_points_at_refblock(img, out):
+    _l2_points_at(img, out, img.u64(img.reftable_offset) & L1E_OFFSET_MASK)
+
+
+def o_l2_points_at_other_l2(img, out):
+    _l2_points_at(img, out, img.l2_tables()[1])
+
+
+def o_l2_points_at_own_l2(img, out):
+    _l2_points_at(img, out, img.l2_tables()[0])
+
+
+def _l1_points_at(img, out, target):
+    img.set64(img.l1_entry_pos(0), OFLAG_COPIED | target); img.save(out)
+
+
+def o_l1_points_at_l1(img, out):
+    _l1_points_at(img, out, img.l1_offset)
+
+
+def o_l1_points_at_reftable(img, out):
+    _l1_points_at(img, out, img.reftable_offset)
+
+
+def _reftable_points_at(img, out, target):
+    img.set64(img.reftable_offset, target); img.save(out)
+
+
+def o_reftable_points_at_itself(img, out):
+    _reftable_points_at(img, out, img.reftable_offset)
+
+
+def o_reftable_points_at_l1(img, out):
+    _reftable_points_at(img, out, img.l1_offset)
+
+
+def o_reftable_points_at_l2(img, out):
+    _reftable_points_at(img, out, img.l2_tables()[0])
+
+
+def o_snap_l2_points_at_snapshot_l1(img, out):
+    _l2_points_at(img, out, img.snapshot_l1()[0])
+
+
+def o_snap_l2_points_at_snapshot_table(img, out):
+    _l2_points_at(img, out, img.u64(64))
+
+
+def o_snap_refcount_frees_snapshot_l2(img, out):
+    only = [t for t in img.snapshot_l2_tables() if t not in img.l2_tables()]
+    assert only, "the snapshot has no L2 table of its own"
+    _refcount_zero(img, out, only[0])
+
+
+OVERLAP_CASES = [(n[2:], f) for n, f in sorted(globals().items()) if n.startswith("o_")]
+
+
+# --- absurd sizes ----------------------------------------------------------------------------
+def a_sparse_dirty(img, out):
+    # A few KiB of metadata in a 64 GiB sparse file: the refcount repair on open must cost what
+    # is in use, not what the file's size suggests.
+    img.save(out)
+    with open(out, "r+b") as f:
+        f.truncate(64 << 30)
+
+
+def a_snapshot_l1_bomb(img, out):
+    # 65536 snapshots whose 32 KiB L1 tables all lie on the same bytes (a copy of the real
+    # snapshot's L1, then zeros): 2 GiB of L1 tables to read, and their L2 tables to count
+    # 65536 times, for a file of 5 MiB.
+    cs = img.cluster_size
+    sn = img.u64(64)
+    l1off, l1size = img.u64(sn), img.u32(sn + 8)
+    extra = img.u32(sn + 36)
+    idlen, namelen = struct.unpack_from(">HH", img.data, sn + 12)
+    length = 40 + extra + idlen + namelen
+    end = (len(img.data) + cs - 1) // cs * cs
+    img.data += bytes(end - len(img.data))
+    newl1 = end
+    img.data += img.data[l1off:l1off + 8 * l1size] + bytes(32768 - 8 * l1size)
+    entry = bytearray(img.data[sn:sn + length])
+    struct.pack_into(">QI", entry, 0, newl1, 4096)         # l1_size: 32 KiB
+    entry += bytes(-len(entry) % 8)
+    table = newl1 + 32768
+    img.data += bytes(entry) * 65536
+    img.set32(60, 65536)
+    img.set64(64, table)
+    img.save(out)
+
+
+ABSURD_CASES = [(n[2:], f) for n, f in sorted(globals().items()) if n.startswith("a_")]
+
+
+def protected_ranges(img):
+    cs = img.cluster_size
+    res = [(0, cs), (img.l1_offset, img.l1_size * 8), (img.reftable_offset, img.u32(56) * cs)]
+    res += [(t, cs) for t in img.l2_tables()]
+    if img.u32(60):
+        res.append((img.u64(64), cs))
+        off, n = img.snapshot_l1()
+        res.append((off, 8 * n))
+        res += [(t, cs) for t in img.snapshot_l2_tables()]
+    return res
+
+
 def main():
     if len(sys.argv) == 6 and sys.argv[1] == "open":
         valid, backed, small, outdir = sys.argv[2:]
@@ -258,6 +453,19 @@ def main():
         for name, fn in RUNTIME_CASES:
             fn(Image(valid), os.path.join(outdir, "rt_" + name + ".qcow2"))
             print(name)
+    elif len(sys.argv) == 5 and sys.argv[1] == "overlap":
+        valid, snap, outdir = sys.argv[2:]
+        for name, fn in OVERLAP_CASES:
+            fn(Image(snap if name.startswith("snap_") else valid), os.path.join(outdir, "ol_" + name + ".qcow2"))
+            print(name)
+    elif len(sys.argv) == 5 and sys.argv[1] == "absurd":
+        dirty, dirtysnap, outdir = sys.argv[2:]
+        for name, fn in ABSURD_CASES:
+            fn(Image(dirtysnap if "snapshot" in name else dirty), os.path.join(outdir, "ab_" + name + ".qcow2"))
+            print(name)
+    elif len(sys.argv) == 3 and sys.argv[1] == "protected":
+        for off, length in protected_ranges(Image(sys.argv[2])):
+            print(off, length)
     else:
         sys.stderr.write(__doc__)
         return 2

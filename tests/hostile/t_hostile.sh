@@ -12,6 +12,12 @@ NBD_STOP_TIMEOUT=30
 D=$UQ_TMP/bad
 mkdir -p "$D"
 
+# dirty_up IMAGE: a write, then qemu-io aborts: the dirty bit stays set (lazy refcounts).
+dirty_up() {
+    (ulimit -c 0; qemu-io -f qcow2 "$1" -c 'write -P 5 8M 4k' -c abort >/dev/null 2>&1) 2>/dev/null
+    [[ $(( $(header_field "$1" 72 8) & 1 )) -eq 1 ]]
+}
+
 # --- valid sources ---------------------------------------------------------------------------
 qemu-img create -q -f qcow2 "$D/valid.qcow2" 16M &&
     qemu-io -f qcow2 "$D/valid.qcow2" -c 'write -P 1 0 1M' -c 'write -c -P 2 4M 64k' >/dev/null &&
@@ -19,11 +25,21 @@ qemu-img create -q -f qcow2 "$D/valid.qcow2" 16M &&
     (cd "$D" && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 backed.qcow2 16M) &&
     qemu-img create -q -f qcow2 -o cluster_size=4096 "$D/small.qcow2" 16M &&
     qemu-io -f qcow2 "$D/small.qcow2" -c 'write -P 1 0 64k' -c 'write -P 3 4M 64k' \
-        -c 'write -c -P 2 8M 4k' -c 'write -c -P 4 8392704 4k' >/dev/null ||
+        -c 'write -c -P 2 8M 4k' -c 'write -c -P 4 8392704 4k' >/dev/null &&
+    cp "$D/small.qcow2" "$D/snap.qcow2" && qemu-img snapshot -c s1 "$D/snap.qcow2" &&
+    qemu-io -f qcow2 "$D/snap.qcow2" -c 'write -P 1 0 64k' >/dev/null &&
+    qemu-img create -q -f qcow2 -o cluster_size=512,lazy_refcounts=on "$D/dirty.qcow2" 16M &&
+    qemu-io -f qcow2 "$D/dirty.qcow2" -c 'write -P 1 0 64k' -c 'write -P 3 4M 64k' >/dev/null &&
+    cp "$D/dirty.qcow2" "$D/dirtysnap.qcow2" && qemu-img snapshot -c s1 "$D/dirtysnap.qcow2" ||
     { notok "hostile/setup" "could not make the valid images"; exit 1; }
 
 "$PYTHON" "$HERE/mkbad.py" open "$D/valid.qcow2" "$D/backed.qcow2" "$D/small.qcow2" "$D" >/dev/null &&
-    "$PYTHON" "$HERE/mkbad.py" runtime "$D/small.qcow2" "$D" >/dev/null ||
+    "$PYTHON" "$HERE/mkbad.py" runtime "$D/small.qcow2" "$D" >/dev/null &&
+    "$PYTHON" "$HERE/mkbad.py" overlap "$D/small.qcow2" "$D/snap.qcow2" "$D" >/dev/null &&
+    "$PYTHON" "$HERE/mkbad.py" protected "$D/small.qcow2" >"$D/protected" &&
+    "$PYTHON" "$HERE/mkbad.py" protected "$D/snap.qcow2" >"$D/protected.snap" &&
+    dirty_up "$D/dirty.qcow2" && dirty_up "$D/dirtysnap.qcow2" &&
+    "$PYTHON" "$HERE/mkbad.py" absurd "$D/dirty.qcow2" "$D/dirtysnap.qcow2" "$D" >/dev/null ||
     { notok "hostile/setup" "mkbad.py failed"; exit 1; }
 
 # QEMU-made variants.  (LUKS key setup times the CPU and can fail on a loaded machine: retry.)
@@ -217,6 +233,181 @@ if [[ -z ${CASES:-} || "L2 entry pointing beyond EOF" =~ $CASES ]]; then
         san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
         if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label"; fi
     fi
+fi
+
+# stop_checked [EXIT...]: stop the server; unless its exit status is one of EXIT (default 0),
+# $why gets the reason (if it has none yet).
+stop_checked() {
+    local rc=0 e
+    stop_nbd || rc=$?
+    for e in "${@:-0}"; do [[ $rc -eq $e ]] && return 0; done
+    why=${why:-"server exit $rc after SIGTERM"}
+}
+# verdict LABEL [DETAIL]: no sanitizer report either, then ok or not ok with $why.
+verdict() {
+    san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+    if [[ -n $why ]]; then notok "$1" "$why"; else ok "$1${2:+ ($2)}"; fi
+}
+
+# --- metadata overlaps: no write may land on metadata ----------------------------------------
+# Refcounts that call a table's cluster free (the allocator would hand it out for a new L2 table
+# or a data cluster), L2 entries naming tables as data clusters, L1 and refcount table entries
+# naming other tables.  The write must fail with an I/O error, the server must name both
+# structures, keep serving reads, and the header, L1, refcount table and L2 tables of the file
+# must be byte for byte what they were.
+# case | image | write (offset) | structure the message must name
+NEW_L2=12M      # no L2 table maps it yet: a new table and a data cluster are allocated
+NEW_DATA=128k   # mapped by an existing L2 table, unallocated: a data cluster is allocated
+OVERLAP=(
+    "refcount frees the header, new L2 table|refcount_frees_header|$NEW_L2|the image header"
+    "refcount frees the L1 table, new L2 table|refcount_frees_l1|$NEW_L2|the active L1 table"
+    "refcount frees the L1 table, new data cluster|refcount_frees_l1|$NEW_DATA|the active L1 table"
+    "refcount frees the refcount table, new L2 table|refcount_frees_reftable|$NEW_L2|the refcount table"
+    "refcount frees the refcount table, new data cluster|refcount_frees_reftable|$NEW_DATA|the refcount table"
+    "refcount frees a refcount block, new L2 table|refcount_frees_refblock|$NEW_L2|a refcount block"
+    "refcount frees a refcount block, new data cluster|refcount_frees_refblock|$NEW_DATA|a refcount block"
+    "refcount frees an L2 table, new L2 table|refcount_frees_l2|$NEW_L2|an active L2 table"
+    "refcount frees an L2 table, new data cluster|refcount_frees_l2|$NEW_DATA|an active L2 table"
+    "L2 entry names the L1 table|l2_points_at_l1|0|the active L1 table"
+    "L2 entry names the refcount table|l2_points_at_reftable|0|the refcount table"
+    "L2 entry names a refcount block|l2_points_at_refblock|0|a refcount block"
+    "L2 entry names another L2 table|l2_points_at_other_l2|0|an active L2 table"
+    "L2 entry names its own L2 table|l2_points_at_own_l2|0|an active L2 table"
+    "L1 entry names the L1 table|l1_points_at_l1|0|the active L1 table"
+    "L1 entry names the refcount table|l1_points_at_reftable|0|the refcount table"
+    "refcount table loop: a block is the table itself|reftable_points_at_itself|$NEW_L2|the refcount table"
+    "refcount table entry names the L1 table|reftable_points_at_l1|$NEW_L2|the active L1 table"
+    "refcount table entry names an L2 table|reftable_points_at_l2|$NEW_L2|an active L2 table"
+    "L2 entry names a snapshot's L1 table|snap_l2_points_at_snapshot_l1|0|a snapshot's L1 table"
+    "L2 entry names the snapshot table|snap_l2_points_at_snapshot_table|0|the snapshot table"
+    "refcount frees a snapshot's L2 table, new L2 table|snap_refcount_frees_snapshot_l2|$NEW_L2|a snapshot's L2 table"
+)
+# protected_sum IMAGE RANGES: checksum of the bytes no write may touch (ranges from the valid
+# source).
+protected_sum() {
+    "$PYTHON" -c '
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f, open(sys.argv[2]) as r:
+    for line in r:
+        off, n = map(int, line.split())
+        f.seek(off); h.update(f.read(n))
+print(h.hexdigest())' "$1" "$2"
+}
+for row in "${OVERLAP[@]}"; do
+    IFS='|' read -r name file woff want <<<"$row"
+    label="hostile/overlap: $name"
+    if [[ -n ${CASES:-} ]] && ! [[ $name =~ $CASES ]]; then continue; fi
+    note "=== $label"
+    img=$D/ol_run.qcow2
+    cp "$D/ol_$file.qcow2" "$img"
+    ranges=$D/protected
+    [[ $file == snap_* ]] && ranges=$D/protected.snap
+    before=$(protected_sum "$img" "$ranges")
+    rc=0
+    start_nbd "$img" --format qcow2 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        notok "$label" "server did not start (exit $rc)"
+        continue
+    fi
+    why=
+    if timeout -k 5 60 qemu-io -f raw "$(nbd_uri)" -c "write -P 9 $woff 4k" -c flush >"$UQ_TMP/bad.out" 2>&1 &&
+        ! grep -q -i error "$UQ_TMP/bad.out"; then
+        why="the write and flush succeeded"
+    elif ! grep -q 'Input/output error' "$UQ_TMP/bad.out"; then
+        why="failed without an I/O error: $(head -1 "$UQ_TMP/bad.out")"
+    fi
+    timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "$GOOD_B" >&2 2>&1 ||
+        why=${why:-"a valid range could not be read afterwards"}
+    # The close may report refused metadata as a failed flush (exit 1); never a crash.
+    stop_checked 0 1
+    msg=$(grep -m1 'refusing to write' "$NBD_LOG")
+    if [[ -z $msg ]]; then
+        why=${why:-"no message naming the overlap"}
+    elif ! grep -q "overlaps $want" <<<"$msg"; then
+        why=${why:-"message does not name $want: $msg"}
+    fi
+    [[ $(protected_sum "$img" "$ranges") == "$before" ]] || why=${why:-"metadata was overwritten"}
+    verdict "$label"
+done
+
+# A COW from a compressed cluster whose descriptor lies past EOF: the write fails, the file
+# does not grow.
+label="hostile/runtime: write over a compressed descriptor past EOF fails, file does not grow"
+if [[ -z ${CASES:-} || "compressed descriptor past EOF" =~ $CASES ]]; then
+    note "=== $label"
+    cp "$D/rt_compressed_past_eof.qcow2" "$D/rw_compressed.qcow2"
+    size0=$(stat -c %s "$D/rw_compressed.qcow2")
+    rc=0
+    start_nbd "$D/rw_compressed.qcow2" --format qcow2 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        notok "$label" "server did not start (exit $rc)"
+    else
+        why=
+        timeout -k 5 60 qemu-io -f raw "$(nbd_uri)" -c "write -P 9 8M 512" >"$UQ_TMP/bad.out" 2>&1 &&
+            ! grep -q -i error "$UQ_TMP/bad.out" && why="the write succeeded"
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "$GOOD_B" >&2 2>&1 ||
+            why=${why:-"a valid range could not be read afterwards"}
+        stop_checked
+        size=$(stat -c %s "$D/rw_compressed.qcow2")
+        (( size <= size0 + (1 << 20) )) || why=${why:-"the image file grew from $size0 to $size bytes"}
+        verdict "$label"
+    fi
+fi
+
+# --- absurd sizes: bounded memory, disk and time -------------------------------------------
+# A dirty image (lazy refcounts, 512-byte clusters) with a few KiB of metadata in a 64 GiB
+# sparse file: the repair on open must take memory and disk for what is in use (it took
+# 1.25 GiB and wrote 13 GiB for 100 GiB once).  And 65536 snapshots whose L1 tables all lie on
+# the same bytes: refused with a message, quickly (read-only it is served as it is).
+label="hostile/absurd: dirty image in a 64 GiB sparse file: repaired in bounded memory and disk"
+if [[ -z ${CASES:-} || "sparse" =~ $CASES ]]; then
+    note "=== $label"
+    rc=0
+    start_nbd "$D/ab_sparse_dirty.qcow2" --format qcow2 || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        notok "$label" "server did not start (exit $rc)"
+    else
+        why=
+        hwm=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$NBD_PID/status")
+        (( hwm < 256 * 1024 )) || why="peak RSS $hwm KiB"
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "read -P 1 0 64k" -c "read -P 3 4M 64k" >&2 2>&1 ||
+            why=${why:-"the data does not read back"}
+        stop_checked
+        used=$(du -k "$D/ab_sparse_dirty.qcow2" | cut -f1)
+        (( used < 64 * 1024 )) || why=${why:-"the file takes $used KiB on disk"}
+        qimg_check "$D/ab_sparse_dirty.qcow2" || why=${why:-"qemu-img check after the repair failed"}
+        verdict "$label" "peak RSS $((hwm / 1024)) MiB, $((used / 1024)) MiB on disk"
+    fi
+    rm -f "$D/ab_sparse_dirty.qcow2"
+fi
+label="hostile/absurd: 65536 snapshots on one L1 table, dirty: refused quickly, served read-only"
+if [[ -z ${CASES:-} || "snapshots" =~ $CASES ]]; then
+    note "=== $label"
+    rc=0
+    t0=$SECONDS
+    start_nbd "$D/ab_snapshot_l1_bomb.qcow2" --format qcow2 || rc=$?
+    why=
+    if [[ $rc -eq 0 ]]; then
+        stop_nbd >/dev/null 2>&1
+        why="the repair accepted 65537 references in 16-bit refcounts"
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        why="did not answer within ${NBD_START_TIMEOUT}s"
+    elif ! grep -v '^#' "$NBD_LOG" | grep -q -i -E 'refcount|snapshot'; then
+        why="no message naming the problem: $(grep -v '^#' "$NBD_LOG" | head -1)"
+    fi
+    secs=$((SECONDS - t0))
+    san_clean "$NBD_LOG" || why=${why:-"sanitizer report"}
+    rc=0
+    start_nbd "$D/ab_snapshot_l1_bomb.qcow2" --format qcow2 --read-only || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        why=${why:-"not served read-only (exit $rc)"}
+    else
+        timeout -k 5 60 qemu-io -r -f raw "$(nbd_uri)" -c "read -P 3 4M 64k" >&2 2>&1 ||
+            why=${why:-"read-only: the data does not read back"}
+        stop_nbd >/dev/null 2>&1 || why=${why:-"read-only: unclean exit"}
+    fi
+    if [[ -n $why ]]; then notok "$label" "$why"; else ok "$label (refused in ${secs}s)"; fi
 fi
 
 # An image marked corrupt: opened without --read-only, the server must either refuse it or
