@@ -10,6 +10,14 @@ int cmd_list(int argc, char **argv);
 int cmd_recover(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 
+/* The passphrase of an encrypted image (key.c): --key-file FILE (its exact
+ * bytes) or --key-env VAR.  Each returns 0, or prints why and returns 2. */
+#include <stddef.h>
+struct cli_key { void *data; size_t len; };
+int cli_key_from_file(const char *cmd, const char *path, struct cli_key *k);
+int cli_key_from_env(const char *cmd, const char *var, struct cli_key *k);
+void cli_key_clear(struct cli_key *k);      /* wipe and free */
+
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -65,6 +65,9 @@ static void add_usage(FILE *out)
         "                         write-zeroes free clusters and punch holes in the file\n"
         "      --discard-no-unref with --discard=unmap: keep discarded qcow2 clusters\n"
         "                         allocated (reading as zeros), only punch their data out\n"
+        "      --key-file FILE    passphrase of a LUKS-encrypted qcow2 image: FILE's exact\n"
+        "                         bytes, as QEMU reads --object secret,file=FILE\n"
+        "      --key-env VAR      the passphrase from the environment variable VAR\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
         "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
@@ -250,9 +253,12 @@ int cmd_add(int argc, char **argv)
         { "recovery", no_argument, NULL, 'R' },
         { "discard", required_argument, NULL, 'D' },
         { "discard-no-unref", no_argument, NULL, 'U' },
+        { "key-file", required_argument, NULL, 'K' },
+        { "key-env", required_argument, NULL, 'E' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    static struct cli_key key;
     struct ublk_server_opts o = {
         .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
         .depth = UBLK_DEFAULT_DEPTH, .buf_bytes = UBLK_IO_BUF_BYTES,
@@ -328,6 +334,13 @@ int cmd_add(int argc, char **argv)
         case 'U':
             o.discard_no_unref = true;
             break;
+        case 'K':
+        case 'E':
+            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("add", optarg, &key))
+                return 2;
+            o.key = key.data;
+            o.key_len = key.len;
+            break;
         case 'h':
             add_usage(stdout);
             return 0;
@@ -348,7 +361,9 @@ int cmd_add(int argc, char **argv)
     }
     o.image = image;
 
-    return run_daemon(&o, foreground);
+    int rc = run_daemon(&o, foreground);
+    cli_key_clear(&key);
+    return rc;
 }
 
 /* ---- device enumeration --------------------------------------------------------- */
@@ -715,13 +730,15 @@ int cmd_list(int argc, char **argv)
 static void recover_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 recover -n ID [--foreground]\n\n"
+        "Usage: ublk-qcow2 recover -n ID [--foreground] [--key-file FILE | --key-env VAR]\n\n"
         "Start a new daemon for ublk device ID, added with --recovery, whose daemon\n"
         "died: the device (QUIESCED, its I/O waiting) becomes LIVE again.  The image\n"
-        "and its options come from %s/ublkID.json.\n\n"
+        "and its options come from %s/ublkID.json (an encrypted image's passphrase\n"
+        "is never stored: give it again).\n\n"
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "      --key-file FILE, --key-env VAR   passphrase of a LUKS-encrypted image\n"
         "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
@@ -732,9 +749,12 @@ int cmd_recover(int argc, char **argv)
         { "id", required_argument, NULL, 'n' },
         { "foreground", no_argument, NULL, 'F' },
         { "verbose", no_argument, NULL, 'v' },
+        { "key-file", required_argument, NULL, 'K' },
+        { "key-env", required_argument, NULL, 'E' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    static struct cli_key key;
     bool foreground = false, have_id = false;
     unsigned long id = 0;
     int c;
@@ -753,6 +773,11 @@ int cmd_recover(int argc, char **argv)
             break;
         case 'F':
             foreground = true;
+            break;
+        case 'K':
+        case 'E':
+            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("recover", optarg, &key))
+                return 2;
             break;
         case 'h':
             recover_usage(stdout);
@@ -806,6 +831,9 @@ int cmd_recover(int argc, char **argv)
         .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
                 : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
         .recovery = true, .recover = true, .notify_fd = -1,
+        .key = key.data, .key_len = key.len,
     };
-    return run_daemon(&o, foreground);
+    int rc = run_daemon(&o, foreground);
+    cli_key_clear(&key);
+    return rc;
 }

@@ -584,8 +584,9 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
             goto out;
         a.last = c0 + got - 1;
         /* Clusters past the file's end were never written: they read as
-         * zeros already, so COW from zeros needs no write at all. */
-        fresh = host >= end_before;
+         * zeros already, so COW from zeros needs no write at all (not when
+         * encrypted: plain zeros must be stored encrypted). */
+        fresh = host >= end_before && !q->crypto;
     }
     uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs, last_start = span_end - cs;
     uint64_t data_end = MIN(end, span_end);
@@ -996,7 +997,7 @@ static int zero_piece(struct qcow2 *q, uint64_t off, uint64_t len, const struct 
         /* Advisory: the part of our own data is punched (reads as zeros,
          * its blocks go back to the file system); elsewhere nothing, as
          * QEMU ignores partial clusters. */
-        if (!own_data)
+        if (!own_data || q->crypto)     /* a hole would not read as zeros once decrypted */
             return 0;
         r = check_own_range(q, off, host, len);
         return r < 0 ? r : data_punch(q, host, len);

@@ -9,8 +9,11 @@
  * there too, so write-zeroes and discards zero the data file first.
  *
  * The read and write paths (cluster.c) do every guest-data I/O through the
- * data_* calls below, so the choice of file (and encryption, when the image
- * has it) stays out of the mapping logic. */
+ * data_* calls below, so the choice of file and encryption (crypto.c: data
+ * leaves encrypted at the host offset it is written to and is decrypted
+ * after reading) stay out of the mapping logic.  With encryption, a hole or
+ * zeroed range in the file does not read back as zeros, so zeroing writes
+ * encrypted zeros. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -100,13 +103,29 @@ int data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host)
     ssize_t n = file_pread(q->data, buf, len, host);
     if (n < 0)
         return (int)n;
-    if ((uint64_t)n < len)      /* past the end of the file: zeros */
+    if ((uint64_t)n < len)      /* past the end of the file: zeros (as stored) */
         memset(buf + n, 0, len - n);
-    return 0;
+    return q->crypto ? crypto_decrypt(q, host, buf, len) : 0;
 }
 
 int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua)
 {
+    if (q->crypto) {
+        /* Encrypted into a bounce buffer: the caller's data stays plain. */
+        size_t len = 0;
+        for (int i = 0; i < niov; i++)
+            len += iov[i].iov_len;
+        uint8_t *b = io_alloc(len);
+        for (size_t i = 0, pos = 0; i < (size_t)niov; pos += iov[i].iov_len, i++)
+            memcpy(b + pos, iov[i].iov_base, iov[i].iov_len);
+        int r = crypto_encrypt(q, host, b, len);
+        if (r == 0) {
+            ssize_t w = file_pwrite(q->data, b, len, host, fua);
+            r = w < 0 ? (int)w : 0;
+        }
+        io_free(b);
+        return r;
+    }
     ssize_t w = file_pwritev(q->data, iov, niov, host, fua);
     return w < 0 ? (int)w : 0;
 }
@@ -130,6 +149,8 @@ static int write_zero_bytes(struct qcow2 *q, uint64_t host, uint64_t len)
  * any data write it is durable at the next flush. */
 int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap)
 {
+    if (q->crypto)
+        return write_zero_bytes(q, host, len);      /* zeros must be encrypted */
     int r = -EOPNOTSUPP;
     if (unmap && !q->no_punch) {
         r = file_punch(q->data, host, len);
@@ -143,9 +164,9 @@ int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap)
     return write_zero_bytes(q, host, len);
 }
 
-/* Punch guest data out (a discard).  Advisory in the image file; in a raw
- * data file the range must read as zeros afterwards, so it is zeroed where
- * no hole can be made. */
+/* Punch guest data out (a discard) where the entries say it reads as zeros
+ * now.  Advisory in the image file; in a raw data file the range must read
+ * as zeros afterwards, so it is zeroed where no hole can be made. */
 int data_punch(struct qcow2 *q, uint64_t host, uint64_t len)
 {
     if (!has_data_file(q))

@@ -48,6 +48,11 @@
 
 enum qcow2_compression { QCOW2_COMP_ZLIB = 0, QCOW2_COMP_ZSTD = 1 };
 
+/* crypt_method */
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1      /* legacy, refused */
+#define QCOW2_CRYPT_LUKS 2
+
 /* Parsed header plus the derived geometry the engine uses everywhere. */
 struct qcow2_header {
     uint32_t version;
@@ -77,6 +82,8 @@ struct qcow2_header {
     /* The bitmaps extension's fields when present (validated by bitmap.c). */
     uint32_t bitmaps_nb, bitmaps_ext_len, bitmaps_reserved;
     uint64_t bitmaps_dir_size, bitmaps_dir_offset;
+    bool has_crypto_ext;        /* full disk encryption header pointer (LUKS) */
+    uint64_t crypto_offset, crypto_length;
     uint32_t ext_end;           /* offset just past the last extension (incl. end marker) */
 
     /* Derived geometry. */
@@ -96,7 +103,7 @@ struct qcow2_header {
  * min(cluster_size, file_size) bytes, at least 72 are required; pass as much
  * as is available, up to 2 MiB).  file_size bounds table offsets.
  * Returns 0, or -EINVAL (malformed), -ENOTSUP (unsupported feature:
- * unknown incompatible bit, encryption) with a
+ * unknown incompatible bit, legacy AES encryption) with a
  * one-line reason in err naming the problem. */
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                        struct qcow2_header *h, char *err, size_t errlen);

@@ -147,6 +147,13 @@ static int walk_extensions(const uint8_t *buf, size_t start, size_t limit,
                             sizeof(h->data_file) - 1);
             copy_name(h->data_file, sizeof(h->data_file), data, len);
             break;
+        case QCOW2_EXT_CRYPTO:
+            if (len != 16)
+                return fail(-EINVAL, err, errlen, "encryption header extension has %u bytes, not 16", len);
+            h->has_crypto_ext = true;
+            h->crypto_offset = be64_load(data);
+            h->crypto_length = be64_load(data + 8);
+            break;
         case QCOW2_EXT_FEATURE_TABLE:
             *ftable = data;
             *ftable_len = len;
@@ -237,9 +244,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                         h->refcount_order);
     }
 
-    if (h->crypt_method != 0)
-        return fail(-ENOTSUP, err, errlen, "encrypted images (crypt_method %u) are not supported",
-                    h->crypt_method);
+    /* LUKS (2) is opened by crypto.c with the user's passphrase; the legacy
+     * AES method (1) is refused (QEMU itself only reads it in its tools). */
+    if (h->crypt_method == QCOW2_CRYPT_AES)
+        return fail(-ENOTSUP, err, errlen, "legacy AES encryption (crypt_method 1) is not supported; "
+                    "convert the image to LUKS encryption with qemu-img");
+    if (h->crypt_method != QCOW2_CRYPT_NONE && h->crypt_method != QCOW2_CRYPT_LUKS)
+        return fail(-ENOTSUP, err, errlen, "unknown encryption method (crypt_method %u)", h->crypt_method);
 
     /* Backing file name: must lie inside the header cluster and the buffer. */
     if (h->backing_file_offset) {
@@ -269,6 +280,18 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
     int ret = walk_extensions(buf, h->header_length, limit, h, &ftable, &ftable_len, err, errlen);
     if (ret < 0)
         return ret;
+
+    /* The encryption header pointer exists exactly for LUKS (qcow2.txt). */
+    if (h->has_crypto_ext != (h->crypt_method == QCOW2_CRYPT_LUKS))
+        return fail(-EINVAL, err, errlen, h->has_crypto_ext
+                    ? "encryption header extension without LUKS encryption (crypt_method %u)"
+                    : "LUKS encryption (crypt_method %u) without its encryption header extension",
+                    h->crypt_method);
+    if (h->has_crypto_ext &&
+        ((h->crypto_offset & (cluster_size - 1)) || !h->crypto_offset ||
+         !inside_file(h->crypto_offset, h->crypto_length, file_size)))
+        return fail(-EINVAL, err, errlen, "LUKS encryption header at 0x%" PRIx64 " (%" PRIu64
+                    " bytes) is misaligned or lies outside the image", h->crypto_offset, h->crypto_length);
 
     /* Incompatible features. */
     uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;

@@ -6,6 +6,7 @@
  *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
  *   datafile.c  where guest data lives: the image file or an external data file
  *   bitmap.c    persistent dirty bitmaps kept up to date
+ *   crypto.c    LUKS encryption of guest data
  *   overlap.c   metadata overlap checks before every write
  */
 #ifndef UQ_QCOW2_INTERNAL_H
@@ -169,6 +170,7 @@ struct qcow2 {
     bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
 
     struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
+    struct luks *crypto;        /* LUKS master key contexts (crypto.c); NULL if not encrypted */
     struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
@@ -234,6 +236,13 @@ int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
 int data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
 int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
 bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
+
+/* crypto.c: LUKS (crypt_method 2); data is en/decrypted in place per
+ * 512-byte sector, the IV from the host offset */
+int crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void crypto_free(struct qcow2 *q);
+int crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
+int crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
 
 /* bitmap.c: persistent dirty bitmaps */
 int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write opens */

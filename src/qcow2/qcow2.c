@@ -406,6 +406,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
 static void qcow2_free(struct qcow2 *q)
 {
     bitmaps_free(q);
+    crypto_free(q);
     datafile_close(q);
     if (q->backing)
         img_close(q->backing);
@@ -573,6 +574,10 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
         datafile_open(q, o, msg, sizeof(msg)) < 0) {
+        snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && crypto_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }

@@ -530,6 +530,8 @@ int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
     int r = count_range(&k, 0, cs, "the header");
     if (r == 0)
         r = count_range(&k, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, "the L1 table");
+    if (r == 0 && q->h.has_crypto_ext)  /* LUKS header and key material */
+        r = count_range(&k, q->h.crypto_offset, q->h.crypto_length, "the encryption header");
     if (r == 0)
         r = count_l1(&k, q->l1, q->h.l1_size, 1);
     if (r == 0 && q->h.nb_snapshots)

@@ -273,6 +273,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .format = o->format, .read_only = o->read_only,
         .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
         .discard = o->discard, .discard_no_unref = o->discard_no_unref,
+        .key = o->key, .key_len = o->key_len,
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {

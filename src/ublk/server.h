@@ -38,6 +38,10 @@ struct ublk_server_opts {
     uint64_t cache_size;
     enum img_discard discard;
     bool discard_no_unref;
+    /* Passphrase of a LUKS-encrypted image (NULL: none); never stored in
+     * the state file, so `recover` must be given it again. */
+    const void *key;
+    size_t key_len;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;

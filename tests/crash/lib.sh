@@ -14,7 +14,7 @@ build_crashsim() {
     fi
     san=
     grep -qa __asan_init "$lib" && san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
-    libs=$(pkg-config --libs liburing zlib libzstd 2>/dev/null || echo -luring -lz -lzstd)
+    libs=$(pkg-config --libs liburing zlib libzstd libcrypto 2>/dev/null || echo -luring -lz -lzstd -lcrypto)
     CRASHSIM=$UQ_TMP/crashsim
     # shellcheck disable=SC2086
     if ! cc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -O1 -g $san \

@@ -204,9 +204,31 @@ static void test_header_basic_rejects(void)
     be64_store(buf + 40, 2048); be64_store(buf + 48, 512); be32_store(buf + 100, 520);
     REJECT(CS, FILE_SIZE, -EINVAL, "header_length 520");
     make_v3(buf); be32_store(buf + 32, 1);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "encrypted images (crypt_method 1) are not supported");
+    REJECT(CS, FILE_SIZE, -ENOTSUP, "legacy AES encryption (crypt_method 1) is not supported");
+    make_v3(buf); be32_store(buf + 32, 3);
+    REJECT(CS, FILE_SIZE, -ENOTSUP, "unknown encryption method (crypt_method 3)");
+    /* LUKS needs its encryption header extension, and only LUKS has one. */
     make_v3(buf); be32_store(buf + 32, 2);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "crypt_method 2");
+    REJECT(CS, FILE_SIZE, -EINVAL, "LUKS encryption (crypt_method 2) without its encryption header");
+    {
+        struct qcow2_header h;
+        uint8_t ext[16];
+        size_t eo = 112;
+        be64_store(ext, 4ull * CS); be64_store(ext + 8, 2ull * CS);
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+        CHECK(h.has_crypto_ext && h.crypto_offset == 4ull * CS && h.crypto_length == 2ull * CS);
+        eo = 112;
+        make_v3(buf); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        REJECT(CS, FILE_SIZE, -EINVAL, "encryption header extension without LUKS");
+        eo = 112;
+        be64_store(ext, 4ull * CS + 512);
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        REJECT(CS, FILE_SIZE, -EINVAL, "misaligned or lies outside");
+        eo = 112;
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 8);
+        REJECT(CS, FILE_SIZE, -EINVAL, "has 8 bytes, not 16");
+    }
     make_v3(buf); be32_store(buf + 96, 7);
     REJECT(CS, FILE_SIZE, -EINVAL, "refcount_order 7");
     make_v3(buf); be64_store(buf + 24, (1ull << 63) + 1);
