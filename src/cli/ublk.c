@@ -434,8 +434,10 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
     struct ublksrv_ctrl_dev_info info;
     int r = ublk_ctrl_get_dev_info(c, id, &info);
     if (r < 0) {
-        ublk_state_remove(id);     /* stale, if any */
-        if (r == -ENODEV && quiet_missing)
+        if (r == -ENODEV)
+            ublk_state_remove(id);     /* stale, if any */
+        /* --all: devices that are gone, or another user's, are not ours to stop. */
+        if ((r == -ENODEV || r == -EPERM || r == -EACCES) && quiet_missing)
             return 0;
         if (r == -ENODEV)
             cli_error("del: there is no ublk device %u", id);
@@ -552,7 +554,7 @@ static void list_usage(FILE *out)
 {
     fprintf(out,
         "Usage: ublk-qcow2 list [-n ID] [--json]\n"
-        "       ublk-qcow2 list -n ID --udev-name\n\n"
+        "       ublk-qcow2 list -n ID --udev-name | --owner\n\n"
         "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
         "daemon pid and image.\n\n"
         "Options:\n"
@@ -561,6 +563,8 @@ static void list_usage(FILE *out)
         "      --udev-name the stable name of device ID: its image path escaped as\n"
         "                  'systemd-escape --path' does (for the udev rule that makes\n"
         "                  /dev/disk/by-ublk-qcow2/NAME)\n"
+        "      --owner     \"UID GID\" of the user who added unprivileged device ID\n"
+        "                  (for the udev rule that gives its nodes to that user)\n"
         "  -h, --help      this help\n");
 }
 
@@ -604,12 +608,32 @@ static bool escape_path(const char *path, char *out, size_t len)
     return true;
 }
 
+/* A device's state file: ours, or for root looking at another user's
+ * unprivileged device, that user's (info may be NULL: ours only). */
+static bool device_state(uint32_t id, const struct ublksrv_ctrl_dev_info *info, struct ublk_state *st)
+{
+    if (ublk_state_read(id, st) == 0)
+        return true;
+    if (!info || !(info->flags & UBLK_F_UNPRIVILEGED_DEV) || ublk_info_owner_uid(info) == geteuid())
+        return false;
+    char dir[PATH_MAX];
+    ublk_state_dir_of(ublk_info_owner_uid(info), dir, sizeof(dir));
+    return ublk_state_read_in(dir, id, st) == 0;
+}
+
 /* list -n ID --udev-name: one line, or exit 1 if the device is unknown. */
 static int print_udev_name(uint32_t id)
 {
     static struct ublk_state st;
     char name[PATH_MAX * 4];
-    if (ublk_state_read(id, &st) < 0) {
+    bool found = device_state(id, NULL, &st);
+    struct ublk_ctrl *ctrl;
+    if (!found && ublk_ctrl_open(&ctrl) == 0) {
+        struct ublksrv_ctrl_dev_info info;
+        found = ublk_ctrl_get_dev_info(ctrl, id, &info) == 0 && device_state(id, &info, &st);
+        ublk_ctrl_close(ctrl);
+    }
+    if (!found) {
         cli_error("list: ublk device %u has no state file in %s", id, UBLK_STATE_DIR);
         return 1;
     }
@@ -621,16 +645,36 @@ static int print_udev_name(uint32_t id)
     return 0;
 }
 
+/* list -n ID --owner: "UID GID" of an unprivileged device (for the udev
+ * rule that gives its nodes to its owner); exit 1 for root's devices. */
+static int print_owner(struct ublk_ctrl *ctrl, uint32_t id)
+{
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
+    if (r < 0) {
+        cli_error("list: %s ublk device %u%s%s", r == -ENODEV ? "there is no" : "cannot query", id,
+                  r == -ENODEV ? "" : ": ", r == -ENODEV ? "" : strerror(-r));
+        return 1;
+    }
+    if (!(info.flags & UBLK_F_UNPRIVILEGED_DEV)) {
+        cli_error("list: ublk device %u is not an unprivileged device (root's)", id);
+        return 1;
+    }
+    printf("%u %u\n", ublk_info_owner_uid(&info), ublk_info_owner_gid(&info));
+    return 0;
+}
+
 int cmd_list(int argc, char **argv)
 {
     static const struct option longopts[] = {
         { "id", required_argument, NULL, 'n' },
         { "json", no_argument, NULL, 'j' },
         { "udev-name", no_argument, NULL, 'U' },
+        { "owner", no_argument, NULL, 'O' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    bool json = false, have_id = false, udev_name = false;
+    bool json = false, have_id = false, udev_name = false, owner = false;
     unsigned long id = 0;
     int c;
     optind = 1;
@@ -649,6 +693,9 @@ int cmd_list(int argc, char **argv)
         case 'U':
             udev_name = true;
             break;
+        case 'O':
+            owner = true;
+            break;
         case 'h':
             list_usage(stdout);
             return 0;
@@ -662,16 +709,22 @@ int cmd_list(int argc, char **argv)
         list_usage(stderr);
         return 2;
     }
-    if (udev_name) {
-        if (!have_id || json) {
-            cli_error("list: --udev-name needs -n ID (and no --json)");
+    if (udev_name || owner) {
+        if (!have_id || json || (udev_name && owner)) {
+            cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
             return 2;
         }
-        return print_udev_name((uint32_t)id);
+        if (udev_name)
+            return print_udev_name((uint32_t)id);
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
+    if (owner) {
+        int rc = print_owner(ctrl, (uint32_t)id);
+        ublk_ctrl_close(ctrl);
+        return rc;
+    }
     uint32_t ids[1024];
     size_t n;
     if (have_id) {
@@ -698,13 +751,16 @@ int cmd_list(int argc, char **argv)
             continue;
         }
         struct ublk_state st;
-        bool have_st = ublk_state_read(ids[i], &st) == 0;
+        bool have_st = device_state(ids[i], &info, &st);
         const char *state = ublk_state_name(info.state);
+        bool unpriv = info.flags & UBLK_F_UNPRIVILEGED_DEV;
         if (json) {
             printf("%s\n  {\"id\": %u, \"device\": \"/dev/ublkb%u\", \"state\": \"%s\", "
-                   "\"queues\": %u, \"depth\": %u, \"pid\": %d, \"max_io_buf_bytes\": %u, \"image\": ",
+                   "\"queues\": %u, \"depth\": %u, \"pid\": %d, \"max_io_buf_bytes\": %u, "
+                   "\"owner_uid\": %u, \"unprivileged\": %s, \"image\": ",
                    shown ? "," : "", ids[i], ids[i], state, info.nr_hw_queues, info.queue_depth,
-                   (int)info.ublksrv_pid, info.max_io_buf_bytes);
+                   (int)info.ublksrv_pid, info.max_io_buf_bytes,
+                   unpriv ? ublk_info_owner_uid(&info) : 0, unpriv ? "true" : "false");
             if (have_st) {
                 json_put_string(stdout, st.image);
                 printf(", \"format\": ");

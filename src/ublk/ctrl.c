@@ -17,6 +17,10 @@ struct ublk_ctrl {
     bool features_known;
     bool legacy;        /* send plain opcodes (kernel refused the ioctl form) */
     bool ioctl_ok;      /* the kernel accepted an ioctl-encoded command */
+    /* The last device asked about, and whether it is unprivileged (its
+     * commands then carry its char device's path). */
+    uint32_t known_id;
+    int known_unprivileged;     /* -1: not asked yet */
 };
 
 /* What every kernel with ublk (6.0/6.1) has; assumed when GET_FEATURES is missing. */
@@ -32,9 +36,32 @@ struct ctrl_req {
     uint64_t data0;         /* inline argument */
 };
 
+static bool is_unprivileged(struct ublk_ctrl *c, uint32_t dev_id);
+
+/* Commands on an unprivileged device (and GET_DEV_INFO2 on any) start their
+ * buffer with the path of the device's char node: the kernel checks that
+ * the caller may open it, then skips it.  ADD_DEV and GET_FEATURES name no
+ * device yet. */
+static bool takes_dev_path(struct ublk_ctrl *c, unsigned op, uint32_t dev_id)
+{
+    unsigned nr = _IOC_NR(op);
+    if (nr == UBLK_CMD_ADD_DEV || nr == UQ_UBLK_CMD_GET_FEATURES)
+        return false;
+    return nr == UBLK_CMD_GET_DEV_INFO2 || is_unprivileged(c, dev_id);
+}
+
 /* Send one command and wait for its completion; returns the CQE res. */
 static int ctrl_submit(struct ublk_ctrl *c, unsigned op, const struct ctrl_req *r)
 {
+    char with_path[512];
+    uint16_t path_len = 0;
+    if (takes_dev_path(c, op, r->dev_id)) {
+        path_len = (uint16_t)snprintf(with_path, sizeof(with_path), "/dev/ublkc%u", r->dev_id);
+        if (path_len + r->len > sizeof(with_path))
+            return -EINVAL;
+        if (r->len)
+            memcpy(with_path + path_len, r->buf, r->len);
+    }
     struct io_uring_sqe *sqe = io_uring_get_sqe(&c->ring);
     if (!sqe)
         return -EBUSY;
@@ -49,6 +76,11 @@ static int ctrl_submit(struct ublk_ctrl *c, unsigned op, const struct ctrl_req *
     cmd->addr = (uint64_t)(uintptr_t)r->buf;
     cmd->len = r->len;
     cmd->data[0] = r->data0;
+    if (path_len) {
+        cmd->addr = (uint64_t)(uintptr_t)with_path;
+        cmd->len = (uint16_t)(path_len + r->len);
+        ublk_cmd_set_dev_path_len(cmd, path_len);
+    }
 
     int ret = io_uring_submit(&c->ring);
     if (ret < 0)
@@ -61,7 +93,32 @@ static int ctrl_submit(struct ublk_ctrl *c, unsigned op, const struct ctrl_req *
         return ret;
     ret = cqe->res;
     io_uring_cqe_seen(&c->ring, cqe);
+    if (path_len && r->len && ret >= 0)
+        memcpy(r->buf, with_path + path_len, r->len);   /* what the kernel wrote */
     return ret;
+}
+
+/* GET_DEV_INFO2 carries the path whatever the device is, so it tells. */
+static bool is_unprivileged(struct ublk_ctrl *c, uint32_t dev_id)
+{
+    if (dev_id == (uint32_t)-1)
+        return false;
+    if (c->known_unprivileged >= 0 && c->known_id == dev_id)
+        return c->known_unprivileged;
+    struct ublksrv_ctrl_dev_info info;
+    memset(&info, 0, sizeof(info));
+    struct ctrl_req r = {
+        .nr = UBLK_CMD_GET_DEV_INFO2, .ioctl_op = UBLK_U_CMD_GET_DEV_INFO2,
+        .dev_id = dev_id, .buf = &info, .len = sizeof(info),
+    };
+    /* Kernels before unprivileged devices (6.3) have none to worry about.
+     * EACCES: an unprivileged device whose node we may not open (another
+     * user's); a root device answers EPERM to users. */
+    int ret = ctrl_submit(c, c->legacy ? r.nr : r.ioctl_op, &r);
+    bool unpriv = ret == -EACCES || (ret >= 0 && (info.flags & UBLK_F_UNPRIVILEGED_DEV));
+    c->known_id = dev_id;
+    c->known_unprivileged = unpriv;
+    return unpriv;
 }
 
 /* Ioctl form first; on -EOPNOTSUPP (kernel without it, or without the
@@ -93,7 +150,9 @@ int ublk_ctrl_open(struct ublk_ctrl **out)
             uq_error("no ublk in this kernel (%s is missing): load it with 'modprobe ublk_drv'",
                      UBLK_CTRL_DEV);
         else if (err == EACCES || err == EPERM)
-            uq_error("cannot open %s: %s (ublk needs root)", UBLK_CTRL_DEV, strerror(err));
+            uq_error("cannot open %s: %s (ublk needs root, or a udev rule that opens it to "
+                     "users for unprivileged devices: see the ublk-qcow2 udev rule)",
+                     UBLK_CTRL_DEV, strerror(err));
         else
             uq_error("cannot open %s: %s", UBLK_CTRL_DEV, strerror(err));
         return -err;
@@ -104,6 +163,7 @@ int ublk_ctrl_open(struct ublk_ctrl **out)
         return -ENOMEM;
     }
     c->fd = fd;
+    c->known_unprivileged = -1;
     /* Control commands carry an 80-byte payload: they need 128-byte SQEs. */
     int ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);
     if (ret < 0) {
@@ -168,7 +228,12 @@ int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info)
         .dev_id = info->dev_id,     /* the kernel checks it matches info */
         .buf = info, .len = sizeof(*info),
     };
-    return ctrl_cmd(c, &r);
+    int ret = ctrl_cmd(c, &r);
+    if (ret >= 0) {
+        c->known_id = info->dev_id;
+        c->known_unprivileged = !!(info->flags & UBLK_F_UNPRIVILEGED_DEV);
+    }
+    return ret;
 }
 
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, uint32_t dev_id)

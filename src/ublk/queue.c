@@ -329,13 +329,14 @@ static int open_cdev(uint32_t dev_id, char *err, size_t errlen)
 {
     char path[64];
     snprintf(path, sizeof(path), "/dev/ublkc%u", dev_id);
-    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly:
-     * retry for up to 5 s. */
+    /* The node may lag ADD_DEV by a moment, or udev may hold it briefly
+     * (or, for an unprivileged device, not have given it to us yet): retry
+     * for up to 5 s. */
     for (int i = 0; i < 500; i++) {
         int fd = open(path, O_RDWR | O_CLOEXEC);
         if (fd >= 0)
             return fd;
-        if (errno != ENOENT && errno != EBUSY)
+        if (errno != ENOENT && errno != EBUSY && !(errno == EACCES && geteuid() != 0))
             break;
         struct timespec ts = { 0, 10 * 1000 * 1000 };
         nanosleep(&ts, NULL);

@@ -45,6 +45,11 @@ static bool notify(int fd, const char *what, uint32_t id)
  * daemon must neither be throttled as a writer nor have its pages reclaimed. */
 static void protect_from_reclaim(void)
 {
+    if (geteuid() != 0) {
+        /* Both need privileges (CAP_SYS_RESOURCE, a large RLIMIT_MEMLOCK). */
+        uq_info("not root: memory is not locked and reclaim may wait on this daemon");
+        return;
+    }
     if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 && errno != EINVAL)
         uq_warn("PR_SET_IO_FLUSHER failed: %s", strerror(errno));
     /* ONFAULT: lock pages as they are touched, not every reserved stack. */
@@ -87,7 +92,7 @@ static void use_no_scheduler(uint32_t id)
     snprintf(path, sizeof(path), "/sys/block/ublkb%u/queue/scheduler", id);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
-        return;     /* no sysfs here: keep the kernel's default */
+        return;     /* no sysfs here, or not root: keep the kernel's default */
     if (write(fd, "none", 4) < 0)
         uq_warn("cannot set the I/O scheduler of ublkb%u to none: %s", id, strerror(errno));
     close(fd);
@@ -145,6 +150,24 @@ static void answer(void *arg, const char *request, char *reply, size_t len)
         snprintf(reply, len, "{\"error\": \"unknown request\"}");
 }
 
+/* The nodes of an unprivileged device are given to its owner by udev, a
+ * moment after they appear (the char node at ADD_DEV: every later control
+ * command needs it; the block node at START_DEV).  Wait for that, 5 s at
+ * most, so that commands work and the path we print opens at once. */
+static bool wait_for_own_node(const char *kind, uint32_t id)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/dev/ublk%s%u", kind, id);
+    for (int i = 0; i < 500; i++) {
+        if (access(path, R_OK | W_OK) == 0)
+            return true;
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+    uq_warn("%s does not belong to this user: is the ublk-qcow2 udev rule installed?", path);
+    return false;
+}
+
 static const char *format_name(const struct image *img)
 {
     return img_format_name(img);
@@ -164,6 +187,17 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     info->dev_id = o->dev_id;
     if (ublk_ctrl_uses_ioctl_encoding(ctrl))
         info->flags |= UBLK_F_CMD_IOCTL_ENCODE;
+    /* Not root: an unprivileged device, owned by us, which only we (and
+     * root) may control and open; udev gives us its nodes. */
+    if (geteuid() != 0) {
+        uint64_t features;
+        if (!ublk_ctrl_features(ctrl, &features) || !(features & UBLK_F_UNPRIVILEGED_DEV)) {
+            uq_error("this kernel cannot give ublk devices to users other than root "
+                     "(unprivileged ublk devices need Linux 6.3 or later)");
+            return -EPERM;
+        }
+        info->flags |= UBLK_F_UNPRIVILEGED_DEV;
+    }
     /* REISSUE: requests in flight when a daemon dies go to the next one
      * (a repeated block write is harmless) rather than failing. */
     if (o->recovery)
@@ -311,6 +345,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
         dev_id = info.dev_id;
         notify(o->notify_fd, "id", dev_id);
         uq_log_context("ublkb%u [%s]", dev_id, o->image);
+        if (geteuid() != 0)
+            wait_for_own_node("c", dev_id);
         buf_bytes = info.max_io_buf_bytes;
         struct ublk_params params;
         ublk_params_for_image(&params, img, buf_bytes, read_only);
@@ -385,6 +421,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
 
     if (!o->recover)
         use_no_scheduler(dev_id);
+    if (geteuid() != 0)
+        wait_for_own_node("b", dev_id);
 
     /* If the parent is gone, nobody was told about the device: undo it. */
     bool stopping = !notify(o->notify_fd, "ok", dev_id);
@@ -472,9 +510,30 @@ out:
 
 /* ---- state files --------------------------------------------------------------- */
 
-static void state_path(char *buf, size_t len, uint32_t id, const char *suffix)
+void ublk_state_dir_of(uid_t uid, char *buf, size_t len)
 {
-    snprintf(buf, len, "%s/ublk%u.json%s", UBLK_STATE_DIR, id, suffix);
+    if (uid == 0)
+        snprintf(buf, len, "%s", UBLK_ROOT_STATE_DIR);
+    else
+        snprintf(buf, len, "/run/user/%u/ublk-qcow2", (unsigned)uid);
+}
+
+const char *ublk_state_dir(void)
+{
+    static char dir[PATH_MAX];
+    if (!dir[0]) {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+        if (geteuid() != 0 && xdg && xdg[0] == '/')
+            snprintf(dir, sizeof(dir), "%s/ublk-qcow2", xdg);
+        else
+            ublk_state_dir_of(geteuid(), dir, sizeof(dir));
+    }
+    return dir;
+}
+
+static void state_path(char *buf, size_t len, const char *dir, uint32_t id, const char *suffix)
+{
+    snprintf(buf, len, "%s/ublk%u.json%s", dir, id, suffix);
 }
 
 void json_put_string(FILE *out, const char *s)
@@ -496,8 +555,8 @@ int ublk_state_write(const struct ublk_state *s)
     if (mkdir(UBLK_STATE_DIR, 0755) < 0 && errno != EEXIST)
         return -errno;
     char tmp[PATH_MAX], path[PATH_MAX];
-    state_path(tmp, sizeof(tmp), s->id, ".tmp");
-    state_path(path, sizeof(path), s->id, "");
+    state_path(tmp, sizeof(tmp), UBLK_STATE_DIR, s->id, ".tmp");
+    state_path(path, sizeof(path), UBLK_STATE_DIR, s->id, "");
     FILE *f = fopen(tmp, "we");
     if (!f)
         return -errno;
@@ -640,8 +699,13 @@ bool json_get_string(const char *buf, const char *key, char *out, size_t outlen)
 
 int ublk_state_read(uint32_t id, struct ublk_state *s)
 {
+    return ublk_state_read_in(UBLK_STATE_DIR, id, s);
+}
+
+int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
+{
     char path[PATH_MAX];
-    state_path(path, sizeof(path), id, "");
+    state_path(path, sizeof(path), dir, id, "");
     FILE *f = fopen(path, "re");
     if (!f)
         return -errno;
@@ -679,6 +743,6 @@ int ublk_state_read(uint32_t id, struct ublk_state *s)
 void ublk_state_remove(uint32_t id)
 {
     char path[PATH_MAX];
-    state_path(path, sizeof(path), id, "");
+    state_path(path, sizeof(path), UBLK_STATE_DIR, id, "");
     unlink(path);
 }

@@ -21,7 +21,15 @@
 
 #include "qcow2/image.h"
 
-#define UBLK_STATE_DIR "/run/ublk-qcow2"
+/* State files, logs and control sockets: /run/ublk-qcow2 for root; for
+ * other users (unprivileged devices) $XDG_RUNTIME_DIR/ublk-qcow2, else
+ * /run/user/UID/ublk-qcow2. */
+#define UBLK_ROOT_STATE_DIR "/run/ublk-qcow2"
+const char *ublk_state_dir(void);
+/* The state directory a daemon run by uid uses (root looking at the
+ * unprivileged devices of others). */
+void ublk_state_dir_of(uid_t uid, char *buf, size_t len);
+#define UBLK_STATE_DIR (ublk_state_dir())
 #define UBLK_DEFAULT_QUEUES 1
 #define UBLK_DEFAULT_DEPTH 128
 #define UBLK_MAX_QUEUES 64
@@ -77,6 +85,8 @@ struct ublk_state {
 int ublk_state_write(const struct ublk_state *s);
 /* 0, -ENOENT if there is none, -EINVAL if it cannot be parsed. */
 int ublk_state_read(uint32_t id, struct ublk_state *s);
+/* The same, from another state directory. */
+int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s);
 void ublk_state_remove(uint32_t id);
 
 /* Append s to out as a JSON string literal (quotes and escapes). */

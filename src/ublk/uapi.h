@@ -91,4 +91,26 @@
 #define UBLK_S_DEV_FAIL_IO 3
 #endif
 
+/* Fields newer than the 6.1 header, at their ABI places (little endian):
+ * ublksrv_ctrl_cmd.dev_path_len is the low 16 bits of data[1] there (6.3),
+ * ublksrv_ctrl_dev_info.owner_uid/owner_gid are reserved0 (6.3). */
+#include <stdint.h>
+#include <string.h>
+static inline void ublk_cmd_set_dev_path_len(struct ublksrv_ctrl_cmd *c, uint16_t len)
+{
+    c->data[1] = len;       /* with pad and reserved zero */
+}
+static inline uint32_t ublk_info_owner_uid(const struct ublksrv_ctrl_dev_info *i)
+{
+    uint32_t v[2];
+    memcpy(v, &i->reserved0, sizeof(v));
+    return v[0];
+}
+static inline uint32_t ublk_info_owner_gid(const struct ublksrv_ctrl_dev_info *i)
+{
+    uint32_t v[2];
+    memcpy(v, &i->reserved0, sizeof(v));
+    return v[1];
+}
+
 #endif

@@ -46,7 +46,7 @@ fio_case() {	# NAME QUEUES CREATE-OPTIONS...
 }
 fio_case prealloc_q1 1 -o preallocation=falloc
 fio_case empty_q2 2
-if [ -n "${SOAK:-}" ]; then
+if [ "${SOAK:-0}" = 1 ]; then
 	fio_case prealloc_q2 2 -o preallocation=falloc
 	fio_case empty_q1 1
 fi

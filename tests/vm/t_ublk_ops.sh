@@ -3,8 +3,10 @@
 # `stats` (text, JSON, --watch) from the daemon's control socket, counters
 # that match the I/O done; logging (-v, the device and image named on every
 # line, syslog once daemonised); readiness for systemd (sd_notify) and stop
-# by SIGTERM as systemd does it; the udev rule's stable name.
-# timeout: 300
+# by SIGTERM as systemd does it; the udev rule (stable names, and the nodes
+# of unprivileged devices given to their owner) under a real udevd; a user
+# adding, using and removing an unprivileged device.
+# timeout: 600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -103,25 +105,57 @@ else
 fi
 kill $notify_pid 2>/dev/null; wait $notify_pid 2>/dev/null
 
-# --- udev: the rule names the device after its image -----------------------------------
-if command -v udevadm >/dev/null; then
-	# The guest's /run is its own, so the rule goes there, not into the host's /etc.
-	mkdir -p /run/udev/rules.d
-	sed "s|@BINDIR@/ublk-qcow2|$UQ|" "$ROOT/dist/99-ublk-qcow2.rules.in" >/run/udev/rules.d/99-ublk-qcow2.rules
+# --- udev: a real udevd with our rule (the guest's /run is its own) ------------------
+mkdir -p /run/udev/rules.d
+sed "s|@BINDIR@/ublk-qcow2|$UQ|" "$ROOT/dist/99-ublk-qcow2.rules.in" >/run/udev/rules.d/99-ublk-qcow2.rules
+if SYSTEMD_IGNORE_CHROOT=1 /lib/systemd/systemd-udevd --daemon >"$W/udevd.log" 2>&1; then
+	export SYSTEMD_IGNORE_CHROOT=1   # udevadm refuses to work "in a chroot" otherwise
 	mkdir -p "$W/my images"
 	qemu-img create -q -f qcow2 "$W/my images/u-1.qcow2" 16M
 	if uq_add "$W/my images/u-1.qcow2"; then
 		name=$(systemd-escape --path "$W/my images/u-1.qcow2")
-		udevadm test --action=add "/sys/block/ublkb$ID" >"$W/udev.out" 2>&1
-		check ublk_udev_symlink grep -qF "disk/by-ublk-qcow2/$name" "$W/udev.out"
+		udevadm settle -t 30
+		check ublk_udev_symlink test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name")" = "$DEV"
 		check ublk_udev_del uq_del "$ID"
+		udevadm settle -t 30
+		check ublk_udev_symlink_gone test ! -e "/dev/disk/by-ublk-qcow2/$name"
 	else
 		nok ublk_udev "add failed: $(tr '\n' ' ' < "$W/add.err")"
 	fi
-	rm -f /run/udev/rules.d/99-ublk-qcow2.rules
+
+	# --- unprivileged devices: a user (nobody) adds, uses and removes its own ---------
+	# What the opt-in line of the rule does: anyone may ask for devices.
+	chmod 0666 /dev/ublk-control
+	U="setpriv --reuid=65534 --regid=65534 --clear-groups env XDG_RUNTIME_DIR=/run/user/65534 HOME=/"
+	mkdir -p /run/user/65534 "$W/nobody" && chown 65534:65534 /run/user/65534 "$W/nobody"
+	$U qemu-img create -q -f qcow2 "$W/nobody/u.qcow2" 32M
+	udev=$(timeout 150 $U "$UQ" add "$W/nobody/u.qcow2" 2>"$W/uadd.err")
+	if [ -b "$udev" ]; then
+		uid=${udev#/dev/ublkb}
+		check ublk_unpriv_nodes_owned test "$(stat -c %u "$udev")" = 65534 -a "$(stat -c %u /dev/ublkc$uid)" = 65534
+		head -c 4M /dev/urandom > "$W/nobody/data" && chown 65534 "$W/nobody/data"
+		check ublk_unpriv_write $U dd if="$W/nobody/data" of="$udev" bs=1M oflag=direct conv=fsync status=none
+		check ublk_unpriv_read_back eval "$U dd if=$udev bs=1M count=4 iflag=direct status=none | cmp -s - $W/nobody/data"
+		check ublk_unpriv_list_json eval "$U $UQ list -n $uid --json | jq -e '.[0].unprivileged and .[0].owner_uid == 65534 and .[0].image == \"$W/nobody/u.qcow2\"'"
+		check ublk_unpriv_list_by_root eval '"$UQ" list -n $uid --json | jq -e ".[0].image == \"$W/nobody/u.qcow2\""'
+		check ublk_unpriv_stats eval "$U $UQ stats -n $uid --json | jq -e '.writes >= 4'"
+		check ublk_unpriv_state_in_user_dir test -f /run/user/65534/ublk-qcow2/ublk$uid.json
+		check_fails ublk_unpriv_other_user_refused "not permitted|permission|denied" \
+			setpriv --reuid=65533 --regid=65533 --clear-groups env XDG_RUNTIME_DIR=/nonexistent "$UQ" del -n "$uid"
+		check ublk_unpriv_del $U "$UQ" del -n "$uid"
+		check ublk_unpriv_gone test ! -e "$udev"
+		check ublk_unpriv_image_clean qemu-img check -q "$W/nobody/u.qcow2"
+	else
+		nok ublk_unpriv_add "add as nobody failed: $(tr '\n' ' ' < "$W/uadd.err")"
+	fi
+	check_fails ublk_unpriv_image_not_readable "permission denied|cannot open" \
+		$U "$UQ" add "$W/st.qcow2"
+	chmod 0600 /dev/ublk-control
+	udevadm control --exit
 else
-	nok ublk_udev "udevadm is not installed (make deps installs udev)"
+	nok ublk_udev "systemd-udevd did not start: $(tr '\n' ' ' <"$W/udevd.log")"
 fi
+rm -f /run/udev/rules.d/99-ublk-qcow2.rules
 
 check_fails ublk_stats_no_id "which device" "$UQ" stats
 check_fails ublk_stats_bad_watch "invalid --watch" "$UQ" stats -n 0 --watch=0
@@ -130,7 +164,7 @@ check ublk_ops_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_run --timeout 240 -- env LIB="$here/ublk_guest_lib.sh" ROOT="$root" bash "$tmp/guest.sh"
+vm_run --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" ROOT="$root" bash "$tmp/guest.sh"
 rc=$?
 if [ $rc -eq 125 ]; then
 	echo "not ok ublk_ops_vm: the VM failed to boot or timed out"; exit 1
