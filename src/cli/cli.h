@@ -11,9 +11,12 @@ int cmd_recover(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 
 /* The passphrase of an encrypted image (key.c): --key-file FILE (its exact
- * bytes) or --key-env VAR.  Each returns 0, or prints why and returns 2. */
+ * bytes) or --key-env VAR.  Each returns 0, or prints why and returns 2.
+ * Besides the bytes, k keeps where they came from (the file's absolute path
+ * or the variable's name), which `add` stores for `recover`. */
+#include <limits.h>
 #include <stddef.h>
-struct cli_key { void *data; size_t len; };
+struct cli_key { void *data; size_t len; char file[PATH_MAX]; const char *env; };
 int cli_key_from_file(const char *cmd, const char *path, struct cli_key *k);
 int cli_key_from_env(const char *cmd, const char *var, struct cli_key *k);
 void cli_key_clear(struct cli_key *k);      /* wipe and free */

@@ -52,6 +52,10 @@ int cli_key_from_file(const char *cmd, const char *path, struct cli_key *k)
     } else if (set_key(k, buf, len) < 0) {
         cli_error("%s: out of memory", cmd);
         rc = 2;
+    } else if (!realpath(path, k->file)) {
+        cli_error("%s: --key-file %s: %s", cmd, path, strerror(errno));
+        cli_key_clear(k);
+        rc = 2;
     }
     if (buf) {
         memset(buf, 0, KEY_MAX + 1);
@@ -71,6 +75,7 @@ int cli_key_from_env(const char *cmd, const char *var, struct cli_key *k)
         cli_error("%s: out of memory", cmd);
         return 2;
     }
+    k->env = var;
     return 0;
 }
 
@@ -84,4 +89,6 @@ void cli_key_clear(struct cli_key *k)
     }
     k->data = NULL;
     k->len = 0;
+    k->file[0] = '\0';
+    k->env = NULL;
 }

@@ -240,6 +240,15 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
 
 }
 
+/* The passphrase and where it came from (kept in the state file for recover). */
+static void set_key_opts(struct ublk_server_opts *o, const struct cli_key *k)
+{
+    o->key = k->data;
+    o->key_len = k->len;
+    o->key_file = k->file[0] ? k->file : NULL;
+    o->key_env = k->env;
+}
+
 int cmd_add(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -338,8 +347,6 @@ int cmd_add(int argc, char **argv)
         case 'E':
             if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("add", optarg, &key))
                 return 2;
-            o.key = key.data;
-            o.key_len = key.len;
             break;
         case 'h':
             add_usage(stdout);
@@ -360,6 +367,7 @@ int cmd_add(int argc, char **argv)
         return 1;
     }
     o.image = image;
+    set_key_opts(&o, &key);
 
     int rc = run_daemon(&o, foreground);
     cli_key_clear(&key);
@@ -789,8 +797,9 @@ static void recover_usage(FILE *out)
         "Usage: ublk-qcow2 recover -n ID [--foreground] [--key-file FILE | --key-env VAR]\n\n"
         "Start a new daemon for ublk device ID, added with --recovery, whose daemon\n"
         "died: the device (QUIESCED, its I/O waiting) becomes LIVE again.  The image\n"
-        "and its options come from %s/ublkID.json (an encrypted image's passphrase\n"
-        "is never stored: give it again).\n\n"
+        "and its options come from %s/ublkID.json.  An encrypted image's passphrase\n"
+        "is read again from where `add` took it (the same --key-file, or --key-env\n"
+        "variable in this environment) unless given here; it is never stored.\n\n"
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
@@ -887,8 +896,17 @@ int cmd_recover(int argc, char **argv)
         .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
                 : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
         .recovery = true, .recover = true, .notify_fd = -1,
-        .key = key.data, .key_len = key.len,
     };
+    /* The passphrase from where `add` took it, unless given now. */
+    if (!key.data && st.key_file[0] && cli_key_from_file("recover", st.key_file, &key))
+        return 1;
+    if (!key.data && st.key_env[0]) {
+        static char var[sizeof(st.key_env)];
+        snprintf(var, sizeof(var), "%s", st.key_env);
+        if (cli_key_from_env("recover", var, &key))
+            return 1;
+    }
+    set_key_opts(&o, &key);
     int rc = run_daemon(&o, foreground);
     cli_key_clear(&key);
     return rc;

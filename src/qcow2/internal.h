@@ -95,7 +95,9 @@ struct inflight_alloc {
 /* ---- metadata overlap index (overlap.c) ----------------------------------- */
 enum {
     OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
-    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK,
+    OL_BIT_CRYPTO,      /* the LUKS header: a fixed range, never in ol_index.cl (3 kind bits) */
+    OL_NKINDS
 };
 #define OL_HEADER         (1u << OL_BIT_HEADER)
 #define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
@@ -105,6 +107,7 @@ enum {
 #define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
 #define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
 #define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+#define OL_CRYPTO         (1u << OL_BIT_CRYPTO)
 
 struct ol_range { uint64_t off, len; };
 struct ol_index {

@@ -392,6 +392,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.key_file, sizeof(st.key_file), "%s", o->key_file ? o->key_file : "");
+    snprintf(st.key_env, sizeof(st.key_env), "%s", o->key_env ? o->key_env : "");
     snprintf(st.format, sizeof(st.format), "%s", format_name(img));
     r = ublk_state_write(&st);
     if (r < 0)
@@ -565,10 +567,20 @@ int ublk_state_write(const struct ublk_state *s)
     fprintf(f, ", \"format\": ");
     json_put_string(f, s->format);
     fprintf(f, ", \"read_only\": %s, \"recovery\": %s, \"queues\": %u, \"depth\": %u, \"buf_bytes\": %u, "
-               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s}\n",
+               "\"cache_size\": %llu, \"discard\": \"%s\", \"discard_no_unref\": %s",
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
             (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
             s->discard_no_unref ? "true" : "false");
+    /* The passphrase's source, never the passphrase (recover reads it again). */
+    if (s->key_file[0]) {
+        fprintf(f, ", \"key_file\": ");
+        json_put_string(f, s->key_file);
+    }
+    if (s->key_env[0]) {
+        fprintf(f, ", \"key_env\": ");
+        json_put_string(f, s->key_env);
+    }
+    fprintf(f, "}\n");
     bool ok = !ferror(f);
     if (fclose(f) != 0)
         ok = false;
@@ -709,7 +721,7 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     FILE *f = fopen(path, "re");
     if (!f)
         return -errno;
-    char buf[PATH_MAX * 2 + 1024];
+    char buf[PATH_MAX * 3 + 1024];
     size_t n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
     buf[n] = '\0';
@@ -737,6 +749,10 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
     const char *nu = json_find(buf, "discard_no_unref");
     s->discard_no_unref = nu && !strncmp(nu, "true", 4);
+    if (!json_get_string(buf, "key_file", s->key_file, sizeof(s->key_file)))
+        s->key_file[0] = '\0';
+    if (!json_get_string(buf, "key_env", s->key_env, sizeof(s->key_env)))
+        s->key_env[0] = '\0';
     return 0;
 }
 

@@ -46,10 +46,13 @@ struct ublk_server_opts {
     uint64_t cache_size;
     enum img_discard discard;
     bool discard_no_unref;
-    /* Passphrase of a LUKS-encrypted image (NULL: none); never stored in
-     * the state file, so `recover` must be given it again. */
+    /* Passphrase of a LUKS-encrypted image (NULL: none).  It is never
+     * stored: the state file keeps only where it came from (key_file, an
+     * absolute path, or key_env, a variable name; NULL if neither), so that
+     * `recover` can read it again from there. */
     const void *key;
     size_t key_len;
+    const char *key_file, *key_env;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -80,6 +83,8 @@ struct ublk_state {
     uint64_t cache_size;
     bool discard_unmap;
     bool discard_no_unref;
+    char key_file[PATH_MAX];    /* where the passphrase came from ("" if not a file) */
+    char key_env[256];          /* ... or the environment variable's name */
 };
 
 int ublk_state_write(const struct ublk_state *s);

@@ -3,7 +3,9 @@
 # The same seeded workload through our NBD export (passphrase from --key-file or --key-env) and
 # through qemu-io on a reference copy must give images QEMU reads identically (qemu-img compare
 # with the secrets) and `qemu-img check` must pass: what we write QEMU decrypts, what QEMU
-# wrote we decrypt, COW of partial clusters re-encrypts at the new host offset.  A wrong or
+# wrote we decrypt, COW of partial clusters re-encrypts at the new host offset (also from an
+# encrypted backing file, and into an external data file).  An image with qemu-img's default
+# LUKS parameters (millions of PBKDF2 iterations) opens and QEMU reads our writes.  A wrong or
 # missing passphrase and ciphers we do not implement are refused with a clear message.
 # timeout: 600
 # soak-timeout: 2400
@@ -16,7 +18,8 @@ export UQ_LUKS_PASS=$PASS     # for --key-env
 printf %s "$PASS" >"$UQ_TMP/key"
 
 # img_opts IMAGE: QEMU's --image-opts string for an encrypted image.
-img_opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=sec0"; }
+# With LUKS_BACKING set, the image's backing file is encrypted with the same secret.
+img_opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=sec0${LUKS_BACKING:+,backing.encrypt.key-secret=sec0}"; }
 
 # luks_create PATH SIZE [OPTS]: a LUKS image (iter-time 10 ms: opening stays cheap), prefilled.
 # PBKDF2 timing can fail on a loaded machine: retried.
@@ -38,7 +41,18 @@ luks_create() {
 case_luks() {
     local dir=$1 seed=$2 opts=$3 keysrc=$4; shift 4
     local ref=$dir/ref.qcow2 ours=$dir/ours.qcow2
-    if [[ -n ${LUKS_DATAFILE:-} ]]; then
+    if [[ -n ${LUKS_BACKING:-} ]]; then
+        # An encrypted overlay (its own master key) over an encrypted, prefilled base: COW
+        # decrypts the base's data and encrypts it again for the overlay.
+        LUKS_BACKING= luks_create "$dir/base.qcow2" 16M "$opts" || { fail "could not make the base"; return; }
+        for i in 1 2 3; do
+            qemu-img create -q -f qcow2 -u -b base.qcow2 -F qcow2 "${SECRET[@]}" \
+                -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10${opts:+,$opts}" "$ours" 16M \
+                >&2 && break
+        done
+        [[ -f $ours ]] || { fail "could not make the overlay"; return; }
+        cp "$ours" "$ref"
+    elif [[ -n ${LUKS_DATAFILE:-} ]]; then
         # Each with its own data file (absolute names: QEMU 7.2 would resolve relative ones
         # against its working directory), and its own master key.
         luks_create "$ours" 16M "data_file=$dir/ours.data${opts:+,$opts}" &&
@@ -78,6 +92,30 @@ run_case "luks aes-128-xts, extended_l2 cluster_size=32k, key from the environme
 # Host offset == guest offset there: the IVs follow the data file offsets.
 case_luks_datafile() { LUKS_DATAFILE=1 case_luks "$@"; }
 run_case "luks with an external data file, cluster_size=4k" case_luks_datafile "cluster_size=4096" file
+case_luks_backing() { LUKS_BACKING=1 case_luks "$@"; }
+run_case "luks overlay over a luks backing file (COW re-encrypts)" case_luks_backing "" file
+
+# --- qemu-img's default parameters (aes-256-xts-plain64, sha256, PBKDF2 iterations timed to
+# 2 s, millions): every open costs seconds of PBKDF2 here as in QEMU, so three opens only:
+# qemu-img creates, we write through NBD and read QEMU's view of a fresh image (zeros), QEMU
+# reads our writes back.
+luks_defaults() {
+    local img=$UQ_TMP/defaults.qcow2 label="interop/luks with qemu-img's default parameters"
+    if ! timeout -k 5 120 qemu-img create -q -f qcow2 "${SECRET[@]}" -o encrypt.format=luks,encrypt.key-secret=sec0 \
+        "$img" 16M >&2; then
+        notok "$label" "qemu-img create failed"; return
+    fi
+    NBD_START_TIMEOUT=180 start_nbd "$img" --key-file "$UQ_TMP/key" || { notok "$label" "server did not start"; return; }
+    qio_cmds raw "$(nbd_uri)" -- "read -P 0 0 1M" "write -P 0x5b 0 64k" "write -P 0x6c 1M 8k" "write -P 0x7d 8M 4M" ||
+        notok "$label" "qemu-io through NBD failed"
+    stop_nbd || notok "$label" "server exit $? after SIGTERM"
+    timeout -k 5 180 qemu-io "${SECRET[@]}" --image-opts "$(img_opts "$img")" -c "read -P 0x5b 0 64k" \
+        -c "read -P 0 64k 960k" -c "read -P 0x6c 1M 8k" -c "read -P 0x7d 8M 4M" -c "read -P 0 12M 4M" \
+        >"$UQ_TMP/defaults.out" 2>&1 && ! grep -q -i -E "mismatch|fail" "$UQ_TMP/defaults.out" ||
+        { sed 's/^/#   /' "$UQ_TMP/defaults.out" >&2; notok "$label" "qemu-io does not read our writes back"; return; }
+    ok "$label"
+}
+luks_defaults
 
 # --- refusals -----------------------------------------------------------------------------------
 D=$UQ_TMP/lk
@@ -125,6 +163,42 @@ with open(sys.argv[1], "r+b") as f:
     f.seek(luks + 208 + 44); f.write(struct.pack(">I", 1 << 31))
 EOF
 refused "hostile LUKS key slot" "key slot 0.*outside" "$D/badhdr.qcow2" --key-file "$UQ_TMP/key"
+# An L2 entry naming the LUKS header as guest data: the write is refused (EIO, naming it) and
+# the header stays byte for byte intact.
+cp "$D/disk.qcow2" "$D/overlap.qcow2"
+luks_at=$("$PYTHON" - "$D/overlap.qcow2" <<'EOF'
+# Guest cluster 0's L2 entry -> the LUKS header's offset (COPIED); prints that offset.
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    h = f.read(4096)
+    l1_off = struct.unpack(">Q", h[40:48])[0]
+    off = struct.unpack(">I", h[100:104])[0]
+    while True:
+        t, n = struct.unpack(">II", h[off:off + 8])
+        if t == 0x0537be77:
+            luks = struct.unpack(">Q", h[off + 8:off + 16])[0]
+            break
+        off += 8 + (n + 7) // 8 * 8
+    f.seek(l1_off); l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2); f.write(struct.pack(">Q", (1 << 63) | luks))
+    print(luks)
+EOF
+)
+luks_sum() { dd if="$D/overlap.qcow2" bs=4096 skip=$((luks_at / 4096)) count=64 status=none | sha256sum; }
+before=$(luks_sum)
+if start_nbd "$D/overlap.qcow2" --key-file "$UQ_TMP/key"; then
+    qio_cmds raw "$(nbd_uri)" -- "write -P 0x11 0 4k" >/dev/null 2>&1
+    stop_nbd
+    if ! grep -q "overlaps the LUKS encryption header" "$NBD_LOG"; then
+        notok "luks/overlap: guest write onto the LUKS header" "not refused by name: $(head -c 300 "$NBD_LOG")"
+    elif [[ $(luks_sum) != "$before" ]]; then
+        notok "luks/overlap: guest write onto the LUKS header" "the LUKS header changed"
+    else
+        ok "luks/overlap: guest write onto the LUKS header refused, header intact"
+    fi
+else
+    notok "luks/overlap: guest write onto the LUKS header" "server did not start"
+fi
 san_clean "$NBD_LOG" || notok "luks/sanitizers" "sanitizer report"
 
 # --- command line: every command that opens an image takes the key options -----------------------
