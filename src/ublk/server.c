@@ -152,13 +152,16 @@ static void answer(void *arg, const char *request, char *reply, size_t len)
 
 /* The nodes of an unprivileged device are given to its owner by udev, a
  * moment after they appear (the char node at ADD_DEV: every later control
- * command needs it; the block node at START_DEV).  Wait for that, 5 s at
- * most, so that commands work and the path we print opens at once. */
+ * command needs it; the block node at START_DEV).  Wait for that, so that
+ * commands work and the path we print opens at once: 30 s at most (udev runs
+ * a program per node and may lag on a loaded machine), not at all when no
+ * udev is running. */
 static bool wait_for_own_node(const char *kind, uint32_t id)
 {
     char path[64];
     snprintf(path, sizeof(path), "/dev/ublk%s%u", kind, id);
-    for (int i = 0; i < 500; i++) {
+    int tries = access("/run/udev/control", F_OK) == 0 ? 3000 : 1;
+    for (int i = 0; i < tries; i++) {
         if (access(path, R_OK | W_OK) == 0)
             return true;
         struct timespec ts = { 0, 10 * 1000 * 1000 };

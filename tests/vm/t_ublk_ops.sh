@@ -132,6 +132,9 @@ if SYSTEMD_IGNORE_CHROOT=1 /lib/systemd/systemd-udevd --daemon >"$W/udevd.log" 2
 	udev=$(timeout 150 $U "$UQ" add "$W/nobody/u.qcow2" 2>"$W/uadd.err")
 	if [ -b "$udev" ]; then
 		uid=${udev#/dev/ublkb}
+		# After every event udev had for the nodes (a change event must not
+		# give them back to root).
+		udevadm settle -t 30
 		check ublk_unpriv_nodes_owned test "$(stat -c %u "$udev")" = 65534 -a "$(stat -c %u /dev/ublkc$uid)" = 65534
 		head -c 4M /dev/urandom > "$W/nobody/data" && chown 65534 "$W/nobody/data"
 		check ublk_unpriv_write $U dd if="$W/nobody/data" of="$udev" bs=1M oflag=direct conv=fsync status=none
