@@ -155,15 +155,11 @@ qemu-img create -q -f qcow2 "$D/bad.qcow2" 4M && qemu-img bitmap --add "$D/bad.q
     "$PYTHON" - "$D/bad.qcow2" <<'EOF'
 # The extension says 2 bitmaps; the directory has 1.
 import struct, sys
+from qhdr import find_extension
 with open(sys.argv[1], "r+b") as f:
     h = bytearray(f.read(4096))
-    off = struct.unpack(">I", h[100:104])[0]
-    while True:
-        t, n = struct.unpack(">II", h[off:off + 8])
-        if t == 0x23852875:
-            h[off + 8:off + 12] = struct.pack(">I", 2)
-            break
-        off += 8 + (n + 7) // 8 * 8
+    off = find_extension(h, 0x23852875)
+    h[off + 8:off + 12] = struct.pack(">I", 2)
     f.seek(0); f.write(h)
 EOF
 if start_nbd "$D/bad.qcow2"; then

@@ -97,18 +97,7 @@ else
     notok "datafile/refused while QEMU writes it" "qemu-nbd could not serve the data file"
 fi
 
-# refused CASE REGEX IMAGE [server options]: the server must refuse to start, naming the problem.
-refused() {
-    local label="datafile/refused: $1" regex=$2; shift 2
-    if start_nbd "$@"; then
-        stop_nbd
-        notok "$label" "accepted the image"
-    elif grep -q -i -E "$regex" "$NBD_LOG"; then
-        ok "$label"
-    else
-        notok "$label" "message does not name the problem (/$regex/): $(head -c 200 "$NBD_LOG")"
-    fi
-}
+refused() { refused_start datafile "$@"; }
 
 cp "$D/disk.qcow2" "$D/missing.qcow2"
 mkdir -p "$D/x" && mv "$D/missing.qcow2" "$D/x/"
@@ -140,16 +129,11 @@ fi
     "$PYTHON" - "$D/noname.qcow2" <<'EOF'
 # Drop the data file name extension (type 0x44415441), keep the feature bit.
 import struct, sys
+from qhdr import find_extension
 with open(sys.argv[1], "r+b") as f:
     h = bytearray(f.read(4096))
-    off = struct.unpack(">I", h[100:104])[0]
-    while True:
-        t, n = struct.unpack(">II", h[off:off + 8])
-        if t == 0:
-            break
-        if t == 0x44415441:
-            h[off:off + 4] = struct.pack(">I", 0x7a7a7a7a)   # an unknown extension now
-        off += 8 + (n + 7) // 8 * 8
+    off = find_extension(h, 0x44415441)
+    h[off:off + 4] = struct.pack(">I", 0x7a7a7a7a)   # an unknown extension now
     f.seek(0); f.write(h)
 EOF
 refused "data file bit without a name" "data file" "$D/noname.qcow2"

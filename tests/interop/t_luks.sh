@@ -122,18 +122,7 @@ D=$UQ_TMP/lk
 mkdir -p "$D"
 luks_create "$D/disk.qcow2" 16M || { notok "luks/setup" "qemu-img could not make the image"; exit 1; }
 
-# refused CASE REGEX IMAGE [server options]: the server must exit non-zero, naming the problem.
-refused() {
-    local label="luks/refused: $1" regex=$2; shift 2
-    if start_nbd "$@"; then
-        stop_nbd
-        notok "$label" "accepted"
-    elif grep -q -i -E "$regex" "$NBD_LOG"; then
-        ok "$label"
-    else
-        notok "$label" "message does not name the problem (/$regex/): $(head -c 200 "$NBD_LOG")"
-    fi
-}
+refused() { refused_start luks "$@"; }
 printf %s wrong-passphrase >"$UQ_TMP/badkey"
 printf '%s\n' "$PASS" >"$UQ_TMP/nlkey"
 refused "wrong passphrase" "wrong passphrase" "$D/disk.qcow2" --key-file "$UQ_TMP/badkey"
@@ -151,15 +140,9 @@ cp "$D/disk.qcow2" "$D/badhdr.qcow2"
 "$PYTHON" - "$D/badhdr.qcow2" <<'EOF'
 # Key slot 0's stripes -> 2^31 (its key material would run far past the header).
 import struct, sys
+from qhdr import luks_header_offset
 with open(sys.argv[1], "r+b") as f:
-    h = f.read(4096)
-    off = struct.unpack(">I", h[100:104])[0]
-    while True:
-        t, n = struct.unpack(">II", h[off:off + 8])
-        if t == 0x0537be77:
-            luks = struct.unpack(">Q", h[off + 8:off + 16])[0]
-            break
-        off += 8 + (n + 7) // 8 * 8
+    luks = luks_header_offset(f.read(4096))
     f.seek(luks + 208 + 44); f.write(struct.pack(">I", 1 << 31))
 EOF
 refused "hostile LUKS key slot" "key slot 0.*outside" "$D/badhdr.qcow2" --key-file "$UQ_TMP/key"
@@ -169,16 +152,11 @@ cp "$D/disk.qcow2" "$D/overlap.qcow2"
 luks_at=$("$PYTHON" - "$D/overlap.qcow2" <<'EOF'
 # Guest cluster 0's L2 entry -> the LUKS header's offset (COPIED); prints that offset.
 import struct, sys
+from qhdr import luks_header_offset
 with open(sys.argv[1], "r+b") as f:
     h = f.read(4096)
     l1_off = struct.unpack(">Q", h[40:48])[0]
-    off = struct.unpack(">I", h[100:104])[0]
-    while True:
-        t, n = struct.unpack(">II", h[off:off + 8])
-        if t == 0x0537be77:
-            luks = struct.unpack(">Q", h[off + 8:off + 16])[0]
-            break
-        off += 8 + (n + 7) // 8 * 8
+    luks = luks_header_offset(h)
     f.seek(l1_off); l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
     f.seek(l2); f.write(struct.pack(">Q", (1 << 63) | luks))
     print(luks)
