@@ -85,7 +85,7 @@ check: deps
 
 bench: deps
 	$(MAKE) all
-	bench/run.sh build/ublk-qcow2
+	bench/bench.py build/ublk-qcow2
 
 soak: deps
 	$(MAKE) debug

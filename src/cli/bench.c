@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 
 #include "cli/cli.h"
 #include "io/coroutine.h"
@@ -21,6 +22,13 @@
 
 #define BENCH_MAX_DEPTH 4096u
 #define BENCH_MAX_BS    (64ull << 20)
+
+/* Latency histogram: exact below 2^LAT_SUB_BITS ns, then 2^LAT_SUB_BITS
+ * buckets per power of two (about 3% wide), so percentiles cost one
+ * increment per I/O and no sorting. */
+#define LAT_SUB_BITS    5u
+#define LAT_SUB         (1u << LAT_SUB_BITS)
+#define LAT_BUCKETS     ((64u - LAT_SUB_BITS + 1u) * LAT_SUB)
 
 struct rw_mode {
     const char *name;
@@ -59,9 +67,12 @@ struct bench_run {
     uint64_t nblocks;           /* bs-sized blocks in the tested range */
     uint64_t deadline_ns;
     uint64_t start_ns, end_ns;
+    struct rusage ru_start, ru_end;     /* CPU time of the measured run only */
     bool stop;
     uint64_t read_ios, write_ios, errors;
     uint64_t lat_ns_total;
+    uint64_t lat_ns_max;
+    uint64_t lat_hist[LAT_BUCKETS];
     int first_err;              /* -errno of the first failed request */
     bool first_err_write;
     uint64_t first_err_off;
@@ -103,6 +114,42 @@ static uint64_t rng_next(uint64_t *s)
     x ^= x >> 27;
     *s = x;
     return x * 0x2545f4914f6cdd1dull;
+}
+
+static unsigned lat_bucket(uint64_t ns)
+{
+    if (ns < LAT_SUB)
+        return (unsigned)ns;
+    unsigned e = 63u - (unsigned)__builtin_clzll(ns);           /* >= LAT_SUB_BITS */
+    unsigned sub = (unsigned)(ns >> (e - LAT_SUB_BITS)) & (LAT_SUB - 1);
+    return (e - LAT_SUB_BITS + 1) * LAT_SUB + sub;
+}
+
+/* The middle of bucket b, in ns. */
+static double lat_bucket_mid(unsigned b)
+{
+    if (b < LAT_SUB)
+        return b;
+    unsigned e = b / LAT_SUB + LAT_SUB_BITS - 1, sub = b % LAT_SUB;
+    double width = (double)(1ull << (e - LAT_SUB_BITS));
+    return (double)(LAT_SUB + sub) * width + width / 2;
+}
+
+/* Latency at or below which a fraction p of the I/Os completed, in us. */
+static double lat_percentile_us(const struct bench_run *r, double p)
+{
+    uint64_t total = r->read_ios + r->write_ios, seen = 0;
+    if (!total)
+        return 0;
+    uint64_t want = (uint64_t)(p * (double)total + 0.5);
+    if (want < 1)
+        want = 1;
+    for (unsigned b = 0; b < LAT_BUCKETS; b++) {
+        seen += r->lat_hist[b];
+        if (seen >= want)
+            return lat_bucket_mid(b) / 1000.0;
+    }
+    return (double)r->lat_ns_max / 1000.0;
 }
 
 /* Non-zero bytes throughout, so no engine can take a zero-detection shortcut. */
@@ -160,6 +207,9 @@ static void job_main(void *arg)
         else
             r->write_ios++;
         r->lat_ns_total += t1 - t0;
+        r->lat_hist[lat_bucket(t1 - t0)]++;
+        if (t1 - t0 > r->lat_ns_max)
+            r->lat_ns_max = t1 - t0;
         if (t1 >= r->deadline_ns)
             r->stop = true;
     }
@@ -174,6 +224,7 @@ static void bench_main(void *arg)
     struct bench_run *r = jobs[0].run;
     const struct bench_cfg *c = r->cfg;
 
+    getrusage(RUSAGE_SELF, &r->ru_start);
     r->start_ns = now_ns();
     r->deadline_ns = c->seconds > 0 ? r->start_ns + (uint64_t)(c->seconds * 1e9) : UINT64_MAX;
     r->jobs_live = c->depth;
@@ -182,6 +233,7 @@ static void bench_main(void *arg)
     while (r->jobs_live)
         co_queue_wait(&r->jobs_done);
     r->end_ns = now_ns();
+    getrusage(RUSAGE_SELF, &r->ru_end);
 
     /* Persist what was written before reporting, as a real client would. */
     if (!r->img->read_only)
@@ -195,7 +247,8 @@ static void usage(FILE *out)
 {
     fprintf(out,
         "Usage: ublk-qcow2 bench [OPTIONS] IMAGE\n\n"
-        "Drive the image engine directly (no frontend) and report IOPS and MiB/s.\n\n"
+        "Drive the image engine directly (no frontend) and report IOPS, MiB/s and\n"
+        "request latency (average, p50, p99).\n\n"
         "  --rw MODE          randread|randwrite|randrw|read|write|rw (default randread)\n"
         "  --bs SIZE          request size, a multiple of 512 (default 4k)\n"
         "  --depth N          requests in flight, 1..%u (default 32)\n"
@@ -381,6 +434,11 @@ static unsigned ring_entries(unsigned depth)
     return n;
 }
 
+static double tv_diff(struct timeval a, struct timeval b)
+{
+    return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_usec - a.tv_usec) / 1e6;
+}
+
 static void print_result(const struct bench_cfg *c, const struct bench_run *r, const char *fmt)
 {
     uint64_t ios = r->read_ios + r->write_ios;
@@ -390,17 +448,22 @@ static void print_result(const struct bench_cfg *c, const struct bench_run *r, c
     double iops = (double)ios / secs;
     double mib_s = (double)ios * (double)c->bs / secs / (1024.0 * 1024.0);
     double lat_us = ios ? (double)r->lat_ns_total / (double)ios / 1000.0 : 0;
+    double p50 = lat_percentile_us(r, 0.50), p99 = lat_percentile_us(r, 0.99);
 
     if (c->json) {
         printf("{\"rw\":\"%s\",\"format\":\"%s\",\"bs\":%" PRIu64 ",\"depth\":%u,"
                "\"seconds\":%.3f,\"ios\":%" PRIu64 ",\"iops\":%.1f,\"mib_s\":%.2f,"
                "\"read_ios\":%" PRIu64 ",\"write_ios\":%" PRIu64 ",\"errors\":%" PRIu64 ","
-               "\"lat_avg_us\":%.1f}\n",
+               "\"lat_avg_us\":%.1f,\"lat_p50_us\":%.1f,\"lat_p99_us\":%.1f,"
+               "\"lat_max_us\":%.1f,\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f}\n",
                c->mode->name, fmt, c->bs, c->depth, secs, ios, iops, mib_s,
-               r->read_ios, r->write_ios, r->errors, lat_us);
+               r->read_ios, r->write_ios, r->errors, lat_us, p50, p99,
+               (double)r->lat_ns_max / 1000.0, tv_diff(r->ru_start.ru_utime, r->ru_end.ru_utime),
+               tv_diff(r->ru_start.ru_stime, r->ru_end.ru_stime));
     } else {
-        printf("%s bs=%" PRIu64 " depth=%u: %.0f IOPS, %.1f MiB/s, %.1f s, lat avg %.1f us",
-               c->mode->name, c->bs, c->depth, iops, mib_s, secs, lat_us);
+        printf("%s bs=%" PRIu64 " depth=%u: %.0f IOPS, %.1f MiB/s, %.1f s, lat avg %.1f us,"
+               " p50 %.1f us, p99 %.1f us", c->mode->name, c->bs, c->depth, iops, mib_s, secs,
+               lat_us, p50, p99);
         if (c->mode->read_pct != 0 && c->mode->read_pct != 100)
             printf(" (read %.0f / write %.0f IOPS)", (double)r->read_ios / secs,
                    (double)r->write_ios / secs);

@@ -2,6 +2,9 @@
 #ifndef UQ_CLI_H
 #define UQ_CLI_H
 
+#include <stdbool.h>
+#include <stdint.h>
+
 int cmd_nbd(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_add(int argc, char **argv);
@@ -9,6 +12,21 @@ int cmd_del(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_recover(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+
+/* Progress bar on stderr (progress.c): drawn only when stderr is a terminal.
+ * progress_update has the engine's tool_progress_fn signature (ctx = the
+ * struct progress). */
+struct progress {
+    const char *label;
+    bool on;
+    int shown;          /* per mille last drawn, -1 before the first */
+};
+void progress_start(struct progress *p, const char *label);
+void progress_update(void *ctx, uint64_t done, uint64_t total);
+void progress_end(struct progress *p);
 
 /* The passphrase of an encrypted image (key.c): --key-file FILE (its exact
  * bytes) or --key-env VAR.  Each returns 0, or prints why and returns 2.

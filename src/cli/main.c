@@ -22,6 +22,9 @@ static const struct subcommand subcommands[] = {
     { "list",  cmd_list,  "show ublk devices, their state and images" },
     { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
     { "stats", cmd_stats, "show a ublk device's counters (requests, bytes, errors, cache)" },
+    { "create", cmd_create, "create a qcow2 or raw image (qemu-img create's options)" },
+    { "info",  cmd_info,  "describe an image and its backing chain (as qemu-img info)" },
+    { "check", cmd_check, "check an image's metadata and repair it (as qemu-img check)" },
 };
 
 void cli_error(const char *fmt, ...)

@@ -17,6 +17,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "cli/cli.h"
+#include "qcow2/tools.h"
 #include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"
@@ -68,6 +69,8 @@ static void add_usage(FILE *out)
         "      --key-file FILE    passphrase of a LUKS-encrypted qcow2 image: FILE's exact\n"
         "                         bytes, as QEMU reads --object secret,file=FILE\n"
         "      --key-env VAR      the passphrase from the environment variable VAR\n"
+        "  -s, --size SIZE        create IMAGE with this virtual size if it does not exist\n"
+        "                         (qcow2 with create's defaults, raw with -f raw)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
         "  -v, --verbose          log more (start, stop); twice for debugging detail\n"
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
@@ -264,10 +267,12 @@ int cmd_add(int argc, char **argv)
         { "discard-no-unref", no_argument, NULL, 'U' },
         { "key-file", required_argument, NULL, 'K' },
         { "key-env", required_argument, NULL, 'E' },
+        { "size", required_argument, NULL, 's' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     static struct cli_key key;
+    int64_t create_size = -1;
     struct ublk_server_opts o = {
         .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
         .depth = UBLK_DEFAULT_DEPTH, .buf_bytes = UBLK_IO_BUF_BYTES,
@@ -278,7 +283,7 @@ int cmd_add(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:vh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:s:vh", longopts, NULL)) != -1) {
         switch (c) {
         case 'v':
             uq_set_verbosity(uq_verbosity() + 1);
@@ -328,6 +333,13 @@ int cmd_add(int argc, char **argv)
             o.cache_size = (uint64_t)sz;
             break;
         }
+        case 's':
+            create_size = parse_size(optarg);
+            if (create_size < 0) {
+                cli_error("add: invalid size '%s' (e.g. 10G)", optarg);
+                return 2;
+            }
+            break;
         case 'F':
             foreground = true;
             break;
@@ -360,6 +372,19 @@ int cmd_add(int argc, char **argv)
         cli_error(optind >= argc ? "add: no image given" : "add: more than one image given");
         add_usage(stderr);
         return 2;
+    }
+    if (create_size >= 0 && access(argv[optind], F_OK) < 0 && errno == ENOENT) {
+        /* A missing image is made first, with create's code and defaults. */
+        struct create_opts co;
+        char err[1024];
+        create_opts_init(&co);
+        co.format = o.format == IMG_FMT_RAW ? IMG_FMT_RAW : IMG_FMT_QCOW2;
+        co.size = (uint64_t)create_size;
+        co.size_set = true;
+        if (img_create(argv[optind], &co, err, sizeof(err)) < 0) {
+            cli_error("add: cannot create %s: %s", argv[optind], err);
+            return 1;
+        }
     }
     char image[PATH_MAX];
     if (!realpath(argv[optind], image)) {

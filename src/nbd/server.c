@@ -36,8 +36,17 @@
 #define RX_SMALL          (64u << 10)   /* payloads copied through the buffer */
 #define SEND_BATCH        64u           /* replies per sendmsg */
 #define POOL_REQS_MAX     1024u         /* idle request structs kept */
-#define POOL_BUF_MAX      (64u << 10)   /* larger buffers are not kept */
-#define POOL_BYTES_MAX    (32u << 20)   /* idle buffer memory kept */
+/* Idle data buffers are kept up to 4 MiB each (large client requests:
+ * qemu-img convert, nbdcopy, the kernel driver) and up to one connection's
+ * in-flight budget in total, so a steady stream of large requests reuses
+ * them.  Freeing them instead costs every large request a fresh mmap and a
+ * page fault per 4 KiB: glibc serves posix_memalign of 512 KiB from mmap
+ * each time (its dynamic mmap threshold never rises above an aligned
+ * request).  Once the last client leaves, buffers above POOL_BUF_SMALL are
+ * given back. */
+#define POOL_BUF_MAX      (4u << 20)
+#define POOL_BYTES_MAX    NBD_CONN_MEM_LIMIT
+#define POOL_BUF_SMALL    (64u << 10)
 #define MAX_OPTION_LEN    (64u << 10)   /* longer options: hard disconnect */
 
 struct nbd_conn;
@@ -325,6 +334,19 @@ static void req_put(struct nbd_server *s, struct nbd_req *rq)
     s->pool = rq;
     s->pool_len++;
     s->pool_bytes += rq->buf_cap;
+}
+
+/* Give back the large idle buffers (no client is connected). */
+static void pool_trim(struct nbd_server *s)
+{
+    for (struct nbd_req *rq = s->pool; rq; rq = rq->next) {
+        if (rq->buf_cap > POOL_BUF_SMALL) {
+            s->pool_bytes -= rq->buf_cap;
+            io_free(rq->buf);
+            rq->buf = NULL;
+            rq->buf_cap = 0;
+        }
+    }
 }
 
 /* ---- handshake ------------------------------------------------------------- */
@@ -940,6 +962,8 @@ static void conn_run(void *arg)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
+    if (s->nconns == 0)
+        pool_trim(s);
     free(c->rx);
     free(c);
     co_queue_wake_all(&s->idle_wait);

@@ -108,6 +108,11 @@ struct qcow2_header {
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                        struct qcow2_header *h, char *err, size_t errlen);
 
+/* The data of the first header extension of the given type in the header
+ * cluster buf (len bytes), or NULL; its length in *ext_len. */
+const uint8_t *qcow2_header_find_ext(const uint8_t *buf, size_t len, const struct qcow2_header *h,
+                                     uint32_t type, uint32_t *ext_len);
+
 /* Patch the fixed header fields of h into buf (a copy of the header
  * cluster), leaving extensions and unknown bytes untouched. */
 void qcow2_header_store(const struct qcow2_header *h, uint8_t *buf);
@@ -177,6 +182,16 @@ struct qcow2_snapshot {
 int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size_t len,
                           uint32_t nb, struct qcow2_snapshot **out, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t nb);
+#define QCOW2_SNAPSHOT_FIXED 40          /* bytes of an entry before its extra data */
+#define QCOW2_SNAPSHOT_MAX_EXTRA 1024    /* QEMU's limit on extra data per entry */
+/* The fixed part of one entry (extra data, id and name follow it). */
+void qcow2_snapshot_fixed_load(const uint8_t *e, struct qcow2_snapshot *s, uint16_t *id_len,
+                               uint16_t *name_len);
+/* What s->extra says: 64-bit vm-state size, disk size (else image_size). */
+void qcow2_snapshot_extra_apply(struct qcow2_snapshot *s, uint64_t image_size);
+/* Length of one entry as written (unpadded), and the entry itself. */
+size_t qcow2_snapshot_entry_len(const struct qcow2_snapshot *s);
+void qcow2_snapshot_entry_store(const struct qcow2_snapshot *s, uint8_t *buf);
 
 /* ---- compression ------------------------------------------------------------ */
 /* Decompress one cluster: returns 0 when exactly out_len bytes were produced,

@@ -408,3 +408,21 @@ void qcow2_header_store(const struct qcow2_header *h, uint8_t *buf)
     if (h->header_length > OFF_COMPRESSION_TYPE)
         buf[OFF_COMPRESSION_TYPE] = h->compression_type;
 }
+
+const uint8_t *qcow2_header_find_ext(const uint8_t *buf, size_t len, const struct qcow2_header *h,
+                                     uint32_t type, uint32_t *ext_len)
+{
+    size_t pos = h->version >= 3 ? h->header_length : QCOW2_V2_HEADER_LEN;
+    size_t limit = len < h->cluster_size ? len : (size_t)h->cluster_size;
+    while (pos + 8 <= limit) {
+        uint32_t t = be32_load(buf + pos), n = be32_load(buf + pos + 4);
+        if (t == QCOW2_EXT_END || n > limit - pos - 8)
+            return NULL;
+        if (t == type) {
+            *ext_len = n;
+            return buf + pos + 8;
+        }
+        pos += 8 + (((size_t)n + 7) & ~(size_t)7);
+    }
+    return NULL;
+}

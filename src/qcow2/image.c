@@ -131,6 +131,17 @@ int64_t parse_size(const char *s)
     unsigned long long v = strtoull(s, &end, 10);
     if (errno)
         return -1;
+    /* A fraction ("1.5G", as qemu-img takes) only with a unit. */
+    uint64_t frac = 0, den = 1;
+    if (*end == '.') {
+        if (!isdigit((unsigned char)*++end))
+            return -1;
+        for (; isdigit((unsigned char)*end); end++)
+            if (den < 1000000000000ull) {
+                frac = frac * 10 + (uint64_t)(*end - '0');
+                den *= 10;
+            }
+    }
     unsigned shift = 0;
     switch (toupper((unsigned char)*end)) {
     case '\0': break;
@@ -139,6 +150,7 @@ int64_t parse_size(const char *s)
     case 'G': shift = 30; break;
     case 'T': shift = 40; break;
     case 'P': shift = 50; break;
+    case 'E': shift = 60; break;
     default: return -1;
     }
     if (*end) {
@@ -148,9 +160,12 @@ int64_t parse_size(const char *s)
         if (*end)
             return -1;
     }
+    if (den > 1 && !shift)
+        return -1;
     if (shift && v > (UINT64_MAX >> 1) >> shift)
         return -1;
     v <<= shift;
+    v += (uint64_t)(((unsigned __int128)frac << shift) / den);
     if (v > INT64_MAX)
         return -1;
     return (int64_t)v;

@@ -40,6 +40,9 @@ struct img_opts {
      * Only read while opening (also for an encrypted backing file). */
     const void *key;
     size_t key_len;
+    bool no_backing;            /* do not open the backing chain (info) */
+    bool check;                 /* qcow2 opened by the checker (tools.h): snapshot table,
+                                   dirty, corrupt and autoclear bits are left to it */
 };
 
 /* Request flags. */

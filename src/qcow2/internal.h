@@ -3,7 +3,9 @@
  *   cache.c     L2-table and refcount-block slices in memory
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
- *   repair.c    refcount rebuild for images left dirty (lazy refcounts)
+ *   repair.c    the reference walk and refcount rebuild (dirty images, check)
+ *   check.c     check and repair (qemu-img check's job)
+ *   create.c    image creation;  info.c  what qemu-img info shows
  *   datafile.c  where guest data lives: the image file or an external data file
  *   bitmap.c    persistent dirty bitmaps kept up to date
  *   crypto.c    LUKS encryption of guest data
@@ -21,6 +23,7 @@
 #include "io/stat.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
+#include "qcow2/tools.h"
 
 struct qcow2;
 
@@ -189,6 +192,9 @@ static inline bool has_data_file(const struct qcow2 *q) { return q->data != &q->
  * image's directory; refuses protocols and non-regular files. */
 int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
                        size_t outlen, char *err, size_t errlen);
+/* qcow2_resolve_name for the backing file NAME of the image OVERLAY. */
+int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
+                          char *err, size_t errlen);
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
 /* fdatasync the image file; once one failed, every later call fails (the
@@ -252,6 +258,7 @@ int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write open
 void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
 int bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
 void bitmaps_free(struct qcow2 *q);
+
 /* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
  * whenever an L1 or refcount table entry starts or stops naming a table,
  * ol_reindex_refblocks after a new refcount table is installed. */
@@ -268,8 +275,59 @@ int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned igno
 /* ol_conflict, and on a conflict mark the image broken with the message. */
 int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 
-/* repair.c */
+/* repair.c: the reference walk (references per host cluster, from all
+ * metadata) and the refcount rebuild, shared by the open-time repair of
+ * dirty images and the checker (check.c).  Counts are sparse: one array
+ * per refcount-block range holding any (a hash table), so memory grows
+ * with the clusters in use, never with the file's size, up to a budget. */
+struct rc_walk {
+    struct qcow2 *q;
+    uint64_t nclusters;         /* strict: the file's clusters (nothing counted beyond);
+                                 * checker: also past the last cluster counted */
+    uint64_t file_end;          /* checker: references a cluster past this are corrupt */
+    uint64_t rbe;               /* clusters per range (refcount block entries) */
+    uint64_t *keys;             /* range index + 1; 0 = empty slot */
+    uint32_t **chunks;          /* counts of the range */
+    size_t cap, used;
+    uint64_t last_ci;           /* the range counted last (runs stay in one range) */
+    uint32_t *last;
+    uint64_t *tables;           /* distinct L2 tables met (0 = empty slot) ... */
+    uint32_t *refs;             /* ... and the references to each */
+    size_t tcap, tused;
+    uint64_t l1_read, l2_read, bitmap_read;   /* strict: work bounds, bytes read */
+    /* The checker sets res: problems are counted there and described via
+     * say, and the walk goes on.  Without res the walk is strict: any
+     * invalid entry or reference past nclusters stops it (err says why). */
+    struct check_result *res;
+    unsigned fix;               /* checker: CHECK_FIX_* */
+    void (*say)(void *ctx, const char *line);
+    void *say_ctx;
+    tool_progress_fn progress;
+    void *progress_ctx;
+    uint64_t work_done, work_total;   /* L1 entries visited / to visit */
+    char *err;
+    size_t errlen;
+};
+int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen);
+void rc_walk_free(struct rc_walk *w);
+void rc_walk_say(struct rc_walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* One more reference to every cluster of [off, off+len). */
+int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what);
+/* The references counted to a cluster; one fewer (if any). */
+uint32_t rc_walk_get(const struct rc_walk *w, uint64_t cluster);
+void rc_walk_drop(struct rc_walk *w, uint64_t cluster);
+/* Was anything counted in refcount-block range ci (clusters ci*rbe...)? */
+bool rc_walk_range_used(const struct rc_walk *w, uint64_t ci);
+/* Count every reference except those of the refcount structures themselves. */
+int rc_walk_image(struct rc_walk *w);
+/* Replace the refcount structures by new ones holding exactly the counts,
+ * blocks only for the ranges in use (written past them and the end of the
+ * file, then switched in by one header write); fix_copied first makes the
+ * active COPIED flags agree. */
+int rc_rebuild(struct rc_walk *w, bool fix_copied);
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
+/* Write the 512-byte sector of the L1 table at l1_off holding entry i. */
+int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
 
 /* raw.c */
 struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen);

@@ -183,7 +183,11 @@ static int index_snapshots(struct qcow2 *q)
     uint64_t total = 0;
     for (uint32_t i = 0; i < nb; i++) {
         const struct qcow2_snapshot *s = &q->snapshots[i];
-        if (!s->l1_size)
+        /* A misaligned or oversized L1 table (only the checker gets such an
+         * entry past the open) is corruption to QEMU, not a table: its
+         * clusters count as leaks and may be freed. */
+        if (!s->l1_size || (s->l1_table_offset & (cl_size(q) - 1)) ||
+            (uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES)
             continue;
         x->ranges[x->nranges].off = s->l1_table_offset;
         x->ranges[x->nranges].len = (uint64_t)s->l1_size * 8;

@@ -1,7 +1,6 @@
 /* qcow2 images: open, close, header updates, and the ordered flush. */
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -294,10 +293,12 @@ static const char *const protocols[] = {
 };
 
 /* Names of other files an image refers to (backing file, external data
- * file) are resolved against the directory of the image as named (not the
- * working directory), as QEMU resolves backing file names.  Pseudo-protocols
- * (json:, nbd: ...) and devices are refused: we only open image files.
- * `what` names the reference in messages ("backing file", "data file"). */
+ * file) are resolved like QEMU resolves backing file names: relative to the
+ * directory of the image as named (not the working directory), by putting
+ * the image's directory part in front ("dir/top.qcow2" + "base" ->
+ * "dir/base"; "top.qcow2" + "base" -> "base").  Pseudo-protocols (json:,
+ * nbd: ...) and devices are refused: we only open image files.  `what` names
+ * the reference in messages ("backing file", "data file"). */
 int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
                        size_t outlen, char *err, size_t errlen)
 {
@@ -318,13 +319,11 @@ int qcow2_resolve_name(const char *image, const char *name, const char *what, ch
             }
         }
     }
-    if (name[0] == '/') {
+    const char *dir_end = strrchr(image, '/');
+    if (name[0] == '/' || !dir_end)
         snprintf(out, outlen, "%s", name);
-    } else {
-        char tmp[PATH_MAX];
-        snprintf(tmp, sizeof(tmp), "%s", image);
-        snprintf(out, outlen, "%s/%s", dirname(tmp), name);
-    }
+    else
+        snprintf(out, outlen, "%.*s%s", (int)(dir_end - image + 1), image, name);
     struct stat st;
     if (stat(out, &st) == 0 && !S_ISREG(st.st_mode)) {
         snprintf(err, errlen, "%s '%s' is not a regular file", what, out);
@@ -333,14 +332,19 @@ int qcow2_resolve_name(const char *image, const char *name, const char *what, ch
     return 0;
 }
 
+int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
+                          char *err, size_t errlen)
+{
+    return qcow2_resolve_name(overlay, name, "backing file", out, outlen, err, errlen);
+}
+
 /* Real paths of the images being opened down the chain (loop detection). */
 static char *chain_paths[MAX_BACKING_DEPTH + 2];
 
 static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, char *err, size_t errlen)
 {
     char path[PATH_MAX + 1100], msg[512];
-    int r = qcow2_resolve_name(q->img.path, q->h.backing_file, "backing file", path, sizeof(path),
-                               err, errlen);
+    int r = qcow2_resolve_backing(q->img.path, q->h.backing_file, path, sizeof(path), err, errlen);
     if (r < 0)
         return r;
     if (depth + 1 > MAX_BACKING_DEPTH) {
@@ -495,6 +499,7 @@ static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen)
 {
     char msg[400];
+    int r;
     struct qcow2 *q = calloc(1, sizeof(*q));
     if (!q) {
         snprintf(err, errlen, "out of memory");
@@ -543,21 +548,32 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         }
     }
     q->hdr_len = (uint32_t)n;
-    if (qcow2_header_parse(q->hdr_buf, (size_t)n, (uint64_t)fsize, &q->h, msg, sizeof(msg)) < 0) {
+    /* For check/repair the snapshot table is the checker's business (it may
+     * be damaged): parse the header as if it had none; the checker reads the
+     * real fields from hdr_buf before anything can rewrite the header. */
+    uint8_t sn_fields[12];
+    if (o->check && n >= 72) {
+        memcpy(sn_fields, q->hdr_buf + 60, sizeof(sn_fields));
+        memset(q->hdr_buf + 60, 0, sizeof(sn_fields));
+    }
+    r = qcow2_header_parse(q->hdr_buf, (size_t)n, (uint64_t)fsize, &q->h, msg, sizeof(msg));
+    if (o->check && n >= 72)
+        memcpy(q->hdr_buf + 60, sn_fields, sizeof(sn_fields));
+    if (r < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }
-    if (q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
+    if ((q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->check) {
         if (!o->read_only)
             uq_warn("%s: image is marked corrupt; serving it read-only "
-                    "(repair it with 'qemu-img check -r all')", f->path);
+                    "(repair it with 'ublk-qcow2 check -r all')", f->path);
         q->img.read_only = true;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
     q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
 
-    int r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);
+    r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);
     q->l1_dirty = calloc(((uint64_t)q->h.l1_size * 8 + 511) / 512 + 1, 1);
     q->reftable_entries = (uint64_t)q->h.refcount_table_clusters * q->h.cluster_size / 8;
     if (r == 0)
@@ -607,7 +623,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         goto fail_nofile;
     }
 
-    if (q->h.backing_file[0]) {
+    if (q->h.backing_file[0] && !o->no_backing) {
         chain_paths[depth] = realpath(f->path, NULL);
         r = open_backing(q, o, depth, msg, sizeof(msg));
         free(chain_paths[depth]);
@@ -618,7 +634,9 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         }
     }
 
-    if (!q->img.read_only) {
+    /* A check leaves the dirty bit and the autoclear bits to the checker
+     * (bitmaps stay valid: a repair does not change guest data). */
+    if (!q->img.read_only && !o->check) {
         bool header_changed = false;
         /* Dirty bit: refcounts may be stale (lazy refcounts); rebuild them
          * before the first write, as QEMU does on open. */

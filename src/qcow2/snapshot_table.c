@@ -8,8 +8,9 @@
 
 #include "qcow2/format.h"
 
-#define SN_FIXED_SIZE   40     /* bytes 0..39 of an entry */
+#define SN_FIXED_SIZE   QCOW2_SNAPSHOT_FIXED
 #define SN_EXTRA_V3_MIN 16     /* v3: 64-bit vm-state size + disk size */
+#define SN_EXTRA_KNOWN  24     /* ... + instruction count */
 
 __attribute__((format(printf, 4, 5)))
 static int fail(int ret, char *err, size_t errlen, const char *fmt, ...)
@@ -45,6 +46,62 @@ void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t nb)
     free(s);
 }
 
+void qcow2_snapshot_fixed_load(const uint8_t *e, struct qcow2_snapshot *s, uint16_t *id_len,
+                               uint16_t *name_len)
+{
+    s->l1_table_offset = be64_load(e + 0);
+    s->l1_size = be32_load(e + 8);
+    *id_len = be16_load(e + 12);
+    *name_len = be16_load(e + 14);
+    s->date_sec = be32_load(e + 16);
+    s->date_nsec = be32_load(e + 20);
+    s->vm_clock_nsec = be64_load(e + 24);
+    s->vm_state_size = be32_load(e + 32);
+    s->extra_size = be32_load(e + 36);
+}
+
+void qcow2_snapshot_extra_apply(struct qcow2_snapshot *s, uint64_t image_size)
+{
+    if (s->extra_size >= 8)
+        s->vm_state_size = be64_load(s->extra);    /* supersedes the 32-bit field */
+    s->disk_size = s->extra_size >= 16 ? be64_load(s->extra + 8) : image_size;
+}
+
+/* Entries are written as QEMU writes them: at least the three known words
+ * of extra data (64-bit vm-state size, disk size, instruction count, which
+ * is "none" (all ones) when the entry had none), unknown extra data kept. */
+size_t qcow2_snapshot_entry_len(const struct qcow2_snapshot *s)
+{
+    size_t extra = s->extra_size > SN_EXTRA_KNOWN ? s->extra_size : SN_EXTRA_KNOWN;
+    return SN_FIXED_SIZE + extra + strlen(s->id) + strlen(s->name);
+}
+
+void qcow2_snapshot_entry_store(const struct qcow2_snapshot *s, uint8_t *buf)
+{
+    size_t extra = s->extra_size > SN_EXTRA_KNOWN ? s->extra_size : SN_EXTRA_KNOWN;
+    size_t id_len = strlen(s->id), name_len = strlen(s->name);
+    memset(buf, 0, SN_FIXED_SIZE + extra);
+    be64_store(buf + 0, s->l1_table_offset);
+    be32_store(buf + 8, s->l1_size);
+    be16_store(buf + 12, (uint16_t)id_len);
+    be16_store(buf + 14, (uint16_t)name_len);
+    be32_store(buf + 16, s->date_sec);
+    be32_store(buf + 20, s->date_nsec);
+    be64_store(buf + 24, s->vm_clock_nsec);
+    /* A state too large for 32 bits: older readers see a disk-only snapshot. */
+    be32_store(buf + 32, s->vm_state_size <= UINT32_MAX ? (uint32_t)s->vm_state_size : 0);
+    be32_store(buf + 36, (uint32_t)extra);
+    uint8_t *x = buf + SN_FIXED_SIZE;
+    if (s->extra_size)
+        memcpy(x, s->extra, s->extra_size);
+    be64_store(x, s->vm_state_size);
+    be64_store(x + 8, s->disk_size);
+    if (s->extra_size < SN_EXTRA_KNOWN)
+        be64_store(x + 16, UINT64_MAX);
+    memcpy(x + extra, s->id, id_len);
+    memcpy(x + extra + id_len, s->name, name_len);
+}
+
 int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size_t len,
                           uint32_t nb, struct qcow2_snapshot **out, char *err, size_t errlen)
 {
@@ -76,16 +133,8 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
                        i, pos, len);
             goto out_free;
         }
-        const uint8_t *e = buf + pos;
-        s->l1_table_offset = be64_load(e + 0);
-        s->l1_size = be32_load(e + 8);
-        uint16_t id_size = be16_load(e + 12);
-        uint16_t name_size = be16_load(e + 14);
-        s->date_sec = be32_load(e + 16);
-        s->date_nsec = be32_load(e + 20);
-        s->vm_clock_nsec = be64_load(e + 24);
-        s->vm_state_size = be32_load(e + 32);
-        s->extra_size = be32_load(e + 36);
+        uint16_t id_size, name_size;
+        qcow2_snapshot_fixed_load(buf + pos, s, &id_size, &name_size);
         pos += SN_FIXED_SIZE;
 
         if (s->extra_size > len - pos ||
@@ -101,16 +150,13 @@ int qcow2_snapshots_parse(const struct qcow2_header *h, const uint8_t *buf, size
                        i, s->extra_size, SN_EXTRA_V3_MIN);
             goto out_free;
         }
-        const uint8_t *extra = buf + pos;
-        if (s->extra_size >= 8)
-            s->vm_state_size = be64_load(extra);    /* supersedes the 32-bit field */
-        s->disk_size = s->extra_size >= 16 ? be64_load(extra + 8) : h->size;
         if (s->extra_size) {
             s->extra = malloc(s->extra_size);
             if (!s->extra)
                 goto out_nomem;
-            memcpy(s->extra, extra, s->extra_size);
+            memcpy(s->extra, buf + pos, s->extra_size);
         }
+        qcow2_snapshot_extra_apply(s, h->size);
         pos += s->extra_size;
         s->id = dup_name(buf + pos, id_size);
         pos += id_size;

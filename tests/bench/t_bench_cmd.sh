@@ -23,7 +23,10 @@ if out=$(timeout 120 "$UQ" bench --rw randrw --bs 4k --depth 16 --ios 2000 --jso
         not_ok bench_cmd_json "output is not JSON: $out"
     elif ! jq -e '.ios == 2000 and .errors == 0 and .read_ios + .write_ios == 2000
                   and .read_ios > 0 and .write_ios > 0 and .rw == "randrw"
-                  and .bs == 4096 and .depth == 16 and .iops > 0' >/dev/null <<<"$out"; then
+                  and .bs == 4096 and .depth == 16 and .iops > 0
+                  and .lat_p50_us > 0 and .lat_p50_us <= .lat_p99_us
+                  and .lat_p99_us <= .lat_max_us * 1.05
+                  and .cpu_user_s >= 0 and .cpu_sys_s >= 0' >/dev/null <<<"$out"; then
         not_ok bench_cmd_json "unexpected report: $out"
     else
         ok bench_cmd_json
@@ -95,7 +98,7 @@ fi
 
 # The human-readable line.
 if out=$(timeout 120 "$UQ" bench --rw randread --ios 100 "$D/a.raw" 2>"$D/err") &&
-        grep -Eq '^randread bs=4096 depth=32: [0-9]+ IOPS, [0-9.]+ MiB/s, [0-9.]+ s, lat avg [0-9.]+ us' <<<"$out"; then
+        grep -Eq '^randread bs=4096 depth=32: [0-9]+ IOPS, [0-9.]+ MiB/s, [0-9.]+ s, lat avg [0-9.]+ us, p50 [0-9.]+ us, p99 [0-9.]+ us' <<<"$out"; then
     ok bench_cmd_text
 else
     not_ok bench_cmd_text "unexpected output: $out $(head -c 300 "$D/err")"

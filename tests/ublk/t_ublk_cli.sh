@@ -40,6 +40,8 @@ expect ublk_cli_add_bad_depth 2 "invalid depth '5000'" "$UQ" add -d 5000 x
 expect ublk_cli_add_bad_id 2 "invalid device id 'x1'" "$UQ" add -n x1 img
 expect ublk_cli_add_bad_format 2 "unknown format 'vmdk'" "$UQ" add -f vmdk x
 expect ublk_cli_add_bad_cache 2 "invalid cache size" "$UQ" add --cache-size 12Q x
+expect ublk_cli_add_bad_size 2 "invalid size '12Q'" "$UQ" add --size 12Q x
+expect ublk_cli_add_help_size 0 "--size SIZE" "$UQ" add --help
 expect ublk_cli_add_unknown_option 2 "usage" "$UQ" add --bogus x
 expect ublk_cli_add_bad_discard 2 "unknown --discard mode 'sometimes'" "$UQ" add --discard sometimes x
 expect ublk_cli_add_help_discard 0 "--discard ignore|unmap|--discard MODE" "$UQ" add --help
@@ -80,6 +82,21 @@ if [ ! -e /dev/ublk-control ]; then
 	expect ublk_cli_list_no_ublk 1 "modprobe ublk_drv" "$UQ" list
 	expect ublk_cli_del_no_ublk 1 "modprobe ublk_drv" "$UQ" del --all
 	expect ublk_cli_recover_no_ublk 1 "modprobe ublk_drv" "$UQ" recover -n 0
+	# add --size makes the missing image first (with create's code), then fails cleanly.
+	expect ublk_cli_add_size_no_ublk 1 "modprobe ublk_drv" "$UQ" add --size 32M "$tmp/made.qcow2"
+	if command -v qemu-img >/dev/null && qemu-img check -q "$tmp/made.qcow2" &&
+		[ "$(qemu-img info --output=json "$tmp/made.qcow2" | jq '."virtual-size"')" = $((32 << 20)) ]; then
+		ok ublk_cli_add_size_made_image
+	else
+		nok ublk_cli_add_size_made_image "no valid 32M qcow2 image was made"
+	fi
+	expect ublk_cli_add_size_raw_no_ublk 1 "modprobe ublk_drv" "$UQ" add -f raw --size 16M "$tmp/made.raw"
+	[ "$(stat -c %s "$tmp/made.raw" 2>/dev/null)" = $((16 << 20)) ] && ok ublk_cli_add_size_made_raw ||
+		nok ublk_cli_add_size_made_raw "no 16M raw file was made"
+	sum=$(md5sum < "$tmp/made.qcow2")
+	expect ublk_cli_add_size_existing_kept 1 "modprobe ublk_drv" "$UQ" add --size 64M "$tmp/made.qcow2"
+	[ "$(md5sum < "$tmp/made.qcow2")" = "$sum" ] && ok ublk_cli_add_size_existing_unchanged ||
+		nok ublk_cli_add_size_existing_unchanged "an existing image was changed"
 else
 	echo "skip ublk_cli_no_ublk: this kernel has ublk"
 fi

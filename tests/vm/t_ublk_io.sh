@@ -3,6 +3,7 @@
 # /dev/ublkbN on preallocated and empty qcow2 images with 1 and 2 queues,
 # then the device's contents against the image (qemu-img check + compare);
 # `del` under load; image locks against qemu and a second `add`; ID in use;
+# add --size creating the image it serves;
 # kill -9 without --recovery;
 # SIGTERM; list --json; daemon logs free of sanitizer reports.
 # timeout: 600
@@ -105,6 +106,21 @@ if uq_add "$W/kill.qcow2"; then
 	check ublk_kill9_qemu_img_check eval '[ $rc = 0 ] || [ $rc = 3 ]'
 else
 	nok ublk_kill9_write "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+
+# add --size makes a missing image (create's code) and serves it.
+rm -f "$W/made.qcow2"
+if uq_add --size 48M "$W/made.qcow2"; then
+	check ublk_add_size_device_size test "$(blockdev --getsize64 "$DEV")" = $((48 << 20))
+	check ublk_add_size_write dd if=/dev/urandom of="$W/made.data" bs=1M count=4 status=none
+	check ublk_add_size_write_dev dd if="$W/made.data" of="$DEV" bs=1M oflag=direct status=none
+	check ublk_add_size_del uq_del "$ID"
+	check ublk_add_size_qemu_img_check qemu-img check -q "$W/made.qcow2"
+	check ublk_add_size_convert qemu-img convert -O raw "$W/made.qcow2" "$W/made.raw"
+	check ublk_add_size_data cmp -n $((4 << 20)) "$W/made.raw" "$W/made.data"
+	rm -f "$W/made.qcow2" "$W/made.raw" "$W/made.data"
+else
+	nok ublk_add_size "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
 
 # Bad input that needs the kernel (the rest is in tests/ublk/t_ublk_cli.sh).

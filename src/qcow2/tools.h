@@ -1,0 +1,115 @@
+/* Offline image tools: the engine side of the create, info and check
+ * commands (create.c, info.c, check.c).  No terminal output here: progress
+ * and detail lines go to callbacks the command supplies.  Option names,
+ * defaults, results and exit-code meanings follow qemu-img. */
+#ifndef UQ_QCOW2_TOOLS_H
+#define UQ_QCOW2_TOOLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qcow2/format.h"
+#include "qcow2/image.h"
+
+/* done out of total units of work (total > 0; done reaches total at the end). */
+typedef void (*tool_progress_fn)(void *ctx, uint64_t done, uint64_t total);
+
+/* ---- create (create.c) ------------------------------------------------------ */
+enum prealloc_mode { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC, PREALLOC_FULL };
+
+struct create_opts {
+    enum img_format format;         /* IMG_FMT_QCOW2 (default) or IMG_FMT_RAW */
+    uint64_t size;                  /* virtual size in bytes (rounded up to 512) */
+    bool size_set;                  /* false: take the backing file's size */
+    uint32_t cluster_size;          /* 512 .. 2 MiB, a power of two (default 64 KiB) */
+    uint32_t version;               /* 2 (compat=0.10) or 3 (compat=1.1, default) */
+    uint32_t refcount_bits;         /* 1 .. 64, a power of two (default 16) */
+    bool lazy_refcounts, extended_l2;
+    enum qcow2_compression compression;
+    enum prealloc_mode prealloc;
+    const char *backing_file;       /* stored as given; relative = to the image's directory */
+    const char *backing_fmt;        /* "qcow2" or "raw"; required with a backing file */
+    tool_progress_fn progress;      /* preallocation progress (may be NULL) */
+    void *progress_ctx;
+};
+
+void create_opts_init(struct create_opts *o);
+/* Create (or truncate and overwrite, as qemu-img does) the image PATH.
+ * Validates the options as qemu-img does; on failure removes a file it
+ * created and returns -errno with a one-line reason in err. */
+int img_create(const char *path, const struct create_opts *o, char *err, size_t errlen);
+const char *prealloc_name(enum prealloc_mode m);
+
+/* ---- info (info.c) ------------------------------------------------------------ */
+struct snapshot_info {
+    char *id, *name;
+    uint64_t vm_state_size;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;
+    bool has_icount;
+};
+
+struct bitmap_info {
+    char *name;
+    uint32_t granularity;
+    bool in_use, autoload;
+};
+
+struct image_info {
+    char *filename;                 /* as given (or as the overlay names it) */
+    enum img_format format;
+    uint64_t virtual_size;
+    uint64_t actual_size;           /* bytes allocated on the host file system */
+    /* qcow2 only */
+    uint32_t cluster_size;
+    uint32_t version;
+    uint32_t refcount_bits;
+    enum qcow2_compression compression;
+    bool lazy_refcounts, corrupt, extended_l2, dirty;
+    char *backing_file;             /* NULL if none: the name as stored */
+    char *full_backing_file;        /* the name as QEMU resolves it against filename */
+    char *backing_format;           /* NULL if the image does not say */
+    struct snapshot_info *snapshots;
+    uint32_t nb_snapshots;
+    struct bitmap_info *bitmaps;    /* when the image has persistent bitmaps */
+    uint32_t nb_bitmaps;
+    bool has_bitmaps;
+    struct image_info *backing;     /* the next image of the chain (with chain=true) */
+};
+
+/* Describe PATH (format AUTO probes), and with chain=true every image of its
+ * backing chain.  Images are opened read-only, without their backing files. */
+int img_info(const char *path, enum img_format fmt, bool chain, struct image_info **out,
+             char *err, size_t errlen);
+void img_info_free(struct image_info *info);
+
+/* ---- check and repair (check.c) ------------------------------------------------ */
+#define CHECK_FIX_LEAKS  (1u << 0)
+#define CHECK_FIX_ERRORS (1u << 1)
+
+struct check_opts {
+    unsigned fix;                   /* CHECK_FIX_* */
+    tool_progress_fn progress;
+    void *progress_ctx;
+    /* One line of detail per problem found or repaired (no newline). */
+    void (*message)(void *ctx, const char *line);
+    void *message_ctx;
+};
+
+struct check_result {
+    uint64_t corruptions, leaks, check_errors;
+    uint64_t corruptions_fixed, leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+};
+
+/* Check a qcow2 image, repairing what opts->fix allows.  Returns 0 when the
+ * check ran (the verdict is in res), -ENOTSUP for a format without checks
+ * (raw), another -errno with err set when the image cannot be opened or the
+ * check could not complete (res->check_errors counts the latter). */
+int img_check(const char *path, enum img_format fmt, const struct check_opts *opts,
+              struct check_result *res, char *err, size_t errlen);
+
+#endif
