@@ -57,6 +57,7 @@ struct bench_cfg {
     uint64_t seed;
     bool json;
     const char *path;
+    struct cli_key key;         /* passphrase of a LUKS-encrypted image */
 };
 
 struct bench_run {
@@ -257,6 +258,8 @@ static void usage(FILE *out)
         "  --format FMT       auto|raw|qcow2 (default auto)\n"
         "  --cache-size SIZE  qcow2 metadata cache size\n"
         "  --seed N           random seed (default 1)\n"
+        "  --key-file FILE    passphrase of a LUKS-encrypted image (FILE's exact bytes)\n"
+        "  --key-env VAR      the passphrase from the environment variable VAR\n"
         "  --json             print one JSON object instead of a line of text\n"
         "  -h, --help         show this help\n",
         BENCH_MAX_DEPTH);
@@ -279,7 +282,7 @@ static bool parse_u64(const char *s, uint64_t *out)
 static int parse_args(int argc, char **argv, struct bench_cfg *c)
 {
     enum { O_RW = 256, O_BS, O_DEPTH, O_SECONDS, O_IOS, O_SIZE_LIMIT, O_FORMAT,
-           O_CACHE_SIZE, O_SEED, O_JSON };
+           O_CACHE_SIZE, O_SEED, O_JSON, O_KEY_FILE, O_KEY_ENV };
     static const struct option longopts[] = {
         { "rw",         required_argument, NULL, O_RW },
         { "bs",         required_argument, NULL, O_BS },
@@ -291,6 +294,8 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         { "cache-size", required_argument, NULL, O_CACHE_SIZE },
         { "seed",       required_argument, NULL, O_SEED },
         { "json",       no_argument,       NULL, O_JSON },
+        { "key-file",   required_argument, NULL, O_KEY_FILE },
+        { "key-env",    required_argument, NULL, O_KEY_ENV },
         { "help",       no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -387,6 +392,11 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         case O_JSON:
             c->json = true;
             break;
+        case O_KEY_FILE:
+        case O_KEY_ENV:
+            if ((opt == O_KEY_FILE ? cli_key_from_file : cli_key_from_env)("bench", optarg, &c->key))
+                return 2;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -468,12 +478,15 @@ int cmd_bench(int argc, char **argv)
 {
     struct bench_cfg cfg;
     int rc = parse_args(argc, argv, &cfg);
-    if (rc >= 0)
+    if (rc >= 0) {
+        cli_key_clear(&cfg.key);
         return rc;
+    }
 
     struct loop *loop = loop_new(ring_entries(cfg.depth));
     if (!loop) {
         cli_error("bench: cannot create the io_uring loop: %s", strerror(errno));
+        cli_key_clear(&cfg.key);
         return 1;
     }
 
@@ -483,8 +496,10 @@ int cmd_bench(int argc, char **argv)
         .read_only = cfg.mode->read_pct == 100,   /* pure reads: never dirty the image */
         .cache_size = cfg.cache_size,
         .cache = FILE_CACHE_AUTO,
+        .key = cfg.key.data, .key_len = cfg.key.len,
     };
     struct image *img = img_open(cfg.path, &opts, err, sizeof(err));
+    cli_key_clear(&cfg.key);    /* only needed to open */
     if (!img) {
         cli_error("bench: %s", err[0] ? err : cfg.path);
         loop_free(loop);

@@ -30,6 +30,17 @@ void progress_start(struct progress *p, const char *label);
 void progress_update(void *ctx, uint64_t done, uint64_t total);
 void progress_end(struct progress *p);
 
+/* The passphrase of an encrypted image (key.c): --key-file FILE (its exact
+ * bytes) or --key-env VAR.  Each returns 0, or prints why and returns 2.
+ * Besides the bytes, k keeps where they came from (the file's absolute path
+ * or the variable's name), which `add` stores for `recover`. */
+#include <limits.h>
+#include <stddef.h>
+struct cli_key { void *data; size_t len; char file[PATH_MAX]; const char *env; };
+int cli_key_from_file(const char *cmd, const char *path, struct cli_key *k);
+int cli_key_from_env(const char *cmd, const char *var, struct cli_key *k);
+void cli_key_clear(struct cli_key *k);      /* wipe and free */
+
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

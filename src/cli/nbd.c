@@ -72,6 +72,10 @@ static void usage(FILE *out)
         "  -l, --snapshot SNAP      serve internal snapshot SNAP (ID or name, or\n"
         "                           snapshot.id=ID[,snapshot.name=NAME]) read-only, as\n"
         "                           qemu-nbd -l does\n"
+        "      --key-file FILE      passphrase of a LUKS-encrypted qcow2 image (and of its\n"
+        "                           encrypted backing files): FILE's exact bytes, as QEMU\n"
+        "                           reads --object secret,file=FILE\n"
+        "      --key-env VAR        the passphrase from the environment variable VAR\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
         "  -v, --verbose            say more on stderr (clients coming and going);\n"
@@ -414,7 +418,8 @@ static int serve_forked(const struct nbd_cli *cli)
 
 int cmd_nbd(int argc, char **argv)
 {
-    enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF };
+    enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF,
+           OPT_KEY_FILE, OPT_KEY_ENV };
     static const struct option longopts[] = {
         { "socket",      required_argument, NULL, 'k' },
         { "bind",        required_argument, NULL, OPT_BIND },
@@ -428,11 +433,14 @@ int cmd_nbd(int argc, char **argv)
         { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
         { "snapshot",    required_argument, NULL, 'l' },
         { "load-snapshot", required_argument, NULL, 'l' },
+        { "key-file",    required_argument, NULL, OPT_KEY_FILE },
+        { "key-env",     required_argument, NULL, OPT_KEY_ENV },
         { "verbose",     no_argument,       NULL, 'v' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     struct nbd_cli cli = { 0 };
+    static struct cli_key key;
     int64_t size;
     int c;
 
@@ -487,6 +495,13 @@ int cmd_nbd(int argc, char **argv)
         case OPT_NO_UNREF:
             cli.img_opts.discard_no_unref = true;
             break;
+        case OPT_KEY_FILE:
+        case OPT_KEY_ENV:
+            if ((c == OPT_KEY_FILE ? cli_key_from_file : cli_key_from_env)("nbd", optarg, &key))
+                return 2;
+            cli.img_opts.key = key.data;
+            cli.img_opts.key_len = key.len;
+            break;
         case OPT_PID_FILE:
             cli.pid_file = optarg;
             break;
@@ -525,5 +540,7 @@ int cmd_nbd(int argc, char **argv)
     if (cli.img_opts.snapshot)
         cli.read_only = true;
     cli.img_opts.read_only = cli.read_only;
-    return cli.fork ? serve_forked(&cli) : serve(&cli, -1);
+    int rc = cli.fork ? serve_forked(&cli) : serve(&cli, -1);
+    cli_key_clear(&key);
+    return rc;
 }

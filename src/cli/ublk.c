@@ -69,6 +69,9 @@ static void add_usage(FILE *out)
         "  -l, --snapshot SNAP    serve internal snapshot SNAP of a qcow2 image (ID or\n"
         "                         name, or snapshot.id=ID[,snapshot.name=NAME]),\n"
         "                         read-only\n"
+        "      --key-file FILE    passphrase of a LUKS-encrypted qcow2 image: FILE's exact\n"
+        "                         bytes, as QEMU reads --object secret,file=FILE\n"
+        "      --key-env VAR      the passphrase from the environment variable VAR\n"
         "  -s, --size SIZE        create IMAGE with this virtual size if it does not exist\n"
         "                         (qcow2 with create's defaults, raw with -f raw)\n"
         "      --foreground       serve in the foreground until SIGINT/SIGTERM\n"
@@ -243,6 +246,15 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
 
 }
 
+/* The passphrase and where it came from (kept in the state file for recover). */
+static void set_key_opts(struct ublk_server_opts *o, const struct cli_key *k)
+{
+    o->key = k->data;
+    o->key_len = k->len;
+    o->key_file = k->file[0] ? k->file : NULL;
+    o->key_env = k->env;
+}
+
 int cmd_add(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -257,10 +269,13 @@ int cmd_add(int argc, char **argv)
         { "discard", required_argument, NULL, 'D' },
         { "discard-no-unref", no_argument, NULL, 'U' },
         { "snapshot", required_argument, NULL, 'l' },
+        { "key-file", required_argument, NULL, 'K' },
+        { "key-env", required_argument, NULL, 'E' },
         { "size", required_argument, NULL, 's' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    static struct cli_key key;
     int64_t create_size = -1;
     struct ublk_server_opts o = {
         .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
@@ -348,6 +363,11 @@ int cmd_add(int argc, char **argv)
             o.snapshot = optarg;
             o.read_only = true;     /* a snapshot is served as it was taken */
             break;
+        case 'K':
+        case 'E':
+            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("add", optarg, &key))
+                return 2;
+            break;
         case 'h':
             add_usage(stdout);
             return 0;
@@ -380,8 +400,11 @@ int cmd_add(int argc, char **argv)
         return 1;
     }
     o.image = image;
+    set_key_opts(&o, &key);
 
-    return run_daemon(&o, foreground);
+    int rc = run_daemon(&o, foreground);
+    cli_key_clear(&key);
+    return rc;
 }
 
 /* ---- device enumeration --------------------------------------------------------- */
@@ -804,13 +827,16 @@ int cmd_list(int argc, char **argv)
 static void recover_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 recover -n ID [--foreground]\n\n"
+        "Usage: ublk-qcow2 recover -n ID [--foreground] [--key-file FILE | --key-env VAR]\n\n"
         "Start a new daemon for ublk device ID, added with --recovery, whose daemon\n"
         "died: the device (QUIESCED, its I/O waiting) becomes LIVE again.  The image\n"
-        "and its options come from %s/ublkID.json.\n\n"
+        "and its options come from %s/ublkID.json.  An encrypted image's passphrase\n"
+        "is read again from where `add` took it (the same --key-file, or --key-env\n"
+        "variable in this environment) unless given here; it is never stored.\n\n"
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "      --key-file FILE, --key-env VAR   passphrase of a LUKS-encrypted image\n"
         "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
@@ -821,9 +847,12 @@ int cmd_recover(int argc, char **argv)
         { "id", required_argument, NULL, 'n' },
         { "foreground", no_argument, NULL, 'F' },
         { "verbose", no_argument, NULL, 'v' },
+        { "key-file", required_argument, NULL, 'K' },
+        { "key-env", required_argument, NULL, 'E' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    static struct cli_key key;
     bool foreground = false, have_id = false;
     unsigned long id = 0;
     int c;
@@ -842,6 +871,11 @@ int cmd_recover(int argc, char **argv)
             break;
         case 'F':
             foreground = true;
+            break;
+        case 'K':
+        case 'E':
+            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("recover", optarg, &key))
+                return 2;
             break;
         case 'h':
             recover_usage(stdout);
@@ -897,5 +931,17 @@ int cmd_recover(int argc, char **argv)
         .recovery = true, .recover = true, .notify_fd = -1,
         .snapshot = st.snapshot[0] ? st.snapshot : NULL,
     };
-    return run_daemon(&o, foreground);
+    /* The passphrase from where `add` took it, unless given now. */
+    if (!key.data && st.key_file[0] && cli_key_from_file("recover", st.key_file, &key))
+        return 1;
+    if (!key.data && st.key_env[0]) {
+        static char var[sizeof(st.key_env)];
+        snprintf(var, sizeof(var), "%s", st.key_env);
+        if (cli_key_from_env("recover", var, &key))
+            return 1;
+    }
+    set_key_opts(&o, &key);
+    int rc = run_daemon(&o, foreground);
+    cli_key_clear(&key);
+    return rc;
 }

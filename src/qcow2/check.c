@@ -514,7 +514,8 @@ static int check_copied(struct checker *c)
         for (uint64_t j = 0; j < q->h.l2_entries; j++) {
             uint8_t *p = l2 + j * q->h.l2_entry_size;
             uint64_t e = be64_load(p);
-            if ((e & QCOW_OFLAG_COMPRESSED) || !(e & L2E_OFFSET_MASK) ||
+            /* Data-file clusters are not refcounted: COPIED is theirs by definition. */
+            if ((e & QCOW_OFLAG_COMPRESSED) || !(e & L2E_OFFSET_MASK) || has_data_file(q) ||
                 refcount_of(q, (e & L2E_OFFSET_MASK) / cs, &rc) < 0)
                 continue;
             if ((rc == 1) != !!(e & QCOW_OFLAG_COPIED)) {

@@ -104,9 +104,10 @@ static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
 static bool entry_ok(struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t off)
 {
     enum qcow2_cluster_type t = etype(q, e);
-    if (t == QCOW2_CLUSTER_INVALID) {
-        qcow2_mark_broken(q, "L2 entry 0x%llx for guest offset 0x%llx is invalid",
-                          (unsigned long long)e, (unsigned long long)off);
+    if (t == QCOW2_CLUSTER_INVALID || !datafile_entry_ok(q, e, off)) {
+        qcow2_mark_broken(q, "L2 entry 0x%llx for guest offset 0x%llx is invalid%s",
+                          (unsigned long long)e, (unsigned long long)off,
+                          t == QCOW2_CLUSTER_INVALID ? "" : " with an external data file");
         return false;
     }
     if (!q->extl2)
@@ -173,9 +174,19 @@ static void unlink_alloc(struct qcow2 *q, struct inflight_alloc *a)
 /* Drop the reference an L2 entry held, once the entry's replacement is
  * durable (defer_free).  Owned and shared clusters alike lose one ref;
  * with punch (a discard), a cluster left unused is punched out of the file. */
-static void release_entry(struct qcow2 *q, uint64_t e, bool punch)
+static int release_entry(struct qcow2 *q, uint64_t e, bool punch)
 {
     void (*drop)(struct qcow2 *, uint64_t, uint64_t) = punch ? defer_free_punch : defer_free;
+    if (has_data_file(q)) {
+        /* Nothing to release: data clusters are not refcounted and belong to
+         * their guest cluster for good.  A discard punches the data now, as
+         * QEMU does: a later write to the cluster can only come after this
+         * request's change to the entry, so no hole lands on newer data. */
+        enum qcow2_cluster_type t = etype(q, e);
+        if (punch && (t == QCOW2_CLUSTER_NORMAL || t == QCOW2_CLUSTER_ZERO_ALLOC))
+            return data_punch(q, e & L2E_OFFSET_MASK, cl_size(q));
+        return 0;
+    }
     switch (etype(q, e)) {
     case QCOW2_CLUSTER_NORMAL:
     case QCOW2_CLUSTER_ZERO_ALLOC:
@@ -190,6 +201,7 @@ static void release_entry(struct qcow2 *q, uint64_t e, bool punch)
     default:
         break;
     }
+    return 0;
 }
 
 /* Give L1 entry l1i a table we own alone: allocate an empty one, or copy a
@@ -318,12 +330,7 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
 {
-    ssize_t n = file_pread(&q->file, buf, len, host);
-    if (n < 0)
-        return (int)n;
-    if ((uint64_t)n < len)      /* allocated past the end of the file: zeros */
-        memset(buf + n, 0, len - n);
-    return 0;
+    return data_read(q, buf, len, host);
 }
 
 static int read_backing(struct qcow2 *q, uint64_t off, uint64_t len, uint8_t *buf)
@@ -439,7 +446,7 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
         enum qcow2_cluster_type t = etype(q, e);
         enum ext_kind k = EXT_NONE;
         uint64_t host = 0;
-        if (t == QCOW2_CLUSTER_NORMAL && (!q->extl2 || bm == SC_ALL)) {
+        if (t == QCOW2_CLUSTER_NORMAL && (!q->extl2 || bm == SC_ALL) && datafile_entry_ok(q, e, off)) {
             k = EXT_HOST;
             host = (e & L2E_OFFSET_MASK) + offset_into_cluster(q, off);
         } else if (t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
@@ -477,6 +484,8 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
  * a hostile or damaged image may map guest data anywhere. */
 static int check_own_range(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len)
 {
+    if (has_data_file(q))
+        return 0;   /* the data file holds no metadata; entry_ok checked host == guest */
     int r = ol_check(q, host, len, 0, "guest data");
     if (r < 0)
         return r;
@@ -562,7 +571,11 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
     uint8_t *head = NULL, *tail = NULL;
     bool fresh = false;
     int r = 0;
-    if (!reuse) {
+    if (!reuse && has_data_file(q)) {
+        /* The data file has a place for every guest cluster: its own. */
+        host = c0 * cs;
+        got = want;
+    } else if (!reuse) {
         co_mutex_lock(&q->alloc_lock);
         uint64_t end_before = q->host_end;
         r = alloc_clusters(q, want, &host, &got);
@@ -571,8 +584,9 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
             goto out;
         a.last = c0 + got - 1;
         /* Clusters past the file's end were never written: they read as
-         * zeros already, so COW from zeros needs no write at all. */
-        fresh = host >= end_before;
+         * zeros already, so COW from zeros needs no write at all (not when
+         * encrypted: plain zeros must be stored encrypted). */
+        fresh = host >= end_before && !q->crypto;
     }
     uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs, last_start = span_end - cs;
     uint64_t data_end = MIN(end, span_end);
@@ -604,12 +618,10 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         r = read_cluster_part(q, el, bml, data_end, tail_len, tail);
         iov[niov++] = (struct iovec){ tail, tail_len };
     }
-    if (r == 0)   /* a refcount may have called a table's cluster free */
+    if (r == 0 && !has_data_file(q))   /* a refcount may have called a table's cluster free */
         r = ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
-    if (r == 0) {
-        ssize_t w = file_pwritev(&q->file, iov, niov, host + (wr - span_start), false);
-        r = w < 0 ? (int)w : 0;
-    }
+    if (r == 0)
+        r = data_writev(q, iov, niov, host + (wr - span_start), false);
     if (r < 0)
         goto fail;
     for (uint64_t i = 0; i < got; i++) {
@@ -625,13 +637,13 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
             l2bm_set(q, s, k, mkbm(extl2_alloc_bits(obm) | m, extl2_zero_bits(obm) & ~m));
         }
         if (!reuse)
-            release_entry(q, old, false);
+            release_entry(q, old, false);   /* never fails without punch */
     }
     mcache_mark_dirty(s);
     *done = data_end - off;
     goto out;
 fail:
-    if (!reuse)     /* nothing points at the new clusters yet: free them now */
+    if (!reuse && !has_data_file(q))    /* nothing points at the new clusters yet: free them now */
         for (uint64_t i = 0; i < got; i++)
             rc_update(q, host / cs + i, -1);
 out:
@@ -678,10 +690,8 @@ static int write_subclusters(struct qcow2 *q, struct mslice *s, uint32_t idx, co
         r = read_cluster_part(q, e, bm, off + n, to - in - n, tail);
         iov[niov++] = (struct iovec){ tail, to - in - n };
     }
-    if (r == 0) {
-        ssize_t w = file_pwritev(&q->file, iov, niov, host + from, false);
-        r = w < 0 ? (int)w : 0;
-    }
+    if (r == 0)
+        r = data_writev(q, iov, niov, host + from, false);
     if (r == 0) {
         uint64_t now = l2bm_get(q, s, idx);
         uint32_t m = units_touched(q, from, to);
@@ -732,6 +742,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
     int r = 0;
     if (q->broken)
         return -EIO;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
     while (len) {
         uint64_t cs = cl_size(q), in = offset_into_cluster(q, off), n = MIN(len, cs - in);
@@ -765,11 +776,10 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             r = check_own_range(q, off, first_host + in, n);
             if (r < 0)
                 break;
-            ssize_t w = file_pwrite(&q->file, buf, n, first_host + in, fua);
-            if (w < 0) {
-                r = (int)w;
+            struct iovec iov = { (void *)buf, n };
+            r = data_writev(q, &iov, 1, first_host + in, fua);
+            if (r < 0)
                 break;
-            }
         } else if (is_inplace(q, e)) {
             r = write_subclusters(q, s, idx, buf, off, n);
             if (r < 0)
@@ -904,22 +914,7 @@ static int write_zero_bytes(struct qcow2 *q, uint64_t off, uint64_t len)
 static int zero_in_place(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len, bool unmap)
 {
     int r = check_own_range(q, off, host, len);
-    if (r < 0)
-        return r;
-    r = -EOPNOTSUPP;
-    if (unmap && !q->no_punch) {
-        r = file_punch(&q->file, host, len);
-        if (r == -EOPNOTSUPP || r == -ENOSYS)
-            q->no_punch = true;
-    }
-    if (r == -EOPNOTSUPP || r == -ENOSYS)
-        r = file_zero_range(&q->file, host, len);
-    if (r != -EOPNOTSUPP && r != -ENOSYS)
-        return r;
-    uint8_t *zero = io_zalloc(len);
-    ssize_t w = file_pwrite(&q->file, zero, len, host, false);
-    io_free(zero);
-    return w < 0 ? (int)w : 0;
+    return r < 0 ? r : data_zero(q, host, len, unmap);
 }
 
 /* Zero or discard units [u0, u1) of the cluster at guest offset coff. */
@@ -956,7 +951,7 @@ static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, 
             l2bm_set(q, s, idx, p.bm);
             mcache_mark_dirty(s);
             if (p.release)
-                release_entry(q, e, z->unmap);
+                r = release_entry(q, e, z->unmap);
         }
         mcache_put(&q->l2c, s);
     }
@@ -973,7 +968,7 @@ static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, 
             v++;
         r = check_own_range(q, coff + u * us, host + u * us, (v - u) * us);
         if (r == 0)
-            r = punch_host(q, host + u * us, (v - u) * us);
+            r = data_punch(q, host + u * us, (v - u) * us);
         u = v;
     }
     if (r == 0 && p.in_place)
@@ -1002,10 +997,10 @@ static int zero_piece(struct qcow2 *q, uint64_t off, uint64_t len, const struct 
         /* Advisory: the part of our own data is punched (reads as zeros,
          * its blocks go back to the file system); elsewhere nothing, as
          * QEMU ignores partial clusters. */
-        if (!own_data)
+        if (!own_data || q->crypto)     /* a hole would not read as zeros once decrypted */
             return 0;
         r = check_own_range(q, off, host, len);
-        return r < 0 ? r : punch_host(q, host, len);
+        return r < 0 ? r : data_punch(q, host, len);
     }
     if (k == U_ZERO || (k == U_UNALLOC && !q->backing))
         return 0;
@@ -1044,8 +1039,11 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
     struct qreq rq;
     if (q->broken)
         return -EIO;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
-    int r = zero_range(q, off, len, &z);
+    int r = datafile_zero_raw(q, off, len, z.unmap);
+    if (r == 0)
+        r = zero_range(q, off, len, &z);
     qreq_end(q, &rq);
     /* FUA always flushes: even a range that already reads as zeros may do
      * so only through entries not yet durable (a discard since the last
@@ -1066,8 +1064,13 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
      * file's stale data, so (as QEMU) discard does nothing there. */
     if (q->h.version < 3 && q->backing)
         return 0;
+    bitmaps_mark(q, off, len);
     qreq_begin(q, &rq);
-    int r = zero_range(q, off, len, &z);
+    /* data_file_raw: the range reads as zeros afterwards, so the data file
+     * is zeroed first (the entries change after that, never before). */
+    int r = datafile_zero_raw(q, off, len, true);
+    if (r == 0)
+        r = zero_range(q, off, len, &z);
     qreq_end(q, &rq);
     return r;
 }

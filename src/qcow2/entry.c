@@ -25,10 +25,12 @@ enum qcow2_cluster_type qcow2_l2_entry_type(const struct qcow2_header *h, uint64
     if (l2e & QCOW_OFLAG_ZERO)
         return off ? QCOW2_CLUSTER_ZERO_ALLOC : QCOW2_CLUSTER_ZERO_PLAIN;
     if (off == 0) {
-        /* Host offset 0 with COPIED is only legal with an external data file. */
-        if ((l2e & QCOW_OFLAG_COPIED) &&
-            !(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE))
-            return QCOW2_CLUSTER_INVALID;
+        /* Host offset 0 with COPIED is only legal with an external data file,
+         * where it is guest cluster 0's data (all data clusters there have
+         * refcount 1, so COPIED tells it from an unallocated entry). */
+        if (l2e & QCOW_OFLAG_COPIED)
+            return h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE ? QCOW2_CLUSTER_NORMAL
+                                                                      : QCOW2_CLUSTER_INVALID;
         return QCOW2_CLUSTER_UNALLOCATED;
     }
     return QCOW2_CLUSTER_NORMAL;

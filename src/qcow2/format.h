@@ -33,7 +33,10 @@
 /* Autoclear */
 #define QCOW2_AUTOCLEAR_BITMAPS     (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_RAW    (1ull << 1)
-#define QCOW2_AUTOCLEAR_KNOWN       0x0ull   /* none maintained yet: all are cleared on write */
+/* Autoclear bits the engine keeps true while writing (others are cleared
+ * before the first write): data_file_raw (datafile.c keeps the raw view),
+ * bitmaps (bitmap.c keeps enabled bitmaps up to date). */
+#define QCOW2_AUTOCLEAR_KNOWN       (QCOW2_AUTOCLEAR_DATA_RAW | QCOW2_AUTOCLEAR_BITMAPS)
 
 /* Header extension types */
 #define QCOW2_EXT_END            0x00000000u
@@ -44,6 +47,11 @@
 #define QCOW2_EXT_DATA_FILE      0x44415441u
 
 enum qcow2_compression { QCOW2_COMP_ZLIB = 0, QCOW2_COMP_ZSTD = 1 };
+
+/* crypt_method */
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1      /* legacy, refused */
+#define QCOW2_CRYPT_LUKS 2
 
 /* Parsed header plus the derived geometry the engine uses everywhere. */
 struct qcow2_header {
@@ -71,6 +79,11 @@ struct qcow2_header {
     char backing_format[64];                        /* "" if absent */
     char data_file[1024];                           /* "" if absent */
     bool has_bitmaps_ext;
+    /* The bitmaps extension's fields when present (validated by bitmap.c). */
+    uint32_t bitmaps_nb, bitmaps_ext_len, bitmaps_reserved;
+    uint64_t bitmaps_dir_size, bitmaps_dir_offset;
+    bool has_crypto_ext;        /* full disk encryption header pointer (LUKS) */
+    uint64_t crypto_offset, crypto_length;
     uint32_t ext_end;           /* offset just past the last extension (incl. end marker) */
 
     /* Derived geometry. */
@@ -90,7 +103,7 @@ struct qcow2_header {
  * min(cluster_size, file_size) bytes, at least 72 are required; pass as much
  * as is available, up to 2 MiB).  file_size bounds table offsets.
  * Returns 0, or -EINVAL (malformed), -ENOTSUP (unsupported feature:
- * unknown incompatible bit, encryption, external data file) with a
+ * unknown incompatible bit, legacy AES encryption) with a
  * one-line reason in err naming the problem. */
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                        struct qcow2_header *h, char *err, size_t errlen);

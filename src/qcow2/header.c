@@ -147,12 +147,26 @@ static int walk_extensions(const uint8_t *buf, size_t start, size_t limit,
                             sizeof(h->data_file) - 1);
             copy_name(h->data_file, sizeof(h->data_file), data, len);
             break;
+        case QCOW2_EXT_CRYPTO:
+            if (len != 16)
+                return fail(-EINVAL, err, errlen, "encryption header extension has %u bytes, not 16", len);
+            h->has_crypto_ext = true;
+            h->crypto_offset = be64_load(data);
+            h->crypto_length = be64_load(data + 8);
+            break;
         case QCOW2_EXT_FEATURE_TABLE:
             *ftable = data;
             *ftable_len = len;
             break;
         case QCOW2_EXT_BITMAPS:
             h->has_bitmaps_ext = true;
+            h->bitmaps_ext_len = len;
+            if (len >= 24) {
+                h->bitmaps_nb = be32_load(data);
+                h->bitmaps_reserved = be32_load(data + 4);
+                h->bitmaps_dir_size = be64_load(data + 8);
+                h->bitmaps_dir_offset = be64_load(data + 16);
+            }
             break;
         default:
             /* Unknown: skipped here, preserved since store never touches it. */
@@ -230,9 +244,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                         h->refcount_order);
     }
 
-    if (h->crypt_method != 0)
-        return fail(-ENOTSUP, err, errlen, "encrypted images (crypt_method %u) are not supported",
-                    h->crypt_method);
+    /* LUKS (2) is opened by crypto.c with the user's passphrase; the legacy
+     * AES method (1) is refused (QEMU itself only reads it in its tools). */
+    if (h->crypt_method == QCOW2_CRYPT_AES)
+        return fail(-ENOTSUP, err, errlen, "legacy AES encryption (crypt_method 1) is not supported; "
+                    "convert the image to LUKS encryption with qemu-img");
+    if (h->crypt_method != QCOW2_CRYPT_NONE && h->crypt_method != QCOW2_CRYPT_LUKS)
+        return fail(-ENOTSUP, err, errlen, "unknown encryption method (crypt_method %u)", h->crypt_method);
 
     /* Backing file name: must lie inside the header cluster and the buffer. */
     if (h->backing_file_offset) {
@@ -263,6 +281,18 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
     if (ret < 0)
         return ret;
 
+    /* The encryption header pointer exists exactly for LUKS (qcow2.txt). */
+    if (h->has_crypto_ext != (h->crypt_method == QCOW2_CRYPT_LUKS))
+        return fail(-EINVAL, err, errlen, h->has_crypto_ext
+                    ? "encryption header extension without LUKS encryption (crypt_method %u)"
+                    : "LUKS encryption (crypt_method %u) without its encryption header extension",
+                    h->crypt_method);
+    if (h->has_crypto_ext &&
+        ((h->crypto_offset & (cluster_size - 1)) || !h->crypto_offset ||
+         !inside_file(h->crypto_offset, h->crypto_length, file_size)))
+        return fail(-EINVAL, err, errlen, "LUKS encryption header at 0x%" PRIx64 " (%" PRIu64
+                    " bytes) is misaligned or lies outside the image", h->crypto_offset, h->crypto_length);
+
     /* Incompatible features. */
     uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
     if (unknown) {
@@ -272,8 +302,11 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
             describe_unknown_bits(ftable, ftable_len, unknown, err, errlen);
         return r;
     }
-    if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
-        return fail(-ENOTSUP, err, errlen, "external data files are not supported yet");
+    /* As QEMU: the raw-data-file bit needs a data file (qcow2.txt: "may only
+     * be set if the External Data File bit is also set"). */
+    if ((h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW) &&
+        !(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE))
+        return fail(-EINVAL, err, errlen, "autoclear bit data_file_raw is set without an external data file");
     if ((h->incompatible_features & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14)
         return fail(-EINVAL, err, errlen, "extended L2 entries need cluster_bits >= 14 (got %u)",
                     h->cluster_bits);

@@ -36,6 +36,10 @@ struct img_opts {
      * unmap) keeps our clusters allocated, reading as zeros, and only
      * punches their data out of the file (QEMU's discard-no-unref). */
     bool discard_no_unref;
+    /* qcow2 LUKS encryption: the passphrase (any bytes; NULL if none given).
+     * Only read while opening (also for an encrypted backing file). */
+    const void *key;
+    size_t key_len;
     bool no_backing;            /* do not open the backing chain (info) */
     bool check;                 /* qcow2 opened by the checker (tools.h): snapshot table,
                                    dirty, corrupt and autoclear bits are left to it */

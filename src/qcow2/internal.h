@@ -6,6 +6,9 @@
  *   repair.c    the reference walk and refcount rebuild (dirty images, check)
  *   check.c     check and repair (qemu-img check's job)
  *   create.c    image creation;  info.c  what qemu-img info shows
+ *   datafile.c  where guest data lives: the image file or an external data file
+ *   bitmap.c    persistent dirty bitmaps kept up to date
+ *   crypto.c    LUKS encryption of guest data
  *   overlap.c   metadata overlap checks before every write
  *   snapshot.c  internal snapshots: list, create, delete, apply, open one
  *   resize.c    virtual size changes; helpers of the exclusive operations
@@ -15,6 +18,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "io/coroutine.h"
 #include "io/file.h"
@@ -98,7 +102,9 @@ struct inflight_alloc {
 /* ---- metadata overlap index (overlap.c) ----------------------------------- */
 enum {
     OL_BIT_HEADER, OL_BIT_ACTIVE_L1, OL_BIT_REFTABLE, OL_BIT_SNAPSHOT_TABLE,
-    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK, OL_NKINDS
+    OL_BIT_INACTIVE_L1, OL_BIT_ACTIVE_L2, OL_BIT_INACTIVE_L2, OL_BIT_REFBLOCK,
+    OL_BIT_CRYPTO,      /* the LUKS header: a fixed range, never in ol_index.cl (3 kind bits) */
+    OL_NKINDS
 };
 #define OL_HEADER         (1u << OL_BIT_HEADER)
 #define OL_ACTIVE_L1      (1u << OL_BIT_ACTIVE_L1)
@@ -108,6 +114,7 @@ enum {
 #define OL_ACTIVE_L2      (1u << OL_BIT_ACTIVE_L2)
 #define OL_INACTIVE_L2    (1u << OL_BIT_INACTIVE_L2)
 #define OL_REFBLOCK       (1u << OL_BIT_REFBLOCK)
+#define OL_CRYPTO         (1u << OL_BIT_CRYPTO)
 
 struct ol_range { uint64_t off, len; };
 struct ol_index {
@@ -164,6 +171,16 @@ struct qcow2 {
     bool extl2;                 /* extended L2 entries: 32 subclusters per cluster */
     bool no_unref;              /* --discard-no-unref: discards keep our clusters */
     bool no_punch;              /* the file system cannot punch holes */
+
+    /* Guest data (datafile.c): in the image file, or in an external data
+     * file at host offset == guest offset, nothing refcounted there. */
+    struct file *data;          /* &file, or &data_file */
+    struct file data_file;
+    int data_lock_fd;           /* QEMU-style locks on the data file; -1 if none */
+    bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
+
+    struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
+    struct luks *crypto;        /* LUKS master key contexts (crypto.c); NULL if not encrypted */
     struct ol_index ol;         /* where the metadata is (overlap.c) */
 };
 
@@ -172,8 +189,16 @@ static inline uint64_t cl_size(const struct qcow2 *q) { return q->h.cluster_size
 static inline uint64_t cl_bits(const struct qcow2 *q) { return q->h.cluster_bits; }
 static inline uint64_t start_of_cluster(const struct qcow2 *q, uint64_t off) { return off & ~(cl_size(q) - 1); }
 static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) { return off & (cl_size(q) - 1); }
+static inline bool has_data_file(const struct qcow2 *q) { return q->data != &q->file; }
 
 /* qcow2.c */
+/* Resolve a file name an image refers to (backing or data file) against the
+ * image's directory; refuses protocols and non-regular files. */
+int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
+                       size_t outlen, char *err, size_t errlen);
+/* qcow2_resolve_name for the backing file NAME of the image OVERLAY. */
+int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
+                          char *err, size_t errlen);
 struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
 /* fdatasync the image file; once one failed, every later call fails (the
@@ -227,10 +252,29 @@ int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t le
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
 
-/* Where the backing file NAME of the image OVERLAY (as named) lives, as
- * QEMU combines them; refuses json:, protocols and non-regular files. */
-int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
-                          char *err, size_t errlen);
+/* datafile.c: every guest-data I/O of the read and write paths */
+int datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void datafile_close(struct qcow2 *q);
+int datafile_sync(struct qcow2 *q);
+int data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host);
+int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua);
+int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
+int data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
+int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
+bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
+
+/* crypto.c: LUKS (crypt_method 2); data is en/decrypted in place per
+ * 512-byte sector, the IV from the host offset */
+int crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void crypto_free(struct qcow2 *q);
+int crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
+int crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
+
+/* bitmap.c: persistent dirty bitmaps */
+int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write opens */
+void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
+int bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
+void bitmaps_free(struct qcow2 *q);
 
 /* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
  * whenever an L1 or refcount table entry starts or stops naming a table,

@@ -8,7 +8,9 @@
  *
  * The structures known:
  *   fixed, checked by comparison: the header cluster, the active L1 table,
- *     the refcount table, the snapshot table;
+ *     the refcount table, the snapshot table, the LUKS header and key
+ *     material (QEMU does not check that one; losing it loses every byte of
+ *     an encrypted image, so it is checked here);
  *   static, sorted at open: the snapshots' L1 tables (ranges, with a
  *     running maximum of their ends so one binary search answers);
  *   single clusters, a sorted array kept up to date: active L2 tables (from
@@ -40,6 +42,7 @@ static const char *const ol_names[OL_NKINDS] = {
     [OL_BIT_ACTIVE_L2] = "an active L2 table",
     [OL_BIT_INACTIVE_L2] = "a snapshot's L2 table",
     [OL_BIT_REFBLOCK] = "a refcount block",
+    [OL_BIT_CRYPTO] = "the LUKS encryption header",
 };
 
 #define KIND_MASK 0x7ull   /* entries are cluster offset | kind bit number */
@@ -264,6 +267,9 @@ static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigne
     if (!(ignore & OL_SNAPSHOT_TABLE) && q->h.nb_snapshots &&
         overlaps(start, len, q->h.snapshots_offset, q->snapshot_table_len))
         HIT(OL_BIT_SNAPSHOT_TABLE, q->h.snapshots_offset);
+    if (!(ignore & OL_CRYPTO) && q->h.has_crypto_ext &&
+        overlaps(start, len, q->h.crypto_offset, q->h.crypto_length))
+        HIT(OL_BIT_CRYPTO, q->h.crypto_offset);
     if (!(ignore & OL_INACTIVE_L1) && x->nranges) {
         /* The last range starting before end; any range up to it that
          * reaches past start overlaps (max_end says whether one does). */

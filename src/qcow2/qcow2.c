@@ -180,6 +180,8 @@ int qcow2_flush(struct qcow2 *q)
         r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r, OL_REFTABLE);
     if (r == 0)
+        r = datafile_sync(q);   /* guest data in an external data file: durable first too */
+    if (r == 0)
         r = qcow2_sync(q);
     r = mcache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
@@ -290,16 +292,18 @@ static const char *const protocols[] = {
     "host_cdrom", "throttle", "quorum", "fd", NULL,
 };
 
-/* Backing file names are resolved like QEMU does: relative to the directory
- * of the overlay as named (not the working directory), by putting the
- * overlay's directory part in front ("dir/top.qcow2" + "base" ->
+/* Names of other files an image refers to (backing file, external data
+ * file) are resolved like QEMU resolves backing file names: relative to the
+ * directory of the image as named (not the working directory), by putting
+ * the image's directory part in front ("dir/top.qcow2" + "base" ->
  * "dir/base"; "top.qcow2" + "base" -> "base").  Pseudo-protocols (json:,
- * nbd: ...) and devices are refused: we only open image files. */
-int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
-                          char *err, size_t errlen)
+ * nbd: ...) and devices are refused: we only open image files.  `what` names
+ * the reference in messages ("backing file", "data file"). */
+int qcow2_resolve_name(const char *image, const char *name, const char *what, char *out,
+                       size_t outlen, char *err, size_t errlen)
 {
     if (!strncmp(name, "json:", 5)) {
-        snprintf(err, errlen, "backing file '%s' uses the json: pseudo-protocol, which is not supported", name);
+        snprintf(err, errlen, "%s '%s' uses the json: pseudo-protocol, which is not supported", what, name);
         return -ENOTSUP;
     }
     if (!strncmp(name, "file:", 5))
@@ -309,23 +313,29 @@ int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size
         for (int i = 0; protocols[i]; i++) {
             size_t n = strlen(protocols[i]);
             if ((size_t)(colon - name) == n && !strncmp(name, protocols[i], n)) {
-                snprintf(err, errlen, "backing file '%s' uses the %s: protocol, which is not supported",
-                         name, protocols[i]);
+                snprintf(err, errlen, "%s '%s' uses the %s: protocol, which is not supported",
+                         what, name, protocols[i]);
                 return -ENOTSUP;
             }
         }
     }
-    const char *dir_end = strrchr(overlay, '/');
+    const char *dir_end = strrchr(image, '/');
     if (name[0] == '/' || !dir_end)
         snprintf(out, outlen, "%s", name);
     else
-        snprintf(out, outlen, "%.*s%s", (int)(dir_end - overlay + 1), overlay, name);
+        snprintf(out, outlen, "%.*s%s", (int)(dir_end - image + 1), image, name);
     struct stat st;
     if (stat(out, &st) == 0 && !S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "backing file '%s' is not a regular file", out);
+        snprintf(err, errlen, "%s '%s' is not a regular file", what, out);
         return -ENOTSUP;
     }
     return 0;
+}
+
+int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
+                          char *err, size_t errlen)
+{
+    return qcow2_resolve_name(overlay, name, "backing file", out, outlen, err, errlen);
 }
 
 /* Real paths of the images being opened down the chain (loop detection). */
@@ -400,6 +410,9 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
 
 static void qcow2_free(struct qcow2 *q)
 {
+    bitmaps_free(q);
+    crypto_free(q);
+    datafile_close(q);
     if (q->backing)
         img_close(q->backing);
     if (q->backing_lock_fd >= 0)
@@ -434,6 +447,8 @@ static int qcow2_close(struct image *img)
     struct qcow2 *q = to_qcow2(img);
     int r = 0;
     if (!img->read_only) {
+        /* Dirty bitmaps first: storing them allocates and frees clusters. */
+        bitmaps_close(q);
         /* Twice: the first flush releases dropped references, the second
          * writes those refcounts, so a clean close leaves no leaks. */
         r = qcow2_flush(q);
@@ -497,7 +512,9 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         return NULL;
     }
     q->backing_lock_fd = -1;
+    q->data_lock_fd = -1;
     q->file = *f;
+    q->data = &q->file;
     q->img.ops = &qcow2_ops;
     q->img.priv = q;
     q->img.path = strdup(f->path);
@@ -573,6 +590,16 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         goto fail_nofile;
     }
     if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
+        snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+    if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
+        datafile_open(q, o, msg, sizeof(msg)) < 0) {
+        snprintf(err, errlen, "%s: %s", f->path, msg);
+        goto fail_nofile;
+    }
+    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && crypto_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }
@@ -655,6 +682,10 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
                 snprintf(err, errlen, "%s: cannot update the header: %s", f->path, strerror(-r));
                 goto fail_nofile;
             }
+        }
+        if (bitmaps_open(q, msg, sizeof(msg)) < 0) {
+            snprintf(err, errlen, "%s: persistent dirty bitmaps: %s", f->path, msg);
+            goto fail_nofile;
         }
     }
     return &q->img;

@@ -449,6 +449,12 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
         case QCOW2_CLUSTER_NORMAL:
         case QCOW2_CLUSTER_ZERO_ALLOC: {
             uint64_t off = e & L2E_OFFSET_MASK;
+            if (has_data_file(q)) {
+                /* Data in an external data file is not refcounted. */
+                if (res && active)
+                    res->allocated_clusters++;
+                break;
+            }
             if (res && ((bm >> 32) & bm)) {
                 rc_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
                             (unsigned long long)off);
@@ -754,6 +760,8 @@ int rc_walk_image(struct rc_walk *w)
         r = walk_snapshots(w);
     if (r == 0 && q->h.nb_snapshots)
         r = rc_walk_count(w, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
+    if (r == 0 && q->h.has_crypto_ext)  /* LUKS header and key material */
+        r = rc_walk_count(w, q->h.crypto_offset, q->h.crypto_length, "the encryption header");
     if (r == 0 && !w->res)
         r = count_shared_tables(w);
     if (r == 0)
@@ -792,8 +800,8 @@ static int fix_copied_flags(struct rc_walk *w)
             uint8_t *p = l2 + j * q->h.l2_entry_size;
             uint64_t e = be64_load(p);
             enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
-            if (ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC)
-                continue;
+            if ((ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC) || has_data_file(q))
+                continue;   /* data-file clusters keep COPIED: their refcount is 1 by definition */
             uint64_t v = rc_walk_get(w, (e & L2E_OFFSET_MASK) >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
             if ((e & QCOW_OFLAG_COPIED) != v) {
                 be64_store(p, (e & ~QCOW_OFLAG_COPIED) | v);

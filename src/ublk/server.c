@@ -441,6 +441,7 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .format = o->format, .read_only = o->read_only,
         .cache_size = o->cache_size, .cache = FILE_CACHE_AUTO,
         .discard = o->discard, .discard_no_unref = o->discard_no_unref, .snapshot = o->snapshot,
+        .key = o->key, .key_len = o->key_len,
     };
     struct image *img = img_open(o->image, &iopts, err, sizeof(err));
     if (!img) {
@@ -525,6 +526,8 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
+    snprintf(st.key_file, sizeof(st.key_file), "%s", o->key_file ? o->key_file : "");
+    snprintf(st.key_env, sizeof(st.key_env), "%s", o->key_env ? o->key_env : "");
     snprintf(st.format, sizeof(st.format), "%s", format_name(img));
     snprintf(st.snapshot, sizeof(st.snapshot), "%s", o->snapshot ? o->snapshot : "");
     r = ublk_state_write(&st);
@@ -707,6 +710,15 @@ int ublk_state_write(const struct ublk_state *s)
         fprintf(f, ", \"snapshot\": ");
         json_put_string(f, s->snapshot);
     }
+    /* The passphrase's source, never the passphrase (recover reads it again). */
+    if (s->key_file[0]) {
+        fprintf(f, ", \"key_file\": ");
+        json_put_string(f, s->key_file);
+    }
+    if (s->key_env[0]) {
+        fprintf(f, ", \"key_env\": ");
+        json_put_string(f, s->key_env);
+    }
     fprintf(f, "}\n");
     bool ok = !ferror(f);
     if (fclose(f) != 0)
@@ -848,7 +860,7 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     FILE *f = fopen(path, "re");
     if (!f)
         return -errno;
-    char buf[PATH_MAX * 2 + 1024];
+    char buf[PATH_MAX * 3 + 1024];
     size_t n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
     buf[n] = '\0';
@@ -878,6 +890,10 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     s->discard_no_unref = nu && !strncmp(nu, "true", 4);
     if (!json_get_string(buf, "snapshot", s->snapshot, sizeof(s->snapshot)))
         s->snapshot[0] = '\0';
+    if (!json_get_string(buf, "key_file", s->key_file, sizeof(s->key_file)))
+        s->key_file[0] = '\0';
+    if (!json_get_string(buf, "key_env", s->key_env, sizeof(s->key_env)))
+        s->key_env[0] = '\0';
     return 0;
 }
 

@@ -48,6 +48,13 @@ struct ublk_server_opts {
     bool discard_no_unref;
     /* Serve this internal snapshot (read-only) instead of the active image. */
     const char *snapshot;
+    /* Passphrase of a LUKS-encrypted image (NULL: none).  It is never
+     * stored: the state file keeps only where it came from (key_file, an
+     * absolute path, or key_env, a variable name; NULL if neither), so that
+     * `recover` can read it again from there. */
+    const void *key;
+    size_t key_len;
+    const char *key_file, *key_env;
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
@@ -79,6 +86,8 @@ struct ublk_state {
     bool discard_unmap;
     bool discard_no_unref;
     char snapshot[512];         /* "" unless serving an internal snapshot */
+    char key_file[PATH_MAX];    /* where the passphrase came from ("" if not a file) */
+    char key_env[256];          /* ... or the environment variable's name */
 };
 
 int ublk_state_write(const struct ublk_state *s);

@@ -1,17 +1,21 @@
 /* crashsim: power-loss simulation and fault injection for the image engine.
  *
  *   crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]
- *                   [--discard unmap|ignore] [--discard-no-unref]
+ *                   [--discard unmap|ignore] [--discard-no-unref] [--data-file NAME]
  *       Open IMAGE (a scratch copy) with the engine, run a seeded random
  *       workload, and record every write/sync/punch the engine sends to the
  *       image file (LOG.fop, data in LOG.dat) and every request with its
  *       issue and acknowledgement time (LOG.req).  Times are positions in
- *       one global event sequence.
- *   crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states K]
+ *       one global event sequence.  --data-file NAME: the image has an
+ *       external data file NAME next to it, recorded too.
+ *   crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states K] [--data-file NAME]
  *       Build K crash images OUTPREFIX.<i>.qcow2: INITIAL plus every write
  *       made durable by a sync completed before the crash point, plus a
  *       random subset (whole, dropped, torn per sector, or a prefix) of the
  *       other writes issued before it.  Prints "i t=T dirty=0|1 ..." each.
+ *       With --data-file NAME (INITIAL's data file is NAME next to it), each
+ *       crash state is a directory OUTPREFIX.<i>/ holding the image (named as
+ *       INITIAL) and its data file NAME, each file durable by its own syncs.
  *   crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST
  *       For each "IMAGE RAW T" line of LIST: verify RAW at T (as below),
  *       then reopen IMAGE with --compare RAW (as below).
@@ -72,9 +76,12 @@ enum { V_ZERO = 0, V_INIT = 1, V_BACK = 2, V_REQ = 16 };
 enum rq_kind { RQ_WRITE, RQ_ZERO, RQ_DISCARD, RQ_FLUSH, RQ_READ, RQ_CLOSE };
 static const char *const rq_names[] = { "write", "zero", "discard", "flush", "read", "close" };
 
+#define FOP_FUA 1u          /* fop_rec.flags: a write with RWF_DSYNC */
+#define FOP_DATA 2u         /* ... to the external data file, not the image file */
+
 struct fop_rec {
     uint32_t op;            /* enum file_op */
-    uint32_t fua;
+    uint32_t flags;         /* FOP_* */
     uint64_t off, len;
     uint64_t issue, done;   /* events; done 0 = never completed */
     int64_t result;
@@ -203,6 +210,22 @@ static char *path_cat(const char *a, const char *b)
     return s;
 }
 
+/* NAME in the directory of PATH, spelled as the engine resolves a data file
+ * name against its image (so the hooks recognise the file by its path). */
+static char *sibling(const char *path, const char *name)
+{
+    const char *slash = strrchr(path, '/');
+    size_t dlen = slash ? (size_t)(slash - path) : 1;
+    char *s = malloc(dlen + strlen(name) + 2);
+    if (slash)
+        memcpy(s, path, dlen);
+    else
+        s[0] = '.';
+    s[dlen] = '/';
+    strcpy(s + dlen + 1, name);
+    return s;
+}
+
 /* ---- per-sector candidate sets ------------------------------------------------ */
 
 #define CSET_MAX 7
@@ -279,6 +302,7 @@ struct inflight { struct co *co; size_t idx; };
 
 struct hookctx {
     const char *target;     /* only this image file is recorded / faulted */
+    char *target_data;      /* and its external data file (NULL if none) */
     bool record;
     struct vec fops;        /* struct fop_rec */
     FILE *dat;
@@ -296,9 +320,14 @@ struct hookctx {
     uint64_t first_sync_fail;   /* event of the first failed sync (0 = none) */
 };
 
-static bool is_target(struct hookctx *h, struct file *f)
+/* 1: the image file, 2: its data file, 0: neither. */
+static int is_target(struct hookctx *h, struct file *f)
 {
-    return f->path && !strcmp(f->path, h->target);
+    if (!f->path)
+        return 0;
+    if (!strcmp(f->path, h->target))
+        return 1;
+    return h->target_data && !strcmp(f->path, h->target_data) ? 2 : 0;
 }
 
 /* Guest data carries tags; metadata (tables, refcounts, header) never does. */
@@ -328,7 +357,8 @@ static int hook_before(void *ctx, struct file *f, enum file_op op, uint64_t off,
                        const struct iovec *iov, int iovcnt, unsigned flags)
 {
     struct hookctx *h = ctx;
-    if (!is_target(h, f))
+    int which = is_target(h, f);
+    if (!which)
         return 0;
     int verdict = 0;
     if (h->armed) {
@@ -359,7 +389,7 @@ static int hook_before(void *ctx, struct file *f, enum file_op op, uint64_t off,
         return verdict;
     struct fop_rec *r = vec_push(&h->fops);
     r->op = op;
-    r->fua = (flags & FILE_HOOK_FUA) != 0;
+    r->flags = ((flags & FILE_HOOK_FUA) ? FOP_FUA : 0) | (which == 2 ? FOP_DATA : 0);
     r->off = off;
     r->len = len;
     r->issue = ++events;
@@ -656,6 +686,7 @@ static void run_phase(struct run *r, uint64_t ops)
 }
 
 static uint64_t opt_ops = 200, opt_ops2 = 60, opt_seed = 1;
+static const char *opt_data_name;   /* --data-file: the image's external data file */
 static unsigned opt_depth = 6, opt_count = 1;
 static bool opt_at_open;
 /* The engine's discard options (--discard, --discard-no-unref): unmap by
@@ -734,6 +765,7 @@ static void write_logs(const char *log, struct run *r)
 static void record_start(const char *image, const char *log)
 {
     hk.target = image;
+    hk.target_data = opt_data_name ? sibling(image, opt_data_name) : NULL;
     hk.record = true;
     hk.fops.elem = sizeof(struct fop_rec);
     char *dp = path_cat(log, ".dat");
@@ -840,6 +872,8 @@ static int run_workload(const char *image, const char *log, bool faults)
     }
     free(r.reqs.p);
     free(hk.fops.p);
+    free(hk.target_data);
+    hk.target_data = NULL;
     free(r.cur);
     free(init);
     free(back);
@@ -946,8 +980,9 @@ struct crashlog {
     size_t nf, nsync;
     uint64_t last;
     int dfd;
-    uint8_t *initial;
-    size_t ilen;
+    uint8_t *initial[2];    /* the image file; its data file (with --data-file) */
+    size_t ilen[2];
+    const char *image_name; /* INITIAL's file name (data-file states are directories) */
 };
 
 /* One crash image for seed `seed`, written to out; prints its summary. */
@@ -974,17 +1009,25 @@ static void make_crash(struct crashlog *L, uint64_t seed, const char *out, unsig
     } else {
         t = 1 + rnd(&rng, L->last + 1);
     }
-    /* Writes completed before the issue of a sync completed before t are
-     * on disk; so are completed FUA writes. */
-    uint64_t durable_before = 0;
-    for (size_t i = 0; i < nf; i++)
+    /* Writes completed before the issue of a sync (of the same file)
+     * completed before t are on disk; so are completed FUA writes. */
+    uint64_t durable_before[2] = { 0, 0 };
+    for (size_t i = 0; i < nf; i++) {
+        int k = f[i].flags & FOP_DATA ? 1 : 0;
         if (f[i].op == FILE_OP_SYNC && f[i].done && f[i].done < t && f[i].result == 0 &&
-            f[i].issue > durable_before)
-            durable_before = f[i].issue;
+            f[i].issue > durable_before[k])
+            durable_before[k] = f[i].issue;
+    }
 
-    uint64_t size = L->ilen, cap = L->ilen + (8u << 20);
-    uint8_t *img = malloc(cap);
-    memcpy(img, L->initial, L->ilen);
+    uint64_t sizes[2], caps[2];
+    uint8_t *imgs[2] = { NULL, NULL };
+    for (int k = 0; k < 2; k++) {
+        sizes[k] = L->ilen[k];
+        caps[k] = L->ilen[k] + (8u << 20);
+        imgs[k] = malloc(caps[k]);
+        if (L->ilen[k])
+            memcpy(imgs[k], L->initial[k], L->ilen[k]);
+    }
     unsigned long n_durable = 0, n_whole = 0, n_dropped = 0, n_torn = 0, n_prefix = 0;
     uint8_t *data = NULL;
     size_t data_cap = 0;
@@ -995,7 +1038,8 @@ static void make_crash(struct crashlog *L, uint64_t seed, const char *out, unsig
         bool completed = w->done && w->done < t;
         if (completed && w->result < 0)
             continue;   /* failed: never reached the disk */
-        bool durable = completed && (w->done < durable_before || w->fua);
+        bool durable = completed && (w->done < durable_before[w->flags & FOP_DATA ? 1 : 0] ||
+                                     (w->flags & FOP_FUA));
         uint64_t ns = (w->len + SECTOR - 1) / SECTOR;
         /* Which sectors reach the disk: a disk may drop, reorder and tear
          * writes that no completed sync covers. */
@@ -1021,14 +1065,16 @@ static void make_crash(struct crashlog *L, uint64_t seed, const char *out, unsig
             if (pread(L->dfd, data, w->len, (off_t)w->data) != (ssize_t)w->len)
                 die("short data log");
         }
-        uint64_t end = w->off + w->len;
-        if (end > cap) {
-            cap = end + (8u << 20);
-            img = realloc(img, cap);
+        int k = w->flags & FOP_DATA ? 1 : 0;
+        uint64_t end = w->off + w->len, size = sizes[k];
+        uint8_t *img = imgs[k];
+        if (end > caps[k]) {
+            caps[k] = end + (8u << 20);
+            img = imgs[k] = realloc(img, caps[k]);
         }
         if (end > size && w->op != FILE_OP_PUNCH) {
             memset(img + size, 0, end - size);
-            size = end;
+            size = sizes[k] = end;
         }
         for (uint64_t s = 0; s < ns; s++) {
             if (mode == 2 && rnd(&rng, 2))
@@ -1046,10 +1092,26 @@ static void make_crash(struct crashlog *L, uint64_t seed, const char *out, unsig
                 memset(img + a, 0, b - a);
         }
     }
-    save_file(out, img, size);
+    uint8_t *img = imgs[0];
+    uint64_t size = sizes[0];
+    if (opt_data_name) {
+        /* A directory per state: the image and its data file side by side. */
+        if (mkdir(out, 0755) < 0 && errno != EEXIST)
+            die("cannot create '%s': %s", out, strerror(errno));
+        char *dir = path_cat(out, "/");
+        char *ip = path_cat(dir, L->image_name), *dp = path_cat(dir, opt_data_name);
+        save_file(ip, img, size);
+        save_file(dp, imgs[1], sizes[1]);
+        free(dir);
+        free(ip);
+        free(dp);
+    } else {
+        save_file(out, img, size);
+    }
     printf("%u t=%" PRIu64 " dirty=%d durable=%lu whole=%lu dropped=%lu torn=%lu prefix=%lu\n", idx, t,
            size >= 80 && img[7] >= 3 && (img[79] & 1), n_durable, n_whole, n_dropped, n_torn, n_prefix);
-    free(img);
+    free(imgs[0]);
+    free(imgs[1]);
     free(data);
 }
 
@@ -1069,13 +1131,24 @@ static int cmd_crash(const char *log, const char *initial, const char *outprefix
             L.last = L.f[i].issue;
         L.nsync += L.f[i].op == FILE_OP_SYNC;
     }
-    L.initial = load_file(initial, &L.ilen);
+    L.initial[0] = load_file(initial, &L.ilen[0]);
+    const char *slash = strrchr(initial, '/');
+    L.image_name = slash ? slash + 1 : initial;
+    if (opt_data_name) {
+        char *dp = sibling(initial, opt_data_name);
+        L.initial[1] = load_file(dp, &L.ilen[1]);
+        free(dp);
+    }
     for (unsigned i = 0; i < count; i++) {
         char out[4096];
-        snprintf(out, sizeof(out), "%s.%u.qcow2", outprefix, i);
+        if (opt_data_name)
+            snprintf(out, sizeof(out), "%s.%u", outprefix, i);
+        else
+            snprintf(out, sizeof(out), "%s.%u.qcow2", outprefix, i);
         make_crash(&L, opt_seed * 100003 + i, out, i);
     }
-    free(L.initial);
+    free(L.initial[0]);
+    free(L.initial[1]);
     free(L.f);
     close(L.dfd);
     return 0;
@@ -1310,10 +1383,10 @@ static int cmd_check(const char *log, const char *initraw, const char *backraw, 
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N]\n"
+            "usage: crashsim record IMAGE LOG [--seed N] [--ops N] [--depth N] [--data-file NAME]\n"
             "                [--discard unmap|ignore] [--discard-no-unref]   (also for faults, reopen)\n"
             "       crashsim op IMAGE LOG OP [ARG] [--class meta|sync --errno EIO|ENOSPC --nth N]\n"
-            "       crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states N]\n"
+            "       crashsim crash LOG INITIAL OUTPREFIX [--seed N] [--count-states N] [--data-file NAME]\n"
             "       crashsim check LOG INITIAL_RAW BACKING_RAW|- LIST\n"
             "       crashsim verify LOG RAW INITIAL_RAW BACKING_RAW|- T|end\n"
             "       crashsim reopen IMAGE [--seed N] [--compare RAW]\n"
@@ -1340,6 +1413,7 @@ int main(int argc, char **argv)
         { "space-limit", required_argument, NULL, 'l' },
         { "discard", required_argument, NULL, 'D' },
         { "discard-no-unref", no_argument, NULL, 'U' },
+        { "data-file", required_argument, NULL, 'F' },
         { NULL, 0, NULL, 0 },
     };
     const char *compare = NULL;
@@ -1380,6 +1454,7 @@ int main(int argc, char **argv)
                 die("unknown --discard '%s'", optarg);
             break;
         case 'U': opt_no_unref = true; break;
+        case 'F': opt_data_name = optarg; break;
         default: usage();
         }
     }

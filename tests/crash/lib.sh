@@ -14,7 +14,7 @@ build_crashsim() {
     fi
     san=
     grep -qa __asan_init "$lib" && san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
-    libs=$(pkg-config --libs liburing zlib libzstd 2>/dev/null || echo -luring -lz -lzstd)
+    libs=$(pkg-config --libs liburing zlib libzstd libcrypto 2>/dev/null || echo -luring -lz -lzstd -lcrypto)
     CRASHSIM=$UQ_TMP/crashsim
     # shellcheck disable=SC2086
     if ! cc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -O1 -g $san \
@@ -69,10 +69,36 @@ qio_quiet() {
 #             clusters and an internal snapshot sharing them.
 #   nounref   as snap64k, run with --discard-no-unref (config_flags): discarded clusters
 #             stay allocated as zero clusters and their data is punched out at once.
+#   datafile  v3, 32 KiB clusters with extended L2, guest data in an external data file
+#             (data_file=data.raw): data before the metadata naming it across two files.
+#   dataraw   v3, 4 KiB clusters, external data file with data_file_raw=on: the data file
+#             must equal the guest view in every crash state too.
+#   bitmap    v3, 64 KiB clusters, enabled dirty bitmaps of 64 KiB and 4 KiB granularity
+#             (with bits set by QEMU) and a disabled one: in every crash state QEMU must find
+#             each enabled bitmap in use (inconsistent), or, if it trusts one, the bitmap must
+#             cover every range that differs from the starting image (bitmap_covers).
+# Configurations with a data file keep each image in a directory of its own next to its data
+# file (DIR/init/disk.qcow2 + DIR/init/data.raw; see config_image).
 prep_image() {
     local cfg=$1 d=$2
-    rm -f "$d/init.qcow2" "$d/backing.raw"
+    rm -rf "$d/init.qcow2" "$d/backing.raw" "$d/init"
     case $cfg in
+    bitmap)
+        qemu-img create -q -f qcow2 "$d/init.qcow2" 4M &&
+        qio_quiet "$d/init.qcow2" "write -P 0xb1 0 1M" &&
+        qemu-img bitmap --add "$d/init.qcow2" b64k && qemu-img bitmap --add -g 4k "$d/init.qcow2" b4k &&
+        qemu-img bitmap --add "$d/init.qcow2" off &&
+        qio_quiet "$d/init.qcow2" "write -P 0xb2 2M 100k" && qemu-img bitmap --disable "$d/init.qcow2" off ||
+            return 1
+        echo - ;;
+    datafile|dataraw)
+        local raw=off opts=extended_l2=on,cluster_size=32k
+        [[ $cfg == dataraw ]] && raw=on opts=cluster_size=4k
+        mkdir -p "$d/init" &&
+        (cd "$d/init" && qemu-img create -q -f qcow2 -o "$opts,data_file=data.raw,data_file_raw=$raw" \
+            disk.qcow2 4M && qio_quiet disk.qcow2 "write -P 0xa1 0 1M" "write -P 0xa2 1536k 100k" \
+            "write -z 2M 256k" "discard 3M 64k") || return 1
+        echo - ;;
     snap64k)
         qemu-img create -q -f qcow2 -o cluster_size=64k,refcount_bits=16 "$d/init.qcow2" 4M &&
         qio_quiet "$d/init.qcow2" "write -P 0x11 0 1M" "write -c -P 0x22 1536k 256k" \
@@ -122,7 +148,55 @@ prep_image() {
 config_flags() {
     case $1 in
     nounref) echo --discard-no-unref ;;
+    datafile|dataraw) echo --data-file data.raw ;;
     esac
+}
+
+# config_image CONFIG DIR NAME: the path of image NAME (init, work, or a crash state st.N) of
+# a configuration: DIR/NAME.qcow2, or DIR/NAME/disk.qcow2 with a data file next to it.
+config_image() {
+    case $1 in
+    datafile|dataraw) echo "$2/$3/disk.qcow2" ;;
+    *) echo "$2/$3.qcow2" ;;
+    esac
+}
+
+# bitmap_covers IMAGE RAW INITRAW: for each enabled bitmap of IMAGE that QEMU trusts (not
+# in-use, autoclear bit 0 set), every granule where RAW differs from INITRAW must be dirty.
+# Prints what is wrong; returns 1 then.
+bitmap_covers() {
+    local img=$1 raw=$2 init=$3 b sock=$UQ_TMP/cov.sock pidf=$UQ_TMP/cov.pid
+    (( $(header_field "$img" 88 8) & 1 )) || return 0    # QEMU ignores all of them
+    for b in b64k b4k; do
+        local flags
+        flags=$(qemu-img info -U --output=json "$img" |
+            jq -r --arg n "$b" '."format-specific".data.bitmaps[] | select(.name == $n) | .flags | join(",")')
+        [[ $flags == *in-use* ]] && continue
+        rm -f "$sock" "$pidf"
+        qemu-nbd -r --fork --pid-file "$pidf" -k "$sock" -f qcow2 -B "$b" "$img" >&2 || { echo "qemu-nbd -B $b failed"; return 1; }
+        nbdinfo --map="qemu:dirty-bitmap:$b" "nbd+unix:///?socket=$sock" >"$UQ_TMP/cov.map" 2>&1
+        local pid; pid=$(cat "$pidf"); kill "$pid" 2>/dev/null; timeout 30 tail --pid="$pid" -f /dev/null
+        "$PYTHON" - "$raw" "$init" "$UQ_TMP/cov.map" "$b" <<'EOF' || return 1
+import sys
+raw, init, mp, name = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), sys.argv[3], sys.argv[4]
+dirty = []
+for line in open(mp):
+    f = line.split()
+    if len(f) >= 3 and f[2] == "1":
+        dirty.append((int(f[0]), int(f[0]) + int(f[1])))
+for off in range(0, max(len(raw), len(init)), 512):
+    if raw[off:off + 512] != init[off:off + 512] and not any(a <= off < e for a, e in dirty):
+        print(f"bitmap {name} is trusted by QEMU but misses a change at offset {off}")
+        sys.exit(1)
+EOF
+    done
+}
+
+# in_dir IMAGE CMD...: run CMD from IMAGE's directory (QEMU 7.2 resolves a relative data file
+# name against its working directory, we against the image's: there both agree).
+in_dir() {
+    local img=$1; shift
+    (cd "$(dirname "$img")" && "$@")
 }
 
 # prep_run_dir NAME CONFIG DIR: the starting image DIR/init.qcow2 (and its
@@ -130,10 +204,15 @@ config_flags() {
 # and DIR/work.qcow2, the copy the workload runs on.  Reports NAME failed
 # and returns 1 if any step fails.
 prep_run_dir() {
-    local name=$1 cfg=$2 d=$3 back
+    local name=$1 cfg=$2 d=$3 back init work
     back=$(prep_image "$cfg" "$d") || { notok "$name" "cannot prepare the starting image"; return 1; }
-    qemu-img convert -f qcow2 -O raw "$d/init.qcow2" "$d/log.initraw" ||
+    init=$(config_image "$cfg" "$d" init) work=$(config_image "$cfg" "$d" work)
+    in_dir "$init" qemu-img convert -f qcow2 -O raw "$init" "$d/log.initraw" ||
         { notok "$name" "qemu-img convert of the starting image failed"; return 1; }
     [[ $back == - ]] || cp "$back" "$d/log.backraw"
-    cp "$d/init.qcow2" "$d/work.qcow2"
+    if [[ $init == */init/* ]]; then
+        rm -rf "$d/work" && cp -a --sparse=always "$d/init" "$d/work"
+    else
+        cp "$init" "$work"
+    fi
 }

@@ -27,8 +27,8 @@ else
     SEEDS=(${POWERLOSS_SEED:-$((RANDOM % 1000 + 1))}); STATES=${POWERLOSS_STATES:-36}; OPS=200
 fi
 # CI time budget: the extended-L2 and discard-no-unref configurations check fewer states.
-declare -A CI_STATES=([ext32k]=24 [nounref]=24)
-CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty ext32k nounref})
+declare -A CI_STATES=([ext32k]=24 [nounref]=24 [datafile]=18 [dataraw]=18 [bitmap]=12)
+CONFIGS=(${POWERLOSS_CONFIGS:-snap64k backv2 tiny512 dirty ext32k nounref datafile dataraw bitmap})
 BATCH=12
 TOTAL=0
 
@@ -48,21 +48,23 @@ run_config() {
     local cfg=$1 seed=$2 name="powerloss_${1}_seed$2" d="$W/$1.$2"
     mkdir -p "$d"
     prep_run_dir "$name" "$cfg" "$d" || return
+    local init work
+    init=$(config_image "$cfg" "$d" init) work=$(config_image "$cfg" "$d" work)
     local backraw=-
     [[ -e $d/log.backraw ]] && backraw=$d/log.backraw
     # shellcheck disable=SC2046
-    if ! timeout -k 5 300 "$CRASHSIM" record "$d/work.qcow2" "$d/log" --seed "$seed" --ops "$OPS" \
+    if ! timeout -k 5 300 "$CRASHSIM" record "$work" "$d/log" --seed "$seed" --ops "$OPS" \
         --depth 6 $(config_flags "$cfg") >"$d/record.out" 2>&1; then
         sed 's/^/#   /' "$d/record.out" | tail -20 >&2
         notok "$name" "the workload itself failed: $(grep -m1 problem "$d/record.out")"
-        keep_failure "$name" "$d/init.qcow2" "$d/record.out"
+        keep_failure "$name" "$init" "$d/record.out"
         return
     fi
     note "$cfg seed $seed: $(cat "$d/record.out")"
     # After a clean close: no leaks at all.
-    if ! qimg_check "$d/work.qcow2"; then
+    if ! in_dir "$work" qimg_check "$work"; then
         notok "$name" "qemu-img check after the recorded run and a clean close: exit $?"
-        keep_failure "$name" "$d/work.qcow2" "$d/init.qcow2"
+        keep_failure "$name" "$work" "$init"
         return
     fi
 
@@ -70,17 +72,19 @@ run_config() {
     if [[ ${SOAK:-0} != 1 && -z ${POWERLOSS_STATES:-} ]]; then states=${CI_STATES[$cfg]:-$STATES}; fi
     while [[ $done -lt $states && $fails -eq 0 ]]; do
         local n=$((states - done < BATCH ? states - done : BATCH))
-        rm -f "$d"/st.* "$d/list"
-        if ! timeout -k 5 300 "$CRASHSIM" crash "$d/log" "$d/init.qcow2" "$d/st" \
+        rm -rf "$d"/st.* "$d/list"
+        # shellcheck disable=SC2046
+        if ! timeout -k 5 300 "$CRASHSIM" crash "$d/log" "$init" "$d/st" $(config_flags "$cfg") \
             --seed $((seed * 1000 + done)) --count-states "$n" >"$d/states" 2>"$d/crash.err"; then
             notok "$name" "crashsim crash failed: $(head -c 300 "$d/crash.err")"; return
         fi
         local i t dirty rest rc
         while read -r i t dirty rest; do
             t=${t#t=}; dirty=${dirty#dirty=}
-            local img="$d/st.$i.qcow2" raw="$d/st.$i.raw" sid="seed $seed state $((done + i)) t=$t"
+            local img raw="$d/st.$i.raw" sid="seed $seed state $((done + i)) t=$t"
+            img=$(config_image "$cfg" "$d" "st.$i")
             if [[ $dirty == 0 ]]; then
-                qemu-img check "$img" >"$d/check.out" 2>&1; rc=$?
+                in_dir "$img" qemu-img check "$img" >"$d/check.out" 2>&1; rc=$?
                 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
                     first_failure "(a) $sid: qemu-img check exit $rc: $(grep -m1 -E 'ERROR|Leaked|corrupt' "$d/check.out")"
                     sed 's/^/#   /' "$d/check.out" | head -20 >&2
@@ -91,9 +95,24 @@ run_config() {
             else
                 dirty_n=$((dirty_n + 1))
             fi
-            if ! qemu-img convert -f qcow2 -O raw "$img" "$raw" 2>"$d/convert.err"; then
+            if ! in_dir "$img" qemu-img convert -f qcow2 -O raw "$img" "$raw" 2>"$d/convert.err"; then
                 first_failure "(b) $sid: qemu-img convert failed: $(head -c 200 "$d/convert.err")"
                 keep_failure "$name.$((done + i))" "$img"
+                fails=$((fails + 1)); continue
+            fi
+            if [[ $cfg == bitmap ]] && ! bitmap_covers "$img" "$raw" "$d/log.initraw" >"$d/cov.out" 2>&1; then
+                first_failure "(b) $sid: $(tail -1 "$d/cov.out")"
+                keep_failure "$name.$((done + i))" "$img"
+                fails=$((fails + 1)); continue
+            fi
+            # data_file_raw: the data file alone is a raw image of the guest disk, and after a
+            # crash a valid crash state of it (as QEMU, the two views may disagree on writes
+            # not yet flushed: data lands before the entry that maps it).
+            if [[ $cfg == dataraw ]] && ! cmp -s "$raw" "$(dirname "$img")/data.raw" &&
+                ! "$CRASHSIM" verify "$d/log" "$(dirname "$img")/data.raw" "$d/log.initraw" - "$t" \
+                    >"$d/verify.out" 2>&1; then
+                first_failure "(b) $sid: the raw data file is no valid crash state: $(head -c 200 "$d/verify.out")"
+                keep_failure "$name.$((done + i))" "$img" "$(dirname "$img")/data.raw"
                 fails=$((fails + 1)); continue
             fi
             echo "$img $raw $t" >>"$d/list"
@@ -105,14 +124,14 @@ run_config() {
             local word img2 why
             while read -r word img2 why; do
                 [[ $word == ok || $word == bad ]] || continue
-                img2=${img2%:}; local k=${img2##*/st.}; k=${k%.qcow2}
+                img2=${img2%:}; local k=${img2##*/st.}; k=${k%.qcow2}; k=${k%/disk}
                 if [[ $word != ok ]]; then
                     first_failure "(b/c) seed $seed state $((done + k)): $why; $(grep -m2 -E 'reopen:|sector' "$d/check-list.out" | tr '\n' ' ')"
-                    keep_failure "$name.$((done + k))" "$img2" "$d/states" "$d/check-list.out" "$d/init.qcow2" \
+                    keep_failure "$name.$((done + k))" "$img2" "$d/states" "$d/check-list.out" "$init" \
                         "$d"/log.* "$d/list"
                     fails=$((fails + 1)); continue
                 fi
-                qemu-img check "$img2" >"$d/check.out" 2>&1; rc=$?
+                in_dir "$img2" qemu-img check "$img2" >"$d/check.out" 2>&1; rc=$?
                 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
                     first_failure "(c) seed $seed state $((done + k)): qemu-img check after the engine's own writes: exit $rc: $(grep -m1 -E 'ERROR|corrupt' "$d/check.out")"
                     sed 's/^/#   /' "$d/check.out" | head -20 >&2

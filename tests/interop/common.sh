@@ -9,6 +9,7 @@
 
 INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORKLOAD=$INTEROP_DIR/workload.py
+export PYTHONPATH=$INTEROP_DIR${PYTHONPATH:+:$PYTHONPATH}    # qhdr.py for inline scripts
 
 # Fixed seeds keep failures reproducible; SEED=N overrides, SOAK=1 adds more rounds.
 SEED_BASE=${SEED:-1}
@@ -141,4 +142,18 @@ case_standard() {
     cp --sparse=always "$dir/base.qcow2" "$dir/ref.qcow2"
     mv "$dir/base.qcow2" "$dir/ours.qcow2"
     apply_workload "$dir" qcow2 "$seed" "$@"
+}
+
+# refused PREFIX CASE REGEX IMAGE [server options]: the server must refuse to start (non-zero
+# exit), naming the problem (REGEX, case-insensitive); one result line "PREFIX/refused: CASE".
+refused_start() {
+    local label="$1/refused: $2" regex=$3; shift 3
+    if start_nbd "$@"; then
+        stop_nbd
+        notok "$label" "accepted the image"
+    elif grep -q -i -E "$regex" "$NBD_LOG"; then
+        ok "$label"
+    else
+        notok "$label" "message does not name the problem (/$regex/): $(head -c 200 "$NBD_LOG")"
+    fi
 }

@@ -204,9 +204,31 @@ static void test_header_basic_rejects(void)
     be64_store(buf + 40, 2048); be64_store(buf + 48, 512); be32_store(buf + 100, 520);
     REJECT(CS, FILE_SIZE, -EINVAL, "header_length 520");
     make_v3(buf); be32_store(buf + 32, 1);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "encrypted images (crypt_method 1) are not supported");
+    REJECT(CS, FILE_SIZE, -ENOTSUP, "legacy AES encryption (crypt_method 1) is not supported");
+    make_v3(buf); be32_store(buf + 32, 3);
+    REJECT(CS, FILE_SIZE, -ENOTSUP, "unknown encryption method (crypt_method 3)");
+    /* LUKS needs its encryption header extension, and only LUKS has one. */
     make_v3(buf); be32_store(buf + 32, 2);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "crypt_method 2");
+    REJECT(CS, FILE_SIZE, -EINVAL, "LUKS encryption (crypt_method 2) without its encryption header");
+    {
+        struct qcow2_header h;
+        uint8_t ext[16];
+        size_t eo = 112;
+        be64_store(ext, 4ull * CS); be64_store(ext + 8, 2ull * CS);
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+        CHECK(h.has_crypto_ext && h.crypto_offset == 4ull * CS && h.crypto_length == 2ull * CS);
+        eo = 112;
+        make_v3(buf); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        REJECT(CS, FILE_SIZE, -EINVAL, "encryption header extension without LUKS");
+        eo = 112;
+        be64_store(ext, 4ull * CS + 512);
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 16);
+        REJECT(CS, FILE_SIZE, -EINVAL, "misaligned or lies outside");
+        eo = 112;
+        make_v3(buf); be32_store(buf + 32, 2); put_ext(buf, &eo, QCOW2_EXT_CRYPTO, ext, 8);
+        REJECT(CS, FILE_SIZE, -EINVAL, "has 8 bytes, not 16");
+    }
     make_v3(buf); be32_store(buf + 96, 7);
     REJECT(CS, FILE_SIZE, -EINVAL, "refcount_order 7");
     make_v3(buf); be64_store(buf + 24, (1ull << 63) + 1);
@@ -238,8 +260,14 @@ static void test_header_feature_rejects(void)
     CHECK(strstr(err, "dirty") == NULL);
     CHECK(strstr(err, "compat forty") == NULL);
 
+    /* External data files are parsed (the engine opens the data file);
+     * data_file_raw without one is refused, as QEMU refuses it. */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DATA_FILE);
-    REJECT(CS, FILE_SIZE, -ENOTSUP, "external data files are not supported yet");
+    CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+    make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DATA_FILE); be64_store(buf + 88, QCOW2_AUTOCLEAR_DATA_RAW);
+    CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
+    make_v3(buf); be64_store(buf + 88, QCOW2_AUTOCLEAR_DATA_RAW);
+    REJECT(CS, FILE_SIZE, -EINVAL, "data_file_raw is set without an external data file");
 
     /* Extended L2 needs 16 KiB clusters. */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_EXTL2); be32_store(buf + 20, 13);
@@ -272,9 +300,9 @@ static void test_header_feature_rejects(void)
 
     /* Dirty, corrupt and lazy refcounts are accepted (the engine acts on them). */
     make_v3(buf); be64_store(buf + 72, QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT);
-    be64_store(buf + 80, ~0ull); be64_store(buf + 88, ~0ull);
+    be64_store(buf + 80, ~0ull); be64_store(buf + 88, ~QCOW2_AUTOCLEAR_DATA_RAW);
     CHECK_EQ(parse(CS, FILE_SIZE, &h), 0);
-    CHECK_EQ(h.autoclear_features, ~0ull);
+    CHECK_EQ(h.autoclear_features, ~QCOW2_AUTOCLEAR_DATA_RAW);
 }
 
 static void test_header_l1_rejects(void)
@@ -514,8 +542,14 @@ static void test_l2_entry_types(void)
     CHECK_EQ(qcow2_l2_entry_type(&h3, off | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_ZERO_ALLOC);
     CHECK_EQ(qcow2_l2_entry_type(&h3, off | QCOW_OFLAG_ZERO | QCOW_OFLAG_COPIED, false),
              QCOW2_CLUSTER_ZERO_ALLOC);
-    /* Offset 0 with COPIED and no external data file is corruption. */
+    /* Offset 0 with COPIED and no external data file is corruption; with
+     * one it is guest cluster 0's data at offset 0 of the data file. */
     CHECK_EQ(qcow2_l2_entry_type(&h3, QCOW_OFLAG_COPIED, false), QCOW2_CLUSTER_INVALID);
+    struct qcow2_header hd = h3;
+    hd.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE;
+    CHECK_EQ(qcow2_l2_entry_type(&hd, QCOW_OFLAG_COPIED, false), QCOW2_CLUSTER_NORMAL);
+    CHECK_EQ(qcow2_l2_entry_type(&hd, 0, false), QCOW2_CLUSTER_UNALLOCATED);
+    CHECK_EQ(qcow2_l2_entry_type(&hd, QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_ZERO_PLAIN);
     /* Misaligned host offset. */
     CHECK_EQ(qcow2_l2_entry_type(&h3, off + 512, false), QCOW2_CLUSTER_INVALID);
     CHECK_EQ(qcow2_l2_entry_type(&h3, (off + 4096) | QCOW_OFLAG_ZERO, false), QCOW2_CLUSTER_INVALID);

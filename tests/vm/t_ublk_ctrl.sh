@@ -17,7 +17,7 @@ fi
 # Build the probe against the project's library, sanitized if the library is.
 san=
 grep -qa __asan_init "$lib" && san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
-libs=$(pkg-config --libs liburing zlib libzstd 2>/dev/null || echo -luring -lz -lzstd)
+libs=$(pkg-config --libs liburing zlib libzstd libcrypto 2>/dev/null || echo -luring -lz -lzstd -lcrypto)
 if ! cc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -g $san \
 	-I"$root/src" -o "$tmp/ublk_ctrl_test" "$here/ublk_ctrl_test.c" "$lib" $libs -lpthread \
 	2>"$tmp/cc.log"; then

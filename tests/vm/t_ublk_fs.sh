@@ -6,9 +6,11 @@
 # writes and leaves its backing file unchanged; --read-only;
 # discard and write-zeroes read back as zeroes; foreground mode stops on SIGINT;
 # --recovery: several rounds of kill -9 during writes, `recover`; waiting reads, in-flight
-# writes and flushed data survive.
-# timeout: 600
-# soak-timeout: 900
+# writes and flushed data survive.  A LUKS-encrypted image (passphrase from a file) is served,
+# recovered after kill -9 with the passphrase read again from the same file (only its path in
+# the state file, the passphrase in no state or log file), and QEMU reads what was written.
+# timeout: 720
+# soak-timeout: 1020
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -195,12 +197,47 @@ else
 fi
 rm -f "$W/rec.qcow2" "$W"/d[0-9]*
 
+# ---- LUKS: --key-file, recover reads the same key file again ----
+PASS=ublk-luks-passphrase
+SEC="secret,id=s0,data=$PASS"
+printf %s "$PASS" > "$W/key"
+qemu-img create -q -f qcow2 --object "$SEC" \
+	-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$W/luks.qcow2" 32M
+qemu-io --object "$SEC" --image-opts -c 'write -P 0x3c 0 1M' \
+	"driver=qcow2,file.filename=$W/luks.qcow2,encrypt.key-secret=s0" >/dev/null
+check_fails ublk_luks_no_key "encrypted.*--key-file" "$UQ" add "$W/luks.qcow2"
+if uq_add --recovery --key-file "$W/key" "$W/luks.qcow2"; then
+	check ublk_luks_reads_qemu_data reads_as "$DEV" 1 074
+	head -c 2M /dev/urandom > "$W/ld"
+	check ublk_luks_write dd if="$W/ld" of="$DEV" bs=1M seek=2 oflag=direct conv=fsync status=none
+	check ublk_luks_state_has_key_path jq -e ".key_file == \"$(realpath "$W/key")\"" "/run/ublk-qcow2/ublk$ID.json"
+	check ublk_luks_no_passphrase_in_state eval '! grep -rq "$PASS" /run/ublk-qcow2/'
+	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
+	kill -9 "$pid"
+	if wait_for 30 eval '[ "$("$UQ" list --json | jq -r ".[] | select(.id == $ID) | .state")" = QUIESCED ]'; then
+		check ublk_luks_recover_same_key_file "$UQ" recover -n "$ID"
+		check ublk_luks_recovered_data eval 'dd if="$DEV" bs=1M skip=2 count=2 iflag=direct status=none | cmp -s - "$W/ld"'
+	else
+		nok ublk_luks_recover_same_key_file "device not QUIESCED after kill -9"
+	fi
+	check ublk_luks_del uq_del "$ID"
+	qemu-img check -q --object "$SEC" --image-opts "driver=qcow2,file.filename=$W/luks.qcow2,encrypt.key-secret=s0" \
+		> "$W/luks.check" 2>&1; rc=$?
+	check ublk_luks_qemu_img_check eval '[ $rc = 0 ] || [ $rc = 3 ]'
+	check ublk_luks_qemu_reads_our_write eval 'qemu-img convert --object "$SEC" --image-opts \
+		"driver=qcow2,file.filename=$W/luks.qcow2,encrypt.key-secret=s0" -O raw "$W/luks.raw" &&
+		cmp -s -i $((2 << 20)):0 -n $((2 << 20)) "$W/luks.raw" "$W/ld"'
+else
+	nok ublk_luks_reads_qemu_data "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+rm -f "$W/luks.qcow2" "$W/luks.raw" "$W/ld" "$W/key"
+
 check ublk_fs_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_timeout=540
-[ "${SOAK:-0}" = 1 ] && vm_timeout=840     # 12 recovery rounds instead of 4
+vm_timeout=660
+[ "${SOAK:-0}" = 1 ] && vm_timeout=960     # 12 recovery rounds instead of 4
 vm_run --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
 rc=$?
 if [ $rc -eq 125 ]; then
