@@ -240,6 +240,15 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
     }
     if (size == old_size)
         return 0;
+    /* Not handled here (refused rather than leaving them stale): the data
+     * file's length, and persistent bitmaps, which must grow with the disk. */
+    uint32_t ext_len;
+    if (has_data_file(q) ||
+        qcow2_header_find_ext(q->hdr_buf, q->hdr_len, &q->h, QCOW2_EXT_BITMAPS, &ext_len)) {
+        snprintf(err, errlen, "cannot resize %s: images with %s are not resized here (qemu-img resize "
+                 "can)", img->path, has_data_file(q) ? "an external data file" : "persistent bitmaps");
+        return -ENOTSUP;
+    }
     /* v2 snapshot entries need not record a disk size: QEMU refuses too. */
     if (q->h.version < 3 && q->h.nb_snapshots) {
         snprintf(err, errlen, "cannot resize %s: a v2 image with snapshots cannot be resized (as in "

@@ -432,6 +432,12 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         snprintf(err, errlen, "%s already has %d snapshots, QEMU's limit", img->path, QCOW2_MAX_SNAPSHOTS);
         return -EFBIG;
     }
+    /* QEMU refuses too: the data file's clusters have no refcounts to share. */
+    if (has_data_file(q)) {
+        snprintf(err, errlen, "%s has an external data file: internal snapshots are not supported "
+                 "with one (as in QEMU)", img->path);
+        return -ENOTSUP;
+    }
     if (q->h.refcount_bits == 1) {
         snprintf(err, errlen, "%s has 1-bit refcounts, which cannot count a snapshot's references "
                  "(more bits: qemu-img amend -o refcount_bits=16)", img->path);

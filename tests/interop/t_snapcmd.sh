@@ -164,6 +164,24 @@ case_refusals() {
     refuse "in use" resize "$dir/ours.qcow2" 32M
     stop_nbd || fail "server exit $?"
     [[ -n $FAIL ]] && return
+    # An external data file: no internal snapshots (QEMU's rule), no resize here.
+    qemu-img create -q -f qcow2 -o data_file="$dir/ours.data" "$dir/ours.qcow2" 4M || { fail "image"; return; }
+    cp "$dir/ours.qcow2" "$dir/twin.qcow2"
+    refuse "external data file: internal snapshots are not supported" snapshot create "$dir/ours.qcow2" s1 || return
+    refuse "images with an external data file are not resized" resize "$dir/ours.qcow2" 8M || return
+    # Persistent bitmaps would have to grow with the disk: refused, not left stale.
+    qemu-img create -q -f qcow2 "$dir/ours.qcow2" 4M && qemu-img bitmap --add "$dir/ours.qcow2" b1 ||
+        { fail "image"; return; }
+    # (A read-write open rewrites the bitmap directory: judged by QEMU, not by bytes.)
+    if "$UQ" resize "$dir/ours.qcow2" 8M >"$dir/r.out" 2>&1; then fail "resize with bitmaps succeeded"; return; fi
+    grep -q "images with persistent bitmaps are not resized" "$dir/r.out" || { fail "no message: $(head -c 200 "$dir/r.out")"; return; }
+    qimg_check "$dir/ours.qcow2" || { fail "check after the refused resize: exit $?"; return; }
+    qemu-img info --output=json "$dir/ours.qcow2" | python3 -c '
+import json, sys
+i = json.load(sys.stdin)
+b = i["format-specific"]["data"]["bitmaps"]
+sys.exit(not (i["virtual-size"] == 4 << 20 and len(b) == 1 and b[0]["name"] == "b1" and "in-use" not in b[0]["flags"]))' ||
+        { fail "the refused resize changed size or bitmap"; return; }
     # refcount_bits=1 cannot count a second reference; 2 bits hold 3 (active + 2 snapshots).
     make_image "$dir/ours.qcow2" 4M "refcount_bits=1" "write -P 1 0 1M" || { fail "image"; return; }
     cp "$dir/ours.qcow2" "$dir/twin.qcow2"
