@@ -128,8 +128,12 @@ if SYSTEMD_IGNORE_CHROOT=1 /lib/systemd/systemd-udevd --daemon >"$W/udevd.log" 2
 	chmod 0666 /dev/ublk-control
 	U="setpriv --reuid=65534 --regid=65534 --clear-groups env XDG_RUNTIME_DIR=/run/user/65534 HOME=/"
 	mkdir -p /run/user/65534 "$W/nobody" && chown 65534:65534 /run/user/65534 "$W/nobody"
+	# The build may lie under a directory only root may enter (a CI clone in
+	# a mktemp -d): the user runs a copy of the binary.
+	UQN=$W/nobody-bin/ublk-qcow2
+	install -D -m 0755 "$UQ" "$UQN"
 	$U qemu-img create -q -f qcow2 "$W/nobody/u.qcow2" 32M
-	udev=$(timeout 150 $U "$UQ" add "$W/nobody/u.qcow2" 2>"$W/uadd.err")
+	udev=$(timeout 150 $U "$UQN" add "$W/nobody/u.qcow2" 2>"$W/uadd.err")
 	if [ -b "$udev" ]; then
 		uid=${udev#/dev/ublkb}
 		# After every event udev had for the nodes (a change event must not
@@ -139,20 +143,20 @@ if SYSTEMD_IGNORE_CHROOT=1 /lib/systemd/systemd-udevd --daemon >"$W/udevd.log" 2
 		head -c 4M /dev/urandom > "$W/nobody/data" && chown 65534 "$W/nobody/data"
 		check ublk_unpriv_write $U dd if="$W/nobody/data" of="$udev" bs=1M oflag=direct conv=fsync status=none
 		check ublk_unpriv_read_back eval "$U dd if=$udev bs=1M count=4 iflag=direct status=none | cmp -s - $W/nobody/data"
-		check ublk_unpriv_list_json eval "$U $UQ list -n $uid --json | jq -e '.[0].unprivileged and .[0].owner_uid == 65534 and .[0].image == \"$W/nobody/u.qcow2\"'"
+		check ublk_unpriv_list_json eval "$U $UQN list -n $uid --json | jq -e '.[0].unprivileged and .[0].owner_uid == 65534 and .[0].image == \"$W/nobody/u.qcow2\"'"
 		check ublk_unpriv_list_by_root eval '"$UQ" list -n $uid --json | jq -e ".[0].image == \"$W/nobody/u.qcow2\""'
-		check ublk_unpriv_stats eval "$U $UQ stats -n $uid --json | jq -e '.writes >= 4'"
+		check ublk_unpriv_stats eval "$U $UQN stats -n $uid --json | jq -e '.writes >= 4'"
 		check ublk_unpriv_state_in_user_dir test -f /run/user/65534/ublk-qcow2/ublk$uid.json
 		check_fails ublk_unpriv_other_user_refused "not permitted|permission|denied" \
 			setpriv --reuid=65533 --regid=65533 --clear-groups env XDG_RUNTIME_DIR=/nonexistent "$UQ" del -n "$uid"
-		check ublk_unpriv_del $U "$UQ" del -n "$uid"
+		check ublk_unpriv_del $U "$UQN" del -n "$uid"
 		check ublk_unpriv_gone test ! -e "$udev"
 		check ublk_unpriv_image_clean qemu-img check -q "$W/nobody/u.qcow2"
 	else
 		nok ublk_unpriv_add "add as nobody failed: $(tr '\n' ' ' < "$W/uadd.err")"
 	fi
 	check_fails ublk_unpriv_image_not_readable "permission denied|cannot open" \
-		$U "$UQ" add "$W/st.qcow2"
+		$U "$UQN" add "$W/st.qcow2"
 	chmod 0600 /dev/ublk-control
 	udevadm control --exit
 else
