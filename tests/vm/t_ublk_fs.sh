@@ -13,15 +13,8 @@
 # soak-timeout: 1020
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-tmp=${UQ_TMP:-}
-[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
-UQ=${UQ:-$root/build/debug/ublk-qcow2}
-[ -x "$UQ" ] || { echo "not ok ublk_fs: no binary $UQ (build first)"; exit 1; }
-export UQ
-
 . "$here/vm_lib.sh"
-vm_require ublk_fs
+vm_ublk_test ublk_fs
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"

@@ -9,15 +9,8 @@
 # timeout: 600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-tmp=${UQ_TMP:-}
-[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
-UQ=${UQ:-$root/build/debug/ublk-qcow2}
-[ -x "$UQ" ] || { echo "not ok ublk_io: no binary $UQ (build first)"; exit 1; }
-export UQ
-
 . "$here/vm_lib.sh"
-vm_require ublk_io
+vm_ublk_test ublk_io
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"

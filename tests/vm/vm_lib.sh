@@ -1,6 +1,9 @@
 # Helpers for tests that need the test VM (source it; bash).
 #   vm_require NAME   prints `skip NAME: ...` and exits 0 if no VM can run here.
 #   vm_run ARGS...    tests/vm/vm.sh ARGS...
+#   vm_ublk_test NAME the start of a ublk VM test: $root, a scratch $tmp (removed at exit
+#                     unless UQ_TMP names one), $UQ exported (the sanitized build unless
+#                     given; `not ok NAME` without it), then vm_require NAME.
 VM_SH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/vm.sh
 
 vm_require() {
@@ -15,3 +18,13 @@ vm_require() {
 }
 
 vm_run() { "$VM_SH" "$@"; }
+
+vm_ublk_test() {
+	root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+	tmp=${UQ_TMP:-}
+	[ -n "$tmp" ] || { tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT; }
+	UQ=${UQ:-$root/build/debug/ublk-qcow2}
+	[ -x "$UQ" ] || { echo "not ok $1: no binary $UQ (build first)"; exit 1; }
+	export UQ
+	vm_require "$1"
+}
