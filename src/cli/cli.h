@@ -41,6 +41,9 @@ int cli_key_from_file(const char *cmd, const char *path, struct cli_key *k);
 int cli_key_from_env(const char *cmd, const char *var, struct cli_key *k);
 void cli_key_clear(struct cli_key *k);      /* wipe and free */
 
+/* Strict unsigned parse: digits only, within [min, max]; false otherwise. */
+bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out);
+
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

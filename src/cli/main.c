@@ -1,6 +1,8 @@
 /* ublk-qcow2: entry point and subcommand dispatch. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
@@ -28,6 +30,21 @@ static const struct subcommand subcommands[] = {
     { "snapshot", cmd_snapshot, "list, create, delete or apply internal qcow2 snapshots" },
     { "resize", cmd_resize, "change the virtual size of an image (or grow a live device)" },
 };
+
+bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out)
+{
+    if (!s || !*s)
+        return false;
+    for (const char *p = s; *p; p++)
+        if (*p < '0' || *p > '9')
+            return false;
+    errno = 0;
+    unsigned long v = strtoul(s, NULL, 10);
+    if (errno || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
 
 void cli_error(const char *fmt, ...)
 {

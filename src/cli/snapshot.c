@@ -66,19 +66,6 @@ static void resize_usage(FILE *out)
         "  -h, --help           this help\n");
 }
 
-static bool parse_id(const char *s, uint32_t *id)
-{
-    char *end;
-    if (!s || *s < '0' || *s > '9')
-        return false;
-    errno = 0;
-    unsigned long v = strtoul(s, &end, 10);
-    if (errno || *end || v >= UINT32_MAX)
-        return false;
-    *id = (uint32_t)v;
-    return true;
-}
-
 /* Open IMAGE for an offline command under QEMU's locks (a writer's unless
  * read_only; none with force_share); 0 and *img, or 1 after saying why. */
 static int open_offline(const char *cmd, const char *path, bool read_only, bool force_share,
@@ -266,15 +253,17 @@ int cmd_snapshot(int argc, char **argv)
     };
     bool json = false, force = false, have_id = false;
     uint32_t id = 0;
+    unsigned long dev_id;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:jUh", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_id(optarg, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &dev_id)) {
                 cli_error("snapshot: invalid device id '%s'", optarg);
                 return 2;
             }
+            id = (uint32_t)dev_id;
             have_id = true;
             break;
         case 'j':
@@ -361,16 +350,18 @@ int cmd_resize(int argc, char **argv)
     };
     bool shrink = false, have_id = false;
     uint32_t id = 0;
+    unsigned long dev_id;
     int c;
     optind = 1;
     /* "+": stop at the first non-option, so "-1G" is a size, not options. */
     while ((c = getopt_long(argc, argv, "+n:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_id(optarg, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &dev_id)) {
                 cli_error("resize: invalid device id '%s'", optarg);
                 return 2;
             }
+            id = (uint32_t)dev_id;
             have_id = true;
             break;
         case OPT_SHRINK:

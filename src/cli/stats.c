@@ -27,19 +27,6 @@ static void stats_usage(FILE *out)
         "  -h, --help           this help\n");
 }
 
-static bool parse_num(const char *s, unsigned long min, unsigned long max, unsigned long *out)
-{
-    char *end;
-    if (!s || *s < '0' || *s > '9')
-        return false;
-    errno = 0;
-    unsigned long v = strtoul(s, &end, 10);
-    if (errno || *end || v < min || v > max)
-        return false;
-    *out = v;
-    return true;
-}
-
 struct sample {
     uint64_t reads, writes, read_bytes, write_bytes, flushes, discards, write_zeroes;
     uint64_t errors, in_flight, cache_hits, cache_misses, clusters_allocated;
@@ -173,7 +160,7 @@ int cmd_stats(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "n:jw::c:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_num(optarg, 0, UINT32_MAX - 1, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("stats: invalid device id '%s'", optarg);
                 return 2;
             }
@@ -187,13 +174,13 @@ int cmd_stats(int argc, char **argv)
             /* "--watch 2" as well as "--watch=2". */
             if (!optarg && optind < argc && argv[optind][0] >= '0' && argv[optind][0] <= '9')
                 optarg = argv[optind++];
-            if (optarg && !parse_num(optarg, 1, 3600, &secs)) {
+            if (optarg && !cli_parse_uint(optarg, 1, 3600, &secs)) {
                 cli_error("stats: invalid --watch interval '%s' (1 to 3600 seconds)", optarg);
                 return 2;
             }
             break;
         case 'c':
-            if (!parse_num(optarg, 1, 1000000, &count)) {
+            if (!cli_parse_uint(optarg, 1, 1000000, &count)) {
                 cli_error("stats: invalid --count '%s'", optarg);
                 return 2;
             }

@@ -29,22 +29,6 @@
 #define ADD_START_TIMEOUT_S 120     /* image open (a dirty image is repaired) + start */
 #define DEL_DEFAULT_TIMEOUT_S 60    /* daemon drain + final flush */
 
-/* Strict unsigned parse: all digits, within [min, max]. */
-static bool parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out)
-{
-    if (!s || !*s)
-        return false;
-    for (const char *p = s; *p; p++)
-        if (*p < '0' || *p > '9')
-            return false;
-    errno = 0;
-    unsigned long v = strtoul(s, NULL, 10);
-    if (errno || v < min || v > max)
-        return false;
-    *out = v;
-    return true;
-}
-
 /* ---- add ------------------------------------------------------------------------ */
 
 static void add_usage(FILE *out)
@@ -218,8 +202,8 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
         while ((nl = strchr(buf, '\n')) != NULL) {
             *nl = '\0';
             if (!strncmp(buf, "id ", 3)) {
-                have_id = parse_uint(buf + 3, 0, UINT32_MAX, &id);
-            } else if (!strncmp(buf, "ok ", 3) && parse_uint(buf + 3, 0, UINT32_MAX, &id)) {
+                have_id = cli_parse_uint(buf + 3, 0, UINT32_MAX, &id);
+            } else if (!strncmp(buf, "ok ", 3) && cli_parse_uint(buf + 3, 0, UINT32_MAX, &id)) {
                 have_id = true;
                 live = true;
             }
@@ -293,21 +277,21 @@ int cmd_add(int argc, char **argv)
             uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'n':
-            if (!parse_uint(optarg, 0, 1u << 20, &v)) {
+            if (!cli_parse_uint(optarg, 0, 1u << 20, &v)) {
                 cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
                 return 2;
             }
             o.dev_id = (uint32_t)v;
             break;
         case 'q':
-            if (!parse_uint(optarg, 1, UBLK_MAX_QUEUES, &v)) {
+            if (!cli_parse_uint(optarg, 1, UBLK_MAX_QUEUES, &v)) {
                 cli_error("add: invalid queue count '%s' (1 to %u)", optarg, UBLK_MAX_QUEUES);
                 return 2;
             }
             o.nr_queues = (unsigned)v;
             break;
         case 'd':
-            if (!parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &v)) {
+            if (!cli_parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &v)) {
                 cli_error("add: invalid depth '%s' (1 to %u)", optarg, UBLK_MAX_QUEUE_DEPTH);
                 return 2;
             }
@@ -542,7 +526,7 @@ int cmd_del(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "n:at:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("del: invalid device id '%s'", optarg);
                 return 2;
             }
@@ -552,7 +536,7 @@ int cmd_del(int argc, char **argv)
             all = true;
             break;
         case 't':
-            if (!parse_uint(optarg, 1, 86400, &timeout_s)) {
+            if (!cli_parse_uint(optarg, 1, 86400, &timeout_s)) {
                 cli_error("del: invalid timeout '%s' (seconds, 1 to 86400)", optarg);
                 return 2;
             }
@@ -722,7 +706,7 @@ int cmd_list(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "n:jh", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("list: invalid device id '%s'", optarg);
                 return 2;
             }
@@ -863,7 +847,7 @@ int cmd_recover(int argc, char **argv)
             uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'n':
-            if (!parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
+            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
                 cli_error("recover: invalid device id '%s'", optarg);
                 return 2;
             }
