@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define DIRECT_ALIGN 512u
@@ -55,6 +57,17 @@ static int set_direct(int fd, bool on)
         return -errno;
     fl = on ? (fl | O_DIRECT) : (fl & ~O_DIRECT);
     return fcntl(fd, F_SETFL, fl) < 0 ? -errno : 0;
+}
+
+/* A regular file whose data lives in memory: its reads and writes are
+ * memory copies that never wait for a device. */
+static bool in_memory_fs(int fd)
+{
+    struct statfs sf;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fstatfs(fd, &sf) < 0)
+        return false;
+    return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }
 
 int file_open(struct file *f, const char *path, bool writable, enum file_cache cache,
@@ -109,6 +122,7 @@ int file_open(struct file *f, const char *path, bool writable, enum file_cache c
     f->fd = fd;
     f->direct = direct;
     f->writable = writable;
+    f->in_memory = in_memory_fs(fd);
     return 0;
 }
 
@@ -182,16 +196,38 @@ static size_t short_len(struct file *f, size_t len, int verdict)
 
 /* ---- I/O ------------------------------------------------------------------------ */
 
+/* Every data transfer goes through these: through the ring, or inline for
+ * a file in memory (see io_pwritev_now).  Inline, one thread copies: the
+ * ring's workers would run reads of one file on several CPUs at once, but
+ * each costs a hand-off to a worker thread; in the test VM inline reads
+ * served 1.5x the IOPS on tmpfs, and queues (-q N) add threads. */
+static ssize_t xfer_read(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return f->in_memory ? io_preadv_now(f->fd, iov, iovcnt, off) : io_preadv(f->fd, iov, iovcnt, off);
+}
+
+static ssize_t xfer_write(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off, int rw_flags)
+{
+    return f->in_memory ? io_pwritev_now(f->fd, iov, iovcnt, off, rw_flags)
+                        : io_pwritev(f->fd, iov, iovcnt, off, rw_flags);
+}
+
+static ssize_t xfer_read1(struct file *f, void *buf, size_t len, uint64_t off)
+{
+    struct iovec iov = { buf, len };
+    return xfer_read(f, &iov, 1, off);
+}
+
 static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off);
 
 ssize_t file_pread(struct file *f, void *buf, size_t len, uint64_t off)
 {
     if (!hooked())
-        return io_pread(f->fd, buf, len, off);
+        return xfer_read1(f, buf, len, off);
     int v = hook_before(f, FILE_OP_READ, off, len, NULL, 0, 0);
     if (v < 0)
         return hook_after(f, FILE_OP_READ, off, len, v, 0);
-    return hook_after(f, FILE_OP_READ, off, len, io_pread(f->fd, buf, short_len(f, len, v), off), 0);
+    return hook_after(f, FILE_OP_READ, off, len, xfer_read1(f, buf, short_len(f, len, v), off), 0);
 }
 
 ssize_t file_pread_any(struct file *f, void *buf, size_t len, uint64_t off)
@@ -209,7 +245,7 @@ static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off)
 {
     const uint64_t mask = DIRECT_ALIGN - 1;
     if (!f->direct || ((off | len | (uintptr_t)buf) & mask) == 0)
-        return io_pread(f->fd, buf, len, off);
+        return xfer_read1(f, buf, len, off);
 
     /* Read the covering 512-aligned span through a bounce buffer, in
      * pieces of at most BOUNCE_MAX. */
@@ -225,7 +261,7 @@ static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off)
         size_t want = ((head + (len - done) + mask) & ~mask);
         if (want > bounce_len)
             want = bounce_len;
-        ssize_t ret = io_pread(f->fd, bounce, want, start);
+        ssize_t ret = xfer_read1(f, bounce, want, start);
         if (ret < 0) {
             io_free(bounce);
             return ret;
@@ -247,14 +283,14 @@ static ssize_t pread_any(struct file *f, void *buf, size_t len, uint64_t off)
 ssize_t file_preadv(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off)
 {
     if (!hooked())
-        return io_preadv(f->fd, iov, iovcnt, off);
+        return xfer_read(f, iov, iovcnt, off);
     size_t len = iov_bytes(iov, iovcnt);
     int v = hook_before(f, FILE_OP_READ, off, len, NULL, 0, 0);
     if (v < 0)
         return hook_after(f, FILE_OP_READ, off, len, v, 0);
     size_t want = short_len(f, len, v);
     if (want == len)
-        return hook_after(f, FILE_OP_READ, off, len, io_preadv(f->fd, iov, iovcnt, off), 0);
+        return hook_after(f, FILE_OP_READ, off, len, xfer_read(f, iov, iovcnt, off), 0);
     /* Shortened: read only the first `want` bytes of the vector. */
     struct iovec *cut = calloc(iovcnt, sizeof(*cut));
     if (!cut)
@@ -266,7 +302,7 @@ ssize_t file_preadv(struct file *f, const struct iovec *iov, int iovcnt, uint64_
             cut[n].iov_len = left;
         left -= cut[n].iov_len;
     }
-    ssize_t r = n ? io_preadv(f->fd, cut, n, off) : 0;
+    ssize_t r = n ? xfer_read(f, cut, n, off) : 0;
     free(cut);
     return hook_after(f, FILE_OP_READ, off, len, r, 0);
 }
@@ -275,8 +311,6 @@ ssize_t file_preadv(struct file *f, const struct iovec *iov, int iovcnt, uint64_
  * durable when the write completes. */
 ssize_t file_pwrite(struct file *f, const void *buf, size_t len, uint64_t off, bool fua)
 {
-    if (!hooked())
-        return io_pwrite(f->fd, buf, len, off, fua ? RWF_DSYNC : 0);
     struct iovec iov = { (void *)buf, len };
     return file_pwritev(f, &iov, 1, off, fua);
 }
@@ -284,13 +318,13 @@ ssize_t file_pwrite(struct file *f, const void *buf, size_t len, uint64_t off, b
 ssize_t file_pwritev(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off, bool fua)
 {
     if (!hooked())
-        return io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0);
+        return xfer_write(f, iov, iovcnt, off, fua ? RWF_DSYNC : 0);
     size_t len = iov_bytes(iov, iovcnt);
     unsigned fl = fua ? FILE_HOOK_FUA : 0;
     int v = hook_before(f, FILE_OP_WRITE, off, len, iov, iovcnt, fl);
     if (v < 0)
         return hook_after(f, FILE_OP_WRITE, off, len, v, fl);
-    return hook_after(f, FILE_OP_WRITE, off, len, io_pwritev(f->fd, iov, iovcnt, off, fua ? RWF_DSYNC : 0), fl);
+    return hook_after(f, FILE_OP_WRITE, off, len, xfer_write(f, iov, iovcnt, off, fua ? RWF_DSYNC : 0), fl);
 }
 
 int file_sync(struct file *f)

@@ -13,6 +13,7 @@ struct file {
     int fd;
     bool direct;        /* opened O_DIRECT: offsets, lengths, buffers 512-aligned */
     bool writable;
+    bool in_memory;     /* on tmpfs/ramfs: reads and writes run inline (io_pwritev_now) */
     char *path;
 };
 

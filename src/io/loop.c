@@ -177,10 +177,10 @@ int io_submit_wait(io_prep_fn prep, void *arg)
 #define IOV_WINDOW 64
 
 /* One read or write attempt; may transfer less than asked. */
-static ssize_t rw_once(bool write, int fd, const struct iovec *iov, int iovcnt,
+static ssize_t rw_once(bool write, bool now, int fd, const struct iovec *iov, int iovcnt,
                        uint64_t off, int rw_flags)
 {
-    struct loop *l = async_loop();
+    struct loop *l = now ? NULL : async_loop();
     ssize_t ret;
 
     if (l) {
@@ -226,7 +226,7 @@ static int iov_window(const struct iovec *iov, int iovcnt, size_t skip, struct i
     return n;
 }
 
-static ssize_t rw_full(bool write, int fd, const struct iovec *iov, int iovcnt,
+static ssize_t rw_full(bool write, bool now, int fd, const struct iovec *iov, int iovcnt,
                        uint64_t off, int rw_flags)
 {
     struct iovec win[IOV_WINDOW];
@@ -241,7 +241,7 @@ static ssize_t rw_full(bool write, int fd, const struct iovec *iov, int iovcnt,
         cur = win;
     }
     while (done < total) {
-        ssize_t ret = rw_once(write, fd, cur, curcnt, off + done, rw_flags);
+        ssize_t ret = rw_once(write, now, fd, cur, curcnt, off + done, rw_flags);
         if (ret == -EINTR || ret == -EAGAIN)
             continue;
         if (ret < 0)
@@ -263,23 +263,33 @@ static ssize_t rw_full(bool write, int fd, const struct iovec *iov, int iovcnt,
 ssize_t io_pread(int fd, void *buf, size_t len, uint64_t off)
 {
     struct iovec iov = { buf, len };
-    return rw_full(false, fd, &iov, 1, off, 0);
+    return rw_full(false, false, fd, &iov, 1, off, 0);
 }
 
 ssize_t io_pwrite(int fd, const void *buf, size_t len, uint64_t off, int rw_flags)
 {
     struct iovec iov = { (void *)buf, len };
-    return rw_full(true, fd, &iov, 1, off, rw_flags);
+    return rw_full(true, false, fd, &iov, 1, off, rw_flags);
 }
 
 ssize_t io_preadv(int fd, const struct iovec *iov, int iovcnt, uint64_t off)
 {
-    return rw_full(false, fd, iov, iovcnt, off, 0);
+    return rw_full(false, false, fd, iov, iovcnt, off, 0);
 }
 
 ssize_t io_pwritev(int fd, const struct iovec *iov, int iovcnt, uint64_t off, int rw_flags)
 {
-    return rw_full(true, fd, iov, iovcnt, off, rw_flags);
+    return rw_full(true, false, fd, iov, iovcnt, off, rw_flags);
+}
+
+ssize_t io_preadv_now(int fd, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+    return rw_full(false, true, fd, iov, iovcnt, off, 0);
+}
+
+ssize_t io_pwritev_now(int fd, const struct iovec *iov, int iovcnt, uint64_t off, int rw_flags)
+{
+    return rw_full(true, true, fd, iov, iovcnt, off, rw_flags);
 }
 
 int io_fdatasync(int fd)

@@ -7,7 +7,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <liburing.h>
+#include <linux/magic.h>
 #include <sys/socket.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define NBLK 64
@@ -71,6 +73,43 @@ static void test_coroutine_file_io(void)
     CHECK_EQ(file_size(&tf), NBLK * BLK);
     loop_free(l);
     CHECK(loop_current() == NULL);
+}
+
+/* A file in memory (tmpfs): reads and writes run inline; the same
+ * coroutine I/O reads back what it wrote. */
+static void test_in_memory_file(void)
+{
+    char err[256], path[] = "/dev/shm/test_loop.XXXXXX";
+    struct statfs sf;
+    if (statfs("/dev/shm", &sf) < 0 || sf.f_type != TMPFS_MAGIC) {
+        printf("#   skipped: /dev/shm is not a tmpfs here\n");
+        return;
+    }
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    close(fd);
+    struct file saved = tf;
+    CHECK_EQ(file_open(&tf, path, true, FILE_CACHE_AUTO, err, sizeof(err)), 0);
+    CHECK(tf.in_memory);
+    CHECK(statfs(tmp_path, &sf) == 0);
+    CHECK_EQ(saved.in_memory, sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC);
+    struct loop *l = loop_new(32);
+    blk_errors = 0;
+    for (unsigned i = 0; i < NBLK; i++)
+        co_spawn(fn_block, (void *)(uintptr_t)i);
+    CHECK_EQ(loop_run(l), 0);
+    CHECK_EQ(blk_errors, 0);
+    CHECK_EQ(file_size(&tf), NBLK * BLK);
+    loop_free(l);
+    char *w = io_alloc(BLK), *r = io_alloc(BLK);
+    fill(w, 5, 1);
+    CHECK_EQ(pread(tf.fd, r, BLK, 5 * BLK), BLK);
+    CHECK(memcmp(w, r, BLK) == 0);
+    io_free(w);
+    io_free(r);
+    file_close(&tf);
+    unlink(path);
+    tf = saved;
 }
 
 /* The same calls with no loop / outside a coroutine: plain syscalls. */
@@ -336,6 +375,7 @@ int main(void)
     make_tmp();
     RUN_TEST(test_coroutine_file_io);
     RUN_TEST(test_sync_file_io);
+    RUN_TEST(test_in_memory_file);
     RUN_TEST(test_short_read_eof);
     RUN_TEST(test_pread_any_unaligned);
     RUN_TEST(test_dsync_write);
