@@ -11,7 +11,9 @@ Measures side by side, in one run, on the same images and with the same clients:
   engine   `BINARY bench` on a qcow2 and on the same data as raw; fio io_uring O_DIRECT on the
            raw file (the limit); `qemu-img bench` on the qcow2 (QEMU's engine, sequential).
   nbd      our NBD export vs `qemu-nbd --cache=none --aio=io_uring` vs `nbdkit null` (what the
-           client itself can reach), all driven by fio's nbd engine over a unix socket.
+           client itself can reach), all driven by fio's nbd engine over a unix socket; again
+           with the qcow2 copied to /dev/shm (tmpfs), which takes the disk out of the
+           comparison with nbdkit null (which stores nothing).
   sizes    our NBD export vs qemu-nbd on sparse qcow2 images of growing size (metadata
            preallocated, data holes): 4k randread then randwrite, and each daemon's peak memory.
   ublk     one boot of the test VM (tests/vm/vm.sh; the host kernel may have no ublk): fio io_uring
@@ -24,7 +26,10 @@ depth-1 4k read and write latency (p50, p99); 4k randwrite on an empty qcow2 (al
 a qcow2 overlay of a fully written raw file (copy-on-write; for the engine also with extended
 L2), each path on a fresh image and stopping early after 32768 writes or a quarter of its
 clusters, so that nearly every write allocates whatever the speed (qemu-img check counts the clusters
-afterwards); 4k randread of a compressed qcow2 (qemu-img convert -c).  Every image is filled
+afterwards; fio moves the same disk traffic, to show what the disk gives); 4k randread of a compressed
+qcow2 (qemu-img convert -c).  The engine and nbd workloads run in BENCH_ROUNDS rounds, the paths
+interleaved (in reverse order every other round), and report the median round: the virtual
+disk of the development machine swings by 10-20% from one run to the next.  Every image is filled
 with data when created (no holes, no unwritten extents; the qcow2 is `qemu-img convert` of the
 filled raw file, so both hold the same data); the sizes section is sparse on purpose.  Each result also has the CPU time per I/O of the process that
 serves it (server, or the bench/fio/qemu-img process itself) and its peak memory.
@@ -37,7 +42,8 @@ Environment:
                    filled images are kept there for the next run (about 2 x BENCH_SIZE +
                    BENCH_OVERLAY_SIZE + 2 x BENCH_COMPRESSED_SIZE), and it is locked against
                    concurrent runs
-  BENCH_SECONDS    seconds per measurement (default 6, quick 2; decimals allowed)
+  BENCH_SECONDS    seconds per measurement (default 4, quick 2; decimals allowed)
+  BENCH_ROUNDS     rounds of the engine and nbd workloads (default 3, quick 1)
   BENCH_ONLY       sections, comma-separated: engine,nbd,sizes,ublk (default all)
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
@@ -92,10 +98,11 @@ class Server:
         d = cfg.dir
         self.sock, self.pidfile = f"{d}/{kind}.sock", f"{d}/{kind}.pid"
         self.logpath = f"{d}/logs/{kind}.log"
-        if kind == "nbd_ours":
+        server = kind.removesuffix("_mem")     # the same server on an image in memory
+        if server == "nbd_ours":
             self.argv = [cfg.bin, "nbd", "--fork", "--pid-file", self.pidfile,
                          "--socket", self.sock, image]
-        elif kind == "nbd_qemu":
+        elif server == "nbd_qemu":
             self.argv = ["qemu-nbd", "--fork", "--persistent", "--pid-file", self.pidfile,
                          "--socket", self.sock, "--cache=none", "--aio=io_uring", "-f", "qcow2",
                          image]
@@ -171,12 +178,13 @@ class Config:
         self.dir = os.path.realpath(env.get("BENCH_DIR", "/var/tmp/ublk-qcow2-bench"))
         self.results = env.get("BENCH_RESULTS", os.path.join(HERE, "results"))
         try:
-            self.secs = float(env.get("BENCH_SECONDS", "2" if q else "6"))
+            self.secs = float(env.get("BENCH_SECONDS", "2" if q else "4"))
         except ValueError:
             self.secs = 0
         if not 0 < self.secs <= 3600:
             raise BenchError("BENCH_SECONDS must be a positive number of seconds")
         self.depth = self.posint("BENCH_DEPTH", "128")
+        self.host_rounds = self.posint("BENCH_ROUNDS", "1" if q else "3")
         self.size = self.sizelist("BENCH_SIZE", "256M" if q else "2G")[0]
         self.alloc_size = self.sizelist("BENCH_ALLOC_SIZE", "256M" if q else "64G")[0]
         self.osize = self.sizelist("BENCH_OVERLAY_SIZE", env.get("BENCH_SIZE", "256M")
@@ -224,7 +232,8 @@ class Config:
         return got
 
     def to_json(self):
-        return {"seconds_each": self.secs, "depth": self.depth, "size": self.size,
+        return {"seconds_each": self.secs, "host_rounds": self.host_rounds,
+                "depth": self.depth, "size": self.size,
                 "alloc_size": self.alloc_size, "overlay_size": self.osize,
                 "compressed_size": self.csize, "sizes": self.sizes, "sections": self.sections,
                 "workloads": self.workloads, "quick": self.quick,
@@ -239,10 +248,13 @@ def plan(cfg):
     about 6 MiB/s to fill and convert its images."""
     def n(section, wls):
         return sum(1 for w in wls if w in cfg.workloads) if section in cfg.sections else 0
-    host = n("engine", MAIN + LATENCY) * 3 + n("engine", ["randwrite_4k", "randread_4k", "rw_512k"])
-    host += n("nbd", MAIN + LATENCY) * 3 + n("engine", ["alloc_4k"]) + 2 * n("nbd", ["alloc_4k"])
+    host = cfg.host_rounds * (n("engine", MAIN + LATENCY) * 3 + n("nbd", MAIN + LATENCY) * 3
+                              + n("engine", ["randwrite_4k", "randread_4k", "rw_512k"])
+                              + 2 * n("nbd", MAIN))
+    host += n("engine", ["alloc_4k"]) + 2 * n("nbd", ["alloc_4k"])
     host += 2 * (n("engine", ["overlay_4k", "compressed_4k"]) + n("nbd", ["overlay_4k",
                                                                          "compressed_4k"]))
+    host += n("engine", ["overlay_4k"]) or n("nbd", ["overlay_4k"])
     host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
     vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
     # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
@@ -264,6 +276,7 @@ class HostBench:
         self.csrc = os.path.join(cfg.dir, "comp-src.raw")
         self.comp = os.path.join(cfg.dir, "comp.qcow2")
         self.scratch = os.path.join(cfg.dir, "scratch.qcow2")
+        self.mem_qcow2 = None     # the qcow2 copied to tmpfs, for the nbd "in memory" paths
         # The overlays' backing file: the filled raw image if it has the size, else its own.
         self.obase = self.raw if cfg.osize == cfg.size else os.path.join(cfg.dir, "base.raw")
         self.steps = 0
@@ -313,12 +326,38 @@ class HostBench:
                 log(f"filling a {size_name(c.osize)} raw image, the overlays' backing file")
                 fill_file(self.obase, c.osize)
             self.kept_images("base", [self.obase], c.osize, make)
+        if any(self.wanted("nbd", w) for w in MAIN):
+            self.copy_to_memory()
         if need_comp:
             def make():
                 log(f"making a {size_name(c.csize)} compressed qcow2 (qemu-img convert -c)")
                 fill_file(self.csrc, c.csize, compressible=True)
                 make_qcow2_copy(self.csrc, self.comp, compressed=True)
             self.kept_images("comp", [self.csrc, self.comp], c.csize, make)
+
+    def copy_to_memory(self):
+        """Copy the qcow2 to /dev/shm if that is a tmpfs with room to spare."""
+        shm = "/dev/shm"
+        try:
+            st = os.statvfs(shm)
+            # The last line: the mount on top (/dev/shm may be mounted twice).
+            fs = (subprocess.run(["findmnt", "-no", "FSTYPE", "--target", shm],
+                                 capture_output=True, text=True).stdout.split() or ["?"])[-1]
+        except OSError:
+            return
+        size = os.path.getsize(self.qcow2)
+        if fs != "tmpfs" or st.f_bavail * st.f_frsize < size + (1 << 30):
+            log(f"not measuring NBD on an image in memory: {shm} is not a tmpfs with "
+                f"{size_name(size)} + 1G free")
+            return
+        self.mem_qcow2 = os.path.join(shm, f"ublk-qcow2-bench-{os.getpid()}.qcow2")
+        log(f"copying the qcow2 to {self.mem_qcow2}")
+        shutil.copyfile(self.qcow2, self.mem_qcow2)
+
+    def drop_memory_copy(self):
+        if self.mem_qcow2 and os.path.exists(self.mem_qcow2):
+            os.unlink(self.mem_qcow2)
+        self.mem_qcow2 = None
 
     def new_scratch(self, kind, size=None, extended_l2=False):
         if os.path.exists(self.scratch):
@@ -366,6 +405,25 @@ class HostBench:
         run(argv, timeout=self.cfg.secs + 300)
         res = parse_fio(js)
         res["cpu_s"], res["cpu_of"] = res["client_cpu_s"], "fio job"
+        return res
+
+    def m_fio_cow(self):
+        """The disk traffic of copy-on-write without the copying: 64k random reads of the
+        overlays' backing file and 64k random writes (into the filled raw image) in parallel,
+        half the queue depth each.  Reported as copies per second, (reads + writes) / 2; a 4k
+        COW write reads 60k and writes 64k.  A path near it is bound by the disk."""
+        js = f"{self.logs}/fio-cow.json"
+        half = str(max(1, self.cfg.depth // 2))
+        argv = ["fio", "--output-format=json", f"--output={js}", "--ioengine=io_uring",
+                "--direct=1", "--bs=64k", f"--runtime={max(1, round(self.cfg.secs * 1000))}ms",
+                "--time_based", "--norandommap", "--gtod_reduce=1", "--group_reporting",
+                "--name=read", "--rw=randread", f"--iodepth={half}", f"--filename={self.obase}",
+                "--name=write", "--rw=randwrite", f"--iodepth={half}", f"--filename={self.raw}"]
+        run(argv, timeout=self.cfg.secs + 300)
+        res = parse_fio(js)
+        reads, writes = res["read_iops"], res["write_iops"]
+        res.update(read_iops=0.0, write_iops=(reads + writes) / 2, read64k_iops=reads,
+                   write64k_iops=writes, cpu_s=None, cpu_of="fio jobs")
         return res
 
     def m_qemu_img_bench(self, img, wl):
@@ -445,7 +503,8 @@ class HostBench:
 
     def measure(self, path, wl, fn, *args, **extra):
         self.steps += 1
-        log(f"[{self.steps}] {path} {wl}{' ' + size_name(extra['size']) if 'size' in extra else ''} ...")
+        log(f"[{self.steps}] {path} {wl}{' ' + size_name(extra['size']) if 'size' in extra else ''}"
+            + (f" (round {extra['round']})" if extra.get("round") else "") + " ...")
         rec = {"section": extra.pop("section"), "path": path, "workload": wl, **extra}
         t0 = time.monotonic()
         try:
@@ -466,18 +525,12 @@ class HostBench:
     def run(self):
         c = self.cfg
         E, N = "engine", "nbd"
-        for wl in MAIN + LATENCY:
-            if self.wanted(E, wl):
-                self.measure("engine_qcow2", wl, self.m_engine, self.qcow2, "qcow2", wl, section=E)
-                self.measure("engine_raw", wl, self.m_engine, self.raw, "raw", wl, section=E)
-                self.measure("fio_raw", wl, self.m_fio_file, self.raw, wl, section=E)
-                if wl in ("randwrite_4k", "randread_4k", "rw_512k"):
-                    self.measure("qemu_img_bench", wl, self.m_qemu_img_bench, self.qcow2, wl,
-                                 section=E)
-            if self.wanted(N, wl):
-                self.measure("nbd_ours", wl, self.m_nbd, "nbd_ours", self.qcow2, wl, section=N)
-                self.measure("nbd_qemu", wl, self.m_nbd, "nbd_qemu", self.qcow2, wl, section=N)
-                self.measure("nbd_null", wl, self.m_nbd, "nbd_null", None, wl, section=N)
+        try:
+            self.run_rounds()
+        finally:
+            self.drop_memory_copy()
+        if self.wanted(E, "overlay_4k") or self.wanted(N, "overlay_4k"):
+            self.measure("fio_cow", "overlay_4k", self.m_fio_cow, section=E)
         # Allocating writes and overlay COW: a fresh image for each contender.
         for wl, kind, size in (("alloc_4k", "empty", c.alloc_size),
                                ("overlay_4k", "overlay", c.osize)):
@@ -502,6 +555,28 @@ class HostBench:
             self.run_sizes()
         if os.path.exists(self.scratch):
             os.unlink(self.scratch)
+
+    def run_rounds(self):
+        """The main and latency workloads: every path once per round, in reverse order every
+        other round, so that drift of the disk hits each path alike."""
+        E, N = "engine", "nbd"
+        for wl in MAIN + LATENCY:
+            paths = []
+            if self.wanted(E, wl):
+                paths += [("engine_qcow2", E, self.m_engine, (self.qcow2, "qcow2", wl)),
+                          ("engine_raw", E, self.m_engine, (self.raw, "raw", wl)),
+                          ("fio_raw", E, self.m_fio_file, (self.raw, wl))]
+                if wl in ("randwrite_4k", "randread_4k", "rw_512k"):
+                    paths.append(("qemu_img_bench", E, self.m_qemu_img_bench, (self.qcow2, wl)))
+            if self.wanted(N, wl):
+                paths += [(p, N, self.m_nbd, (p, img, wl)) for p, img in
+                          (("nbd_ours", self.qcow2), ("nbd_qemu", self.qcow2), ("nbd_null", None))]
+                if self.mem_qcow2 and wl in MAIN:
+                    paths += [(p, N, self.m_nbd, (p, self.mem_qcow2, wl))
+                              for p in ("nbd_ours_mem", "nbd_qemu_mem")]
+            for k in range(self.cfg.host_rounds):
+                for path, sec, fn, args in (paths if k % 2 == 0 else paths[::-1]):
+                    self.measure(path, wl, fn, *args, section=sec, round=k + 1)
 
     def run_sizes(self):
         """One server per image: randread then randwrite, peak memory after both."""
@@ -631,6 +706,7 @@ def suite_main(binary):
     finally:
         for s in list(Server.live):
             s.stop()
+        hb.drop_memory_copy()
     doc = {"suite": "ublk-qcow2 make bench", "format": 2, "commit": commit,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "host": {"cpus": os.cpu_count(), "kernel": os.uname().release, "fstype": fstype,

@@ -85,13 +85,18 @@ LABELS = {
     "nbd_ours": "ours, NBD export, fio nbd",
     "nbd_qemu": "qemu-nbd --cache=none --aio=io_uring, fio nbd",
     "nbd_null": "nbdkit null (the fio nbd client's ceiling)",
+    "nbd_ours_mem": "ours, NBD export, fio nbd, image in memory (tmpfs)",
+    "nbd_qemu_mem": "qemu-nbd --cache=none --aio=io_uring, fio nbd, image in memory (tmpfs)",
+    "fio_cow": "fio: the copies' disk traffic (64k random reads of the backing file and 64k "
+               "random writes, in parallel; (reads + writes) / 2 per second)",
     "ublk_qcow2": "ours, /dev/ublkbN, qcow2",
     "ublk_raw": "ours, /dev/ublkbN, raw file",
     "loop_raw": "kernel loop, --direct-io=on, raw file (the limit)",
     "qemu_nbd": "qemu-nbd on the kernel nbd driver, qcow2",
 }
-HOST_PATHS = ["engine_qcow2", "engine_qcow2_extl2", "engine_raw", "fio_raw", "qemu_img_bench",
-              "nbd_ours", "nbd_qemu", "nbd_null"]
+HOST_PATHS = ["engine_qcow2", "engine_qcow2_extl2", "engine_raw", "fio_raw", "fio_cow",
+              "qemu_img_bench", "nbd_ours", "nbd_qemu", "nbd_null", "nbd_ours_mem",
+              "nbd_qemu_mem"]
 SUBSTRATE_TEXT = {"brd": "ext4 on a RAM disk (brd)", "tmpfs": "tmpfs"}
 
 
