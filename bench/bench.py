@@ -59,8 +59,8 @@ Environment:
   BENCH_UBLK_SIZE  image size in the VM (default 512M, quick 256M; the VM gets 4G RAM; making
                    the images under TCG takes about 3 minutes per GiB and substrate)
   BENCH_UBLK_DEPTH fio iodepth in the VM (default 64)
-  BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 2, quick 1; 3 for a
-                          real median, about 4 minutes more)
+  BENCH_UBLK_SECONDS      seconds per measurement in the VM (default 6, quick 2)
+  BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 3, quick 1)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
@@ -183,6 +183,13 @@ class Config:
             self.secs = 0
         if not 0 < self.secs <= 3600:
             raise BenchError("BENCH_SECONDS must be a positive number of seconds")
+        # In the VM a fio start costs seconds and the emulator swings: longer runs.
+        try:
+            self.usecs = float(env.get("BENCH_UBLK_SECONDS", "2" if q else "6"))
+        except ValueError:
+            self.usecs = 0
+        if not 0 < self.usecs <= 3600:
+            raise BenchError("BENCH_UBLK_SECONDS must be a positive number of seconds")
         self.depth = self.posint("BENCH_DEPTH", "128")
         self.host_rounds = self.posint("BENCH_ROUNDS", "1" if q else "3")
         self.size = self.sizelist("BENCH_SIZE", "256M" if q else "2G")[0]
@@ -193,8 +200,8 @@ class Config:
         self.sizes = self.sizelist("BENCH_SIZES", "64M,256M,1G" if q else "1G,8G,64G")
         self.usize = self.sizelist("BENCH_UBLK_SIZE", "256M" if q else "512M")[0]
         self.udepth = self.posint("BENCH_UBLK_DEPTH", "64")
-        # 2 rounds keep a full run near 20-25 minutes (each fio start costs seconds under TCG).
-        self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "2")
+        # 3 rounds: a median that one slow round cannot move (a full run near 25 minutes).
+        self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
         self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "sizes", "ublk"],
                                    ["engine", "nbd", "sizes", "ublk"])
@@ -238,6 +245,7 @@ class Config:
                 "compressed_size": self.csize, "sizes": self.sizes, "sections": self.sections,
                 "workloads": self.workloads, "quick": self.quick,
                 "ublk": {"size": self.usize, "depth": self.udepth, "rounds": self.rounds,
+                         "seconds_each": self.usecs,
                          "substrates": self.substrates}}
 
 
@@ -258,7 +266,7 @@ def plan(cfg):
     host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
     vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
     # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
-    secs = host * (cfg.secs + 1.5) + vm * (cfg.secs + 10)
+    secs = host * (cfg.secs + 1.5) + vm * (cfg.usecs + 10)
     secs += 15 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
                   + len(cfg.sizes) * 2 * n("sizes", ["randwrite_4k"]))
     if vm:
@@ -613,14 +621,14 @@ def run_vm(cfg, results):
     wls = [w for w in VM_WORKLOADS if w in c.workloads]
     if not wls:
         return {}
-    per_sub = 300 + c.usize / (4 << 20) + c.rounds * len(VM_PATHS) * (len(wls) * (c.secs + 20) + 30)
+    per_sub = 300 + c.usize / (4 << 20) + c.rounds * len(VM_PATHS) * (len(wls) * (c.usecs + 20) + 30)
     timeout = int(120 + len(c.substrates) * per_sub)
     out_path = os.path.join(c.dir, "logs", "vm.out")
     log(f"ublk: booting the test VM (QEMU TCG), {size_name(c.usize)} images on "
         f"{', '.join(c.substrates)}, iodepth {c.udepth}, {c.rounds} round(s); at most {timeout} s")
     argv = [VM_SH, "--mem", "4G", "--timeout", str(timeout), "--",
             os.path.join(HERE, "guest.py"), "--bin", c.bin,
-            "--seconds", f"{c.secs:g}", "--depth", str(c.udepth), "--size", str(c.usize),
+            "--seconds", f"{c.usecs:g}", "--depth", str(c.udepth), "--size", str(c.usize),
             "--rounds", str(c.rounds), "--substrates", ",".join(c.substrates),
             "--workloads", ",".join(wls)]
     with open(out_path, "w") as out:

@@ -378,7 +378,7 @@ def render_md(doc, chart_name=None):
         L.append(f"One boot of tests/vm/vm.sh: QEMU TCG (no KVM), 2 vCPUs, 4G RAM, Debian kernel "
                  f"{vmi.get('kernel', '?')}. {size_name(u['size'])} raw image filled with data "
                  f"and the same data converted to qcow2; fio io_uring O_DIRECT, 1 job, iodepth "
-                 f"{u['depth']}, {c['seconds_each']:g} s per measurement; ublk-qcow2 with 1 "
+                 f"{u['depth']}, {u.get('seconds_each', c['seconds_each']):g} s per measurement; ublk-qcow2 with 1 "
                  f"queue. " + (
                      f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, qcow2, ...), "
                      f"{u['rounds']} rounds; cells are the median IOPS with the lowest and "

@@ -197,10 +197,12 @@ static size_t short_len(struct file *f, size_t len, int verdict)
 /* ---- I/O ------------------------------------------------------------------------ */
 
 /* Every data transfer goes through these: through the ring, or inline for
- * a file in memory (see io_pwritev_now).  Inline, one thread copies: the
- * ring's workers would run reads of one file on several CPUs at once, but
- * each costs a hand-off to a worker thread; in the test VM inline reads
- * served 1.5x the IOPS on tmpfs, and queues (-q N) add threads. */
+ * a file in memory (see io_pwritev_now).  Inline, the engine's thread does
+ * every copy, where the ring's workers could run reads of one file on
+ * several CPUs at once; but each of those costs a hand-off to a worker.
+ * Measured: in the test VM inline reads served 1.5x the IOPS on tmpfs; on
+ * the 2-core host the engine alone reads 350k IOPS inline, 460-590k
+ * through two workers (and writes 346k inline, 179k through them). */
 static ssize_t xfer_read(struct file *f, const struct iovec *iov, int iovcnt, uint64_t off)
 {
     return f->in_memory ? io_preadv_now(f->fd, iov, iovcnt, off) : io_preadv(f->fd, iov, iovcnt, off);

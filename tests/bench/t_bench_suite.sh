@@ -138,7 +138,7 @@ fi
 bad=""
 for setting in BENCH_ONLY=engine,bogus BENCH_SECONDS=0 BENCH_SECONDS=x BENCH_DEPTH=-1 \
                BENCH_SIZE=12Q BENCH_ALLOC_SIZE=1M BENCH_OVERLAY_SIZE=x BENCH_WORKLOADS=randfoo \
-               BENCH_ROUNDS=0; do
+               BENCH_ROUNDS=0 BENCH_UBLK_SECONDS=x; do
     env "$setting" BENCH_DIR="$D/dir" BENCH_RESULTS="$D/bad" timeout 60 "$PYTHON" "$SUITE" "$UQ" \
         >/dev/null 2>"$D/bad.err"
     rc=$?
