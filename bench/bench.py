@@ -688,7 +688,8 @@ def suite_main(binary):
         log(f"warning: {cfg.dir} is on {fstype}, not a real disk")
     n_host, n_vm, secs = plan(cfg)
     log(f"plan: {n_host} measurements on this host, {n_vm} fio runs in the VM, "
-        f"{cfg.secs:g} s each; roughly {secs / 60:.0f} minutes, more under load or when the kept "
+        f"{cfg.secs:g} s each ({cfg.usecs:g} s in the VM); roughly {secs / 60:.0f} minutes, "
+        f"more under load or when the kept "
         f"images must be made first")
     t0 = time.monotonic()
     load0 = float(open("/proc/loadavg").read().split()[0])
