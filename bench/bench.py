@@ -177,19 +177,9 @@ class Config:
         q = self.quick
         self.dir = os.path.realpath(env.get("BENCH_DIR", "/var/tmp/ublk-qcow2-bench"))
         self.results = env.get("BENCH_RESULTS", os.path.join(HERE, "results"))
-        try:
-            self.secs = float(env.get("BENCH_SECONDS", "2" if q else "4"))
-        except ValueError:
-            self.secs = 0
-        if not 0 < self.secs <= 3600:
-            raise BenchError("BENCH_SECONDS must be a positive number of seconds")
+        self.secs = self.seconds("BENCH_SECONDS", "2" if q else "4")
         # In the VM a fio start costs seconds and the emulator swings: longer runs.
-        try:
-            self.usecs = float(env.get("BENCH_UBLK_SECONDS", "2" if q else "6"))
-        except ValueError:
-            self.usecs = 0
-        if not 0 < self.usecs <= 3600:
-            raise BenchError("BENCH_UBLK_SECONDS must be a positive number of seconds")
+        self.usecs = self.seconds("BENCH_UBLK_SECONDS", "2" if q else "6")
         self.depth = self.posint("BENCH_DEPTH", "128")
         self.host_rounds = self.posint("BENCH_ROUNDS", "1" if q else "3")
         self.size = self.sizelist("BENCH_SIZE", "256M" if q else "2G")[0]
@@ -219,6 +209,16 @@ class Config:
             raise BenchError(f"{name} must be {'sizes' if 'SIZES' in name else 'a size'} "
                              f"of at least 16M (got '{v}')")
         return sizes
+
+    @staticmethod
+    def seconds(name, default):
+        try:
+            v = float(os.environ.get(name, default))
+        except ValueError:
+            v = 0
+        if not 0 < v <= 3600:
+            raise BenchError(f"{name} must be a positive number of seconds")
+        return v
 
     @staticmethod
     def posint(name, default):
