@@ -418,6 +418,29 @@ static int settle(struct qcow2 *q)
     return r;
 }
 
+/* Open the window in which counts and COPIED flags may disagree on disk
+ * (v3: the dirty bit, durable before the first such write). */
+static int begin_dirty(struct qcow2 *q, char *err, size_t errlen)
+{
+    int r = set_dirty(q, true);
+    if (r < 0)
+        snprintf(err, errlen, "cannot mark the image dirty: %s", strerror(-r));
+    return r;
+}
+
+/* Close it: COPIED flags right again, dropped references applied and
+ * written, then the dirty bit cleared.  On failure the image stays dirty
+ * and is repaired on its next open. */
+static int end_dirty(struct qcow2 *q, struct del_progress *p)
+{
+    int r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, p);
+    if (r == 0)
+        r = settle(q);
+    if (r == 0)
+        r = set_dirty(q, false);
+    return r;
+}
+
 /* ---- create ---------------------------------------------------------------------------------- */
 
 int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
@@ -474,11 +497,9 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     }
     /* From here until the header switch, counts and COPIED flags may
      * disagree on disk (v3: dirty; see the top of the file). */
-    r = set_dirty(q, true);
-    if (r < 0) {
-        snprintf(err, errlen, "cannot mark the image dirty: %s", strerror(-r));
+    r = begin_dirty(q, err, errlen);
+    if (r < 0)
         goto undo;
-    }
     dirty = true;
     /* COPIED flags go first, durably: a count of 1 without COPIED only makes
      * a write copy the cluster, while COPIED over a raised count would let
@@ -589,13 +610,8 @@ undo:
     free(list);
     free(l1buf);
     runs_free(&rs);
-    if (dirty) {
-        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
-        if (r2 == 0)
-            r2 = settle(q);
-        if (r2 == 0)
-            r2 = set_dirty(q, false);   /* else it stays dirty: repaired on the next open */
-    }
+    if (dirty)
+        end_dirty(q, NULL);
     return r;
 }
 
@@ -681,12 +697,8 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn p
     runs_free(&rs);
     if (r == 0) {
         prog.phase = 2;
-        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, &prog);
+        r = end_dirty(q, &prog);
     }
-    if (r == 0)
-        r = settle(q);
-    if (r == 0)
-        r = set_dirty(q, false);
     if (r == 0)
         progress_at(&prog, 1, 1);
     if (r < 0)
@@ -743,11 +755,9 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     }
     if (r < 0)
         goto out;
-    r = set_dirty(q, true);
-    if (r < 0) {
-        snprintf(err, errlen, "cannot mark the image dirty: %s", strerror(-r));
+    r = begin_dirty(q, err, errlen);
+    if (r < 0)
         goto out;
-    }
     dirty = true;
     r = refs_inc(q, &now, err, errlen);
     if (r < 0)
@@ -797,11 +807,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     if (r == 0)
         r = refs_release(q, &old, NULL);
     if (r == 0)
-        r = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
-    if (r == 0)
-        r = settle(q);
-    if (r == 0)
-        r = set_dirty(q, false);
+        r = end_dirty(q, NULL);
     if (r < 0)
         snprintf(err, errlen, "the snapshot is applied, but releasing the old clusters failed (%s); "
                  "the image is left to be repaired on its next open", strerror(-r));
@@ -811,13 +817,8 @@ out:
         unalloc(q, noff, n * 8);
     if (raised)
         refs_undo(q, &now);
-    if (dirty) {
-        int r2 = set_copied(q, q->l1, q->h.l1_size, q->l1_dirty, false, NULL);
-        if (r2 == 0)
-            r2 = settle(q);
-        if (r2 == 0)
-            set_dirty(q, false);
-    }
+    if (dirty)
+        end_dirty(q, NULL);
     free(sl1);
     free(nl1);
     free(ndirty);
