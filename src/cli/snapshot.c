@@ -253,17 +253,13 @@ int cmd_snapshot(int argc, char **argv)
     };
     bool json = false, force = false, have_id = false;
     uint32_t id = 0;
-    unsigned long dev_id;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:jUh", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &dev_id)) {
-                cli_error("snapshot: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("snapshot", optarg, &id))
                 return 2;
-            }
-            id = (uint32_t)dev_id;
             have_id = true;
             break;
         case 'j':
@@ -350,18 +346,14 @@ int cmd_resize(int argc, char **argv)
     };
     bool shrink = false, have_id = false;
     uint32_t id = 0;
-    unsigned long dev_id;
     int c;
     optind = 1;
     /* "+": stop at the first non-option, so "-1G" is a size, not options. */
     while ((c = getopt_long(argc, argv, "+n:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &dev_id)) {
-                cli_error("resize: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("resize", optarg, &id))
                 return 2;
-            }
-            id = (uint32_t)dev_id;
             have_id = true;
             break;
         case OPT_SHRINK:

@@ -154,16 +154,15 @@ int cmd_stats(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     bool json = false, have_id = false, watching = false;
-    unsigned long id = 0, secs = 1, count = 0;
+    uint32_t id = 0;
+    unsigned long secs = 1, count = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:jw::c:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
-                cli_error("stats: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("stats", optarg, &id))
                 return 2;
-            }
             have_id = true;
             break;
         case 'j':
@@ -208,14 +207,14 @@ int cmd_stats(int argc, char **argv)
         return 2;
     }
     if (watching)
-        return watch((uint32_t)id, json, secs, count);
+        return watch(id, json, secs, count);
     static char reply[CTL_LINE_MAX];
     static struct sample s;
-    if (fetch((uint32_t)id, reply, sizeof(reply), &s))
+    if (fetch(id, reply, sizeof(reply), &s))
         return 1;
     if (json)
         printf("%s\n", reply);
     else
-        print_sample((uint32_t)id, &s);
+        print_sample(id, &s);
     return 0;
 }

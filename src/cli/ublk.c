@@ -520,16 +520,15 @@ int cmd_del(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     bool all = false, have_id = false;
-    unsigned long id = 0, timeout_s = DEL_DEFAULT_TIMEOUT_S;
+    uint32_t id = 0;
+    unsigned long timeout_s = DEL_DEFAULT_TIMEOUT_S;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:at:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
-                cli_error("del: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("del", optarg, &id))
                 return 2;
-            }
             have_id = true;
             break;
         case 'a':
@@ -561,7 +560,7 @@ int cmd_del(int argc, char **argv)
         return 1;
     int rc = 0;
     if (have_id) {
-        rc = del_one(ctrl, (uint32_t)id, (unsigned)timeout_s, false);
+        rc = del_one(ctrl, id, (unsigned)timeout_s, false);
     } else {
         uint32_t ids[1024];
         size_t n = list_ids(ids, 1024);
@@ -700,16 +699,14 @@ int cmd_list(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     bool json = false, have_id = false, udev_name = false, owner = false;
-    unsigned long id = 0;
+    uint32_t id = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:jh", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
-                cli_error("list: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("list", optarg, &id))
                 return 2;
-            }
             have_id = true;
             break;
         case 'j':
@@ -740,20 +737,20 @@ int cmd_list(int argc, char **argv)
             return 2;
         }
         if (udev_name)
-            return print_udev_name((uint32_t)id);
+            return print_udev_name(id);
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
     if (owner) {
-        int rc = print_owner(ctrl, (uint32_t)id);
+        int rc = print_owner(ctrl, id);
         ublk_ctrl_close(ctrl);
         return rc;
     }
     uint32_t ids[1024];
     size_t n;
     if (have_id) {
-        ids[0] = (uint32_t)id;
+        ids[0] = id;
         n = 1;
     } else {
         n = list_ids(ids, 1024);
@@ -838,7 +835,7 @@ int cmd_recover(int argc, char **argv)
     };
     static struct cli_key key;
     bool foreground = false, have_id = false;
-    unsigned long id = 0;
+    uint32_t id = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:vh", longopts, NULL)) != -1) {
@@ -847,10 +844,8 @@ int cmd_recover(int argc, char **argv)
             uq_set_verbosity(uq_verbosity() + 1);
             break;
         case 'n':
-            if (!cli_parse_uint(optarg, 0, UINT32_MAX - 1, &id)) {
-                cli_error("recover: invalid device id '%s'", optarg);
+            if (!cli_parse_dev_id("recover", optarg, &id))
                 return 2;
-            }
             have_id = true;
             break;
         case 'F':
@@ -880,33 +875,33 @@ int cmd_recover(int argc, char **argv)
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
     struct ublksrv_ctrl_dev_info info;
-    int r = ublk_ctrl_get_dev_info(ctrl, (uint32_t)id, &info);
+    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
     ublk_ctrl_close(ctrl);
     if (r < 0) {
         if (r == -ENODEV)
-            cli_error("recover: there is no ublk device %lu", id);
+            cli_error("recover: there is no ublk device %u", id);
         else
-            cli_error("recover: ublk device %lu: %s", id, strerror(-r));
+            cli_error("recover: ublk device %u: %s", id, strerror(-r));
         return 1;
     }
     if (!(info.flags & UBLK_F_USER_RECOVERY)) {
-        cli_error("recover: ublk device %lu was not added with --recovery", id);
+        cli_error("recover: ublk device %u was not added with --recovery", id);
         return 1;
     }
     if (info.state == UBLK_S_DEV_LIVE && info.ublksrv_pid > 0 && kill(info.ublksrv_pid, 0) == 0) {
-        cli_error("recover: ublk device %lu is LIVE, served by pid %d: nothing to recover", id,
+        cli_error("recover: ublk device %u is LIVE, served by pid %d: nothing to recover", id,
                   (int)info.ublksrv_pid);
         return 1;
     }
     static struct ublk_state st;
-    r = ublk_state_read((uint32_t)id, &st);
+    r = ublk_state_read(id, &st);
     if (r < 0) {
-        cli_error("recover: %s %s/ublk%lu.json: the image of ublk device %lu is not known",
+        cli_error("recover: %s %s/ublk%u.json: the image of ublk device %u is not known",
                   r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
         return 1;
     }
     struct ublk_server_opts o = {
-        .image = st.image, .dev_id = (uint32_t)id, .nr_queues = st.queues, .depth = st.depth,
+        .image = st.image, .dev_id = id, .nr_queues = st.queues, .depth = st.depth,
         .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
         .discard = st.discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
         .discard_no_unref = st.discard_no_unref,
