@@ -35,9 +35,4 @@ fi
 
 . "$here/vm_lib.sh"
 vm_require ublk_ctrl_vm
-vm_run --timeout 300 -- "$tmp/ublk_ctrl_test"
-rc=$?
-if [ $rc -eq 125 ]; then
-	echo "not ok ublk_ctrl_vm: the VM failed to boot or timed out"; exit 1
-fi
-exit $rc
+vm_test_run ublk_ctrl_vm --timeout 300 -- "$tmp/ublk_ctrl_test"

@@ -231,9 +231,4 @@ EOF
 
 vm_timeout=660
 [ "${SOAK:-0}" = 1 ] && vm_timeout=960     # 12 recovery rounds instead of 4
-vm_run --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
-rc=$?
-if [ $rc -eq 125 ]; then
-	echo "not ok ublk_fs_vm: the VM failed to boot or timed out"; exit 1
-fi
-exit $rc
+vm_test_run ublk_fs_vm --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"

@@ -123,9 +123,4 @@ check ublk_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_run --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
-rc=$?
-if [ $rc -eq 125 ]; then
-	echo "not ok ublk_io_vm: the VM failed to boot or timed out"; exit 1
-fi
-exit $rc
+vm_test_run ublk_io_vm --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"

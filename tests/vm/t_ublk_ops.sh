@@ -164,9 +164,4 @@ check ublk_ops_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_run --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" ROOT="$root" bash "$tmp/guest.sh"
-rc=$?
-if [ $rc -eq 125 ]; then
-	echo "not ok ublk_ops_vm: the VM failed to boot or timed out"; exit 1
-fi
-exit $rc
+vm_test_run ublk_ops_vm --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" ROOT="$root" bash "$tmp/guest.sh"

@@ -119,9 +119,4 @@ check ublk_snap_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_run --timeout 360 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
-rc=$?
-if [ $rc -eq 125 ]; then
-	echo "not ok ublk_snap_vm: the VM failed to boot or timed out"; exit 1
-fi
-exit $rc
+vm_test_run ublk_snap_vm --timeout 360 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"

@@ -4,6 +4,9 @@
 #   vm_ublk_test NAME the start of a ublk VM test: $root, a scratch $tmp (removed at exit
 #                     unless UQ_TMP names one), $UQ exported (the sanitized build unless
 #                     given; `not ok NAME` without it), then vm_require NAME.
+#   vm_test_run NAME ARGS...  the test's last step: vm_run ARGS..., then exit with the
+#                     guest's status, or `not ok NAME` and 1 if the VM failed to boot or
+#                     timed out.
 VM_SH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/vm.sh
 
 vm_require() {
@@ -27,4 +30,15 @@ vm_ublk_test() {
 	[ -x "$UQ" ] || { echo "not ok $1: no binary $UQ (build first)"; exit 1; }
 	export UQ
 	vm_require "$1"
+}
+
+vm_test_run() {
+	local name=$1 rc
+	shift
+	vm_run "$@"
+	rc=$?
+	if [ $rc -eq 125 ]; then
+		echo "not ok $name: the VM failed to boot or timed out"; exit 1
+	fi
+	exit $rc
 }
