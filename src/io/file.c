@@ -61,11 +61,10 @@ static int set_direct(int fd, bool on)
 
 /* A regular file whose data lives in memory: its reads and writes are
  * memory copies that never wait for a device. */
-static bool in_memory_fs(int fd)
+static bool in_memory_fs(int fd, const struct stat *st)
 {
     struct statfs sf;
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || fstatfs(fd, &sf) < 0)
+    if (!S_ISREG(st->st_mode) || fstatfs(fd, &sf) < 0)
         return false;
     return sf.f_type == TMPFS_MAGIC || sf.f_type == RAMFS_MAGIC;
 }
@@ -122,7 +121,7 @@ int file_open(struct file *f, const char *path, bool writable, enum file_cache c
     f->fd = fd;
     f->direct = direct;
     f->writable = writable;
-    f->in_memory = in_memory_fs(fd);
+    f->in_memory = in_memory_fs(fd, &st);
     return 0;
 }
 
