@@ -853,9 +853,10 @@ static int run_workload(const char *image, const char *log, bool faults)
         nwr += f->op != FILE_OP_SYNC;
     }
     printf("requests=%zu modifying=%lu flushes=%lu failed=%lu file_writes=%lu syncs=%lu "
-           "injected=%" PRIu64 " read_mismatches=%lu bad_errno=%lu unexpected=%lu\n",
-           r.reqs.n, nw, nf, nerr, nwr, nsync, hk.injected, r.read_mismatch, r.bad_errno,
-           r.unexpected_fail);
+           "injected=%" PRIu64 " class_ops=%" PRIu64 " read_mismatches=%lu bad_errno=%lu "
+           "unexpected=%lu\n",
+           r.reqs.n, nw, nf, nerr, nwr, nsync, hk.injected, hk.seen[hk.fclass], r.read_mismatch,
+           r.bad_errno, r.unexpected_fail);
     int rc = 0;
     if (r.read_mismatch || r.bad_errno || r.unexpected_fail) {
         printf("problem: %s\n", r.first_problem);

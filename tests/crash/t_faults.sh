@@ -60,7 +60,7 @@ scenario() {
         return
     fi
     if [[ ${inj:-0} -eq 0 ]]; then
-        notok "$name" "no fault was injected (seed $SEED, ${args[*]}): the scenario tests nothing"
+        notok "$name" "no fault was injected (seed $SEED, ${args[*]}; $(grep -o 'class_ops=[0-9]*' <<<"$summary")): the scenario tests nothing"
         return
     fi
     qemu-img check "$d/work.qcow2" >"$d/check.out" 2>&1; rc=$?
@@ -90,7 +90,9 @@ scenario() {
     ok "$name: $inj faults injected, $(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$summary") requests failed as expected${leaks}"
 }
 
-# nth: which operation of the class fails first; varies with the seed.
+# nth: which operation of the class fails first; varies with the seed.  The range must stay
+# inside the class's count for every seed (summary's class_ops): snap64k's workload makes
+# at least 23 reads (seeds 1-300), so read faults there pick nth from 1-20.
 n() { echo $(( (SEED * 7919 + $1) % $2 + 1 )); }
 
 # open_scenario NAME CONFIG ARGS...: a fault while opening must fail the open with a message
@@ -146,7 +148,7 @@ run_all() {
     scenario sync_eio_reftable tiny512 --class hdrsync --errno EIO --nth 1 --count 1 --ops 300
     scenario read_eio        backv2  --class read --errno EIO    --nth "$(n 9 8)" --count 1
     scenario read_eio_burst  snap64k --class read --errno EIO    --nth "$(n 10 20)" --count 4
-    scenario read_short      snap64k --class read --errno SHORT  --nth "$(n 11 40)" --count 3
+    scenario read_short      snap64k --class read --errno SHORT  --nth "$(n 11 20)" --count 3
     scenario nospace_grow    snap64k --space-limit +196608
     scenario nospace_reftable tiny512 --space-limit +180000
 }
