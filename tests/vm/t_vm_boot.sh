@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test VM boots, has ublk/nbd/loop and a tmpfs with O_DIRECT, passes the
 # environment and cwd, relays stdout/stderr, and propagates the exit status.
-# One boot; the guest prints its own result lines, the host checks the rest.
+# One boot for the checks; two more for the boot retry (a panic before the command
+# starts boots again, a panic after it does not).
 # timeout: 400
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -49,3 +50,23 @@ if [ $rc -eq 3 ]; then echo "ok vm_exit_status"; else echo "not ok vm_exit_statu
 if grep -qx probe-stderr "$tmp/err"; then echo "ok vm_stderr"; else echo "not ok vm_stderr: guest stderr not relayed"; fi
 n=$(grep -c -E '^ok vm_' "$tmp/out")
 if [ "$n" -eq 9 ]; then echo "ok vm_guest_checks"; else echo "not ok vm_guest_checks: $n of 9 guest checks passed"; fi
+
+# A guest that panics before the command starts is booted again and the command runs once.
+VM_TEST_BOOT_PANIC=1 "$here/vm.sh" --timeout 300 -- "echo second-boot" >"$tmp/out2" 2>"$tmp/err2"
+rc=$?
+if [ $rc -eq 0 ] && grep -qx second-boot "$tmp/out2" && grep -q 'booting again' "$tmp/err2"; then
+	echo "ok vm_boot_retry"
+else
+	echo "not ok vm_boot_retry: exit $rc, stdout '$(head -c 200 "$tmp/out2")'"
+	sed 's/^/# /' "$tmp/err2" | tail -n 20
+fi
+
+# A guest that panics once the command has started is not booted again: exit 125.
+"$here/vm.sh" --timeout 300 -- "echo started; echo c > /proc/sysrq-trigger; sleep 30" >"$tmp/out3" 2>"$tmp/err3"
+rc=$?
+if [ $rc -eq 125 ] && [ "$(grep -c started "$tmp/out3")" = 1 ] && ! grep -q 'booting again' "$tmp/err3"; then
+	echo "ok vm_no_retry_after_start"
+else
+	echo "not ok vm_no_retry_after_start: exit $rc (want 125), stdout '$(head -c 200 "$tmp/out3")'"
+	sed 's/^/# /' "$tmp/err3" | tail -n 20
+fi

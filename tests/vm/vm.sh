@@ -12,6 +12,9 @@
 # VM_GUEST=1 and VM_TMP (a guest-only tmpfs for fast images); /run/vm-modules holds
 # modules to insmod with parameters (brd).  Its stdout/stderr are relayed;
 # the exit status is the command's, or 125 if the VM failed or timed out.
+# A guest that dies before the command starts (an emulator fault in early boot)
+# is booted again, up to three boots in all; VM_TEST_BOOT_PANIC=1 makes the
+# first boot panic, to test that.
 #
 # Kernel and initramfs are cached under ${XDG_CACHE_HOME:-~/.cache}/ublk-qcow2/vm.
 # Env: VM_KERNEL_VERSION=6.12.N+deb12-amd64 picks a kernel; VM_KERNEL_REFRESH=1
@@ -33,7 +36,7 @@ while [ $# -gt 0 ]; do
 	--smp) [ $# -ge 2 ] || die "--smp needs a cpu count"; smp=$2; shift 2 ;;
 	--prepare) prepare_only=1; shift ;;
 	--) shift; break ;;
-	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option '$1' (usage: vm.sh [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...)" ;;
 	esac
 done
@@ -181,6 +184,10 @@ cp /modules/optional/*.ko $R/run/vm-modules/ 2>/dev/null
 mount -t tmpfs -o mode=1777 vmtmp $R/run/vmtmp || fail "mount /run/vmtmp"
 wait $loader
 [ -f $R$run/run.sh ] || fail "no $run/run.sh on the host"
+# Test hook for vm.sh's boot retry: a kernel panic before the command starts.
+grep -qw vmtest_boot_panic /proc/cmdline && echo c > /proc/sysrq-trigger
+# From here on a failure is the command's: vm.sh boots again only before this mark.
+: > $R$run/started
 chroot $R /usr/bin/env -i /bin/sh $run/run.sh </dev/null >$R$run/stdout 2>$R$run/stderr
 st=$?
 echo $st > $R$run/status
@@ -284,32 +291,58 @@ security=passthrough
 
 loglevel=
 [ -n "${VM_VERBOSE:-}" ] || loglevel="quiet loglevel=1"
-timeout -k 10 "$timeout_s" qemu-system-x86_64 \
-	-accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
-	-kernel "$kdir/vmlinuz" -initrd "$initrd" \
-	-append "console=ttyS0 panic=-1 $loglevel vmrun=$run" \
-	-display none -monitor none -serial "file:$run/console.log" \
-	-nic none -no-reboot \
-	-virtfs "local,path=/,mount_tag=hostroot,security_model=$security,multidevs=remap,id=hostroot" \
-	</dev/null >"$run/qemu.log" 2>&1 &
-qpid=$!
 
-# Relay output while the guest writes it; each tail does a last read and
-# exits once qemu (bounded by timeout) is gone.
-tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stdout" &
-tail_pids+=($!)
-tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stderr" >&2 &
-tail_pids+=($!)
-if [ -n "${VM_VERBOSE:-}" ]; then
-	tail --pid="$qpid" -s 0.2 -c +1 -f "$run/console.log" >&2 &
+boot_once() {	# $1 = extra kernel arguments; sets qrc
+	rm -f "$run/status" "$run/started"
+	: > "$run/stdout"; : > "$run/stderr"; : > "$run/console.log"
+	timeout -k 10 "$timeout_s" qemu-system-x86_64 \
+		-accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
+		-kernel "$kdir/vmlinuz" -initrd "$initrd" \
+		-append "console=ttyS0 panic=-1 $loglevel vmrun=$run $1" \
+		-display none -monitor none -serial "file:$run/console.log" \
+		-nic none -no-reboot \
+		-virtfs "local,path=/,mount_tag=hostroot,security_model=$security,multidevs=remap,id=hostroot" \
+		</dev/null >"$run/qemu.log" 2>&1 &
+	qpid=$!
+
+	# Relay output while the guest writes it; each tail does a last read and
+	# exits once qemu (bounded by timeout) is gone.
+	tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stdout" &
 	tail_pids+=($!)
-fi
+	tail --pid="$qpid" -s 0.2 -c +1 -f "$run/stderr" >&2 &
+	tail_pids+=($!)
+	if [ -n "${VM_VERBOSE:-}" ]; then
+		tail --pid="$qpid" -s 0.2 -c +1 -f "$run/console.log" >&2 &
+		tail_pids+=($!)
+	fi
 
-wait "$qpid"
-qrc=$?
-qpid=
-for p in "${tail_pids[@]}"; do wait "$p" 2>/dev/null; done
-tail_pids=()
+	wait "$qpid"
+	qrc=$?
+	qpid=
+	local p
+	for p in "${tail_pids[@]}"; do wait "$p" 2>/dev/null; done
+	tail_pids=()
+}
+
+# A guest that dies before the command starts is booted again, at most twice.
+# TCG with several vCPUs now and then runs a stale copy of kernel text the
+# kernel is patching (static keys, int3 in the middle of the patch) and the
+# guest panics in an initcall; nothing of ours has run then.  A failure after
+# the command started, or a boot that hangs until the timeout, is not retried.
+boot_attempts=3
+attempt=1
+extra=
+[ -n "${VM_TEST_BOOT_PANIC:-}" ] && extra=vmtest_boot_panic
+while :; do
+	boot_once "$extra"
+	extra=
+	[ -f "$run/status" ] || [ -f "$run/started" ] && break
+	[ $qrc -eq 124 ] || [ $qrc -eq 137 ] && break
+	[ $attempt -lt $boot_attempts ] || break
+	why=$(tr -d '\r' < "$run/console.log" | grep -m1 -E 'Kernel panic|Oops|BUG:|vm-init:' || true)
+	echo "vm.sh: the guest failed while booting, before the command started (boot $attempt of $boot_attempts${why:+: $why}); booting again" >&2
+	attempt=$((attempt + 1))
+done
 
 status=$(cat "$run/status" 2>/dev/null)
 case "$status" in
