@@ -336,7 +336,7 @@ extra=
 while :; do
 	boot_once "$extra"
 	extra=
-	[ -f "$run/status" ] || [ -f "$run/started" ] && break
+	[ -f "$run/started" ] && break     # the command ran (status, if any, is after it)
 	[ $qrc -eq 124 ] || [ $qrc -eq 137 ] && break
 	[ $attempt -lt $boot_attempts ] || break
 	why=$(tr -d '\r' < "$run/console.log" | grep -m1 -E 'Kernel panic|Oops|BUG:|vm-init:' || true)
