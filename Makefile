@@ -22,7 +22,7 @@ endif
 CFLAGS_ALL := $(WARN) $(CFLAGS_$(MODE)) -Isrc $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDFLAGS_ALL := $(CFLAGS_$(MODE)) $(LDFLAGS)
 
-LIB_SRCS := $(wildcard src/qcow2/*.c src/io/*.c src/nbd/*.c src/ublk/*.c)
+LIB_SRCS := $(wildcard src/img/*.c src/qcow2/*.c src/tools/*.c src/util/*.c src/io/*.c src/nbd/*.c src/ublk/*.c)
 CLI_SRCS := $(wildcard src/cli/*.c)
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 CLI_OBJS := $(CLI_SRCS:%.c=$(BUILD)/obj/%.o)

@@ -18,7 +18,7 @@
 #include "cli/cli.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 
 #define BENCH_MAX_DEPTH 4096u
 #define BENCH_MAX_BS    (64ull << 20)

@@ -22,7 +22,7 @@
 #include "io/log.h"
 #include "io/loop.h"
 #include "nbd/server.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 
 struct nbd_cli {
     const char *socket_path;

@@ -12,7 +12,7 @@
 
 #include "cli/cli.h"
 #include "io/imagelock.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "ublk/control.h"
 #include "ublk/server.h"
 

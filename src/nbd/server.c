@@ -29,7 +29,7 @@
 #include "io/loop.h"
 #include "nbd/proto.h"
 #include "nbd/server.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 
 #define SECTOR            512u
 #define RX_BUF_SIZE       (256u << 10)  /* one recv takes many small requests */

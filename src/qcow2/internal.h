@@ -24,7 +24,7 @@
 #include "io/file.h"
 #include "io/stat.h"
 #include "qcow2/format.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "qcow2/tools.h"
 
 struct qcow2;

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #include "qcow2/format.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 
 /* done out of total units of work (total > 0; done reaches total at the end). */
 typedef img_progress_fn tool_progress_fn;

@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "ublk/uapi.h"
 
 struct ublk_queues_cfg {

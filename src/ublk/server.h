@@ -19,7 +19,7 @@
 #include <stdio.h>
 #include <sys/types.h>
 
-#include "qcow2/image.h"
+#include "img/image.h"
 
 /* State files, logs and control sockets: /run/ublk-qcow2 for root; for
  * other users (unprivileged devices) $XDG_RUNTIME_DIR/ublk-qcow2, else

@@ -63,7 +63,7 @@
 #include "io/coroutine.h"
 #include "io/file.h"
 #include "io/loop.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 
 #define SECTOR 512u
 #define TAG_MAGIC 0x4d49534843415243ull     /* "CRACHSIM" */

@@ -31,7 +31,7 @@
 
 #include "io/file.h"
 #include "io/loop.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "fuzz_util.h"
 
 #define MAX_OPS 32

@@ -22,7 +22,7 @@
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "nbd/server.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "fuzz_util.h"
 
 #define EXPORT_SIZE (1u << 20)

@@ -5,7 +5,7 @@
 #include <stdbool.h>
 
 #include "qcow2/format.h"
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "unit.h"
 
 static void test_parse_size(void)

@@ -9,8 +9,8 @@
  * found corrupt, -ENOSPC when the host file system is full, -EROFS for a
  * write to a read-only image, -EINVAL for a misaligned or out-of-range request.
  */
-#ifndef UQ_QCOW2_IMAGE_H
-#define UQ_QCOW2_IMAGE_H
+#ifndef UQ_IMG_IMAGE_H
+#define UQ_IMG_IMAGE_H
 
 #include <stdbool.h>
 #include <stddef.h>

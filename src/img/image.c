@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "qcow2/image.h"
+#include "img/image.h"
 #include "qcow2/internal.h"
 #include "io/loop.h"
 
