@@ -1,6 +1,6 @@
 /* ublk-qcow2 create / info / check: image tools with qemu-img's options,
  * output and exit codes, so no QEMU is needed to make, inspect or repair an
- * image.  The work is done by the engine (qcow2/tools.h). */
+ * image.  The work is done by the engine (tools/tools.h). */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -10,7 +10,7 @@
 
 #include "cli/cli.h"
 #include "io/imagelock.h"
-#include "qcow2/tools.h"
+#include "tools/tools.h"
 #include "ublk/server.h"    /* json_put_string */
 
 /* qemu-img check's exit codes */

@@ -17,7 +17,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "cli/cli.h"
-#include "qcow2/tools.h"
+#include "tools/tools.h"
 #include "io/log.h"
 #include "ublk/ctrl.h"
 #include "ublk/server.h"

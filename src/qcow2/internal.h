@@ -25,7 +25,7 @@
 #include "io/stat.h"
 #include "qcow2/format.h"
 #include "img/image.h"
-#include "qcow2/tools.h"
+#include "tools/tools.h"
 
 struct qcow2;
 

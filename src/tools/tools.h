@@ -2,8 +2,8 @@
  * commands (create.c, info.c, check.c).  No terminal output here: progress
  * and detail lines go to callbacks the command supplies.  Option names,
  * defaults, results and exit-code meanings follow qemu-img. */
-#ifndef UQ_QCOW2_TOOLS_H
-#define UQ_QCOW2_TOOLS_H
+#ifndef UQ_TOOLS_TOOLS_H
+#define UQ_TOOLS_TOOLS_H
 
 #include <stdbool.h>
 #include <stddef.h>
