@@ -25,7 +25,7 @@
 #include "io/stat.h"
 #include "qcow2/format.h"
 #include "img/image.h"
-#include "tools/tools.h"
+#include "qcow2/verdict.h"
 
 struct qcow2;
 
@@ -319,7 +319,7 @@ struct rc_walk {
     unsigned fix;               /* checker: CHECK_FIX_* */
     void (*say)(void *ctx, const char *line);
     void *say_ctx;
-    tool_progress_fn progress;
+    img_progress_fn progress;
     void *progress_ctx;
     uint64_t work_done, work_total;   /* L1 entries visited / to visit */
     char *err;

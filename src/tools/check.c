@@ -25,6 +25,7 @@
 
 #include "io/loop.h"
 #include "qcow2/internal.h"
+#include "tools/tools.h"
 
 #define REFT_RESERVED_MASK 0x1ffull
 #define PROGRESS_UNITS 1000u

@@ -22,6 +22,7 @@
 #include "io/imagelock.h"
 #include "io/loop.h"
 #include "qcow2/internal.h"
+#include "tools/tools.h"
 
 #define V3_HEADER_LENGTH 112        /* what QEMU writes: fields up to compression_type, padded */
 #define FEATURE_TABLE_ENTRIES 8

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "qcow2/internal.h"
+#include "tools/tools.h"
 
 #define MAX_CHAIN 32
 #define BITMAP_FLAG_IN_USE (1u << 0)

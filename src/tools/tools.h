@@ -11,6 +11,7 @@
 
 #include "qcow2/format.h"
 #include "img/image.h"
+#include "qcow2/verdict.h"
 
 /* done out of total units of work (total > 0; done reaches total at the end). */
 typedef img_progress_fn tool_progress_fn;
@@ -86,9 +87,6 @@ int img_info(const char *path, enum img_format fmt, bool chain, struct image_inf
 void img_info_free(struct image_info *info);
 
 /* ---- check and repair (check.c) ------------------------------------------------ */
-#define CHECK_FIX_LEAKS  (1u << 0)
-#define CHECK_FIX_ERRORS (1u << 1)
-
 struct check_opts {
     unsigned fix;                   /* CHECK_FIX_* */
     tool_progress_fn progress;
@@ -96,13 +94,6 @@ struct check_opts {
     /* One line of detail per problem found or repaired (no newline). */
     void (*message)(void *ctx, const char *line);
     void *message_ctx;
-};
-
-struct check_result {
-    uint64_t corruptions, leaks, check_errors;
-    uint64_t corruptions_fixed, leaks_fixed;
-    uint64_t image_end_offset;
-    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
 };
 
 /* Check a qcow2 image, repairing what opts->fix allows.  Returns 0 when the
