@@ -8,10 +8,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "util/json.h"
 #include "cli/cli.h"
 #include "io/imagelock.h"
 #include "tools/tools.h"
-#include "ublk/server.h"    /* json_put_string */
+
 
 /* qemu-img check's exit codes */
 #define CHECK_EXIT_CLEAN 0

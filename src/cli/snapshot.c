@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "util/json.h"
 #include "cli/cli.h"
 #include "io/imagelock.h"
 #include "img/image.h"

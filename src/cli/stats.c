@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "util/json.h"
 #include "cli/cli.h"
 #include "ublk/control.h"
 #include "ublk/server.h"

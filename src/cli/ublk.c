@@ -16,6 +16,7 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "util/json.h"
 #include "cli/cli.h"
 #include "tools/tools.h"
 #include "io/log.h"

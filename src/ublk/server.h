@@ -97,11 +97,4 @@ int ublk_state_read(uint32_t id, struct ublk_state *s);
 int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s);
 void ublk_state_remove(uint32_t id);
 
-/* Append s to out as a JSON string literal (quotes and escapes). */
-void json_put_string(FILE *out, const char *s);
-/* Read a member of a flat JSON object (state files, control replies):
- * false if missing or not of that type. */
-bool json_get_u64(const char *buf, const char *key, uint64_t *v);
-bool json_get_string(const char *buf, const char *key, char *out, size_t outlen);
-
 #endif
