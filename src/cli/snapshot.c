@@ -14,7 +14,7 @@
 #include "cli/cli.h"
 #include "io/imagelock.h"
 #include "img/image.h"
-#include "ublk/control.h"
+#include "ublk/ctl_socket.h"
 #include "ublk/server.h"
 
 static void snapshot_usage(FILE *out)

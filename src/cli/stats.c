@@ -9,7 +9,7 @@
 
 #include "util/json.h"
 #include "cli/cli.h"
-#include "ublk/control.h"
+#include "ublk/ctl_socket.h"
 #include "ublk/server.h"
 
 static void stats_usage(FILE *out)

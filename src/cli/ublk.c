@@ -20,7 +20,7 @@
 #include "cli/cli.h"
 #include "tools/tools.h"
 #include "io/log.h"
-#include "ublk/ctrl.h"
+#include "ublk/kernel_ctrl.h"
 #include "ublk/server.h"
 
 #ifndef SYS_pidfd_open

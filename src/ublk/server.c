@@ -3,8 +3,8 @@
 #include "io/log.h"
 #include "ublk/server.h"
 #include "io/imagelock.h"
-#include "ublk/control.h"
-#include "ublk/ctrl.h"
+#include "ublk/ctl_socket.h"
+#include "ublk/kernel_ctrl.h"
 #include "ublk/queue.h"
 
 #include <errno.h>

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ublk control path (src/ublk/ctrl.c) against the real driver in the test
+# The ublk control path (src/ublk/kernel_ctrl.c) against the real driver in the test
 # VM: ADD_DEV / GET_DEV_INFO / SET+GET_PARAMS / DEL_DEV with ioctl-encoded and
 # legacy opcodes.  On a host without ublk: the "no ublk" error.
 # timeout: 400

@@ -13,7 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "ublk/ctrl.h"
+#include "ublk/kernel_ctrl.h"
 
 static int failures;
 

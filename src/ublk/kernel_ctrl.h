@@ -7,8 +7,8 @@
  *
  * Return values: >= 0 success, -errno error.
  */
-#ifndef UQ_UBLK_CTRL_H
-#define UQ_UBLK_CTRL_H
+#ifndef UQ_UBLK_KERNEL_CTRL_H
+#define UQ_UBLK_KERNEL_CTRL_H
 
 #include <stdbool.h>
 #include <stdint.h>

@@ -1,5 +1,5 @@
 /* ublk control commands over a private SQE128 io_uring (see ctrl.h). */
-#include "ublk/ctrl.h"
+#include "ublk/kernel_ctrl.h"
 #include "io/log.h"
 
 #include <errno.h>

@@ -4,8 +4,8 @@
  * daemon answers with one line (a JSON object) and closes.  The daemon's
  * main thread serves it, never the queue threads, so a slow or broken
  * client cannot stall the data path. */
-#ifndef UQ_UBLK_CONTROL_H
-#define UQ_UBLK_CONTROL_H
+#ifndef UQ_UBLK_CTL_SOCKET_H
+#define UQ_UBLK_CTL_SOCKET_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,5 +1,5 @@
 /* The ublk daemon's control socket (see control.h). */
-#include "ublk/control.h"
+#include "ublk/ctl_socket.h"
 #include "ublk/server.h"
 
 #include <errno.h>
