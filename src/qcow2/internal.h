@@ -3,15 +3,14 @@
  *   cache.c     L2-table and refcount-block slices in memory
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
- *   repair.c    the reference walk and refcount rebuild (dirty images, check)
- *   check.c     check and repair (qemu-img check's job)
- *   create.c    image creation;  info.c  what qemu-img info shows
+ *   repair.c    the reference walk and refcount rebuild (dirty images, the checker)
  *   datafile.c  where guest data lives: the image file or an external data file
  *   bitmap.c    persistent dirty bitmaps kept up to date
  *   crypto.c    LUKS encryption of guest data
  *   overlap.c   metadata overlap checks before every write
  *   snapshot.c  internal snapshots: list, create, delete, apply, open one
- *   resize.c    virtual size changes; helpers of the exclusive operations
+ *   resize.c    virtual size changes
+ *   exclusive.c what the exclusive operations (resize, snapshots) share
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -355,6 +354,8 @@ int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t err
 
 /* resize.c */
 int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
+
+/* exclusive.c: what resize and snapshots share */
 /* Start an exclusive operation: no request in flight (-EBUSY), not broken,
  * everything flushed and every dropped reference applied. */
 int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen);
