@@ -72,7 +72,7 @@ static void free_tracked(struct tracked *t)
     free(t);
 }
 
-void bitmaps_free(struct qcow2 *q)
+void qcow2_bitmaps_free(struct qcow2 *q)
 {
     struct bitmaps *b = q->bitmaps;
     if (!b)
@@ -254,7 +254,7 @@ static int rewrite_directory(struct qcow2 *q, struct bitmaps *b, const uint8_t *
     return r;
 }
 
-int bitmaps_open(struct qcow2 *q, char *err, size_t errlen)
+int qcow2_bitmaps_open(struct qcow2 *q, char *err, size_t errlen)
 {
     const struct qcow2_header *h = &q->h;
     err[0] = '\0';
@@ -306,7 +306,7 @@ int bitmaps_open(struct qcow2 *q, char *err, size_t errlen)
         }
     }
     if (r < 0 || !b->list)
-        bitmaps_free(q);
+        qcow2_bitmaps_free(q);
     return r;
 }
 
@@ -325,7 +325,7 @@ static void set_bits(uint8_t *bits, uint64_t first, uint64_t last)
         bits[first / 8] |= (uint8_t)(1u << (first % 8));
 }
 
-void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len)
+void qcow2_bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     if (!q->bitmaps || !len)
         return;
@@ -349,7 +349,7 @@ static int alloc_run(struct qcow2 *q, uint64_t n, uint64_t *off)
     int r = 0;
     while (len < n && r == 0) {
         uint64_t o;
-        r = alloc_clusters(q, n - len, &o, &got);
+        r = qcow2_alloc_clusters(q, n - len, &o, &got);
         if (r < 0)
             break;
         if (len && o == start + len * cs) {
@@ -377,7 +377,7 @@ static int alloc_run(struct qcow2 *q, uint64_t n, uint64_t *off)
     /* Never referenced: give them back right away. */
     for (uint64_t i = 0; spare && i < nspare; i += 2)
         for (uint64_t c = 0; c < spare[i + 1]; c++)
-            rc_update(q, spare[i] / cs + c, -1);
+            qcow2_rc_update(q, spare[i] / cs + c, -1);
     free(spare);
     *off = start;
     return r;
@@ -389,9 +389,9 @@ static void free_table(struct qcow2 *q, const uint64_t *tab, uint32_t n, uint64_
     uint64_t cs = cl_size(q);
     for (uint32_t i = 0; tab && i < n; i++)
         if (tab[i] & BMT_OFFSET_MASK)
-            rc_update(q, (tab[i] & BMT_OFFSET_MASK) / cs, -1);
+            qcow2_rc_update(q, (tab[i] & BMT_OFFSET_MASK) / cs, -1);
     for (uint64_t c = 0; toff && c < ((uint64_t)n * 8 + cs - 1) / cs; c++)
-        rc_update(q, toff / cs + c, -1);
+        qcow2_rc_update(q, toff / cs + c, -1);
 }
 
 /* Write one bitmap to new clusters: data clusters that hold a set bit
@@ -413,13 +413,13 @@ static int store_one(struct qcow2 *q, struct tracked *t)
             any = t->bits[from + k] != 0;
         if (!any)
             continue;
-        r = alloc_clusters(q, 1, &off, &got);
+        r = qcow2_alloc_clusters(q, 1, &off, &got);
         if (r < 0)
             break;
         t->new_table[i] = off;
         memset(buf, 0, cs);
         memcpy(buf, t->bits + from, n);
-        r = write_new_cluster(q, off, buf);
+        r = qcow2_write_new_cluster(q, off, buf);
     }
     if (r == 0)
         r = alloc_run(q, tclusters, &t->new_table_off);
@@ -435,7 +435,7 @@ static int store_one(struct qcow2 *q, struct tracked *t)
     return r;
 }
 
-int bitmaps_close(struct qcow2 *q)
+int qcow2_bitmaps_close(struct qcow2 *q)
 {
     struct bitmaps *b = q->bitmaps;
     if (!b || q->flush_failed || q->broken)
@@ -468,6 +468,6 @@ int bitmaps_close(struct qcow2 *q)
     if (r < 0)
         uq_warn("%s: could not store the dirty bitmaps (%s); they stay flagged in use "
                 "(inconsistent) for QEMU", q->img.path, strerror(-r));
-    bitmaps_free(q);
+    qcow2_bitmaps_free(q);
     return r;
 }

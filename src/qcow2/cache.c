@@ -34,7 +34,7 @@ static void lru_push_recent(struct mcache *c, struct mslice *s)
     c->lru.lru_prev = s;
 }
 
-int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
+int qcow2_cache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
                 uint32_t slice_size, uint32_t nslices)
 {
     memset(c, 0, sizeof(*c));
@@ -60,7 +60,7 @@ int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
     return 0;
 }
 
-void mcache_free(struct mcache *c)
+void qcow2_cache_free(struct mcache *c)
 {
     free(c->hash);
     free(c->slices);
@@ -102,7 +102,7 @@ static void hash_insert(struct mcache *c, struct mslice *s, uint64_t off)
  * durable.  The write uses a copy so changes made meanwhile stay dirty. */
 static int write_back_refcount_slice(struct mcache *c, struct mslice *s)
 {
-    int ol = ol_check(c->q, s->off, c->slice_size, OL_REFBLOCK, "a refcount block");
+    int ol = qcow2_ol_check(c->q, s->off, c->slice_size, OL_REFBLOCK, "a refcount block");
     if (ol < 0)
         return ol;
     uint8_t *copy = io_alloc(c->slice_size);
@@ -120,7 +120,7 @@ static int write_back_refcount_slice(struct mcache *c, struct mslice *s)
     return 0;
 }
 
-int mcache_get(struct mcache *c, uint64_t off, struct mslice **out)
+int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
 {
     for (;;) {
         struct mslice *s = lookup(c, off);
@@ -194,13 +194,13 @@ int mcache_get(struct mcache *c, uint64_t off, struct mslice **out)
     }
 }
 
-void mcache_put(struct mcache *c, struct mslice *s)
+void qcow2_cache_put(struct mcache *c, struct mslice *s)
 {
     if (--s->refs == 0 && !co_queue_empty(&c->slot_waiters))
         co_queue_wake_all(&c->slot_waiters);
 }
 
-bool mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len)
+bool qcow2_cache_discard_range(struct mcache *c, uint64_t off, uint64_t len)
 {
     bool busy = false;
     for (uint32_t i = 0; i < c->nslices; i++) {
@@ -215,7 +215,7 @@ bool mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len)
     return busy;
 }
 
-bool mcache_has_dirty(struct mcache *c)
+bool qcow2_cache_has_dirty(struct mcache *c)
 {
     for (uint32_t i = 0; i < c->nslices; i++)
         if (c->slices[i].in_use && c->slices[i].dirty)
@@ -223,7 +223,7 @@ bool mcache_has_dirty(struct mcache *c)
     return false;
 }
 
-int mcache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n)
+int qcow2_cache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n)
 {
     uint32_t count = 0;
     for (uint32_t i = 0; i < c->nslices; i++)
@@ -254,12 +254,12 @@ int mcache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n)
     return 0;
 }
 
-int mcache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int ret)
+int qcow2_cache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int ret)
 {
     for (uint32_t i = 0; i < n; i++) {
         struct mslice *s = copies[i].s;
         if (ret == 0)
-            ret = ol_check(c->q, s->off, c->slice_size, c->is_l2 ? OL_ACTIVE_L2 : OL_REFBLOCK,
+            ret = qcow2_ol_check(c->q, s->off, c->slice_size, c->is_l2 ? OL_ACTIVE_L2 : OL_REFBLOCK,
                            c->is_l2 ? "an L2 table" : "a refcount block");
         if (ret == 0) {
             ssize_t r = file_pwrite(&c->q->file, copies[i].data, c->slice_size, s->off, false);
@@ -269,7 +269,7 @@ int mcache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int 
         if (ret < 0)
             s->dirty = true;    /* not written: a later flush retries */
         io_free(copies[i].data);
-        mcache_put(c, s);
+        qcow2_cache_put(c, s);
     }
     free(copies);
     return ret;

@@ -90,7 +90,7 @@ static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
         return true;
     for (uint64_t c = host >> cl_bits(q); c <= (host + len - 1) >> cl_bits(q); c++) {
         uint64_t rc;
-        if (rc_get(q, c, &rc) < 0 || rc != 1)
+        if (qcow2_rc_get(q, c, &rc) < 0 || rc != 1)
             return false;
     }
     return true;
@@ -104,7 +104,7 @@ static bool owned_past_end(struct qcow2 *q, uint64_t host, uint64_t len)
 static bool entry_ok(struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t off)
 {
     enum qcow2_cluster_type t = etype(q, e);
-    if (t == QCOW2_CLUSTER_INVALID || !datafile_entry_ok(q, e, off)) {
+    if (t == QCOW2_CLUSTER_INVALID || !qcow2_datafile_entry_ok(q, e, off)) {
         qcow2_mark_broken(q, "L2 entry 0x%llx for guest offset 0x%llx is invalid%s",
                           (unsigned long long)e, (unsigned long long)off,
                           t == QCOW2_CLUSTER_INVALID ? "" : " with an external data file");
@@ -172,11 +172,11 @@ static void unlink_alloc(struct qcow2 *q, struct inflight_alloc *a)
 }
 
 /* Drop the reference an L2 entry held, once the entry's replacement is
- * durable (defer_free).  Owned and shared clusters alike lose one ref;
+ * durable (qcow2_defer_free).  Owned and shared clusters alike lose one ref;
  * with punch (a discard), a cluster left unused is punched out of the file. */
 static int release_entry(struct qcow2 *q, uint64_t e, bool punch)
 {
-    void (*drop)(struct qcow2 *, uint64_t, uint64_t) = punch ? defer_free_punch : defer_free;
+    void (*drop)(struct qcow2 *, uint64_t, uint64_t) = punch ? qcow2_defer_free_punch : qcow2_defer_free;
     if (has_data_file(q)) {
         /* Nothing to release: data clusters are not refcounted and belong to
          * their guest cluster for good.  A discard punches the data now, as
@@ -184,7 +184,7 @@ static int release_entry(struct qcow2 *q, uint64_t e, bool punch)
          * request's change to the entry, so no hole lands on newer data. */
         enum qcow2_cluster_type t = etype(q, e);
         if (punch && (t == QCOW2_CLUSTER_NORMAL || t == QCOW2_CLUSTER_ZERO_ALLOC))
-            return data_punch(q, e & L2E_OFFSET_MASK, cl_size(q));
+            return qcow2_data_punch(q, e & L2E_OFFSET_MASK, cl_size(q));
         return 0;
     }
     switch (etype(q, e)) {
@@ -216,31 +216,31 @@ static int l2_make_writable(struct qcow2 *q, uint64_t l1i)
     if ((e & QCOW_OFLAG_COPIED) && old)
         goto out;   /* someone else did it while we waited */
     uint64_t cs = cl_size(q), host, got;
-    r = alloc_clusters(q, 1, &host, &got);
+    r = qcow2_alloc_clusters(q, 1, &host, &got);
     if (r < 0)
         goto out;
     uint8_t *table = io_zalloc(cs);
     for (uint64_t so = 0; old && so < cs && r == 0; so += q->l2c.slice_size) {
         struct mslice *s;
-        r = mcache_get(&q->l2c, old + so, &s);
+        r = qcow2_cache_get(&q->l2c, old + so, &s);
         if (r == 0) {
             memcpy(table + so, s->data, q->l2c.slice_size);
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
         }
     }
     if (r == 0)
-        r = write_new_cluster(q, host, table);
+        r = qcow2_write_new_cluster(q, host, table);
     io_free(table);
     if (r < 0) {
-        rc_update(q, host / cs, -1);   /* never referenced */
+        qcow2_rc_update(q, host / cs, -1);   /* never referenced */
         goto out;
     }
     q->l1[l1i] = host | QCOW_OFLAG_COPIED;
     q->l1_dirty[l1i * 8 / 512] = 1;
-    ol_add(q, host, OL_BIT_ACTIVE_L2);
+    qcow2_ol_add(q, host, OL_BIT_ACTIVE_L2);
     if (old) {
-        ol_remove(q, old, OL_BIT_ACTIVE_L2);
-        defer_free(q, old, cs);
+        qcow2_ol_remove(q, old, OL_BIT_ACTIVE_L2);
+        qcow2_defer_free(q, old, cs);
     }
 out:
     co_mutex_unlock(&q->alloc_lock);
@@ -274,11 +274,11 @@ static int l2_lookup(struct qcow2 *q, uint64_t off, bool for_write, struct mslic
         return 0;
     /* An entry about to change lives in a table that must be nothing else
      * (an L1 entry may name the header, the L1 or the refcount table). */
-    if (for_write && ol_check(q, t, cs, OL_ACTIVE_L2, "an L2 table") < 0)
+    if (for_write && qcow2_ol_check(q, t, cs, OL_ACTIVE_L2, "an L2 table") < 0)
         return -EIO;
     uint64_t byte = t + l2i * q->h.l2_entry_size;
     uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
-    int r = mcache_get(&q->l2c, soff, sp);
+    int r = qcow2_cache_get(&q->l2c, soff, sp);
     if (r < 0)
         return r;
     *idxp = (uint32_t)((byte - soff) / q->h.l2_entry_size);
@@ -301,7 +301,7 @@ static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **s
             return r;
         if (!find_alloc(q, c))
             return 0;
-        mcache_put(&q->l2c, *sp);   /* one started while we waited for the table */
+        qcow2_cache_put(&q->l2c, *sp);   /* one started while we waited for the table */
     }
 }
 
@@ -321,7 +321,7 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
     if (r == 1) {
         *e = l2e_get(q, s, idx);
         *bm = l2bm_get(q, s, idx);
-        mcache_put(&q->l2c, s);
+        qcow2_cache_put(&q->l2c, s);
     }
     return 0;
 }
@@ -330,7 +330,7 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
 {
-    return data_read(q, buf, len, host);
+    return qcow2_data_read(q, buf, len, host);
 }
 
 static int read_backing(struct qcow2 *q, uint64_t off, uint64_t len, uint8_t *buf)
@@ -433,7 +433,7 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
     struct qreq rq;
     struct extent x = { .kind = EXT_NONE };
     int r = 0;
-    qreq_begin(q, &rq);
+    qcow2_req_begin(q, &rq);
     while (len && r == 0) {
         uint64_t n = MIN(len, cl_size(q) - offset_into_cluster(q, off));
         uint64_t e, bm;
@@ -446,7 +446,7 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
         enum qcow2_cluster_type t = etype(q, e);
         enum ext_kind k = EXT_NONE;
         uint64_t host = 0;
-        if (t == QCOW2_CLUSTER_NORMAL && (!q->extl2 || bm == SC_ALL) && datafile_entry_ok(q, e, off)) {
+        if (t == QCOW2_CLUSTER_NORMAL && (!q->extl2 || bm == SC_ALL) && qcow2_datafile_entry_ok(q, e, off)) {
             k = EXT_HOST;
             host = (e & L2E_OFFSET_MASK) + offset_into_cluster(q, off);
         } else if (t == QCOW2_CLUSTER_ZERO_PLAIN || t == QCOW2_CLUSTER_ZERO_ALLOC ||
@@ -472,7 +472,7 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
     }
     if (r == 0)
         r = extent_issue(q, &x);
-    qreq_end(q, &rq);
+    qcow2_req_end(q, &rq);
     return r;
 }
 
@@ -486,7 +486,7 @@ static int check_own_range(struct qcow2 *q, uint64_t off, uint64_t host, uint64_
 {
     if (has_data_file(q))
         return 0;   /* the data file holds no metadata; entry_ok checked host == guest */
-    int r = ol_check(q, host, len, 0, "guest data");
+    int r = qcow2_ol_check(q, host, len, 0, "guest data");
     if (r < 0)
         return r;
     if (owned_past_end(q, host, len))
@@ -552,7 +552,7 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
     uint64_t cs = cl_size(q), c0 = off >> cl_bits(q), end = off + len;
     uint64_t e0 = l2e_get(q, s, idx), bm0 = l2bm_get(q, s, idx);
     if (!entry_ok(q, e0, bm0, off)) {
-        mcache_put(&q->l2c, s);
+        qcow2_cache_put(&q->l2c, s);
         return -EIO;
     }
     bool reuse = is_zero_alloc_owned(q, e0);   /* our own zeroed cluster: fill it in place */
@@ -578,7 +578,7 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
     } else if (!reuse) {
         co_mutex_lock(&q->alloc_lock);
         uint64_t end_before = q->host_end;
-        r = alloc_clusters(q, want, &host, &got);
+        r = qcow2_alloc_clusters(q, want, &host, &got);
         co_mutex_unlock(&q->alloc_lock);
         if (r < 0)
             goto out;
@@ -619,9 +619,9 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         iov[niov++] = (struct iovec){ tail, tail_len };
     }
     if (r == 0 && !has_data_file(q))   /* a refcount may have called a table's cluster free */
-        r = ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
+        r = qcow2_ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
     if (r == 0)
-        r = data_writev(q, iov, niov, host + (wr - span_start), false);
+        r = qcow2_data_writev(q, iov, niov, host + (wr - span_start), false);
     if (r < 0)
         goto fail;
     for (uint64_t i = 0; i < got; i++) {
@@ -639,17 +639,17 @@ static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const ui
         if (!reuse)
             release_entry(q, old, false);   /* never fails without punch */
     }
-    mcache_mark_dirty(s);
+    qcow2_cache_mark_dirty(s);
     *done = data_end - off;
     goto out;
 fail:
     if (!reuse && !has_data_file(q))    /* nothing points at the new clusters yet: free them now */
         for (uint64_t i = 0; i < got; i++)
-            rc_update(q, host / cs + i, -1);
+            qcow2_rc_update(q, host / cs + i, -1);
 out:
     io_free(head);
     io_free(tail);
-    mcache_put(&q->l2c, s);
+    qcow2_cache_put(&q->l2c, s);
     unlink_alloc(q, &a);
     return r;
 }
@@ -691,16 +691,16 @@ static int write_subclusters(struct qcow2 *q, struct mslice *s, uint32_t idx, co
         iov[niov++] = (struct iovec){ tail, to - in - n };
     }
     if (r == 0)
-        r = data_writev(q, iov, niov, host + from, false);
+        r = qcow2_data_writev(q, iov, niov, host + from, false);
     if (r == 0) {
         uint64_t now = l2bm_get(q, s, idx);
         uint32_t m = units_touched(q, from, to);
         l2bm_set(q, s, idx, mkbm(extl2_alloc_bits(now) | m, extl2_zero_bits(now) & ~m));
-        mcache_mark_dirty(s);
+        qcow2_cache_mark_dirty(s);
     }
     io_free(head);
     io_free(tail);
-    mcache_put(&q->l2c, s);
+    qcow2_cache_put(&q->l2c, s);
     unlink_alloc(q, &a);
     return r;
 }
@@ -742,8 +742,8 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
     int r = 0;
     if (q->broken)
         return -EIO;
-    bitmaps_mark(q, off, len);
-    qreq_begin(q, &rq);
+    qcow2_bitmaps_mark(q, off, len);
+    qcow2_req_begin(q, &rq);
     while (len) {
         uint64_t cs = cl_size(q), in = offset_into_cluster(q, off), n = MIN(len, cs - in);
         struct mslice *s;
@@ -753,7 +753,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             break;
         uint64_t e = l2e_get(q, s, idx);
         if (is_inplace(q, e) && !entry_ok(q, e, l2bm_get(q, s, idx), off)) {
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
             r = -EIO;
             break;
         }
@@ -772,12 +772,12 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
              * flush, or a flush is writing them now), FUA needs a flush. */
             if (fua && !mapping_durable(q, s))
                 metadata_changed = true;
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
             r = check_own_range(q, off, first_host + in, n);
             if (r < 0)
                 break;
             struct iovec iov = { (void *)buf, n };
-            r = data_writev(q, &iov, 1, first_host + in, fua);
+            r = qcow2_data_writev(q, &iov, 1, first_host + in, fua);
             if (r < 0)
                 break;
         } else if (is_inplace(q, e)) {
@@ -796,7 +796,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
         buf += n;
         len -= n;
     }
-    qreq_end(q, &rq);
+    qcow2_req_end(q, &rq);
     /* FUA: in-place writes to durable mappings used RWF_DSYNC; new or
      * not yet durable mappings need a full flush. */
     if (r == 0 && fua && metadata_changed)
@@ -914,7 +914,7 @@ static int write_zero_bytes(struct qcow2 *q, uint64_t off, uint64_t len)
 static int zero_in_place(struct qcow2 *q, uint64_t off, uint64_t host, uint64_t len, bool unmap)
 {
     int r = check_own_range(q, off, host, len);
-    return r < 0 ? r : data_zero(q, host, len, unmap);
+    return r < 0 ? r : qcow2_data_zero(q, host, len, unmap);
 }
 
 /* Zero or discard units [u0, u1) of the cluster at guest offset coff. */
@@ -940,7 +940,7 @@ static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, 
         e = l2e_get(q, s, idx);
         bm = l2bm_get(q, s, idx);
         if (!entry_ok(q, e, bm, coff)) {
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
             return -EIO;
         }
         plan_zero(q, e, bm, u0, u1, z, &p);
@@ -949,11 +949,11 @@ static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, 
              * after the flush that makes this change durable (rule 5). */
             l2e_set(q, s, idx, p.e);
             l2bm_set(q, s, idx, p.bm);
-            mcache_mark_dirty(s);
+            qcow2_cache_mark_dirty(s);
             if (p.release)
                 r = release_entry(q, e, z->unmap);
         }
-        mcache_put(&q->l2c, s);
+        qcow2_cache_put(&q->l2c, s);
     }
     /* The cluster stays ours: punch the data of the zeroed units now.  A
      * crash before the entry change is durable leaves the old entry over a
@@ -968,7 +968,7 @@ static int zero_units(struct qcow2 *q, uint64_t coff, uint32_t u0, uint32_t u1, 
             v++;
         r = check_own_range(q, coff + u * us, host + u * us, (v - u) * us);
         if (r == 0)
-            r = data_punch(q, host + u * us, (v - u) * us);
+            r = qcow2_data_punch(q, host + u * us, (v - u) * us);
         u = v;
     }
     if (r == 0 && p.in_place)
@@ -1000,7 +1000,7 @@ static int zero_piece(struct qcow2 *q, uint64_t off, uint64_t len, const struct 
         if (!own_data || q->crypto)     /* a hole would not read as zeros once decrypted */
             return 0;
         r = check_own_range(q, off, host, len);
-        return r < 0 ? r : data_punch(q, host, len);
+        return r < 0 ? r : qcow2_data_punch(q, host, len);
     }
     if (k == U_ZERO || (k == U_UNALLOC && !q->backing))
         return 0;
@@ -1039,12 +1039,12 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
     struct qreq rq;
     if (q->broken)
         return -EIO;
-    bitmaps_mark(q, off, len);
-    qreq_begin(q, &rq);
-    int r = datafile_zero_raw(q, off, len, z.unmap);
+    qcow2_bitmaps_mark(q, off, len);
+    qcow2_req_begin(q, &rq);
+    int r = qcow2_datafile_zero_raw(q, off, len, z.unmap);
     if (r == 0)
         r = zero_range(q, off, len, &z);
-    qreq_end(q, &rq);
+    qcow2_req_end(q, &rq);
     /* FUA always flushes: even a range that already reads as zeros may do
      * so only through entries not yet durable (a discard since the last
      * flush), and the zero-byte writes above ran without FUA. */
@@ -1064,13 +1064,13 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
      * file's stale data, so (as QEMU) discard does nothing there. */
     if (q->h.version < 3 && q->backing)
         return 0;
-    bitmaps_mark(q, off, len);
-    qreq_begin(q, &rq);
+    qcow2_bitmaps_mark(q, off, len);
+    qcow2_req_begin(q, &rq);
     /* data_file_raw: the range reads as zeros afterwards, so the data file
      * is zeroed first (the entries change after that, never before). */
-    int r = datafile_zero_raw(q, off, len, true);
+    int r = qcow2_datafile_zero_raw(q, off, len, true);
     if (r == 0)
         r = zero_range(q, off, len, &z);
-    qreq_end(q, &rq);
+    qcow2_req_end(q, &rq);
     return r;
 }

@@ -213,7 +213,7 @@ static int try_slot(struct qcow2 *q, const struct luks_hdr *h, int i, const EVP_
     return CRYPTO_memcmp(digest, h->mk_digest, LUKS_DIGEST_SIZE) == 0;
 }
 
-int crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+int qcow2_crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
 {
     err[0] = '\0';
     if (!o->key) {
@@ -286,7 +286,7 @@ int crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t err
     return 0;
 }
 
-void crypto_free(struct qcow2 *q)
+void qcow2_crypto_free(struct qcow2 *q)
 {
     if (!q->crypto)
         return;
@@ -298,14 +298,14 @@ void crypto_free(struct qcow2 *q)
 
 /* Guest data at host offset `host` (both sector-aligned: every request and
  * every COW region is). */
-int crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len)
+int qcow2_crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len)
 {
     if ((host | len) % LUKS_SECTOR)
         return -EIO;
     return xts_sectors(q->crypto->enc, host / LUKS_SECTOR, buf, len);
 }
 
-int crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len)
+int qcow2_crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len)
 {
     if ((host | len) % LUKS_SECTOR)
         return -EIO;

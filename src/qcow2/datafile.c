@@ -27,7 +27,7 @@
 #include "io/loop.h"
 #include "qcow2/internal.h"
 
-int datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+int qcow2_datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
 {
     const struct qcow2_header *h = &q->h;
     char path[PATH_MAX + 1100], msg[512];
@@ -70,7 +70,7 @@ int datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t e
     return 0;
 }
 
-void datafile_close(struct qcow2 *q)
+void qcow2_datafile_close(struct qcow2 *q)
 {
     if (has_data_file(q))
         file_close(&q->data_file);
@@ -83,7 +83,7 @@ void datafile_close(struct qcow2 *q)
 /* Guest data must be durable before any metadata naming it (rule 2 of the
  * flush order): qcow2_flush calls this before the sync that precedes the
  * L2 writes.  Without a data file the image's own sync covers it. */
-int datafile_sync(struct qcow2 *q)
+int qcow2_datafile_sync(struct qcow2 *q)
 {
     if (!has_data_file(q))
         return 0;
@@ -98,17 +98,17 @@ int datafile_sync(struct qcow2 *q)
     return r;
 }
 
-int data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host)
+int qcow2_data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host)
 {
     ssize_t n = file_pread(q->data, buf, len, host);
     if (n < 0)
         return (int)n;
     if ((uint64_t)n < len)      /* past the end of the file: zeros (as stored) */
         memset(buf + n, 0, len - n);
-    return q->crypto ? crypto_decrypt(q, host, buf, len) : 0;
+    return q->crypto ? qcow2_crypto_decrypt(q, host, buf, len) : 0;
 }
 
-int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua)
+int qcow2_data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua)
 {
     if (q->crypto) {
         /* Encrypted into a bounce buffer: the caller's data stays plain. */
@@ -118,7 +118,7 @@ int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t hos
         uint8_t *b = io_alloc(len);
         for (size_t i = 0, pos = 0; i < (size_t)niov; pos += iov[i].iov_len, i++)
             memcpy(b + pos, iov[i].iov_base, iov[i].iov_len);
-        int r = crypto_encrypt(q, host, b, len);
+        int r = qcow2_crypto_encrypt(q, host, b, len);
         if (r == 0) {
             ssize_t w = file_pwrite(q->data, b, len, host, fua);
             r = w < 0 ? (int)w : 0;
@@ -138,7 +138,7 @@ static int write_zero_bytes(struct qcow2 *q, uint64_t host, uint64_t len)
     for (uint64_t done = 0; done < len && r == 0; done += chunk) {
         uint64_t n = len - done < chunk ? len - done : chunk;
         struct iovec iov = { zero, n };
-        r = data_writev(q, &iov, 1, host + done, false);
+        r = qcow2_data_writev(q, &iov, 1, host + done, false);
     }
     io_free(zero);
     return r;
@@ -147,7 +147,7 @@ static int write_zero_bytes(struct qcow2 *q, uint64_t host, uint64_t len)
 /* Zero [host, host+len) of guest data: a hole (unmap) or FALLOC_FL_ZERO_RANGE
  * (stays allocated); zero bytes where the file system can do neither.  Like
  * any data write it is durable at the next flush. */
-int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap)
+int qcow2_data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap)
 {
     if (q->crypto)
         return write_zero_bytes(q, host, len);      /* zeros must be encrypted */
@@ -167,12 +167,12 @@ int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap)
 /* Punch guest data out (a discard) where the entries say it reads as zeros
  * now.  Advisory in the image file; in a raw data file the range must read
  * as zeros afterwards, so it is zeroed where no hole can be made. */
-int data_punch(struct qcow2 *q, uint64_t host, uint64_t len)
+int qcow2_data_punch(struct qcow2 *q, uint64_t host, uint64_t len)
 {
     if (!has_data_file(q))
-        return punch_host(q, host, len);
+        return qcow2_punch_host(q, host, len);
     if (q->data_raw)
-        return data_zero(q, host, len, true);
+        return qcow2_data_zero(q, host, len, true);
     if (q->no_punch || !len)
         return 0;
     int r = file_punch(q->data, host, len);
@@ -186,19 +186,19 @@ int data_punch(struct qcow2 *q, uint64_t host, uint64_t len)
 /* With data_file_raw, write-zeroes and discards zero the data file first (as
  * QEMU does for write-zeroes), and only then change the L2 entries: whatever
  * reaches the disk before a crash, both views read the same there. */
-int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap)
+int qcow2_datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap)
 {
     if (!q->data_raw)
         return 0;
     if (off + len > q->img.size)
         len = q->img.size - off;
-    return data_zero(q, off, len, unmap);
+    return qcow2_data_zero(q, off, len, unmap);
 }
 
 /* With a data file, an allocated entry must map its guest cluster to the same
  * offset, and there are no compressed clusters (QEMU reports both as
  * corruption). */
-bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off)
+bool qcow2_datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off)
 {
     if (!has_data_file(q))
         return true;

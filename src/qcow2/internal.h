@@ -55,27 +55,27 @@ struct mcache {
     stat_counter hits, misses;  /* read by img_get_stats from other threads */
 };
 
-int mcache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
+int qcow2_cache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
                 uint32_t slice_size, uint32_t nslices);
-void mcache_free(struct mcache *c);
+void qcow2_cache_free(struct mcache *c);
 /* Pin the slice at host offset off, loading it from disk if needed. */
-int mcache_get(struct mcache *c, uint64_t off, struct mslice **out);
-void mcache_put(struct mcache *c, struct mslice *s);
-static inline void mcache_mark_dirty(struct mslice *s) { s->dirty = true; }
+int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out);
+void qcow2_cache_put(struct mcache *c, struct mslice *s);
+static inline void qcow2_cache_mark_dirty(struct mslice *s) { s->dirty = true; }
 /* Drop every cached slice inside [off, off+len) (a table being freed).
  * Slices pinned (by a request, or by a flush writing their copy) or being
  * loaded cannot go: returns true if any such slice is left. */
-bool mcache_discard_range(struct mcache *c, uint64_t off, uint64_t len);
+bool qcow2_cache_discard_range(struct mcache *c, uint64_t off, uint64_t len);
 /* Snapshot (copy) every dirty slice and clear its dirty flag; the copies
  * are what a flush writes, so entries changed after this point wait for the
  * next flush (their data may not be durable yet). */
 struct mcopy { struct mslice *s; uint8_t *data; };  /* the slice stays pinned until written */
-int mcache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n);
-/* Write copies taken by mcache_snapshot_dirty, unless ret (an earlier
+int qcow2_cache_snapshot_dirty(struct mcache *c, struct mcopy **out, uint32_t *n);
+/* Write copies taken by qcow2_cache_snapshot_dirty, unless ret (an earlier
  * error) is already negative: then, as after a failed write, the slices are
  * marked dirty again.  Frees the copies; returns the first error. */
-int mcache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int ret);
-bool mcache_has_dirty(struct mcache *c);
+int qcow2_cache_write_copies(struct mcache *c, struct mcopy *copies, uint32_t n, int ret);
+bool qcow2_cache_has_dirty(struct mcache *c);
 
 /* ---- deferred refcount decrements (refcount.c) --------------------------- */
 struct deferred_free {
@@ -205,45 +205,45 @@ int qcow2_flush(struct qcow2 *q);
 int qcow2_sync(struct qcow2 *q);
 int qcow2_write_header_fields(struct qcow2 *q);
 void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void qreq_begin(struct qcow2 *q, struct qreq *r);
-void qreq_end(struct qcow2 *q, struct qreq *r);
+void qcow2_req_begin(struct qcow2 *q, struct qreq *r);
+void qcow2_req_end(struct qcow2 *q, struct qreq *r);
 
 /* refcount.c */
-int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount);
+int qcow2_rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount);
 /* Change a refcount in the cache.  A cluster whose count would reach 0
  * while a cached slice of it is still pinned or loading keeps its count
  * and -EBUSY is returned: a flush still writing its copy of that slice (or a
  * load) must not land on the cluster once the allocator reuses it. */
-int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
+int qcow2_rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta);
 /* Allocate up to n contiguous free clusters (at least one) with refcount 1;
  * returns the host offset and the count in *got. Caller holds alloc_lock. */
-int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got);
+int qcow2_alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got);
 /* Record that [0, end) is now in use; preallocates the file ahead. */
-void note_host_end(struct qcow2 *q, uint64_t end);
+void qcow2_note_host_end(struct qcow2 *q, uint64_t end);
 /* Switch to a refcount table already on disk and named by the header. */
-void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries);
+void qcow2_install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries);
 /* Queue one reference drop on every cluster of [off, off+len) after the next
  * flush makes the unreferencing L2/L1 change durable. */
-void defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
+void qcow2_defer_free(struct qcow2 *q, uint64_t off, uint64_t len);
 /* The same for a reference dropped by a discard (or a write-zeroes that may
  * unmap): a cluster whose refcount reaches 0 is also punched out of the file. */
-void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len);
-int apply_ready_frees(struct qcow2 *q);
+void qcow2_defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len);
+int qcow2_apply_ready_frees(struct qcow2 *q);
 /* Drop one reference on every cluster of [off, off+len) whose unreferencing
  * change is already durable and that no request in flight can be using
- * (exclusive operations): queued as ready, applied by apply_ready_frees.
+ * (exclusive operations): queued as ready, applied by qcow2_apply_ready_frees.
  * punch: a cluster left unused is punched out of the file, as QEMU discards
  * the clusters a deleted snapshot alone used. */
-void free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch);
+void qcow2_free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch);
 /* Allocate n contiguous clusters (refcount 1 each; runs too short on the
  * way are given back).  Caller holds alloc_lock or runs exclusively. */
-int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off);
+int qcow2_alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off);
 /* Punch [off, off+len) out of the image file (advisory: 0 where the file
  * system cannot).  Refuses ranges holding the header or the fixed tables. */
-int punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
+int qcow2_punch_host(struct qcow2 *q, uint64_t off, uint64_t len);
 /* Write one whole new cluster (content, or zeros if NULL), dropping any
  * cached slice of its previous use. */
-int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
+int qcow2_write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content);
 
 /* cluster.c */
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
@@ -252,44 +252,44 @@ int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigne
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
 
 /* datafile.c: every guest-data I/O of the read and write paths */
-int datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
-void datafile_close(struct qcow2 *q);
-int datafile_sync(struct qcow2 *q);
-int data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host);
-int data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua);
-int data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
-int data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
-int datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
-bool datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
+int qcow2_datafile_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void qcow2_datafile_close(struct qcow2 *q);
+int qcow2_datafile_sync(struct qcow2 *q);
+int qcow2_data_read(struct qcow2 *q, uint8_t *buf, uint64_t len, uint64_t host);
+int qcow2_data_writev(struct qcow2 *q, const struct iovec *iov, int niov, uint64_t host, bool fua);
+int qcow2_data_zero(struct qcow2 *q, uint64_t host, uint64_t len, bool unmap);
+int qcow2_data_punch(struct qcow2 *q, uint64_t host, uint64_t len);
+int qcow2_datafile_zero_raw(struct qcow2 *q, uint64_t off, uint64_t len, bool unmap);
+bool qcow2_datafile_entry_ok(struct qcow2 *q, uint64_t e, uint64_t guest_off);
 
 /* crypto.c: LUKS (crypt_method 2); data is en/decrypted in place per
  * 512-byte sector, the IV from the host offset */
-int crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
-void crypto_free(struct qcow2 *q);
-int crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
-int crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
+int qcow2_crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void qcow2_crypto_free(struct qcow2 *q);
+int qcow2_crypto_encrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
+int qcow2_crypto_decrypt(struct qcow2 *q, uint64_t host, uint8_t *buf, size_t len);
 
 /* bitmap.c: persistent dirty bitmaps */
-int bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write opens */
-void bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
-int bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
-void bitmaps_free(struct qcow2 *q);
+int qcow2_bitmaps_open(struct qcow2 *q, char *err, size_t errlen);  /* read-write opens */
+void qcow2_bitmaps_mark(struct qcow2 *q, uint64_t off, uint64_t len);  /* guest data changes there */
+int qcow2_bitmaps_close(struct qcow2 *q);     /* store them (clean close) */
+void qcow2_bitmaps_free(struct qcow2 *q);
 
-/* overlap.c: call ol_build once the tables are read; ol_add/ol_remove
+/* overlap.c: call qcow2_ol_build once the tables are read; qcow2_ol_add/qcow2_ol_remove
  * whenever an L1 or refcount table entry starts or stops naming a table,
- * ol_reindex_refblocks after a new refcount table is installed. */
-int ol_build(struct qcow2 *q);
-void ol_free(struct qcow2 *q);
-void ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
-void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
-void ol_reindex_refblocks(struct qcow2 *q);
+ * qcow2_ol_reindex_refblocks after a new refcount table is installed. */
+int qcow2_ol_build(struct qcow2 *q);
+void qcow2_ol_free(struct qcow2 *q);
+void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
+void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
+void qcow2_ol_reindex_refblocks(struct qcow2 *q);
 /* Does writing [off, off+len) touch metadata other than the kinds in
  * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
  * and a message naming `what` and the structure hit. */
-int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+int qcow2_ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
                 const char *what, char *msg, size_t msglen);
-/* ol_conflict, and on a conflict mark the image broken with the message. */
-int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
+/* qcow2_ol_conflict, and on a conflict mark the image broken with the message. */
+int qcow2_ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 
 /* repair.c: the reference walk (references per host cluster, from all
  * metadata) and the refcount rebuild, shared by the open-time repair of
@@ -324,23 +324,23 @@ struct rc_walk {
     char *err;
     size_t errlen;
 };
-int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen);
-void rc_walk_free(struct rc_walk *w);
-void rc_walk_say(struct rc_walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int qcow2_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen);
+void qcow2_walk_free(struct rc_walk *w);
+void qcow2_walk_say(struct rc_walk *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* One more reference to every cluster of [off, off+len). */
-int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what);
+int qcow2_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what);
 /* The references counted to a cluster; one fewer (if any). */
-uint32_t rc_walk_get(const struct rc_walk *w, uint64_t cluster);
-void rc_walk_drop(struct rc_walk *w, uint64_t cluster);
+uint32_t qcow2_walk_get(const struct rc_walk *w, uint64_t cluster);
+void qcow2_walk_drop(struct rc_walk *w, uint64_t cluster);
 /* Was anything counted in refcount-block range ci (clusters ci*rbe...)? */
-bool rc_walk_range_used(const struct rc_walk *w, uint64_t ci);
+bool qcow2_walk_range_used(const struct rc_walk *w, uint64_t ci);
 /* Count every reference except those of the refcount structures themselves. */
-int rc_walk_image(struct rc_walk *w);
+int qcow2_walk_image(struct rc_walk *w);
 /* Replace the refcount structures by new ones holding exactly the counts,
  * blocks only for the ranges in use (written past them and the end of the
  * file, then switched in by one header write); fix_copied first makes the
  * active COPIED flags agree. */
-int rc_rebuild(struct rc_walk *w, bool fix_copied);
+int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied);
 
 /* snapshot.c (exclusive operations: see img_snapshot_* in image.h) */
 int qcow2_snapshot_list(struct image *img, struct img_snapshot **out, uint32_t *n);
@@ -360,24 +360,24 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
  * everything flushed and every dropped reference applied. */
 int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen);
 /* Write the header's fixed fields (one sector: atomic) and sync. */
-int header_commit(struct qcow2 *q);
+int qcow2_header_commit(struct qcow2 *q);
 /* L1 entries needed to map size bytes. */
-uint64_t l1_entries_for(const struct qcow2 *q, uint64_t size);
+uint64_t qcow2_l1_entries_for(const struct qcow2 *q, uint64_t size);
 /* After h.size changed: the derived sizes (img.size, l1_size_needed). */
-void derive_sizes(struct qcow2 *q);
+void qcow2_derive_sizes(struct qcow2 *q);
 /* After an exclusive operation switched tables: index the metadata anew
  * (before anything the old version named is freed); marks the image
  * broken on failure. */
-int ol_rebuild(struct qcow2 *q);
+int qcow2_ol_rebuild(struct qcow2 *q);
 /* Read n L1 entries at off (checked to lie in the image: -EINVAL). */
-int read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out);
+int qcow2_read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **out);
 /* Write len bytes (a table) into freshly allocated contiguous clusters. */
-int write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t *off);
+int qcow2_write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t *off);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
 /* Write the 512-byte sector of the L1 table at l1_off holding entry i. */
-int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
+int qcow2_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
 
 /* raw.c */
 struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen);

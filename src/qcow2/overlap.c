@@ -96,7 +96,7 @@ static bool valid_table_offset(const struct qcow2 *q, uint64_t e)
 /* Active L2 tables are counted once per L1 entry naming them (a damaged
  * image may name one twice; dropping one entry must not forget the other);
  * other kinds once. */
-void ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
+void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
 {
     struct ol_index *x = &q->ol;
     uint64_t key = off | bit;
@@ -114,7 +114,7 @@ void ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
     x->n++;
 }
 
-void ol_remove(struct qcow2 *q, uint64_t off, unsigned bit)
+void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit)
 {
     struct ol_index *x = &q->ol;
     uint64_t key = off | bit;
@@ -137,7 +137,7 @@ static int append_tables(struct qcow2 *q, const uint64_t *tab, uint64_t n, unsig
     return 0;
 }
 
-/* Sort; duplicates are kept only for active L2 tables (see ol_add). */
+/* Sort; duplicates are kept only for active L2 tables (see qcow2_ol_add). */
 static void sort_unique(struct ol_index *x)
 {
     if (!x->n)
@@ -150,7 +150,7 @@ static void sort_unique(struct ol_index *x)
     x->n = k;
 }
 
-void ol_reindex_refblocks(struct qcow2 *q)
+void qcow2_ol_reindex_refblocks(struct qcow2 *q)
 {
     struct ol_index *x = &q->ol;
     size_t k = 0;
@@ -228,10 +228,10 @@ static int index_snapshots(struct qcow2 *q)
     return r;
 }
 
-int ol_build(struct qcow2 *q)
+int qcow2_ol_build(struct qcow2 *q)
 {
     struct ol_index *x = &q->ol;
-    ol_free(q);
+    qcow2_ol_free(q);
     int r = append_tables(q, q->l1, q->h.l1_size, OL_BIT_ACTIVE_L2);
     if (r == 0)
         r = append_tables(q, q->reftable, q->reftable_entries, OL_BIT_REFBLOCK);
@@ -241,7 +241,7 @@ int ol_build(struct qcow2 *q)
     return r;
 }
 
-void ol_free(struct qcow2 *q)
+void qcow2_ol_free(struct qcow2 *q)
 {
     free(q->ol.cl);
     free(q->ol.ranges);
@@ -296,7 +296,7 @@ static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigne
 #undef HIT
 }
 
-int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
+int qcow2_ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
                 const char *what, char *msg, size_t msglen)
 {
     if (!len)
@@ -315,10 +315,10 @@ int ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned igno
     return -EIO;
 }
 
-int ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what)
+int qcow2_ol_check(struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore, const char *what)
 {
     char msg[256];
-    int r = ol_conflict(q, off, len, ignore, what, msg, sizeof(msg));
+    int r = qcow2_ol_conflict(q, off, len, ignore, what, msg, sizeof(msg));
     if (r < 0)
         qcow2_mark_broken(q, "%s", msg);
     return r;

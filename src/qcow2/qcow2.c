@@ -18,7 +18,7 @@
 #define MIN_L2_SLICES 128
 #define MIN_RC_SLICES 64
 
-void qreq_begin(struct qcow2 *q, struct qreq *r)
+void qcow2_req_begin(struct qcow2 *q, struct qreq *r)
 {
     r->tick = q->tick;
     r->next = &q->reqs;
@@ -27,7 +27,7 @@ void qreq_begin(struct qcow2 *q, struct qreq *r)
     q->reqs.prev = r;
 }
 
-void qreq_end(struct qcow2 *q, struct qreq *r)
+void qcow2_req_end(struct qcow2 *q, struct qreq *r)
 {
     (void)q;
     r->prev->next = r->next;
@@ -51,7 +51,7 @@ void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
  * the update is a single atomic sector write; extensions stay untouched. */
 int qcow2_write_header_fields(struct qcow2 *q)
 {
-    int c = ol_check(q, 0, 512, OL_HEADER, "the header");
+    int c = qcow2_ol_check(q, 0, 512, OL_HEADER, "the header");
     if (c < 0)
         return c;
     qcow2_header_store(&q->h, q->hdr_buf);
@@ -109,7 +109,7 @@ static int write_sector_copies(struct qcow2 *q, struct sector_copy *c, uint32_t 
     uint8_t *buf = io_alloc(512);
     for (uint32_t i = 0; i < n; i++) {
         if (ret == 0)
-            ret = ol_check(q, c[i].off, 512, kind,
+            ret = qcow2_ol_check(q, c[i].off, 512, kind,
                            kind == OL_ACTIVE_L1 ? "an L1 table sector" : "a refcount table sector");
         if (ret == 0) {
             memcpy(buf, c[i].data, 512);
@@ -163,9 +163,9 @@ int qcow2_flush(struct qcow2 *q)
     struct mcopy *rcc = NULL, *l2c = NULL;
     struct sector_copy *rt = NULL, *l1 = NULL;
     uint32_t nrc = 0, nl2 = 0, nrt = 0, nl1 = 0;
-    int r = mcache_snapshot_dirty(&q->rcc, &rcc, &nrc);
+    int r = qcow2_cache_snapshot_dirty(&q->rcc, &rcc, &nrc);
     if (r == 0)
-        r = mcache_snapshot_dirty(&q->l2c, &l2c, &nl2);
+        r = qcow2_cache_snapshot_dirty(&q->l2c, &l2c, &nl2);
     if (r == 0)
         r = snapshot_table(q->reftable, q->reftable_entries, q->reftable_dirty,
                            q->h.refcount_table_offset, &rt, &nrt);
@@ -175,15 +175,15 @@ int qcow2_flush(struct qcow2 *q)
     q->frees_pending = NULL;
     q->frees_pending_tail = &q->frees_pending;
 
-    r = mcache_write_copies(&q->rcc, rcc, nrc, r);
+    r = qcow2_cache_write_copies(&q->rcc, rcc, nrc, r);
     if (r == 0 && nrt)
         r = qcow2_sync(q);
     r = write_sector_copies(q, rt, nrt, r, OL_REFTABLE);
     if (r == 0)
-        r = datafile_sync(q);   /* guest data in an external data file: durable first too */
+        r = qcow2_datafile_sync(q);   /* guest data in an external data file: durable first too */
     if (r == 0)
         r = qcow2_sync(q);
-    r = mcache_write_copies(&q->l2c, l2c, nl2, r);
+    r = qcow2_cache_write_copies(&q->l2c, l2c, nl2, r);
     if (r == 0 && nl1 && nl2)
         r = qcow2_sync(q);
     r = write_sector_copies(q, l1, nl1, r, OL_ACTIVE_L1);
@@ -193,7 +193,7 @@ int qcow2_flush(struct qcow2 *q)
     if (r == 0) {
         /* The changes that dropped these references are durable now. */
         append_frees(&q->frees_ready, frees);
-        r = apply_ready_frees(q);
+        r = qcow2_apply_ready_frees(q);
     } else {
         append_frees(&frees, q->frees_pending);
         q->frees_pending = frees;
@@ -410,18 +410,18 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
 
 static void qcow2_free(struct qcow2 *q)
 {
-    bitmaps_free(q);
-    crypto_free(q);
-    datafile_close(q);
+    qcow2_bitmaps_free(q);
+    qcow2_crypto_free(q);
+    qcow2_datafile_close(q);
     if (q->backing)
         img_close(q->backing);
     if (q->backing_lock_fd >= 0)
         close(q->backing_lock_fd);
     if (q->snapshots)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
-    mcache_free(&q->l2c);
-    mcache_free(&q->rcc);
-    ol_free(q);
+    qcow2_cache_free(&q->l2c);
+    qcow2_cache_free(&q->rcc);
+    qcow2_ol_free(q);
     while (q->frees_pending) {
         struct deferred_free *d = q->frees_pending;
         q->frees_pending = d->next;
@@ -448,11 +448,11 @@ static int qcow2_close(struct image *img)
     int r = 0;
     if (!img->read_only) {
         /* Dirty bitmaps first: storing them allocates and frees clusters. */
-        bitmaps_close(q);
+        qcow2_bitmaps_close(q);
         /* Twice: the first flush releases dropped references, the second
          * writes those refcounts, so a clean close leaves no leaks. */
         r = qcow2_flush(q);
-        if (r == 0 && (q->frees_ready || mcache_has_dirty(&q->rcc)))
+        if (r == 0 && (q->frees_ready || qcow2_cache_has_dirty(&q->rcc)))
             r = qcow2_flush(q);
         /* Give back the preallocated tail nothing was allocated in. */
         uint64_t keep = q->host_end > q->open_len ? q->host_end : q->open_len;
@@ -595,11 +595,11 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
-        datafile_open(q, o, msg, sizeof(msg)) < 0) {
+        qcow2_datafile_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }
-    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && crypto_open(q, o, msg, sizeof(msg)) < 0) {
+    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && qcow2_crypto_open(q, o, msg, sizeof(msg)) < 0) {
         snprintf(err, errlen, "%s: %s", f->path, msg);
         goto fail_nofile;
     }
@@ -615,7 +615,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         }
     }
     /* Where the metadata lies, so that no write can land on it. */
-    r = ol_build(q);
+    r = qcow2_ol_build(q);
     if (r < 0) {
         snprintf(err, errlen, "%s: cannot index the image's metadata: %s", f->path, strerror(-r));
         goto fail_nofile;
@@ -634,8 +634,8 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
         l2_bytes = l2_need < (32u << 20) ? l2_need : (32u << 20);
         rc_bytes = l2_bytes / 4;
     }
-    if (mcache_init(&q->l2c, q, "L2", true, slice, slices_for(l2_bytes, slice, MIN_L2_SLICES)) < 0 ||
-        mcache_init(&q->rcc, q, "refcount", false, slice, slices_for(rc_bytes, slice, MIN_RC_SLICES)) < 0) {
+    if (qcow2_cache_init(&q->l2c, q, "L2", true, slice, slices_for(l2_bytes, slice, MIN_L2_SLICES)) < 0 ||
+        qcow2_cache_init(&q->rcc, q, "refcount", false, slice, slices_for(rc_bytes, slice, MIN_RC_SLICES)) < 0) {
         snprintf(err, errlen, "%s: out of memory for the metadata cache", f->path);
         goto fail_nofile;
     }
@@ -683,7 +683,7 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
                 goto fail_nofile;
             }
         }
-        if (bitmaps_open(q, msg, sizeof(msg)) < 0) {
+        if (qcow2_bitmaps_open(q, msg, sizeof(msg)) < 0) {
             snprintf(err, errlen, "%s: persistent dirty bitmaps: %s", f->path, msg);
             goto fail_nofile;
         }

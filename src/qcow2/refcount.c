@@ -4,7 +4,7 @@
  *  - a refcount is raised (in the cache) before any L2/L1 entry points at
  *    the cluster, and qcow2_flush writes refcount blocks before L2 tables;
  *  - a refcount is lowered only after the change that dropped the reference
- *    is durable (defer_free), and only once no request that might still use
+ *    is durable (qcow2_defer_free), and only once no request that might still use
  *    the old mapping is in flight (the request tick rule below). */
 #include <errno.h>
 #include <stdio.h>
@@ -36,7 +36,7 @@ static int rc_locate(struct qcow2 *q, uint64_t cluster, uint64_t *slice_off, uin
     return 1;
 }
 
-int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount)
+int qcow2_rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount)
 {
     uint64_t soff, idx;
     int r = rc_locate(q, cluster, &soff, &idx);
@@ -45,15 +45,15 @@ int rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *refcount)
         return r;
     }
     struct mslice *s;
-    r = mcache_get(&q->rcc, soff, &s);
+    r = qcow2_cache_get(&q->rcc, soff, &s);
     if (r < 0)
         return r;
     *refcount = qcow2_refcount_get(s->data, q->h.refcount_order, idx);
-    mcache_put(&q->rcc, s);
+    qcow2_cache_put(&q->rcc, s);
     return 0;
 }
 
-int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
+int qcow2_rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
 {
     uint64_t soff, idx;
     int r = rc_locate(q, cluster, &soff, &idx);
@@ -65,16 +65,16 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
     }
     /* The block must be nothing else (a refcount table entry may name the
      * table itself, an L2 table, the header...). */
-    if (ol_check(q, soff, q->rcc.slice_size, OL_REFBLOCK, "a refcount block") < 0)
+    if (qcow2_ol_check(q, soff, q->rcc.slice_size, OL_REFBLOCK, "a refcount block") < 0)
         return -EIO;
     struct mslice *s;
-    r = mcache_get(&q->rcc, soff, &s);
+    r = qcow2_cache_get(&q->rcc, soff, &s);
     if (r < 0)
         return r;
     uint64_t old = qcow2_refcount_get(s->data, q->h.refcount_order, idx);
     uint64_t max = qcow2_refcount_max(q->h.refcount_order);
     if ((delta < 0 && old < (uint64_t)-delta) || (delta > 0 && max - old < (uint64_t)delta)) {
-        mcache_put(&q->rcc, s);
+        qcow2_cache_put(&q->rcc, s);
         if (delta > 0)
             return -ERANGE;   /* refcount width exhausted (e.g. 1-bit refcounts) */
         qcow2_mark_broken(q, "refcount of cluster %llu would drop below zero",
@@ -84,42 +84,42 @@ int rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
     if (old + delta == 0) {
         /* A cluster that still holds metadata must never become free (the
          * allocator would hand it out): the references dropped were bogus. */
-        if (ol_check(q, cluster * cl_size(q), cl_size(q), 0, "a free cluster (refcount 0)") < 0) {
-            mcache_put(&q->rcc, s);
+        if (qcow2_ol_check(q, cluster * cl_size(q), cl_size(q), 0, "a free cluster (refcount 0)") < 0) {
+            qcow2_cache_put(&q->rcc, s);
             return -EIO;
         }
         /* A free cluster's cached slices describe a former table: drop them
          * before the cluster can be reused.  One still pinned (a flush
          * writing its copy, a load) would land on the reused cluster: the
          * cluster stays allocated until it is not (the caller retries). */
-        bool busy = mcache_discard_range(&q->l2c, cluster * cl_size(q), cl_size(q));
-        busy |= mcache_discard_range(&q->rcc, cluster * cl_size(q), cl_size(q));
+        bool busy = qcow2_cache_discard_range(&q->l2c, cluster * cl_size(q), cl_size(q));
+        busy |= qcow2_cache_discard_range(&q->rcc, cluster * cl_size(q), cl_size(q));
         if (busy) {
-            mcache_put(&q->rcc, s);
+            qcow2_cache_put(&q->rcc, s);
             return -EBUSY;
         }
         if (cluster < q->free_hint)
             q->free_hint = cluster;
     }
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
-    mcache_mark_dirty(s);
-    mcache_put(&q->rcc, s);
+    qcow2_cache_mark_dirty(s);
+    qcow2_cache_put(&q->rcc, s);
     return 0;
 }
 
-int write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content)
+int qcow2_write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *content)
 {
     /* Before anything cached is dropped: a refcount may have called a
      * table's cluster free. */
-    int c = ol_check(q, off, cl_size(q), 0, "a new L2 table or refcount block");
+    int c = qcow2_ol_check(q, off, cl_size(q), 0, "a new L2 table or refcount block");
     if (c < 0)
         return c;
     uint8_t *buf = io_zalloc(cl_size(q));
     if (content)
         memcpy(buf, content, cl_size(q));
     /* Nothing cached may describe the old use of this cluster. */
-    mcache_discard_range(&q->l2c, off, cl_size(q));
-    mcache_discard_range(&q->rcc, off, cl_size(q));
+    qcow2_cache_discard_range(&q->l2c, off, cl_size(q));
+    qcow2_cache_discard_range(&q->rcc, off, cl_size(q));
     ssize_t r = file_pwrite(&q->file, buf, cl_size(q), off, false);
     io_free(buf);
     return r < 0 ? (int)r : 0;
@@ -132,25 +132,25 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
 {
     uint8_t *blk = io_zalloc(cl_size(q));
     qcow2_refcount_set(blk, q->h.refcount_order, c % q->h.refcount_block_entries, 1);
-    int r = write_new_cluster(q, c * cl_size(q), blk);
+    int r = qcow2_write_new_cluster(q, c * cl_size(q), blk);
     io_free(blk);
     if (r < 0)
         return r;
     q->reftable[ti] = c * cl_size(q);
     q->reftable_dirty[ti * 8 / 512] = 1;
-    ol_add(q, c * cl_size(q), OL_BIT_REFBLOCK);
-    note_host_end(q, (c + 1) * cl_size(q));
+    qcow2_ol_add(q, c * cl_size(q), OL_BIT_REFBLOCK);
+    qcow2_note_host_end(q, (c + 1) * cl_size(q));
     return 0;
 }
 
-void install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries)
+void qcow2_install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries)
 {
     free(q->reftable);
     free(q->reftable_dirty);
     q->reftable = table;
     q->reftable_dirty = dirty;
     q->reftable_entries = entries;
-    ol_reindex_refblocks(q);
+    qcow2_ol_reindex_refblocks(q);
 }
 
 /* Grow the refcount table so that index need_ti exists.  The new table and
@@ -202,11 +202,11 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     for (uint64_t e = 0; e < entries; e++)
         be64_store(tab + e * 8, newtab[e]);
 
-    ret = ol_check(q, start * cs, (nblocks + ntable) * cs, 0, "a new refcount table");
+    ret = qcow2_ol_check(q, start * cs, (nblocks + ntable) * cs, 0, "a new refcount table");
     if (ret < 0)
         goto out;
-    mcache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
-    mcache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
+    qcow2_cache_discard_range(&q->l2c, start * cs, (nblocks + ntable) * cs);
+    qcow2_cache_discard_range(&q->rcc, start * cs, (nblocks + ntable) * cs);
     ssize_t w = file_pwrite(&q->file, area, (nblocks + ntable) * cs, start * cs, false);
     if (w < 0 || (ret = qcow2_sync(q)) < 0) {
         ret = w < 0 ? (int)w : ret;
@@ -224,13 +224,13 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
         q->h.refcount_table_clusters = (uint32_t)old_clusters;
         goto out;
     }
-    install_reftable(q, newtab, newdirty, entries);
+    qcow2_install_reftable(q, newtab, newdirty, entries);
     newtab = NULL;
     newdirty = NULL;
-    note_host_end(q, (start + nblocks + ntable) * cs);
+    qcow2_note_host_end(q, (start + nblocks + ntable) * cs);
     /* The header no longer names the old table: its clusters are free. */
     for (uint64_t i = 0; i < old_clusters && ret == 0; i++)
-        ret = rc_update(q, old_off / cs + i, -1);
+        ret = qcow2_rc_update(q, old_off / cs + i, -1);
 out:
     free(newtab);
     free(newdirty);
@@ -239,7 +239,7 @@ out:
     return ret;
 }
 
-int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got)
+int qcow2_alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *got)
 {
     uint64_t rbe = q->h.refcount_block_entries;
     uint64_t max_cluster = (1ull << 56) >> cl_bits(q);   /* offsets must fit L2 entries */
@@ -263,7 +263,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             continue;
         }
         uint64_t rc;
-        int r = rc_get(q, c, &rc);
+        int r = qcow2_rc_get(q, c, &rc);
         if (r < 0)
             return r;
         if (rc != 0) {
@@ -275,7 +275,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
         /* Extend the run of free clusters inside this refcount block. */
         uint64_t k = 1;
         while (k < n && (c + k) / rbe == ti) {
-            r = rc_get(q, c + k, &rc);
+            r = qcow2_rc_get(q, c + k, &rc);
             if (r < 0)
                 return r;
             if (rc != 0)
@@ -283,7 +283,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
             k++;
         }
         for (uint64_t i = 0; i < k; i++) {
-            r = rc_update(q, c + i, 1);
+            r = qcow2_rc_update(q, c + i, 1);
             if (r < 0)
                 return r;
         }
@@ -292,7 +292,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
         *host_off = c * cl_size(q);
         *got = k;
         stat_add(&q->clusters_allocated, k);
-        note_host_end(q, (c + k) * cl_size(q));
+        qcow2_note_host_end(q, (c + k) * cl_size(q));
         return 0;
     }
 }
@@ -302,7 +302,7 @@ int alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64_t *go
  * filter does, allocate blocks ahead in large steps so that new clusters
  * are written inside the file; close trims the unused tail again.  The
  * preallocated range reads as zeros, which fresh-cluster writes rely on. */
-void note_host_end(struct qcow2 *q, uint64_t end)
+void qcow2_note_host_end(struct qcow2 *q, uint64_t end)
 {
     if (end > q->host_end)
         q->host_end = end;
@@ -335,7 +335,7 @@ static void defer(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
     q->frees_pending_tail = &d->next;
 }
 
-void defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
+void qcow2_defer_free(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     defer(q, off, len, false);
 }
@@ -352,23 +352,23 @@ static void push_ready(struct qcow2 *q, uint64_t off, uint64_t len, uint64_t tic
     *pp = d;
 }
 
-void free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
+void qcow2_free_durable(struct qcow2 *q, uint64_t off, uint64_t len, bool punch)
 {
     push_ready(q, off, len, ++q->tick, punch);
 }
 
 
-void defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len)
+void qcow2_defer_free_punch(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     defer(q, off, len, true);
 }
 
-int punch_host(struct qcow2 *q, uint64_t off, uint64_t len)
+int qcow2_punch_host(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     if (q->no_punch || !len)
         return 0;
     /* A hole in metadata would destroy the image (a hostile mapping). */
-    int c = ol_check(q, off, len, 0, "a discard's hole");
+    int c = qcow2_ol_check(q, off, len, 0, "a discard's hole");
     if (c < 0)
         return c;
     int r = file_punch(&q->file, off, len);
@@ -434,7 +434,7 @@ static int punch_freed(struct qcow2 *q, struct deferred_free *batch)
             uint64_t drops = 0, rc;
             while (a + drops < all.n && all.v[a + drops] == c)
                 drops++;
-            r = rc_get(q, c, &rc);
+            r = qcow2_rc_get(q, c, &rc);
             if (r < 0 || rc != drops)
                 continue;
             if (run_len && run + run_len == c) {
@@ -442,12 +442,12 @@ static int punch_freed(struct qcow2 *q, struct deferred_free *batch)
                 continue;
             }
             if (run_len)
-                r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+                r = qcow2_punch_host(q, run * cl_size(q), run_len * cl_size(q));
             run = c;
             run_len = 1;
         }
         if (r == 0 && run_len)
-            r = punch_host(q, run * cl_size(q), run_len * cl_size(q));
+            r = qcow2_punch_host(q, run * cl_size(q), run_len * cl_size(q));
     }
     free(all.v);
     free(punch.v);
@@ -457,7 +457,7 @@ static int punch_freed(struct qcow2 *q, struct deferred_free *batch)
 /* Apply durable frees whose old mapping no request in flight can still be
  * using: every request started before the reference was dropped must have
  * finished, or it might read or write a cluster that is reused meanwhile. */
-int apply_ready_frees(struct qcow2 *q)
+int qcow2_apply_ready_frees(struct qcow2 *q)
 {
     struct deferred_free *batch = q->frees_ready, **tail = &batch;
     struct qreq *oldest = q->reqs.next;
@@ -480,7 +480,7 @@ int apply_ready_frees(struct qcow2 *q)
         uint64_t first = d->off >> cl_bits(q);
         uint64_t last = (d->off + d->len - 1) >> cl_bits(q);
         for (uint64_t c = first; c <= last && r == 0; c++) {
-            r = rc_update(q, c, -1);
+            r = qcow2_rc_update(q, c, -1);
             if (r == -EBUSY) {
                 /* A cached slice of it is still pinned: release the last
                  * reference at a later flush (already punched if asked). */
@@ -524,8 +524,8 @@ static int alloc_area(struct qcow2 *q, uint64_t n, uint64_t *host_off)
         uint8_t *blocks = io_zalloc(nb * cs);
         for (uint64_t c = start; c < start + nb + n; c++)
             qcow2_refcount_set(blocks + ((c - start) / rbe) * cs, q->h.refcount_order, c % rbe, 1);
-        mcache_discard_range(&q->l2c, start * cs, (nb + n) * cs);
-        mcache_discard_range(&q->rcc, start * cs, (nb + n) * cs);
+        qcow2_cache_discard_range(&q->l2c, start * cs, (nb + n) * cs);
+        qcow2_cache_discard_range(&q->rcc, start * cs, (nb + n) * cs);
         ssize_t w = file_pwrite(&q->file, blocks, nb * cs, start * cs, false);
         io_free(blocks);
         if (w < 0)
@@ -534,14 +534,14 @@ static int alloc_area(struct qcow2 *q, uint64_t n, uint64_t *host_off)
             q->reftable[ti0 + j] = (start + j) * cs;
             q->reftable_dirty[(ti0 + j) * 8 / 512] = 1;
         }
-        note_host_end(q, (start + nb + n) * cs);
+        qcow2_note_host_end(q, (start + nb + n) * cs);
         stat_add(&q->clusters_allocated, n);
         *host_off = (start + nb) * cs;
         return 0;
     }
 }
 
-int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
+int qcow2_alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
 {
     if (n >= q->h.refcount_block_entries)
         return alloc_area(q, n, host_off);
@@ -553,7 +553,7 @@ int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
     int r;
     for (;;) {
         uint64_t off, got;
-        r = alloc_clusters(q, n, &off, &got);
+        r = qcow2_alloc_clusters(q, n, &off, &got);
         if (r < 0)
             break;
         if (got == n) {
@@ -564,7 +564,7 @@ int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
             void *p = realloc(spare, (nspare ? nspare * 2 : 1) * sizeof(*spare));
             if (!p) {
                 for (uint64_t i = 0; i < got; i++)
-                    rc_update(q, off / cl_size(q) + i, -1);
+                    qcow2_rc_update(q, off / cl_size(q) + i, -1);
                 r = -ENOMEM;
                 break;
             }
@@ -575,7 +575,7 @@ int alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
     }
     for (size_t k = 0; k < nspare; k++)
         for (uint64_t i = 0; i < spare[k].n; i++)
-            rc_update(q, spare[k].off / cl_size(q) + i, -1);
+            qcow2_rc_update(q, spare[k].off / cl_size(q) + i, -1);
     free(spare);
     return r;
 }

@@ -42,7 +42,7 @@
 #define REPAIR_MAX_L2_BYTES (64ull << 30)       /* distinct L2 tables read */
 #define REPAIR_MAX_BITMAP_TABLE_BYTES (64u << 20)
 
-void rc_walk_say(struct rc_walk *w, const char *fmt, ...)
+void qcow2_walk_say(struct rc_walk *w, const char *fmt, ...)
 {
     if (!w->say)
         return;
@@ -54,7 +54,7 @@ void rc_walk_say(struct rc_walk *w, const char *fmt, ...)
     w->say(w->say_ctx, line);
 }
 
-int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen)
+int qcow2_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *err, size_t errlen)
 {
     memset(w, 0, sizeof(*w));
     w->q = q;
@@ -66,7 +66,7 @@ int rc_walk_init(struct rc_walk *w, struct qcow2 *q, uint64_t nclusters, char *e
     return 0;
 }
 
-void rc_walk_free(struct rc_walk *w)
+void qcow2_walk_free(struct rc_walk *w)
 {
     for (size_t i = 0; i < w->cap; i++)
         free(w->chunks[i]);
@@ -149,20 +149,20 @@ static uint32_t *chunk_get(struct rc_walk *w, uint64_t ci)
     return c;
 }
 
-uint32_t rc_walk_get(const struct rc_walk *w, uint64_t cluster)
+uint32_t qcow2_walk_get(const struct rc_walk *w, uint64_t cluster)
 {
     const uint32_t *c = chunk_find(w, cluster / w->rbe);
     return c ? c[cluster % w->rbe] : 0;
 }
 
-void rc_walk_drop(struct rc_walk *w, uint64_t cluster)
+void qcow2_walk_drop(struct rc_walk *w, uint64_t cluster)
 {
     uint32_t *c = chunk_find(w, cluster / w->rbe);
     if (c && c[cluster % w->rbe])
         c[cluster % w->rbe]--;
 }
 
-bool rc_walk_range_used(const struct rc_walk *w, uint64_t ci)
+bool qcow2_walk_range_used(const struct rc_walk *w, uint64_t ci)
 {
     return chunk_find(w, ci) != NULL;
 }
@@ -242,7 +242,7 @@ static int count_n(struct rc_walk *w, uint64_t off, uint64_t len, const char *wh
         return 0;
     struct qcow2 *q = w->q;
     if (beyond_eof(w, off, len)) {
-        rc_walk_say(w, "ERROR: counting reference for region exceeding the end of the file by one cluster "
+        qcow2_walk_say(w, "ERROR: counting reference for region exceeding the end of the file by one cluster "
                     "or more: offset 0x%llx size 0x%llx", (unsigned long long)off, (unsigned long long)len);
         w->res->corruptions++;
         return 0;
@@ -263,7 +263,7 @@ static int count_n(struct rc_walk *w, uint64_t off, uint64_t len, const char *wh
             w->last_ci = ci;
             if (!w->last) {
                 if (w->res) {
-                    rc_walk_say(w, "ERROR %s", w->err);
+                    qcow2_walk_say(w, "ERROR %s", w->err);
                     w->res->check_errors++;
                 }
                 return -EFBIG;
@@ -272,7 +272,7 @@ static int count_n(struct rc_walk *w, uint64_t off, uint64_t len, const char *wh
         uint32_t *v = &w->last[c % w->rbe];
         if (w->res && *v >= max) {
             /* As QEMU: more references than the refcount width holds. */
-            rc_walk_say(w, "ERROR: overflow cluster offset=0x%llx", (unsigned long long)(c << cl_bits(q)));
+            qcow2_walk_say(w, "ERROR: overflow cluster offset=0x%llx", (unsigned long long)(c << cl_bits(q)));
             w->res->corruptions++;
             continue;
         }
@@ -285,7 +285,7 @@ static int count_n(struct rc_walk *w, uint64_t off, uint64_t len, const char *wh
     return 0;
 }
 
-int rc_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what)
+int qcow2_walk_count(struct rc_walk *w, uint64_t off, uint64_t len, const char *what)
 {
     return count_n(w, off, len, what, 1);
 }
@@ -332,17 +332,17 @@ static int write_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
     uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
     char msg[256];
     /* A damaged L1 entry may name other metadata as its L2 table. */
-    int r = ol_conflict(q, l2_off + sector, 512, OL_ACTIVE_L2 | OL_INACTIVE_L2, "an L2 table entry",
+    int r = qcow2_ol_conflict(q, l2_off + sector, 512, OL_ACTIVE_L2 | OL_INACTIVE_L2, "an L2 table entry",
                         msg, sizeof(msg));
     if (r == 0) {
-        mcache_discard_range(&q->l2c, l2_off, cl_size(q));
+        qcow2_cache_discard_range(&q->l2c, l2_off, cl_size(q));
         ssize_t n = file_pwrite(&q->file, l2 + sector, 512, l2_off + sector, false);
         r = n < 0 ? (int)n : file_sync(&q->file);
     } else {
-        rc_walk_say(w, "ERROR: %s", msg);
+        qcow2_walk_say(w, "ERROR: %s", msg);
     }
     if (r < 0) {
-        rc_walk_say(w, "ERROR: Failed to overwrite L2 table entry: %s", strerror(-r));
+        qcow2_walk_say(w, "ERROR: Failed to overwrite L2 table entry: %s", strerror(-r));
         w->res->check_errors++;
     }
     return r;
@@ -369,7 +369,7 @@ static uint64_t bad_flags(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
                           uint64_t bad, const char *what)
 {
     bool fix = w->fix & CHECK_FIX_ERRORS;
-    rc_walk_say(w, "%s %s: %llx", fix ? "Repairing" : "ERROR", what, (unsigned long long)e);
+    qcow2_walk_say(w, "%s %s: %llx", fix ? "Repairing" : "ERROR", what, (unsigned long long)e);
     if (fix) {
         be64_store(l2 + j * w->q->h.l2_entry_size, e & ~bad);
         if (write_l2_entry(w, l2, l2_off, j) == 0) {
@@ -401,7 +401,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
         snprintf(w->err, w->errlen, "cannot read the L2 table at 0x%llx: %s",
                  (unsigned long long)l2_off, strerror(-r));
         if (res) {
-            rc_walk_say(w, "ERROR: I/O error in check_refcounts_l2");
+            qcow2_walk_say(w, "ERROR: I/O error in check_refcounts_l2");
             res->check_errors++;
         }
         return r;
@@ -430,7 +430,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 e &= ~QCOW_OFLAG_COPIED;
             }
             if (res && bm) {
-                rc_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
+                qcow2_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
                             "entry=0x%llx", (unsigned long long)j, (unsigned long long)e);
                 res->corruptions++;
                 break;
@@ -456,7 +456,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 break;
             }
             if (res && ((bm >> 32) & bm)) {
-                rc_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
+                qcow2_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
                             (unsigned long long)off);
                 res->corruptions++;
             }
@@ -464,11 +464,11 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 bool data = q->extl2 ? (bm & EXTL2_ALL_ALLOC) != 0 : !(e & QCOW_OFLAG_ZERO);
                 res->corruptions++;
                 if (data) {
-                    rc_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
+                    qcow2_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
                                 (unsigned long long)off);
                 } else {
                     bool fix = w->fix & CHECK_FIX_ERRORS;
-                    rc_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                    qcow2_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                                 fix ? "Repairing" : "ERROR", (unsigned long long)off);
                     if (fix && zero_l2_entry(w, l2, l2_off, j) == 0) {
                         res->corruptions--;
@@ -478,7 +478,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 }
             }
             if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
-                rc_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
+                qcow2_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
                             "a zero cluster", (unsigned long long)off);
                 if (zero_l2_entry(w, l2, l2_off, j) == 0) {
                     res->corruptions_fixed++;
@@ -497,7 +497,7 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
         }
         case QCOW2_CLUSTER_UNALLOCATED:
             if (res && (bm & EXTL2_ALL_ALLOC)) {
-                rc_walk_say(w, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
+                qcow2_walk_say(w, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
                 res->corruptions++;
             }
             break;
@@ -515,11 +515,11 @@ static void progress_step(struct rc_walk *w)
         w->progress(w->progress_ctx, w->work_done, w->work_total);
 }
 
-int rc_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i)
+int qcow2_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i)
 {
     uint32_t first = i & ~63u;
     char msg[256];
-    if (ol_conflict(q, l1_off + (uint64_t)first * 8, 512, OL_ACTIVE_L1 | OL_INACTIVE_L1, "an L1 table entry",
+    if (qcow2_ol_conflict(q, l1_off + (uint64_t)first * 8, 512, OL_ACTIVE_L1 | OL_INACTIVE_L1, "an L1 table entry",
                     msg, sizeof(msg)) < 0)
         return -EIO;
     uint8_t *buf = io_zalloc(512);
@@ -560,11 +560,11 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1
         } else if (l1[i] & L1E_RESERVED_MASK) {
             /* As for L2 entries (bad_flags): -r all clears the bits. */
             bool fix = w->fix & CHECK_FIX_ERRORS;
-            rc_walk_say(w, "%s found L1 entry with reserved bits set: %llx", fix ? "Repairing" : "ERROR",
+            qcow2_walk_say(w, "%s found L1 entry with reserved bits set: %llx", fix ? "Repairing" : "ERROR",
                         (unsigned long long)l1[i]);
             uint64_t old = l1[i];
             l1[i] &= ~L1E_RESERVED_MASK;
-            if (fix && rc_write_l1_entry(q, l1_off, l1, l1_size, i) == 0 && file_sync(&q->file) == 0) {
+            if (fix && qcow2_write_l1_entry(q, l1_off, l1, l1_size, i) == 0 && file_sync(&q->file) == 0) {
                 w->res->corruptions_fixed++;
             } else {
                 l1[i] = old;
@@ -575,14 +575,14 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1
         if (beyond_eof(w, t, cs) && (w->fix & CHECK_FIX_ERRORS)) {
             /* Past the end it reads as an empty table: an empty L1 entry
              * means the same. */
-            rc_walk_say(w, "Repairing l2_offset=%llx: L2 table past the end of the file; L1 entry cleared",
+            qcow2_walk_say(w, "Repairing l2_offset=%llx: L2 table past the end of the file; L1 entry cleared",
                         (unsigned long long)t);
             l1[i] = 0;
-            r = rc_write_l1_entry(q, l1_off, l1, l1_size, i);
+            r = qcow2_write_l1_entry(q, l1_off, l1, l1_size, i);
             if (r == 0)
                 r = file_sync(&q->file);
             if (r < 0) {
-                rc_walk_say(w, "ERROR: Failed to overwrite L1 table entry: %s", strerror(-r));
+                qcow2_walk_say(w, "ERROR: Failed to overwrite L1 table entry: %s", strerror(-r));
                 w->res->check_errors++;
                 break;
             }
@@ -591,7 +591,7 @@ static int walk_l1(struct rc_walk *w, uint64_t l1_off, uint64_t *l1, uint32_t l1
         }
         r = count_n(w, t, cs, "an L2 table", times);
         if (r == 0 && w->res && (t & (cs - 1))) {
-            rc_walk_say(w, "ERROR l2_offset=%llx: Table is not cluster aligned; L1 entry corrupted",
+            qcow2_walk_say(w, "ERROR l2_offset=%llx: Table is not cluster aligned; L1 entry corrupted",
                         (unsigned long long)t);
             w->res->corruptions++;
         }
@@ -644,7 +644,7 @@ static int count_bitmaps(struct rc_walk *w)
                  (unsigned long long)dir_size);
         return -EINVAL;
     }
-    int r = rc_walk_count(w, dir_off, dir_size, "the bitmap directory");
+    int r = qcow2_walk_count(w, dir_off, dir_size, "the bitmap directory");
     uint8_t *dir = malloc(dir_size ? dir_size : 1);
     if (r == 0 && !dir)
         r = -ENOMEM;
@@ -664,7 +664,7 @@ static int count_bitmaps(struct rc_walk *w)
             r = -EINVAL;
             break;
         }
-        r = rc_walk_count(w, toff, (uint64_t)tsize * 8, "a bitmap table");
+        r = qcow2_walk_count(w, toff, (uint64_t)tsize * 8, "a bitmap table");
         uint64_t *tab = malloc((uint64_t)tsize * 8 + 1);
         if (r == 0 && !tab)
             r = -ENOMEM;
@@ -673,7 +673,7 @@ static int count_bitmaps(struct rc_walk *w)
         for (uint32_t t = 0; t < tsize && r == 0; t++) {
             uint64_t e = be64_load(&tab[t]) & L2E_OFFSET_MASK;
             if (e)
-                r = rc_walk_count(w, e, cl_size(q), "a bitmap data cluster");
+                r = qcow2_walk_count(w, e, cl_size(q), "a bitmap data cluster");
         }
         free(tab);
     }
@@ -711,14 +711,14 @@ static int walk_snapshots(struct rc_walk *w)
             ;
         uint64_t bytes = (uint64_t)s->l1_size * 8;
         if (w->res && (s->l1_table_offset & (cl_size(q) - 1))) {
-            rc_walk_say(w, "ERROR snapshot %s (%s) l1_offset=%#llx: L1 table is not cluster aligned; "
+            qcow2_walk_say(w, "ERROR snapshot %s (%s) l1_offset=%#llx: L1 table is not cluster aligned; "
                         "snapshot table entry corrupted", s->id, s->name, (unsigned long long)s->l1_table_offset);
             w->res->corruptions++;
             w->work_done += s->l1_size;
             continue;
         }
         if (w->res && bytes > QCOW2_MAX_L1_BYTES) {
-            rc_walk_say(w, "ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; "
+            qcow2_walk_say(w, "ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; "
                         "snapshot table entry corrupted", s->id, s->name, s->l1_size);
             w->res->corruptions++;
             w->work_done += s->l1_size;
@@ -745,7 +745,7 @@ static int walk_snapshots(struct rc_walk *w)
     return r;
 }
 
-int rc_walk_image(struct rc_walk *w)
+int qcow2_walk_image(struct rc_walk *w)
 {
     struct qcow2 *q = w->q;
     w->work_done = 0;
@@ -753,15 +753,15 @@ int rc_walk_image(struct rc_walk *w)
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++)
         w->work_total += q->snapshots[i].l1_size;
 
-    int r = rc_walk_count(w, 0, cl_size(q), "the header");
+    int r = qcow2_walk_count(w, 0, cl_size(q), "the header");
     if (r == 0)
         r = walk_l1(w, q->h.l1_table_offset, q->l1, q->h.l1_size, true, 1);
     if (r == 0 && q->h.nb_snapshots)
         r = walk_snapshots(w);
     if (r == 0 && q->h.nb_snapshots)
-        r = rc_walk_count(w, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
+        r = qcow2_walk_count(w, q->h.snapshots_offset, q->snapshot_table_len, "the snapshot table");
     if (r == 0 && q->h.has_crypto_ext)  /* LUKS header and key material */
-        r = rc_walk_count(w, q->h.crypto_offset, q->h.crypto_length, "the encryption header");
+        r = qcow2_walk_count(w, q->h.crypto_offset, q->h.crypto_length, "the encryption header");
     if (r == 0 && !w->res)
         r = count_shared_tables(w);
     if (r == 0)
@@ -784,7 +784,7 @@ static int fix_copied_flags(struct rc_walk *w)
         uint64_t t = q->l1[i] & L1E_OFFSET_MASK;
         if (!t)
             continue;
-        uint64_t want = rc_walk_get(w, t >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
+        uint64_t want = qcow2_walk_get(w, t >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
         if ((q->l1[i] & QCOW_OFLAG_COPIED) != want) {
             q->l1[i] = (q->l1[i] & ~QCOW_OFLAG_COPIED) | want;
             l1_changed = true;
@@ -802,14 +802,14 @@ static int fix_copied_flags(struct rc_walk *w)
             enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
             if ((ty != QCOW2_CLUSTER_NORMAL && ty != QCOW2_CLUSTER_ZERO_ALLOC) || has_data_file(q))
                 continue;   /* data-file clusters keep COPIED: their refcount is 1 by definition */
-            uint64_t v = rc_walk_get(w, (e & L2E_OFFSET_MASK) >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
+            uint64_t v = qcow2_walk_get(w, (e & L2E_OFFSET_MASK) >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
             if ((e & QCOW_OFLAG_COPIED) != v) {
                 be64_store(p, (e & ~QCOW_OFLAG_COPIED) | v);
                 changed = true;
             }
         }
         if (r == 0 && changed)
-            r = ol_conflict(q, t, cs, OL_ACTIVE_L2, "an L2 table", w->err, w->errlen);
+            r = qcow2_ol_conflict(q, t, cs, OL_ACTIVE_L2, "an L2 table", w->err, w->errlen);
         if (r == 0 && changed) {
             ssize_t n = file_pwrite(&q->file, l2, cs, t, false);
             r = n < 0 ? (int)n : 0;
@@ -817,7 +817,7 @@ static int fix_copied_flags(struct rc_walk *w)
     }
     io_free(l2);
     if (r == 0 && l1_changed)
-        r = ol_conflict(q, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, OL_ACTIVE_L1,
+        r = qcow2_ol_conflict(q, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, OL_ACTIVE_L1,
                         "the L1 table", w->err, w->errlen);
     if (r == 0 && l1_changed) {
         uint64_t bytes = ((uint64_t)q->h.l1_size * 8 + 511) & ~511ull;
@@ -867,7 +867,7 @@ static int write_blocks(struct rc_walk *w, const uint64_t *blk, uint64_t nblocks
     return r;
 }
 
-int rc_rebuild(struct rc_walk *w, bool fix_copied)
+int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
 {
     struct qcow2 *q = w->q;
     uint64_t cs = cl_size(q), rbe = w->rbe;
@@ -954,7 +954,7 @@ int rc_rebuild(struct rc_walk *w, bool fix_copied)
     /* Past everything counted; the old refcount blocks, about to be
      * replaced, may lie anywhere. */
     if (r == 0)
-        r = ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
+        r = qcow2_ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
                         err, errlen);
     if (r == 0)
         r = write_blocks(w, blk, nblocks, start, start + area);
@@ -974,13 +974,13 @@ int rc_rebuild(struct rc_walk *w, bool fix_copied)
             snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
         goto out;
     }
-    install_reftable(q, newtab, newdirty, entries);
+    qcow2_install_reftable(q, newtab, newdirty, entries);
     newtab = NULL;
     newdirty = NULL;
-    note_host_end(q, (start + area) * cs);
+    qcow2_note_host_end(q, (start + area) * cs);
     q->free_hint = 0;
-    mcache_discard_range(&q->rcc, 0, UINT64_MAX);
-    mcache_discard_range(&q->l2c, 0, UINT64_MAX);
+    qcow2_cache_discard_range(&q->rcc, 0, UINT64_MAX);
+    qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX);
 out:
     io_free(tab);
     free(newtab);
@@ -992,11 +992,11 @@ out:
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen)
 {
     struct rc_walk w;
-    int r = rc_walk_init(&w, q, (q->host_end + cl_size(q) - 1) / cl_size(q), err, errlen);
+    int r = qcow2_walk_init(&w, q, (q->host_end + cl_size(q) - 1) / cl_size(q), err, errlen);
     if (r == 0)
-        r = rc_walk_image(&w);
+        r = qcow2_walk_image(&w);
     if (r == 0)
-        r = rc_rebuild(&w, true);
-    rc_walk_free(&w);
+        r = qcow2_rc_rebuild(&w, true);
+    qcow2_walk_free(&w);
     return r;
 }

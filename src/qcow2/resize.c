@@ -36,7 +36,7 @@ static int tail_unused(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
             continue;
         for (uint64_t so = 0; so < cs; so += q->l2c.slice_size) {
             struct mslice *s;
-            int r = mcache_get(&q->l2c, t + so, &s);
+            int r = qcow2_cache_get(&q->l2c, t + so, &s);
             if (r < 0) {
                 snprintf(err, errlen, "cannot read the L2 table at 0x%llx: %s", (unsigned long long)t,
                          strerror(-r));
@@ -51,13 +51,13 @@ static int tail_unused(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
                 if (!data || (c + 1) * cs <= size)
                     continue;
                 if (c >= first_free) {
-                    mcache_put(&q->l2c, s);
+                    qcow2_cache_put(&q->l2c, s);
                     snprintf(err, errlen, "guest offset 0x%llx, past the new end, holds data "
                              "(discard it first, or keep the size)", (unsigned long long)(c * cs));
                     return -ENOTSUP;
                 }
                 /* The cluster holding the new end: its tail must be zeros. */
-                mcache_put(&q->l2c, s);
+                qcow2_cache_put(&q->l2c, s);
                 uint64_t end = (c + 1) * cs < q->img.size ? (c + 1) * cs : q->img.size;
                 uint8_t *buf = io_alloc(end - size);
                 r = qcow2_co_read(&q->img, buf, size, end - size);
@@ -75,11 +75,11 @@ static int tail_unused(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
                              "(discard it first, or keep the size)", (unsigned long long)(size + k));
                     return -ENOTSUP;
                 }
-                r = mcache_get(&q->l2c, t + so, &s);
+                r = qcow2_cache_get(&q->l2c, t + so, &s);
                 if (r < 0)
                     return r;
             }
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
         }
     }
     return 0;
@@ -93,26 +93,26 @@ static int drop_tail_tables(struct qcow2 *q)
 {
     uint64_t cs = cl_size(q);
     uint32_t per = q->l2c.slice_size / q->h.l2_entry_size;
-    for (uint64_t i = l1_entries_for(q, q->h.size); i < q->h.l1_size; i++) {
+    for (uint64_t i = qcow2_l1_entries_for(q, q->h.size); i < q->h.l1_size; i++) {
         uint64_t t = q->l1[i] & L1E_OFFSET_MASK;
         if (!t)
             continue;
         for (uint64_t so = 0; so < cs; so += q->l2c.slice_size) {
             struct mslice *s;
-            int r = mcache_get(&q->l2c, t + so, &s);
+            int r = qcow2_cache_get(&q->l2c, t + so, &s);
             if (r < 0)
                 return r;
             for (uint32_t j = 0; j < per; j++) {
                 uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size);
                 if (qcow2_l2_entry_type(&q->h, e, q->extl2) == QCOW2_CLUSTER_ZERO_ALLOC)
-                    defer_free(q, e & L2E_OFFSET_MASK, cs);
+                    qcow2_defer_free(q, e & L2E_OFFSET_MASK, cs);
             }
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
         }
         q->l1[i] = 0;
         q->l1_dirty[i * 8 / 512] = 1;
-        ol_remove(q, t, OL_BIT_ACTIVE_L2);     /* no longer a table once freed */
-        defer_free(q, t, cs);
+        qcow2_ol_remove(q, t, OL_BIT_ACTIVE_L2);     /* no longer a table once freed */
+        qcow2_defer_free(q, t, cs);
     }
     return 0;
 }
@@ -122,7 +122,7 @@ static int drop_tail_tables(struct qcow2 *q)
 int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen)
 {
     struct qcow2 *q = to_qcow2(img);
-    uint64_t old_size = q->h.size, need = l1_entries_for(q, size);
+    uint64_t old_size = q->h.size, need = qcow2_l1_entries_for(q, size);
     if (size & 511) {
         snprintf(err, errlen, "the new size (%llu bytes) is not a multiple of 512 bytes",
                  (unsigned long long)size);
@@ -167,18 +167,18 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
             return r;
         }
         q->h.size = size;
-        r = header_commit(q);
+        r = qcow2_header_commit(q);
         if (r < 0) {
             q->h.size = old_size;
             q->broken = true;
             snprintf(err, errlen, "writing the header failed: %s", strerror(-r));
             return r;
         }
-        derive_sizes(q);
+        qcow2_derive_sizes(q);
         r = drop_tail_tables(q);
         if (r == 0)
             r = qcow2_flush(q);     /* cleared L1 entries durable, then released */
-        for (int i = 0; i < 3 && r == 0 && (q->frees_ready || mcache_has_dirty(&q->rcc)); i++)
+        for (int i = 0; i < 3 && r == 0 && (q->frees_ready || qcow2_cache_has_dirty(&q->rcc)); i++)
             r = qcow2_flush(q);
         if (r < 0)
             snprintf(err, errlen, "the image is resized, but releasing the tables past the end failed "
@@ -201,7 +201,7 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
             memcpy(nl1, q->l1, (uint64_t)q->h.l1_size * 8);
             for (uint64_t i = 0; i < need; i++)
                 be64_store(buf + i * 8, nl1[i]);
-            r = write_fresh_table(q, buf, need * 8, &noff);
+            r = qcow2_write_fresh_table(q, buf, need * 8, &noff);
         }
         /* The new table and its refcounts durable before anything (also a
          * refcount-table growth rewriting the header) can name it. */
@@ -211,7 +211,7 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
         if (r < 0) {
             if (noff)
                 for (uint64_t c = noff >> cl_bits(q); c <= (noff + need * 8 - 1) >> cl_bits(q); c++)
-                    rc_update(q, c, -1);
+                    qcow2_rc_update(q, c, -1);
             free(nl1);
             free(ndirty);
             snprintf(err, errlen, "cannot write a larger L1 table: %s", strerror(-r));
@@ -242,23 +242,23 @@ int qcow2_resize(struct image *img, uint64_t size, bool shrink, char *err, size_
     /* The switch.  Even when the zeroing failed, a new L1 table in use in
      * memory must become the one the header names (with the old size). */
     q->h.size = zr == 0 ? size : old_size;
-    r = header_commit(q);
+    r = qcow2_header_commit(q);
     if (r < 0) {
         q->broken = true;
         snprintf(err, errlen, "writing the header failed: %s", strerror(-r));
     }
     if (r == 0)
         r = zr;
-    derive_sizes(q);
+    qcow2_derive_sizes(q);
     free(old_l1);
     free(old_dirty);
     if (q->broken)
         return r;
     /* The old table is unreferenced once the header is durable. */
     if (old_l1_size && q->h.l1_table_offset != old_l1_off)
-        free_durable(q, old_l1_off, old_l1_size * 8, true);
-    int r2 = apply_ready_frees(q);
-    for (int i = 0; i < 3 && r2 == 0 && (i == 0 || q->frees_ready || mcache_has_dirty(&q->rcc)); i++)
+        qcow2_free_durable(q, old_l1_off, old_l1_size * 8, true);
+    int r2 = qcow2_apply_ready_frees(q);
+    for (int i = 0; i < 3 && r2 == 0 && (i == 0 || q->frees_ready || qcow2_cache_has_dirty(&q->rcc)); i++)
         r2 = qcow2_flush(q);
     if (r2 < 0 && r == 0)
         snprintf(err, errlen, "the image is resized, but freeing the old L1 table failed: %s", strerror(-r2));

@@ -113,7 +113,7 @@ static int collect_refs(struct qcow2 *q, const uint64_t *l1, uint32_t l1_size, c
         r = runs_add(out, t / cs, 1);
         for (uint64_t so = 0; so < cs && r == 0; so += q->l2c.slice_size) {
             struct mslice *s;
-            r = mcache_get(&q->l2c, t + so, &s);
+            r = qcow2_cache_get(&q->l2c, t + so, &s);
             if (r < 0) {
                 snprintf(err, errlen, "%s: cannot read the L2 table at 0x%llx: %s", what,
                          (unsigned long long)t, strerror(-r));
@@ -147,7 +147,7 @@ static int collect_refs(struct qcow2 *q, const uint64_t *l1, uint32_t l1_size, c
                     r = runs_add(out, first, last - first + 1);
                 }
             }
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
         }
     }
     if (r == -ENOMEM)
@@ -161,7 +161,7 @@ static int refs_inc(struct qcow2 *q, const struct runs *rs, char *err, size_t er
     for (size_t i = 0; i < rs->len; i++) {
         for (uint64_t k = 0; k < rs->v[i].n; k++) {
             uint64_t c = rs->v[i].c + k;
-            int r = rc_update(q, c, 1);
+            int r = qcow2_rc_update(q, c, 1);
             if (r == 0)
                 continue;
             if (r == -ERANGE)
@@ -174,7 +174,7 @@ static int refs_inc(struct qcow2 *q, const struct runs *rs, char *err, size_t er
             /* Undo what was raised: nothing refers to it yet. */
             for (size_t j = 0; j <= i; j++)
                 for (uint64_t m = 0; m < (j == i ? k : rs->v[j].n); m++)
-                    rc_update(q, rs->v[j].c + m, -1);
+                    qcow2_rc_update(q, rs->v[j].c + m, -1);
             return r;
         }
     }
@@ -186,7 +186,7 @@ static void refs_undo(struct qcow2 *q, const struct runs *rs)
 {
     for (size_t i = 0; i < rs->len; i++)
         for (uint64_t k = 0; k < rs->v[i].n; k++)
-            rc_update(q, rs->v[i].c + k, -1);
+            qcow2_rc_update(q, rs->v[i].c + k, -1);
 }
 
 /* Drop one reference per cluster of the runs, whose last referrer is gone
@@ -195,17 +195,17 @@ static void refs_undo(struct qcow2 *q, const struct runs *rs)
 static int refs_release(struct qcow2 *q, const struct runs *rs, struct del_progress *p)
 {
     for (size_t i = 0; i < rs->len; i++) {
-        free_durable(q, rs->v[i].c << cl_bits(q), rs->v[i].n << cl_bits(q), true);
+        qcow2_free_durable(q, rs->v[i].c << cl_bits(q), rs->v[i].n << cl_bits(q), true);
         /* Applied in batches, to show progress (the order does not matter:
          * nothing on disk names any of these clusters). */
         if (p && p->fn && i % 256 == 255) {
-            int r = apply_ready_frees(q);
+            int r = qcow2_apply_ready_frees(q);
             if (r < 0)
                 return r;
             progress_at(p, i, rs->len);
         }
     }
-    return apply_ready_frees(q);
+    return qcow2_apply_ready_frees(q);
 }
 
 /* ---- COPIED flags ------------------------------------------------------------- */
@@ -229,7 +229,7 @@ static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *
             continue;
         for (uint64_t so = 0; so < cs && r == 0; so += q->l2c.slice_size) {
             struct mslice *s;
-            r = mcache_get(&q->l2c, t + so, &s);
+            r = qcow2_cache_get(&q->l2c, t + so, &s);
             if (r < 0)
                 break;
             for (uint32_t j = 0; j < per && r == 0; j++) {
@@ -239,19 +239,19 @@ static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *
                 if (ty == QCOW2_CLUSTER_COMPRESSED || ty == QCOW2_CLUSTER_INVALID)
                     continue;
                 if (!clear_all && (ty == QCOW2_CLUSTER_NORMAL || ty == QCOW2_CLUSTER_ZERO_ALLOC)) {
-                    r = rc_get(q, (e & L2E_OFFSET_MASK) >> cl_bits(q), &rc);
+                    r = qcow2_rc_get(q, (e & L2E_OFFSET_MASK) >> cl_bits(q), &rc);
                     want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
                 }
                 if (r == 0 && (e & QCOW_OFLAG_COPIED) != want) {
                     be64_store(p, (e & ~QCOW_OFLAG_COPIED) | want);
-                    mcache_mark_dirty(s);
+                    qcow2_cache_mark_dirty(s);
                 }
             }
-            mcache_put(&q->l2c, s);
+            qcow2_cache_put(&q->l2c, s);
         }
         uint64_t want = 0;
         if (r == 0 && !clear_all) {
-            r = rc_get(q, t >> cl_bits(q), &rc);
+            r = qcow2_rc_get(q, t >> cl_bits(q), &rc);
             want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
         }
         if (r == 0 && (l1[i] & QCOW_OFLAG_COPIED) != want) {
@@ -303,7 +303,7 @@ static int find_snapshot(const struct qcow2 *q, const char *spec)
 /* The snapshot's L1 table, read and checked; *n entries. */
 static int snapshot_l1(struct qcow2 *q, const struct qcow2_snapshot *sn, uint64_t **l1, char *err, size_t errlen)
 {
-    int r = read_l1_table(q, sn->l1_table_offset, sn->l1_size, l1);
+    int r = qcow2_read_l1_table(q, sn->l1_table_offset, sn->l1_size, l1);
     if (r == -EINVAL)
         snprintf(err, errlen, "snapshot '%s' (ID %s): its L1 table (%u entries at 0x%llx) lies outside "
                  "the image", sn->name, sn->id, sn->l1_size, (unsigned long long)sn->l1_table_offset);
@@ -359,7 +359,7 @@ static int write_snapshot_table(struct qcow2 *q, const struct qcow2_snapshot *li
     int r = qcow2_snapshots_serialize(list, nb, &buf, &n);
     *off = *len = 0;
     if (r == 0 && n)
-        r = write_fresh_table(q, buf, n, off);
+        r = qcow2_write_fresh_table(q, buf, n, off);
     free(buf);
     if (r == -EFBIG)
         snprintf(err, errlen, "the snapshot table would exceed QEMU's limit of %u bytes",
@@ -375,7 +375,7 @@ static int write_snapshot_table(struct qcow2 *q, const struct qcow2_snapshot *li
 static void unalloc(struct qcow2 *q, uint64_t off, uint64_t len)
 {
     for (uint64_t c = off >> cl_bits(q); len && c <= (off + len - 1) >> cl_bits(q); c++)
-        rc_update(q, c, -1);
+        qcow2_rc_update(q, c, -1);
 }
 
 /* The header switch failed: whether the sector reached the disk is not
@@ -399,7 +399,7 @@ static int set_dirty(struct qcow2 *q, bool on)
         q->h.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
     else
         q->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-    int r = header_commit(q);
+    int r = qcow2_header_commit(q);
     if (r < 0)
         q->h.incompatible_features = was;
     return r;
@@ -412,7 +412,7 @@ static int settle(struct qcow2 *q)
     int r = 0;
     for (int i = 0; i < 4 && r == 0; i++) {
         r = qcow2_flush(q);
-        if (!q->frees_pending && !q->frees_ready && !mcache_has_dirty(&q->rcc) && !mcache_has_dirty(&q->l2c))
+        if (!q->frees_pending && !q->frees_ready && !qcow2_cache_has_dirty(&q->rcc) && !qcow2_cache_has_dirty(&q->l2c))
             break;
     }
     return r;
@@ -524,7 +524,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         for (uint32_t i = 0; r == 0 && i < q->h.l1_size; i++)
             be64_store(l1buf + (uint64_t)i * 8, q->l1[i] & ~QCOW_OFLAG_COPIED);
         if (r == 0)
-            r = write_fresh_table(q, l1buf, l1bytes, &l1off);
+            r = qcow2_write_fresh_table(q, l1buf, l1bytes, &l1off);
         if (r < 0) {
             l1off = 0;
             snprintf(err, errlen, "cannot write the snapshot's L1 table: %s", strerror(-r));
@@ -564,7 +564,7 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     q->h.nb_snapshots = nb + 1;
     q->h.snapshots_offset = toff;
     q->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-    r = header_commit(q);
+    r = qcow2_header_commit(q);
     if (r < 0) {
         q->h.nb_snapshots = nb;     /* keeps q->snapshots freeable */
         free(sn->id);
@@ -582,12 +582,12 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
     free(l1buf);
     runs_free(&rs);
     /* The new L1 copy and the tables it names are metadata now. */
-    r = ol_rebuild(q);
+    r = qcow2_ol_rebuild(q);
     /* The old table is unreferenced once the header is durable. */
     if (r == 0 && nb && old_len)
-        free_durable(q, old_off, old_len, true);
+        qcow2_free_durable(q, old_off, old_len, true);
     if (r == 0)
-        r = apply_ready_frees(q);
+        r = qcow2_apply_ready_frees(q);
     if (r == 0)
         r = settle(q);
     if (r < 0)
@@ -672,7 +672,7 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn p
     q->h.snapshots_offset = toff;
     if (q->h.version >= 3)
         q->h.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
-    r = header_commit(q);
+    r = qcow2_header_commit(q);
     if (r < 0) {
         q->h.nb_snapshots = nb;
         free(list);
@@ -687,9 +687,9 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn p
     free(gone.name);
     free(gone.extra);
     /* The snapshot's tables leave the index before they can be freed. */
-    r = ol_rebuild(q);
+    r = qcow2_ol_rebuild(q);
     if (r == 0 && old_len)
-        free_durable(q, old_off, old_len, true);
+        qcow2_free_durable(q, old_off, old_len, true);
     if (r == 0) {
         prog.phase = 1;
         r = refs_release(q, &rs, &prog);
@@ -721,7 +721,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     const struct qcow2_snapshot *sn = &q->snapshots[idx];
     char what[300];
     snprintf(what, sizeof(what), "snapshot '%.255s'", sn->name);
-    uint64_t size = sn->disk_size, need = l1_entries_for(q, size);
+    uint64_t size = sn->disk_size, need = qcow2_l1_entries_for(q, size);
     uint64_t n = q->h.l1_size;
     if (sn->l1_size > n)
         n = sn->l1_size;
@@ -771,7 +771,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
         be64_store(l1buf + i * 8, nl1[i]);
     r = set_copied(q, nl1, (uint32_t)n, NULL, true, NULL);
     if (r == 0)
-        r = write_fresh_table(q, l1buf, n * 8, &noff);
+        r = qcow2_write_fresh_table(q, l1buf, n * 8, &noff);
     if (r == 0)
         r = qcow2_flush(q);
     if (r < 0) {
@@ -783,7 +783,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     q->h.l1_table_offset = noff;
     q->h.l1_size = (uint32_t)n;
     q->h.size = size;
-    r = header_commit(q);
+    r = qcow2_header_commit(q);
     if (r < 0) {
         q->h = was;
         raised = false;     /* may be in force on disk: keep the counts */
@@ -791,7 +791,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
         r = switch_failed(q, r, "snapshot apply", err, errlen);
         goto out;
     }
-    derive_sizes(q);
+    qcow2_derive_sizes(q);
     free(q->l1);
     free(q->l1_dirty);
     q->l1 = nl1;
@@ -802,7 +802,7 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     noff = 0;
     /* The new active tables in the index, the old ones out of it, before
      * those are freed. */
-    r = ol_rebuild(q);
+    r = qcow2_ol_rebuild(q);
     /* The old active tables are unreferenced on disk now. */
     if (r == 0)
         r = refs_release(q, &old, NULL);

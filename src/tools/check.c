@@ -43,7 +43,7 @@ struct checker {
     size_t errlen;
 };
 
-#define say(c, ...) rc_walk_say(&(c)->w, __VA_ARGS__)
+#define say(c, ...) qcow2_walk_say(&(c)->w, __VA_ARGS__)
 
 static uint64_t div_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
@@ -218,12 +218,12 @@ static int write_snapshot_table(struct checker *c)
     uint64_t new_off = 0, got = 0, nclusters = div_up(len, cs);
     if (r == 0 && nclusters) {
         co_mutex_lock(&q->alloc_lock);
-        r = alloc_clusters(q, nclusters, &new_off, &got);
+        r = qcow2_alloc_clusters(q, nclusters, &new_off, &got);
         co_mutex_unlock(&q->alloc_lock);
         if (r == 0 && got < nclusters) {
             r = -ENOSPC;     /* no contiguous run: give the partial one back */
             for (uint64_t k = 0; k < got; k++)
-                rc_update(q, new_off / cs + k, -1);
+                qcow2_rc_update(q, new_off / cs + k, -1);
         }
     }
     uint8_t *buf = io_zalloc(nclusters * cs + cs);
@@ -250,7 +250,7 @@ static int write_snapshot_table(struct checker *c)
     if (r == 0) {
         q->snapshot_table_len = len;
         for (uint64_t k = old_len ? old_off / cs : 1; old_len && k <= (old_off + old_len - 1) / cs && r == 0; k++)
-            r = rc_update(q, k, -1);
+            r = qcow2_rc_update(q, k, -1);
         if (r == 0)
             r = qcow2_flush(q);
     }
@@ -304,17 +304,17 @@ static int check_refblocks(struct checker *c)
                 r = 0;
                 continue;
             }
-            note_host_end(q, off + cs);
+            qcow2_note_host_end(q, off + cs);
             c->w.file_end = q->host_end;
             res->corruptions--;
             res->corruptions_fixed++;
-            r = rc_walk_count(&c->w, off, cs, "a refcount block");
+            r = qcow2_walk_count(&c->w, off, cs, "a refcount block");
             continue;
         }
         if (off) {
-            r = rc_walk_count(&c->w, off, cs, "a refcount block");
-            if (r == 0 && rc_walk_get(&c->w, cluster) != 1) {
-                say(c, "ERROR refcount block %llu refcount=%u", (unsigned long long)i, rc_walk_get(&c->w, cluster));
+            r = qcow2_walk_count(&c->w, off, cs, "a refcount block");
+            if (r == 0 && qcow2_walk_get(&c->w, cluster) != 1) {
+                say(c, "ERROR refcount block %llu refcount=%u", (unsigned long long)i, qcow2_walk_get(&c->w, cluster));
                 res->corruptions++;
                 c->rebuild = true;
             }
@@ -328,7 +328,7 @@ static int count_references(struct checker *c)
 {
     struct qcow2 *q = c->q;
     uint64_t nclusters = div_up(q->host_end, cl_size(q));
-    int r = rc_walk_init(&c->w, q, nclusters, c->err, c->errlen);
+    int r = qcow2_walk_init(&c->w, q, nclusters, c->err, c->errlen);
     if (r < 0) {
         c->res->check_errors++;
         return r;
@@ -339,9 +339,9 @@ static int count_references(struct checker *c)
     c->w.say_ctx = c->o->message_ctx;
     c->w.progress = walk_progress;
     c->w.progress_ctx = c;
-    r = rc_walk_image(&c->w);
+    r = qcow2_walk_image(&c->w);
     if (r == 0)
-        r = rc_walk_count(&c->w, q->h.refcount_table_offset,
+        r = qcow2_walk_count(&c->w, q->h.refcount_table_offset,
                           (uint64_t)q->h.refcount_table_clusters * cl_size(q), "the refcount table");
     if (r == 0)
         r = check_refblocks(c);
@@ -360,7 +360,7 @@ static int refcount_of(struct qcow2 *q, uint64_t cluster, uint64_t *rc)
         *rc = 0;
         return 0;
     }
-    return rc_get(q, cluster, rc);
+    return qcow2_rc_get(q, cluster, rc);
 }
 
 /* Does refcount-block range ci have a block the engine reads? */
@@ -380,12 +380,12 @@ static void compare_refcounts(struct checker *c, unsigned fix, uint64_t *highest
             report(c, WALK_SHARE + (PROGRESS_UNITS - WALK_SHARE) * i / c->w.nclusters);
             /* Neither references nor refcounts here: nothing to compare
              * (a huge sparse file costs time for its ranges in use only). */
-            if (!rc_walk_range_used(&c->w, i / rbe) && !has_refblock(q, i / rbe)) {
+            if (!qcow2_walk_range_used(&c->w, i / rbe) && !has_refblock(q, i / rbe)) {
                 i += rbe - 1;
                 continue;
             }
         }
-        uint64_t rc1, rc2 = rc_walk_get(&c->w, i);
+        uint64_t rc1, rc2 = qcow2_walk_get(&c->w, i);
         int r = refcount_of(q, i, &rc1);
         if (r < 0) {
             say(c, "Can't get refcount for cluster %llu: %s", (unsigned long long)i, strerror(-r));
@@ -408,7 +408,7 @@ static void compare_refcounts(struct checker *c, unsigned fix, uint64_t *highest
             (unsigned long long)i, (unsigned long long)rc1, (unsigned long long)rc2);
         /* In the cache; flushed (refcount blocks, then a sync) before any
          * COPIED flag relies on it. */
-        if (fixed && rc_update(q, i, (int64_t)(rc2 - rc1)) == 0) {
+        if (fixed && qcow2_rc_update(q, i, (int64_t)(rc2 - rc1)) == 0) {
             (*fixed)++;
             continue;
         }
@@ -428,12 +428,12 @@ static void uncount_refcount_structures(struct checker *c)
     uint64_t cs = cl_size(q);
     for (uint64_t k = 0; k < q->h.refcount_table_clusters; k++) {
         uint64_t cl = q->h.refcount_table_offset / cs + k;
-        rc_walk_drop(&c->w, cl);
+        qcow2_walk_drop(&c->w, cl);
     }
     for (uint64_t i = 0; i < q->reftable_entries; i++) {
         uint64_t e = q->reftable[i], cl = e / cs;
         if (e && refblock_valid(q, e))
-            rc_walk_drop(&c->w, cl);
+            qcow2_walk_drop(&c->w, cl);
     }
 }
 
@@ -442,8 +442,8 @@ static int rebuild(struct checker *c, uint64_t *highest)
     struct check_result *res = c->res, old = *res;
     say(c, "Rebuilding refcount structure");
     uncount_refcount_structures(c);
-    int r = rc_rebuild(&c->w, false);
-    rc_walk_free(&c->w);
+    int r = qcow2_rc_rebuild(&c->w, false);
+    qcow2_walk_free(&c->w);
     if (r < 0) {
         res->check_errors++;
         say(c, "ERROR %s", c->err);
@@ -493,7 +493,7 @@ static int check_copied(struct checker *c)
                 repair ? "Repairing" : "ERROR", i, (unsigned long long)q->l1[i], (unsigned long long)rc);
             if (repair) {
                 q->l1[i] = rc == 1 ? q->l1[i] | QCOW_OFLAG_COPIED : q->l1[i] & ~QCOW_OFLAG_COPIED;
-                r = rc_write_l1_entry(q, q->h.l1_table_offset, q->l1, q->h.l1_size, i);
+                r = qcow2_write_l1_entry(q, q->h.l1_table_offset, q->l1, q->h.l1_size, i);
                 if (r < 0) {
                     res->check_errors++;
                     break;
@@ -534,13 +534,13 @@ static int check_copied(struct checker *c)
         /* A damaged L1 entry may name other metadata as its L2 table. */
         char msg[256];
         if ((l2_off & (cs - 1)) ||
-            ol_conflict(q, l2_off, cs, OL_ACTIVE_L2 | OL_INACTIVE_L2, "an L2 table", msg, sizeof(msg)) < 0) {
+            qcow2_ol_conflict(q, l2_off, cs, OL_ACTIVE_L2 | OL_INACTIVE_L2, "an L2 table", msg, sizeof(msg)) < 0) {
             say(c, "ERROR: Could not write L2 table; metadata overlap check failed");
             res->check_errors++;
             r = -EIO;
             break;
         }
-        mcache_discard_range(&q->l2c, l2_off, cs);
+        qcow2_cache_discard_range(&q->l2c, l2_off, cs);
         n = file_pwrite(&q->file, l2, cs, l2_off, false);
         if (n < 0) {
             say(c, "ERROR: Could not write L2 table: %s", strerror((int)-n));
@@ -635,7 +635,7 @@ int img_check(const char *path, enum img_format fmt, const struct check_opts *op
     /* The open left the snapshots out of the overlap index (the table was
      * ours to read): index them too before any repair writes. */
     if (r == 0 && q->h.nb_snapshots)
-        r = ol_build(q);
+        r = qcow2_ol_build(q);
     if (r == 0)
         r = check_refcounts(&c);
     if (r == 0 && c.sres.corruptions && (opts->fix & CHECK_FIX_ERRORS)) {
@@ -646,7 +646,7 @@ int img_check(const char *path, enum img_format fmt, const struct check_opts *op
         }
     }
     add_result(res, &c.sres);
-    rc_walk_free(&c.w);
+    qcow2_walk_free(&c.w);
 
     /* Nothing left broken: the image is clean and consistent again. */
     if (r == 0 && opts->fix && !res->check_errors && !res->corruptions &&
