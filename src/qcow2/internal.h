@@ -1,5 +1,6 @@
 /* The qcow2 engine's private state, shared by its files:
- *   qcow2.c     open, close, header updates, flush ordering
+ *   qcow2.c     requests in flight, header updates, flush ordering
+ *   open.c      open (header, tables, caches, backing chain) and close
  *   cache.c     L2-table and refcount-block slices in memory
  *   refcount.c  refcounts, the cluster allocator, deferred frees
  *   cluster.c   guest-to-host mapping, the read and write paths
