@@ -5,38 +5,68 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "img/driver.h"
 #include "img/image.h"
-#include "qcow2/internal.h"
 #include "io/loop.h"
 
-static bool looks_like_qcow2(struct file *f)
+/* Every format, probed in this order; raw last, as the fallback. */
+static const struct img_driver *const drivers[] = { &img_qcow2_driver, &img_raw_driver };
+
+static const struct img_driver *driver_of(enum img_format fmt)
 {
-    uint8_t *buf = io_alloc(512);
-    ssize_t n = file_pread(f, buf, 512, 0);
-    bool yes = n >= 4 && be32_load(buf) == QCOW2_MAGIC;
-    io_free(buf);
-    return yes;
+    for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
+        if (drivers[i]->format == fmt)
+            return drivers[i];
+    return NULL;
+}
+
+static enum img_format probe_head(const uint8_t *head, size_t len)
+{
+    for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
+        if (drivers[i]->probe && drivers[i]->probe(head, len))
+            return drivers[i]->format;
+    return IMG_FMT_RAW;
+}
+
+bool img_head_claimed(const uint8_t *head, size_t len)
+{
+    return probe_head(head, len) != IMG_FMT_RAW;
+}
+
+enum img_format img_probe(struct file *f)
+{
+    uint8_t *head = io_zalloc(IMG_PROBE_BYTES);
+    ssize_t n = file_pread(f, head, IMG_PROBE_BYTES, 0);
+    enum img_format fmt = n > 0 ? probe_head(head, (size_t)n) : IMG_FMT_RAW;
+    io_free(head);
+    return fmt;
+}
+
+struct image *img_open_file(struct file *f, const struct img_opts *opts, char *err, size_t errlen)
+{
+    struct img_opts o = *opts;
+    bool probed = o.format == IMG_FMT_AUTO;
+    if (probed)
+        o.format = img_probe(f);
+    const struct img_driver *d = driver_of(o.format);
+    if (!d) {
+        snprintf(err, errlen, "%s: unknown image format", f->path);
+        return NULL;
+    }
+    struct image *img = d->open(f, &o, probed, err, errlen);
+    if (img)
+        img->unmap = o.discard == IMG_DISCARD_UNMAP;
+    return img;
 }
 
 struct image *img_open(const char *path, const struct img_opts *opts, char *err, size_t errlen)
 {
-    struct img_opts o = *opts;
     struct file f;
-    if (file_open(&f, path, !o.read_only, o.cache, err, errlen) < 0)
+    if (file_open(&f, path, !opts->read_only, opts->cache, err, errlen) < 0)
         return NULL;
-
-    bool probed = false;
-    if (o.format == IMG_FMT_AUTO) {
-        o.format = looks_like_qcow2(&f) ? IMG_FMT_QCOW2 : IMG_FMT_RAW;
-        probed = true;
-    }
-    struct image *img = o.format == IMG_FMT_QCOW2
-        ? qcow2_open(&f, &o, 0, err, errlen)
-        : raw_open(&f, &o, probed, err, errlen);
+    struct image *img = img_open_file(&f, opts, err, errlen);
     if (!img)
         file_close(&f);
-    else
-        img->unmap = o.discard == IMG_DISCARD_UNMAP;
     return img;
 }
 

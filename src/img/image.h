@@ -26,6 +26,13 @@ enum img_discard {
     IMG_DISCARD_UNMAP,          /* discard and write-zeroes may free clusters and punch holes */
 };
 
+/* One image of a backing chain being opened, linked to the one above it. */
+struct img_chain {
+    const char *real_path;      /* realpath() of the image (NULL if unknown) */
+    const struct img_chain *up; /* the overlay above; NULL at the top */
+    int depth;                  /* 0 for the top image */
+};
+
 struct img_opts {
     enum img_format format;     /* AUTO probes the file's magic */
     bool read_only;
@@ -41,8 +48,9 @@ struct img_opts {
     const void *key;
     size_t key_len;
     bool no_backing;            /* do not open the backing chain (info) */
-    bool check;                 /* qcow2 opened by the checker (tools.h): snapshot table,
-                                   dirty, corrupt and autoclear bits are left to it */
+    /* Set by a format opening its backing file: the images above it (loop
+     * and depth checks).  NULL for the image the caller names. */
+    const struct img_chain *chain;
     /* qcow2: open this internal snapshot (ID or name, or QEMU's
      * "snapshot.id=ID[,snapshot.name=NAME]") instead of the active image:
      * its L1 table is the mapping and its disk size the size.  Needs

@@ -5,7 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "qcow2/internal.h"
+#include "img/driver.h"
 #include "io/log.h"
 #include "io/loop.h"
 
@@ -44,9 +44,10 @@ static int raw_read(struct image *img, void *buf, uint64_t off, uint64_t len)
 static int raw_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags)
 {
     struct raw *r = img->priv;
-    /* A probed raw image must never start to look like a qcow2 image, or its
-     * next open would interpret guest data as metadata (QEMU refuses this too). */
-    if (r->probed && off == 0 && be32_load(buf) == QCOW2_MAGIC)
+    /* A probed raw image must never start to look like a qcow2 image (or any
+     * other format), or its next open would interpret guest data as metadata
+     * (QEMU refuses this too). */
+    if (r->probed && off == 0 && img_head_claimed(buf, len < IMG_PROBE_BYTES ? len : IMG_PROBE_BYTES))
         return -EPERM;
     ssize_t n = file_pwrite(&r->file, buf, len, off, flags & IMG_FUA);
     return n < 0 ? (int)n : 0;
@@ -166,7 +167,7 @@ static const struct image_ops raw_ops = {
     .resize = raw_resize,
 };
 
-struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen)
+static struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen)
 {
     if (o->snapshot) {
         snprintf(err, errlen, "%s is a raw image: it has no internal snapshots", f->path);
@@ -194,3 +195,10 @@ struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, ch
     img->priv = r;
     return img;
 }
+
+const struct img_driver img_raw_driver = {
+    .format = IMG_FMT_RAW,
+    .name = "raw",
+    .probe = NULL,          /* claims nothing: the fallback */
+    .open = raw_open,
+};

@@ -199,7 +199,6 @@ int qcow2_resolve_name(const char *image, const char *name, const char *what, ch
 /* qcow2_resolve_name for the backing file NAME of the image OVERLAY. */
 int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size_t outlen,
                           char *err, size_t errlen);
-struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen);
 int qcow2_flush(struct qcow2 *q);
 /* fdatasync the image file; once one failed, every later call fails (the
  * kernel may have dropped dirty pages: fsyncgate). */
@@ -375,12 +374,20 @@ int qcow2_read_l1_table(struct qcow2 *q, uint64_t off, uint32_t n, uint64_t **ou
 /* Write len bytes (a table) into freshly allocated contiguous clusters. */
 int qcow2_write_fresh_table(struct qcow2 *q, const void *data, uint64_t len, uint64_t *off);
 
+/* open.c: the steps of opening, for img_qcow2_driver and the checker's own
+ * open (tools/check.c).  qcow2_alloc takes f (the caller still closes it if a
+ * later step fails, after qcow2_abandon); qcow2_read_header reads and
+ * validates the header (without_snapshots: parsed as if there were no
+ * snapshot table); qcow2_load_metadata reads the tables, opens data file,
+ * encryption and snapshot, indexes the metadata and sets up the caches. */
+struct qcow2 *qcow2_alloc(struct file *f, const struct img_opts *o, char *err, size_t errlen);
+int qcow2_read_header(struct qcow2 *q, bool without_snapshots, char *err, size_t errlen);
+int qcow2_load_metadata(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
+void qcow2_abandon(struct qcow2 *q);
+
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
 /* Write the 512-byte sector of the L1 table at l1_off holding entry i. */
 int qcow2_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
-
-/* raw.c */
-struct image *raw_open(struct file *f, const struct img_opts *o, bool probed, char *err, size_t errlen);
 
 #endif

@@ -12,6 +12,7 @@
 #include "io/imagelock.h"
 #include "io/log.h"
 #include "io/loop.h"
+#include "img/driver.h"
 #include "qcow2/internal.h"
 
 #define MAX_BACKING_DEPTH 32
@@ -149,22 +150,21 @@ int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size
     return qcow2_resolve_name(overlay, name, "backing file", out, outlen, err, errlen);
 }
 
-/* Real paths of the images being opened down the chain (loop detection). */
-static char *chain_paths[MAX_BACKING_DEPTH + 2];
-
-static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, char *err, size_t errlen)
+/* Open the backing file of q, linked below `self` (q's place in the chain). */
+static int open_backing(struct qcow2 *q, const struct img_opts *o, const struct img_chain *self,
+                        char *err, size_t errlen)
 {
     char path[PATH_MAX + 1100], msg[512];
     int r = qcow2_resolve_backing(q->img.path, q->h.backing_file, path, sizeof(path), err, errlen);
     if (r < 0)
         return r;
-    if (depth + 1 > MAX_BACKING_DEPTH) {
+    if (self->depth + 1 > MAX_BACKING_DEPTH) {
         snprintf(err, errlen, "backing chain of '%s' is deeper than %d images", q->img.path, MAX_BACKING_DEPTH);
         return -ELOOP;
     }
     char *real = realpath(path, NULL);
-    for (int i = 0; real && i <= depth; i++) {
-        if (chain_paths[i] && !strcmp(chain_paths[i], real)) {
+    for (const struct img_chain *c = self; real && c; c = c->up) {
+        if (c->real_path && !strcmp(c->real_path, real)) {
             snprintf(err, errlen, "backing chain loops: '%s' is its own backing file", path);
             free(real);
             return -ELOOP;
@@ -176,6 +176,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
     bo.read_only = true;
     bo.cache_size = 0;
     bo.snapshot = NULL;     /* a snapshot reads through the overlay's backing file as it is */
+    bo.chain = self;
     const char *fmt = q->h.backing_format;
     if (!strcmp(fmt, "qcow2"))
         bo.format = IMG_FMT_QCOW2;
@@ -200,14 +201,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
         snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
         return -ENOENT;
     }
-    if (bo.format == IMG_FMT_AUTO) {
-        uint8_t *b = io_alloc(512);
-        ssize_t n = file_pread(&f, b, 512, 0);
-        bo.format = n >= 4 && be32_load(b) == QCOW2_MAGIC ? IMG_FMT_QCOW2 : IMG_FMT_RAW;
-        io_free(b);
-    }
-    struct image *bimg = bo.format == IMG_FMT_QCOW2 ? qcow2_open(&f, &bo, depth + 1, msg, sizeof(msg))
-                                                    : raw_open(&f, &bo, false, msg, sizeof(msg));
+    struct image *bimg = img_open_file(&f, &bo, msg, sizeof(msg));
     if (!bimg) {
         file_close(&f);
         close(lock_fd);
@@ -217,6 +211,21 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, int depth, ch
     q->backing = bimg;
     q->backing_lock_fd = lock_fd;
     return 0;
+}
+
+/* The backing chain below q (unless o->no_backing). */
+static int open_backing_chain(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+{
+    if (!q->h.backing_file[0] || o->no_backing)
+        return 0;
+    struct img_chain self = {
+        .real_path = realpath(q->img.path, NULL),
+        .up = o->chain,
+        .depth = o->chain ? o->chain->depth + 1 : 0,
+    };
+    int r = open_backing(q, o, &self, err, errlen);
+    free((char *)self.real_path);
+    return r;
 }
 
 static void qcow2_free(struct qcow2 *q)
@@ -313,10 +322,8 @@ static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)
     return (uint32_t)n;
 }
 
-struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, char *err, size_t errlen)
+struct qcow2 *qcow2_alloc(struct file *f, const struct img_opts *o, char *err, size_t errlen)
 {
-    char msg[400];
-    int r;
     struct qcow2 *q = calloc(1, sizeof(*q));
     if (!q) {
         snprintf(err, errlen, "out of memory");
@@ -334,23 +341,25 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     q->frees_pending_tail = &q->frees_pending;
     q->alloc_lock = (struct co_mutex)CO_MUTEX_INIT;
     q->flush_lock = (struct co_mutex)CO_MUTEX_INIT;
+    return q;
+}
 
-    int64_t fsize = file_size(f);
-    if (fsize < 0) {
-        snprintf(err, errlen, "%s: cannot stat: %s", f->path, strerror((int)-fsize));
-        goto fail_nofile;
-    }
-    q->host_end = q->file_len = q->open_len = (uint64_t)fsize;
+void qcow2_abandon(struct qcow2 *q)
+{
+    /* The caller closes the file it passed in. */
+    q->file.fd = -1;
+    q->file.path = NULL;
+    qcow2_free(q);
+}
 
-    /* The header cluster: read 4 KiB to learn the cluster size, then all of
-     * it (up to 2 MiB) so extensions and the backing name are in view. */
+/* The header cluster: read 4 KiB to learn the cluster size, then all of it
+ * (up to 2 MiB) so extensions and the backing name are in view. */
+static int read_header_cluster(struct qcow2 *q, char *err, size_t errlen)
+{
+    struct file *f = &q->file;
     uint32_t want = 4096;
     q->hdr_buf = io_zalloc(want);
     ssize_t n = file_pread(f, q->hdr_buf, want, 0);
-    if (n < 0) {
-        snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
-        goto fail_nofile;
-    }
     if (n >= 24) {
         uint32_t cb = be32_load(q->hdr_buf + 20);
         if (cb >= QCOW2_MIN_CLUSTER_BITS && cb <= QCOW2_MAX_CLUSTER_BITS && (1u << cb) > want) {
@@ -358,83 +367,101 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
             io_free(q->hdr_buf);
             q->hdr_buf = io_zalloc(want);
             n = file_pread(f, q->hdr_buf, want, 0);
-            if (n < 0) {
-                snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
-                goto fail_nofile;
-            }
         }
     }
+    if (n < 0) {
+        snprintf(err, errlen, "%s: cannot read header: %s", f->path, strerror((int)-n));
+        return (int)n;
+    }
     q->hdr_len = (uint32_t)n;
-    /* For check/repair the snapshot table is the checker's business (it may
-     * be damaged): parse the header as if it had none; the checker reads the
-     * real fields from hdr_buf before anything can rewrite the header. */
+    return 0;
+}
+
+int qcow2_read_header(struct qcow2 *q, bool without_snapshots, char *err, size_t errlen)
+{
+    char msg[400];
+    const char *path = q->file.path;
+    int64_t fsize = file_size(&q->file);
+    if (fsize < 0) {
+        snprintf(err, errlen, "%s: cannot stat: %s", path, strerror((int)-fsize));
+        return (int)fsize;
+    }
+    q->host_end = q->file_len = q->open_len = (uint64_t)fsize;
+    int r = read_header_cluster(q, err, errlen);
+    if (r < 0)
+        return r;
+    /* The checker parses the header as if there were no snapshot table (it
+     * may be damaged) and reads the real fields from hdr_buf itself. */
     uint8_t sn_fields[12];
-    if (o->check && n >= 72) {
+    bool hide = without_snapshots && q->hdr_len >= 72;
+    if (hide) {
         memcpy(sn_fields, q->hdr_buf + 60, sizeof(sn_fields));
         memset(q->hdr_buf + 60, 0, sizeof(sn_fields));
     }
-    r = qcow2_header_parse(q->hdr_buf, (size_t)n, (uint64_t)fsize, &q->h, msg, sizeof(msg));
-    if (o->check && n >= 72)
+    r = qcow2_header_parse(q->hdr_buf, q->hdr_len, (uint64_t)fsize, &q->h, msg, sizeof(msg));
+    if (hide)
         memcpy(q->hdr_buf + 60, sn_fields, sizeof(sn_fields));
     if (r < 0) {
-        snprintf(err, errlen, "%s: %s", f->path, msg);
-        goto fail_nofile;
-    }
-    if ((q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->check) {
-        if (!o->read_only)
-            uq_warn("%s: image is marked corrupt; serving it read-only "
-                    "(repair it with 'ublk-qcow2 check -r all')", f->path);
-        q->img.read_only = true;
+        snprintf(err, errlen, "%s: %s", path, msg);
+        return r;
     }
     q->extl2 = q->h.incompatible_features & QCOW2_INCOMPAT_EXTL2;
-    q->no_unref = o->discard_no_unref;
     q->img.size = (q->h.size + 511) & ~511ull;
+    return 0;
+}
 
-    r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);
+/* The active L1 and the refcount table, with their dirty-sector maps. */
+static int load_tables(struct qcow2 *q, char *err, size_t errlen)
+{
+    int r = read_table(q, q->h.l1_table_offset, q->h.l1_size, &q->l1);
     q->l1_dirty = calloc(((uint64_t)q->h.l1_size * 8 + 511) / 512 + 1, 1);
     q->reftable_entries = (uint64_t)q->h.refcount_table_clusters * q->h.cluster_size / 8;
     if (r == 0)
         r = read_table(q, q->h.refcount_table_offset, q->reftable_entries, &q->reftable);
     q->reftable_dirty = calloc((q->reftable_entries * 8 + 511) / 512 + 1, 1);
     if (r < 0 || !q->l1_dirty || !q->reftable_dirty) {
-        snprintf(err, errlen, "%s: cannot read the L1 or refcount table: %s", f->path, strerror(r < 0 ? -r : ENOMEM));
-        goto fail_nofile;
+        snprintf(err, errlen, "%s: cannot read the L1 or refcount table: %s", q->file.path,
+                 strerror(r < 0 ? -r : ENOMEM));
+        return r < 0 ? r : -ENOMEM;
     }
-    if (q->h.nb_snapshots && read_snapshots(q, msg, sizeof(msg)) < 0) {
-        snprintf(err, errlen, "%s: %s", f->path, msg);
-        goto fail_nofile;
-    }
+    return 0;
+}
+
+/* Snapshot table, data file, encryption, and a snapshot to serve instead of
+ * the active image. */
+static int open_features(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+{
+    char msg[400];
+    const char *path = q->file.path;
+    int r = 0;
+    if (q->h.nb_snapshots && (r = read_snapshots(q, msg, sizeof(msg))) < 0)
+        goto fail;
     q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
-        qcow2_datafile_open(q, o, msg, sizeof(msg)) < 0) {
-        snprintf(err, errlen, "%s: %s", f->path, msg);
-        goto fail_nofile;
-    }
-    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && qcow2_crypto_open(q, o, msg, sizeof(msg)) < 0) {
-        snprintf(err, errlen, "%s: %s", f->path, msg);
-        goto fail_nofile;
-    }
+        (r = qcow2_datafile_open(q, o, msg, sizeof(msg))) < 0)
+        goto fail;
+    if (q->h.crypt_method == QCOW2_CRYPT_LUKS && (r = qcow2_crypto_open(q, o, msg, sizeof(msg))) < 0)
+        goto fail;
     if (o->snapshot) {
         /* A snapshot is served as it was taken: never written (qemu-nbd -l). */
         if (!o->read_only) {
-            snprintf(err, errlen, "%s: a snapshot can only be opened read-only", f->path);
-            goto fail_nofile;
+            snprintf(err, errlen, "%s: a snapshot can only be opened read-only", path);
+            return -EINVAL;
         }
-        if (qcow2_open_snapshot(q, o->snapshot, msg, sizeof(msg)) < 0) {
-            snprintf(err, errlen, "%s: %s", f->path, msg);
-            goto fail_nofile;
-        }
+        if ((r = qcow2_open_snapshot(q, o->snapshot, msg, sizeof(msg))) < 0)
+            goto fail;
     }
-    /* Where the metadata lies, so that no write can land on it. */
-    r = qcow2_ol_build(q);
-    if (r < 0) {
-        snprintf(err, errlen, "%s: cannot index the image's metadata: %s", f->path, strerror(-r));
-        goto fail_nofile;
-    }
+    return 0;
+fail:
+    snprintf(err, errlen, "%s: %s", path, msg);
+    return r;
+}
 
-    /* Metadata cache, bounded by --cache-size.  Default as QEMU: enough L2
-     * to map the whole image, up to 32 MiB, and a quarter of that for
-     * refcount blocks. */
+/* Metadata cache, bounded by --cache-size.  Default as QEMU: enough L2 to
+ * map the whole image, up to 32 MiB, and a quarter of that for refcount
+ * blocks. */
+static int init_caches(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+{
     uint32_t slice = q->h.cluster_size < 4096 ? (uint32_t)q->h.cluster_size : 4096;
     uint64_t l2_need = ((q->h.size + q->h.cluster_size - 1) >> q->h.cluster_bits) * q->h.l2_entry_size;
     uint64_t l2_bytes, rc_bytes;
@@ -447,64 +474,106 @@ struct image *qcow2_open(struct file *f, const struct img_opts *o, int depth, ch
     }
     if (qcow2_cache_init(&q->l2c, q, "L2", true, slice, slices_for(l2_bytes, slice, MIN_L2_SLICES)) < 0 ||
         qcow2_cache_init(&q->rcc, q, "refcount", false, slice, slices_for(rc_bytes, slice, MIN_RC_SLICES)) < 0) {
-        snprintf(err, errlen, "%s: out of memory for the metadata cache", f->path);
-        goto fail_nofile;
+        snprintf(err, errlen, "%s: out of memory for the metadata cache", q->file.path);
+        return -ENOMEM;
     }
+    return 0;
+}
 
-    if (q->h.backing_file[0] && !o->no_backing) {
-        chain_paths[depth] = realpath(f->path, NULL);
-        r = open_backing(q, o, depth, msg, sizeof(msg));
-        free(chain_paths[depth]);
-        chain_paths[depth] = NULL;
+int qcow2_load_metadata(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen)
+{
+    q->no_unref = o->discard_no_unref;
+    int r = load_tables(q, err, errlen);
+    if (r == 0)
+        r = open_features(q, o, err, errlen);
+    if (r < 0)
+        return r;
+    /* Where the metadata lies, so that no write can land on it. */
+    r = qcow2_ol_build(q);
+    if (r < 0) {
+        snprintf(err, errlen, "%s: cannot index the image's metadata: %s", q->file.path, strerror(-r));
+        return r;
+    }
+    return init_caches(q, o, err, errlen);
+}
+
+/* Before the first write: repair a dirty image, clear the autoclear bits
+ * we do not maintain, and load the dirty bitmaps we keep up to date. */
+static int prepare_writes(struct qcow2 *q, char *err, size_t errlen)
+{
+    char msg[400];
+    const char *path = q->file.path;
+    bool header_changed = false;
+    int r;
+    /* Dirty bit: refcounts may be stale (lazy refcounts); rebuild them
+     * before the first write, as QEMU does on open. */
+    if (q->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
+        r = qcow2_rebuild_refcounts(q, msg, sizeof(msg));
         if (r < 0) {
-            snprintf(err, errlen, "%s", msg);
-            goto fail_nofile;
+            snprintf(err, errlen, "%s: image was not closed cleanly and its refcounts could not be "
+                     "repaired: %s", path, msg);
+            return r;
+        }
+        q->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+        header_changed = true;
+    }
+    /* Autoclear bits we do not maintain must be cleared before we write,
+     * so no reader trusts data (e.g. dirty bitmaps) we do not keep up to
+     * date. */
+    if (q->h.autoclear_features & ~QCOW2_AUTOCLEAR_KNOWN) {
+        q->h.autoclear_features &= QCOW2_AUTOCLEAR_KNOWN;
+        header_changed = true;
+    }
+    if (header_changed) {
+        r = qcow2_write_header_fields(q);
+        if (r == 0)
+            r = file_sync(&q->file);
+        if (r < 0) {
+            snprintf(err, errlen, "%s: cannot update the header: %s", path, strerror(-r));
+            return r;
         }
     }
+    if (qcow2_bitmaps_open(q, msg, sizeof(msg)) < 0) {
+        snprintf(err, errlen, "%s: persistent dirty bitmaps: %s", path, msg);
+        return -EINVAL;
+    }
+    return 0;
+}
 
-    /* A check leaves the dirty bit and the autoclear bits to the checker
-     * (bitmaps stay valid: a repair does not change guest data). */
-    if (!q->img.read_only && !o->check) {
-        bool header_changed = false;
-        /* Dirty bit: refcounts may be stale (lazy refcounts); rebuild them
-         * before the first write, as QEMU does on open. */
-        if (q->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
-            r = qcow2_rebuild_refcounts(q, msg, sizeof(msg));
-            if (r < 0) {
-                snprintf(err, errlen, "%s: image was not closed cleanly and its refcounts could not be "
-                         "repaired: %s", f->path, msg);
-                goto fail_nofile;
-            }
-            q->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-            header_changed = true;
-        }
-        /* Autoclear bits we do not maintain must be cleared before we
-         * write, so no reader trusts data (e.g. dirty bitmaps) we do not
-         * keep up to date. */
-        if (q->h.autoclear_features & ~QCOW2_AUTOCLEAR_KNOWN) {
-            q->h.autoclear_features &= QCOW2_AUTOCLEAR_KNOWN;
-            header_changed = true;
-        }
-        if (header_changed) {
-            r = qcow2_write_header_fields(q);
-            if (r == 0)
-                r = file_sync(&q->file);
-            if (r < 0) {
-                snprintf(err, errlen, "%s: cannot update the header: %s", f->path, strerror(-r));
-                goto fail_nofile;
-            }
-        }
-        if (qcow2_bitmaps_open(q, msg, sizeof(msg)) < 0) {
-            snprintf(err, errlen, "%s: persistent dirty bitmaps: %s", f->path, msg);
-            goto fail_nofile;
-        }
+static struct image *qcow2_open(struct file *f, const struct img_opts *o, bool probed, char *err,
+                                size_t errlen)
+{
+    struct qcow2 *q = qcow2_alloc(f, o, err, errlen);
+    if (!q)
+        return NULL;
+    int r = qcow2_read_header(q, false, err, errlen);
+    if (r == 0 && (q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
+        if (!o->read_only)
+            uq_warn("%s: image is marked corrupt; serving it read-only "
+                    "(repair it with 'ublk-qcow2 check -r all')", f->path);
+        q->img.read_only = true;
+    }
+    if (r == 0)
+        r = qcow2_load_metadata(q, o, err, errlen);
+    if (r == 0)
+        r = open_backing_chain(q, o, err, errlen);
+    if (r == 0 && !q->img.read_only)
+        r = prepare_writes(q, err, errlen);
+    if (r < 0) {
+        qcow2_abandon(q);
+        return NULL;
     }
     return &q->img;
-
-fail_nofile:
-    /* The caller closes the file it passed in. */
-    q->file.fd = -1;
-    q->file.path = NULL;
-    qcow2_free(q);
-    return NULL;
 }
+
+static bool qcow2_probe(const uint8_t *head, size_t len)
+{
+    return len >= 4 && be32_load(head) == QCOW2_MAGIC;
+}
+
+const struct img_driver img_qcow2_driver = {
+    .format = IMG_FMT_QCOW2,
+    .name = "qcow2",
+    .probe = qcow2_probe,
+    .open = qcow2_open,
+};

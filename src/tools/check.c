@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "io/loop.h"
+#include "img/driver.h"
 #include "qcow2/internal.h"
 #include "tools/tools.h"
 
@@ -610,28 +611,60 @@ static void add_result(struct check_result *to, const struct check_result *from)
     to->leaks_fixed += from->leaks_fixed;
 }
 
+/* The checker's own open: the metadata as it is, for the check to judge.
+ * Unlike a normal open it parses the header as if there were no snapshot
+ * table (read_snapshot_table reads and judges it), keeps a corrupt image
+ * writable when repairing, and leaves the dirty bit, the autoclear bits and
+ * the bitmaps alone (a repair does not change guest data); no backing file. */
+static int check_open(const char *path, enum img_format fmt, bool fix, struct qcow2 **out,
+                      char *err, size_t errlen)
+{
+    struct img_opts o = { .format = fmt, .read_only = !fix, .no_backing = true,
+                          .cache = FILE_CACHE_BUFFERED };
+    struct file f;
+    if (file_open(&f, path, fix, o.cache, err, errlen) < 0)
+        return -EINVAL;
+    if (fmt == IMG_FMT_AUTO)
+        fmt = img_probe(&f);
+    if (fmt != IMG_FMT_QCOW2) {
+        file_close(&f);
+        snprintf(err, errlen, "This image format does not support checks");
+        return -ENOTSUP;
+    }
+    struct qcow2 *q = qcow2_alloc(&f, &o, err, errlen);
+    if (!q) {
+        file_close(&f);
+        return -ENOMEM;
+    }
+    int r = qcow2_read_header(q, true, err, errlen);
+    if (r == 0)
+        r = qcow2_load_metadata(q, &o, err, errlen);
+    if (r < 0) {
+        qcow2_abandon(q);
+        file_close(&f);
+        return -EINVAL;
+    }
+    *out = q;
+    return 0;
+}
+
 int img_check(const char *path, enum img_format fmt, const struct check_opts *opts,
               struct check_result *res, char *err, size_t errlen)
 {
     memset(res, 0, sizeof(*res));
-    struct img_opts io = { .format = fmt, .read_only = !opts->fix, .no_backing = true,
-                           .check = true, .cache = FILE_CACHE_BUFFERED };
-    struct image *img = img_open(path, &io, err, errlen);
-    if (!img)
-        return -EINVAL;
-    if (strcmp(img_format_name(img), "qcow2")) {
-        img_close(img);
-        snprintf(err, errlen, "This image format does not support checks");
-        return -ENOTSUP;
-    }
-    struct checker c = { .q = to_qcow2(img), .o = opts, .res = res, .err = err, .errlen = errlen };
+    struct qcow2 *q0;
+    int r = check_open(path, fmt, opts->fix != 0, &q0, err, errlen);
+    if (r < 0)
+        return r;
+    struct image *img = &q0->img;
+    struct checker c = { .q = q0, .o = opts, .res = res, .err = err, .errlen = errlen };
     struct qcow2 *q = c.q;
     c.w.say = opts->message;        /* for messages before the walk exists */
     c.w.say_ctx = opts->message_ctx;
     err[0] = '\0';
     report(&c, 1);
 
-    int r = read_snapshot_table(&c);
+    r = read_snapshot_table(&c);
     /* The open left the snapshots out of the overlap index (the table was
      * ours to read): index them too before any repair writes. */
     if (r == 0 && q->h.nb_snapshots)
