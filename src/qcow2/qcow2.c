@@ -1,13 +1,9 @@
 /* qcow2 images: requests in flight, header updates, and the ordered flush. */
 #include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "io/imagelock.h"
 #include "io/log.h"
