@@ -403,6 +403,90 @@ static void print_snapshots_human(const struct image_info *in)
     }
 }
 
+static void json_key_str(const char *indent, const char *key, const char *v, bool comma)
+{
+    printf("%s\"%s\": ", indent, key);
+    json_put_string(stdout, v);
+    printf("%s\n", comma ? "," : "");
+}
+
+/* QEMU's names for a LUKS header's cipher: "aes-256", mode "xts", IV
+ * generator "plain64" (and its hash for "essiv:sha256"). */
+struct luks_names { char cipher_alg[48], mode[33], ivgen[33], ivgen_hash[33]; };
+
+static void luks_names(const struct qcow2_luks_header *l, struct luks_names *n)
+{
+    snprintf(n->mode, sizeof(n->mode), "%s", l->mode);
+    n->ivgen[0] = n->ivgen_hash[0] = '\0';
+    char *dash = strchr(n->mode, '-');
+    if (dash) {
+        *dash = '\0';
+        snprintf(n->ivgen, sizeof(n->ivgen), "%s", dash + 1);
+        char *colon = strchr(n->ivgen, ':');
+        if (colon) {
+            *colon = '\0';
+            snprintf(n->ivgen_hash, sizeof(n->ivgen_hash), "%s", colon + 1);
+        }
+    }
+    /* XTS keys hold two cipher keys. */
+    unsigned bits = l->key_bytes * 8 / (strcmp(n->mode, "xts") ? 1 : 2);
+    snprintf(n->cipher_alg, sizeof(n->cipher_alg), "%s-%u", l->cipher, bits);
+}
+
+static void print_luks_human(const struct qcow2_luks_header *l)
+{
+    struct luks_names n;
+    luks_names(l, &n);
+    printf("    encrypt:\n        ivgen alg: %s\n", n.ivgen);
+    if (n.ivgen_hash[0])
+        printf("        ivgen hash alg: %s\n", n.ivgen_hash);
+    printf("        hash alg: %s\n        cipher alg: %s\n        uuid: %s\n        format: luks\n"
+           "        cipher mode: %s\n        slots:\n", l->hash, n.cipher_alg, l->uuid, n.mode);
+    for (int i = 0; i < QCOW2_LUKS_SLOTS; i++) {
+        bool on = l->slot[i].active == QCOW2_LUKS_SLOT_ACTIVE;
+        printf("            [%d]:\n                active: %s\n", i, on ? "true" : "false");
+        if (on)
+            printf("                iters: %u\n", l->slot[i].iter);
+        printf("                key offset: %llu\n", (unsigned long long)l->slot[i].km_offset * 512);
+        if (on)
+            printf("                stripes: %u\n", l->slot[i].stripes);
+    }
+    printf("        payload offset: %llu\n        master key iters: %u\n",
+           (unsigned long long)l->payload_offset * 512, l->mk_iter);
+}
+
+static void print_luks_json(const struct qcow2_luks_header *l, const char *i3)
+{
+    struct luks_names n;
+    luks_names(l, &n);
+    char i4[80], i5[96], i6[112];
+    snprintf(i4, sizeof(i4), "%s    ", i3);
+    snprintf(i5, sizeof(i5), "%s    ", i4);
+    snprintf(i6, sizeof(i6), "%s    ", i5);
+    printf("%s\"encrypt\": {\n", i3);
+    json_key_str(i4, "ivgen-alg", n.ivgen, true);
+    if (n.ivgen_hash[0])
+        json_key_str(i4, "ivgen-hash-alg", n.ivgen_hash, true);
+    json_key_str(i4, "hash-alg", l->hash, true);
+    json_key_str(i4, "cipher-alg", n.cipher_alg, true);
+    json_key_str(i4, "uuid", l->uuid, true);
+    printf("%s\"format\": \"luks\",\n", i4);
+    json_key_str(i4, "cipher-mode", n.mode, true);
+    printf("%s\"slots\": [\n", i4);
+    for (int i = 0; i < QCOW2_LUKS_SLOTS; i++) {
+        bool on = l->slot[i].active == QCOW2_LUKS_SLOT_ACTIVE;
+        printf("%s{\n%s\"active\": %s,\n", i5, i6, on ? "true" : "false");
+        if (on)
+            printf("%s\"iters\": %u,\n", i6, l->slot[i].iter);
+        printf("%s\"key-offset\": %llu%s\n", i6, (unsigned long long)l->slot[i].km_offset * 512, on ? "," : "");
+        if (on)
+            printf("%s\"stripes\": %u\n", i6, l->slot[i].stripes);
+        printf("%s}%s\n", i5, i + 1 < QCOW2_LUKS_SLOTS ? "," : "");
+    }
+    printf("%s],\n%s\"payload-offset\": %llu,\n%s\"master-key-iters\": %u\n%s},\n", i4, i4,
+           (unsigned long long)l->payload_offset * 512, i4, l->mk_iter, i3);
+}
+
 static void print_info_human(const struct image_info *in)
 {
     char a[32], b[32];
@@ -412,6 +496,8 @@ static void print_info_human(const struct image_info *in)
            in->format == IMG_FMT_QCOW2 ? "qcow2" : "raw", a, (unsigned long long)in->virtual_size, b);
     if (in->format != IMG_FMT_QCOW2)
         return;
+    if (in->encrypted)
+        printf("encrypted: yes\n");
     printf("cluster_size: %u\n", in->cluster_size);
     if (in->dirty)
         printf("cleanly shut down: no\n");
@@ -443,16 +529,16 @@ static void print_info_human(const struct image_info *in)
         }
     }
     printf("    refcount bits: %u\n", in->refcount_bits);
+    /* qemu-img's order: data file, encryption, then whether the data file is raw. */
+    if (in->data_file)
+        printf("    data file: %s\n", in->data_file);
+    if (in->luks)
+        print_luks_human(in->luks);
+    if (in->data_file)
+        printf("    data file raw: %s\n", in->data_file_raw ? "true" : "false");
     if (in->version >= 3)
         printf("    corrupt: %s\n    extended l2: %s\n", in->corrupt ? "true" : "false",
                in->extended_l2 ? "true" : "false");
-}
-
-static void json_key_str(const char *indent, const char *key, const char *v, bool comma)
-{
-    printf("%s\"%s\": ", indent, key);
-    json_put_string(stdout, v);
-    printf("%s\n", comma ? "," : "");
 }
 
 static void print_info_json(const struct image_info *in, const char *indent)
@@ -499,12 +585,12 @@ static void print_info_json(const struct image_info *in, const char *indent)
             printf("%s\"bitmaps\": [\n", i3);
             for (uint32_t k = 0; k < in->nb_bitmaps; k++) {
                 const struct bitmap_info *bm = &in->bitmaps[k];
-                printf("%s{\n%s    \"flags\": [", i4, i4);
+                printf("%s{\n%s    \"flags\": [\n", i4, i4);
                 if (bm->in_use)
-                    printf("\"in-use\"%s", bm->autoload ? ", " : "");
+                    printf("%s        \"in-use\"%s\n", i4, bm->autoload ? "," : "");
                 if (bm->autoload)
-                    printf("\"auto\"");
-                printf("],\n%s    \"name\": ", i4);
+                    printf("%s        \"auto\"\n", i4);
+                printf("%s    ],\n%s    \"name\": ", i4, i4);
                 json_put_string(stdout, bm->name);
                 printf(",\n%s    \"granularity\": %u\n%s}%s\n", i4, bm->granularity, i4,
                        k + 1 < in->nb_bitmaps ? "," : "");
@@ -512,15 +598,24 @@ static void print_info_json(const struct image_info *in, const char *indent)
             printf("%s],\n", i3);
         }
         printf("%s\"refcount-bits\": %u%s\n", i3, in->refcount_bits, v3 ? "," : "");
+        if (in->data_file)
+            json_key_str(i3, "data-file", in->data_file, true);
+        if (in->luks)
+            print_luks_json(in->luks, i3);
+        if (in->data_file)
+            printf("%s\"data-file-raw\": %s,\n", i3, in->data_file_raw ? "true" : "false");
         if (v3)
             printf("%s\"corrupt\": %s,\n%s\"extended-l2\": %s\n", i3, in->corrupt ? "true" : "false", i3,
                    in->extended_l2 ? "true" : "false");
         printf("%s}\n%s},\n", i2, i1);
     }
-    if (in->backing_file) {
+    /* qemu-img's order: "encrypted" between the two backing names. */
+    if (in->backing_file)
         json_key_str(i1, "full-backing-filename", in->full_backing_file, true);
+    if (in->encrypted)
+        printf("%s\"encrypted\": true,\n", i1);
+    if (in->backing_file)
         json_key_str(i1, "backing-filename", in->backing_file, true);
-    }
     printf("%s\"dirty-flag\": %s\n%s}", i1, in->dirty ? "true" : "false", indent);
 }
 

@@ -31,11 +31,11 @@
 #include "qcow2/internal.h"
 
 #define LUKS_SECTOR 512u
-#define LUKS_HDR_SIZE 592u
-#define LUKS_SLOTS 8
-#define LUKS_SLOT_ACTIVE 0x00AC71F3u
-#define LUKS_DIGEST_SIZE 20
-#define LUKS_SALT_SIZE 32
+#define LUKS_HDR_SIZE QCOW2_LUKS_HDR_SIZE
+#define LUKS_SLOTS QCOW2_LUKS_SLOTS
+#define LUKS_SLOT_ACTIVE QCOW2_LUKS_SLOT_ACTIVE
+#define LUKS_DIGEST_SIZE QCOW2_LUKS_DIGEST_SIZE
+#define LUKS_SALT_SIZE QCOW2_LUKS_SALT_SIZE
 /* Bounds against hostile headers (legitimate ones are far below: QEMU and
  * cryptsetup use 4000 stripes and about a second of PBKDF2 per slot). */
 #define LUKS_MAX_STRIPES 65536u
@@ -46,25 +46,13 @@ struct luks {
     EVP_CIPHER_CTX *enc, *dec;  /* keyed with the master key; the IV is set per sector */
 };
 
-/* The LUKS1 partition header fields we use (big endian on disk). */
-struct luks_hdr {
-    char cipher[33], mode[33], hash[33];
-    uint32_t key_bytes;
-    uint8_t mk_digest[LUKS_DIGEST_SIZE], mk_salt[LUKS_SALT_SIZE];
-    uint32_t mk_iter;
-    struct {
-        uint32_t active, iter, km_offset, stripes;
-        uint8_t salt[LUKS_SALT_SIZE];
-    } slot[LUKS_SLOTS];
-};
-
 static void copy_str(char *dst, const uint8_t *src, size_t n)
 {
     memcpy(dst, src, n);
     dst[n] = '\0';
 }
 
-static int parse_header(const uint8_t *b, struct luks_hdr *h, char *err, size_t errlen)
+int qcow2_luks_header_parse(const uint8_t *b, struct qcow2_luks_header *h, char *err, size_t errlen)
 {
     static const uint8_t magic[6] = { 'L', 'U', 'K', 'S', 0xba, 0xbe };
     if (memcmp(b, magic, 6)) {
@@ -78,10 +66,12 @@ static int parse_header(const uint8_t *b, struct luks_hdr *h, char *err, size_t 
     copy_str(h->cipher, b + 8, 32);
     copy_str(h->mode, b + 40, 32);
     copy_str(h->hash, b + 72, 32);
+    h->payload_offset = be32_load(b + 104);
     h->key_bytes = be32_load(b + 108);
     memcpy(h->mk_digest, b + 112, LUKS_DIGEST_SIZE);
     memcpy(h->mk_salt, b + 132, LUKS_SALT_SIZE);
     h->mk_iter = be32_load(b + 164);
+    copy_str(h->uuid, b + 168, 40);
     for (int i = 0; i < LUKS_SLOTS; i++) {
         const uint8_t *s = b + 208 + i * 48;
         h->slot[i].active = be32_load(s);
@@ -94,7 +84,7 @@ static int parse_header(const uint8_t *b, struct luks_hdr *h, char *err, size_t 
 }
 
 /* The cipher for the volume's cipher spec, or NULL (message in err). */
-static const EVP_CIPHER *pick_cipher(const struct luks_hdr *h, char *err, size_t errlen)
+static const EVP_CIPHER *pick_cipher(const struct qcow2_luks_header *h, char *err, size_t errlen)
 {
     if (!strcmp(h->cipher, "aes") && !strcmp(h->mode, "xts-plain64")) {
         if (h->key_bytes == 32)
@@ -162,7 +152,7 @@ static int af_merge(const EVP_MD *md, const uint8_t *material, uint32_t stripes,
 
 /* Try one key slot: 1 and the master key in mk if the passphrase opens it,
  * 0 if not, -errno on failure. */
-static int try_slot(struct qcow2 *q, const struct luks_hdr *h, int i, const EVP_CIPHER *cipher,
+static int try_slot(struct qcow2 *q, const struct qcow2_luks_header *h, int i, const EVP_CIPHER *cipher,
                     const EVP_MD *md, const struct img_opts *o, uint8_t *mk, char *err, size_t errlen)
 {
     uint32_t n = h->key_bytes, stripes = h->slot[i].stripes;
@@ -236,8 +226,8 @@ int qcow2_crypto_open(struct qcow2 *q, const struct img_opts *o, char *err, size
         snprintf(err, errlen, "cannot read the LUKS header: %s", got < 0 ? strerror((int)-got) : "short read");
         return got < 0 ? (int)got : -EIO;
     }
-    struct luks_hdr h;
-    int r = parse_header(raw, &h, err, errlen);
+    struct qcow2_luks_header h;
+    int r = qcow2_luks_header_parse(raw, &h, err, errlen);
     if (r < 0)
         return r;
     const EVP_CIPHER *cipher = pick_cipher(&h, err, errlen);

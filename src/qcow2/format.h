@@ -117,6 +117,31 @@ const uint8_t *qcow2_header_find_ext(const uint8_t *buf, size_t len, const struc
  * cluster), leaving extensions and unknown bytes untouched. */
 void qcow2_header_store(const struct qcow2_header *h, uint8_t *buf);
 
+/* ---- the LUKS1 encryption header (crypt_method 2) ---------------------------- */
+#define QCOW2_LUKS_HDR_SIZE 592u
+#define QCOW2_LUKS_SLOTS 8
+#define QCOW2_LUKS_SLOT_ACTIVE 0x00AC71F3u
+#define QCOW2_LUKS_DIGEST_SIZE 20
+#define QCOW2_LUKS_SALT_SIZE 32
+
+/* The LUKS1 partition header's fields (big endian on disk); strings are
+ * NUL-terminated copies. */
+struct qcow2_luks_header {
+    char cipher[33], mode[33], hash[33], uuid[41];
+    uint32_t payload_offset;        /* sectors (unused by qcow2, shown by info) */
+    uint32_t key_bytes;
+    uint8_t mk_digest[QCOW2_LUKS_DIGEST_SIZE], mk_salt[QCOW2_LUKS_SALT_SIZE];
+    uint32_t mk_iter;
+    struct {
+        uint32_t active, iter, km_offset, stripes;  /* km_offset in sectors */
+        uint8_t salt[QCOW2_LUKS_SALT_SIZE];
+    } slot[QCOW2_LUKS_SLOTS];
+};
+
+/* Parse the QCOW2_LUKS_HDR_SIZE bytes at b; -EINVAL (not LUKS) or -ENOTSUP
+ * (not LUKS1) with the reason in err.  No key is needed (info shows it). */
+int qcow2_luks_header_parse(const uint8_t *b, struct qcow2_luks_header *h, char *err, size_t errlen);
+
 /* ---- L1 / L2 entries ---------------------------------------------------- */
 #define QCOW_OFLAG_COPIED      (1ull << 63)
 #define QCOW_OFLAG_COMPRESSED  (1ull << 62)

@@ -384,6 +384,8 @@ struct qcow2 *qcow2_alloc(struct file *f, const struct img_opts *o, char *err, s
 int qcow2_read_header(struct qcow2 *q, bool without_snapshots, char *err, size_t errlen);
 int qcow2_load_metadata(struct qcow2 *q, const struct img_opts *o, char *err, size_t errlen);
 void qcow2_abandon(struct qcow2 *q);
+/* Read and parse the snapshot table the header names (q->snapshots). */
+int qcow2_read_snapshots(struct qcow2 *q, char *err, size_t errlen);
 
 /* repair.c */
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);

@@ -44,7 +44,7 @@ static int read_table(struct qcow2 *q, uint64_t off, uint64_t entries, uint64_t 
 
 /* Walk the snapshot table entry by entry (each has a variable length) to
  * learn its size, then read and parse it whole. */
-static int read_snapshots(struct qcow2 *q, char *err, size_t errlen)
+int qcow2_read_snapshots(struct qcow2 *q, char *err, size_t errlen)
 {
     uint64_t pos = q->h.snapshots_offset, end = q->host_end;
     uint64_t unpadded_end = pos;
@@ -398,6 +398,11 @@ int qcow2_read_header(struct qcow2 *q, bool without_snapshots, char *err, size_t
         memcpy(sn_fields, q->hdr_buf + 60, sizeof(sn_fields));
         memset(q->hdr_buf + 60, 0, sizeof(sn_fields));
     }
+    if (q->hdr_len < 4 || be32_load(q->hdr_buf) != QCOW2_MAGIC) {
+        snprintf(err, errlen, "%s is not a qcow2 image (it does not start with the qcow2 magic); "
+                 "for a raw image give -f raw, or leave -f out to probe the format", path);
+        return -EINVAL;
+    }
     r = qcow2_header_parse(q->hdr_buf, q->hdr_len, (uint64_t)fsize, &q->h, msg, sizeof(msg));
     if (hide)
         memcpy(q->hdr_buf + 60, sn_fields, sizeof(sn_fields));
@@ -434,7 +439,7 @@ static int open_features(struct qcow2 *q, const struct img_opts *o, char *err, s
     char msg[400];
     const char *path = q->file.path;
     int r = 0;
-    if (q->h.nb_snapshots && (r = read_snapshots(q, msg, sizeof(msg))) < 0)
+    if (q->h.nb_snapshots && (r = qcow2_read_snapshots(q, msg, sizeof(msg))) < 0)
         goto fail;
     q->data_raw = q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
     if ((q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&

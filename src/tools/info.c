@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "img/driver.h"
 #include "qcow2/internal.h"
 #include "tools/tools.h"
 
@@ -28,6 +29,8 @@ void img_info_free(struct image_info *info)
         free(info->backing_file);
         free(info->full_backing_file);
         free(info->backing_format);
+        free(info->data_file);
+        free(info->luks);
         for (uint32_t i = 0; i < info->nb_snapshots; i++) {
             free(info->snapshots[i].id);
             free(info->snapshots[i].name);
@@ -81,9 +84,28 @@ static int read_bitmaps(struct qcow2 *q, struct image_info *info)
     return 0;
 }
 
+/* The LUKS header, as qemu-img info shows it: no passphrase needed. */
+static int read_luks_header(struct qcow2 *q, struct image_info *info)
+{
+    if (q->h.crypt_method != QCOW2_CRYPT_LUKS || q->h.crypto_length < QCOW2_LUKS_HDR_SIZE)
+        return 0;
+    uint8_t raw[QCOW2_LUKS_HDR_SIZE];
+    char msg[200];
+    ssize_t n = file_pread_any(&q->file, raw, sizeof(raw), q->h.crypto_offset);
+    info->luks = malloc(sizeof(*info->luks));
+    if (!info->luks)
+        return -ENOMEM;
+    if (n != (ssize_t)sizeof(raw) || qcow2_luks_header_parse(raw, info->luks, msg, sizeof(msg)) < 0) {
+        free(info->luks);           /* unreadable: shown as encrypted, without details */
+        info->luks = NULL;
+    }
+    return 0;
+}
+
 static int describe_qcow2(struct qcow2 *q, struct image_info *info)
 {
     const struct qcow2_header *h = &q->h;
+    info->encrypted = h->crypt_method != 0;
     info->cluster_size = (uint32_t)h->cluster_size;
     info->version = h->version;
     info->refcount_bits = h->refcount_bits;
@@ -120,30 +142,69 @@ static int describe_qcow2(struct qcow2 *q, struct image_info *info)
             si->icount = si->has_icount ? be64_load(s->extra + 16) : 0;
         }
     }
-    return read_bitmaps(q, info);
+    if (h->data_file[0]) {
+        info->data_file = strdup(h->data_file);
+        info->data_file_raw = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+    }
+    int r = read_luks_header(q, info);
+    return r < 0 ? r : read_bitmaps(q, info);
+}
+
+/* info's own open of a qcow2 image: the header and the snapshot table
+ * only, so neither a passphrase nor the data file is needed (qemu-img info
+ * shows an encrypted image without its key). */
+static int open_header_only(struct file *f, struct qcow2 **out, char *err, size_t errlen)
+{
+    struct img_opts o = { .format = IMG_FMT_QCOW2, .read_only = true, .no_backing = true,
+                          .cache = FILE_CACHE_BUFFERED };
+    char msg[400];
+    struct qcow2 *q = qcow2_alloc(f, &o, err, errlen);
+    if (!q)
+        return -ENOMEM;
+    int r = qcow2_read_header(q, false, err, errlen);
+    if (r == 0 && q->h.nb_snapshots && (r = qcow2_read_snapshots(q, msg, sizeof(msg))) < 0)
+        snprintf(err, errlen, "%s: %s", f->path, msg);
+    if (r < 0) {
+        qcow2_abandon(q);
+        return r;
+    }
+    *out = q;
+    return 0;
 }
 
 static int describe(const char *path, enum img_format fmt, struct image_info **out, char *err, size_t errlen)
 {
-    struct img_opts o = { .format = fmt, .read_only = true, .no_backing = true, .cache = FILE_CACHE_BUFFERED };
-    struct image *img = img_open(path, &o, err, errlen);
-    if (!img)
+    struct file f;
+    if (file_open(&f, path, false, FILE_CACHE_BUFFERED, err, errlen) < 0)
         return -EINVAL;
+    if (fmt == IMG_FMT_AUTO)
+        fmt = img_probe(&f);
+    struct image *img = NULL;
+    struct qcow2 *q = NULL;
+    struct img_opts o = { .format = fmt, .read_only = true, .no_backing = true, .cache = FILE_CACHE_BUFFERED };
+    int r = fmt == IMG_FMT_QCOW2 ? open_header_only(&f, &q, err, errlen)
+          : (img = img_open_file(&f, &o, err, errlen)) ? 0 : -EINVAL;
+    if (r < 0) {
+        file_close(&f);
+        return r;
+    }
+    if (q)
+        img = &q->img;
     struct image_info *info = calloc(1, sizeof(*info));
-    int r = info ? 0 : -ENOMEM;
+    r = info ? 0 : -ENOMEM;
     if (r == 0) {
         struct stat st;
         info->filename = strdup(path);
         bool have_st = stat(path, &st) == 0;
         info->virtual_size = img_size(img);
         info->actual_size = have_st ? (uint64_t)st.st_blocks * 512 : 0;
-        info->format = strcmp(img_format_name(img), "qcow2") ? IMG_FMT_RAW : IMG_FMT_QCOW2;
+        info->format = q ? IMG_FMT_QCOW2 : IMG_FMT_RAW;
         /* A raw file's partial last sector counts as a whole one (QEMU); it
          * is served without it. */
         if (info->format == IMG_FMT_RAW && have_st && S_ISREG(st.st_mode))
             info->virtual_size = ((uint64_t)st.st_size + 511) & ~511ull;
-        if (info->format == IMG_FMT_QCOW2)
-            r = describe_qcow2(to_qcow2(img), info);
+        if (q)
+            r = describe_qcow2(q, info);
         if (r < 0)
             snprintf(err, errlen, "%s: cannot describe the image: %s", path, strerror(-r));
     }

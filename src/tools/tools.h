@@ -68,10 +68,13 @@ struct image_info {
     uint32_t version;
     uint32_t refcount_bits;
     enum qcow2_compression compression;
-    bool lazy_refcounts, corrupt, extended_l2, dirty;
+    bool lazy_refcounts, corrupt, extended_l2, dirty, encrypted;
     char *backing_file;             /* NULL if none: the name as stored */
     char *full_backing_file;        /* the name as QEMU resolves it against filename */
     char *backing_format;           /* NULL if the image does not say */
+    char *data_file;                /* external data file as stored; NULL if none */
+    bool data_file_raw;
+    struct qcow2_luks_header *luks; /* LUKS encryption header (no key needed); NULL if none */
     struct snapshot_info *snapshots;
     uint32_t nb_snapshots;
     struct bitmap_info *bitmaps;    /* when the image has persistent bitmaps */
