@@ -28,6 +28,9 @@ LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 CLI_OBJS := $(CLI_SRCS:%.c=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
+# Programs the shell suites drive (tests/crash, tests/vm).  Not named test_*:
+# tests/run.sh runs every $(BUILD)/tests/test_* as a unit test.
+HELPER_BINS := $(BUILD)/tests/crashsim $(BUILD)/tests/ublk_ctrl_test
 
 .PHONY: all check bench soak clean unit debug deps demo fuzz install uninstall
 all: $(BUILD)/ublk-qcow2
@@ -43,11 +46,19 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -MMD -MP -c -o $@ $<
 
-$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libublkqcow2.a tests/unit/unit.h
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libublkqcow2.a $(wildcard tests/unit/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -Itests/unit -o $@ $< $(BUILD)/libublkqcow2.a $(PKG_LIBS) -lpthread
 
-unit: $(BUILD)/ublk-qcow2 $(UNIT_BINS)
+$(BUILD)/tests/crashsim: tests/crash/crashsim.c $(BUILD)/libublkqcow2.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -MMD -MP -o $@ $< $(BUILD)/libublkqcow2.a $(PKG_LIBS) -lpthread
+
+$(BUILD)/tests/ublk_ctrl_test: tests/vm/ublk_ctrl_test.c $(BUILD)/libublkqcow2.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -MMD -MP -o $@ $< $(BUILD)/libublkqcow2.a $(PKG_LIBS) -lpthread
+
+unit: $(BUILD)/ublk-qcow2 $(UNIT_BINS) $(HELPER_BINS)
 
 # libFuzzer targets: tests/fuzz/fuzz_*.c, each linked with the library built by
 # clang with the fuzzer's coverage instrumentation and ASan/UBSan.
@@ -122,4 +133,4 @@ uninstall:
 clean:
 	rm -rf build
 
--include $(LIB_OBJS:.o=.d) $(CLI_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d) $(FUZZ_BINS:=.d)
+-include $(LIB_OBJS:.o=.d) $(CLI_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d) $(FUZZ_BINS:=.d) $(HELPER_BINS:=.d)

@@ -1,26 +1,14 @@
-# Shared by the crash suites: build crashsim, pick a fast scratch directory,
+# Shared by the crash suites: find crashsim, pick a fast scratch directory,
 # and prepare the starting images.  Source after tests/lib/lib.sh.
 
 CRASH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-# build_crashsim: compile tests/crash/crashsim.c against the library next to $UQ
-# (sanitized if that library is) into $CRASHSIM.  Prints a `not ok` and returns 1 on failure.
-build_crashsim() {
-    local lib san libs
-    lib=$(dirname "$UQ")/libublkqcow2.a
-    if [[ ! -f $lib ]]; then
-        notok "${1}_build" "no $lib (build the project first: make MODE=debug unit)"
-        return 1
-    fi
-    san=
-    grep -qa __asan_init "$lib" && san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
-    libs=$(pkg-config --libs liburing zlib libzstd libcrypto 2>/dev/null || echo -luring -lz -lzstd -lcrypto)
-    CRASHSIM=$UQ_TMP/crashsim
-    # shellcheck disable=SC2086
-    if ! cc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -O1 -g $san \
-        -I"$REPO_ROOT/src" -o "$CRASHSIM" "$CRASH_DIR/crashsim.c" "$lib" $libs -lpthread \
-        2>"$UQ_TMP/cc.log"; then
-        notok "${1}_build" "$(head -n3 "$UQ_TMP/cc.log" | tr '\n' ' ')"
+# find_crashsim: set CRASHSIM to the crashsim the Makefile built next to $UQ
+# (make MODE=debug unit builds it into BUILD/tests/).  Prints a `not ok` and returns 1 if missing.
+find_crashsim() {
+    CRASHSIM=$(dirname "$UQ")/tests/crashsim
+    if [[ ! -x $CRASHSIM ]]; then
+        notok "${1}_build" "no $CRASHSIM (build it first: make MODE=debug unit)"
         return 1
     fi
 }

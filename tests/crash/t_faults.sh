@@ -23,7 +23,7 @@
 . "$(dirname "$0")/lib.sh"
 
 need_cmd qemu-img qemu-io cc || { skip faults "qemu-img, qemu-io or cc missing"; exit 0; }
-build_crashsim faults || exit 1
+find_crashsim faults || exit 1
 crash_workdir
 SEED=${FAULTS_SEED:-$((RANDOM % 1000 + 1))}
 note "faults: seed $SEED"

@@ -18,7 +18,7 @@
 . "$(dirname "$0")/lib.sh"
 
 need_cmd qemu-img qemu-io cc || { skip powerloss "qemu-img, qemu-io or cc missing"; exit 0; }
-build_crashsim powerloss || exit 1
+find_crashsim powerloss || exit 1
 crash_workdir
 
 if [[ ${SOAK:-0} == 1 ]]; then

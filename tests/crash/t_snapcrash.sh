@@ -21,7 +21,7 @@
 . "$(dirname "$0")/lib.sh"
 
 need_cmd qemu-img qemu-io cc jq || { skip snapcrash "qemu-img, qemu-io, cc or jq missing"; exit 0; }
-build_crashsim snapcrash || exit 1
+find_crashsim snapcrash || exit 1
 crash_workdir
 
 STATES=${SNAPCRASH_STATES:-4}

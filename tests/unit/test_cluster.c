@@ -1,0 +1,465 @@
+/* The cluster mapping (src/qcow2/cluster.c) through the request path:
+ * allocation on first write, copy-on-write of a partial cluster (from the
+ * backing file, from zeros, from a cluster shared with a snapshot),
+ * extended-L2 subclusters, zero clusters, reads of unallocated, zero and
+ * allocated ranges, a second writer waiting for an allocation in flight,
+ * and a failed data write giving its new cluster back.
+ *
+ * Every request runs in a coroutine on the loop.  A shadow copy of the
+ * first GUEST bytes says what the guest must read; L2 entries, bitmaps and
+ * refcounts are read back from the engine, copied bytes from the file. */
+#include <errno.h>
+
+#include "engine.h"
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define CS 65536ull
+#define GUEST (16 * CS)
+#define BASE_LEN (4ull << 20)
+
+static uint8_t shadow[GUEST], base[BASE_LEN];
+
+enum { OP_READ, OP_WRITE, OP_ZERO, OP_DISCARD, OP_FLUSH };
+struct job { struct image *img; int op; uint8_t *buf; uint64_t off, len; unsigned flags; int r; bool done; };
+
+static void co_job(void *arg)
+{
+    struct job *j = arg;
+    switch (j->op) {
+    case OP_READ: j->r = img_read(j->img, j->buf, j->off, j->len); break;
+    case OP_WRITE: j->r = img_write(j->img, j->buf, j->off, j->len, j->flags); break;
+    case OP_ZERO: j->r = img_write_zeroes(j->img, j->off, j->len, j->flags); break;
+    case OP_DISCARD: j->r = img_discard(j->img, j->off, j->len); break;
+    default: j->r = img_flush(j->img); break;
+    }
+    j->done = true;
+}
+
+static int run_job(struct job *j)
+{
+    j->r = 1;
+    if (fx_run(co_job, j) < 0)
+        return -EDEADLK;
+    return j->r;
+}
+
+/* Write len bytes of pattern seed at off (and into the shadow). */
+static int wr(struct qcow2 *q, uint64_t off, uint64_t len, unsigned seed)
+{
+    uint8_t *buf = io_alloc(len);
+    fx_fill(buf, len, seed);
+    struct job j = { .img = &q->img, .op = OP_WRITE, .buf = buf, .off = off, .len = len };
+    int r = run_job(&j);
+    if (r == 0 && off < GUEST)
+        memcpy(shadow + off, buf, MIN(len, GUEST - off));
+    io_free(buf);
+    return r;
+}
+
+static int zero(struct qcow2 *q, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct job j = { .img = &q->img, .op = OP_ZERO, .off = off, .len = len, .flags = flags };
+    int r = run_job(&j);
+    if (r == 0)
+        memset(shadow + off, 0, len);
+    return r;
+}
+
+static int flush(struct qcow2 *q)
+{
+    struct job j = { .img = &q->img, .op = OP_FLUSH };
+    return run_job(&j);
+}
+
+/* Does the guest read what the shadow says (first mismatch printed)? */
+static bool reads_shadow(struct image *img)
+{
+    uint8_t *buf = io_alloc(GUEST);
+    struct job j = { .img = img, .op = OP_READ, .buf = buf, .off = 0, .len = GUEST };
+    int r = run_job(&j);
+    bool ok = r == 0 && memcmp(buf, shadow, GUEST) == 0;
+    if (r)
+        printf("#   read failed: %d\n", r);
+    for (uint64_t i = 0; r == 0 && i < GUEST; i++) {
+        if (buf[i] != shadow[i]) {
+            printf("#   guest byte 0x%llx reads 0x%02x, want 0x%02x\n", (unsigned long long)i,
+                   buf[i], shadow[i]);
+            break;
+        }
+    }
+    io_free(buf);
+    return ok;
+}
+
+/* Do the file's bytes at host equal what the shadow holds at guest off? */
+static bool host_holds(struct qcow2 *q, uint64_t host, uint64_t off, uint64_t len)
+{
+    uint8_t *b = malloc(len);
+    fx_peek(q, host, b, len);
+    bool ok = memcmp(b, shadow + off, len) == 0;
+    free(b);
+    if (!ok)
+        printf("#   host 0x%llx does not hold guest 0x%llx+%llu\n", (unsigned long long)host,
+               (unsigned long long)off, (unsigned long long)len);
+    return ok;
+}
+
+static void reset_shadow(bool backing)
+{
+    memset(shadow, 0, GUEST);
+    if (backing)
+        memcpy(shadow, base, GUEST);
+}
+
+static bool check_clean(const char *file)
+{
+    struct check_opts o = { 0 };
+    struct check_result res;
+    char err[256];
+    memset(&res, 0, sizeof(res));
+    int r = img_check(fx_path(file), IMG_FMT_QCOW2, &o, &res, err, sizeof(err));
+    if (r < 0 || res.corruptions || res.leaks) {
+        printf("#   check %s: r=%d corruptions=%llu leaks=%llu\n", file, r,
+               (unsigned long long)res.corruptions, (unsigned long long)res.leaks);
+        return false;
+    }
+    return true;
+}
+
+#define HOST(e) ((e) & L2E_OFFSET_MASK)
+
+/* ---- tests ----------------------------------------------------------------- */
+
+static void test_read_unallocated(void)
+{
+    CHECK_EQ(fx_create("ra.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    CHECK_EQ(fx_create("rb.qcow2", 64 << 20, 0, 0, false, "base.raw", "raw"), 0);
+    struct qcow2 *q = fx_open("ra.qcow2");
+    if (q) {
+        reset_shadow(false);
+        CHECK_EQ(q->l1[0], 0);
+        CHECK(reads_shadow(&q->img));       /* zeros */
+        CHECK_EQ(img_close(&q->img), 0);
+    }
+    q = fx_open("rb.qcow2");
+    if (q) {
+        reset_shadow(true);
+        CHECK(q->backing != NULL);
+        CHECK(reads_shadow(&q->img));       /* the backing file */
+        CHECK_EQ(img_close(&q->img), 0);
+    }
+}
+
+/* The first write allocates an L2 table and a data cluster (refcount 1,
+ * COPIED); the rest of the cluster reads as zeros; a write over several
+ * unallocated clusters gets one contiguous run. */
+static void test_first_write_allocates(void)
+{
+    CHECK_EQ(fx_create("fw.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = fx_open("fw.qcow2");
+    if (!q)
+        return;
+    reset_shadow(false);
+    uint64_t alloc0 = stat_get(&q->clusters_allocated);
+    CHECK_EQ(wr(q, 8192, 4096, 1), 0);
+    uint64_t l1e = q->l1[0];
+    CHECK(l1e & QCOW_OFLAG_COPIED);
+    CHECK_EQ(fx_rc(q, l1e & L1E_OFFSET_MASK), 1);
+    uint64_t e = fx_l2e(q, 0, NULL);
+    CHECK(e & QCOW_OFLAG_COPIED);
+    CHECK_EQ(HOST(e) % CS, 0);
+    CHECK_EQ(qcow2_l2_entry_type(&q->h, e, false), QCOW2_CLUSTER_NORMAL);
+    CHECK_EQ(fx_rc(q, HOST(e)), 1);
+    CHECK_EQ(stat_get(&q->clusters_allocated) - alloc0, 2);     /* L2 table + data */
+    CHECK(host_holds(q, HOST(e), 0, CS));
+    CHECK(reads_shadow(&q->img));
+
+    /* Clusters 2..4 from the middle of 2: one run, entries in order. */
+    CHECK_EQ(wr(q, 2 * CS + 60 * 1024, 2 * CS, 2), 0);
+    uint64_t e2 = fx_l2e(q, 2 * CS, NULL), e3 = fx_l2e(q, 3 * CS, NULL), e4 = fx_l2e(q, 4 * CS, NULL);
+    CHECK_EQ(HOST(e3), HOST(e2) + CS);
+    CHECK_EQ(HOST(e4), HOST(e2) + 2 * CS);
+    CHECK_EQ(fx_l2e(q, CS, NULL), 0);
+    CHECK(host_holds(q, HOST(e2), 2 * CS, 3 * CS));
+    CHECK(reads_shadow(&q->img));
+    /* An owned cluster is overwritten in place. */
+    CHECK_EQ(wr(q, 3 * CS + 4096, 8192, 3), 0);
+    CHECK_EQ(fx_l2e(q, 3 * CS, NULL), e3);
+    CHECK(host_holds(q, HOST(e3), 3 * CS, CS));
+    CHECK_EQ(img_close(&q->img), 0);
+
+    q = fx_open("fw.qcow2");
+    if (!q)
+        return;
+    CHECK_EQ(fx_l2e(q, 0, NULL), e);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("fw.qcow2"));
+}
+
+/* A partial write into an unallocated cluster over a backing file: the new
+ * cluster holds the backing file's head and tail around the data. */
+static void test_cow_partial_from_backing(void)
+{
+    CHECK_EQ(fx_create("cow.qcow2", 64 << 20, 0, 0, false, "base.raw", "raw"), 0);
+    struct qcow2 *q = fx_open("cow.qcow2");
+    if (!q)
+        return;
+    reset_shadow(true);
+    CHECK_EQ(wr(q, CS + 16384, 4096, 4), 0);
+    uint64_t e = fx_l2e(q, CS, NULL);
+    CHECK(e & QCOW_OFLAG_COPIED);
+    CHECK(host_holds(q, HOST(e), CS, CS));          /* head + data + tail copied */
+    CHECK_EQ(fx_l2e(q, 0, NULL), 0);
+    CHECK_EQ(fx_l2e(q, 2 * CS, NULL), 0);
+    /* Unaligned head and tail across two clusters: both partial. */
+    CHECK_EQ(wr(q, 5 * CS + CS / 2, CS, 5), 0);
+    uint64_t e5 = fx_l2e(q, 5 * CS, NULL), e6 = fx_l2e(q, 6 * CS, NULL);
+    CHECK_EQ(HOST(e6), HOST(e5) + CS);
+    CHECK(host_holds(q, HOST(e5), 5 * CS, 2 * CS));
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("cow.qcow2"));
+}
+
+/* Zero clusters: on an unallocated cluster over a backing file the zero
+ * flag hides the backing data, and a partial write there copies zeros, not
+ * the backing file.  On our own cluster without unmap it stays allocated
+ * (ZERO_ALLOC) and the next write reuses it. */
+static void test_zero_clusters(void)
+{
+    CHECK_EQ(fx_create("z.qcow2", 64 << 20, 0, 0, false, "base.raw", "raw"), 0);
+    struct qcow2 *q = fx_open("z.qcow2");
+    if (!q)
+        return;
+    reset_shadow(true);
+    CHECK_EQ(wr(q, 0, CS, 6), 0);                  /* an L2 table, cluster 0 ours */
+    CHECK_EQ(zero(q, 3 * CS, CS, 0), 0);
+    CHECK_EQ(fx_l2e(q, 3 * CS, NULL), QCOW_OFLAG_ZERO);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(wr(q, 3 * CS + 8192, 4096, 7), 0);
+    uint64_t e3 = fx_l2e(q, 3 * CS, NULL);
+    CHECK_EQ(qcow2_l2_entry_type(&q->h, e3, false), QCOW2_CLUSTER_NORMAL);
+    CHECK(host_holds(q, HOST(e3), 3 * CS, CS));     /* zeros around the data */
+    CHECK(reads_shadow(&q->img));
+
+    /* Our cluster, NO_HOLE: the zero flag on the same cluster. */
+    uint64_t e0 = fx_l2e(q, 0, NULL);
+    CHECK_EQ(zero(q, 0, CS, IMG_NO_HOLE), 0);
+    uint64_t z0 = fx_l2e(q, 0, NULL);
+    CHECK_EQ(z0, e0 | QCOW_OFLAG_ZERO);
+    CHECK_EQ(qcow2_l2_entry_type(&q->h, z0, false), QCOW2_CLUSTER_ZERO_ALLOC);
+    CHECK_EQ(fx_rc(q, HOST(e0)), 1);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(wr(q, 4096, 4096, 8), 0);             /* reuses it, zeros around */
+    CHECK_EQ(fx_l2e(q, 0, NULL), e0);
+    CHECK(host_holds(q, HOST(e0), 0, CS));
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("z.qcow2"));
+
+    /* With discard=unmap, write-zeroes (may unmap) and discard let our
+     * clusters go once the change is durable. */
+    struct image *img = fx_open_opts("z.qcow2", true, false, NULL);
+    if (!img)
+        return;
+    q = to_qcow2(img);
+    uint64_t h3 = HOST(fx_l2e(q, 3 * CS, NULL));
+    CHECK_EQ(zero(q, 0, CS, 0), 0);
+    CHECK_EQ(fx_l2e(q, 0, NULL), QCOW_OFLAG_ZERO);
+    CHECK_EQ(fx_rc(q, HOST(e0)), 1);               /* until the flush */
+    struct job j = { .img = img, .op = OP_DISCARD, .off = 3 * CS, .len = CS };
+    CHECK_EQ(run_job(&j), 0);
+    memset(shadow + 3 * CS, 0, CS);
+    CHECK_EQ(fx_l2e(q, 3 * CS, NULL), QCOW_OFLAG_ZERO);
+    CHECK_EQ(flush(q), 0);
+    CHECK_EQ(fx_rc(q, HOST(e0)), 0);
+    CHECK_EQ(fx_rc(q, h3), 0);
+    CHECK(reads_shadow(img));
+    CHECK_EQ(img_close(img), 0);
+    CHECK(check_clean("z.qcow2"));
+}
+
+/* A write into a cluster shared with a snapshot: the L2 table is copied,
+ * the cluster gets a new home (head and tail copied from the shared one),
+ * and after the flush the old cluster and table keep only the snapshot's
+ * reference.  The snapshot still reads the old content. */
+static void test_write_to_snapshot_shared_cluster(void)
+{
+    CHECK_EQ(fx_create("snap.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = fx_open("snap.qcow2");
+    if (!q)
+        return;
+    reset_shadow(false);
+    CHECK_EQ(wr(q, 0, 2 * CS, 9), 0);
+    static uint8_t before[GUEST];
+    memcpy(before, shadow, GUEST);
+    uint64_t old_l2 = q->l1[0] & L1E_OFFSET_MASK, e0 = fx_l2e(q, 0, NULL), e1 = fx_l2e(q, CS, NULL);
+    char id[64], err[256];
+    CHECK_EQ(img_snapshot_create(&q->img, "s1", id, sizeof(id), err, sizeof(err)), 0);
+    CHECK(!(q->l1[0] & QCOW_OFLAG_COPIED));
+    CHECK_EQ(fx_rc(q, old_l2), 2);
+    CHECK_EQ(fx_rc(q, HOST(e0)), 2);
+    CHECK(!(fx_l2e(q, 0, NULL) & QCOW_OFLAG_COPIED));
+
+    CHECK_EQ(wr(q, 8192, 4096, 10), 0);
+    uint64_t new_l2 = q->l1[0] & L1E_OFFSET_MASK, n0 = fx_l2e(q, 0, NULL);
+    CHECK(new_l2 != old_l2 && (q->l1[0] & QCOW_OFLAG_COPIED));
+    CHECK(HOST(n0) != HOST(e0) && (n0 & QCOW_OFLAG_COPIED));
+    CHECK(host_holds(q, HOST(n0), 0, CS));
+    CHECK_EQ(fx_l2e(q, CS, NULL), e1 & ~QCOW_OFLAG_COPIED);     /* copied table, still shared */
+    CHECK_EQ(fx_rc(q, HOST(e0)), 2);               /* the drop waits for a flush */
+    CHECK_EQ(fx_rc(q, old_l2), 2);
+    CHECK_EQ(flush(q), 0);
+    CHECK_EQ(fx_rc(q, HOST(e0)), 1);
+    CHECK_EQ(fx_rc(q, old_l2), 1);
+    CHECK_EQ(fx_rc(q, HOST(n0)), 1);
+    CHECK_EQ(fx_rc(q, new_l2), 1);
+    CHECK_EQ(fx_rc(q, HOST(e1)), 2);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("snap.qcow2"));
+
+    struct image *img = fx_open_opts("snap.qcow2", false, true, "s1");
+    if (!img)
+        return;
+    memcpy(shadow, before, GUEST);
+    CHECK(reads_shadow(img));
+    CHECK_EQ(img_close(img), 0);
+}
+
+/* Extended L2: a write allocates only the subclusters it touches (partial
+ * ones filled from what they read as), others stay unallocated (backing
+ * file) or zero. */
+static void test_extl2_subclusters(void)
+{
+    const uint64_t SC = CS / 32;
+    CHECK_EQ(fx_create("x.qcow2", 64 << 20, 0, 0, true, "base.raw", "raw"), 0);
+    struct qcow2 *q = fx_open("x.qcow2");
+    if (!q)
+        return;
+    CHECK(q->extl2);
+    reset_shadow(true);
+    uint64_t bm;
+    CHECK_EQ(wr(q, 3 * SC, SC, 11), 0);            /* subcluster 3 exactly */
+    uint64_t e = fx_l2e(q, 0, &bm);
+    CHECK(e & QCOW_OFLAG_COPIED);
+    CHECK_EQ(bm, 1ull << 3);
+    CHECK(host_holds(q, HOST(e) + 3 * SC, 3 * SC, SC));
+    /* Part of subcluster 5 of our cluster: filled from the backing file. */
+    CHECK_EQ(wr(q, 5 * SC + 512, 1024, 12), 0);
+    CHECK_EQ(fx_l2e(q, 0, &bm), e);
+    CHECK_EQ(bm, (1ull << 3) | (1ull << 5));
+    CHECK(host_holds(q, HOST(e) + 5 * SC, 5 * SC, SC));
+    /* A new cluster, partial subcluster 2: only it is copied and allocated. */
+    CHECK_EQ(wr(q, CS + 2 * SC + 512, 1024, 13), 0);
+    uint64_t e1 = fx_l2e(q, CS, &bm);
+    CHECK(HOST(e1) && HOST(e1) != HOST(e));
+    CHECK_EQ(bm, 1ull << 2);
+    CHECK(host_holds(q, HOST(e1) + 2 * SC, CS + 2 * SC, SC));
+    /* Subcluster 7 zeroed: its zero bit, reading zeros over the backing. */
+    CHECK_EQ(zero(q, CS + 7 * SC, SC, 0), 0);
+    CHECK_EQ(fx_l2e(q, CS, &bm), e1);
+    CHECK_EQ(bm, (1ull << 2) | (1ull << (32 + 7)));
+    /* Writing it again: allocated, zero bit gone, the rest of it zeros. */
+    CHECK_EQ(wr(q, CS + 7 * SC + 1024, 512, 14), 0);
+    CHECK_EQ(fx_l2e(q, CS, &bm), e1);
+    CHECK_EQ(bm, (1ull << 2) | (1ull << 7));
+    CHECK(host_holds(q, HOST(e1) + 7 * SC, CS + 7 * SC, SC));
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("x.qcow2"));
+}
+
+/* Two requests write different parts of one unallocated cluster: the
+ * second waits for the first one's allocation (parked in its data write)
+ * and then writes in place: one cluster, both parts. */
+static struct qcow2 *cq;
+static void co_two_writers(void *arg)
+{
+    uint8_t *a = io_alloc(4096), *b = io_alloc(4096);
+    fx_fill(a, 4096, 20);
+    fx_fill(b, 4096, 21);
+    struct fx_rule *gate = fx_rule(FILE_OP_WRITE, cq->host_end, 1ull << 40, 0, true);
+    struct job ja = { .img = &cq->img, .op = OP_WRITE, .buf = a, .off = 5 * CS, .len = 4096 };
+    struct job jb = { .img = &cq->img, .op = OP_WRITE, .buf = b, .off = 5 * CS + 32768, .len = 4096 };
+    uint64_t alloc0 = stat_get(&cq->clusters_allocated);
+    co_spawn(co_job, &ja);
+    co_spawn(co_job, &jb);
+    fx_settle();
+    CHECK_EQ(gate->parked, 1);                     /* a, in its data write */
+    CHECK(!ja.done && !jb.done);
+    CHECK(cq->allocs != NULL && cq->allocs->first == 5 && cq->allocs->last == 5);
+    CHECK(!co_queue_empty(&cq->allocs->waiters));  /* b waits for it */
+    fx_release(gate);
+    fx_settle();
+    CHECK(ja.done && jb.done);
+    CHECK_EQ(ja.r, 0);
+    CHECK_EQ(jb.r, 0);
+    CHECK_EQ(stat_get(&cq->clusters_allocated) - alloc0, 1);
+    memcpy(shadow + 5 * CS, a, 4096);
+    memcpy(shadow + 5 * CS + 32768, b, 4096);
+    io_free(a);
+    io_free(b);
+}
+
+static void test_second_writer_waits_for_allocation(void)
+{
+    CHECK_EQ(fx_create("w2.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    cq = fx_open("w2.qcow2");
+    if (!cq)
+        return;
+    reset_shadow(false);
+    CHECK_EQ(wr(cq, 0, 4096, 19), 0);              /* the L2 table exists */
+    CHECK_EQ(fx_run(co_two_writers, NULL), 0);
+    fx_rules_clear();
+    uint64_t e = fx_l2e(cq, 5 * CS, NULL);
+    CHECK(e & QCOW_OFLAG_COPIED);
+    CHECK(host_holds(cq, HOST(e), 5 * CS, CS));
+    CHECK(reads_shadow(&cq->img));
+    CHECK_EQ(img_close(&cq->img), 0);
+    CHECK(check_clean("w2.qcow2"));
+}
+
+/* The data write of a new cluster fails: the entry is unchanged and the
+ * cluster (never referenced) is free again. */
+static void test_failed_write_frees_new_cluster(void)
+{
+    CHECK_EQ(fx_create("wf.qcow2", 64 << 20, 0, 0, false, "base.raw", "raw"), 0);
+    struct qcow2 *q = fx_open("wf.qcow2");
+    if (!q)
+        return;
+    reset_shadow(true);
+    CHECK_EQ(wr(q, 0, 4096, 22), 0);
+    uint64_t next = q->host_end;
+    struct fx_rule *f = fx_rule(FILE_OP_WRITE, next, 1ull << 40, -EIO, false);
+    CHECK_EQ(wr(q, 2 * CS + 4096, 4096, 23), -EIO);
+    CHECK_EQ(f->hits, 1);
+    fx_rules_clear();
+    CHECK_EQ(fx_l2e(q, 2 * CS, NULL), 0);
+    CHECK_EQ(fx_rc(q, next), 0);
+    CHECK(!q->broken);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(wr(q, 2 * CS + 4096, 4096, 24), 0);   /* the retry gets that cluster */
+    CHECK_EQ(HOST(fx_l2e(q, 2 * CS, NULL)), next);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(check_clean("wf.qcow2"));
+}
+
+int main(void)
+{
+    fx_setup("test_cluster");
+    fx_fill(base, BASE_LEN, 99);
+    fx_poke("base.raw", 0, base, BASE_LEN);
+    RUN_TEST(test_read_unallocated);
+    RUN_TEST(test_first_write_allocates);
+    RUN_TEST(test_cow_partial_from_backing);
+    RUN_TEST(test_zero_clusters);
+    RUN_TEST(test_write_to_snapshot_shared_cluster);
+    RUN_TEST(test_extl2_subclusters);
+    RUN_TEST(test_second_writer_waits_for_allocation);
+    RUN_TEST(test_failed_write_frees_new_cluster);
+    fx_teardown();
+    UNIT_EXIT();
+}
