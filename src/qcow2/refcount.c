@@ -533,6 +533,8 @@ static int alloc_area(struct qcow2 *q, uint64_t n, uint64_t *host_off)
         for (uint64_t j = 0; j < nb; j++) {
             q->reftable[ti0 + j] = (start + j) * cs;
             q->reftable_dirty[(ti0 + j) * 8 / 512] = 1;
+            /* Metadata from now on: no data write may land on it. */
+            qcow2_ol_add(q, (start + j) * cs, OL_BIT_REFBLOCK);
         }
         qcow2_note_host_end(q, (start + nb + n) * cs);
         stat_add(&q->clusters_allocated, n);

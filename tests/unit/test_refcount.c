@@ -485,6 +485,9 @@ static void test_alloc_contiguous_area(void)
     for (uint64_t b = start; b < first; b++) {
         CHECK_EQ(q->reftable[start / rbe + (b - start)], b * c);   /* block j: range j of the area */
         CHECK_EQ(fx_rc(q, b * c), 1);
+        /* Indexed as metadata at once: a data write there is refused. */
+        char msg[200];
+        CHECK(qcow2_ol_conflict(q, b * c, c, 0, "test", msg, sizeof(msg)) < 0);
     }
     bool all = true;
     for (uint64_t i = 0; i < n; i++)
