@@ -575,9 +575,12 @@ int qcow2_alloc_contiguous(struct qcow2 *q, uint64_t n, uint64_t *host_off)
         spare[nspare].off = off;
         spare[nspare++].n = got;
     }
+    /* A give-back that fails (the refcount block cannot be loaded) only
+     * leaks those clusters, the one damage a crash may leave too: the
+     * allocation itself stands. */
     for (size_t k = 0; k < nspare; k++)
         for (uint64_t i = 0; i < spare[k].n; i++)
-            qcow2_rc_update(q, spare[k].off / cl_size(q) + i, -1);
+            (void)qcow2_rc_update(q, spare[k].off / cl_size(q) + i, -1);
     free(spare);
     return r;
 }
