@@ -150,11 +150,30 @@ int qcow2_resolve_backing(const char *overlay, const char *name, char *out, size
     return qcow2_resolve_name(overlay, name, "backing file", out, outlen, err, errlen);
 }
 
+#define CHAIN_MSG_MAX 4096
+#define CHAIN_PREFIX "backing file of '"
+
+/* The error of q's backing file: "backing file of 'Q': why" when that file
+ * itself failed.  A failure further down passes up unchanged (it already
+ * names the file at fault), so the root cause is never cut off by one
+ * prefix per image of a deep chain; the top image adds where it started. */
+static void chain_error(struct qcow2 *q, const struct img_chain *self, const char *msg, char *err,
+                        size_t errlen)
+{
+    bool deeper = !strncmp(msg, CHAIN_PREFIX, strlen(CHAIN_PREFIX)) || !strncmp(msg, "in the backing chain", 20);
+    if (!deeper)
+        snprintf(err, errlen, CHAIN_PREFIX "%s': %s", q->img.path, msg);
+    else if (self->depth == 0)
+        snprintf(err, errlen, "in the backing chain of '%s': %s", q->img.path, msg);
+    else
+        snprintf(err, errlen, "%s", msg);
+}
+
 /* Open the backing file of q, linked below `self` (q's place in the chain). */
 static int open_backing(struct qcow2 *q, const struct img_opts *o, const struct img_chain *self,
                         char *err, size_t errlen)
 {
-    char path[PATH_MAX + 1100], msg[512];
+    char path[PATH_MAX + 1100], msg[CHAIN_MSG_MAX];
     int r = qcow2_resolve_backing(q->img.path, q->h.backing_file, path, sizeof(path), err, errlen);
     if (r < 0)
         return r;
@@ -205,7 +224,7 @@ static int open_backing(struct qcow2 *q, const struct img_opts *o, const struct 
     if (!bimg) {
         file_close(&f);
         close(lock_fd);
-        snprintf(err, errlen, "backing file of '%s': %s", q->img.path, msg);
+        chain_error(q, self, msg, err, errlen);
         return -EINVAL;
     }
     q->backing = bimg;
