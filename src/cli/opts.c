@@ -125,7 +125,7 @@ static int take_opt(const struct cli_cmd *cmd, const struct cli_opt *o, const ch
         uq_set_verbosity(uq_verbosity() + 1);
         return CLI_GO_ON;
     case CLI_CALL:
-        return o->take(o, arg, argc, argv);
+        return o->take(cmd, o, arg, argc, argv);
     }
     return CLI_GO_ON;
 }

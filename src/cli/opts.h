@@ -25,6 +25,8 @@ enum cli_opt_type {
     CLI_CALL,           /* the command's own take() */
 };
 
+struct cli_cmd;
+
 struct cli_opt {
     const char *name;           /* long name; NULL: short only */
     int letter;                 /* short option; 0: long only */
@@ -38,7 +40,8 @@ struct cli_opt {
     bool optional_arg;          /* CLI_CALL: the argument may be left out (arg NULL) */
     /* CLI_CALL: CLI_GO_ON, or an exit code after saying why.  argc/argv
      * for an option that takes a detached optional argument itself. */
-    int (*take)(const struct cli_opt *o, const char *arg, int argc, char **argv);
+    int (*take)(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                char **argv);
 };
 
 /* -n, --id ID: a ublk device (uint32_t *id; *given set when given). */

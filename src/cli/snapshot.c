@@ -12,6 +12,7 @@
 
 #include "util/json.h"
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "io/imagelock.h"
 #include "img/image.h"
 #include "ublk/ctl_socket.h"
@@ -245,38 +246,18 @@ static int snapshot_online(uint32_t id, const char *name)
 
 int cmd_snapshot(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "json", no_argument, NULL, 'j' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     bool json = false, force = false, have_id = false;
     uint32_t id = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:jUh", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            if (!cli_parse_dev_id("snapshot", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case 'j':
-            json = true;
-            break;
-        case 'U':
-            force = true;
-            break;
-        case 'h':
-            snapshot_usage(stdout);
-            return 0;
-        default:
-            snapshot_usage(stderr);
-            return 2;
-        }
-    }
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "json", 'j', CLI_FLAG, .dest = &json },
+        { "force-share", 'U', CLI_FLAG, .dest = &force },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "snapshot", snapshot_usage, opts, .usage_exit = 2 };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     int nargs = argc - optind;
     char **a = argv + optind;
     if (nargs < 1) {
@@ -338,36 +319,18 @@ static bool parse_new_size(const char *s, uint64_t cur, uint64_t *out)
 
 int cmd_resize(int argc, char **argv)
 {
-    enum { OPT_SHRINK = 256 };
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "shrink", no_argument, NULL, OPT_SHRINK },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     bool shrink = false, have_id = false;
     uint32_t id = 0;
-    int c;
-    optind = 1;
-    /* "+": stop at the first non-option, so "-1G" is a size, not options. */
-    while ((c = getopt_long(argc, argv, "+n:h", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            if (!cli_parse_dev_id("resize", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case OPT_SHRINK:
-            shrink = true;
-            break;
-        case 'h':
-            resize_usage(stdout);
-            return 0;
-        default:
-            resize_usage(stderr);
-            return 2;
-        }
-    }
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "shrink", 0, CLI_FLAG, .dest = &shrink },
+        { 0 },
+    };
+    /* options_first: stop at the first non-option, so "-1G" is a size, not options. */
+    const struct cli_cmd cmd = { "resize", resize_usage, opts, .usage_exit = 2, .options_first = true };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     int nargs = argc - optind;
     char **a = argv + optind;
     if (have_id) {
