@@ -43,8 +43,6 @@ void cli_key_clear(struct cli_key *k);      /* wipe and free */
 
 /* Strict unsigned parse: digits only, within [min, max]; false otherwise. */
 bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out);
-/* A ublk device id for `-n`: on a bad one, says so naming cmd and returns false. */
-bool cli_parse_dev_id(const char *cmd, const char *s, uint32_t *out);
 
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
