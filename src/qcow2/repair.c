@@ -381,14 +381,21 @@ static uint64_t bad_flags(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
     return e;
 }
 
-/* Count the references of one L2 table, times each (strict: a table named
- * times more); the checker also checks every entry. */
-static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2, uint32_t times)
+/* One L2 table being walked. */
+struct l2_pass {
+    uint8_t *l2;                /* the table's bytes */
+    uint64_t l2_off;
+    bool active;                /* named by the active L1 table (counts in the statistics) */
+    uint32_t times;             /* references each entry stands for */
+    uint64_t next_contiguous;   /* where the next data cluster would not be fragmented */
+};
+
+/* Read one L2 table into l2 (strict: within the budget of L2 bytes). */
+static int read_l2(struct rc_walk *w, uint64_t l2_off, uint8_t *l2)
 {
     struct qcow2 *q = w->q;
-    struct check_result *res = w->res;
-    uint64_t cs = cl_size(q), next_contiguous = 0;
-    if (!res) {
+    uint64_t cs = cl_size(q);
+    if (!w->res) {
         w->l2_read += cs;
         if (w->l2_read > REPAIR_MAX_L2_BYTES) {
             snprintf(w->err, w->errlen, "the L1 tables name more than %llu GiB of L2 tables",
@@ -400,12 +407,101 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
     if (r < 0) {
         snprintf(w->err, w->errlen, "cannot read the L2 table at 0x%llx: %s",
                  (unsigned long long)l2_off, strerror(-r));
-        if (res) {
+        if (w->res) {
             qcow2_walk_say(w, "ERROR: I/O error in check_refcounts_l2");
-            res->check_errors++;
+            w->res->check_errors++;
         }
-        return r;
     }
+    return r;
+}
+
+static int walk_compressed(struct rc_walk *w, struct l2_pass *p, uint64_t j, uint64_t e, uint64_t bm)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    if (res && (e & QCOW_OFLAG_COPIED)) {
+        e = bad_flags(w, p->l2, p->l2_off, j, e, QCOW_OFLAG_COPIED,
+                      "copied flag set on a compressed cluster (it must never be)");
+        e &= ~QCOW_OFLAG_COPIED;
+    }
+    if (res && bm) {
+        qcow2_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
+                    "entry=0x%llx", (unsigned long long)j, (unsigned long long)e);
+        res->corruptions++;
+        return 0;
+    }
+    uint64_t coff, nbytes;
+    qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
+    int r = count_n(w, coff, nbytes, "a compressed cluster", p->times);
+    if (res && p->active) {
+        /* Compressed clusters count as fragmented, as in QEMU. */
+        res->allocated_clusters++;
+        res->compressed_clusters++;
+        res->fragmented_clusters++;
+    }
+    return r;
+}
+
+/* A data (or preallocated zero) cluster's entry. */
+static int walk_allocated(struct rc_walk *w, struct l2_pass *p, uint64_t j, uint64_t e, uint64_t bm)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    uint64_t cs = cl_size(q), off = e & L2E_OFFSET_MASK;
+    if (has_data_file(q)) {
+        /* Data in an external data file is not refcounted. */
+        if (res && p->active)
+            res->allocated_clusters++;
+        return 0;
+    }
+    if (res && ((bm >> 32) & bm)) {
+        qcow2_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
+                    (unsigned long long)off);
+        res->corruptions++;
+    }
+    if (res && (off & (cs - 1))) {
+        bool data = q->extl2 ? (bm & EXTL2_ALL_ALLOC) != 0 : !(e & QCOW_OFLAG_ZERO);
+        res->corruptions++;
+        if (data) {
+            qcow2_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
+                        (unsigned long long)off);
+        } else {
+            bool fix = w->fix & CHECK_FIX_ERRORS;
+            qcow2_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                        fix ? "Repairing" : "ERROR", (unsigned long long)off);
+            if (fix && zero_l2_entry(w, p->l2, p->l2_off, j) == 0) {
+                res->corruptions--;
+                res->corruptions_fixed++;
+                return 0;   /* the entry no longer names a cluster */
+            }
+        }
+    }
+    if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
+        qcow2_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
+                    "a zero cluster", (unsigned long long)off);
+        if (zero_l2_entry(w, p->l2, p->l2_off, j) == 0) {
+            res->corruptions_fixed++;
+            return 0;
+        }
+    }
+    if (res && p->active) {
+        res->allocated_clusters++;
+        if (p->next_contiguous && off != p->next_contiguous)
+            res->fragmented_clusters++;
+        p->next_contiguous = off + cs;
+    }
+    /* A misaligned offset counts every cluster the range touches, as QEMU does. */
+    return count_n(w, off, cs, "a data cluster", p->times);
+}
+
+/* Count the references of one L2 table, times each (strict: a table named
+ * times more); the checker also checks every entry. */
+static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2, uint32_t times)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    struct l2_pass p = { .l2 = l2, .l2_off = l2_off, .active = active, .times = times };
+    int r = read_l2(w, l2_off, l2);
     for (uint64_t j = 0; j < q->h.l2_entries && r == 0; j++) {
         uint64_t e = be64_load(l2 + j * q->h.l2_entry_size);
         uint64_t bm = q->extl2 ? be64_load(l2 + j * q->h.l2_entry_size + 8) : 0;
@@ -423,78 +519,13 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 e = bad_flags(w, l2, l2_off, j, e, L2E_STD_RESERVED_MASK, "found l2 entry with reserved bits set");
         }
         switch (t) {
-        case QCOW2_CLUSTER_COMPRESSED: {
-            if (res && (e & QCOW_OFLAG_COPIED)) {
-                e = bad_flags(w, l2, l2_off, j, e, QCOW_OFLAG_COPIED,
-                              "copied flag set on a compressed cluster (it must never be)");
-                e &= ~QCOW_OFLAG_COPIED;
-            }
-            if (res && bm) {
-                qcow2_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
-                            "entry=0x%llx", (unsigned long long)j, (unsigned long long)e);
-                res->corruptions++;
-                break;
-            }
-            uint64_t coff, nbytes;
-            qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
-            r = count_n(w, coff, nbytes, "a compressed cluster", times);
-            if (res && active) {
-                /* Compressed clusters count as fragmented, as in QEMU. */
-                res->allocated_clusters++;
-                res->compressed_clusters++;
-                res->fragmented_clusters++;
-            }
+        case QCOW2_CLUSTER_COMPRESSED:
+            r = walk_compressed(w, &p, j, e, bm);
             break;
-        }
         case QCOW2_CLUSTER_NORMAL:
-        case QCOW2_CLUSTER_ZERO_ALLOC: {
-            uint64_t off = e & L2E_OFFSET_MASK;
-            if (has_data_file(q)) {
-                /* Data in an external data file is not refcounted. */
-                if (res && active)
-                    res->allocated_clusters++;
-                break;
-            }
-            if (res && ((bm >> 32) & bm)) {
-                qcow2_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
-                            (unsigned long long)off);
-                res->corruptions++;
-            }
-            if (res && (off & (cs - 1))) {
-                bool data = q->extl2 ? (bm & EXTL2_ALL_ALLOC) != 0 : !(e & QCOW_OFLAG_ZERO);
-                res->corruptions++;
-                if (data) {
-                    qcow2_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
-                                (unsigned long long)off);
-                } else {
-                    bool fix = w->fix & CHECK_FIX_ERRORS;
-                    qcow2_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
-                                fix ? "Repairing" : "ERROR", (unsigned long long)off);
-                    if (fix && zero_l2_entry(w, l2, l2_off, j) == 0) {
-                        res->corruptions--;
-                        res->corruptions_fixed++;
-                        continue;   /* the entry no longer names a cluster */
-                    }
-                }
-            }
-            if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
-                qcow2_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
-                            "a zero cluster", (unsigned long long)off);
-                if (zero_l2_entry(w, l2, l2_off, j) == 0) {
-                    res->corruptions_fixed++;
-                    continue;
-                }
-            }
-            if (res && active) {
-                res->allocated_clusters++;
-                if (next_contiguous && off != next_contiguous)
-                    res->fragmented_clusters++;
-                next_contiguous = off + cs;
-            }
-            /* A misaligned offset counts every cluster the range touches, as QEMU does. */
-            r = count_n(w, off, cs, "a data cluster", times);
+        case QCOW2_CLUSTER_ZERO_ALLOC:
+            r = walk_allocated(w, &p, j, e, bm);
             break;
-        }
         case QCOW2_CLUSTER_UNALLOCATED:
             if (res && (bm & EXTL2_ALL_ALLOC)) {
                 qcow2_walk_say(w, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
