@@ -898,47 +898,53 @@ static int write_blocks(struct rc_walk *w, const uint64_t *blk, uint64_t nblocks
     return r;
 }
 
-int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
+/* Where the rebuilt refcount structures go: after everything counted. */
+struct rebuild_plan {
+    uint64_t *blk;              /* refcount block ranges: those in use, then the area's */
+    uint64_t nused;             /* ranges in use */
+    uint64_t start;             /* the new area's first cluster */
+    uint64_t nblocks, ntable;   /* its refcount blocks, then its table clusters */
+};
+
+/* The ranges in use, in order; every count must fit the refcount width. */
+static int ranges_in_use(struct rc_walk *w, struct rebuild_plan *pl)
 {
     struct qcow2 *q = w->q;
-    uint64_t cs = cl_size(q), rbe = w->rbe;
-    uint64_t *blk = NULL, *newtab = NULL;
-    uint8_t *newdirty = NULL, *tab = NULL;
-    char *err = w->err;
-    size_t errlen = w->errlen;
-    int r = 0;
-
-    /* The ranges in use, in order; every count must fit the refcount width. */
-    uint64_t nused = 0, max = qcow2_refcount_max(q->h.refcount_order);
-    blk = malloc((w->used + 2) * sizeof(*blk));
-    if (!blk)
+    uint64_t max = qcow2_refcount_max(q->h.refcount_order);
+    pl->blk = malloc((w->used + 2) * sizeof(*pl->blk));
+    if (!pl->blk)
         return -ENOMEM;
     for (size_t i = 0; i < w->cap; i++) {
         if (!w->keys[i])
             continue;
-        blk[nused++] = w->keys[i] - 1;
-        for (uint64_t j = 0; j < rbe; j++)
+        pl->blk[pl->nused++] = w->keys[i] - 1;
+        for (uint64_t j = 0; j < w->rbe; j++)
             if (w->chunks[i][j] > max) {
-                snprintf(err, errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
-                         (unsigned long long)((w->keys[i] - 1) * rbe + j), w->chunks[i][j],
+                snprintf(w->err, w->errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
+                         (unsigned long long)((w->keys[i] - 1) * w->rbe + j), w->chunks[i][j],
                          q->h.refcount_bits);
-                r = -ERANGE;
-                goto out;
+                return -ERANGE;
             }
     }
-    qsort(blk, nused, sizeof(*blk), cmp_u64);
+    qsort(pl->blk, pl->nused, sizeof(*pl->blk), cmp_u64);
+    return 0;
+}
 
-    /* New refcount blocks and table after everything counted and the end
-     * of the file, so nothing they overwrite is in use: a block for each
-     * range in use and each range the new area itself falls in (at most
-     * two more: the area is far smaller than a range, except for tiny
-     * clusters), then the table. */
+/* New refcount blocks and table after everything counted and the end
+ * of the file, so nothing they overwrite is in use: a block for each
+ * range in use and each range the new area itself falls in (at most
+ * two more: the area is far smaller than a range, except for tiny
+ * clusters), then the table.  pl->blk gets the area's ranges after those
+ * in use (the first may be the last in use). */
+static int place_area(struct rc_walk *w, struct rebuild_plan *pl)
+{
+    uint64_t cs = cl_size(w->q), rbe = w->rbe, nused = pl->nused;
     uint64_t start = w->nclusters, nblocks = nused, ntable = 1, first_a = 0, last_a = 0;
     for (;;) {
         uint64_t end = start + nblocks + ntable;
         first_a = start / rbe;
         last_a = (end - 1) / rbe;
-        uint64_t na = last_a - first_a + 1 - (nused && blk[nused - 1] == first_a);
+        uint64_t na = last_a - first_a + 1 - (nused && pl->blk[nused - 1] == first_a);
         uint64_t need_blocks = nused + na;
         uint64_t need_table = ((last_a + 1) * 8 + cs - 1) / cs;
         if (need_blocks <= nblocks && need_table <= ntable)
@@ -949,66 +955,87 @@ int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
             break;
     }
     if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES) {
-        snprintf(err, errlen, "the rebuilt refcount table would exceed QEMU's limit");
-        r = -EFBIG;
-        goto out;
+        snprintf(w->err, w->errlen, "the rebuilt refcount table would exceed QEMU's limit");
+        return -EFBIG;
     }
-    /* The area's ranges after those in use (the first may be the last in use). */
-    uint64_t *nb = realloc(blk, (nblocks + 1) * sizeof(*blk));
-    if (!nb) {
-        r = -ENOMEM;
-        goto out;
-    }
-    blk = nb;
+    uint64_t *nb = realloc(pl->blk, (nblocks + 1) * sizeof(*pl->blk));
+    if (!nb)
+        return -ENOMEM;
+    pl->blk = nb;
     uint64_t n = nused;
     for (uint64_t ci = first_a; ci <= last_a && n < nblocks; ci++)
-        if (!nused || ci != blk[nused - 1])
-            blk[n++] = ci;
-    nblocks = n;
-    uint64_t area = nblocks + ntable;
-    uint64_t entries = ntable * cs / 8;
-    newtab = calloc(entries, sizeof(uint64_t));
-    newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
-    tab = io_zalloc(ntable * cs);
-    if (!newtab || !newdirty) {
-        r = -ENOMEM;
-        goto out;
-    }
-    for (uint64_t b = 0; b < nblocks; b++) {
-        newtab[blk[b]] = (start + b) * cs;
-        be64_store(tab + blk[b] * 8, newtab[blk[b]]);
-    }
-    /* COPIED flags first (they only describe refcounts we are about to
-     * make true), then the new structures, a sync, and the header switch. */
-    err[0] = '\0';
-    r = fix_copied ? fix_copied_flags(w) : 0;
+        if (!nused || ci != pl->blk[nused - 1])
+            pl->blk[n++] = ci;
+    pl->start = start;
+    pl->nblocks = n;
+    pl->ntable = ntable;
+    return 0;
+}
+
+/* COPIED flags first (they only describe refcounts we are about to make
+ * true), then the new structures, a sync, and the header switch. */
+static int write_rebuilt(struct rc_walk *w, const struct rebuild_plan *pl, const uint8_t *tab,
+                         bool fix_copied)
+{
+    struct qcow2 *q = w->q;
+    uint64_t cs = cl_size(q), area = pl->nblocks + pl->ntable;
+    w->err[0] = '\0';
+    int r = fix_copied ? fix_copied_flags(w) : 0;
     /* Past everything counted; the old refcount blocks, about to be
      * replaced, may lie anywhere. */
     if (r == 0)
-        r = qcow2_ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
-                        err, errlen);
+        r = qcow2_ol_conflict(q, pl->start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
+                        w->err, w->errlen);
     if (r == 0)
-        r = write_blocks(w, blk, nblocks, start, start + area);
+        r = write_blocks(w, pl->blk, pl->nblocks, pl->start, pl->start + area);
     if (r == 0) {
-        ssize_t wr = file_pwrite(&q->file, tab, ntable * cs, (start + nblocks) * cs, false);
+        ssize_t wr = file_pwrite(&q->file, tab, pl->ntable * cs, (pl->start + pl->nblocks) * cs, false);
         r = wr < 0 ? (int)wr : file_sync(&q->file);
     }
     if (r == 0) {
-        q->h.refcount_table_offset = (start + nblocks) * cs;
-        q->h.refcount_table_clusters = (uint32_t)ntable;
+        q->h.refcount_table_offset = (pl->start + pl->nblocks) * cs;
+        q->h.refcount_table_clusters = (uint32_t)pl->ntable;
         r = qcow2_write_header_fields(q);
         if (r == 0)
             r = file_sync(&q->file);
     }
-    if (r < 0) {
-        if (!err[0])
-            snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
+    if (r < 0 && !w->err[0])
+        snprintf(w->err, w->errlen, "writing new refcount structures failed: %s", strerror(-r));
+    return r;
+}
+
+int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
+{
+    struct qcow2 *q = w->q;
+    uint64_t cs = cl_size(q);
+    struct rebuild_plan pl = { .nused = 0 };
+    uint64_t *newtab = NULL;
+    uint8_t *newdirty = NULL, *tab = NULL;
+    int r = ranges_in_use(w, &pl);
+    if (r == 0)
+        r = place_area(w, &pl);
+    if (r < 0)
+        goto out;
+    uint64_t area = pl.nblocks + pl.ntable;
+    uint64_t entries = pl.ntable * cs / 8;
+    newtab = calloc(entries, sizeof(uint64_t));
+    newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
+    tab = io_zalloc(pl.ntable * cs);
+    if (!newtab || !newdirty) {
+        r = -ENOMEM;
         goto out;
     }
+    for (uint64_t b = 0; b < pl.nblocks; b++) {
+        newtab[pl.blk[b]] = (pl.start + b) * cs;
+        be64_store(tab + pl.blk[b] * 8, newtab[pl.blk[b]]);
+    }
+    r = write_rebuilt(w, &pl, tab, fix_copied);
+    if (r < 0)
+        goto out;
     qcow2_install_reftable(q, newtab, newdirty, entries);
     newtab = NULL;
     newdirty = NULL;
-    qcow2_note_host_end(q, (start + area) * cs);
+    qcow2_note_host_end(q, (pl.start + area) * cs);
     q->free_hint = 0;
     qcow2_cache_discard_range(&q->rcc, 0, UINT64_MAX);
     qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX);
@@ -1016,7 +1043,7 @@ out:
     io_free(tab);
     free(newtab);
     free(newdirty);
-    free(blk);
+    free(pl.blk);
     return r;
 }
 
