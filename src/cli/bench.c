@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include "cli/cli.h"
@@ -364,13 +365,11 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         { 0 },
     };
     const struct cli_cmd cmd = { "bench", usage, opts, .usage_exit = 2, .own_errors = true,
-                                 .missing_arg = "a value" };
+                                 .missing_arg = "a value", .operands = CLI_OPERAND_IMAGE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    c->path = cli_image_operand(&cmd, argc, argv);
-    if (!c->path)
-        return cmd.usage_exit;
+    c->path = argv[optind];
     /* --ios alone means "run until done"; both means "whichever comes first". */
     if (c->ios && !seconds_set)
         c->seconds = 0;

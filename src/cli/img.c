@@ -509,13 +509,12 @@ int cmd_info(int argc, char **argv)
         { "force-share", 'U', CLI_FLAG, .dest = &force },
         { 0 },
     };
-    const struct cli_cmd cmd = { "info", info_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "info", info_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERAND_IMAGE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    const char *path = cli_image_operand(&cmd, argc, argv);
-    if (!path)
-        return cmd.usage_exit;
+    const char *path = argv[optind];
     if (!lock_image("info", path, false, force))
         return 1;
     struct image_info *info;
@@ -649,13 +648,12 @@ int cmd_check(int argc, char **argv)
         { 0 },
     };
     /* qemu-img check exits 1 on a usage error too. */
-    const struct cli_cmd cmd = { "check", check_usage, opts, .usage_exit = CHECK_EXIT_FAILED };
+    const struct cli_cmd cmd = { "check", check_usage, opts, .usage_exit = CHECK_EXIT_FAILED,
+                                 .operands = CLI_OPERAND_IMAGE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    const char *path = cli_image_operand(&cmd, argc, argv);
-    if (!path)
-        return cmd.usage_exit;
+    const char *path = argv[optind];
     if (force && fix) {
         cli_error("check: -U cannot be used with -r (a repair needs the image to itself)");
         return 1;

@@ -443,13 +443,11 @@ int cmd_nbd(int argc, char **argv)
         { 0 },
     };
     const struct cli_cmd cmd = { "nbd", usage, opts, .usage_exit = 2, .own_errors = true,
-                                 .missing_arg = "an argument" };
+                                 .missing_arg = "an argument", .operands = CLI_OPERAND_IMAGE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    cli.image = cli_image_operand(&cmd, argc, argv);
-    if (!cli.image)
-        return cmd.usage_exit;
+    cli.image = argv[optind];
     io->key = key.data;
     io->key_len = key.len;
     if (!!cli.socket_path == !!cli.bind_addr) {

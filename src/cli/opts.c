@@ -145,6 +145,33 @@ static int bad_option(const struct cli_cmd *cmd, int c, char **argv)
     return cmd->usage_exit;
 }
 
+/* The single IMAGE operand, or false after saying what is wrong. */
+static bool one_image(const struct cli_cmd *cmd, int argc, char **argv)
+{
+    if (optind == argc - 1)
+        return true;
+    if (cmd->own_errors) {
+        if (optind >= argc)
+            cli_error("%s: missing IMAGE (try 'ublk-qcow2 %s --help')", cmd->name, cmd->name);
+        else
+            cli_error("%s: unexpected argument '%s'", cmd->name, argv[optind + 1]);
+        return false;
+    }
+    cli_error(optind >= argc ? "%s: no image given" : "%s: more than one image given", cmd->name);
+    cmd->usage(stderr);
+    return false;
+}
+
+/* False after saying so (and the usage) if an operand follows the options. */
+static bool no_operands(const struct cli_cmd *cmd, int argc, char **argv)
+{
+    if (optind == argc)
+        return true;
+    cli_error("%s: unexpected argument '%s'", cmd->name, argv[optind]);
+    cmd->usage(stderr);
+    return false;
+}
+
 int cli_parse(const struct cli_cmd *cmd, int argc, char **argv)
 {
     char shorts[3 * MAX_OPTS + 4];
@@ -171,30 +198,10 @@ int cli_parse(const struct cli_cmd *cmd, int argc, char **argv)
         if (rc != CLI_GO_ON)
             return rc;
     }
+    if (cmd->operands == CLI_OPERANDS_NONE && !no_operands(cmd, argc, argv))
+        return 2;
+    if (cmd->operands == CLI_OPERAND_IMAGE && !one_image(cmd, argc, argv))
+        return cmd->usage_exit;
     return CLI_GO_ON;
 }
 
-const char *cli_image_operand(const struct cli_cmd *cmd, int argc, char **argv)
-{
-    if (optind == argc - 1)
-        return argv[optind];
-    if (cmd->own_errors) {
-        if (optind >= argc)
-            cli_error("%s: missing IMAGE (try 'ublk-qcow2 %s --help')", cmd->name, cmd->name);
-        else
-            cli_error("%s: unexpected argument '%s'", cmd->name, argv[optind + 1]);
-        return NULL;
-    }
-    cli_error(optind >= argc ? "%s: no image given" : "%s: more than one image given", cmd->name);
-    cmd->usage(stderr);
-    return NULL;
-}
-
-bool cli_no_operands(const struct cli_cmd *cmd, int argc, char **argv)
-{
-    if (optind == argc)
-        return true;
-    cli_error("%s: unexpected argument '%s'", cmd->name, argv[optind]);
-    cmd->usage(stderr);
-    return false;
-}

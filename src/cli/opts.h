@@ -58,17 +58,16 @@ struct cli_cmd {
     bool own_errors;
     const char *missing_arg;
     bool options_first;         /* stop at the first operand (resize: "-1G" is a size) */
+    enum {
+        CLI_OPERANDS_ANY = 0,   /* the command checks them */
+        CLI_OPERANDS_NONE,      /* options only */
+        CLI_OPERAND_IMAGE,      /* exactly one: argv[optind] is the IMAGE */
+    } operands;
 };
 
-/* Parse argv[1..] against cmd's table.  Returns CLI_GO_ON with optind at the
- * first operand, or the exit code (0 after --help). */
+/* Parse argv[1..] against cmd's table and check the operands it expects.
+ * Returns CLI_GO_ON with optind at the first operand, or the exit code
+ * (0 after --help) once it said what is wrong. */
 int cli_parse(const struct cli_cmd *cmd, int argc, char **argv);
-
-/* The single IMAGE operand, or NULL after saying what is wrong (then exit
- * with cmd->usage_exit). */
-const char *cli_image_operand(const struct cli_cmd *cmd, int argc, char **argv);
-
-/* False after saying so (and the usage) if an operand follows the options. */
-bool cli_no_operands(const struct cli_cmd *cmd, int argc, char **argv);
 
 #endif

@@ -176,12 +176,11 @@ int cmd_stats(int argc, char **argv)
         { "count", 'c', CLI_UINT, .dest = &count, .min = 1, .max = 1000000, .bad = "invalid --count '%s'" },
         { 0 },
     };
-    const struct cli_cmd cmd = { "stats", stats_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "stats", stats_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    if (!cli_no_operands(&cmd, argc, argv))
-        return 2;
     if (!have_id) {
         cli_error("stats: which device? (-n ID)");
         stats_usage(stderr);

@@ -289,13 +289,12 @@ int cmd_add(int argc, char **argv)
         { .letter = 'v', .type = CLI_VERBOSE },
         { 0 },
     };
-    const struct cli_cmd cmd = { "add", add_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "add", add_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERAND_IMAGE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    const char *path = cli_image_operand(&cmd, argc, argv);
-    if (!path)
-        return cmd.usage_exit;
+    const char *path = argv[optind];
     if (o.snapshot)
         o.read_only = true;     /* a snapshot is served as it was taken */
     if (create && create_missing_image(path, o.format, create_size))
@@ -444,12 +443,11 @@ int cmd_del(int argc, char **argv)
           .bad = "invalid timeout '%s' (seconds, 1 to 86400)" },
         { 0 },
     };
-    const struct cli_cmd cmd = { "del", del_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "del", del_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    if (!cli_no_operands(&cmd, argc, argv))
-        return 2;
     if (have_id == all) {
         cli_error("del: give exactly one of -n ID or --all");
         del_usage(stderr);
@@ -599,12 +597,11 @@ int cmd_list(int argc, char **argv)
         { "owner", 0, CLI_FLAG, .dest = &owner },
         { 0 },
     };
-    const struct cli_cmd cmd = { "list", list_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "list", list_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    if (!cli_no_operands(&cmd, argc, argv))
-        return 2;
     if (udev_name || owner) {
         if (!have_id || json || (udev_name && owner)) {
             cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
@@ -709,12 +706,11 @@ int cmd_recover(int argc, char **argv)
         { "key-env", 0, CLI_KEY_ENV, .dest = &key },
         { 0 },
     };
-    const struct cli_cmd cmd = { "recover", recover_usage, opts, .usage_exit = 2 };
+    const struct cli_cmd cmd = { "recover", recover_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
-    if (!cli_no_operands(&cmd, argc, argv))
-        return 2;
     if (!have_id) {
         cli_error("recover: -n ID is required");
         recover_usage(stderr);
