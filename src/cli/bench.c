@@ -5,7 +5,6 @@
  * img_read/img_write at a time until the time or I/O budget is spent, so
  * --depth is the number of requests in flight. */
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -13,9 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "img/image.h"
@@ -278,152 +279,101 @@ static bool parse_u64(const char *s, uint64_t *out)
     return true;
 }
 
-/* Returns -1 to continue, else the exit code. */
+static int take_rw(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                   char **argv)
+{
+    for (size_t i = 0; i < sizeof(rw_modes) / sizeof(rw_modes[0]); i++)
+        if (!strcmp(arg, rw_modes[i].name)) {
+            *(const struct rw_mode **)o->dest = &rw_modes[i];
+            return CLI_GO_ON;
+        }
+    cli_error("bench: unknown --rw mode '%s' (randread, randwrite, randrw, read, write, rw)", arg);
+    return 2;
+}
+
+static int take_bs(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                   char **argv)
+{
+    int64_t sz = parse_size(arg);
+    if (sz <= 0 || sz % 512 || (uint64_t)sz > BENCH_MAX_BS) {
+        cli_error("bench: invalid --bs '%s' (a multiple of 512, at most 64M)", arg);
+        return 2;
+    }
+    *(uint64_t *)o->dest = (uint64_t)sz;
+    return CLI_GO_ON;
+}
+
+static int take_depth(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                      char **argv)
+{
+    uint64_t v;
+    if (!parse_u64(arg, &v) || v < 1 || v > BENCH_MAX_DEPTH) {
+        cli_error("bench: invalid --depth '%s' (1..%u)", arg, BENCH_MAX_DEPTH);
+        return 2;
+    }
+    *(unsigned *)o->dest = (unsigned)v;
+    return CLI_GO_ON;
+}
+
+static int take_seconds(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                        char **argv)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(arg, &end);
+    if (errno || end == arg || *end || !(v > 0) || v > 1e6) {
+        cli_error("bench: invalid --seconds '%s' (a positive number)", arg);
+        return 2;
+    }
+    *(double *)o->dest = v;
+    return CLI_GO_ON;
+}
+
+/* --ios (at least 1) and --seed (any): o->min says which. */
+static int take_u64(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                    char **argv)
+{
+    uint64_t v;
+    if (!parse_u64(arg, &v) || v < o->min) {
+        cli_error("bench: invalid --%s '%s' (a %s integer)", o->name, arg,
+                  o->min ? "positive" : "non-negative");
+        return 2;
+    }
+    *(uint64_t *)o->dest = v;
+    return CLI_GO_ON;
+}
+
+/* Returns CLI_GO_ON to continue, else the exit code. */
 static int parse_args(int argc, char **argv, struct bench_cfg *c)
 {
-    enum { O_RW = 256, O_BS, O_DEPTH, O_SECONDS, O_IOS, O_SIZE_LIMIT, O_FORMAT,
-           O_CACHE_SIZE, O_SEED, O_JSON, O_KEY_FILE, O_KEY_ENV };
-    static const struct option longopts[] = {
-        { "rw",         required_argument, NULL, O_RW },
-        { "bs",         required_argument, NULL, O_BS },
-        { "depth",      required_argument, NULL, O_DEPTH },
-        { "seconds",    required_argument, NULL, O_SECONDS },
-        { "ios",        required_argument, NULL, O_IOS },
-        { "size-limit", required_argument, NULL, O_SIZE_LIMIT },
-        { "format",     required_argument, NULL, O_FORMAT },
-        { "cache-size", required_argument, NULL, O_CACHE_SIZE },
-        { "seed",       required_argument, NULL, O_SEED },
-        { "json",       no_argument,       NULL, O_JSON },
-        { "key-file",   required_argument, NULL, O_KEY_FILE },
-        { "key-env",    required_argument, NULL, O_KEY_ENV },
-        { "help",       no_argument,       NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     bool seconds_set = false;
-    int64_t sz;
-    uint64_t v;
-    char *end;
-
     *c = (struct bench_cfg){ .mode = &rw_modes[0], .bs = 4096, .depth = 32, .seconds = 10,
                              .format = IMG_FMT_AUTO, .seed = 1 };
-    opterr = 0;
-    optind = 1;
-    for (;;) {
-        int opt = getopt_long(argc, argv, "h", longopts, NULL);
-        if (opt == -1)
-            break;
-        switch (opt) {
-        case O_RW:
-            c->mode = NULL;
-            for (size_t i = 0; i < sizeof(rw_modes) / sizeof(rw_modes[0]); i++)
-                if (!strcmp(optarg, rw_modes[i].name))
-                    c->mode = &rw_modes[i];
-            if (!c->mode) {
-                cli_error("bench: unknown --rw mode '%s' (randread, randwrite, randrw, read, write, rw)",
-                          optarg);
-                return 2;
-            }
-            break;
-        case O_BS:
-            sz = parse_size(optarg);
-            if (sz <= 0 || sz % 512 || (uint64_t)sz > BENCH_MAX_BS) {
-                cli_error("bench: invalid --bs '%s' (a multiple of 512, at most 64M)", optarg);
-                return 2;
-            }
-            c->bs = (uint64_t)sz;
-            break;
-        case O_DEPTH:
-            if (!parse_u64(optarg, &v) || v < 1 || v > BENCH_MAX_DEPTH) {
-                cli_error("bench: invalid --depth '%s' (1..%u)", optarg, BENCH_MAX_DEPTH);
-                return 2;
-            }
-            c->depth = (unsigned)v;
-            break;
-        case O_SECONDS:
-            errno = 0;
-            c->seconds = strtod(optarg, &end);
-            if (errno || end == optarg || *end || !(c->seconds > 0) || c->seconds > 1e6) {
-                cli_error("bench: invalid --seconds '%s' (a positive number)", optarg);
-                return 2;
-            }
-            seconds_set = true;
-            break;
-        case O_IOS:
-            if (!parse_u64(optarg, &v) || v < 1) {
-                cli_error("bench: invalid --ios '%s' (a positive integer)", optarg);
-                return 2;
-            }
-            c->ios = v;
-            break;
-        case O_SIZE_LIMIT:
-            sz = parse_size(optarg);
-            if (sz <= 0) {
-                cli_error("bench: invalid --size-limit '%s'", optarg);
-                return 2;
-            }
-            c->size_limit = (uint64_t)sz;
-            break;
-        case O_FORMAT:
-            if (!strcmp(optarg, "auto"))
-                c->format = IMG_FMT_AUTO;
-            else if (!strcmp(optarg, "raw"))
-                c->format = IMG_FMT_RAW;
-            else if (!strcmp(optarg, "qcow2"))
-                c->format = IMG_FMT_QCOW2;
-            else {
-                cli_error("bench: unknown --format '%s' (auto, raw, qcow2)", optarg);
-                return 2;
-            }
-            break;
-        case O_CACHE_SIZE:
-            sz = parse_size(optarg);
-            if (sz < 0) {
-                cli_error("bench: invalid --cache-size '%s'", optarg);
-                return 2;
-            }
-            c->cache_size = (uint64_t)sz;
-            break;
-        case O_SEED:
-            if (!parse_u64(optarg, &c->seed)) {
-                cli_error("bench: invalid --seed '%s' (a non-negative integer)", optarg);
-                return 2;
-            }
-            break;
-        case O_JSON:
-            c->json = true;
-            break;
-        case O_KEY_FILE:
-        case O_KEY_ENV:
-            if ((opt == O_KEY_FILE ? cli_key_from_file : cli_key_from_env)("bench", optarg, &c->key))
-                return 2;
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        default:
-            if (optopt && optopt < 256)
-                cli_error("bench: unknown option '-%c' (try 'ublk-qcow2 bench --help')", optopt);
-            else if (optopt)
-                cli_error("bench: option '%s' needs a value", argv[optind - 1]);
-            else
-                cli_error("bench: unknown option '%s' (try 'ublk-qcow2 bench --help')",
-                          argv[optind - 1]);
-            return 2;
-        }
-    }
-    if (optind >= argc) {
-        cli_error("bench: missing IMAGE (try 'ublk-qcow2 bench --help')");
-        return 2;
-    }
-    if (optind + 1 < argc) {
-        cli_error("bench: unexpected argument '%s'", argv[optind + 1]);
-        return 2;
-    }
+    const struct cli_opt opts[] = {
+        { "rw", 0, CLI_CALL, .dest = &c->mode, .take = take_rw },
+        { "bs", 0, CLI_CALL, .dest = &c->bs, .take = take_bs },
+        { "depth", 0, CLI_CALL, .dest = &c->depth, .take = take_depth },
+        { "seconds", 0, CLI_CALL, .dest = &c->seconds, .seen = &seconds_set, .take = take_seconds },
+        { "ios", 0, CLI_CALL, .dest = &c->ios, .min = 1, .take = take_u64 },
+        { "size-limit", 0, CLI_SIZE, .dest = &c->size_limit, .min = 1, .bad = "invalid --size-limit '%s'" },
+        { "format", 0, CLI_FORMAT, .dest = &c->format, .bad = "unknown --format '%s' (auto, raw, qcow2)" },
+        { "cache-size", 0, CLI_SIZE, .dest = &c->cache_size, .bad = "invalid --cache-size '%s'" },
+        { "seed", 0, CLI_CALL, .dest = &c->seed, .take = take_u64 },
+        { "json", 0, CLI_FLAG, .dest = &c->json },
+        { "key-file", 0, CLI_KEY_FILE, .dest = &c->key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = &c->key },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "bench", usage, opts, .usage_exit = 2, .own_errors = true,
+                                 .missing_arg = "a value", .operands = CLI_OPERAND_IMAGE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     c->path = argv[optind];
     /* --ios alone means "run until done"; both means "whichever comes first". */
     if (c->ios && !seconds_set)
         c->seconds = 0;
-    return -1;
+    return CLI_GO_ON;
 }
 
 static unsigned ring_entries(unsigned depth)
@@ -478,7 +428,7 @@ int cmd_bench(int argc, char **argv)
 {
     struct bench_cfg cfg;
     int rc = parse_args(argc, argv, &cfg);
-    if (rc >= 0) {
+    if (rc != CLI_GO_ON) {
         cli_key_clear(&cfg.key);
         return rc;
     }

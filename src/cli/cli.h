@@ -43,8 +43,17 @@ void cli_key_clear(struct cli_key *k);      /* wipe and free */
 
 /* Strict unsigned parse: digits only, within [min, max]; false otherwise. */
 bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigned long *out);
-/* A ublk device id for `-n`: on a bad one, says so naming cmd and returns false. */
-bool cli_parse_dev_id(const char *cmd, const char *s, uint32_t *out);
+
+/* snapshot and resize (access.c): open IMAGE for an offline command under
+ * QEMU's locks (a writer's unless read_only; none with force_share), 0 and
+ * *img, or 1 after saying why; close it, returning rc or 1 if closing failed. */
+struct image;
+int cli_open_offline(const char *cmd, const char *path, bool read_only, bool force_share,
+                     struct image **img, int *lock_fd);
+int cli_close_offline(const char *cmd, struct image *img, int lock_fd, int rc);
+/* A live device's control-socket request: 0 and the reply, or 1 after
+ * printing why (no daemon, or the daemon's error). */
+int cli_ask_daemon(const char *cmd, uint32_t id, const char *request, char *reply, size_t len);
 
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -10,6 +10,7 @@
 
 #include "util/json.h"
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "io/imagelock.h"
 #include "tools/tools.h"
 
@@ -21,30 +22,16 @@
 #define CHECK_EXIT_LEAKS 3
 #define CHECK_EXIT_UNSUPPORTED 63
 
-static bool parse_format(const char *cmd, const char *s, bool allow_auto, enum img_format *out)
-{
-    if (allow_auto && !strcmp(s, "auto"))
-        *out = IMG_FMT_AUTO;
-    else if (!strcmp(s, "qcow2"))
-        *out = IMG_FMT_QCOW2;
-    else if (!strcmp(s, "raw"))
-        *out = IMG_FMT_RAW;
-    else {
-        cli_error("%s: unknown format '%s' (%sqcow2 or raw)", cmd, s, allow_auto ? "auto, " : "");
-        return false;
-    }
-    return true;
-}
-
 /* --output=json|human (qemu-img's spelling of --json). */
-static bool parse_output(const char *cmd, const char *s, bool *json)
+static int take_output(const struct cli_cmd *cmd, const struct cli_opt *o, const char *s, int argc,
+                       char **argv)
 {
     if (strcmp(s, "json") && strcmp(s, "human")) {
-        cli_error("%s: --output takes json or human, not '%s'", cmd, s);
-        return false;
+        cli_error("%s: --output takes json or human, not '%s'", cmd->name, s);
+        return cmd->usage_exit;
     }
-    *json = !strcmp(s, "json");
-    return true;
+    *(bool *)o->dest = !strcmp(s, "json");
+    return CLI_GO_ON;
 }
 
 /* Take QEMU's lock on the image for the command's duration (the fd is
@@ -248,63 +235,49 @@ static void print_formatting(const char *path, const struct create_opts *o, uint
     fflush(stdout);
 }
 
+/* -o LIST, kept in the order given: the lists are read once -f is known. */
+struct option_lists {
+    const char *list[32];
+    int n;
+};
+
+static int take_option_list(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg,
+                            int argc, char **argv)
+{
+    struct option_lists *ol = o->dest;
+    if (!strcmp(arg, "help") || !strcmp(arg, "?")) {
+        printf("Supported options (qcow2; raw takes size and preallocation):\n");
+        for (int i = 0; qcow2_option_names[i]; i++)
+            printf("  %s\n", qcow2_option_names[i]);
+        return 0;
+    }
+    if (ol->n == (int)(sizeof(ol->list) / sizeof(ol->list[0]))) {
+        cli_error("create: too many -o options");
+        return 2;
+    }
+    ol->list[ol->n++] = arg;
+    return CLI_GO_ON;
+}
+
 int cmd_create(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "format", required_argument, NULL, 'f' },
-        { "options", required_argument, NULL, 'o' },
-        { "backing", required_argument, NULL, 'b' },
-        { "backing-format", required_argument, NULL, 'F' },
-        { "quiet", no_argument, NULL, 'q' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     struct create_cli c = { .nstrings = 0 };
     create_opts_init(&c.o);
-    const char *optlists[32];
-    int nopt = 0;
+    struct option_lists lists = { .n = 0 };
     bool quiet = false;
-    int ch, ret = 1;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "f:o:b:F:qh", longopts, NULL)) != -1) {
-        switch (ch) {
-        case 'f': {
-            enum img_format f;
-            if (!parse_format("create", optarg, false, &f))
-                return 2;
-            c.o.format = f;
-            break;
-        }
-        case 'o':
-            if (!strcmp(optarg, "help") || !strcmp(optarg, "?")) {
-                printf("Supported options (qcow2; raw takes size and preallocation):\n");
-                for (int i = 0; qcow2_option_names[i]; i++)
-                    printf("  %s\n", qcow2_option_names[i]);
-                return 0;
-            }
-            if (nopt == (int)(sizeof(optlists) / sizeof(optlists[0]))) {
-                cli_error("create: too many -o options");
-                return 2;
-            }
-            optlists[nopt++] = optarg;
-            break;
-        case 'b':
-            c.o.backing_file = optarg;
-            break;
-        case 'F':
-            c.o.backing_fmt = optarg;
-            break;
-        case 'q':
-            quiet = true;
-            break;
-        case 'h':
-            create_usage(stdout);
-            return 0;
-        default:
-            create_usage(stderr);
-            return 2;
-        }
-    }
+    int ret = 1;
+    const struct cli_opt opts[] = {
+        { "format", 'f', CLI_NEW_FORMAT, .dest = &c.o.format },
+        { "options", 'o', CLI_CALL, .dest = &lists, .take = take_option_list },
+        { "backing", 'b', CLI_STRING, .dest = &c.o.backing_file },
+        { "backing-format", 'F', CLI_STRING, .dest = &c.o.backing_fmt },
+        { "quiet", 'q', CLI_FLAG, .dest = &quiet },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "create", create_usage, opts, .usage_exit = 2 };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     int nargs = argc - optind;
     if (nargs < 1 || nargs > 2) {
         cli_error(nargs < 1 ? "create: no image given" : "create: too many arguments");
@@ -313,8 +286,8 @@ int cmd_create(int argc, char **argv)
     }
     const char *path = argv[optind];
     /* -o after -f (options depend on the format), in the order given. */
-    for (int i = 0; i < nopt; i++)
-        if (!create_options(&c, optlists[i]))
+    for (int i = 0; i < lists.n; i++)
+        if (!create_options(&c, lists.list[i]))
             goto out_usage;
     if (nargs == 2) {
         int64_t sz = parse_size(argv[optind + 1]);
@@ -621,52 +594,21 @@ static void print_info_json(const struct image_info *in, const char *indent)
 
 int cmd_info(int argc, char **argv)
 {
-    enum { O_JSON = 256, O_CHAIN, O_OUTPUT };
-    static const struct option longopts[] = {
-        { "format", required_argument, NULL, 'f' },
-        { "json", no_argument, NULL, O_JSON },
-        { "output", required_argument, NULL, O_OUTPUT },
-        { "backing-chain", no_argument, NULL, O_CHAIN },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     enum img_format fmt = IMG_FMT_AUTO;
     bool json = false, chain = false, force = false;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "f:Uh", longopts, NULL)) != -1) {
-        switch (ch) {
-        case 'f':
-            if (!parse_format("info", optarg, true, &fmt))
-                return 2;
-            break;
-        case O_JSON:
-            json = true;
-            break;
-        case O_OUTPUT:
-            if (!parse_output("info", optarg, &json))
-                return 2;
-            break;
-        case O_CHAIN:
-            chain = true;
-            break;
-        case 'U':
-            force = true;
-            break;
-        case 'h':
-            info_usage(stdout);
-            return 0;
-        default:
-            info_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc - 1) {
-        cli_error(optind >= argc ? "info: no image given" : "info: more than one image given");
-        info_usage(stderr);
-        return 2;
-    }
+    const struct cli_opt opts[] = {
+        { "format", 'f', CLI_FORMAT, .dest = &fmt, .bad = "unknown format '%s' (auto, qcow2 or raw)" },
+        { "json", 0, CLI_FLAG, .dest = &json },
+        { "output", 0, CLI_CALL, .dest = &json, .take = take_output },
+        { "backing-chain", 0, CLI_FLAG, .dest = &chain },
+        { "force-share", 'U', CLI_FLAG, .dest = &force },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "info", info_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERAND_IMAGE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     const char *path = argv[optind];
     if (!lock_image("info", path, false, force))
         return 1;
@@ -771,71 +713,46 @@ static void print_check_json(const struct check_result *r, const char *path)
     printf(",\n    \"format\": \"qcow2\"\n}\n");
 }
 
+/* -r leaks|all */
+static int take_repair(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                       char **argv)
+{
+    if (!strcmp(arg, "leaks")) {
+        *(unsigned *)o->dest = CHECK_FIX_LEAKS;
+    } else if (!strcmp(arg, "all")) {
+        *(unsigned *)o->dest = CHECK_FIX_LEAKS | CHECK_FIX_ERRORS;
+    } else {
+        cli_error("check: -r takes leaks or all, not '%s'", arg);
+        return cmd->usage_exit;
+    }
+    return CLI_GO_ON;
+}
+
 int cmd_check(int argc, char **argv)
 {
-    enum { O_JSON = 256, O_OUTPUT };
-    static const struct option longopts[] = {
-        { "repair", required_argument, NULL, 'r' },
-        { "json", no_argument, NULL, O_JSON },
-        { "output", required_argument, NULL, O_OUTPUT },
-        { "format", required_argument, NULL, 'f' },
-        { "quiet", no_argument, NULL, 'q' },
-        { "force-share", no_argument, NULL, 'U' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     enum img_format fmt = IMG_FMT_AUTO;
     bool json = false, quiet = false, force = false;
     unsigned fix = 0;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "r:f:qUh", longopts, NULL)) != -1) {
-        switch (ch) {
-        case 'r':
-            if (!strcmp(optarg, "leaks"))
-                fix = CHECK_FIX_LEAKS;
-            else if (!strcmp(optarg, "all"))
-                fix = CHECK_FIX_LEAKS | CHECK_FIX_ERRORS;
-            else {
-                cli_error("check: -r takes leaks or all, not '%s'", optarg);
-                return 1;
-            }
-            break;
-        case O_JSON:
-            json = true;
-            break;
-        case O_OUTPUT:
-            if (!parse_output("check", optarg, &json))
-                return 1;
-            break;
-        case 'f':
-            if (!parse_format("check", optarg, true, &fmt))
-                return 1;
-            break;
-        case 'q':
-            quiet = true;
-            break;
-        case 'U':
-            force = true;
-            break;
-        case 'h':
-            check_usage(stdout);
-            return 0;
-        default:
-            check_usage(stderr);
-            return 1;
-        }
-    }
-    if (optind != argc - 1) {
-        cli_error(optind >= argc ? "check: no image given" : "check: more than one image given");
-        check_usage(stderr);
-        return 1;
-    }
+    const struct cli_opt opts[] = {
+        { "repair", 'r', CLI_CALL, .dest = &fix, .take = take_repair },
+        { "json", 0, CLI_FLAG, .dest = &json },
+        { "output", 0, CLI_CALL, .dest = &json, .take = take_output },
+        { "format", 'f', CLI_FORMAT, .dest = &fmt, .bad = "unknown format '%s' (auto, qcow2 or raw)" },
+        { "quiet", 'q', CLI_FLAG, .dest = &quiet },
+        { "force-share", 'U', CLI_FLAG, .dest = &force },
+        { 0 },
+    };
+    /* qemu-img check exits 1 on a usage error too. */
+    const struct cli_cmd cmd = { "check", check_usage, opts, .usage_exit = CHECK_EXIT_FAILED,
+                                 .operands = CLI_OPERAND_IMAGE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
+    const char *path = argv[optind];
     if (force && fix) {
         cli_error("check: -U cannot be used with -r (a repair needs the image to itself)");
         return 1;
     }
-    const char *path = argv[optind];
     if (!lock_image("check", path, fix != 0, force))
         return CHECK_EXIT_FAILED;
 

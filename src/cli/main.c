@@ -46,17 +46,6 @@ bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigne
     return true;
 }
 
-bool cli_parse_dev_id(const char *cmd, const char *s, uint32_t *out)
-{
-    unsigned long v;
-    if (!cli_parse_uint(s, 0, UINT32_MAX - 1, &v)) {
-        cli_error("%s: invalid device id '%s'", cmd, s);
-        return false;
-    }
-    *out = (uint32_t)v;
-    return true;
-}
-
 void cli_error(const char *fmt, ...)
 {
     va_list ap;

@@ -1,7 +1,6 @@
 /* ublk-qcow2 nbd: serve an image over NBD on a unix socket or TCP. */
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
@@ -17,6 +16,7 @@
 #include <liburing.h>
 
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "io/coroutine.h"
 #include "io/imagelock.h"
 #include "io/log.h"
@@ -418,116 +418,38 @@ static int serve_forked(const struct nbd_cli *cli)
 
 int cmd_nbd(int argc, char **argv)
 {
-    enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF,
-           OPT_KEY_FILE, OPT_KEY_ENV };
-    static const struct option longopts[] = {
-        { "socket",      required_argument, NULL, 'k' },
-        { "bind",        required_argument, NULL, OPT_BIND },
-        { "export-name", required_argument, NULL, 'x' },
-        { "read-only",   no_argument,       NULL, 'r' },
-        { "format",      required_argument, NULL, 'f' },
-        { "cache-size",  required_argument, NULL, OPT_CACHE_SIZE },
-        { "fork",        no_argument,       NULL, OPT_FORK },
-        { "pid-file",    required_argument, NULL, OPT_PID_FILE },
-        { "discard",     required_argument, NULL, OPT_DISCARD },
-        { "discard-no-unref", no_argument,  NULL, OPT_NO_UNREF },
-        { "snapshot",    required_argument, NULL, 'l' },
-        { "load-snapshot", required_argument, NULL, 'l' },
-        { "key-file",    required_argument, NULL, OPT_KEY_FILE },
-        { "key-env",     required_argument, NULL, OPT_KEY_ENV },
-        { "verbose",     no_argument,       NULL, 'v' },
-        { "help",        no_argument,       NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     struct nbd_cli cli = { 0 };
     static struct cli_key key;
-    int64_t size;
-    int c;
-
-    opterr = 0;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, ":k:x:rf:l:vh", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'k':
-            cli.socket_path = optarg;
-            break;
-        case OPT_BIND:
-            cli.bind_addr = optarg;
-            break;
-        case 'x':
-            cli.export_name = optarg;
-            break;
-        case 'r':
-            cli.read_only = true;
-            break;
-        case 'v':
-            uq_set_verbosity(uq_verbosity() + 1);
-            break;
-        case 'f':
-            if (!strcmp(optarg, "auto"))
-                cli.img_opts.format = IMG_FMT_AUTO;
-            else if (!strcmp(optarg, "raw"))
-                cli.img_opts.format = IMG_FMT_RAW;
-            else if (!strcmp(optarg, "qcow2"))
-                cli.img_opts.format = IMG_FMT_QCOW2;
-            else {
-                cli_error("nbd: unknown format '%s' (auto, raw or qcow2)", optarg);
-                return 2;
-            }
-            break;
-        case OPT_CACHE_SIZE:
-            size = parse_size(optarg);
-            if (size < 0) {
-                cli_error("nbd: invalid --cache-size '%s'", optarg);
-                return 2;
-            }
-            cli.img_opts.cache_size = (uint64_t)size;
-            break;
-        case OPT_FORK:
-            cli.fork = true;
-            break;
-        case OPT_DISCARD:
-            if (img_parse_discard(optarg, &cli.img_opts.discard) < 0) {
-                cli_error("nbd: unknown --discard mode '%s' (ignore or unmap)", optarg);
-                return 2;
-            }
-            break;
-        case OPT_NO_UNREF:
-            cli.img_opts.discard_no_unref = true;
-            break;
-        case OPT_KEY_FILE:
-        case OPT_KEY_ENV:
-            if ((c == OPT_KEY_FILE ? cli_key_from_file : cli_key_from_env)("nbd", optarg, &key))
-                return 2;
-            cli.img_opts.key = key.data;
-            cli.img_opts.key_len = key.len;
-            break;
-        case OPT_PID_FILE:
-            cli.pid_file = optarg;
-            break;
-        case 'l':
-            cli.img_opts.snapshot = optarg;
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        case ':':
-            cli_error("nbd: option '%s' needs an argument", argv[optind - 1]);
-            return 2;
-        default:
-            cli_error("nbd: unknown option '%s' (try 'ublk-qcow2 nbd --help')", argv[optind - 1]);
-            return 2;
-        }
-    }
-    if (optind >= argc) {
-        cli_error("nbd: missing IMAGE (try 'ublk-qcow2 nbd --help')");
-        return 2;
-    }
-    if (optind + 1 < argc) {
-        cli_error("nbd: unexpected argument '%s'", argv[optind + 1]);
-        return 2;
-    }
+    struct img_opts *io = &cli.img_opts;
+    const struct cli_opt opts[] = {
+        /* where to listen and what to call the export */
+        { "socket", 'k', CLI_STRING, .dest = &cli.socket_path },
+        { "bind", 0, CLI_STRING, .dest = &cli.bind_addr },
+        { "export-name", 'x', CLI_STRING, .dest = &cli.export_name },
+        { "read-only", 'r', CLI_FLAG, .dest = &cli.read_only },
+        /* how the image is opened */
+        { "format", 'f', CLI_FORMAT, .dest = &io->format },
+        { "cache-size", 0, CLI_SIZE, .dest = &io->cache_size, .bad = "invalid --cache-size '%s'" },
+        { "discard", 0, CLI_DISCARD, .dest = &io->discard },
+        { "discard-no-unref", 0, CLI_FLAG, .dest = &io->discard_no_unref },
+        { "snapshot", 'l', CLI_STRING, .dest = &io->snapshot },
+        { "load-snapshot", 'l', CLI_STRING, .dest = &io->snapshot },
+        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        /* the process */
+        { "fork", 0, CLI_FLAG, .dest = &cli.fork },
+        { "pid-file", 0, CLI_STRING, .dest = &cli.pid_file },
+        { "verbose", 'v', .type = CLI_VERBOSE },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "nbd", usage, opts, .usage_exit = 2, .own_errors = true,
+                                 .missing_arg = "an argument", .operands = CLI_OPERAND_IMAGE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     cli.image = argv[optind];
+    io->key = key.data;
+    io->key_len = key.len;
     if (!!cli.socket_path == !!cli.bind_addr) {
         cli_error("nbd: give exactly one of --socket PATH and --bind HOST:PORT");
         return 2;
@@ -540,7 +462,7 @@ int cmd_nbd(int argc, char **argv)
     if (cli.img_opts.snapshot)
         cli.read_only = true;
     cli.img_opts.read_only = cli.read_only;
-    int rc = cli.fork ? serve_forked(&cli) : serve(&cli, -1);
+    rc = cli.fork ? serve_forked(&cli) : serve(&cli, -1);
     cli_key_clear(&key);
     return rc;
 }

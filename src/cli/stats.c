@@ -9,6 +9,7 @@
 
 #include "util/json.h"
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "ublk/ctl_socket.h"
 #include "ublk/server.h"
 
@@ -144,60 +145,42 @@ static int watch(uint32_t id, bool json, unsigned long secs, unsigned long count
     return 0;
 }
 
-int cmd_stats(int argc, char **argv)
+/* -w, --watch[=SECS]: "--watch 2" as well as "--watch=2". */
+static int take_watch(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc,
+                      char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "json", no_argument, NULL, 'j' },
-        { "watch", optional_argument, NULL, 'w' },
-        { "count", required_argument, NULL, 'c' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    bool json = false, have_id = false, watching = false;
-    uint32_t id = 0;
-    unsigned long secs = 1, count = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:jw::c:h", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            if (!cli_parse_dev_id("stats", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case 'j':
-            json = true;
-            break;
-        case 'w':
-            watching = true;
-            /* "--watch 2" as well as "--watch=2". */
-            if (!optarg && optind < argc && argv[optind][0] >= '0' && argv[optind][0] <= '9')
-                optarg = argv[optind++];
-            if (optarg && !cli_parse_uint(optarg, 1, 3600, &secs)) {
-                cli_error("stats: invalid --watch interval '%s' (1 to 3600 seconds)", optarg);
-                return 2;
-            }
-            break;
-        case 'c':
-            if (!cli_parse_uint(optarg, 1, 1000000, &count)) {
-                cli_error("stats: invalid --count '%s'", optarg);
-                return 2;
-            }
-            break;
-        case 'h':
-            stats_usage(stdout);
-            return 0;
-        default:
-            stats_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        cli_error("stats: unexpected argument '%s'", argv[optind]);
-        stats_usage(stderr);
+    unsigned long secs;
+    if (!arg && optind < argc && argv[optind][0] >= '0' && argv[optind][0] <= '9')
+        arg = argv[optind++];
+    if (!arg)
+        return CLI_GO_ON;
+    if (!cli_parse_uint(arg, 1, 3600, &secs)) {
+        cli_error("stats: invalid --watch interval '%s' (1 to 3600 seconds)", arg);
         return 2;
     }
+    *(unsigned long *)o->dest = secs;
+    return CLI_GO_ON;
+}
+
+int cmd_stats(int argc, char **argv)
+{
+    bool json = false, have_id = false, watching = false;
+    uint32_t id = 0;
+    unsigned long secs = 1;
+    unsigned count = 0;
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "json", 'j', CLI_FLAG, .dest = &json },
+        { "watch", 'w', CLI_CALL, .dest = &secs, .seen = &watching, .optional_arg = true,
+          .take = take_watch },
+        { "count", 'c', CLI_UINT, .dest = &count, .min = 1, .max = 1000000, .bad = "invalid --count '%s'" },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "stats", stats_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     if (!have_id) {
         cli_error("stats: which device? (-n ID)");
         stats_usage(stderr);

@@ -2,7 +2,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -18,6 +17,7 @@
 
 #include "util/json.h"
 #include "cli/cli.h"
+#include "cli/opts.h"
 #include "tools/tools.h"
 #include "io/log.h"
 #include "ublk/kernel_ctrl.h"
@@ -240,154 +240,74 @@ static void set_key_opts(struct ublk_server_opts *o, const struct cli_key *k)
     o->key_env = k->env;
 }
 
+/* add -s SIZE: a missing image is made first, with create's code and defaults. */
+static int create_missing_image(const char *path, enum img_format format, uint64_t size)
+{
+    if (access(path, F_OK) == 0 || errno != ENOENT)
+        return 0;
+    struct create_opts co;
+    char err[1024];
+    create_opts_init(&co);
+    co.format = format == IMG_FMT_RAW ? IMG_FMT_RAW : IMG_FMT_QCOW2;
+    co.size = size;
+    co.size_set = true;
+    if (img_create(path, &co, err, sizeof(err)) < 0) {
+        cli_error("add: cannot create %s: %s", path, err);
+        return 1;
+    }
+    return 0;
+}
+
 int cmd_add(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "queues", required_argument, NULL, 'q' },
-        { "depth", required_argument, NULL, 'd' },
-        { "read-only", no_argument, NULL, 'r' },
-        { "format", required_argument, NULL, 'f' },
-        { "cache-size", required_argument, NULL, 'c' },
-        { "foreground", no_argument, NULL, 'F' },
-        { "recovery", no_argument, NULL, 'R' },
-        { "discard", required_argument, NULL, 'D' },
-        { "discard-no-unref", no_argument, NULL, 'U' },
-        { "snapshot", required_argument, NULL, 'l' },
-        { "key-file", required_argument, NULL, 'K' },
-        { "key-env", required_argument, NULL, 'E' },
-        { "size", required_argument, NULL, 's' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     static struct cli_key key;
-    int64_t create_size = -1;
+    uint64_t create_size = 0;
     struct ublk_server_opts o = {
         .dev_id = UBLK_DEV_ID_AUTO, .nr_queues = UBLK_DEFAULT_QUEUES,
         .depth = UBLK_DEFAULT_DEPTH, .buf_bytes = UBLK_IO_BUF_BYTES,
         .format = IMG_FMT_AUTO, .notify_fd = -1,
     };
-    bool foreground = false;
-    unsigned long v;
-    int c;
-
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:q:d:rf:c:l:s:vh", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'v':
-            uq_set_verbosity(uq_verbosity() + 1);
-            break;
-        case 'n':
-            if (!cli_parse_uint(optarg, 0, 1u << 20, &v)) {
-                cli_error("add: invalid device id '%s' (a number from 0 to %u)", optarg, 1u << 20);
-                return 2;
-            }
-            o.dev_id = (uint32_t)v;
-            break;
-        case 'q':
-            if (!cli_parse_uint(optarg, 1, UBLK_MAX_QUEUES, &v)) {
-                cli_error("add: invalid queue count '%s' (1 to %u)", optarg, UBLK_MAX_QUEUES);
-                return 2;
-            }
-            o.nr_queues = (unsigned)v;
-            break;
-        case 'd':
-            if (!cli_parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &v)) {
-                cli_error("add: invalid depth '%s' (1 to %u)", optarg, UBLK_MAX_QUEUE_DEPTH);
-                return 2;
-            }
-            o.depth = (unsigned)v;
-            break;
-        case 'r':
-            o.read_only = true;
-            break;
-        case 'f':
-            if (!strcmp(optarg, "auto"))
-                o.format = IMG_FMT_AUTO;
-            else if (!strcmp(optarg, "raw"))
-                o.format = IMG_FMT_RAW;
-            else if (!strcmp(optarg, "qcow2"))
-                o.format = IMG_FMT_QCOW2;
-            else {
-                cli_error("add: unknown format '%s' (auto, raw or qcow2)", optarg);
-                return 2;
-            }
-            break;
-        case 'c': {
-            int64_t sz = parse_size(optarg);
-            if (sz <= 0) {
-                cli_error("add: invalid cache size '%s' (e.g. 32M)", optarg);
-                return 2;
-            }
-            o.cache_size = (uint64_t)sz;
-            break;
-        }
-        case 's':
-            create_size = parse_size(optarg);
-            if (create_size < 0) {
-                cli_error("add: invalid size '%s' (e.g. 10G)", optarg);
-                return 2;
-            }
-            break;
-        case 'F':
-            foreground = true;
-            break;
-        case 'R':
-            o.recovery = true;
-            break;
-        case 'D':
-            if (img_parse_discard(optarg, &o.discard) < 0) {
-                cli_error("add: unknown --discard mode '%s' (ignore or unmap)", optarg);
-                return 2;
-            }
-            break;
-        case 'U':
-            o.discard_no_unref = true;
-            break;
-        case 'l':
-            o.snapshot = optarg;
-            o.read_only = true;     /* a snapshot is served as it was taken */
-            break;
-        case 'K':
-        case 'E':
-            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("add", optarg, &key))
-                return 2;
-            break;
-        case 'h':
-            add_usage(stdout);
-            return 0;
-        default:
-            add_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc - 1) {
-        cli_error(optind >= argc ? "add: no image given" : "add: more than one image given");
-        add_usage(stderr);
-        return 2;
-    }
-    if (create_size >= 0 && access(argv[optind], F_OK) < 0 && errno == ENOENT) {
-        /* A missing image is made first, with create's code and defaults. */
-        struct create_opts co;
-        char err[1024];
-        create_opts_init(&co);
-        co.format = o.format == IMG_FMT_RAW ? IMG_FMT_RAW : IMG_FMT_QCOW2;
-        co.size = (uint64_t)create_size;
-        co.size_set = true;
-        if (img_create(argv[optind], &co, err, sizeof(err)) < 0) {
-            cli_error("add: cannot create %s: %s", argv[optind], err);
-            return 1;
-        }
-    }
+    bool foreground = false, create = false;
+    const struct cli_opt opts[] = {
+        { "id", 'n', CLI_UINT, .dest = &o.dev_id, .max = 1u << 20,
+          .bad = "invalid device id '%s' (a number from 0 to %lu)" },
+        { "queues", 'q', CLI_UINT, .dest = &o.nr_queues, .min = 1, .max = UBLK_MAX_QUEUES,
+          .bad = "invalid queue count '%s' (1 to %lu)" },
+        { "depth", 'd', CLI_UINT, .dest = &o.depth, .min = 1, .max = UBLK_MAX_QUEUE_DEPTH,
+          .bad = "invalid depth '%s' (1 to %lu)" },
+        { "read-only", 'r', CLI_FLAG, .dest = &o.read_only },
+        { "format", 'f', CLI_FORMAT, .dest = &o.format },
+        { "cache-size", 'c', CLI_SIZE, .dest = &o.cache_size, .min = 1, .bad = "invalid cache size '%s' (e.g. 32M)" },
+        { "foreground", 0, CLI_FLAG, .dest = &foreground },
+        { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
+        { "discard", 0, CLI_DISCARD, .dest = &o.discard },
+        { "discard-no-unref", 0, CLI_FLAG, .dest = &o.discard_no_unref },
+        { "snapshot", 'l', CLI_STRING, .dest = &o.snapshot },
+        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        { "size", 's', CLI_SIZE, .dest = &create_size, .seen = &create, .bad = "invalid size '%s' (e.g. 10G)" },
+        { .letter = 'v', .type = CLI_VERBOSE },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "add", add_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERAND_IMAGE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
+    const char *path = argv[optind];
+    if (o.snapshot)
+        o.read_only = true;     /* a snapshot is served as it was taken */
+    if (create && create_missing_image(path, o.format, create_size))
+        return 1;
     char image[PATH_MAX];
-    if (!realpath(argv[optind], image)) {
-        cli_error("add: cannot open image %s: %s", argv[optind], strerror(errno));
+    if (!realpath(path, image)) {
+        cli_error("add: cannot open image %s: %s", path, strerror(errno));
         return 1;
     }
     o.image = image;
     set_key_opts(&o, &key);
 
-    int rc = run_daemon(&o, foreground);
+    rc = run_daemon(&o, foreground);
     cli_key_clear(&key);
     return rc;
 }
@@ -513,60 +433,37 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
 
 int cmd_del(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "all", no_argument, NULL, 'a' },
-        { "timeout", required_argument, NULL, 't' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     bool all = false, have_id = false;
     uint32_t id = 0;
-    unsigned long timeout_s = DEL_DEFAULT_TIMEOUT_S;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:at:h", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            if (!cli_parse_dev_id("del", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case 'a':
-            all = true;
-            break;
-        case 't':
-            if (!cli_parse_uint(optarg, 1, 86400, &timeout_s)) {
-                cli_error("del: invalid timeout '%s' (seconds, 1 to 86400)", optarg);
-                return 2;
-            }
-            break;
-        case 'h':
-            del_usage(stdout);
-            return 0;
-        default:
-            del_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc || have_id == all) {
-        cli_error(optind != argc ? "del: unexpected argument '%s'"
-                                 : "del: give exactly one of -n ID or --all%s",
-                  optind != argc ? argv[optind] : "");
+    unsigned timeout_s = DEL_DEFAULT_TIMEOUT_S;
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "all", 'a', CLI_FLAG, .dest = &all },
+        { "timeout", 't', CLI_UINT, .dest = &timeout_s, .min = 1, .max = 86400,
+          .bad = "invalid timeout '%s' (seconds, 1 to 86400)" },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "del", del_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
+    if (have_id == all) {
+        cli_error("del: give exactly one of -n ID or --all");
         del_usage(stderr);
         return 2;
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
-    int rc = 0;
     if (have_id) {
-        rc = del_one(ctrl, id, (unsigned)timeout_s, false);
+        rc = del_one(ctrl, id, timeout_s, false);
     } else {
+        rc = 0;
         uint32_t ids[1024];
         size_t n = list_ids(ids, 1024);
         for (size_t i = 0; i < n; i++)
-            if (del_one(ctrl, ids[i], (unsigned)timeout_s, true))
+            if (del_one(ctrl, ids[i], timeout_s, true))
                 rc = 1;
     }
     ublk_ctrl_close(ctrl);
@@ -691,47 +588,20 @@ static int print_owner(struct ublk_ctrl *ctrl, uint32_t id)
 
 int cmd_list(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "json", no_argument, NULL, 'j' },
-        { "udev-name", no_argument, NULL, 'U' },
-        { "owner", no_argument, NULL, 'O' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     bool json = false, have_id = false, udev_name = false, owner = false;
     uint32_t id = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:jh", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'n':
-            if (!cli_parse_dev_id("list", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case 'j':
-            json = true;
-            break;
-        case 'U':
-            udev_name = true;
-            break;
-        case 'O':
-            owner = true;
-            break;
-        case 'h':
-            list_usage(stdout);
-            return 0;
-        default:
-            list_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        cli_error("list: unexpected argument '%s'", argv[optind]);
-        list_usage(stderr);
-        return 2;
-    }
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "json", 'j', CLI_FLAG, .dest = &json },
+        { "udev-name", 0, CLI_FLAG, .dest = &udev_name },
+        { "owner", 0, CLI_FLAG, .dest = &owner },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "list", list_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
     if (udev_name || owner) {
         if (!have_id || json || (udev_name && owner)) {
             cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
@@ -744,7 +614,7 @@ int cmd_list(int argc, char **argv)
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
     if (owner) {
-        int rc = print_owner(ctrl, id);
+        rc = print_owner(ctrl, id);
         ublk_ctrl_close(ctrl);
         return rc;
     }
@@ -756,7 +626,7 @@ int cmd_list(int argc, char **argv)
     } else {
         n = list_ids(ids, 1024);
     }
-    int rc = 0;
+    rc = 0;
     unsigned shown = 0;
     if (json)
         printf("[");
@@ -825,49 +695,24 @@ static void recover_usage(FILE *out)
 
 int cmd_recover(int argc, char **argv)
 {
-    static const struct option longopts[] = {
-        { "id", required_argument, NULL, 'n' },
-        { "foreground", no_argument, NULL, 'F' },
-        { "verbose", no_argument, NULL, 'v' },
-        { "key-file", required_argument, NULL, 'K' },
-        { "key-env", required_argument, NULL, 'E' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
     static struct cli_key key;
     bool foreground = false, have_id = false;
     uint32_t id = 0;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "n:vh", longopts, NULL)) != -1) {
-        switch (c) {
-        case 'v':
-            uq_set_verbosity(uq_verbosity() + 1);
-            break;
-        case 'n':
-            if (!cli_parse_dev_id("recover", optarg, &id))
-                return 2;
-            have_id = true;
-            break;
-        case 'F':
-            foreground = true;
-            break;
-        case 'K':
-        case 'E':
-            if ((c == 'K' ? cli_key_from_file : cli_key_from_env)("recover", optarg, &key))
-                return 2;
-            break;
-        case 'h':
-            recover_usage(stdout);
-            return 0;
-        default:
-            recover_usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc || !have_id) {
-        cli_error(optind != argc ? "recover: unexpected argument '%s'" : "recover: -n ID is required%s",
-                  optind != argc ? argv[optind] : "");
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "foreground", 0, CLI_FLAG, .dest = &foreground },
+        { "verbose", 'v', .type = CLI_VERBOSE },
+        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "recover", recover_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
+    if (!have_id) {
+        cli_error("recover: -n ID is required");
         recover_usage(stderr);
         return 2;
     }
@@ -921,7 +766,7 @@ int cmd_recover(int argc, char **argv)
             return 1;
     }
     set_key_opts(&o, &key);
-    int rc = run_daemon(&o, foreground);
+    rc = run_daemon(&o, foreground);
     cli_key_clear(&key);
     return rc;
 }

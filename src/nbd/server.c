@@ -430,134 +430,156 @@ static int handle_info(struct nbd_conn *c, uint32_t opt, const uint8_t *data, ui
     return 0;
 }
 
-/* Returns 1 when transmission starts, 0 when the session ended cleanly
- * (abort, EOF), -1 on a failure (logged). */
-static int conn_handshake(struct nbd_conn *c)
-{
-    struct nbd_server *s = c->s;
-    uint8_t greet[18];
-    uint8_t *data = NULL;
-    uint32_t cflags;
-    int r, ret = -1;
+#define HS_MORE 2       /* from a handshake step: read the next option */
 
+/* The server's greeting, then the client's flags: HS_MORE, or 0 when the
+ * client went away, -1 on a failure (logged). */
+static int greet_client(struct nbd_conn *c)
+{
+    uint8_t greet[18];
     nbd_put64(greet, NBD_MAGIC);
     nbd_put64(greet + 8, NBD_OPTS_MAGIC);
     nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     if (send_all(c, greet, sizeof(greet)) < 0)
         return 0;
 
-    r = rx_need(c, 4);
+    int r = rx_need(c, 4);
     if (r <= 0)
         return r == 0 ? 0 : -1;
-    cflags = nbd_get32(c->rx + c->rx_start);
+    uint32_t cflags = nbd_get32(c->rx + c->rx_start);
     c->rx_start += 4;
     if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
         conn_log(c, "unknown client flags 0x%x, closing", cflags);
         return -1;
     }
     c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+    return HS_MORE;
+}
 
-    data = malloc(MAX_OPTION_LEN);
+/* The next option: its header, and its data (up to MAX_OPTION_LEN bytes)
+ * into data.  HS_MORE, or 0 at EOF, -1 on a failure (logged). */
+static int read_option(struct nbd_conn *c, uint8_t *data, uint32_t *opt, uint32_t *len)
+{
+    struct nbd_opt_hdr oh;
+    int r = rx_need(c, NBD_OPT_HDR_SIZE);
+    if (r == 0)
+        return 0;
+    if (r < 0) {
+        conn_log(c, "connection lost during the handshake: %s", strerror(-r));
+        return -1;
+    }
+    nbd_parse_opt_hdr(c->rx + c->rx_start, &oh);
+    *opt = oh.opt;
+    *len = oh.len;
+    c->rx_start += NBD_OPT_HDR_SIZE;
+    if (oh.magic != NBD_OPTS_MAGIC) {
+        conn_log(c, "bad option magic 0x%016llx, closing", (unsigned long long)oh.magic);
+        return -1;
+    }
+    if (*len > MAX_OPTION_LEN) {
+        conn_log(c, "option %u with %u bytes of data is too long, closing", *opt, *len);
+        return -1;
+    }
+    r = rx_copy(c, data, *len);
+    if (r < 0) {
+        conn_log(c, "connection lost during the handshake: %s", strerror(-r));
+        return -1;
+    }
+    return HS_MORE;
+}
+
+/* NBD_OPT_EXPORT_NAME: the old way in, without an error reply. */
+static int answer_export_name(struct nbd_conn *c, const uint8_t *data, uint32_t len)
+{
+    struct nbd_server *s = c->s;
+    uint8_t reply[10 + 124] = { 0 };
+    if (!name_matches(s, data, len)) {
+        /* This option has no error reply: the session must end. */
+        conn_log(c, "unknown export name requested, closing");
+        return -1;
+    }
+    nbd_put64(reply, img_size(s->img));
+    nbd_put16(reply + 8, s->tx_flags);
+    int r = send_all(c, reply, c->no_zeroes ? 10 : sizeof(reply));
+    return r < 0 ? 0 : 1;
+}
+
+/* NBD_OPT_LIST: our one export. */
+static int answer_list(struct nbd_conn *c, uint32_t opt, uint32_t len)
+{
+    struct nbd_server *s = c->s;
+    if (len)
+        return opt_error(c, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+    size_t nl = strlen(s->name);
+    uint8_t *srv = malloc(4 + nl);
+    int r = -ENOMEM;
+    if (srv) {
+        nbd_put32(srv, (uint32_t)nl);
+        memcpy(srv + 4, s->name, nl);
+        r = opt_reply(c, opt, NBD_REP_SERVER, srv, 4 + nl);
+        free(srv);
+    }
+    if (r == 0)
+        r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+    return r;
+}
+
+/* Answer one option: HS_MORE for the next one, else the handshake's
+ * result (1 transmission, 0 clean end, -1 failure). */
+static int answer_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
+{
+    int r;
+    if (c->s->stopping && opt != NBD_OPT_ABORT) {
+        if (opt == NBD_OPT_EXPORT_NAME)
+            return -1;      /* cannot be answered with an error */
+        r = opt_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
+        return r < 0 ? -1 : HS_MORE;
+    }
+    switch (opt) {
+    case NBD_OPT_EXPORT_NAME:
+        return answer_export_name(c, data, len);
+    case NBD_OPT_ABORT:
+        opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+        return 0;
+    case NBD_OPT_LIST:
+        r = answer_list(c, opt, len);
+        break;
+    case NBD_OPT_INFO:
+    case NBD_OPT_GO:
+        r = handle_info(c, opt, data, len);
+        if (r == 1)
+            return 1;
+        break;
+    case NBD_OPT_STRUCTURED_REPLY:
+        r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "structured replies are not supported");
+        break;
+    default:
+        r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "option not supported");
+        break;
+    }
+    return r < 0 ? -1 : HS_MORE;    /* r < 0: the client went away */
+}
+
+/* Returns 1 when transmission starts, 0 when the session ended cleanly
+ * (abort, EOF), -1 on a failure (logged). */
+static int conn_handshake(struct nbd_conn *c)
+{
+    int r = greet_client(c);
+    if (r != HS_MORE)
+        return r;
+    uint8_t *data = malloc(MAX_OPTION_LEN);
     if (!data) {
         conn_log(c, "out of memory");
         return -1;
     }
-    for (;;) {
-        struct nbd_opt_hdr oh;
-        uint32_t opt, len;
-
-        r = rx_need(c, NBD_OPT_HDR_SIZE);
-        if (r == 0) {
-            ret = 0;
-            break;
-        }
-        if (r < 0) {
-            conn_log(c, "connection lost during the handshake: %s", strerror(-r));
-            break;
-        }
-        nbd_parse_opt_hdr(c->rx + c->rx_start, &oh);
-        opt = oh.opt;
-        len = oh.len;
-        c->rx_start += NBD_OPT_HDR_SIZE;
-        if (oh.magic != NBD_OPTS_MAGIC) {
-            conn_log(c, "bad option magic 0x%016llx, closing", (unsigned long long)oh.magic);
-            break;
-        }
-        if (len > MAX_OPTION_LEN) {
-            conn_log(c, "option %u with %u bytes of data is too long, closing", opt, len);
-            break;
-        }
-        r = rx_copy(c, data, len);
-        if (r < 0) {
-            conn_log(c, "connection lost during the handshake: %s", strerror(-r));
-            break;
-        }
-
-        if (s->stopping && opt != NBD_OPT_ABORT) {
-            if (opt == NBD_OPT_EXPORT_NAME)
-                break;      /* cannot be answered with an error */
-            r = opt_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
-            if (r < 0)
-                break;
-            continue;
-        }
-
-        switch (opt) {
-        case NBD_OPT_EXPORT_NAME: {
-            uint8_t reply[10 + 124] = { 0 };
-            if (!name_matches(s, data, len)) {
-                /* This option has no error reply: the session must end. */
-                conn_log(c, "unknown export name requested, closing");
-                goto out;
-            }
-            nbd_put64(reply, img_size(s->img));
-            nbd_put16(reply + 8, s->tx_flags);
-            r = send_all(c, reply, c->no_zeroes ? 10 : sizeof(reply));
-            ret = r < 0 ? 0 : 1;
-            goto out;
-        }
-        case NBD_OPT_ABORT:
-            opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
-            ret = 0;
-            goto out;
-        case NBD_OPT_LIST:
-            if (len) {
-                r = opt_error(c, opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
-            } else {
-                size_t nl = strlen(s->name);
-                uint8_t *srv = malloc(4 + nl);
-                r = -ENOMEM;
-                if (srv) {
-                    nbd_put32(srv, (uint32_t)nl);
-                    memcpy(srv + 4, s->name, nl);
-                    r = opt_reply(c, opt, NBD_REP_SERVER, srv, 4 + nl);
-                    free(srv);
-                }
-                if (r == 0)
-                    r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
-            }
-            break;
-        case NBD_OPT_INFO:
-        case NBD_OPT_GO:
-            r = handle_info(c, opt, data, len);
-            if (r == 1) {
-                ret = 1;
-                goto out;
-            }
-            break;
-        case NBD_OPT_STRUCTURED_REPLY:
-            r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "structured replies are not supported");
-            break;
-        default:
-            r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "option not supported");
-            break;
-        }
-        if (r < 0)
-            break;          /* the client went away */
-    }
-out:
+    uint32_t opt = 0, len = 0;
+    do {
+        r = read_option(c, data, &opt, &len);
+        if (r == HS_MORE)
+            r = answer_option(c, opt, data, len);
+    } while (r == HS_MORE);
     free(data);
-    return ret;
+    return r;
 }
 
 /* ---- requests -------------------------------------------------------------- */

@@ -180,16 +180,9 @@ static int walk_extensions(const uint8_t *buf, size_t start, size_t limit,
     return 0;
 }
 
-int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
-                       struct qcow2_header *h, char *err, size_t errlen)
+/* The fields every version has; cluster_bits checked (the rest builds on it). */
+static int read_v2_fields(const uint8_t *buf, struct qcow2_header *h, char *err, size_t errlen)
 {
-    if (err && errlen)
-        err[0] = '\0';
-    memset(h, 0, sizeof(*h));
-    if (!buf || len < QCOW2_V2_HEADER_LEN)
-        return fail(-EINVAL, err, errlen, "image too short (%zu bytes, need %d)", len,
-                    QCOW2_V2_HEADER_LEN);
-
     uint32_t magic = be32_load(buf + OFF_MAGIC);
     if (magic != QCOW2_MAGIC)
         return fail(-EINVAL, err, errlen, "bad magic 0x%08x", magic);
@@ -212,8 +205,14 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
     if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
         return fail(-EINVAL, err, errlen, "cluster_bits %u out of range %d..%d",
                     h->cluster_bits, QCOW2_MIN_CLUSTER_BITS, QCOW2_MAX_CLUSTER_BITS);
-    uint64_t cluster_size = 1ull << h->cluster_bits;
+    return 0;
+}
 
+/* v3's feature bits, refcount order and header length (v2 implies them). */
+static int read_v3_fields(const uint8_t *buf, size_t len, struct qcow2_header *h,
+                          char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     if (h->version == 2) {
         /* v2 implies these values (spec: fields absent). */
         h->header_length = QCOW2_V2_HEADER_LEN;
@@ -243,7 +242,11 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
             return fail(-EINVAL, err, errlen, "refcount_order %u out of range 0..6",
                         h->refcount_order);
     }
+    return 0;
+}
 
+static int check_crypt_method(const struct qcow2_header *h, char *err, size_t errlen)
+{
     /* LUKS (2) is opened by crypto.c with the user's passphrase; the legacy
      * AES method (1) is refused (QEMU itself only reads it in its tools). */
     if (h->crypt_method == QCOW2_CRYPT_AES)
@@ -251,7 +254,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                     "convert the image to LUKS encryption with qemu-img");
     if (h->crypt_method != QCOW2_CRYPT_NONE && h->crypt_method != QCOW2_CRYPT_LUKS)
         return fail(-ENOTSUP, err, errlen, "unknown encryption method (crypt_method %u)", h->crypt_method);
+    return 0;
+}
 
+static int read_backing_name(const uint8_t *buf, size_t len, struct qcow2_header *h,
+                             char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     /* Backing file name: must lie inside the header cluster and the buffer. */
     if (h->backing_file_offset) {
         if (h->backing_file_size > QCOW2_MAX_BACKING_NAME)
@@ -269,18 +278,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
         copy_name(h->backing_file, sizeof(h->backing_file), buf + h->backing_file_offset,
                   h->backing_file_size);
     }
+    return 0;
+}
 
-    /* Extensions end where the backing file name starts (the name may only be
-     * followed by nothing), else at the end of the header cluster. */
-    size_t limit = len < cluster_size ? len : (size_t)cluster_size;
-    if (h->backing_file_offset && h->backing_file_offset < limit)
-        limit = (size_t)h->backing_file_offset;
-    const uint8_t *ftable;
-    size_t ftable_len;
-    int ret = walk_extensions(buf, h->header_length, limit, h, &ftable, &ftable_len, err, errlen);
-    if (ret < 0)
-        return ret;
-
+static int check_crypto_ext(const struct qcow2_header *h, uint64_t file_size,
+                            char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     /* The encryption header pointer exists exactly for LUKS (qcow2.txt). */
     if (h->has_crypto_ext != (h->crypt_method == QCOW2_CRYPT_LUKS))
         return fail(-EINVAL, err, errlen, h->has_crypto_ext
@@ -292,8 +296,14 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
          !inside_file(h->crypto_offset, h->crypto_length, file_size)))
         return fail(-EINVAL, err, errlen, "LUKS encryption header at 0x%" PRIx64 " (%" PRIu64
                     " bytes) is misaligned or lies outside the image", h->crypto_offset, h->crypto_length);
+    return 0;
+}
 
-    /* Incompatible features. */
+/* Feature bits we do not know, and the combinations the spec forbids;
+ * ftable names unknown bits in the message. */
+static int check_features(const struct qcow2_header *h, const uint8_t *ftable, size_t ftable_len,
+                          char *err, size_t errlen)
+{
     uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
     if (unknown) {
         int r = fail(-ENOTSUP, err, errlen, "unsupported incompatible feature bits 0x%" PRIx64,
@@ -325,7 +335,12 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                     "compression_type %u without the compression type feature bit",
                     h->compression_type);
     }
+    return 0;
+}
 
+static int check_size_and_l1(struct qcow2_header *h, uint64_t file_size, char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     /* Virtual size and L1 table. */
     if (h->size > (1ull << 63))
         return fail(-EINVAL, err, errlen, "size %" PRIu64 " too large", h->size);
@@ -347,7 +362,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                         "l1_table_offset 0x%" PRIx64 " + %u entries past end of file (%" PRIu64 " bytes)",
                         h->l1_table_offset, h->l1_size, file_size);
     }
+    return 0;
+}
 
+static int check_refcount_table(const struct qcow2_header *h, uint64_t file_size,
+                                char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     /* Refcount table. */
     if (h->refcount_table_offset & (cluster_size - 1))
         return fail(-EINVAL, err, errlen, "refcount_table_offset 0x%" PRIx64 " not cluster-aligned",
@@ -364,7 +385,13 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
         return fail(-EINVAL, err, errlen,
                     "refcount_table_offset 0x%" PRIx64 " + %u clusters past end of file (%" PRIu64 " bytes)",
                     h->refcount_table_offset, h->refcount_table_clusters, file_size);
+    return 0;
+}
 
+static int check_snapshot_table(const struct qcow2_header *h, uint64_t file_size,
+                                char *err, size_t errlen)
+{
+    uint64_t cluster_size = 1ull << h->cluster_bits;
     /* Snapshot table: entries are at least 40 bytes each. */
     if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
         return fail(-EINVAL, err, errlen, "nb_snapshots %u too large (max %d)", h->nb_snapshots,
@@ -380,6 +407,43 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
                         "snapshots_offset 0x%" PRIx64 " + %u snapshots past end of file (%" PRIu64 " bytes)",
                         h->snapshots_offset, h->nb_snapshots, file_size);
     }
+    return 0;
+}
+
+int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
+                       struct qcow2_header *h, char *err, size_t errlen)
+{
+    if (err && errlen)
+        err[0] = '\0';
+    memset(h, 0, sizeof(*h));
+    if (!buf || len < QCOW2_V2_HEADER_LEN)
+        return fail(-EINVAL, err, errlen, "image too short (%zu bytes, need %d)", len,
+                    QCOW2_V2_HEADER_LEN);
+    const uint8_t *ftable = NULL;
+    size_t ftable_len = 0;
+    int ret;
+    if ((ret = read_v2_fields(buf, h, err, errlen)) < 0 ||
+        (ret = read_v3_fields(buf, len, h, err, errlen)) < 0 ||
+        (ret = check_crypt_method(h, err, errlen)) < 0 ||
+        (ret = read_backing_name(buf, len, h, err, errlen)) < 0)
+        return ret;
+
+    /* Extensions end where the backing file name starts (the name may only be
+     * followed by nothing), else at the end of the header cluster. */
+    uint64_t cluster_size = 1ull << h->cluster_bits;
+    size_t limit = len < cluster_size ? len : (size_t)cluster_size;
+    if (h->backing_file_offset && h->backing_file_offset < limit)
+        limit = (size_t)h->backing_file_offset;
+    ret = walk_extensions(buf, h->header_length, limit, h, &ftable, &ftable_len, err, errlen);
+    if (ret < 0)
+        return ret;
+
+    if ((ret = check_crypto_ext(h, file_size, err, errlen)) < 0 ||
+        (ret = check_features(h, ftable, ftable_len, err, errlen)) < 0 ||
+        (ret = check_size_and_l1(h, file_size, err, errlen)) < 0 ||
+        (ret = check_refcount_table(h, file_size, err, errlen)) < 0 ||
+        (ret = check_snapshot_table(h, file_size, err, errlen)) < 0)
+        return ret;
     return 0;
 }
 

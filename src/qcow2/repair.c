@@ -381,14 +381,21 @@ static uint64_t bad_flags(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint6
     return e;
 }
 
-/* Count the references of one L2 table, times each (strict: a table named
- * times more); the checker also checks every entry. */
-static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2, uint32_t times)
+/* One L2 table being walked. */
+struct l2_pass {
+    uint8_t *l2;                /* the table's bytes */
+    uint64_t l2_off;
+    bool active;                /* named by the active L1 table (counts in the statistics) */
+    uint32_t times;             /* references each entry stands for */
+    uint64_t next_contiguous;   /* where the next data cluster would not be fragmented */
+};
+
+/* Read one L2 table into l2 (strict: within the budget of L2 bytes). */
+static int read_l2(struct rc_walk *w, uint64_t l2_off, uint8_t *l2)
 {
     struct qcow2 *q = w->q;
-    struct check_result *res = w->res;
-    uint64_t cs = cl_size(q), next_contiguous = 0;
-    if (!res) {
+    uint64_t cs = cl_size(q);
+    if (!w->res) {
         w->l2_read += cs;
         if (w->l2_read > REPAIR_MAX_L2_BYTES) {
             snprintf(w->err, w->errlen, "the L1 tables name more than %llu GiB of L2 tables",
@@ -400,12 +407,101 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
     if (r < 0) {
         snprintf(w->err, w->errlen, "cannot read the L2 table at 0x%llx: %s",
                  (unsigned long long)l2_off, strerror(-r));
-        if (res) {
+        if (w->res) {
             qcow2_walk_say(w, "ERROR: I/O error in check_refcounts_l2");
-            res->check_errors++;
+            w->res->check_errors++;
         }
-        return r;
     }
+    return r;
+}
+
+static int walk_compressed(struct rc_walk *w, struct l2_pass *p, uint64_t j, uint64_t e, uint64_t bm)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    if (res && (e & QCOW_OFLAG_COPIED)) {
+        e = bad_flags(w, p->l2, p->l2_off, j, e, QCOW_OFLAG_COPIED,
+                      "copied flag set on a compressed cluster (it must never be)");
+        e &= ~QCOW_OFLAG_COPIED;
+    }
+    if (res && bm) {
+        qcow2_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
+                    "entry=0x%llx", (unsigned long long)j, (unsigned long long)e);
+        res->corruptions++;
+        return 0;
+    }
+    uint64_t coff, nbytes;
+    qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
+    int r = count_n(w, coff, nbytes, "a compressed cluster", p->times);
+    if (res && p->active) {
+        /* Compressed clusters count as fragmented, as in QEMU. */
+        res->allocated_clusters++;
+        res->compressed_clusters++;
+        res->fragmented_clusters++;
+    }
+    return r;
+}
+
+/* A data (or preallocated zero) cluster's entry. */
+static int walk_allocated(struct rc_walk *w, struct l2_pass *p, uint64_t j, uint64_t e, uint64_t bm)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    uint64_t cs = cl_size(q), off = e & L2E_OFFSET_MASK;
+    if (has_data_file(q)) {
+        /* Data in an external data file is not refcounted. */
+        if (res && p->active)
+            res->allocated_clusters++;
+        return 0;
+    }
+    if (res && ((bm >> 32) & bm)) {
+        qcow2_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
+                    (unsigned long long)off);
+        res->corruptions++;
+    }
+    if (res && (off & (cs - 1))) {
+        bool data = q->extl2 ? (bm & EXTL2_ALL_ALLOC) != 0 : !(e & QCOW_OFLAG_ZERO);
+        res->corruptions++;
+        if (data) {
+            qcow2_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
+                        (unsigned long long)off);
+        } else {
+            bool fix = w->fix & CHECK_FIX_ERRORS;
+            qcow2_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                        fix ? "Repairing" : "ERROR", (unsigned long long)off);
+            if (fix && zero_l2_entry(w, p->l2, p->l2_off, j) == 0) {
+                res->corruptions--;
+                res->corruptions_fixed++;
+                return 0;   /* the entry no longer names a cluster */
+            }
+        }
+    }
+    if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
+        qcow2_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
+                    "a zero cluster", (unsigned long long)off);
+        if (zero_l2_entry(w, p->l2, p->l2_off, j) == 0) {
+            res->corruptions_fixed++;
+            return 0;
+        }
+    }
+    if (res && p->active) {
+        res->allocated_clusters++;
+        if (p->next_contiguous && off != p->next_contiguous)
+            res->fragmented_clusters++;
+        p->next_contiguous = off + cs;
+    }
+    /* A misaligned offset counts every cluster the range touches, as QEMU does. */
+    return count_n(w, off, cs, "a data cluster", p->times);
+}
+
+/* Count the references of one L2 table, times each (strict: a table named
+ * times more); the checker also checks every entry. */
+static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2, uint32_t times)
+{
+    struct qcow2 *q = w->q;
+    struct check_result *res = w->res;
+    struct l2_pass p = { .l2 = l2, .l2_off = l2_off, .active = active, .times = times };
+    int r = read_l2(w, l2_off, l2);
     for (uint64_t j = 0; j < q->h.l2_entries && r == 0; j++) {
         uint64_t e = be64_load(l2 + j * q->h.l2_entry_size);
         uint64_t bm = q->extl2 ? be64_load(l2 + j * q->h.l2_entry_size + 8) : 0;
@@ -423,78 +519,13 @@ static int walk_l2(struct rc_walk *w, uint64_t l2_off, bool active, uint8_t *l2,
                 e = bad_flags(w, l2, l2_off, j, e, L2E_STD_RESERVED_MASK, "found l2 entry with reserved bits set");
         }
         switch (t) {
-        case QCOW2_CLUSTER_COMPRESSED: {
-            if (res && (e & QCOW_OFLAG_COPIED)) {
-                e = bad_flags(w, l2, l2_off, j, e, QCOW_OFLAG_COPIED,
-                              "copied flag set on a compressed cluster (it must never be)");
-                e &= ~QCOW_OFLAG_COPIED;
-            }
-            if (res && bm) {
-                qcow2_walk_say(w, "ERROR compressed cluster %llu with non-zero subcluster allocation bitmap, "
-                            "entry=0x%llx", (unsigned long long)j, (unsigned long long)e);
-                res->corruptions++;
-                break;
-            }
-            uint64_t coff, nbytes;
-            qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
-            r = count_n(w, coff, nbytes, "a compressed cluster", times);
-            if (res && active) {
-                /* Compressed clusters count as fragmented, as in QEMU. */
-                res->allocated_clusters++;
-                res->compressed_clusters++;
-                res->fragmented_clusters++;
-            }
+        case QCOW2_CLUSTER_COMPRESSED:
+            r = walk_compressed(w, &p, j, e, bm);
             break;
-        }
         case QCOW2_CLUSTER_NORMAL:
-        case QCOW2_CLUSTER_ZERO_ALLOC: {
-            uint64_t off = e & L2E_OFFSET_MASK;
-            if (has_data_file(q)) {
-                /* Data in an external data file is not refcounted. */
-                if (res && active)
-                    res->allocated_clusters++;
-                break;
-            }
-            if (res && ((bm >> 32) & bm)) {
-                qcow2_walk_say(w, "ERROR offset=%llx: Allocated cluster has corrupted subcluster allocation bitmap",
-                            (unsigned long long)off);
-                res->corruptions++;
-            }
-            if (res && (off & (cs - 1))) {
-                bool data = q->extl2 ? (bm & EXTL2_ALL_ALLOC) != 0 : !(e & QCOW_OFLAG_ZERO);
-                res->corruptions++;
-                if (data) {
-                    qcow2_walk_say(w, "ERROR offset=%llx: Data cluster is not properly aligned; L2 entry corrupted.",
-                                (unsigned long long)off);
-                } else {
-                    bool fix = w->fix & CHECK_FIX_ERRORS;
-                    qcow2_walk_say(w, "%s offset=%llx: Preallocated cluster is not properly aligned; L2 entry corrupted.",
-                                fix ? "Repairing" : "ERROR", (unsigned long long)off);
-                    if (fix && zero_l2_entry(w, l2, l2_off, j) == 0) {
-                        res->corruptions--;
-                        res->corruptions_fixed++;
-                        continue;   /* the entry no longer names a cluster */
-                    }
-                }
-            }
-            if (beyond_eof(w, off, cs) && (w->fix & CHECK_FIX_ERRORS) && can_zero(q)) {
-                qcow2_walk_say(w, "Repairing offset=%llx: cluster past the end of the file; L2 entry made "
-                            "a zero cluster", (unsigned long long)off);
-                if (zero_l2_entry(w, l2, l2_off, j) == 0) {
-                    res->corruptions_fixed++;
-                    continue;
-                }
-            }
-            if (res && active) {
-                res->allocated_clusters++;
-                if (next_contiguous && off != next_contiguous)
-                    res->fragmented_clusters++;
-                next_contiguous = off + cs;
-            }
-            /* A misaligned offset counts every cluster the range touches, as QEMU does. */
-            r = count_n(w, off, cs, "a data cluster", times);
+        case QCOW2_CLUSTER_ZERO_ALLOC:
+            r = walk_allocated(w, &p, j, e, bm);
             break;
-        }
         case QCOW2_CLUSTER_UNALLOCATED:
             if (res && (bm & EXTL2_ALL_ALLOC)) {
                 qcow2_walk_say(w, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
@@ -867,47 +898,53 @@ static int write_blocks(struct rc_walk *w, const uint64_t *blk, uint64_t nblocks
     return r;
 }
 
-int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
+/* Where the rebuilt refcount structures go: after everything counted. */
+struct rebuild_plan {
+    uint64_t *blk;              /* refcount block ranges: those in use, then the area's */
+    uint64_t nused;             /* ranges in use */
+    uint64_t start;             /* the new area's first cluster */
+    uint64_t nblocks, ntable;   /* its refcount blocks, then its table clusters */
+};
+
+/* The ranges in use, in order; every count must fit the refcount width. */
+static int ranges_in_use(struct rc_walk *w, struct rebuild_plan *pl)
 {
     struct qcow2 *q = w->q;
-    uint64_t cs = cl_size(q), rbe = w->rbe;
-    uint64_t *blk = NULL, *newtab = NULL;
-    uint8_t *newdirty = NULL, *tab = NULL;
-    char *err = w->err;
-    size_t errlen = w->errlen;
-    int r = 0;
-
-    /* The ranges in use, in order; every count must fit the refcount width. */
-    uint64_t nused = 0, max = qcow2_refcount_max(q->h.refcount_order);
-    blk = malloc((w->used + 2) * sizeof(*blk));
-    if (!blk)
+    uint64_t max = qcow2_refcount_max(q->h.refcount_order);
+    pl->blk = malloc((w->used + 2) * sizeof(*pl->blk));
+    if (!pl->blk)
         return -ENOMEM;
     for (size_t i = 0; i < w->cap; i++) {
         if (!w->keys[i])
             continue;
-        blk[nused++] = w->keys[i] - 1;
-        for (uint64_t j = 0; j < rbe; j++)
+        pl->blk[pl->nused++] = w->keys[i] - 1;
+        for (uint64_t j = 0; j < w->rbe; j++)
             if (w->chunks[i][j] > max) {
-                snprintf(err, errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
-                         (unsigned long long)((w->keys[i] - 1) * rbe + j), w->chunks[i][j],
+                snprintf(w->err, w->errlen, "cluster %llu needs refcount %u, more than %u-bit refcounts hold",
+                         (unsigned long long)((w->keys[i] - 1) * w->rbe + j), w->chunks[i][j],
                          q->h.refcount_bits);
-                r = -ERANGE;
-                goto out;
+                return -ERANGE;
             }
     }
-    qsort(blk, nused, sizeof(*blk), cmp_u64);
+    qsort(pl->blk, pl->nused, sizeof(*pl->blk), cmp_u64);
+    return 0;
+}
 
-    /* New refcount blocks and table after everything counted and the end
-     * of the file, so nothing they overwrite is in use: a block for each
-     * range in use and each range the new area itself falls in (at most
-     * two more: the area is far smaller than a range, except for tiny
-     * clusters), then the table. */
+/* New refcount blocks and table after everything counted and the end
+ * of the file, so nothing they overwrite is in use: a block for each
+ * range in use and each range the new area itself falls in (at most
+ * two more: the area is far smaller than a range, except for tiny
+ * clusters), then the table.  pl->blk gets the area's ranges after those
+ * in use (the first may be the last in use). */
+static int place_area(struct rc_walk *w, struct rebuild_plan *pl)
+{
+    uint64_t cs = cl_size(w->q), rbe = w->rbe, nused = pl->nused;
     uint64_t start = w->nclusters, nblocks = nused, ntable = 1, first_a = 0, last_a = 0;
     for (;;) {
         uint64_t end = start + nblocks + ntable;
         first_a = start / rbe;
         last_a = (end - 1) / rbe;
-        uint64_t na = last_a - first_a + 1 - (nused && blk[nused - 1] == first_a);
+        uint64_t na = last_a - first_a + 1 - (nused && pl->blk[nused - 1] == first_a);
         uint64_t need_blocks = nused + na;
         uint64_t need_table = ((last_a + 1) * 8 + cs - 1) / cs;
         if (need_blocks <= nblocks && need_table <= ntable)
@@ -918,66 +955,87 @@ int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
             break;
     }
     if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES) {
-        snprintf(err, errlen, "the rebuilt refcount table would exceed QEMU's limit");
-        r = -EFBIG;
-        goto out;
+        snprintf(w->err, w->errlen, "the rebuilt refcount table would exceed QEMU's limit");
+        return -EFBIG;
     }
-    /* The area's ranges after those in use (the first may be the last in use). */
-    uint64_t *nb = realloc(blk, (nblocks + 1) * sizeof(*blk));
-    if (!nb) {
-        r = -ENOMEM;
-        goto out;
-    }
-    blk = nb;
+    uint64_t *nb = realloc(pl->blk, (nblocks + 1) * sizeof(*pl->blk));
+    if (!nb)
+        return -ENOMEM;
+    pl->blk = nb;
     uint64_t n = nused;
     for (uint64_t ci = first_a; ci <= last_a && n < nblocks; ci++)
-        if (!nused || ci != blk[nused - 1])
-            blk[n++] = ci;
-    nblocks = n;
-    uint64_t area = nblocks + ntable;
-    uint64_t entries = ntable * cs / 8;
-    newtab = calloc(entries, sizeof(uint64_t));
-    newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
-    tab = io_zalloc(ntable * cs);
-    if (!newtab || !newdirty) {
-        r = -ENOMEM;
-        goto out;
-    }
-    for (uint64_t b = 0; b < nblocks; b++) {
-        newtab[blk[b]] = (start + b) * cs;
-        be64_store(tab + blk[b] * 8, newtab[blk[b]]);
-    }
-    /* COPIED flags first (they only describe refcounts we are about to
-     * make true), then the new structures, a sync, and the header switch. */
-    err[0] = '\0';
-    r = fix_copied ? fix_copied_flags(w) : 0;
+        if (!nused || ci != pl->blk[nused - 1])
+            pl->blk[n++] = ci;
+    pl->start = start;
+    pl->nblocks = n;
+    pl->ntable = ntable;
+    return 0;
+}
+
+/* COPIED flags first (they only describe refcounts we are about to make
+ * true), then the new structures, a sync, and the header switch. */
+static int write_rebuilt(struct rc_walk *w, const struct rebuild_plan *pl, const uint8_t *tab,
+                         bool fix_copied)
+{
+    struct qcow2 *q = w->q;
+    uint64_t cs = cl_size(q), area = pl->nblocks + pl->ntable;
+    w->err[0] = '\0';
+    int r = fix_copied ? fix_copied_flags(w) : 0;
     /* Past everything counted; the old refcount blocks, about to be
      * replaced, may lie anywhere. */
     if (r == 0)
-        r = qcow2_ol_conflict(q, start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
-                        err, errlen);
+        r = qcow2_ol_conflict(q, pl->start * cs, area * cs, OL_REFBLOCK, "the rebuilt refcount structures",
+                        w->err, w->errlen);
     if (r == 0)
-        r = write_blocks(w, blk, nblocks, start, start + area);
+        r = write_blocks(w, pl->blk, pl->nblocks, pl->start, pl->start + area);
     if (r == 0) {
-        ssize_t wr = file_pwrite(&q->file, tab, ntable * cs, (start + nblocks) * cs, false);
+        ssize_t wr = file_pwrite(&q->file, tab, pl->ntable * cs, (pl->start + pl->nblocks) * cs, false);
         r = wr < 0 ? (int)wr : file_sync(&q->file);
     }
     if (r == 0) {
-        q->h.refcount_table_offset = (start + nblocks) * cs;
-        q->h.refcount_table_clusters = (uint32_t)ntable;
+        q->h.refcount_table_offset = (pl->start + pl->nblocks) * cs;
+        q->h.refcount_table_clusters = (uint32_t)pl->ntable;
         r = qcow2_write_header_fields(q);
         if (r == 0)
             r = file_sync(&q->file);
     }
-    if (r < 0) {
-        if (!err[0])
-            snprintf(err, errlen, "writing new refcount structures failed: %s", strerror(-r));
+    if (r < 0 && !w->err[0])
+        snprintf(w->err, w->errlen, "writing new refcount structures failed: %s", strerror(-r));
+    return r;
+}
+
+int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
+{
+    struct qcow2 *q = w->q;
+    uint64_t cs = cl_size(q);
+    struct rebuild_plan pl = { .nused = 0 };
+    uint64_t *newtab = NULL;
+    uint8_t *newdirty = NULL, *tab = NULL;
+    int r = ranges_in_use(w, &pl);
+    if (r == 0)
+        r = place_area(w, &pl);
+    if (r < 0)
+        goto out;
+    uint64_t area = pl.nblocks + pl.ntable;
+    uint64_t entries = pl.ntable * cs / 8;
+    newtab = calloc(entries, sizeof(uint64_t));
+    newdirty = calloc((entries * 8 + 511) / 512 + 1, 1);
+    tab = io_zalloc(pl.ntable * cs);
+    if (!newtab || !newdirty) {
+        r = -ENOMEM;
         goto out;
     }
+    for (uint64_t b = 0; b < pl.nblocks; b++) {
+        newtab[pl.blk[b]] = (pl.start + b) * cs;
+        be64_store(tab + pl.blk[b] * 8, newtab[pl.blk[b]]);
+    }
+    r = write_rebuilt(w, &pl, tab, fix_copied);
+    if (r < 0)
+        goto out;
     qcow2_install_reftable(q, newtab, newdirty, entries);
     newtab = NULL;
     newdirty = NULL;
-    qcow2_note_host_end(q, (start + area) * cs);
+    qcow2_note_host_end(q, (pl.start + area) * cs);
     q->free_hint = 0;
     qcow2_cache_discard_range(&q->rcc, 0, UINT64_MAX);
     qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX);
@@ -985,7 +1043,7 @@ out:
     io_free(tab);
     free(newtab);
     free(newdirty);
-    free(blk);
+    free(pl.blk);
     return r;
 }
 

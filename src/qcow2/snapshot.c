@@ -443,64 +443,66 @@ static int end_dirty(struct qcow2 *q, struct del_progress *p)
 
 /* ---- create ---------------------------------------------------------------------------------- */
 
-int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
-                          char *err, size_t errlen)
+/* What a create has done so far: undone on failure, before the switch. */
+struct create_state {
+    struct runs rs;                 /* the clusters the active tables use */
+    struct qcow2_snapshot *list;    /* the new table: the old entries plus one */
+    uint32_t nb;                    /* entries before */
+    uint8_t *l1buf;
+    uint64_t l1off, l1bytes;        /* the snapshot's L1 table */
+    uint64_t toff, tlen;            /* the new snapshot table */
+    bool raised, dirty;
+    char id[32];
+};
+
+/* The checks before anything is touched (as QEMU's, where QEMU has them). */
+static int create_allowed(struct qcow2 *q, const char *name, char *err, size_t errlen)
 {
-    struct qcow2 *q = to_qcow2(img);
+    const char *path = q->img.path;
     if (!name[0] || strlen(name) > QCOW2_MAX_SNAPSHOT_NAME) {
         snprintf(err, errlen, "a snapshot name must have 1 to %d bytes", QCOW2_MAX_SNAPSHOT_NAME);
         return -EINVAL;
     }
     if (q->h.nb_snapshots >= QCOW2_MAX_SNAPSHOTS) {
-        snprintf(err, errlen, "%s already has %d snapshots, QEMU's limit", img->path, QCOW2_MAX_SNAPSHOTS);
+        snprintf(err, errlen, "%s already has %d snapshots, QEMU's limit", path, QCOW2_MAX_SNAPSHOTS);
         return -EFBIG;
     }
     /* QEMU refuses too: the data file's clusters have no refcounts to share. */
     if (has_data_file(q)) {
         snprintf(err, errlen, "%s has an external data file: internal snapshots are not supported "
-                 "with one (as in QEMU)", img->path);
+                 "with one (as in QEMU)", path);
         return -ENOTSUP;
     }
     if (q->h.refcount_bits == 1) {
         snprintf(err, errlen, "%s has 1-bit refcounts, which cannot count a snapshot's references "
-                 "(more bits: qemu-img amend -o refcount_bits=16)", img->path);
+                 "(more bits: qemu-img amend -o refcount_bits=16)", path);
         return -ERANGE;
     }
-    int r = qcow2_exclusive_begin(q, err, errlen);
-    if (r < 0)
-        return r;
-    /* QEMU's rule: the next ID after the largest numeric one. */
+    return 0;
+}
+
+/* QEMU's rule: the next ID after the largest numeric one. */
+static void next_snapshot_id(const struct qcow2 *q, char *id, size_t len)
+{
     unsigned long long max_id = 0;
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++) {
         unsigned long long v = strtoull(q->snapshots[i].id, NULL, 10);
         if (v > max_id)
             max_id = v;
     }
-    char id[32];
-    snprintf(id, sizeof(id), "%llu", max_id + 1);
+    snprintf(id, len, "%llu", max_id + 1);
+}
 
-    struct runs rs = { 0 };
-    r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &rs, NULL, err, errlen);
-    if (r < 0) {
-        runs_free(&rs);
-        return r;
-    }
-    uint32_t nb = q->h.nb_snapshots;
-    struct qcow2_snapshot *list = calloc(nb + 1, sizeof(*list));
-    uint8_t *l1buf = NULL;
-    uint64_t l1off = 0, l1bytes = (uint64_t)q->h.l1_size * 8, toff = 0, tlen = 0;
-    bool raised = false, dirty = false;
-    if (!list) {
-        r = -ENOMEM;
-        snprintf(err, errlen, "out of memory");
-        goto undo;
-    }
+/* Raise the count of every cluster the active tables use: they become
+ * shared with the snapshot. */
+static int share_active_clusters(struct qcow2 *q, struct create_state *c, char *err, size_t errlen)
+{
     /* From here until the header switch, counts and COPIED flags may
      * disagree on disk (v3: dirty; see the top of the file). */
-    r = begin_dirty(q, err, errlen);
+    int r = begin_dirty(q, err, errlen);
     if (r < 0)
-        goto undo;
-    dirty = true;
+        return r;
+    c->dirty = true;
     /* COPIED flags go first, durably: a count of 1 without COPIED only makes
      * a write copy the cluster, while COPIED over a raised count would let
      * one overwrite a shared cluster (the order that matters on v2). */
@@ -509,82 +511,123 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         r = qcow2_flush(q);
     if (r < 0) {
         snprintf(err, errlen, "cannot update the active tables: %s", strerror(-r));
-        goto undo;
+        return r;
     }
-    r = refs_inc(q, &rs, err, errlen);
+    r = refs_inc(q, &c->rs, err, errlen);
     if (r < 0)
-        goto undo;
-    raised = true;
-    /* The snapshot's L1 table: the active one as it is now (without COPIED:
-     * a snapshot's tables are never written in place). */
-    if (r == 0 && l1bytes) {
-        l1buf = malloc(l1bytes);
-        if (!l1buf)
-            r = -ENOMEM;
-        for (uint32_t i = 0; r == 0 && i < q->h.l1_size; i++)
-            be64_store(l1buf + (uint64_t)i * 8, q->l1[i] & ~QCOW_OFLAG_COPIED);
-        if (r == 0)
-            r = qcow2_write_fresh_table(q, l1buf, l1bytes, &l1off);
-        if (r < 0) {
-            l1off = 0;
-            snprintf(err, errlen, "cannot write the snapshot's L1 table: %s", strerror(-r));
-            goto undo;
-        }
+        return r;
+    c->raised = true;
+    return 0;
+}
+
+/* The snapshot's L1 table: the active one as it is now (without COPIED:
+ * a snapshot's tables are never written in place). */
+static int write_snapshot_l1(struct qcow2 *q, struct create_state *c, char *err, size_t errlen)
+{
+    if (!c->l1bytes)
+        return 0;
+    int r = 0;
+    c->l1buf = malloc(c->l1bytes);
+    if (!c->l1buf)
+        r = -ENOMEM;
+    for (uint32_t i = 0; r == 0 && i < q->h.l1_size; i++)
+        be64_store(c->l1buf + (uint64_t)i * 8, q->l1[i] & ~QCOW_OFLAG_COPIED);
+    if (r == 0)
+        r = qcow2_write_fresh_table(q, c->l1buf, c->l1bytes, &c->l1off);
+    if (r < 0) {
+        c->l1off = 0;
+        snprintf(err, errlen, "cannot write the snapshot's L1 table: %s", strerror(-r));
     }
-    if (nb)
-        memcpy(list, q->snapshots, nb * sizeof(*list));
+    return r;
+}
+
+/* The new snapshot table (the old entries and the new one), written and
+ * flushed but not yet named by the header. */
+static int write_new_table(struct qcow2 *q, struct create_state *c, const char *name,
+                           char *err, size_t errlen)
+{
+    if (c->nb)
+        memcpy(c->list, q->snapshots, c->nb * sizeof(*c->list));
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
-    struct qcow2_snapshot *sn = &list[nb];
+    struct qcow2_snapshot *sn = &c->list[c->nb];
     *sn = (struct qcow2_snapshot){
-        .l1_table_offset = l1off, .l1_size = q->h.l1_size, .id = strdup(id), .name = strdup(name),
+        .l1_table_offset = c->l1off, .l1_size = q->h.l1_size, .id = strdup(c->id), .name = strdup(name),
         .date_sec = (uint32_t)now.tv_sec, .date_nsec = (uint32_t)(now.tv_nsec / 1000 * 1000),
         .vm_clock_nsec = 0, .vm_state_size = 0, .disk_size = q->h.size,
         .icount = UINT64_MAX,   /* as QEMU records outside record/replay */
         .extra_size = 0,        /* written with QEMU's 24 known bytes (entry_store) */
     };
     if (!sn->id || !sn->name) {
-        r = -ENOMEM;
         snprintf(err, errlen, "out of memory");
-        goto undo;
+        return -ENOMEM;
     }
-    r = write_snapshot_table(q, list, nb + 1, &toff, &tlen, err, errlen);
+    int r = write_snapshot_table(q, c->list, c->nb + 1, &c->toff, &c->tlen, err, errlen);
     if (r < 0)
-        goto undo;
+        return r;
     /* Everything the new table names is durable before the header names
      * it: the raised counts, the new L1 copy and table (the flush syncs). */
     r = qcow2_flush(q);
-    if (r < 0) {
+    if (r < 0)
         snprintf(err, errlen, "flush failed: %s", strerror(-r));
-        goto undo;
+    return r;
+}
+
+static void create_state_free(struct create_state *c)
+{
+    free(c->list);
+    free(c->l1buf);
+    runs_free(&c->rs);
+}
+
+/* Before the switch nothing on disk names what was raised or allocated:
+ * take it back. */
+static void create_undo(struct qcow2 *q, struct create_state *c)
+{
+    if (c->toff)
+        unalloc(q, c->toff, c->tlen);
+    if (c->l1off)
+        unalloc(q, c->l1off, c->l1bytes);
+    if (c->raised)
+        refs_undo(q, &c->rs);
+    if (c->list) {
+        free(c->list[c->nb].id);
+        free(c->list[c->nb].name);
     }
-    /* The switch: one sector write (atomic) names the new table and, on
-     * v3, clears the dirty bit (counts and flags agree again). */
+    create_state_free(c);
+    if (c->dirty)
+        end_dirty(q, NULL);
+}
+
+/* The switch: one sector write (atomic) names the new table and, on v3,
+ * clears the dirty bit (counts and flags agree again).  Then the old
+ * table is freed. */
+static int switch_to_new_table(struct qcow2 *q, struct create_state *c, const char *name,
+                               char *id_out, size_t idlen, char *err, size_t errlen)
+{
     uint64_t old_off = q->h.snapshots_offset, old_len = q->snapshot_table_len;
-    q->h.nb_snapshots = nb + 1;
-    q->h.snapshots_offset = toff;
+    q->h.nb_snapshots = c->nb + 1;
+    q->h.snapshots_offset = c->toff;
     q->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-    r = qcow2_header_commit(q);
+    int r = qcow2_header_commit(q);
     if (r < 0) {
-        q->h.nb_snapshots = nb;     /* keeps q->snapshots freeable */
-        free(sn->id);
-        free(sn->name);
-        free(list);
-        free(l1buf);
-        runs_free(&rs);
+        q->h.nb_snapshots = c->nb;     /* keeps q->snapshots freeable */
+        free(c->list[c->nb].id);
+        free(c->list[c->nb].name);
+        create_state_free(c);
         return switch_failed(q, r, "snapshot create", err, errlen);
     }
     free(q->snapshots);
-    q->snapshots = list;
-    q->snapshot_table_len = tlen;
+    q->snapshots = c->list;
+    c->list = NULL;
+    q->snapshot_table_len = c->tlen;
     if (id_out)
-        snprintf(id_out, idlen, "%s", id);
-    free(l1buf);
-    runs_free(&rs);
+        snprintf(id_out, idlen, "%s", c->id);
+    create_state_free(c);
     /* The new L1 copy and the tables it names are metadata now. */
     r = qcow2_ol_rebuild(q);
     /* The old table is unreferenced once the header is durable. */
-    if (r == 0 && nb && old_len)
+    if (r == 0 && c->nb && old_len)
         qcow2_free_durable(q, old_off, old_len, true);
     if (r == 0)
         r = qcow2_apply_ready_frees(q);
@@ -592,27 +635,43 @@ int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, siz
         r = settle(q);
     if (r < 0)
         snprintf(err, errlen, "snapshot '%s' (ID %s) was created, but freeing the old snapshot table "
-                 "failed: %s", name, id, strerror(-r));
+                 "failed: %s", name, c->id, strerror(-r));
     return r;
+}
 
-undo:
-    /* Nothing on disk names what was raised or allocated: take it back. */
-    if (toff)
-        unalloc(q, toff, tlen);
-    if (l1off)
-        unalloc(q, l1off, l1bytes);
-    if (raised)
-        refs_undo(q, &rs);
-    if (list) {
-        free(list[nb].id);
-        free(list[nb].name);
+int qcow2_snapshot_create(struct image *img, const char *name, char *id_out, size_t idlen,
+                          char *err, size_t errlen)
+{
+    struct qcow2 *q = to_qcow2(img);
+    int r = create_allowed(q, name, err, errlen);
+    if (r < 0)
+        return r;
+    r = qcow2_exclusive_begin(q, err, errlen);
+    if (r < 0)
+        return r;
+    struct create_state c = { .nb = q->h.nb_snapshots, .l1bytes = (uint64_t)q->h.l1_size * 8 };
+    next_snapshot_id(q, c.id, sizeof(c.id));
+    r = collect_refs(q, q->l1, q->h.l1_size, "the active L1 table", &c.rs, NULL, err, errlen);
+    if (r < 0) {
+        runs_free(&c.rs);
+        return r;
     }
-    free(list);
-    free(l1buf);
-    runs_free(&rs);
-    if (dirty)
-        end_dirty(q, NULL);
-    return r;
+    c.list = calloc(c.nb + 1, sizeof(*c.list));
+    if (!c.list) {
+        r = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+    }
+    if (r == 0)
+        r = share_active_clusters(q, &c, err, errlen);
+    if (r == 0)
+        r = write_snapshot_l1(q, &c, err, errlen);
+    if (r == 0)
+        r = write_new_table(q, &c, name, err, errlen);
+    if (r < 0) {
+        create_undo(q, &c);
+        return r;
+    }
+    return switch_to_new_table(q, &c, name, id_out, idlen, err, errlen);
 }
 
 /* ---- delete ---------------------------------------------------------------------------------- */

@@ -421,22 +421,34 @@ static int take_over(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
     return 0;
 }
 
-int ublk_server_run(const struct ublk_server_opts *o)
-{
-    char err[512];
-    int rc = 1;
-    struct ublk_ctrl *ctrl = NULL;
-    struct ublk_queues *qs = NULL;
-    uint32_t dev_id = 0;
-    bool added = false;
-    uint64_t served = 0;        /* requests, once the queues ended */
-    bool served_known = false;
+/* One daemon's run, from the image lock to the device's removal. */
+struct daemon {
+    const struct ublk_server_opts *o;
+    int lock_fd;
+    struct image *img;
+    bool read_only;             /* asked for, or all the image allows */
+    struct ublk_ctrl *ctrl;
+    struct ublksrv_ctrl_dev_info info;
+    uint32_t dev_id;
+    uint32_t buf_bytes;
+    bool added;                 /* ours to delete when we stop */
+    struct ublk_queues *qs;
+    int sig_fd;
+    bool stopping;
+    uint64_t served;            /* requests, once the queues ended */
+    bool served_known;
+};
 
+/* Lock and open the image; 0, or -1 after saying why (d->img NULL or not). */
+static int open_image(struct daemon *d)
+{
+    const struct ublk_server_opts *o = d->o;
+    char err[512];
     /* Lock before opening: opening may already write (dirty-image repair). */
-    int lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
-    if (lock_fd < 0) {
+    d->lock_fd = image_lock(o->image, !o->read_only, err, sizeof(err));
+    if (d->lock_fd < 0) {
         uq_error("%s", err);
-        return 1;
+        return -1;
     }
     struct img_opts iopts = {
         .format = o->format, .read_only = o->read_only,
@@ -444,57 +456,59 @@ int ublk_server_run(const struct ublk_server_opts *o)
         .discard = o->discard, .discard_no_unref = o->discard_no_unref, .snapshot = o->snapshot,
         .key = o->key, .key_len = o->key_len,
     };
-    struct image *img = img_open(o->image, &iopts, err, sizeof(err));
-    if (!img) {
+    d->img = img_open(o->image, &iopts, err, sizeof(err));
+    if (!d->img) {
         uq_error("%s", err);
-        close(lock_fd);
-        return 1;
+        return -1;
     }
-    bool read_only = o->read_only || img->read_only;
-    if (read_only && !o->read_only)
+    d->read_only = o->read_only || d->img->read_only;
+    if (d->read_only && !o->read_only)
         uq_warn("%s can only be opened read-only; serving it read-only", o->image);
-    if (img_size(img) < 512) {
+    if (img_size(d->img) < 512) {
         uq_error("%s: image is smaller than one sector; nothing to serve", o->image);
-        goto out;
+        return -1;
     }
-    if (img_size(img) % 512)
+    if (img_size(d->img) % 512)
         uq_warn("%s: the last %u bytes (less than a sector) are not served",
-            o->image, (unsigned)(img_size(img) % 512));
+            o->image, (unsigned)(img_size(d->img) % 512));
+    return 0;
+}
 
-    if (ublk_ctrl_open(&ctrl) < 0)
-        goto out;   /* ctrl printed why */
-
-    struct ublksrv_ctrl_dev_info info;
-    uint32_t buf_bytes;
-    int r;
+/* A new device with the image's parameters, or (recover) the quiesced one
+ * whose daemon died; d->info holds its geometry. */
+static int claim_device(struct daemon *d)
+{
+    const struct ublk_server_opts *o = d->o;
     if (o->recover) {
-        dev_id = o->dev_id;
-        uq_log_context("ublkb%u [%s]", dev_id, o->image);
-        if (take_over(ctrl, o, img, read_only, &info) < 0)
-            goto out;
-        buf_bytes = info.max_io_buf_bytes;
-    } else {
-        if (add_device(ctrl, o, img, read_only, &info) < 0)
-            goto out;
-        added = true;
-        dev_id = info.dev_id;
-        notify(o->notify_fd, "id", dev_id);
-        uq_log_context("ublkb%u [%s]", dev_id, o->image);
-        if (geteuid() != 0)
-            wait_for_own_node("c", dev_id);
-        buf_bytes = info.max_io_buf_bytes;
-        struct ublk_params params;
-        ublk_params_for_image(&params, img, buf_bytes, read_only);
-        r = ublk_ctrl_set_params(ctrl, dev_id, &params);
-        if (r < 0) {
-            uq_error("cannot set the parameters of ublk device %u: %s", dev_id, strerror(-r));
-            goto out;
-        }
+        d->dev_id = o->dev_id;
+        uq_log_context("ublkb%u [%s]", d->dev_id, o->image);
+        if (take_over(d->ctrl, o, d->img, d->read_only, &d->info) < 0)
+            return -1;
+        d->buf_bytes = d->info.max_io_buf_bytes;
+        return 0;
     }
+    if (add_device(d->ctrl, o, d->img, d->read_only, &d->info) < 0)
+        return -1;
+    d->added = true;
+    d->dev_id = d->info.dev_id;
+    notify(o->notify_fd, "id", d->dev_id);
+    uq_log_context("ublkb%u [%s]", d->dev_id, o->image);
+    if (geteuid() != 0)
+        wait_for_own_node("c", d->dev_id);
+    d->buf_bytes = d->info.max_io_buf_bytes;
+    struct ublk_params params;
+    ublk_params_for_image(&params, d->img, d->buf_bytes, d->read_only);
+    int r = ublk_ctrl_set_params(d->ctrl, d->dev_id, &params);
+    if (r < 0) {
+        uq_error("cannot set the parameters of ublk device %u: %s", d->dev_id, strerror(-r));
+        return -1;
+    }
+    return 0;
+}
 
-    protect_from_reclaim();
-
-    /* Signals are read from a signalfd; the queue threads inherit the mask. */
+/* Signals are read from a signalfd; the queue threads inherit the mask. */
+static int signals_to_fd(void)
+{
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
@@ -502,93 +516,117 @@ int ublk_server_run(const struct ublk_server_opts *o)
     sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
-    int sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC);
-    if (sig_fd < 0) {
+    int fd = signalfd(-1, &sigs, SFD_CLOEXEC);
+    if (fd < 0)
         uq_error("signalfd: %s", strerror(errno));
-        goto out;
-    }
+    return fd;
+}
 
-    struct ublk_queues_cfg qcfg = {
-        .dev_id = dev_id, .nr_queues = info.nr_hw_queues, .depth = info.queue_depth,
-        .buf_bytes = buf_bytes, .ioctl_encode = ublk_ctrl_uses_ioctl_encoding(ctrl), .img = img,
-    };
-    r = ublk_queues_start(&qcfg, &qs, err, sizeof(err));
-    if (r < 0) {
-        uq_error("ublk device %u: %s", dev_id, err);
-        close(sig_fd);
-        goto out;
-    }
-    /* The state file first: udev rules run as the block device appears
-     * (at START_DEV) and read it to name the device after its image. */
+/* What `list` and `recover` read back about the device. */
+static void write_state_file(const struct daemon *d)
+{
+    const struct ublk_server_opts *o = d->o;
     struct ublk_state st = {
-        .id = dev_id, .pid = getpid(), .read_only = read_only, .recovery = o->recovery || o->recover,
-        .queues = info.nr_hw_queues, .depth = info.queue_depth,
-        .buf_bytes = buf_bytes, .cache_size = o->cache_size,
+        .id = d->dev_id, .pid = getpid(), .read_only = d->read_only,
+        .recovery = o->recovery || o->recover,
+        .queues = d->info.nr_hw_queues, .depth = d->info.queue_depth,
+        .buf_bytes = d->buf_bytes, .cache_size = o->cache_size,
         .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
     snprintf(st.key_file, sizeof(st.key_file), "%s", o->key_file ? o->key_file : "");
     snprintf(st.key_env, sizeof(st.key_env), "%s", o->key_env ? o->key_env : "");
-    snprintf(st.format, sizeof(st.format), "%s", format_name(img));
+    snprintf(st.format, sizeof(st.format), "%s", format_name(d->img));
     snprintf(st.snapshot, sizeof(st.snapshot), "%s", o->snapshot ? o->snapshot : "");
-    r = ublk_state_write(&st);
+    int r = ublk_state_write(&st);
     if (r < 0)
-        uq_warn("cannot write the state file of ublk device %u: %s", dev_id, strerror(-r));
+        uq_warn("cannot write the state file of ublk device %u: %s", d->dev_id, strerror(-r));
+}
+
+/* Start the queues, then the device (START_DEV, or END_USER_RECOVERY). */
+static int start_device(struct daemon *d)
+{
+    const struct ublk_server_opts *o = d->o;
+    char err[512];
+    struct ublk_queues_cfg qcfg = {
+        .dev_id = d->dev_id, .nr_queues = d->info.nr_hw_queues, .depth = d->info.queue_depth,
+        .buf_bytes = d->buf_bytes, .ioctl_encode = ublk_ctrl_uses_ioctl_encoding(d->ctrl),
+        .img = d->img,
+    };
+    int r = ublk_queues_start(&qcfg, &d->qs, err, sizeof(err));
+    if (r < 0) {
+        uq_error("ublk device %u: %s", d->dev_id, err);
+        return -1;
+    }
+    /* The state file first: udev rules run as the block device appears
+     * (at START_DEV) and read it to name the device after its image. */
+    write_state_file(d);
     if (o->recover) {
-        r = ublk_ctrl_end_user_recovery(ctrl, dev_id, getpid());
+        r = ublk_ctrl_end_user_recovery(d->ctrl, d->dev_id, getpid());
         if (r < 0) {
             /* Leave the device quiesced for another attempt: exiting
              * cancels our fetches, which makes it recoverable again. */
-            uq_error("cannot end the recovery of ublk device %u: %s", dev_id, strerror(-r));
+            uq_error("cannot end the recovery of ublk device %u: %s", d->dev_id, strerror(-r));
             fflush(stderr);
             _exit(1);
         }
-        added = true;   /* ours now: removed when we stop */
+        d->added = true;   /* ours now: removed when we stop */
     } else {
-        r = ublk_ctrl_start_dev(ctrl, dev_id, getpid());
+        r = ublk_ctrl_start_dev(d->ctrl, d->dev_id, getpid());
     }
     if (r < 0) {
-        uq_error("cannot start ublk device %u: %s", dev_id, strerror(-r));
+        uq_error("cannot start ublk device %u: %s", d->dev_id, strerror(-r));
         /* STOP_DEV aborts the fetches the queues have outstanding. */
-        ublk_ctrl_stop_dev(ctrl, dev_id);
-        ublk_queues_stop(qs);
-        qs = NULL;
-        close(sig_fd);
-        goto out;
+        ublk_ctrl_stop_dev(d->ctrl, d->dev_id);
+        ublk_queues_stop(d->qs);
+        d->qs = NULL;
+        return -1;
     }
+    return 0;
+}
 
+/* The device is live: tell the starting command, and move the log. */
+static void announce(struct daemon *d)
+{
+    const struct ublk_server_opts *o = d->o;
     if (!o->recover)
-        use_no_scheduler(dev_id);
+        use_no_scheduler(d->dev_id);
     if (geteuid() != 0)
-        wait_for_own_node("b", dev_id);
+        wait_for_own_node("b", d->dev_id);
 
     /* If the parent is gone, nobody was told about the device: undo it. */
-    bool stopping = !notify(o->notify_fd, "ok", dev_id);
+    d->stopping = !notify(o->notify_fd, "ok", d->dev_id);
     if (o->notify_fd >= 0)
         close(o->notify_fd);
     if (o->log_to_file) {
-        log_to_file(dev_id);
+        log_to_file(d->dev_id);
         uq_log_to_syslog();
     }
     uq_info("%s %s (%s, %llu bytes%s): %u queue(s) of depth %u", o->recover ? "took over, serving" : "serving",
-            o->image, format_name(img), (unsigned long long)img_size(img), read_only ? ", read-only" : "",
-            info.nr_hw_queues, info.queue_depth);
-    if (stopping) {
-        uq_error("ublk device %u: the starting command went away; removing the device", dev_id);
-        ublk_ctrl_stop_dev(ctrl, dev_id);
+            o->image, format_name(d->img), (unsigned long long)img_size(d->img),
+            d->read_only ? ", read-only" : "", d->info.nr_hw_queues, d->info.queue_depth);
+    if (d->stopping) {
+        uq_error("ublk device %u: the starting command went away; removing the device", d->dev_id);
+        ublk_ctrl_stop_dev(d->ctrl, d->dev_id);
     }
+}
 
-    /* Statistics (and later requests) from `ublk-qcow2 stats`. */
-    struct served sv = { .id = dev_id, .o = o, .img = img, .qs = qs, .ctrl = ctrl, .read_only = read_only };
+/* Serve until the queues end: STOP_DEV from `del`, or from us on a signal.
+ * Meanwhile answer `ublk-qcow2 stats` (and later requests) on the control
+ * socket.  Returns the exit code. */
+static int serve_until_stopped(struct daemon *d)
+{
+    char err[512];
+    struct served sv = { .id = d->dev_id, .o = d->o, .img = d->img, .qs = d->qs, .ctrl = d->ctrl,
+                         .read_only = d->read_only };
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
-    int ctl_fd = ctl_listen(dev_id, err, sizeof(err));
+    int ctl_fd = ctl_listen(d->dev_id, err, sizeof(err));
     if (ctl_fd < 0)
-        uq_warn("ublk device %u: %s (no statistics)", dev_id, err);
+        uq_warn("ublk device %u: %s (no statistics)", d->dev_id, err);
 
-    /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal. */
     struct pollfd pf[3] = {
-        { .fd = sig_fd, .events = POLLIN },
-        { .fd = ublk_queues_done_fd(qs), .events = POLLIN },
+        { .fd = d->sig_fd, .events = POLLIN },
+        { .fd = ublk_queues_done_fd(d->qs), .events = POLLIN },
         { .fd = ctl_fd, .events = POLLIN },
     };
     for (;;) {
@@ -604,46 +642,71 @@ int ublk_server_run(const struct ublk_server_opts *o)
             ctl_serve_one(ctl_fd, answer, &sv);
         if (pf[0].revents) {
             struct signalfd_siginfo si;
-            if (read(sig_fd, &si, sizeof(si)) == sizeof(si) && !stopping) {
-                uq_error("ublk device %u: signal %u, stopping", dev_id, si.ssi_signo);
-                stopping = true;
-                r = ublk_ctrl_stop_dev(ctrl, dev_id);
+            if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && !d->stopping) {
+                uq_error("ublk device %u: signal %u, stopping", d->dev_id, si.ssi_signo);
+                d->stopping = true;
+                int r = ublk_ctrl_stop_dev(d->ctrl, d->dev_id);
                 if (r < 0)
-                    uq_error("ublk device %u: STOP_DEV failed: %s", dev_id, strerror(-r));
+                    uq_error("ublk device %u: STOP_DEV failed: %s", d->dev_id, strerror(-r));
             }
         }
     }
-    close(sig_fd);
-    ctl_close(ctl_fd, dev_id);
-    served = ublk_queues_served(qs);
-    served_known = true;
-    r = ublk_queues_stop(qs);
-    qs = NULL;
-    rc = r < 0 ? 1 : 0;
+    ctl_close(ctl_fd, d->dev_id);
+    d->served = ublk_queues_served(d->qs);
+    d->served_known = true;
+    int r = ublk_queues_stop(d->qs);
+    d->qs = NULL;
     if (r < 0)
-        uq_error("ublk device %u: a queue failed: %s", dev_id, strerror(-r));
+        uq_error("ublk device %u: a queue failed: %s", d->dev_id, strerror(-r));
+    return r < 0 ? 1 : 0;
+}
 
-out:
-    if (qs)
-        ublk_queues_stop(qs);
-    /* img_close flushes: the data the kernel acknowledged becomes durable. */
-    r = img_close(img);
-    if (r < 0) {
-        uq_error("%s: flush at close failed: %s", o->image, strerror(-r));
-        rc = 1;
-    } else if (served_known) {
-        uq_info("stopped after %llu requests; image flushed and closed", (unsigned long long)served);
+/* Whatever the run got to: stop, flush and close, remove our device.
+ * Returns rc, or 1 if the final flush failed. */
+static int shut_down(struct daemon *d, int rc)
+{
+    if (d->sig_fd >= 0)
+        close(d->sig_fd);
+    if (d->qs)
+        ublk_queues_stop(d->qs);
+    if (d->img) {
+        /* img_close flushes: the data the kernel acknowledged becomes durable. */
+        int r = img_close(d->img);
+        if (r < 0) {
+            uq_error("%s: flush at close failed: %s", d->o->image, strerror(-r));
+            rc = 1;
+        } else if (d->served_known) {
+            uq_info("stopped after %llu requests; image flushed and closed", (unsigned long long)d->served);
+        }
     }
-    close(lock_fd);
-    if (added) {
+    if (d->lock_fd >= 0)
+        close(d->lock_fd);
+    if (d->added) {
         /* The char device is closed by now, so DEL_DEV does not wait. */
-        r = ublk_ctrl_del_dev(ctrl, dev_id);
+        int r = ublk_ctrl_del_dev(d->ctrl, d->dev_id);
         if (r < 0 && r != -ENODEV)
-            uq_error("cannot delete ublk device %u: %s", dev_id, strerror(-r));
-        ublk_state_remove(dev_id);
+            uq_error("cannot delete ublk device %u: %s", d->dev_id, strerror(-r));
+        ublk_state_remove(d->dev_id);
     }
-    ublk_ctrl_close(ctrl);
+    ublk_ctrl_close(d->ctrl);
     return rc;
+}
+
+int ublk_server_run(const struct ublk_server_opts *o)
+{
+    struct daemon d = { .o = o, .lock_fd = -1, .sig_fd = -1 };
+    if (open_image(&d) < 0)
+        return shut_down(&d, 1);
+    if (ublk_ctrl_open(&d.ctrl) < 0)
+        return shut_down(&d, 1);   /* ctrl printed why */
+    if (claim_device(&d) < 0)
+        return shut_down(&d, 1);
+    protect_from_reclaim();
+    d.sig_fd = signals_to_fd();
+    if (d.sig_fd < 0 || start_device(&d) < 0)
+        return shut_down(&d, 1);
+    announce(&d);
+    return shut_down(&d, serve_until_stopped(&d));
 }
 
 /* ---- state files --------------------------------------------------------------- */
