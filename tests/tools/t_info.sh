@@ -127,7 +127,7 @@ luks_image() {  # luks_image PATH [OPTS]
     local i
     for i in 1 2 3 4 5; do
         qemu-img create -q -f qcow2 --object secret,id=s0,data=pw \
-            -o "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=50${2:+,$2}" "$1" 16M 2>/dev/null &&
+            -o "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=50${2:+,$2}" "$1" 16M &&
             return 0
     done
     return 1
