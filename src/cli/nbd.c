@@ -55,7 +55,8 @@ static void usage(FILE *out)
     fprintf(out,
         "Usage: ublk-qcow2 nbd [OPTIONS] IMAGE\n"
         "\n"
-        "Serve IMAGE (qcow2 or raw) over NBD until SIGINT or SIGTERM.\n"
+        "Serve IMAGE (qcow2 or raw) over NBD until SIGINT, SIGTERM or SIGHUP (any of them:\n"
+        "finish the requests in flight, flush, remove the socket, exit 0).\n"
         "\n"
         "Options:\n"
         "  -k, --socket PATH        listen on a unix socket at PATH\n"
@@ -213,8 +214,11 @@ static void control_run(void *arg)
             break;
         }
         n = read(run->signal_fd, &si, sizeof(si));
-        if (n == (ssize_t)sizeof(si))
+        if (n == (ssize_t)sizeof(si)) {
+            uq_info("%s: finishing requests in flight, flushing, exiting",
+                    strsignal((int)si.ssi_signo));
             break;
+        }
     }
     nbd_server_shutdown(run->srv);
     nbd_server_wait(run->srv);
@@ -248,6 +252,24 @@ static int write_pid_file(const char *path, char *err, size_t errlen)
     return 0;
 }
 
+/* Every signal whose default action ends the process and that can be
+ * caught: each one drains, flushes and exits 0 instead, so no write the
+ * clients saw acknowledged is lost (the metadata cache may hold it until
+ * the flush).  SIGHUP matters most: a closed terminal sends it.  Fault
+ * signals (SIGSEGV, SIGBUS, ...) are left alone: blocking them would not
+ * stop a real fault. */
+static void stop_signals(sigset_t *mask)
+{
+    static const int sigs[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
+                                SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGSTKFLT, SIGXCPU };
+
+    sigemptyset(mask);
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+        sigaddset(mask, sigs[i]);
+    for (int sig = SIGRTMIN; sig <= SIGRTMAX; sig++)
+        sigaddset(mask, sig);
+}
+
 /* Everything that can fail before serving.  Runs in the serving process
  * (the child with --fork: the ring and any file locks belong to it). */
 static int run_setup(struct nbd_run *run, char *err, size_t errlen)
@@ -257,9 +279,7 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     char desc[64];
     sigset_t mask;
 
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGTERM);
+    stop_signals(&mask);
     if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0 ||
         (run->signal_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
         snprintf(err, errlen, "signalfd: %s", strerror(errno));
@@ -267,6 +287,9 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     }
     /* A client that disconnects mid-reply must not kill the server. */
     signal(SIGPIPE, SIG_IGN);
+    /* A write past the file size limit fails with EFBIG (reported to the
+     * client) instead of killing the server with the image half-flushed. */
+    signal(SIGXFSZ, SIG_IGN);
 
     run->loop = loop_new(256);
     if (!run->loop) {
