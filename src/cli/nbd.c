@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -24,6 +25,8 @@
 #include "nbd/server.h"
 #include "qcow2/image.h"
 
+#define NBD_CLI_MAX_ALLOW 256
+
 struct nbd_cli {
     const char *socket_path;
     const char *bind_addr;
@@ -33,6 +36,12 @@ struct nbd_cli {
     bool read_only;
     bool fork;
     struct img_opts img_opts;
+    bool tls_given;             /* --tls on the command line */
+    struct nbd_tls_opts tls;
+    struct nbd_allow allow[NBD_CLI_MAX_ALLOW];
+    unsigned nallow;
+    unsigned max_connections;
+    unsigned handshake_timeout_ms;
 };
 
 struct nbd_run {
@@ -40,6 +49,7 @@ struct nbd_run {
     struct loop *loop;
     struct image *img;
     struct nbd_server *srv;
+    struct nbd_tls_creds *tls;
     int listen_fd;
     int signal_fd;
     int lock_fd;                /* QEMU-style image locks, held while serving */
@@ -77,6 +87,26 @@ static void usage(FILE *out)
         "                           encrypted backing files): FILE's exact bytes, as QEMU\n"
         "                           reads --object secret,file=FILE\n"
         "      --key-env VAR        the passphrase from the environment variable VAR\n"
+        "\n"
+        "Network service (plain NBD has no encryption or authentication: use it only on\n"
+        "trusted networks, or with TLS):\n"
+        "      --tls MODE           off, on (offer TLS, plain text still served) or require\n"
+        "                           (nothing listed or served before STARTTLS); default:\n"
+        "                           require when credentials are given, else off\n"
+        "      --tls-certificates DIR\n"
+        "                           x509 files in DIR: ca-cert.pem, server-cert.pem,\n"
+        "                           server-key.pem (and ca-crl.pem if present)\n"
+        "      --tls-verify-peer    clients must present a certificate signed by the CA\n"
+        "      --tls-psk FILE       pre-shared keys, lines USERNAME:HEXKEY (psktool -u USER -p FILE)\n"
+        "      --allow ADDR[/PREFIX]\n"
+        "                           accept TCP clients from ADDR/PREFIX only (repeatable);\n"
+        "                           others are refused at connect and logged\n"
+        "      --max-connections N  at most N connections (default 1024); when full, the\n"
+        "                           oldest one still in its handshake makes room\n"
+        "      --handshake-timeout SECS\n"
+        "                           close connections that have not finished the NBD (and\n"
+        "                           TLS) handshake within SECS seconds (default 10)\n"
+        "\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
         "  -v, --verbose            say more on stderr (clients coming and going);\n"
@@ -270,6 +300,23 @@ static void stop_signals(sigset_t *mask)
         sigaddset(mask, sig);
 }
 
+/* Each connection is a file descriptor: make room for the connection
+ * limit (the default soft limit, 1024, would fail accept() first). */
+static void raise_fd_limit(unsigned conns)
+{
+    struct rlimit rl;
+    rlim_t want = (rlim_t)conns + 64;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= want)
+        return;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < want)
+        uq_warn("nbd: the open file limit (%llu) allows fewer than %u connections; "
+                "raise it (ulimit -n) or lower --max-connections",
+                (unsigned long long)rl.rlim_cur, conns);
+}
+
 /* Everything that can fail before serving.  Runs in the serving process
  * (the child with --fork: the ring and any file locks belong to it). */
 static int run_setup(struct nbd_run *run, char *err, size_t errlen)
@@ -304,6 +351,12 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     run->img = img_open(cli->image, &cli->img_opts, err, errlen);
     if (!run->img)
         return -1;
+    if (cli->tls.mode != NBD_TLS_OFF) {
+        run->tls = nbd_tls_creds_new(&cli->tls, err, errlen);
+        if (!run->tls)
+            return -1;
+    }
+    raise_fd_limit(cli->max_connections ? cli->max_connections : NBD_MAX_CONNECTIONS);
     if (cli->socket_path)
         run->listen_fd = listen_unix(run, cli->socket_path, err, errlen);
     else
@@ -313,6 +366,12 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
 
     eo.name = cli->export_name;
     eo.read_only = cli->read_only;
+    eo.tls_mode = cli->tls.mode;
+    eo.tls = run->tls;
+    eo.allow = cli->allow;
+    eo.nallow = cli->nallow;
+    eo.max_connections = cli->max_connections;
+    eo.handshake_timeout_ms = cli->handshake_timeout_ms;
     snprintf(desc, sizeof(desc), "ublk-qcow2 %s image", img_format_name(run->img));
     eo.description = desc;
     run->srv = nbd_server_new(run->img, &eo);
@@ -339,6 +398,7 @@ static void run_cleanup(struct nbd_run *run)
         close(run->lock_fd);
     if (run->srv)
         nbd_server_free(run->srv);
+    nbd_tls_creds_free(run->tls);
     if (run->listen_fd >= 0)
         close(run->listen_fd);
     /* Remove the socket only if it is still the one we created. */
@@ -439,10 +499,38 @@ static int serve_forked(const struct nbd_cli *cli)
     return 1;
 }
 
+/* TLS and access options that only make sense together. */
+static int check_net_options(struct nbd_cli *cli)
+{
+    bool creds = cli->tls.cert_dir || cli->tls.psk_file;
+
+    if (!cli->tls_given && creds)
+        cli->tls.mode = NBD_TLS_REQUIRE;    /* credentials imply TLS, as with qemu-nbd */
+    if (cli->tls.mode == NBD_TLS_OFF && creds) {
+        cli_error("nbd: --tls off contradicts --tls-certificates/--tls-psk (drop them, or use --tls on|require)");
+        return -1;
+    }
+    if (cli->tls.mode != NBD_TLS_OFF && !creds) {
+        cli_error("nbd: --tls %s needs credentials: --tls-certificates DIR or --tls-psk FILE",
+                  cli->tls.mode == NBD_TLS_ON ? "on" : "require");
+        return -1;
+    }
+    if (cli->tls.verify_peer && !cli->tls.cert_dir) {
+        cli_error("nbd: --tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
+        return -1;
+    }
+    if (cli->nallow && cli->socket_path) {
+        cli_error("nbd: --allow applies to TCP clients (--bind); a unix socket is guarded by its file permissions");
+        return -1;
+    }
+    return 0;
+}
+
 int cmd_nbd(int argc, char **argv)
 {
     enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF,
-           OPT_KEY_FILE, OPT_KEY_ENV };
+           OPT_KEY_FILE, OPT_KEY_ENV, OPT_TLS, OPT_TLS_CERTS, OPT_TLS_VERIFY, OPT_TLS_PSK,
+           OPT_ALLOW, OPT_MAX_CONN, OPT_HS_TIMEOUT };
     static const struct option longopts[] = {
         { "socket",      required_argument, NULL, 'k' },
         { "bind",        required_argument, NULL, OPT_BIND },
@@ -458,6 +546,13 @@ int cmd_nbd(int argc, char **argv)
         { "load-snapshot", required_argument, NULL, 'l' },
         { "key-file",    required_argument, NULL, OPT_KEY_FILE },
         { "key-env",     required_argument, NULL, OPT_KEY_ENV },
+        { "tls",         required_argument, NULL, OPT_TLS },
+        { "tls-certificates", required_argument, NULL, OPT_TLS_CERTS },
+        { "tls-verify-peer", no_argument,   NULL, OPT_TLS_VERIFY },
+        { "tls-psk",     required_argument, NULL, OPT_TLS_PSK },
+        { "allow",       required_argument, NULL, OPT_ALLOW },
+        { "max-connections", required_argument, NULL, OPT_MAX_CONN },
+        { "handshake-timeout", required_argument, NULL, OPT_HS_TIMEOUT },
         { "verbose",     no_argument,       NULL, 'v' },
         { "help",        no_argument,       NULL, 'h' },
         { NULL, 0, NULL, 0 },
@@ -531,6 +626,62 @@ int cmd_nbd(int argc, char **argv)
         case 'l':
             cli.img_opts.snapshot = optarg;
             break;
+        case OPT_TLS:
+            cli.tls_given = true;
+            if (!strcmp(optarg, "off"))
+                cli.tls.mode = NBD_TLS_OFF;
+            else if (!strcmp(optarg, "on"))
+                cli.tls.mode = NBD_TLS_ON;
+            else if (!strcmp(optarg, "require"))
+                cli.tls.mode = NBD_TLS_REQUIRE;
+            else {
+                cli_error("nbd: unknown --tls mode '%s' (off, on or require)", optarg);
+                return 2;
+            }
+            break;
+        case OPT_TLS_CERTS:
+            cli.tls.cert_dir = optarg;
+            break;
+        case OPT_TLS_VERIFY:
+            cli.tls.verify_peer = true;
+            break;
+        case OPT_TLS_PSK:
+            cli.tls.psk_file = optarg;
+            break;
+        case OPT_ALLOW: {
+            char aerr[256];
+            if (cli.nallow >= NBD_CLI_MAX_ALLOW) {
+                cli_error("nbd: more than %d --allow rules (use wider prefixes)", NBD_CLI_MAX_ALLOW);
+                return 2;
+            }
+            if (nbd_allow_parse(optarg, &cli.allow[cli.nallow], aerr, sizeof(aerr)) < 0) {
+                cli_error("nbd: %s", aerr);
+                return 2;
+            }
+            cli.nallow++;
+            break;
+        }
+        case OPT_MAX_CONN:
+        case OPT_HS_TIMEOUT: {
+            char *end;
+            unsigned long v;
+            errno = 0;
+            v = strtoul(optarg, &end, 10);
+            if (c == OPT_MAX_CONN) {
+                if (!*optarg || *end || errno || v < 1 || v > 65536) {
+                    cli_error("nbd: invalid --max-connections '%s' (a number from 1 to 65536)", optarg);
+                    return 2;
+                }
+                cli.max_connections = (unsigned)v;
+            } else {
+                if (!*optarg || *end || errno || v < 1 || v > 3600) {
+                    cli_error("nbd: invalid --handshake-timeout '%s' (seconds, 1 to 3600)", optarg);
+                    return 2;
+                }
+                cli.handshake_timeout_ms = (unsigned)v * 1000;
+            }
+            break;
+        }
         case 'h':
             usage(stdout);
             return 0;
@@ -555,6 +706,8 @@ int cmd_nbd(int argc, char **argv)
         cli_error("nbd: give exactly one of --socket PATH and --bind HOST:PORT");
         return 2;
     }
+    if (check_net_options(&cli) < 0)
+        return 2;
     if (cli.export_name && strlen(cli.export_name) > 4096) {
         cli_error("nbd: export name longer than 4096 bytes");
         return 2;
