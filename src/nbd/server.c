@@ -52,6 +52,13 @@
 #define POOL_BYTES_MAX    NBD_CONN_MEM_LIMIT
 #define POOL_BUF_SMALL    (64u << 10)
 #define MAX_OPTION_LEN    (64u << 10)   /* longer options: hard disconnect */
+/* Reads longer than this, and reads that find the memory budget spent, are
+ * streamed by the connection's sender in STREAM_CHUNK pieces when their
+ * turn to be sent comes: a 32 MiB read then needs 256 KiB, and a client
+ * that stops reading holds at most one piece beyond its budget share. */
+#define STREAM_MIN        (1u << 20)
+#define STREAM_CHUNK      (256u << 10)
+#define SPARE_MAX         256u          /* idle payload buffers kept */
 
 struct nbd_conn;
 
@@ -79,7 +86,9 @@ struct nbd_server {
 
     struct nbd_req *pool;       /* idle request structs, most keep a buffer */
     unsigned pool_len;
-    uint64_t pool_bytes;        /* buffer bytes held by idle requests */
+    uint64_t pool_bytes;        /* buffer bytes held by idle requests and spares */
+    struct { uint8_t *buf; size_t cap; } spare[SPARE_MAX];  /* detached payload buffers */
+    unsigned nspare;
 
     enum nbd_tls_mode tls_mode;
     struct nbd_tls_creds *tls;
@@ -131,6 +140,7 @@ struct nbd_req {
     size_t buf_cap;
     uint8_t *data;              /* reply data inside buf */
     uint32_t data_len;
+    bool stream;                /* READ served by the sender in pieces */
     uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
 };
 
@@ -215,18 +225,36 @@ static void co_sleep_ms(unsigned ms)
 
 /* ---- memory budget --------------------------------------------------------- */
 
-/* Bound buffer memory overall and per connection, so one client that
- * stops reading its replies cannot starve the others.  A request may
- * always proceed when nothing else holds memory, however large. */
+/* Bound buffer memory overall and per connection.  A connection that
+ * holds nothing may always start one request, however large and whatever
+ * the others hold: clients that stop reading their replies can fill the
+ * shared budget, but they stall only themselves (their replies, not the
+ * budget, are what waits).  Write payloads wait here; reads never do (see
+ * mem_try_reserve). */
+static bool mem_fits(const struct nbd_conn *c, uint64_t cost)
+{
+    return c->mem_used == 0 ||
+           (c->mem_used + cost <= NBD_CONN_MEM_LIMIT && c->s->mem_used + cost <= NBD_MEM_LIMIT);
+}
+
 static void mem_reserve(struct nbd_conn *c, uint64_t cost)
 {
     struct nbd_server *s = c->s;
 
-    while ((c->mem_used > 0 && c->mem_used + cost > NBD_CONN_MEM_LIMIT) ||
-           (s->mem_used > 0 && s->mem_used + cost > NBD_MEM_LIMIT))
+    while (!mem_fits(c, cost))
         co_queue_wait(&s->mem_wait);
     c->mem_used += cost;
     s->mem_used += cost;
+}
+
+/* For reads: reserve only if it fits now (else the read is streamed). */
+static bool mem_try_reserve(struct nbd_conn *c, uint64_t cost)
+{
+    if (c->mem_used + cost > NBD_CONN_MEM_LIMIT || c->s->mem_used + cost > NBD_MEM_LIMIT)
+        return false;
+    c->mem_used += cost;
+    c->s->mem_used += cost;
+    return true;
 }
 
 static void mem_release(struct nbd_conn *c, uint64_t cost)
@@ -378,16 +406,51 @@ static struct nbd_req *req_get(struct nbd_conn *c)
     return rq;
 }
 
-/* A buffer of at least len bytes (contents undefined). */
+/* A buffer of at least len bytes (contents undefined): the request's own,
+ * a spare one that fits, or a new one. */
 static uint8_t *req_buf(struct nbd_req *rq, size_t len)
 {
-    if (rq->buf_cap < len) {
-        size_t cap = round_up(len, IO_ALIGN);
-        io_free(rq->buf);
-        rq->buf = io_alloc(cap);
-        rq->buf_cap = cap;
+    struct nbd_server *s = rq->c->s;
+
+    if (rq->buf_cap >= len)
+        return rq->buf;
+    for (unsigned i = s->nspare; i-- > 0;) {
+        if (s->spare[i].cap >= len && s->spare[i].cap <= 2 * round_up(len, IO_ALIGN)) {
+            io_free(rq->buf);
+            rq->buf = s->spare[i].buf;
+            rq->buf_cap = s->spare[i].cap;
+            s->pool_bytes -= rq->buf_cap;
+            s->spare[i] = s->spare[--s->nspare];
+            return rq->buf;
+        }
     }
+    size_t cap = round_up(len, IO_ALIGN);
+    io_free(rq->buf);
+    rq->buf = io_alloc(cap);
+    rq->buf_cap = cap;
     return rq->buf;
+}
+
+/* A write is done with its payload once written: the buffer goes back for
+ * reuse now rather than with the reply, so a client that does not read
+ * its replies does not keep its payloads alive. */
+static void req_drop_buf(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+
+    if (!rq->buf)
+        return;
+    if (rq->buf_cap <= POOL_BUF_MAX && s->nspare < SPARE_MAX &&
+        s->pool_bytes + rq->buf_cap <= POOL_BYTES_MAX) {
+        s->spare[s->nspare].buf = rq->buf;
+        s->spare[s->nspare].cap = rq->buf_cap;
+        s->nspare++;
+        s->pool_bytes += rq->buf_cap;
+    } else {
+        io_free(rq->buf);
+    }
+    rq->buf = NULL;
+    rq->buf_cap = 0;
 }
 
 static void req_put(struct nbd_server *s, struct nbd_req *rq)
@@ -411,6 +474,13 @@ static void req_put(struct nbd_server *s, struct nbd_req *rq)
 /* Give back the large idle buffers (no client is connected). */
 static void pool_trim(struct nbd_server *s)
 {
+    for (unsigned i = s->nspare; i-- > 0;) {
+        if (s->spare[i].cap > POOL_BUF_SMALL) {
+            s->pool_bytes -= s->spare[i].cap;
+            io_free(s->spare[i].buf);
+            s->spare[i] = s->spare[--s->nspare];
+        }
+    }
     for (struct nbd_req *rq = s->pool; rq; rq = rq->next) {
         if (rq->buf_cap > POOL_BUF_SMALL) {
             s->pool_bytes -= rq->buf_cap;
@@ -757,6 +827,8 @@ static int do_read(struct nbd_req *rq)
         return -EINVAL;
     if (!aligned(rq) && rq->c->strict_align)
         return -EINVAL;
+    if (rq->stream)
+        return 0;       /* the sender reads it (stream_read) */
     a0 = round_down(rq->off, SECTOR);
     a1 = round_up(rq->off + rq->len, SECTOR);
     buf = req_buf(rq, a1 - a0);
@@ -923,8 +995,16 @@ static void req_run(void *arg)
         default:                   err = -EINVAL; break;   /* unknown or not negotiated */
         }
     }
-    if (err)
+    if (rq->type == NBD_CMD_WRITE) {
+        /* Written (or failed): the payload is no longer needed. */
+        req_drop_buf(rq);
+        mem_release(c, rq->cost);
+        rq->cost = 0;
+    }
+    if (err) {
         rq->data_len = 0;
+        rq->stream = false;
+    }
     nbd_put32(rq->hdr, NBD_SIMPLE_REPLY_MAGIC);
     nbd_put32(rq->hdr + 4, nbd_error(err));
     nbd_put64(rq->hdr + 8, rq->cookie);
@@ -943,8 +1023,60 @@ static void req_run(void *arg)
     co_queue_wake_one(&c->send_wait);
 }
 
+static void conn_fail_send(struct nbd_conn *c)
+{
+    /* The client is gone (or its reply cannot be completed): stop the
+     * receive loop too. */
+    c->dead = true;
+    shutdown(c->fd, SHUT_RDWR);
+}
+
+/* A streamed READ: header and data in STREAM_CHUNK pieces, each read just
+ * before it is sent.  A read error after the header went out cannot be
+ * reported in a simple reply: the connection is closed instead, as the
+ * protocol prescribes. */
+static void stream_read(struct nbd_conn *c, struct nbd_req *rq)
+{
+    struct nbd_server *s = c->s;
+    uint64_t pos = rq->off, end = rq->off + rq->len;
+    uint8_t *buf = io_alloc(STREAM_CHUNK + 2 * SECTOR);
+    bool header_sent = false;
+
+    while (pos < end && !c->dead) {
+        uint64_t n = end - pos < STREAM_CHUNK ? end - pos : STREAM_CHUNK;
+        uint64_t a0 = round_down(pos, SECTOR), a1 = round_up(pos + n, SECTOR);
+        struct iovec iov[2];
+        int niov = 0, r;
+
+        co_rwlock_rdlock(&s->rmw_lock);
+        r = img_read(s->img, buf, a0, a1 - a0);
+        co_rwlock_unlock(&s->rmw_lock);
+        if (r < 0 && header_sent) {
+            conn_log(c, "read at offset %llu failed in the middle of a reply (%s), closing",
+                     (unsigned long long)pos, strerror(-r));
+            conn_fail_send(c);
+            break;
+        }
+        if (r < 0) {
+            nbd_put32(rq->hdr + 4, nbd_error(r));
+            if (send_all(c, rq->hdr, sizeof(rq->hdr)) < 0)
+                conn_fail_send(c);
+            break;
+        }
+        if (!header_sent) {
+            iov[niov++] = (struct iovec){ rq->hdr, sizeof(rq->hdr) };
+            header_sent = true;
+        }
+        iov[niov++] = (struct iovec){ buf + (pos - a0), n };
+        if (send_iov(c, iov, niov) < 0)
+            conn_fail_send(c);
+        pos += n;
+    }
+    io_free(buf);
+}
+
 /* Writes the queued replies, as many per sendmsg as have piled up while
- * the previous one was on its way. */
+ * the previous one was on its way; a streamed read goes out on its own. */
 static void conn_sender(void *arg)
 {
     struct nbd_conn *c = arg;
@@ -959,7 +1091,17 @@ static void conn_sender(void *arg)
             co_queue_wait(&c->send_wait);
         if (!c->reply_head)
             break;
-        while (c->reply_head && n < SEND_BATCH) {
+        if (c->reply_head->stream) {
+            struct nbd_req *rq = c->reply_head;
+            c->reply_head = rq->next;
+            if (!c->reply_head)
+                c->reply_tail = NULL;
+            if (!c->dead)
+                stream_read(c, rq);
+            req_free(rq);
+            continue;
+        }
+        while (c->reply_head && n < SEND_BATCH && !c->reply_head->stream) {
             struct nbd_req *rq = c->reply_head;
             c->reply_head = rq->next;
             batch[n++] = rq;
@@ -969,11 +1111,8 @@ static void conn_sender(void *arg)
         }
         if (!c->reply_head)
             c->reply_tail = NULL;
-        if (!c->dead && send_iov(c, iov, niov) < 0) {
-            /* The client is gone: stop the receive loop too. */
-            c->dead = true;
-            shutdown(c->fd, SHUT_RDWR);
-        }
+        if (!c->dead && send_iov(c, iov, niov) < 0)
+            conn_fail_send(c);
         for (unsigned i = 0; i < n; i++)
             req_free(batch[i]);
     }
@@ -1030,11 +1169,18 @@ static void conn_serve(struct nbd_conn *c)
 
         while (c->inflight >= NBD_MAX_INFLIGHT)
             co_queue_wait(&c->slot_wait);
-        if (rq->type == NBD_CMD_WRITE)
+        if (rq->type == NBD_CMD_WRITE) {
             rq->cost = rq->len;
-        else if (rq->type == NBD_CMD_READ && rq->len <= NBD_BLOCK_MAX)
-            rq->cost = IO_ALIGN + rq->len + 2 * SECTOR;
-        mem_reserve(c, rq->cost);
+            mem_reserve(c, rq->cost);
+        } else if (rq->type == NBD_CMD_READ && rq->len > 0 && rq->len <= NBD_BLOCK_MAX) {
+            /* Large reads, and reads over the budget, never wait for
+             * memory: they are streamed once their turn to be sent comes. */
+            uint64_t cost = IO_ALIGN + rq->len + 2 * SECTOR;
+            if (rq->len <= STREAM_MIN && mem_try_reserve(c, cost))
+                rq->cost = cost;
+            else
+                rq->stream = true;
+        }
         c->inflight++;
 
         if (rq->type == NBD_CMD_WRITE && rq->len) {
@@ -1105,6 +1251,7 @@ static void conn_run(void *arg)
         /* Back to the idle footprint: large pooled buffers, and the heap
          * pages freed by the connections that left. */
         pool_trim(s);
+        co_pool_release();      /* idle coroutine stacks: touched pages stay resident */
         malloc_trim(0);
     }
     co_queue_wake_one(&s->slot_free);
@@ -1386,6 +1533,11 @@ static void listener_run(void *arg)
         }
         if (fd >= 0) {
             last_err = 0;
+            /* The last handshake may have finished since we checked:
+             * then this client waits (here rather than in the backlog)
+             * for an established session to end. */
+            while (!s->stopping && s->nconns >= s->max_conns && !oldest_handshaking(s))
+                co_queue_wait(&s->slot_free);
             nbd_server_add_client(s, fd);
             continue;
         }
@@ -1485,6 +1637,8 @@ void nbd_server_free(struct nbd_server *s)
         io_free(rq->buf);
         free(rq);
     }
+    while (s->nspare)
+        io_free(s->spare[--s->nspare].buf);
     free(s->name);
     free(s->description);
     free(s->allow);
