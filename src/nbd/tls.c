@@ -28,6 +28,7 @@
 #define TLS_RECORD   16384u           /* plain text per record (TLS maximum) */
 #define TLS_OUT_MAX  (256u << 10)     /* encrypted bytes collected per sendmsg */
 #define TLS_RETRIES  64               /* bound on non-fatal GnuTLS retries */
+#define TLS_IN_BUF   (64u << 10)      /* encrypted bytes taken per recv */
 
 struct nbd_tls_creds {
     gnutls_certificate_credentials_t x509;
@@ -43,6 +44,8 @@ struct nbd_tls {
     char ident[320];
     uint8_t *stage;             /* plain text waiting to fill a record */
     size_t stage_len;
+    uint8_t *in;                /* encrypted bytes received, not yet pulled */
+    size_t in_start, in_end;
     uint8_t *out;               /* encrypted records waiting for the socket */
     size_t out_len;
     bool collecting;            /* inside nbd_tls_sendv: push appends to out */
@@ -227,19 +230,35 @@ void nbd_tls_creds_free(struct nbd_tls_creds *cr)
 
 /* ---- transport ---------------------------------------------------------------- */
 
+/* GnuTLS pulls a record header, then its body: serve both from one large
+ * recv instead of a socket round trip each (a 4 KiB write arrives as one
+ * small record per request). */
 static ssize_t tls_pull(gnutls_transport_ptr_t p, void *buf, size_t len)
 {
     struct nbd_tls *t = p;
     ssize_t n;
 
-    do
-        n = io_recv(t->fd, buf, len, 0);
-    while (n == -EINTR || n == -EAGAIN);
-    if (n < 0) {
-        t->last_errno = (int)-n;
-        gnutls_transport_set_errno(t->s, (int)-n);
-        return -1;
+    if (t->in_start == t->in_end) {
+        if (!t->in && !(t->in = malloc(TLS_IN_BUF))) {
+            gnutls_transport_set_errno(t->s, ENOMEM);
+            return -1;
+        }
+        do
+            n = io_recv(t->fd, t->in, TLS_IN_BUF, 0);
+        while (n == -EINTR || n == -EAGAIN);
+        if (n < 0) {
+            t->last_errno = (int)-n;
+            gnutls_transport_set_errno(t->s, (int)-n);
+            return -1;
+        }
+        if (n == 0)
+            return 0;
+        t->in_start = 0;
+        t->in_end = (size_t)n;
     }
+    n = (ssize_t)(t->in_end - t->in_start < len ? t->in_end - t->in_start : len);
+    memcpy(buf, t->in + t->in_start, (size_t)n);
+    t->in_start += (size_t)n;
     return n;
 }
 
@@ -256,6 +275,8 @@ static int tls_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
     char c;
     ssize_t n;
 
+    if (t->in_start < t->in_end)
+        return 1;
     n = recv(t->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n >= 0)
         return 1;               /* data, or EOF for the pull to report */
@@ -584,6 +605,7 @@ void nbd_tls_close(struct nbd_tls *t, bool bye)
     if (t->stage)
         explicit_bzero(t->stage, TLS_RECORD);
     free(t->stage);
+    free(t->in);
     free(t->out);
     free(t);
 }
