@@ -175,10 +175,10 @@ def evaluate(doc):
     for name, a, b, wls, t in CPU_TARGETS:
         for wl in wls:
             x, y = d.host.get((a, wl)) or {}, d.host.get((b, wl)) or {}
-            if not x and not y:
-                continue
             ca, cb = x.get("cpu_us_per_io"), y.get("cpu_us_per_io")
-            r = cb / ca if ca and cb else None
+            if not ca or not cb:
+                continue        # a path not run (or failed): no row, as for the IOPS targets
+            r = cb / ca
             targets.append({"name": name, "numerator": b, "denominator": a, "workload": wl,
                             "ratio": r, "round_range": None, "target": t,
                             "met": None if r is None else r >= t})
