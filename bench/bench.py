@@ -14,6 +14,9 @@ Measures side by side, in one run, on the same images and with the same clients:
            client itself can reach), all driven by fio's nbd engine over a unix socket; again
            with the qcow2 copied to /dev/shm (tmpfs), which takes the disk out of the
            comparison with nbdkit null (which stores nothing).
+  tls      our NBD export vs qemu-nbd, both with TLS (x509, certificates made with certtool
+           into BENCH_DIR/pki), fio's nbd engine (libnbd) over nbds+unix without checking the
+           server's certificate (fio cannot pass libnbd a certificate file): 4k random, 512k.
   sizes    our NBD export vs qemu-nbd on sparse qcow2 images of growing size (metadata
            preallocated, data holes): 4k randread then randwrite, and each daemon's peak memory.
   ublk     one boot of the test VM (tests/vm/vm.sh; the host kernel may have no ublk): fio io_uring
@@ -44,7 +47,7 @@ Environment:
                    concurrent runs
   BENCH_SECONDS    seconds per measurement (default 4, quick 2; decimals allowed)
   BENCH_ROUNDS     rounds of the engine and nbd workloads (default 3, quick 1)
-  BENCH_ONLY       sections, comma-separated: engine,nbd,sizes,ublk (default all)
+  BENCH_ONLY       sections, comma-separated: engine,nbd,tls,sizes,ublk (default all)
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
   BENCH_SIZE       image size for engine/nbd (default 2G, quick 256M)
@@ -76,7 +79,7 @@ import sys
 import time
 
 sys.dont_write_bytecode = True
-from common import (ALLOC_CAP_PER_CLUSTER, ALLOC_MAX_WRITES, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
+from common import (TLS_WORKLOADS, ALLOC_CAP_PER_CLUSTER, ALLOC_MAX_WRITES, CLUSTER, HERE, LATENCY, MAIN, ROOT,  # noqa: E402
                     SIZE_WORKLOADS, SUBSTRATES, VM_PATHS, VM_WORKLOADS, WORKLOADS, BenchError,
                     default_cache_bytes, fio_argv, fill_file, fmt_iops_cell, log,
                     make_qcow2_copy, parse_fio, parse_size, proc_alive, proc_cpu_s,
@@ -99,13 +102,20 @@ class Server:
         self.sock, self.pidfile = f"{d}/{kind}.sock", f"{d}/{kind}.pid"
         self.logpath = f"{d}/logs/{kind}.log"
         server = kind.removesuffix("_mem")     # the same server on an image in memory
+        self.tls = server.endswith("_tls")     # ... or with TLS (x509 from cfg.pki)
+        server = server.removesuffix("_tls")
         if server == "nbd_ours":
             self.argv = [cfg.bin, "nbd", "--fork", "--pid-file", self.pidfile,
                          "--socket", self.sock, image]
+            if self.tls:
+                self.argv[2:2] = ["--tls-certificates", cfg.pki]
         elif server == "nbd_qemu":
             self.argv = ["qemu-nbd", "--fork", "--persistent", "--pid-file", self.pidfile,
                          "--socket", self.sock, "--cache=none", "--aio=io_uring", "-f", "qcow2",
                          image]
+            if self.tls:
+                self.argv[1:1] = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={cfg.pki},verify-peer=off",
+                                  "--tls-creds", "tls0"]
         elif kind == "nbd_null":
             self.argv = ["nbdkit", "--unix", self.sock, "--pidfile", self.pidfile, "null",
                          str(size)]
@@ -142,6 +152,11 @@ class Server:
         return self
 
     def uri(self):
+        if self.tls:
+            # fio's libnbd may not read files named in the URI (tls-certificates): the client
+            # encrypts without checking the server's certificate (nor could it match a host
+            # name over a unix socket); the cost measured is the same.
+            return f"nbds+unix:///?socket={self.sock}&tls-verify-peer=false"
         return f"nbd+unix:///?socket={self.sock}"
 
     def stop(self):
@@ -193,8 +208,9 @@ class Config:
         # 3 rounds: a median that one slow round cannot move (a full run near 25 minutes).
         self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
-        self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "sizes", "ublk"],
-                                   ["engine", "nbd", "sizes", "ublk"])
+        self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "tls", "sizes", "ublk"],
+                                   ["engine", "nbd", "tls", "sizes", "ublk"])
+        self.pki = os.path.join(self.dir, "pki")
         self.workloads = self.names("BENCH_WORKLOADS", list(WORKLOADS), list(WORKLOADS))
         self.fresh = env.get("BENCH_FRESH", "") not in ("", "0")
 
@@ -259,6 +275,7 @@ def plan(cfg):
     host = cfg.host_rounds * (n("engine", MAIN + LATENCY) * 3 + n("nbd", MAIN + LATENCY) * 3
                               + n("engine", ["randwrite_4k", "randread_4k", "rw_512k"])
                               + 2 * n("nbd", MAIN))
+    host += cfg.host_rounds * 2 * n("tls", TLS_WORKLOADS)
     host += n("engine", ["alloc_4k"]) + 2 * n("nbd", ["alloc_4k"])
     host += 2 * (n("engine", ["overlay_4k", "compressed_4k"]) + n("nbd", ["overlay_4k",
                                                                          "compressed_4k"]))
@@ -320,7 +337,7 @@ class HostBench:
     def prepare(self):
         c = self.cfg
         need_overlay = any(self.wanted(s, "overlay_4k") for s in ("engine", "nbd"))
-        need_data = any(self.wanted(s, w) for s in ("engine", "nbd") for w in MAIN + LATENCY) \
+        need_data = any(self.wanted(s, w) for s in ("engine", "nbd", "tls") for w in MAIN + LATENCY) \
             or (need_overlay and self.obase == self.raw)
         need_comp = any(self.wanted(s, "compressed_4k") for s in ("engine", "nbd"))
         if need_data:
@@ -576,6 +593,9 @@ class HostBench:
                           ("fio_raw", E, self.m_fio_file, (self.raw, wl))]
                 if wl in ("randwrite_4k", "randread_4k", "rw_512k"):
                     paths.append(("qemu_img_bench", E, self.m_qemu_img_bench, (self.qcow2, wl)))
+            if self.wanted("tls", wl) and wl in TLS_WORKLOADS:
+                paths += [(p, "tls", self.m_nbd, (p, self.qcow2, wl))
+                          for p in ("nbd_ours_tls", "nbd_qemu_tls")]
             if self.wanted(N, wl):
                 paths += [(p, N, self.m_nbd, (p, img, wl)) for p, img in
                           (("nbd_ours", self.qcow2), ("nbd_qemu", self.qcow2), ("nbd_null", None))]
@@ -653,12 +673,37 @@ def run_vm(cfg, results):
 
 # ---- main ---------------------------------------------------------------------------------------
 
+def make_pki(d):
+    """A CA and a server certificate for the TLS rows (kept in BENCH_DIR/pki)."""
+    if os.path.exists(os.path.join(d, "server-cert.pem")):
+        return
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "ca.info"), "w") as f:
+        f.write("cn = bench CA\nca\ncert_signing_key\nexpiration_days = 3650\n")
+    with open(os.path.join(d, "server.info"), "w") as f:
+        f.write("cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\n"
+                "signing_key\nexpiration_days = 3650\n")
+    for argv in (["--generate-privkey", "--outfile", "ca-key.pem"],
+                 ["--generate-self-signed", "--load-privkey", "ca-key.pem", "--template",
+                  "ca.info", "--outfile", "ca-cert.pem"],
+                 ["--generate-privkey", "--outfile", "server-key.pem"],
+                 ["--generate-certificate", "--load-ca-certificate", "ca-cert.pem",
+                  "--load-ca-privkey", "ca-key.pem", "--load-privkey", "server-key.pem",
+                  "--template", "server.info", "--outfile", "server-cert.pem"]):
+        r = subprocess.run(["certtool"] + argv, cwd=d, capture_output=True, text=True)
+        if r.returncode:
+            raise BenchError(f"certtool {argv[0]} failed: {r.stderr.strip()[:200]}")
+    os.chmod(os.path.join(d, "server-key.pem"), 0o600)
+
+
 def check_tools(cfg):
     need = {"fio", "qemu-img"}
     if {"engine", "nbd", "sizes"} & set(cfg.sections):
         need |= {"qemu-nbd"}
     if "nbd" in cfg.sections:
         need |= {"nbdkit"}
+    if "tls" in cfg.sections:
+        need |= {"qemu-nbd", "certtool"}
     missing = sorted(t for t in need if not shutil.which(t))
     if missing:
         raise BenchError(f"not installed: {', '.join(missing)} (try 'make deps')")
@@ -701,7 +746,9 @@ def suite_main(binary):
     vm_info = {}
     phases = {}     # wall seconds: preparing images, host measurements, the VM
     try:
-        if {"engine", "nbd", "sizes"} & set(cfg.sections):
+        if "tls" in cfg.sections:
+            make_pki(cfg.pki)
+        if {"engine", "nbd", "tls", "sizes"} & set(cfg.sections):
             t = time.monotonic()
             hb.prepare()
             phases["prepare"] = time.monotonic() - t

@@ -62,6 +62,7 @@ MAIN = ["randwrite_4k", "randread_4k", "randrw_4k", "rw_512k"]
 LATENCY = ["lat_read_4k", "lat_write_4k"]
 SPECIAL = ["alloc_4k", "overlay_4k", "compressed_4k"]
 SIZE_WORKLOADS = ["randread_4k", "randwrite_4k"]
+TLS_WORKLOADS = ["randwrite_4k", "randread_4k", "rw_512k"]
 # Allocating and copy-on-write runs write at most this share of the image's clusters (random
 # offsets, so some land twice): each contender then allocates (or copies) for nearly every
 # write, however fast it is, and all of them for about the same share.
@@ -87,6 +88,8 @@ LABELS = {
     "nbd_null": "nbdkit null (the fio nbd client's ceiling)",
     "nbd_ours_mem": "ours, NBD export, fio nbd, image in memory (tmpfs)",
     "nbd_qemu_mem": "qemu-nbd --cache=none --aio=io_uring, fio nbd, image in memory (tmpfs)",
+    "nbd_ours_tls": "ours, NBD export with TLS (x509), fio nbd (nbds+unix)",
+    "nbd_qemu_tls": "qemu-nbd --cache=none --aio=io_uring with TLS (x509), fio nbd (nbds+unix)",
     "fio_cow": "fio: the copies' disk traffic (64k random reads of the backing file and 64k "
                "random writes, in parallel; (reads + writes) / 2 per second)",
     "ublk_qcow2": "ours, /dev/ublkbN, qcow2",
@@ -96,7 +99,7 @@ LABELS = {
 }
 HOST_PATHS = ["engine_qcow2", "engine_qcow2_extl2", "engine_raw", "fio_raw", "fio_cow",
               "qemu_img_bench", "nbd_ours", "nbd_qemu", "nbd_null", "nbd_ours_mem",
-              "nbd_qemu_mem"]
+              "nbd_qemu_mem", "nbd_ours_tls", "nbd_qemu_tls"]
 SUBSTRATE_TEXT = {"brd": "ext4 on a RAM disk (brd)", "tmpfs": "tmpfs"}
 
 

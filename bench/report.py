@@ -72,7 +72,7 @@ class Data:
         self.host_rounds = {}
         self.sizes = {}
         for r in doc["results"]:
-            if r.get("section") in ("engine", "nbd"):
+            if r.get("section") in ("engine", "nbd", "tls"):
                 self.host_rounds.setdefault((r["path"], r["workload"]), {})[r.get("round", 1)] = r
             elif r.get("section") == "sizes":
                 self.sizes[(r["path"], r["workload"], r["size"])] = r
@@ -124,6 +124,17 @@ HOST_TARGETS = [
     ("NBD export / nbdkit null, image in memory", "nbd_ours_mem", "nbd_null", MAIN, 0.8),
     ("allocating: NBD export / qemu-nbd", "nbd_ours", "nbd_qemu", ["alloc_4k"], 3),
     ("overlay COW: NBD export / qemu-nbd", "nbd_ours", "nbd_qemu", ["overlay_4k"], 3),
+    ("TLS: NBD export / qemu-nbd, both with TLS", "nbd_ours_tls", "nbd_qemu_tls",
+     ["randwrite_4k", "randread_4k"], 2),
+]
+# Server CPU time per I/O, qemu-nbd's over ours, on every 4k row (issue 14): (name, ours,
+# qemu-nbd's, workloads, target).
+CPU_TARGETS = [
+    ("CPU per I/O: qemu-nbd / NBD export", "nbd_ours", "nbd_qemu", ["randwrite_4k", "randread_4k", "randrw_4k"], 3),
+    ("CPU per I/O: qemu-nbd / NBD export, images in memory", "nbd_ours_mem", "nbd_qemu_mem",
+     ["randwrite_4k", "randread_4k", "randrw_4k"], 3),
+    ("CPU per I/O: qemu-nbd / NBD export, both with TLS", "nbd_ours_tls", "nbd_qemu_tls",
+     ["randwrite_4k", "randread_4k"], 3),
 ]
 HOST_RATIOS = [
     ("engine raw / fio on the raw file", "engine_raw", "fio_raw", MAIN),
@@ -161,6 +172,16 @@ def evaluate(doc):
                 targets.append({"name": name, "numerator": a, "denominator": b, "workload": wl,
                                 "ratio": r, "round_range": list(rng) if rng else None,
                                 "target": t, "met": None if r is None else r >= t})
+    for name, a, b, wls, t in CPU_TARGETS:
+        for wl in wls:
+            x, y = d.host.get((a, wl)) or {}, d.host.get((b, wl)) or {}
+            ca, cb = x.get("cpu_us_per_io"), y.get("cpu_us_per_io")
+            if not ca or not cb:
+                continue        # a path not run (or failed): no row, as for the IOPS targets
+            r = cb / ca
+            targets.append({"name": name, "numerator": b, "denominator": a, "workload": wl,
+                            "ratio": r, "round_range": None, "target": t,
+                            "met": None if r is None else r >= t})
     for name, a, b, wls in HOST_RATIOS:
         for wl in wls:
             if (a, wl) in d.host and (b, wl) in d.host:
@@ -242,7 +263,7 @@ def render_md(doc, chart_name=None):
         L.append(f"![chart]({chart_name})\n")
 
     if targets:
-        L.append("## Targets (issue 5)\n")
+        L.append("## Targets (issues 5 and 14)\n")
         rows = []
         for t in targets:
             where = WORKLOADS[t["workload"]]["title"] if t["workload"] in WORKLOADS \

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -24,6 +25,8 @@
 #include "nbd/server.h"
 #include "img/image.h"
 
+#define NBD_CLI_MAX_ALLOW 256
+
 struct nbd_cli {
     const char *socket_path;
     const char *bind_addr;
@@ -33,6 +36,12 @@ struct nbd_cli {
     bool read_only;
     bool fork;
     struct img_opts img_opts;
+    bool tls_given;             /* --tls on the command line */
+    struct nbd_tls_opts tls;
+    struct nbd_allow allow[NBD_CLI_MAX_ALLOW];
+    unsigned nallow;
+    unsigned max_connections;
+    unsigned handshake_timeout_ms;
 };
 
 struct nbd_run {
@@ -40,6 +49,7 @@ struct nbd_run {
     struct loop *loop;
     struct image *img;
     struct nbd_server *srv;
+    struct nbd_tls_creds *tls;
     int listen_fd;
     int signal_fd;
     int lock_fd;                /* QEMU-style image locks, held while serving */
@@ -55,7 +65,8 @@ static void usage(FILE *out)
     fprintf(out,
         "Usage: ublk-qcow2 nbd [OPTIONS] IMAGE\n"
         "\n"
-        "Serve IMAGE (qcow2 or raw) over NBD until SIGINT or SIGTERM.\n"
+        "Serve IMAGE (qcow2 or raw) over NBD until SIGINT, SIGTERM or SIGHUP (any of them:\n"
+        "finish the requests in flight, flush, remove the socket, exit 0).\n"
         "\n"
         "Options:\n"
         "  -k, --socket PATH        listen on a unix socket at PATH\n"
@@ -76,6 +87,26 @@ static void usage(FILE *out)
         "                           encrypted backing files): FILE's exact bytes, as QEMU\n"
         "                           reads --object secret,file=FILE\n"
         "      --key-env VAR        the passphrase from the environment variable VAR\n"
+        "\n"
+        "Network service (plain NBD has no encryption or authentication: use it only on\n"
+        "trusted networks, or with TLS):\n"
+        "      --tls MODE           off, on (offer TLS, plain text still served) or require\n"
+        "                           (nothing listed or served before STARTTLS); default:\n"
+        "                           require when credentials are given, else off\n"
+        "      --tls-certificates DIR\n"
+        "                           x509 files in DIR: ca-cert.pem, server-cert.pem,\n"
+        "                           server-key.pem (and ca-crl.pem if present)\n"
+        "      --tls-verify-peer    clients must present a certificate signed by the CA\n"
+        "      --tls-psk FILE       pre-shared keys, lines USERNAME:HEXKEY (psktool -u USER -p FILE)\n"
+        "      --allow ADDR[/PREFIX]\n"
+        "                           accept TCP clients from ADDR/PREFIX only (repeatable);\n"
+        "                           others are refused at connect and logged\n"
+        "      --max-connections N  at most N connections (default 1024); when full, the\n"
+        "                           oldest one still in its handshake makes room\n"
+        "      --handshake-timeout SECS\n"
+        "                           close connections that have not finished the NBD (and\n"
+        "                           TLS) handshake within SECS seconds (default 10)\n"
+        "\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
         "  -v, --verbose            say more on stderr (clients coming and going);\n"
@@ -213,8 +244,11 @@ static void control_run(void *arg)
             break;
         }
         n = read(run->signal_fd, &si, sizeof(si));
-        if (n == (ssize_t)sizeof(si))
+        if (n == (ssize_t)sizeof(si)) {
+            uq_info("%s: finishing requests in flight, flushing, exiting",
+                    strsignal((int)si.ssi_signo));
             break;
+        }
     }
     nbd_server_shutdown(run->srv);
     nbd_server_wait(run->srv);
@@ -248,6 +282,41 @@ static int write_pid_file(const char *path, char *err, size_t errlen)
     return 0;
 }
 
+/* Every signal whose default action ends the process and that can be
+ * caught: each one drains, flushes and exits 0 instead, so no write the
+ * clients saw acknowledged is lost (the metadata cache may hold it until
+ * the flush).  SIGHUP matters most: a closed terminal sends it.  Fault
+ * signals (SIGSEGV, SIGBUS, ...) are left alone: blocking them would not
+ * stop a real fault. */
+static void stop_signals(sigset_t *mask)
+{
+    static const int sigs[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
+                                SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGSTKFLT, SIGXCPU };
+
+    sigemptyset(mask);
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+        sigaddset(mask, sigs[i]);
+    for (int sig = SIGRTMIN; sig <= SIGRTMAX; sig++)
+        sigaddset(mask, sig);
+}
+
+/* Each connection is a file descriptor: make room for the connection
+ * limit (the default soft limit, 1024, would fail accept() first). */
+static void raise_fd_limit(unsigned conns)
+{
+    struct rlimit rl;
+    rlim_t want = (rlim_t)conns + 64;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= want)
+        return;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < want)
+        uq_warn("nbd: the open file limit (%llu) allows fewer than %u connections; "
+                "raise it (ulimit -n) or lower --max-connections",
+                (unsigned long long)rl.rlim_cur, conns);
+}
+
 /* Everything that can fail before serving.  Runs in the serving process
  * (the child with --fork: the ring and any file locks belong to it). */
 static int run_setup(struct nbd_run *run, char *err, size_t errlen)
@@ -257,9 +326,7 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     char desc[64];
     sigset_t mask;
 
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGTERM);
+    stop_signals(&mask);
     if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0 ||
         (run->signal_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
         snprintf(err, errlen, "signalfd: %s", strerror(errno));
@@ -267,6 +334,9 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     }
     /* A client that disconnects mid-reply must not kill the server. */
     signal(SIGPIPE, SIG_IGN);
+    /* A write past the file size limit fails with EFBIG (reported to the
+     * client) instead of killing the server with the image half-flushed. */
+    signal(SIGXFSZ, SIG_IGN);
 
     run->loop = loop_new(256);
     if (!run->loop) {
@@ -281,6 +351,12 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     run->img = img_open(cli->image, &cli->img_opts, err, errlen);
     if (!run->img)
         return -1;
+    if (cli->tls.mode != NBD_TLS_OFF) {
+        run->tls = nbd_tls_creds_new(&cli->tls, err, errlen);
+        if (!run->tls)
+            return -1;
+    }
+    raise_fd_limit(cli->max_connections ? cli->max_connections : NBD_MAX_CONNECTIONS);
     if (cli->socket_path)
         run->listen_fd = listen_unix(run, cli->socket_path, err, errlen);
     else
@@ -290,6 +366,12 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
 
     eo.name = cli->export_name;
     eo.read_only = cli->read_only;
+    eo.tls_mode = cli->tls.mode;
+    eo.tls = run->tls;
+    eo.allow = cli->allow;
+    eo.nallow = cli->nallow;
+    eo.max_connections = cli->max_connections;
+    eo.handshake_timeout_ms = cli->handshake_timeout_ms;
     snprintf(desc, sizeof(desc), "ublk-qcow2 %s image", img_format_name(run->img));
     eo.description = desc;
     run->srv = nbd_server_new(run->img, &eo);
@@ -316,6 +398,7 @@ static void run_cleanup(struct nbd_run *run)
         close(run->lock_fd);
     if (run->srv)
         nbd_server_free(run->srv);
+    nbd_tls_creds_free(run->tls);
     if (run->listen_fd >= 0)
         close(run->listen_fd);
     /* Remove the socket only if it is still the one we created. */
@@ -416,10 +499,73 @@ static int serve_forked(const struct nbd_cli *cli)
     return 1;
 }
 
+/* TLS and access options that only make sense together. */
+static int check_net_options(struct nbd_cli *cli)
+{
+    bool creds = cli->tls.cert_dir || cli->tls.psk_file;
+
+    if (!cli->tls_given && creds)
+        cli->tls.mode = NBD_TLS_REQUIRE;    /* credentials imply TLS, as with qemu-nbd */
+    if (cli->tls.mode == NBD_TLS_OFF && creds) {
+        cli_error("nbd: --tls off contradicts --tls-certificates/--tls-psk (drop them, or use --tls on|require)");
+        return -1;
+    }
+    if (cli->tls.mode != NBD_TLS_OFF && !creds) {
+        cli_error("nbd: --tls %s needs credentials: --tls-certificates DIR or --tls-psk FILE",
+                  cli->tls.mode == NBD_TLS_ON ? "on" : "require");
+        return -1;
+    }
+    if (cli->tls.verify_peer && !cli->tls.cert_dir) {
+        cli_error("nbd: --tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
+        return -1;
+    }
+    if (cli->nallow && cli->socket_path) {
+        cli_error("nbd: --allow applies to TCP clients (--bind); a unix socket is guarded by its file permissions");
+        return -1;
+    }
+    return 0;
+}
+
+/* --tls off|on|require */
+static int take_tls(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc, char **argv)
+{
+    enum nbd_tls_mode *mode = o->dest;
+    if (!strcmp(arg, "off"))
+        *mode = NBD_TLS_OFF;
+    else if (!strcmp(arg, "on"))
+        *mode = NBD_TLS_ON;
+    else if (!strcmp(arg, "require"))
+        *mode = NBD_TLS_REQUIRE;
+    else {
+        cli_error("nbd: unknown --tls mode '%s' (off, on or require)", arg);
+        return 2;
+    }
+    return CLI_GO_ON;
+}
+
+/* --allow ADDR[/PREFIX], repeatable */
+static int take_allow(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg, int argc, char **argv)
+{
+    struct nbd_cli *cli = o->dest;
+    char aerr[256];
+    if (cli->nallow >= NBD_CLI_MAX_ALLOW) {
+        cli_error("nbd: more than %d --allow rules (use wider prefixes)", NBD_CLI_MAX_ALLOW);
+        return 2;
+    }
+    if (nbd_allow_parse(arg, &cli->allow[cli->nallow], aerr, sizeof(aerr)) < 0) {
+        cli_error("nbd: %s", aerr);
+        return 2;
+    }
+    cli->nallow++;
+    return CLI_GO_ON;
+}
+
 int cmd_nbd(int argc, char **argv)
 {
     struct nbd_cli cli = { 0 };
     static struct cli_key key;
+    unsigned hs_timeout_s = 0;
+    bool hs_timeout_given = false;
     struct img_opts *io = &cli.img_opts;
     const struct cli_opt opts[] = {
         /* where to listen and what to call the export */
@@ -436,6 +582,16 @@ int cmd_nbd(int argc, char **argv)
         { "load-snapshot", 'l', CLI_STRING, .dest = &io->snapshot },
         { "key-file", 0, CLI_KEY_FILE, .dest = &key },
         { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        /* who may connect, and how */
+        { "tls", 0, CLI_CALL, .dest = &cli.tls.mode, .seen = &cli.tls_given, .take = take_tls },
+        { "tls-certificates", 0, CLI_STRING, .dest = &cli.tls.cert_dir },
+        { "tls-verify-peer", 0, CLI_FLAG, .dest = &cli.tls.verify_peer },
+        { "tls-psk", 0, CLI_STRING, .dest = &cli.tls.psk_file },
+        { "allow", 0, CLI_CALL, .dest = &cli, .take = take_allow },
+        { "max-connections", 0, CLI_UINT, .dest = &cli.max_connections, .min = 1, .max = 65536,
+          .bad = "invalid --max-connections '%s' (a number from 1 to %lu)" },
+        { "handshake-timeout", 0, CLI_UINT, .dest = &hs_timeout_s, .seen = &hs_timeout_given, .min = 1,
+          .max = 3600, .bad = "invalid --handshake-timeout '%s' (seconds, 1 to %lu)" },
         /* the process */
         { "fork", 0, CLI_FLAG, .dest = &cli.fork },
         { "pid-file", 0, CLI_STRING, .dest = &cli.pid_file },
@@ -447,6 +603,8 @@ int cmd_nbd(int argc, char **argv)
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
+    if (hs_timeout_given)
+        cli.handshake_timeout_ms = hs_timeout_s * 1000;
     cli.image = argv[optind];
     io->key = key.data;
     io->key_len = key.len;
@@ -454,6 +612,8 @@ int cmd_nbd(int argc, char **argv)
         cli_error("nbd: give exactly one of --socket PATH and --bind HOST:PORT");
         return 2;
     }
+    if (check_net_options(&cli) < 0)
+        return 2;
     if (cli.export_name && strlen(cli.export_name) > 4096) {
         cli_error("nbd: export name longer than 4096 bytes");
         return 2;

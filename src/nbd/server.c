@@ -12,6 +12,8 @@
  * shared, so an RMW never races a write to the same sector.
  */
 #include <errno.h>
+#include <malloc.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <liburing.h>
 
@@ -33,6 +36,7 @@
 
 #define SECTOR            512u
 #define RX_BUF_SIZE       (256u << 10)  /* one recv takes many small requests */
+#define RX_HANDSHAKE      (16u << 10)   /* until transmission: options are small */
 #define RX_SMALL          (64u << 10)   /* payloads copied through the buffer */
 #define SEND_BATCH        64u           /* replies per sendmsg */
 #define POOL_REQS_MAX     1024u         /* idle request structs kept */
@@ -48,6 +52,13 @@
 #define POOL_BYTES_MAX    NBD_CONN_MEM_LIMIT
 #define POOL_BUF_SMALL    (64u << 10)
 #define MAX_OPTION_LEN    (64u << 10)   /* longer options: hard disconnect */
+/* Reads longer than this, and reads that find the memory budget spent, are
+ * streamed by the connection's sender in STREAM_CHUNK pieces when their
+ * turn to be sent comes: a 32 MiB read then needs 256 KiB, and a client
+ * that stops reading holds at most one piece beyond its budget share. */
+#define STREAM_MIN        (1u << 20)
+#define STREAM_CHUNK      (256u << 10)
+#define SPARE_MAX         256u          /* idle payload buffers kept */
 
 struct nbd_conn;
 
@@ -75,7 +86,20 @@ struct nbd_server {
 
     struct nbd_req *pool;       /* idle request structs, most keep a buffer */
     unsigned pool_len;
-    uint64_t pool_bytes;        /* buffer bytes held by idle requests */
+    uint64_t pool_bytes;        /* buffer bytes held by idle requests and spares */
+    struct { uint8_t *buf; size_t cap; } spare[SPARE_MAX];  /* detached payload buffers */
+    unsigned nspare;
+
+    enum nbd_tls_mode tls_mode;
+    struct nbd_tls_creds *tls;
+    struct nbd_allow *allow;
+    unsigned nallow;
+    unsigned max_conns;
+    unsigned hs_timeout_ms;
+    bool ticker_running;        /* handshake timeout coroutine alive */
+    struct co_queue slot_free;  /* listener waiting for a connection slot */
+    uint64_t log_window;        /* rate limit of refusal lines: current second */
+    unsigned log_count, log_dropped;
 };
 
 struct nbd_conn {
@@ -83,6 +107,12 @@ struct nbd_conn {
     struct nbd_conn *prev, *next;
     int fd;
     uint64_t id;
+    struct nbd_tls *tls;        /* after STARTTLS: every byte goes through it */
+    char peer[64];              /* "ADDR:PORT" or "unix" */
+    bool handshaking;           /* before NBD_OPT_GO: under the handshake timeout */
+    bool quiet;                 /* cut on purpose: no more error lines */
+    uint64_t hs_deadline;       /* CLOCK_MONOTONIC ms */
+    size_t rx_cap;
     bool strict_align;          /* client asked for block sizes: misaligned -> EINVAL */
     bool no_zeroes;
     bool dead;                  /* a send failed: drop further replies */
@@ -110,6 +140,7 @@ struct nbd_req {
     size_t buf_cap;
     uint8_t *data;              /* reply data inside buf */
     uint32_t data_len;
+    bool stream;                /* READ served by the sender in pieces */
     uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
 };
 
@@ -121,9 +152,40 @@ static void conn_log(const struct nbd_conn *c, const char *fmt, ...)
     va_list ap;
     char what[512];
     va_start(ap, fmt);
+    if (c->quiet)
+        return;
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
-    uq_error("nbd: client %llu: %s", (unsigned long long)c->id, what);
+    uq_error("nbd: client %llu (%s): %s", (unsigned long long)c->id, c->peer, what);
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Refusals (--allow, full server, handshake timeouts) can come at the
+ * rate an attacker connects: at most 20 such lines a second, then a count
+ * of the ones left out. */
+static bool refusal_log_ok(struct nbd_server *s)
+{
+    uint64_t sec = now_ms() / 1000;
+
+    if (sec != s->log_window) {
+        if (s->log_dropped)
+            uq_error("nbd: %u more refusal message(s) suppressed", s->log_dropped);
+        s->log_window = sec;
+        s->log_count = 0;
+        s->log_dropped = 0;
+    }
+    if (s->log_count < 20) {
+        s->log_count++;
+        return true;
+    }
+    s->log_dropped++;
+    return false;
 }
 
 static uint64_t round_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
@@ -163,18 +225,36 @@ static void co_sleep_ms(unsigned ms)
 
 /* ---- memory budget --------------------------------------------------------- */
 
-/* Bound buffer memory overall and per connection, so one client that
- * stops reading its replies cannot starve the others.  A request may
- * always proceed when nothing else holds memory, however large. */
+/* Bound buffer memory overall and per connection.  A connection that
+ * holds nothing may always start one request, however large and whatever
+ * the others hold: clients that stop reading their replies can fill the
+ * shared budget, but they stall only themselves (their replies, not the
+ * budget, are what waits).  Write payloads wait here; reads never do (see
+ * mem_try_reserve). */
+static bool mem_fits(const struct nbd_conn *c, uint64_t cost)
+{
+    return c->mem_used == 0 ||
+           (c->mem_used + cost <= NBD_CONN_MEM_LIMIT && c->s->mem_used + cost <= NBD_MEM_LIMIT);
+}
+
 static void mem_reserve(struct nbd_conn *c, uint64_t cost)
 {
     struct nbd_server *s = c->s;
 
-    while ((c->mem_used > 0 && c->mem_used + cost > NBD_CONN_MEM_LIMIT) ||
-           (s->mem_used > 0 && s->mem_used + cost > NBD_MEM_LIMIT))
+    while (!mem_fits(c, cost))
         co_queue_wait(&s->mem_wait);
     c->mem_used += cost;
     s->mem_used += cost;
+}
+
+/* For reads: reserve only if it fits now (else the read is streamed). */
+static bool mem_try_reserve(struct nbd_conn *c, uint64_t cost)
+{
+    if (c->mem_used + cost > NBD_CONN_MEM_LIMIT || c->s->mem_used + cost > NBD_MEM_LIMIT)
+        return false;
+    c->mem_used += cost;
+    c->s->mem_used += cost;
+    return true;
 }
 
 static void mem_release(struct nbd_conn *c, uint64_t cost)
@@ -187,6 +267,13 @@ static void mem_release(struct nbd_conn *c, uint64_t cost)
 }
 
 /* ---- receive buffer -------------------------------------------------------- */
+
+static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
+{
+    if (c->tls)
+        return nbd_tls_recv(c->tls, buf, len);
+    return io_recv(c->fd, buf, len, 0);
+}
 
 /* Make `need` bytes available at rx + rx_start.  Returns 1, 0 on a clean
  * EOF (nothing of the unit received), or -errno (-EPIPE: EOF mid-unit). */
@@ -203,7 +290,7 @@ static int rx_need(struct nbd_conn *c, size_t need)
         c->rx_end = have;
     }
     while (c->rx_end < need) {
-        ssize_t n = io_recv(c->fd, c->rx + c->rx_end, RX_BUF_SIZE - c->rx_end, 0);
+        ssize_t n = conn_recv(c, c->rx + c->rx_end, c->rx_cap - c->rx_end);
         if (n == -EINTR || n == -EAGAIN)
             continue;
         if (n < 0)
@@ -222,7 +309,7 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
     size_t have = c->rx_end - c->rx_start;
     size_t n = have < len ? have : len;
 
-    if (len <= RX_SMALL && n < len) {
+    if (len <= RX_SMALL && len <= c->rx_cap && n < len) {
         /* A small payload cut by the end of the buffer: refill the buffer
          * instead of receiving only the rest, so the same recv also brings
          * the requests that follow. */
@@ -234,20 +321,25 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
 
     memcpy(dst, c->rx + c->rx_start, n);
     c->rx_start += n;
-    if (n < len) {
+    if (n < len && !c->tls) {
         ssize_t r = io_recv_all(c->fd, (uint8_t *)dst + n, len - n);
         if (r == 0)
             return -EPIPE;
         if (r < 0)
             return (int)r;
+        return 0;
+    }
+    while (n < len) {
+        ssize_t r = conn_recv(c, (uint8_t *)dst + n, len - n);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r == 0)
+            return -EPIPE;
+        if (r < 0)
+            return (int)r;
+        n += (size_t)r;
     }
     return 0;
-}
-
-static int send_all(struct nbd_conn *c, const void *buf, size_t len)
-{
-    ssize_t r = io_send_all(c->fd, buf, len);
-    return r < 0 ? (int)r : 0;
 }
 
 /* Send every byte described by iov (modified on the way). */
@@ -255,6 +347,8 @@ static int send_iov(struct nbd_conn *c, struct iovec *iov, int cnt)
 {
     struct msghdr msg;
 
+    if (c->tls)
+        return nbd_tls_sendv(c->tls, iov, cnt);
     memset(&msg, 0, sizeof(msg));
     while (cnt > 0) {
         msg.msg_iov = iov;
@@ -277,6 +371,12 @@ static int send_iov(struct nbd_conn *c, struct iovec *iov, int cnt)
         }
     }
     return 0;
+}
+
+static int send_all(struct nbd_conn *c, const void *buf, size_t len)
+{
+    struct iovec iov = { (void *)buf, len };
+    return send_iov(c, &iov, 1);
 }
 
 /* ---- request pool ---------------------------------------------------------- */
@@ -306,16 +406,51 @@ static struct nbd_req *req_get(struct nbd_conn *c)
     return rq;
 }
 
-/* A buffer of at least len bytes (contents undefined). */
+/* A buffer of at least len bytes (contents undefined): the request's own,
+ * a spare one that fits, or a new one. */
 static uint8_t *req_buf(struct nbd_req *rq, size_t len)
 {
-    if (rq->buf_cap < len) {
-        size_t cap = round_up(len, IO_ALIGN);
-        io_free(rq->buf);
-        rq->buf = io_alloc(cap);
-        rq->buf_cap = cap;
+    struct nbd_server *s = rq->c->s;
+
+    if (rq->buf_cap >= len)
+        return rq->buf;
+    for (unsigned i = s->nspare; i-- > 0;) {
+        if (s->spare[i].cap >= len && s->spare[i].cap <= 2 * round_up(len, IO_ALIGN)) {
+            io_free(rq->buf);
+            rq->buf = s->spare[i].buf;
+            rq->buf_cap = s->spare[i].cap;
+            s->pool_bytes -= rq->buf_cap;
+            s->spare[i] = s->spare[--s->nspare];
+            return rq->buf;
+        }
     }
+    size_t cap = round_up(len, IO_ALIGN);
+    io_free(rq->buf);
+    rq->buf = io_alloc(cap);
+    rq->buf_cap = cap;
     return rq->buf;
+}
+
+/* A write is done with its payload once written: the buffer goes back for
+ * reuse now rather than with the reply, so a client that does not read
+ * its replies does not keep its payloads alive. */
+static void req_drop_buf(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+
+    if (!rq->buf)
+        return;
+    if (rq->buf_cap <= POOL_BUF_MAX && s->nspare < SPARE_MAX &&
+        s->pool_bytes + rq->buf_cap <= POOL_BYTES_MAX) {
+        s->spare[s->nspare].buf = rq->buf;
+        s->spare[s->nspare].cap = rq->buf_cap;
+        s->nspare++;
+        s->pool_bytes += rq->buf_cap;
+    } else {
+        io_free(rq->buf);
+    }
+    rq->buf = NULL;
+    rq->buf_cap = 0;
 }
 
 static void req_put(struct nbd_server *s, struct nbd_req *rq)
@@ -339,6 +474,13 @@ static void req_put(struct nbd_server *s, struct nbd_req *rq)
 /* Give back the large idle buffers (no client is connected). */
 static void pool_trim(struct nbd_server *s)
 {
+    for (unsigned i = s->nspare; i-- > 0;) {
+        if (s->spare[i].cap > POOL_BUF_SMALL) {
+            s->pool_bytes -= s->spare[i].cap;
+            io_free(s->spare[i].buf);
+            s->spare[i] = s->spare[--s->nspare];
+        }
+    }
     for (struct nbd_req *rq = s->pool; rq; rq = rq->next) {
         if (rq->buf_cap > POOL_BUF_SMALL) {
             s->pool_bytes -= rq->buf_cap;
@@ -457,8 +599,9 @@ static int greet_client(struct nbd_conn *c)
 }
 
 /* The next option: its header, and its data (up to MAX_OPTION_LEN bytes)
- * into data.  HS_MORE, or 0 at EOF, -1 on a failure (logged). */
-static int read_option(struct nbd_conn *c, uint8_t *data, uint32_t *opt, uint32_t *len)
+ * into *data, sized to the option (a client stalled mid-option holds only
+ * what it sent).  HS_MORE, or 0 at EOF, -1 on a failure (logged). */
+static int read_option(struct nbd_conn *c, uint8_t **data, uint32_t *opt, uint32_t *len)
 {
     struct nbd_opt_hdr oh;
     int r = rx_need(c, NBD_OPT_HDR_SIZE);
@@ -480,7 +623,13 @@ static int read_option(struct nbd_conn *c, uint8_t *data, uint32_t *opt, uint32_
         conn_log(c, "option %u with %u bytes of data is too long, closing", *opt, *len);
         return -1;
     }
-    r = rx_copy(c, data, *len);
+    free(*data);
+    *data = malloc(*len ? *len : 1);
+    if (!*data) {
+        conn_log(c, "out of memory");
+        return -1;
+    }
+    r = rx_copy(c, *data, *len);
     if (r < 0) {
         conn_log(c, "connection lost during the handshake: %s", strerror(-r));
         return -1;
@@ -524,17 +673,72 @@ static int answer_list(struct nbd_conn *c, uint32_t opt, uint32_t len)
     return r;
 }
 
-/* Answer one option: HS_MORE for the next one, else the handshake's
- * result (1 transmission, 0 clean end, -1 failure). */
-static int answer_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
+/* NBD_OPT_STARTTLS: acknowledge, then run the TLS handshake on the socket.
+ * HS_MORE (answered, or TLS now active), -1 to close. */
+static int answer_starttls(struct nbd_conn *c, uint32_t opt, uint32_t len)
 {
+    struct nbd_server *s = c->s;
     int r;
-    if (c->s->stopping && opt != NBD_OPT_ABORT) {
+    if (s->tls_mode == NBD_TLS_OFF)
+        r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "TLS is not enabled on this server");
+    else if (c->tls)
+        r = opt_error(c, opt, NBD_REP_ERR_INVALID, "TLS is already active");
+    else if (len)
+        r = opt_error(c, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+    else if (c->rx_end != c->rx_start) {
+        /* Bytes sent before our ACK would be taken as if they had come
+         * through TLS (a plain-text injection): refuse. */
+        conn_log(c, "data after NBD_OPT_STARTTLS before the TLS handshake, closing");
+        return -1;
+    } else {
+        r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+        if (r < 0)
+            return -1;
+        char why[256];
+        c->tls = nbd_tls_start(s->tls, c->fd, why, sizeof(why));
+        if (!c->tls) {
+            conn_log(c, "%s", why);
+            return -1;
+        }
+        uq_debug("nbd: client %llu (%s): TLS established (%s)", (unsigned long long)c->id,
+                 c->peer, nbd_tls_identity(c->tls));
+    }
+    return r < 0 ? -1 : HS_MORE;
+}
+
+/* Options that cannot be answered now: under TLS required, everything but
+ * STARTTLS and ABORT in plain text (no export name, size or list leaks to an
+ * eavesdropper); while stopping, everything but ABORT.  0 if opt may go on,
+ * else the handshake's next step. */
+static int refuse_option(struct nbd_conn *c, uint32_t opt)
+{
+    struct nbd_server *s = c->s;
+    int r;
+    if (s->tls_mode == NBD_TLS_REQUIRE && !c->tls && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+        if (opt == NBD_OPT_EXPORT_NAME) {
+            /* No error reply exists for it: the session ends. */
+            conn_log(c, "NBD_OPT_EXPORT_NAME in plain text while TLS is required, closing");
+            return -1;
+        }
+        r = opt_error(c, opt, NBD_REP_ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first");
+        return r < 0 ? -1 : HS_MORE;
+    }
+    if (s->stopping && opt != NBD_OPT_ABORT) {
         if (opt == NBD_OPT_EXPORT_NAME)
             return -1;      /* cannot be answered with an error */
         r = opt_error(c, opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
         return r < 0 ? -1 : HS_MORE;
     }
+    return 0;
+}
+
+/* Answer one option: HS_MORE for the next one, else the handshake's
+ * result (1 transmission, 0 clean end, -1 failure). */
+static int answer_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len)
+{
+    int r = refuse_option(c, opt);
+    if (r != 0)
+        return r;
     switch (opt) {
     case NBD_OPT_EXPORT_NAME:
         return answer_export_name(c, data, len);
@@ -550,6 +754,8 @@ static int answer_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data, 
         if (r == 1)
             return 1;
         break;
+    case NBD_OPT_STARTTLS:
+        return answer_starttls(c, opt, len);
     case NBD_OPT_STRUCTURED_REPLY:
         r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "structured replies are not supported");
         break;
@@ -567,14 +773,10 @@ static int conn_handshake(struct nbd_conn *c)
     int r = greet_client(c);
     if (r != HS_MORE)
         return r;
-    uint8_t *data = malloc(MAX_OPTION_LEN);
-    if (!data) {
-        conn_log(c, "out of memory");
-        return -1;
-    }
+    uint8_t *data = NULL;
     uint32_t opt = 0, len = 0;
     do {
-        r = read_option(c, data, &opt, &len);
+        r = read_option(c, &data, &opt, &len);
         if (r == HS_MORE)
             r = answer_option(c, opt, data, len);
     } while (r == HS_MORE);
@@ -655,6 +857,8 @@ static int do_read(struct nbd_req *rq)
         return -EINVAL;
     if (!aligned(rq) && rq->c->strict_align)
         return -EINVAL;
+    if (rq->stream)
+        return 0;       /* the sender reads it (stream_read) */
     a0 = round_down(rq->off, SECTOR);
     a1 = round_up(rq->off + rq->len, SECTOR);
     buf = req_buf(rq, a1 - a0);
@@ -821,8 +1025,16 @@ static void req_run(void *arg)
         default:                   err = -EINVAL; break;   /* unknown or not negotiated */
         }
     }
-    if (err)
+    if (rq->type == NBD_CMD_WRITE) {
+        /* Written (or failed): the payload is no longer needed. */
+        req_drop_buf(rq);
+        mem_release(c, rq->cost);
+        rq->cost = 0;
+    }
+    if (err) {
         rq->data_len = 0;
+        rq->stream = false;
+    }
     nbd_put32(rq->hdr, NBD_SIMPLE_REPLY_MAGIC);
     nbd_put32(rq->hdr + 4, nbd_error(err));
     nbd_put64(rq->hdr + 8, rq->cookie);
@@ -841,8 +1053,60 @@ static void req_run(void *arg)
     co_queue_wake_one(&c->send_wait);
 }
 
+static void conn_fail_send(struct nbd_conn *c)
+{
+    /* The client is gone (or its reply cannot be completed): stop the
+     * receive loop too. */
+    c->dead = true;
+    shutdown(c->fd, SHUT_RDWR);
+}
+
+/* A streamed READ: header and data in STREAM_CHUNK pieces, each read just
+ * before it is sent.  A read error after the header went out cannot be
+ * reported in a simple reply: the connection is closed instead, as the
+ * protocol prescribes. */
+static void stream_read(struct nbd_conn *c, struct nbd_req *rq)
+{
+    struct nbd_server *s = c->s;
+    uint64_t pos = rq->off, end = rq->off + rq->len;
+    uint8_t *buf = io_alloc(STREAM_CHUNK + 2 * SECTOR);
+    bool header_sent = false;
+
+    while (pos < end && !c->dead) {
+        uint64_t n = end - pos < STREAM_CHUNK ? end - pos : STREAM_CHUNK;
+        uint64_t a0 = round_down(pos, SECTOR), a1 = round_up(pos + n, SECTOR);
+        struct iovec iov[2];
+        int niov = 0, r;
+
+        co_rwlock_rdlock(&s->rmw_lock);
+        r = img_read(s->img, buf, a0, a1 - a0);
+        co_rwlock_unlock(&s->rmw_lock);
+        if (r < 0 && header_sent) {
+            conn_log(c, "read at offset %llu failed in the middle of a reply (%s), closing",
+                     (unsigned long long)pos, strerror(-r));
+            conn_fail_send(c);
+            break;
+        }
+        if (r < 0) {
+            nbd_put32(rq->hdr + 4, nbd_error(r));
+            if (send_all(c, rq->hdr, sizeof(rq->hdr)) < 0)
+                conn_fail_send(c);
+            break;
+        }
+        if (!header_sent) {
+            iov[niov++] = (struct iovec){ rq->hdr, sizeof(rq->hdr) };
+            header_sent = true;
+        }
+        iov[niov++] = (struct iovec){ buf + (pos - a0), n };
+        if (send_iov(c, iov, niov) < 0)
+            conn_fail_send(c);
+        pos += n;
+    }
+    io_free(buf);
+}
+
 /* Writes the queued replies, as many per sendmsg as have piled up while
- * the previous one was on its way. */
+ * the previous one was on its way; a streamed read goes out on its own. */
 static void conn_sender(void *arg)
 {
     struct nbd_conn *c = arg;
@@ -857,7 +1121,17 @@ static void conn_sender(void *arg)
             co_queue_wait(&c->send_wait);
         if (!c->reply_head)
             break;
-        while (c->reply_head && n < SEND_BATCH) {
+        if (c->reply_head->stream) {
+            struct nbd_req *rq = c->reply_head;
+            c->reply_head = rq->next;
+            if (!c->reply_head)
+                c->reply_tail = NULL;
+            if (!c->dead)
+                stream_read(c, rq);
+            req_free(rq);
+            continue;
+        }
+        while (c->reply_head && n < SEND_BATCH && !c->reply_head->stream) {
             struct nbd_req *rq = c->reply_head;
             c->reply_head = rq->next;
             batch[n++] = rq;
@@ -867,11 +1141,8 @@ static void conn_sender(void *arg)
         }
         if (!c->reply_head)
             c->reply_tail = NULL;
-        if (!c->dead && send_iov(c, iov, niov) < 0) {
-            /* The client is gone: stop the receive loop too. */
-            c->dead = true;
-            shutdown(c->fd, SHUT_RDWR);
-        }
+        if (!c->dead && send_iov(c, iov, niov) < 0)
+            conn_fail_send(c);
         for (unsigned i = 0; i < n; i++)
             req_free(batch[i]);
     }
@@ -928,11 +1199,18 @@ static void conn_serve(struct nbd_conn *c)
 
         while (c->inflight >= NBD_MAX_INFLIGHT)
             co_queue_wait(&c->slot_wait);
-        if (rq->type == NBD_CMD_WRITE)
+        if (rq->type == NBD_CMD_WRITE) {
             rq->cost = rq->len;
-        else if (rq->type == NBD_CMD_READ && rq->len <= NBD_BLOCK_MAX)
-            rq->cost = IO_ALIGN + rq->len + 2 * SECTOR;
-        mem_reserve(c, rq->cost);
+            mem_reserve(c, rq->cost);
+        } else if (rq->type == NBD_CMD_READ && rq->len > 0 && rq->len <= NBD_BLOCK_MAX) {
+            /* Large reads, and reads over the budget, never wait for
+             * memory: they are streamed once their turn to be sent comes. */
+            uint64_t cost = IO_ALIGN + rq->len + 2 * SECTOR;
+            if (rq->len <= STREAM_MIN && mem_try_reserve(c, cost))
+                rq->cost = cost;
+            else
+                rq->stream = true;
+        }
         c->inflight++;
 
         if (rq->type == NBD_CMD_WRITE && rq->len) {
@@ -950,17 +1228,22 @@ static void conn_serve(struct nbd_conn *c)
 
 /* ---- connections ----------------------------------------------------------- */
 
+static int conn_grow_rx(struct nbd_conn *c);
+
 static void conn_run(void *arg)
 {
     struct nbd_conn *c = arg;
     struct nbd_server *s = c->s;
 
-    if (conn_handshake(c) == 1) {
-        uq_info("nbd: client %llu connected", (unsigned long long)c->id);
+    if (conn_handshake(c) == 1 && conn_grow_rx(c) == 0) {
+        c->handshaking = false;
+        uq_info("nbd: client %llu connected (%s, %s)", (unsigned long long)c->id, c->peer,
+                c->tls ? nbd_tls_identity(c->tls) : "no TLS");
         c->sender_alive = true;
         co_spawn(conn_sender, c);
         conn_serve(c);
     }
+    c->handshaking = false;
 
     while (c->inflight)
         co_queue_wait(&c->idle_wait);
@@ -975,7 +1258,15 @@ static void conn_run(void *arg)
         if (r < 0)
             conn_log(c, "flush after disconnect failed: %s", strerror(-r));
     }
-    uq_info("nbd: client %llu disconnected", (unsigned long long)c->id);
+    uq_info("nbd: client %llu disconnected (%s)", (unsigned long long)c->id, c->peer);
+    if (c->tls) {
+        /* close_notify only when it cannot block: a client that stopped
+         * reading must not hold the connection open. */
+        struct pollfd pfd = { .fd = c->fd, .events = POLLOUT };
+        bool bye = !c->dead && !s->stopping && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLOUT);
+        nbd_tls_close(c->tls, bye);
+        c->tls = NULL;
+    }
     close(c->fd);
     if (c->prev)
         c->prev->next = c->next;
@@ -984,27 +1275,231 @@ static void conn_run(void *arg)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
-    if (s->nconns == 0)
-        pool_trim(s);
     free(c->rx);
     free(c);
+    if (s->nconns == 0) {
+        /* Back to the idle footprint: large pooled buffers, and the heap
+         * pages freed by the connections that left. */
+        pool_trim(s);
+        co_pool_release();      /* idle coroutine stacks: touched pages stay resident */
+        malloc_trim(0);
+    }
+    co_queue_wake_one(&s->slot_free);
     co_queue_wake_all(&s->idle_wait);
+}
+
+/* The connection still in its handshake that has been there longest. */
+static struct nbd_conn *oldest_handshaking(struct nbd_server *s)
+{
+    struct nbd_conn *best = NULL;
+
+    for (struct nbd_conn *c = s->conns; c; c = c->next)
+        if (c->handshaking && (!best || c->hs_deadline < best->hs_deadline))
+            best = c;
+    return best;
+}
+
+/* Cut c on purpose (timeout, eviction): its coroutine sees the end of the
+ * stream and cleans up; no further error lines for it. */
+static void conn_cut(struct nbd_conn *c)
+{
+    c->handshaking = false;
+    c->quiet = true;
+    shutdown(c->fd, SHUT_RDWR);
+}
+
+/* Closes handshakes that are not done by their deadline, so idle or slow
+ * connections cannot hold slots (or memory) for long.  Runs while some
+ * connection is in its handshake; sleeps at most a second at a time so
+ * shutdown is never held up for long. */
+static void ticker_run(void *arg)
+{
+    struct nbd_server *s = arg;
+
+    while (!s->stopping) {
+        uint64_t now = now_ms(), next = UINT64_MAX;
+        for (struct nbd_conn *c = s->conns; c; c = c->next) {
+            if (!c->handshaking)
+                continue;
+            if (c->hs_deadline <= now) {
+                if (refusal_log_ok(s))
+                    uq_error("nbd: client %llu (%s): handshake not finished within %u ms, closing",
+                             (unsigned long long)c->id, c->peer, s->hs_timeout_ms);
+                conn_cut(c);
+            } else if (c->hs_deadline < next) {
+                next = c->hs_deadline;
+            }
+        }
+        if (next == UINT64_MAX)
+            break;
+        co_sleep_ms(next - now > 1000 ? 1000 : (unsigned)(next - now));
+    }
+    s->ticker_running = false;
+    co_queue_wake_all(&s->idle_wait);
+}
+
+static int conn_grow_rx(struct nbd_conn *c)
+{
+    uint8_t *rx;
+
+    if (c->rx_cap >= RX_BUF_SIZE)
+        return 0;
+    rx = realloc(c->rx, RX_BUF_SIZE);
+    if (!rx) {
+        conn_log(c, "out of memory, closing");
+        return -1;
+    }
+    c->rx = rx;
+    c->rx_cap = RX_BUF_SIZE;
+    return 0;
+}
+
+static void peer_name(int fd, struct sockaddr_storage *ss, char *buf, size_t len)
+{
+    socklen_t sl = sizeof(*ss);
+    char host[INET6_ADDRSTRLEN];
+
+    memset(ss, 0, sizeof(*ss));
+    if (getpeername(fd, (struct sockaddr *)ss, &sl) < 0) {
+        snprintf(buf, len, "unknown");
+        return;
+    }
+    if (ss->ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+        snprintf(buf, len, "%s:%u", host, ntohs(in->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], host, sizeof(host));
+            snprintf(buf, len, "%s:%u", host, ntohs(in6->sin6_port));
+        } else {
+            inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+            snprintf(buf, len, "[%s]:%u", host, ntohs(in6->sin6_port));
+        }
+    } else {
+        snprintf(buf, len, "unix");
+    }
+}
+
+static bool prefix_match(const uint8_t *a, const uint8_t *b, unsigned bits)
+{
+    unsigned bytes = bits / 8, rest = bits % 8;
+
+    if (memcmp(a, b, bytes))
+        return false;
+    if (rest) {
+        uint8_t mask = (uint8_t)(0xff << (8 - rest));
+        if ((a[bytes] & mask) != (b[bytes] & mask))
+            return false;
+    }
+    return true;
+}
+
+/* --allow: unix peers are governed by the socket file's permissions. */
+static bool peer_allowed(const struct nbd_server *s, const struct sockaddr_storage *ss)
+{
+    const uint8_t *addr;
+    int family = ss->ss_family;
+
+    if (!s->nallow || (family != AF_INET && family != AF_INET6))
+        return true;
+    if (family == AF_INET) {
+        addr = (const uint8_t *)&((const struct sockaddr_in *)ss)->sin_addr;
+    } else {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        addr = a6->s6_addr;
+        if (IN6_IS_ADDR_V4MAPPED(a6)) {
+            family = AF_INET;
+            addr += 12;
+        }
+    }
+    for (unsigned i = 0; i < s->nallow; i++)
+        if (s->allow[i].family == family && prefix_match(addr, s->allow[i].addr, s->allow[i].prefix))
+            return true;
+    return false;
+}
+
+int nbd_allow_parse(const char *spec, struct nbd_allow *out, char *err, size_t errlen)
+{
+    char host[INET6_ADDRSTRLEN + 2];
+    const char *slash = strchr(spec, '/');
+    size_t hl = slash ? (size_t)(slash - spec) : strlen(spec);
+    unsigned max;
+
+    memset(out, 0, sizeof(*out));
+    if (hl == 0 || hl >= sizeof(host))
+        goto bad;
+    memcpy(host, spec, hl);
+    host[hl] = 0;
+    if (host[0] == '[' && host[hl - 1] == ']') {
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = 0;
+    }
+    if (inet_pton(AF_INET, host, out->addr) == 1) {
+        out->family = AF_INET;
+        max = 32;
+    } else if (inet_pton(AF_INET6, host, out->addr) == 1) {
+        out->family = AF_INET6;
+        max = 128;
+    } else {
+        goto bad;
+    }
+    out->prefix = max;
+    if (slash) {
+        char *end;
+        unsigned long p;
+        errno = 0;
+        p = strtoul(slash + 1, &end, 10);
+        if (!slash[1] || *end || errno || p > max)
+            goto bad;
+        out->prefix = (unsigned)p;
+    }
+    return 0;
+bad:
+    snprintf(err, errlen, "--allow %s: expected an IPv4 or IPv6 address with an optional /PREFIX "
+             "(e.g. 192.168.1.0/24, 10.0.0.7, fd00::/8)", spec);
+    return -1;
 }
 
 int nbd_server_add_client(struct nbd_server *s, int fd)
 {
+    struct sockaddr_storage ss;
     struct nbd_conn *c;
+    char peer[64];
     int one = 1;
 
-    if (s->stopping || s->nconns >= NBD_MAX_CONNECTIONS) {
-        if (!s->stopping)
-            uq_error("nbd: too many connections, refusing one");
+    if (s->stopping) {
         close(fd);
         return -EBUSY;
     }
+    peer_name(fd, &ss, peer, sizeof(peer));
+    if (!peer_allowed(s, &ss)) {
+        if (refusal_log_ok(s))
+            uq_error("nbd: refused a connection from %s: not in --allow", peer);
+        close(fd);
+        return -EACCES;
+    }
+    if (s->nconns >= s->max_conns) {
+        /* Full: a connection that has not finished its handshake (idle,
+         * slow or hostile) makes room; established sessions are kept. */
+        struct nbd_conn *old = oldest_handshaking(s);
+        if (!old) {
+            if (refusal_log_ok(s))
+                uq_error("nbd: refused a connection from %s: %u connections (--max-connections)",
+                         peer, s->max_conns);
+            close(fd);
+            return -EBUSY;
+        }
+        if (refusal_log_ok(s))
+            uq_error("nbd: %u connections (--max-connections): closing client %llu (%s), "
+                     "still in its handshake, for a new one from %s", s->max_conns,
+                     (unsigned long long)old->id, old->peer, peer);
+        conn_cut(old);
+    }
     c = calloc(1, sizeof(*c));
     if (c)
-        c->rx = malloc(RX_BUF_SIZE);
+        c->rx = malloc(RX_HANDSHAKE);
     if (!c || !c->rx) {
         if (c)
             free(c);
@@ -1017,6 +1512,14 @@ int nbd_server_add_client(struct nbd_server *s, int fd)
     c->s = s;
     c->fd = fd;
     c->id = ++s->next_id;
+    c->rx_cap = RX_HANDSHAKE;
+    memcpy(c->peer, peer, sizeof(peer));
+    c->handshaking = true;
+    c->hs_deadline = now_ms() + s->hs_timeout_ms;
+    if (!s->ticker_running) {
+        s->ticker_running = true;
+        co_spawn(ticker_run, s);
+    }
     c->next = s->conns;
     if (s->conns)
         s->conns->prev = c;
@@ -1046,6 +1549,12 @@ static void listener_run(void *arg)
     int last_err = 0;
 
     while (!s->stopping) {
+        /* Full of established sessions: leave new clients in the kernel's
+         * backlog until one ends. */
+        while (!s->stopping && s->nconns >= s->max_conns && !oldest_handshaking(s))
+            co_queue_wait(&s->slot_free);
+        if (s->stopping)
+            break;
         int fd = io_accept(s->listen_fd);
         if (s->stopping) {
             if (fd >= 0)
@@ -1054,6 +1563,11 @@ static void listener_run(void *arg)
         }
         if (fd >= 0) {
             last_err = 0;
+            /* The last handshake may have finished since we checked:
+             * then this client waits (here rather than in the backlog)
+             * for an established session to end. */
+            while (!s->stopping && s->nconns >= s->max_conns && !oldest_handshaking(s))
+                co_queue_wait(&s->slot_free);
             nbd_server_add_client(s, fd);
             continue;
         }
@@ -1115,6 +1629,20 @@ struct nbd_server *nbd_server_new(struct image *img, const struct nbd_export_opt
         return NULL;
     }
     s->read_only = opts->read_only || img->read_only;
+    s->tls_mode = opts->tls ? opts->tls_mode : NBD_TLS_OFF;
+    s->tls = opts->tls;
+    s->max_conns = opts->max_connections ? opts->max_connections : NBD_MAX_CONNECTIONS;
+    s->hs_timeout_ms = opts->handshake_timeout_ms ? opts->handshake_timeout_ms
+                                                  : NBD_HANDSHAKE_TIMEOUT_MS;
+    if (opts->nallow) {
+        s->allow = calloc(opts->nallow, sizeof(*s->allow));
+        if (!s->allow) {
+            nbd_server_free(s);
+            return NULL;
+        }
+        memcpy(s->allow, opts->allow, opts->nallow * sizeof(*s->allow));
+        s->nallow = opts->nallow;
+    }
     s->listen_fd = -1;
     s->wake_fd = -1;
     /* One loop serves every connection on one image, and FLUSH flushes
@@ -1139,8 +1667,11 @@ void nbd_server_free(struct nbd_server *s)
         io_free(rq->buf);
         free(rq);
     }
+    while (s->nspare)
+        io_free(s->spare[--s->nspare].buf);
     free(s->name);
     free(s->description);
+    free(s->allow);
     free(s);
 }
 
@@ -1175,6 +1706,7 @@ void nbd_server_shutdown(struct nbd_server *s)
     if (s->stopping)
         return;
     s->stopping = true;
+    co_queue_wake_all(&s->slot_free);
     if (s->listening)
         wake_listener(s);
     /* Receive loops see EOF; replies to what they already read still go out. */
@@ -1188,7 +1720,7 @@ void nbd_server_shutdown(struct nbd_server *s)
 
 void nbd_server_wait(struct nbd_server *s)
 {
-    while (s->listening || s->nconns || s->grace_running)
+    while (s->listening || s->nconns || s->grace_running || s->ticker_running)
         co_queue_wait(&s->idle_wait);
     if (s->wake_fd >= 0) {
         close(s->wake_fd);

@@ -10,16 +10,37 @@
 #define UQ_NBD_SERVER_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include "nbd/tls.h"
 
 struct image;
 struct nbd_server;
+
+/* An --allow rule: peers whose address starts with the first prefix bits
+ * of addr (IPv4-mapped IPv6 peers are matched as IPv4). */
+struct nbd_allow {
+    int family;                 /* AF_INET or AF_INET6 */
+    uint8_t addr[16];
+    unsigned prefix;
+};
 
 struct nbd_export_opts {
     const char *name;           /* export name; NULL or "" = the default export "" */
     const char *description;    /* sent when a client asks; NULL = none */
     bool read_only;             /* forced on when the image itself is read-only */
+    /* Network service: all optional (zero = defaults below, no TLS, anyone). */
+    enum nbd_tls_mode tls_mode;
+    struct nbd_tls_creds *tls;  /* borrowed; needed unless tls_mode is OFF */
+    const struct nbd_allow *allow;  /* TCP peers allowed (NULL: all) */
+    unsigned nallow;
+    unsigned max_connections;   /* 0 = NBD_MAX_CONNECTIONS */
+    unsigned handshake_timeout_ms;  /* 0 = NBD_HANDSHAKE_TIMEOUT_MS */
 };
+
+/* Parse ADDR[/PREFIX] (IPv4 or IPv6).  0, or -1 with err set. */
+int nbd_allow_parse(const char *spec, struct nbd_allow *out, char *err, size_t errlen);
 
 /* Limits of the frontend (also advertised through NBD_INFO_BLOCK_SIZE). */
 #define NBD_BLOCK_MIN        512u
@@ -30,6 +51,7 @@ struct nbd_export_opts {
 #define NBD_CONN_MEM_LIMIT   (64ull << 20)   /* ... and of one connection */
 #define NBD_SHUTDOWN_GRACE_MS 10000u         /* replies still unsent then are dropped */
 #define NBD_MAX_CONNECTIONS  1024u
+#define NBD_HANDSHAKE_TIMEOUT_MS 10000u      /* from accept to NBD_OPT_GO, as qemu-nbd */
 
 /* The server does not own img; the caller closes it after nbd_server_wait(). */
 struct nbd_server *nbd_server_new(struct image *img, const struct nbd_export_opts *opts);

@@ -3,12 +3,17 @@
 
 usage: hostile.py SUFFIX RW_SOCKET RO_SOCKET SIZE
 
+With HOSTILE_TLS_CA=CA-CERT-FILE in the environment every connection that
+gets past the greeting upgrades to TLS first (NBD_OPT_STARTTLS), so the same
+scenarios run inside TLS against a server started with --tls require.
+
 Prints one "ok NAME" / "not ok NAME: reason" line per scenario (NAME gets
 SUFFIX appended).  After every scenario a fresh, well-behaved client must
 still be served, so a scenario also fails if the server died or hung.
 """
 import os
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -30,6 +35,7 @@ EPERM, EINVAL, ENOSPC = 1, 22, 28
 FLAG_READ_ONLY = 2
 
 TIMEOUT = 20
+TLS_CA = os.environ.get("HOSTILE_TLS_CA")
 
 
 class Fail(Exception):
@@ -68,8 +74,8 @@ def expect_closed(s, what):
                 break
             extra += chunk
         check(not extra, "%s: unexpected %d bytes before close" % (what, len(extra)))
-    except ConnectionResetError:
-        pass
+    except (ConnectionResetError, ssl.SSLError):
+        pass    # (a TLS peer that closes without close_notify)
     except socket.timeout:
         raise Fail("%s: server did not close the connection" % what)
 
@@ -79,6 +85,21 @@ def greet(s, cflags=3):
     check(magic == NBDMAGIC and opt == IHAVEOPT, "bad greeting")
     check(hflags & 1, "FIXED_NEWSTYLE not offered")
     s.sendall(struct.pack(">I", cflags))
+    if TLS_CA and cflags & ~3 == 0:
+        s = starttls(s)
+    return s
+
+
+def starttls(s):
+    """NBD_OPT_STARTTLS, then the TLS handshake; returns the TLS socket."""
+    send_opt(s, 5)
+    opt, typ, _ = recv_rep(s)
+    check(opt == 5 and typ == REP_ACK, "STARTTLS answered %#x" % typ)
+    ctx = ssl.create_default_context(cafile=TLS_CA)
+    ctx.check_hostname = False
+    t = ctx.wrap_socket(s)
+    t.settimeout(TIMEOUT)
+    return t
 
 
 def send_opt(s, opt, data=b""):
@@ -113,7 +134,7 @@ def go(s, name=b"", infos=(INFO_BLOCK,), opt=OPT_GO):
 
 def open_export(path, infos=(INFO_BLOCK,)):
     s = connect(path)
-    greet(s)
+    s = greet(s)
     err, items = go(s, infos=infos)
     check(err is None, "GO failed with %#x" % (err or 0))
     size, flags = struct.unpack(">QH", items[INFO_EXPORT])
@@ -142,14 +163,14 @@ def cmd(s, typ, off, length, flags=0, payload=b"", readlen=0, cookie=7):
 
 def t_bad_option_magic(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     s.sendall(struct.pack(">QII", 0x1122334455667788, OPT_GO, 0))
     expect_closed(s, "bad option magic")
 
 
 def t_unknown_client_flags(ctx):
     s = connect(ctx.rw)
-    greet(s, cflags=0x80)
+    s = greet(s, cflags=0x80)
     expect_closed(s, "unknown client flags")
 
 
@@ -162,7 +183,7 @@ def t_garbage_handshake(ctx):
 
 def t_unknown_option(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     send_opt(s, 999, b"xyz")
     _, typ, _ = recv_rep(s)
     check(typ == ERR_UNSUP, "unknown option answered %#x" % typ)
@@ -177,7 +198,7 @@ def t_unknown_option(ctx):
 
 def t_list(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     send_opt(s, OPT_LIST)
     _, typ, data = recv_rep(s)
     check(typ == REP_SERVER and data == struct.pack(">I", 0), "LIST entry %#x %r" % (typ, data))
@@ -194,7 +215,7 @@ def t_list(ctx):
 
 def t_info(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     err, items = go(s, infos=(INFO_NAME, INFO_DESC, INFO_BLOCK), opt=OPT_INFO)
     check(err is None, "INFO failed %#x" % (err or 0))
     size, flags = struct.unpack(">QH", items[INFO_EXPORT])
@@ -220,19 +241,19 @@ def t_info(ctx):
 
 def t_huge_option(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     s.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 1 << 30))
     expect_closed(s, "1 GiB option")
 
 
 def t_export_name(ctx):
     s = connect(ctx.rw)
-    greet(s)
+    s = greet(s)
     send_opt(s, OPT_EXPORT_NAME, b"nope")
     expect_closed(s, "unknown EXPORT_NAME")
     for cflags, extra in ((3, 0), (1, 124)):
         s = connect(ctx.rw)
-        greet(s, cflags)
+        s = greet(s, cflags)
         send_opt(s, OPT_EXPORT_NAME, b"")
         size, flags = struct.unpack(">QH", recvn(s, 10))
         check(size == ctx.size, "EXPORT_NAME size %d" % size)
@@ -373,17 +394,26 @@ def t_pipelined(ctx):
         struct.pack(">IHHQQI", REQMAGIC, 0, CMD_WRITE if i % 4 == 0 else CMD_READ, i,
                     (i % 64) * 65536, 65536) + (bytes([i % 251]) * 65536 if i % 4 == 0 else b"")
         for i in range(n))
-    sender = threading.Thread(target=s.sendall, args=(reqs,))
-    sender.start()
     seen = set()
-    for _ in range(n):
+    if TLS_CA:
+        # One TLS socket must not be written and read by two threads at
+        # once: send in slices of 100 requests and read their replies.
+        step = len(reqs) // 10
+        sender = None
+    else:
+        sender = threading.Thread(target=s.sendall, args=(reqs,))
+        sender.start()
+    for i in range(n):
+        if sender is None and i % 100 == 0:
+            s.sendall(reqs[(i // 100) * step:(i // 100 + 1) * step])
         magic, err, cookie = struct.unpack(">IIQ", recvn(s, 16))
         check(magic == SIMPLEMAGIC and err == 0, "reply %d: magic %#x err %d" % (cookie, magic, err))
         check(cookie not in seen and cookie < n, "duplicate or unknown cookie %d" % cookie)
         seen.add(cookie)
         if cookie % 4:
             recvn(s, 65536)
-    sender.join(TIMEOUT)
+    if sender:
+        sender.join(TIMEOUT)
     check(len(seen) == n, "%d replies" % len(seen))
 
 
@@ -404,7 +434,7 @@ def t_many_connections(ctx):
     socks = []
     for _ in range(64):
         s = connect(ctx.rw)
-        greet(s)
+        s = greet(s)
         socks.append(s)
     for s in socks[::2]:
         err, _ = go(s)

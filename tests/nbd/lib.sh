@@ -86,3 +86,50 @@ qio() {
     local uri=$1; shift
     timeout 60 qemu-io -f raw "$uri" "$@"
 }
+
+# start_tcp NAME [OPTIONS...] IMAGE: serve with --fork on 127.0.0.1 at a free
+# port (another process may hold the first pick); sets PORT_<NAME>.
+start_tcp() {
+    local name=$1 try port; shift
+    for try in 1 2 3 4 5; do
+        port=$((20000 + RANDOM % 40000))
+        if timeout 30 "$UQ" nbd --fork --pid-file "$NBD_DIR/$name.pid" --bind "127.0.0.1:$port" "$@" \
+            >>"$NBD_DIR/$name.log" 2>&1; then
+            NBD_PIDS="$NBD_PIDS $(cat "$NBD_DIR/$name.pid")"
+            eval "PORT_$name=$port"
+            return 0
+        fi
+        grep -q "in use" "$NBD_DIR/$name.log" || return 1
+    done
+    return 1
+}
+
+# make_pki DIR: a CA, a server certificate for localhost/127.0.0.1 and a
+# client certificate (CN=client1) in the layout QEMU, nbdkit and libnbd use;
+# DIR/other: a client certificate from another CA (with the real CA to check
+# the server).  Keys 0600 as a careful administrator leaves them.
+make_pki() {
+    local d=$1 o=$1/other
+    mkdir -p "$d" "$o"
+    (
+        umask 077
+        cd "$d" || exit 1
+        printf 'cn = Test CA\nca\ncert_signing_key\nexpiration_days = 30\n' >ca.info
+        printf 'cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n' >server.info
+        printf 'cn = client1\norganization = ublk-qcow2 tests\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 30\n' >client.info
+        certtool --generate-privkey --outfile ca-key.pem &&
+        certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem &&
+        certtool --generate-privkey --outfile server-key.pem &&
+        certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+            --load-privkey server-key.pem --template server.info --outfile server-cert.pem &&
+        certtool --generate-privkey --outfile client-key.pem &&
+        certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+            --load-privkey client-key.pem --template client.info --outfile client-cert.pem &&
+        cd other && cp ../ca-cert.pem . &&
+        certtool --generate-privkey --outfile ca2-key.pem &&
+        certtool --generate-self-signed --load-privkey ca2-key.pem --template ../ca.info --outfile ca2-cert.pem &&
+        certtool --generate-privkey --outfile client-key.pem &&
+        certtool --generate-certificate --load-ca-certificate ca2-cert.pem --load-ca-privkey ca2-key.pem \
+            --load-privkey client-key.pem --template ../client.info --outfile client-cert.pem
+    ) >"$d.log" 2>&1
+}

@@ -51,3 +51,32 @@ for fmt in $FORMATS; do
         fail "$t" "server did not exit cleanly"
     fi
 done
+
+# The same scenarios inside TLS (x509, TLS required): every connection does
+# STARTTLS right after the greeting.
+if ! command -v certtool >/dev/null; then
+    skip nbd_hostile_tls "certtool missing (gnutls-bin)"
+    exit 0
+fi
+make_pki "$NBD_DIR/pki" || { fail nbd_hostile_tls_pki "$(tail -3 "$NBD_DIR/pki.log")"; exit 0; }
+fmt=${FORMATS##* }
+img="$NBD_DIR/tls.$fmt"
+make_image "$fmt" "$img" "$SIZE"
+cp "$img" "$img.ro"
+if start_server tlsrw --tls-certificates "$NBD_DIR/pki" "$img" &&
+   start_server tlsro --tls-certificates "$NBD_DIR/pki" --read-only "$img.ro"; then
+    HOSTILE_TLS_CA="$NBD_DIR/pki/ca-cert.pem" timeout 300 python3 "$NBD_TESTS_DIR/hostile.py" "tls_$fmt" \
+        "$NBD_DIR/tlsrw.sock" "$NBD_DIR/tlsro.sock" "$SIZE"
+    t="nbd_hostile_shutdown_tls_$fmt"
+    if stop_server tlsrw && stop_server tlsro; then
+        if [ "$fmt" = qcow2 ] && ! chk=$(qemu-img check "$img" 2>&1); then
+            fail "$t" "qemu-img check: $(tr '\n' ' ' <<<"$chk")"
+        else
+            ok "$t"
+        fi
+    else
+        fail "$t" "server did not exit cleanly: $(tail -5 "$NBD_DIR/tlsrw.log")"
+    fi
+else
+    fail "nbd_hostile_start_tls_$fmt" "$(cat "$NBD_DIR"/tlsr?.log)"
+fi
