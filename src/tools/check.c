@@ -76,89 +76,132 @@ static int fail_check(struct checker *c, struct check_result *res, int r, const 
  * what QEMU accepts are dropped (their clusters then count as leaks) and
  * extra data beyond its limit is cut; the header's count is updated at
  * once (the refcount check relies on it). */
+/* Where the snapshot table lies, by the header (nb, off); 1 when there is
+ * nothing to read, 0 to read nb entries, or the check's failure. */
+static int snapshot_table_bounds(struct checker *c, uint32_t *nb_out, uint64_t *off_out, uint32_t *reduced)
+{
+    struct qcow2 *q = c->q;
+    bool fix = c->o->fix & CHECK_FIX_ERRORS;
+    uint32_t nb = be32_load(q->hdr_buf + 60);
+    uint64_t off = be64_load(q->hdr_buf + 64);
+    q->h.snapshots_offset = off;
+    if (nb > QCOW2_MAX_SNAPSHOTS && fix) {
+        say(c, "Discarding %u overhanging snapshots", nb - QCOW2_MAX_SNAPSHOTS);
+        *reduced = nb - QCOW2_MAX_SNAPSHOTS;
+        nb = QCOW2_MAX_SNAPSHOTS;
+    }
+    *nb_out = nb;
+    *off_out = off;
+    if (!nb) {
+        q->h.nb_snapshots = 0;
+        return 1;
+    }
+    if (nb > QCOW2_MAX_SNAPSHOTS)
+        return fail_check(c, &c->sres, -EFBIG, "ERROR %s too large", "snapshot table");
+    if ((off & (cl_size(q) - 1)) || off == 0 || off > q->open_len ||
+        (uint64_t)nb * QCOW2_SNAPSHOT_FIXED > q->open_len - off)
+        return fail_check(c, &c->sres, -EINVAL, "ERROR %s offset invalid", "snapshot table");
+    return 0;
+}
+
+#define ENTRY_OVERHANGS 1   /* read_snapshot_entry: the table grew past QEMU's limit */
+
+/* Entry i at *pos (then past it); *len counts the table as QEMU would
+ * rewrite it.  0, ENTRY_OVERHANGS, or a failure. */
+static int read_snapshot_entry(struct checker *c, struct qcow2_snapshot *s, uint32_t i, uint64_t *pos,
+                               uint64_t *len, uint32_t *dropped)
+{
+    struct qcow2 *q = c->q;
+    struct check_result *res = &c->sres;
+    bool fix = c->o->fix & CHECK_FIX_ERRORS;
+    uint8_t fixed[QCOW2_SNAPSHOT_FIXED];
+    uint16_t id_len, name_len;
+    *pos = (*pos + 7) & ~7ull;
+    *len = (*len + 7) & ~7ull;
+    ssize_t n = file_pread_any(&q->file, fixed, sizeof(fixed), *pos);
+    if (n < 0)
+        return fail_check(c, res, (int)n, "ERROR failed to read the %s", "snapshot table");
+    if ((size_t)n < sizeof(fixed))
+        memset(fixed + n, 0, sizeof(fixed) - n);
+    qcow2_snapshot_fixed_load(fixed, s, &id_len, &name_len);
+    *pos += sizeof(fixed);
+    uint32_t on_disk_extra = s->extra_size;
+    if (s->extra_size > QCOW2_SNAPSHOT_MAX_EXTRA) {
+        if (!fix) {
+            res->check_errors++;
+            say(c, "ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                "table entry %u", i);
+            say(c, "You can force-remove this extra metadata during offline repair");
+            snprintf(c->err, c->errlen, "too much extra metadata in snapshot table entry %u", i);
+            return -EFBIG;
+        }
+        say(c, "Discarding too much extra metadata in snapshot table entry %u (%u > %u)", i,
+            s->extra_size, QCOW2_SNAPSHOT_MAX_EXTRA);
+        (*dropped)++;
+        s->extra_size = QCOW2_SNAPSHOT_MAX_EXTRA;
+    }
+    s->extra = malloc(s->extra_size + 1);
+    s->id = calloc(1, id_len + 1u);
+    s->name = calloc(1, name_len + 1u);
+    if (!s->extra || !s->id || !s->name)
+        return -ENOMEM;
+    n = file_pread_any(&q->file, s->extra, s->extra_size, *pos);
+    if (n >= 0 && (size_t)n < s->extra_size)
+        memset(s->extra + n, 0, s->extra_size - n);
+    *pos += on_disk_extra;
+    ssize_t n1 = n < 0 ? n : file_pread_any(&q->file, s->id, id_len, *pos);
+    ssize_t n2 = n1 < 0 ? n1 : file_pread_any(&q->file, s->name, name_len, *pos + id_len);
+    if (n2 < 0)
+        return fail_check(c, res, (int)n2, "ERROR failed to read the %s", "snapshot table");
+    *pos += id_len + name_len;
+    qcow2_snapshot_extra_apply(s, q->img.size);
+    *len += QCOW2_SNAPSHOT_FIXED + s->extra_size + id_len + name_len;
+    return *len > QCOW2_MAX_SNAPSHOT_TABLE ? ENTRY_OVERHANGS : 0;
+}
+
+/* Fewer entries than the header said: write the count at once (the
+ * dropped ones' clusters become leaks, which the refcount check that
+ * follows repairs). */
+static int commit_reduced_count(struct checker *c, uint32_t reduced)
+{
+    struct check_result *res = &c->sres;
+    int r = qcow2_write_header_fields(c->q);
+    if (r == 0)
+        r = qcow2_sync(c->q);
+    if (r < 0) {
+        res->check_errors++;
+        say(c, "ERROR failed to update the snapshot count in the image header: %s", strerror(-r));
+        snprintf(c->err, c->errlen, "cannot update the snapshot count: %s", strerror(-r));
+        return r;
+    }
+    res->corruptions -= reduced;
+    res->corruptions_fixed += reduced;
+    return 0;
+}
+
 static int read_snapshot_table(struct checker *c)
 {
     struct qcow2 *q = c->q;
     struct check_result *res = &c->sres;
     bool fix = c->o->fix & CHECK_FIX_ERRORS;
-    uint32_t nb = be32_load(q->hdr_buf + 60);
-    uint64_t off = be64_load(q->hdr_buf + 64);
-    uint32_t reduced = 0, dropped = 0;
-    q->h.snapshots_offset = off;
-    if (nb > QCOW2_MAX_SNAPSHOTS && fix) {
-        say(c, "Discarding %u overhanging snapshots", nb - QCOW2_MAX_SNAPSHOTS);
-        reduced = nb - QCOW2_MAX_SNAPSHOTS;
-        nb = QCOW2_MAX_SNAPSHOTS;
-    }
-    if (!nb) {
-        q->h.nb_snapshots = 0;
-        return 0;
-    }
-    if (nb > QCOW2_MAX_SNAPSHOTS)
-        return fail_check(c, res, -EFBIG, "ERROR %s too large", "snapshot table");
-    if ((off & (cl_size(q) - 1)) || off == 0 || off > q->open_len ||
-        (uint64_t)nb * QCOW2_SNAPSHOT_FIXED > q->open_len - off)
-        return fail_check(c, res, -EINVAL, "ERROR %s offset invalid", "snapshot table");
+    uint32_t nb, reduced = 0, dropped = 0;
+    uint64_t off;
+    int r = snapshot_table_bounds(c, &nb, &off, &reduced);
+    if (r != 0)
+        return r > 0 ? 0 : r;
 
     struct qcow2_snapshot *sn = calloc(nb, sizeof(*sn));
     if (!sn)
         return -ENOMEM;
     uint64_t pos = off, len = 0;
-    uint8_t fixed[QCOW2_SNAPSHOT_FIXED];
-    int r = 0;
     uint32_t i;
-    for (i = 0; i < nb && r == 0; i++) {
-        struct qcow2_snapshot *s = &sn[i];
+    for (i = 0; i < nb; i++) {
         uint64_t entry_start = pos;
-        uint16_t id_len, name_len;
-        pos = (pos + 7) & ~7ull;
-        len = (len + 7) & ~7ull;
-        ssize_t n = file_pread_any(&q->file, fixed, sizeof(fixed), pos);
-        if (n >= 0 && (size_t)n < sizeof(fixed))
-            memset(fixed + n, 0, sizeof(fixed) - n);
-        if (n < 0) {
-            r = fail_check(c, res, (int)n, "ERROR failed to read the %s", "snapshot table");
+        r = read_snapshot_entry(c, &sn[i], i, &pos, &len, &dropped);
+        if (r < 0)
             break;
-        }
-        qcow2_snapshot_fixed_load(fixed, s, &id_len, &name_len);
-        pos += sizeof(fixed);
-        uint32_t on_disk_extra = s->extra_size;
-        if (s->extra_size > QCOW2_SNAPSHOT_MAX_EXTRA) {
-            if (!fix) {
-                res->check_errors++;
-                say(c, "ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
-                    "table entry %u", i);
-                say(c, "You can force-remove this extra metadata during offline repair");
-                snprintf(c->err, c->errlen, "too much extra metadata in snapshot table entry %u", i);
-                r = -EFBIG;
-                break;
-            }
-            say(c, "Discarding too much extra metadata in snapshot table entry %u (%u > %u)", i,
-                s->extra_size, QCOW2_SNAPSHOT_MAX_EXTRA);
-            dropped++;
-            s->extra_size = QCOW2_SNAPSHOT_MAX_EXTRA;
-        }
-        s->extra = malloc(s->extra_size + 1);
-        s->id = calloc(1, id_len + 1u);
-        s->name = calloc(1, name_len + 1u);
-        if (!s->extra || !s->id || !s->name) {
-            r = -ENOMEM;
-            break;
-        }
-        n = file_pread_any(&q->file, s->extra, s->extra_size, pos);
-        if (n >= 0 && (size_t)n < s->extra_size)
-            memset(s->extra + n, 0, s->extra_size - n);
-        pos += on_disk_extra;
-        ssize_t n1 = n < 0 ? n : file_pread_any(&q->file, s->id, id_len, pos);
-        ssize_t n2 = n1 < 0 ? n1 : file_pread_any(&q->file, s->name, name_len, pos + id_len);
-        if (n2 < 0) {
-            r = fail_check(c, res, (int)n2, "ERROR failed to read the %s", "snapshot table");
-            break;
-        }
-        pos += id_len + name_len;
-        qcow2_snapshot_extra_apply(s, q->img.size);
-        len += QCOW2_SNAPSHOT_FIXED + s->extra_size + id_len + name_len;
-        if (len > QCOW2_MAX_SNAPSHOT_TABLE) {
+        if (r == ENTRY_OVERHANGS) {
+            r = 0;
             if (!fix) {
                 r = fail_check(c, res, -EFBIG, "ERROR %s is too big", "snapshot table");
                 say(c, "You can force-remove all %u overhanging snapshots during offline repair", nb - i);
@@ -166,10 +209,10 @@ static int read_snapshot_table(struct checker *c)
             }
             say(c, "Discarding %u overhanging snapshots (snapshot table is too big)", nb - i);
             reduced += nb - i;
-            free(s->extra);
-            free(s->id);
-            free(s->name);
-            memset(s, 0, sizeof(*s));
+            free(sn[i].extra);
+            free(sn[i].id);
+            free(sn[i].name);
+            memset(&sn[i], 0, sizeof(sn[i]));
             pos = entry_start;
             nb = i;
             break;
@@ -183,21 +226,8 @@ static int read_snapshot_table(struct checker *c)
     q->h.nb_snapshots = nb;
     q->snapshot_table_len = pos - off;
     res->corruptions += reduced + dropped;
-    if (reduced) {
-        /* Fewer entries: the dropped ones' clusters become leaks, which the
-         * refcount check that follows repairs. */
-        r = qcow2_write_header_fields(q);
-        if (r == 0)
-            r = qcow2_sync(q);
-        if (r < 0) {
-            res->check_errors++;
-            say(c, "ERROR failed to update the snapshot count in the image header: %s", strerror(-r));
-            snprintf(c->err, c->errlen, "cannot update the snapshot count: %s", strerror(-r));
-            return r;
-        }
-        res->corruptions -= reduced;
-        res->corruptions_fixed += reduced;
-    }
+    if (reduced && (r = commit_reduced_count(c, reduced)) < 0)
+        return r;
     if (q->h.version >= 3)
         for (i = 0; i < nb; i++)
             if (sn[i].extra_size < 16) {
