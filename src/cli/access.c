@@ -52,16 +52,25 @@ int cli_close_offline(const char *cmd, struct image *img, int lock_fd, int rc)
     return rc;
 }
 
+void cli_daemon_error(const char *cmd, uint32_t id, int r)
+{
+    if (r == -ENOENT)
+        cli_error("%s: ublk device %u has no running daemon (see 'ublk-qcow2 list')", cmd, id);
+    else if (r == -EACCES || r == -EPERM)
+        cli_error("%s: permission denied on the control socket of ublk device %u: it belongs to "
+                  "another user (root's devices answer root only); run this as root or as the "
+                  "device's owner", cmd, id);
+    else
+        cli_error("%s: cannot ask the daemon of ublk device %u: %s", cmd, id, strerror(-r));
+}
+
 /* The control-socket request of a live device; prints the answer's error. */
 int cli_ask_daemon(const char *cmd, uint32_t id, const char *request, char *reply, size_t len)
 {
     /* A snapshot walks every L2 table: no time limit while the daemon lives. */
     int r = ctl_request_wait(id, request, reply, len, -1);
     if (r < 0) {
-        if (r == -ENOENT)
-            cli_error("%s: ublk device %u has no running daemon (see 'ublk-qcow2 list')", cmd, id);
-        else
-            cli_error("%s: cannot ask the daemon of ublk device %u: %s", cmd, id, strerror(-r));
+        cli_daemon_error(cmd, id, r);
         return 1;
     }
     char msg[CTL_LINE_MAX];

@@ -51,6 +51,8 @@ struct image;
 int cli_open_offline(const char *cmd, const char *path, bool read_only, bool force_share,
                      struct image **img, int *lock_fd);
 int cli_close_offline(const char *cmd, struct image *img, int lock_fd, int rc);
+/* Say why a control-socket request failed (-errno from ctl_request). */
+void cli_daemon_error(const char *cmd, uint32_t id, int r);
 /* A live device's control-socket request: 0 and the reply, or 1 after
  * printing why (no daemon, or the daemon's error). */
 int cli_ask_daemon(const char *cmd, uint32_t id, const char *request, char *reply, size_t len);

@@ -40,10 +40,7 @@ static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
 {
     int r = ctl_request(id, "stats", reply, len);
     if (r < 0) {
-        if (r == -ENOENT)
-            cli_error("stats: ublk device %u has no running daemon (see 'ublk-qcow2 list')", id);
-        else
-            cli_error("stats: cannot ask the daemon of ublk device %u: %s", id, strerror(-r));
+        cli_daemon_error("stats", id, r);
         return 1;
     }
     struct { const char *key; uint64_t *v; } f[] = {

@@ -1,8 +1,10 @@
-/* The ublk daemon's control socket (see control.h). */
+/* The ublk daemon's control socket (see ctl_socket.h). */
 #include "ublk/ctl_socket.h"
 #include "ublk/server.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,7 +24,7 @@ static int ctl_addr(uint32_t id, struct sockaddr_un *sa)
     return n < (int)sizeof(sa->sun_path) ? 0 : -ENAMETOOLONG;
 }
 
-int ctl_listen(uint32_t id, char *err, size_t errlen)
+static int ctl_listen(uint32_t id, char *err, size_t errlen)
 {
     struct sockaddr_un sa;
     int r = ctl_addr(id, &sa);
@@ -46,16 +48,6 @@ int ctl_listen(uint32_t id, char *err, size_t errlen)
         return r;
     }
     return fd;
-}
-
-void ctl_close(int listen_fd, uint32_t id)
-{
-    struct sockaddr_un sa;
-    if (listen_fd < 0)
-        return;
-    close(listen_fd);
-    if (ctl_addr(id, &sa) == 0)
-        unlink(sa.sun_path);
 }
 
 /* Read up to a newline, waiting at most timeout_ms between reads; returns
@@ -106,19 +98,132 @@ static int write_all(int fd, const char *buf, size_t len)
     return 0;
 }
 
-void ctl_serve_one(int listen_fd, ctl_answer_fn answer, void *arg)
+struct ctl_server {
+    int listen_fd;
+    uint32_t id;
+    ctl_answer_fn answer;
+    void *arg;
+    pthread_mutex_t lock;
+    pthread_cond_t idle;        /* signalled when clients drops to 0 */
+    unsigned clients;           /* threads serving a client now */
+};
+
+struct ctl_client {
+    struct ctl_server *s;
+    int fd;
+};
+
+static void *serve_client(void *arg)
 {
-    int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0)
-        return;
+    struct ctl_client *cl = arg;
+    struct ctl_server *s = cl->s;
     char req[CTL_REQUEST_MAX], reply[CTL_LINE_MAX];
-    if (read_line(fd, req, sizeof(req), CTL_SERVER_TIMEOUT_MS) >= 0) {
-        answer(arg, req, reply, sizeof(reply) - 1);
+    if (read_line(cl->fd, req, sizeof(req), CTL_SERVER_TIMEOUT_MS) >= 0) {
+        s->answer(s->arg, req, reply, sizeof(reply) - 1);
         size_t n = strlen(reply);
         reply[n++] = '\n';
-        write_all(fd, reply, n);
+        write_all(cl->fd, reply, n);
     }
-    close(fd);
+    close(cl->fd);
+    free(cl);
+    pthread_mutex_lock(&s->lock);
+    if (--s->clients == 0)
+        pthread_cond_broadcast(&s->idle);
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+struct ctl_server *ctl_server_start(uint32_t id, ctl_answer_fn answer, void *arg, char *err,
+                                    size_t errlen)
+{
+    struct ctl_server *s = calloc(1, sizeof(*s));
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->listen_fd = ctl_listen(id, err, errlen);
+    if (s->listen_fd < 0) {
+        free(s);
+        return NULL;
+    }
+    s->id = id;
+    s->answer = answer;
+    s->arg = arg;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->idle, NULL);
+    return s;
+}
+
+int ctl_server_fd(const struct ctl_server *s)
+{
+    return s ? s->listen_fd : -1;
+}
+
+void ctl_server_accept(struct ctl_server *s)
+{
+    for (;;) {
+        int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0)
+            return;     /* EAGAIN: no one else waits */
+        struct ctl_client *cl = malloc(sizeof(*cl));
+        pthread_mutex_lock(&s->lock);
+        bool room = cl && s->clients < CTL_MAX_CLIENTS;
+        if (room)
+            s->clients++;
+        pthread_mutex_unlock(&s->lock);
+        pthread_attr_t attr;
+        pthread_t t;
+        bool started = false;
+        if (room && pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            pthread_attr_setstacksize(&attr, 256 << 10);
+            cl->s = s;
+            cl->fd = fd;
+            started = pthread_create(&t, &attr, serve_client, cl) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!started) {
+            /* Over the limit (or no thread): this client goes unanswered. */
+            close(fd);
+            free(cl);
+            if (room) {
+                pthread_mutex_lock(&s->lock);
+                s->clients--;
+                pthread_mutex_unlock(&s->lock);
+            }
+        }
+    }
+}
+
+void ctl_server_stop(struct ctl_server *s)
+{
+    if (!s)
+        return;
+    struct sockaddr_un sa;
+    close(s->listen_fd);
+    if (ctl_addr(s->id, &sa) == 0)
+        unlink(sa.sun_path);
+    /* Every client thread ends within its timeouts plus its answer. */
+    pthread_mutex_lock(&s->lock);
+    while (s->clients)
+        pthread_cond_wait(&s->idle, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->idle);
+    free(s);
+}
+
+/* The socket of a device of root's, for a user whose own state directory
+ * has none: the user may not ask it (EACCES, not "no daemon"). */
+static bool roots_socket_exists(uint32_t id)
+{
+    if (geteuid() == 0)
+        return false;
+    char root_dir[256], path[320];
+    struct stat st;
+    ublk_state_dir_of(0, root_dir, sizeof(root_dir));
+    snprintf(path, sizeof(path), "%s/ublk%u.sock", root_dir, id);
+    return stat(path, &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
 int ctl_request(uint32_t id, const char *request, char *reply, size_t len)
@@ -137,6 +242,8 @@ int ctl_request_wait(uint32_t id, const char *request, char *reply, size_t len, 
         return -errno;
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
         r = errno == ECONNREFUSED ? -ENOENT : -errno;
+        if (r == -ENOENT && roots_socket_exists(id))
+            r = -EACCES;
         close(fd);
         return r;
     }

@@ -3,6 +3,7 @@
 #include "io/log.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <liburing.h>
 #include <stdio.h>
@@ -11,6 +12,9 @@
 #include <unistd.h>
 
 struct ublk_ctrl {
+    /* One command at a time: the daemon's main thread (STOP_DEV on a signal)
+     * and a control client's thread (resize's UPDATE_SIZE) share the ring. */
+    pthread_mutex_t lock;
     int fd;
     struct io_uring ring;
     uint64_t features;
@@ -123,7 +127,7 @@ static bool is_unprivileged(struct ublk_ctrl *c, uint32_t dev_id)
 
 /* Ioctl form first; on -EOPNOTSUPP (kernel without it, or without the
  * legacy opcodes) try the other form once and remember which one works. */
-static int ctrl_cmd(struct ublk_ctrl *c, const struct ctrl_req *r)
+static int ctrl_cmd_locked(struct ublk_ctrl *c, const struct ctrl_req *r)
 {
     bool legacy = c->legacy && r->nr;
     int ret = ctrl_submit(c, legacy ? r->nr : r->ioctl_op, r);
@@ -137,6 +141,14 @@ static int ctrl_cmd(struct ublk_ctrl *c, const struct ctrl_req *r)
     }
     if (ret >= 0 && !legacy)
         c->ioctl_ok = true;
+    return ret;
+}
+
+static int ctrl_cmd(struct ublk_ctrl *c, const struct ctrl_req *r)
+{
+    pthread_mutex_lock(&c->lock);
+    int ret = ctrl_cmd_locked(c, r);
+    pthread_mutex_unlock(&c->lock);
     return ret;
 }
 
@@ -164,6 +176,13 @@ int ublk_ctrl_open(struct ublk_ctrl **out)
     }
     c->fd = fd;
     c->known_unprivileged = -1;
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    /* Recursive: asking whether a device is unprivileged sends a command
+     * from inside another. */
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&c->lock, &ma);
+    pthread_mutexattr_destroy(&ma);
     /* Control commands carry an 80-byte payload: they need 128-byte SQEs. */
     int ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);
     if (ret < 0) {
@@ -201,6 +220,7 @@ void ublk_ctrl_close(struct ublk_ctrl *c)
         return;
     io_uring_queue_exit(&c->ring);
     close(c->fd);
+    pthread_mutex_destroy(&c->lock);
     free(c);
 }
 

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -193,7 +194,7 @@ static void answer_snapshot(struct served *sv, const char *name, char *reply, si
         reply_error(reply, len, "the device is read-only: its image cannot take a snapshot");
         return;
     }
-    static struct excl_op x;
+    struct excl_op x;
     memset(&x, 0, sizeof(x));
     x.img = sv->img;
     x.name = name;
@@ -270,16 +271,23 @@ static void answer_resize(struct served *sv, const char *arg, char *reply, size_
     snprintf(reply, len, "{\"size\": %llu}", (unsigned long long)img_size(sv->img));
 }
 
+/* Runs on a control client's thread (several may run at once): stats only
+ * reads counters; the operations that change the device take turns. */
 static void answer(void *arg, const char *request, char *reply, size_t len)
 {
-    if (!strcmp(request, "stats"))
+    static pthread_mutex_t one_operation = PTHREAD_MUTEX_INITIALIZER;
+    if (!strcmp(request, "stats")) {
         answer_stats(arg, reply, len);
-    else if (!strncmp(request, "snapshot-create ", 16))
+        return;
+    }
+    pthread_mutex_lock(&one_operation);
+    if (!strncmp(request, "snapshot-create ", 16))
         answer_snapshot(arg, request + 16, reply, len);
     else if (!strncmp(request, "resize ", 7))
         answer_resize(arg, request + 7, reply, len);
     else
         snprintf(reply, len, "{\"error\": \"unknown request\"}");
+    pthread_mutex_unlock(&one_operation);
 }
 
 /* The nodes of an unprivileged device are given to its owner by udev, a
@@ -620,14 +628,14 @@ static int serve_until_stopped(struct daemon *d)
     struct served sv = { .id = d->dev_id, .o = d->o, .img = d->img, .qs = d->qs, .ctrl = d->ctrl,
                          .read_only = d->read_only };
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
-    int ctl_fd = ctl_listen(d->dev_id, err, sizeof(err));
-    if (ctl_fd < 0)
+    struct ctl_server *ctl = ctl_server_start(d->dev_id, answer, &sv, err, sizeof(err));
+    if (!ctl)
         uq_warn("ublk device %u: %s (no statistics)", d->dev_id, err);
 
     struct pollfd pf[3] = {
         { .fd = d->sig_fd, .events = POLLIN },
         { .fd = ublk_queues_done_fd(d->qs), .events = POLLIN },
-        { .fd = ctl_fd, .events = POLLIN },
+        { .fd = ctl_server_fd(ctl), .events = POLLIN },
     };
     for (;;) {
         if (poll(pf, 3, -1) < 0) {
@@ -639,7 +647,7 @@ static int serve_until_stopped(struct daemon *d)
         if (pf[1].revents)
             break;
         if (pf[2].revents)
-            ctl_serve_one(ctl_fd, answer, &sv);
+            ctl_server_accept(ctl);
         if (pf[0].revents) {
             struct signalfd_siginfo si;
             if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && !d->stopping) {
@@ -651,7 +659,7 @@ static int serve_until_stopped(struct daemon *d)
             }
         }
     }
-    ctl_close(ctl_fd, d->dev_id);
+    ctl_server_stop(ctl);
     d->served = ublk_queues_served(d->qs);
     d->served_known = true;
     int r = ublk_queues_stop(d->qs);
