@@ -261,18 +261,25 @@ static void control_run(void *arg)
     loop_stop(run->loop);
 }
 
+/* The pid file: never through a symlink (O_NOFOLLOW: a planted link must
+ * not make us overwrite its target), and only a regular file. */
 static int write_pid_file(const char *path, char *err, size_t errlen)
 {
     char buf[32];
-    int fd, n;
-
-    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s: cannot write pid file: %s", path, strerror(errno));
+    int n;
+    int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        int e = fd < 0 ? errno : EINVAL;
+        snprintf(err, errlen, "%s: cannot write pid file: %s", path,
+                 e == ELOOP ? "it is a symbolic link (give the real path)" :
+                 e == EINVAL ? "not a regular file" : strerror(e));
+        if (fd >= 0)
+            close(fd);
         return -1;
     }
     n = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
-    if (write(fd, buf, n) != n) {
+    if (ftruncate(fd, 0) < 0 || write(fd, buf, n) != n) {
         snprintf(err, errlen, "%s: cannot write pid file: %s", path, strerror(errno));
         close(fd);
         unlink(path);
@@ -280,6 +287,20 @@ static int write_pid_file(const char *path, char *err, size_t errlen)
     }
     close(fd);
     return 0;
+}
+
+/* Remove the pid file only if it still holds our pid (another server may
+ * have taken the name since). */
+static void remove_pid_file(const char *path)
+{
+    char buf[32] = "";
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n > 0 && atoi(buf) == (int)getpid())
+        unlink(path);
 }
 
 /* Every signal whose default action ends the process and that can be
@@ -406,7 +427,7 @@ static void run_cleanup(struct nbd_run *run)
         st.st_dev == run->socket_dev && st.st_ino == run->socket_ino)
         unlink(cli->socket_path);
     if (run->pid_written)
-        unlink(cli->pid_file);
+        remove_pid_file(cli->pid_file);
     if (run->loop)
         loop_free(run->loop);
     if (run->signal_fd >= 0)

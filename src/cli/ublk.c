@@ -128,7 +128,9 @@ static int report_child_exit(pid_t pid)
 
 /* Fork the daemon and wait until its device is live ("ok N" on the pipe)
  * or it gave up; in the foreground, then wait for it to end. */
-static int run_daemon(struct ublk_server_opts *o, bool foreground)
+/* Start the daemon and wait until its device is live (*went_live, if given,
+ * says whether it got there). */
+static int run_daemon(struct ublk_server_opts *o, bool foreground, bool *went_live)
 {
     int pfd[2];
     if (pipe2(pfd, O_CLOEXEC) < 0) {
@@ -214,6 +216,8 @@ static int run_daemon(struct ublk_server_opts *o, bool foreground)
         }
     }
     close(pfd[0]);
+    if (went_live)
+        *went_live = live;
     if (!live) {
         int rc = report_child_exit(pid);
         if (have_id && !o->recover)
@@ -241,8 +245,10 @@ static void set_key_opts(struct ublk_server_opts *o, const struct cli_key *k)
 }
 
 /* add -s SIZE: a missing image is made first, with create's code and defaults. */
-static int create_missing_image(const char *path, enum img_format format, uint64_t size)
+/* add --size: make IMAGE if it does not exist (*created says so). */
+static int create_missing_image(const char *path, enum img_format format, uint64_t size, bool *created)
 {
+    *created = false;
     if (access(path, F_OK) == 0 || errno != ENOENT)
         return 0;
     struct create_opts co;
@@ -255,6 +261,7 @@ static int create_missing_image(const char *path, enum img_format format, uint64
         cli_error("add: cannot create %s: %s", path, err);
         return 1;
     }
+    *created = true;
     return 0;
 }
 
@@ -297,7 +304,8 @@ int cmd_add(int argc, char **argv)
     const char *path = argv[optind];
     if (o.snapshot)
         o.read_only = true;     /* a snapshot is served as it was taken */
-    if (create && create_missing_image(path, o.format, create_size))
+    bool created = false, live = false;
+    if (create && create_missing_image(path, o.format, create_size, &created))
         return 1;
     char image[PATH_MAX];
     if (!realpath(path, image)) {
@@ -307,8 +315,14 @@ int cmd_add(int argc, char **argv)
     o.image = image;
     set_key_opts(&o, &key);
 
-    rc = run_daemon(&o, foreground);
+    rc = run_daemon(&o, foreground, &live);
     cli_key_clear(&key);
+    /* The image this add made never served a device: nothing of the
+     * user's is in it, so it goes rather than being left behind. */
+    if (created && !live) {
+        if (unlink(image) == 0)
+            cli_error("add: removed %s, which this add had created", path);
+    }
     return rc;
 }
 
@@ -766,7 +780,7 @@ int cmd_recover(int argc, char **argv)
             return 1;
     }
     set_key_opts(&o, &key);
-    rc = run_daemon(&o, foreground);
+    rc = run_daemon(&o, foreground, NULL);
     cli_key_clear(&key);
     return rc;
 }

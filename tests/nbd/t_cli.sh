@@ -66,6 +66,24 @@ expect_exit nbd_cli_image_locked 1 "in use" "$UQ" nbd --fork --pid-file "$X" --s
 t=nbd_cli_pid_file
 if [ "$(server_pid stale)" -gt 1 ] && alive stale && stop_server stale; then ok $t; else fail $t "pid file or shutdown wrong"; fi
 
+# The pid file: never written through a symlink; removed at exit only while it still holds
+# our pid (another server may have taken the name).
+echo keep >"$NBD_DIR/victim"
+ln -s "$NBD_DIR/victim" "$NBD_DIR/link.pid"
+expect_exit nbd_cli_pid_file_symlink 1 "symbolic link" "$UQ" nbd --fork --pid-file "$NBD_DIR/link.pid" --socket "$NBD_DIR/c4.sock" "$img"
+t=nbd_cli_pid_file_symlink_target_kept
+if [ "$(cat "$NBD_DIR/victim")" = keep ]; then ok $t; else fail $t "the symlink's target was overwritten"; fi
+t=nbd_cli_pid_file_not_ours_kept
+if start_server other "$img"; then
+    pid=$(server_pid other)
+    echo 4194304 >"$NBD_DIR/other.pid"      # another server's pid now
+    kill -TERM "$pid" && wait_gone "$pid"
+    if [ "$(cat "$NBD_DIR/other.pid" 2>/dev/null)" = 4194304 ] && [ ! -e "$NBD_DIR/other.sock" ]; then ok $t
+    else fail $t "the pid file of another server was removed (or the socket left)"; fi
+else
+    fail $t "server did not start: $(cat "$NBD_DIR/other.log")"
+fi
+
 # Locks as QEMU takes them: a served image is refused to QEMU writers, its
 # backing file too (read-only users may still open both).
 t=nbd_cli_locks
