@@ -357,7 +357,7 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         { "ios", 0, CLI_CALL, .dest = &c->ios, .min = 1, .take = take_u64 },
         { "size-limit", 0, CLI_SIZE, .dest = &c->size_limit, .min = 1, .bad = "invalid --size-limit '%s'" },
         { "format", 0, CLI_FORMAT, .dest = &c->format, .bad = "unknown --format '%s' (auto, raw, qcow2)" },
-        { "cache-size", 0, CLI_SIZE, .dest = &c->cache_size, .bad = "invalid --cache-size '%s'" },
+        { "cache-size", 0, CLI_SIZE, .dest = &c->cache_size, .bad = "invalid --cache-size '%s' (" SIZE_RANGE ")" },
         { "seed", 0, CLI_CALL, .dest = &c->seed, .take = take_u64 },
         { "json", 0, CLI_FLAG, .dest = &c->json },
         { "key-file", 0, CLI_KEY_FILE, .dest = &c->key },

@@ -57,6 +57,9 @@ void cli_daemon_error(const char *cmd, uint32_t id, int r);
  * printing why (no daemon, or the daemon's error). */
 int cli_ask_daemon(const char *cmd, uint32_t id, const char *request, char *reply, size_t len);
 
+/* What a size may be, for every "invalid size" message. */
+#define SIZE_RANGE "0 to 8 EiB - 1 bytes, a number with an optional k, M, G, T, P or E suffix"
+
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -1,6 +1,7 @@
 /* ublk-qcow2 create / info / check: image tools with qemu-img's options,
  * output and exit codes, so no QEMU is needed to make, inspect or repair an
  * image.  The work is done by the engine (tools/tools.h). */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -118,7 +119,7 @@ static bool create_option(struct create_cli *c, const char *name, const char *v)
     if (!strcmp(name, "size")) {
         int64_t sz = parse_size(v);
         if (sz < 0) {
-            cli_error("create: invalid size '%s'", v);
+            cli_error("create: invalid size '%s' (" SIZE_RANGE ")", v);
             return false;
         }
         o->size = (uint64_t)sz;
@@ -275,6 +276,12 @@ int cmd_create(int argc, char **argv)
         { 0 },
     };
     const struct cli_cmd cmd = { "create", create_usage, opts, .usage_exit = 2 };
+    /* "create IMAGE -5G": getopt would take -5 for an option; it is a size. */
+    for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
+        if (argv[i][0] == '-' && isdigit((unsigned char)argv[i][1])) {
+            cli_error("create: invalid size '%s': a size cannot be negative (" SIZE_RANGE ")", argv[i]);
+            return 2;
+        }
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
@@ -292,7 +299,7 @@ int cmd_create(int argc, char **argv)
     if (nargs == 2) {
         int64_t sz = parse_size(argv[optind + 1]);
         if (sz < 0) {
-            cli_error("create: invalid size '%s' (a number with an optional k, M, G, T, P or E suffix)",
+            cli_error("create: invalid size '%s' (" SIZE_RANGE ")",
                       argv[optind + 1]);
             goto out_usage;
         }

@@ -475,6 +475,10 @@ static int serve(const struct nbd_cli *cli, int ready_fd)
     uq_info("serving %s (%s, %llu bytes%s) on %s", cli->image, img_format_name(run.img),
              (unsigned long long)img_size(run.img), run.img->read_only ? ", read-only" : "",
              cli->socket_path ? cli->socket_path : cli->bind_addr);
+    char files[2048];
+    img_describe_files(run.img, files, sizeof(files));
+    if (files[0])
+        uq_info("%s", files);
     rc = run_serve(&run);
     run_cleanup(&run);
     uq_info("stopped; image closed");
@@ -596,7 +600,7 @@ int cmd_nbd(int argc, char **argv)
         { "read-only", 'r', CLI_FLAG, .dest = &cli.read_only },
         /* how the image is opened */
         { "format", 'f', CLI_FORMAT, .dest = &io->format },
-        { "cache-size", 0, CLI_SIZE, .dest = &io->cache_size, .bad = "invalid --cache-size '%s'" },
+        { "cache-size", 0, CLI_SIZE, .dest = &io->cache_size, .bad = "invalid --cache-size '%s' (" SIZE_RANGE ")" },
         { "discard", 0, CLI_DISCARD, .dest = &io->discard },
         { "discard-no-unref", 0, CLI_FLAG, .dest = &io->discard_no_unref },
         { "snapshot", 'l', CLI_STRING, .dest = &io->snapshot },

@@ -103,7 +103,7 @@ static int take_opt(const struct cli_cmd *cmd, const struct cli_opt *o, const ch
     case CLI_SIZE: {
         int64_t v = parse_size(arg);
         if (v < (int64_t)o->min)
-            return bad_arg(cmd, o, "invalid size '%s'", arg);
+            return bad_arg(cmd, o, "invalid size '%s' (" SIZE_RANGE ")", arg);
         *(uint64_t *)o->dest = (uint64_t)v;
         return CLI_GO_ON;
     }

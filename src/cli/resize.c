@@ -77,7 +77,7 @@ int cmd_resize(int argc, char **argv)
         }
         uint64_t dummy;
         if (!parse_new_size(a[0], 0, &dummy)) {
-            cli_error("resize: invalid size '%s' (e.g. 20G, +512M)", a[0]);
+            cli_error("resize: invalid size '%s' (e.g. 20G, +512M: " SIZE_RANGE ")", a[0]);
             return 2;
         }
         char req[128], reply[CTL_LINE_MAX], size[32] = "";
@@ -100,7 +100,7 @@ int cmd_resize(int argc, char **argv)
         return 1;
     uint64_t size;
     if (!parse_new_size(a[1], img_size(img), &size)) {
-        cli_error("resize: invalid size '%s' (e.g. 20G, +512M, -1G)", a[1]);
+        cli_error("resize: invalid size '%s' (e.g. 20G, +512M, -1G: " SIZE_RANGE ")", a[1]);
         return cli_close_offline("resize", img, lock_fd, 2);
     }
     char err[700];

@@ -284,7 +284,7 @@ int cmd_add(int argc, char **argv)
           .bad = "invalid depth '%s' (1 to %lu)" },
         { "read-only", 'r', CLI_FLAG, .dest = &o.read_only },
         { "format", 'f', CLI_FORMAT, .dest = &o.format },
-        { "cache-size", 'c', CLI_SIZE, .dest = &o.cache_size, .min = 1, .bad = "invalid cache size '%s' (e.g. 32M)" },
+        { "cache-size", 'c', CLI_SIZE, .dest = &o.cache_size, .min = 1, .bad = "invalid cache size '%s' (e.g. 32M; at least 1 byte, " SIZE_RANGE ")" },
         { "foreground", 0, CLI_FLAG, .dest = &foreground },
         { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
         { "discard", 0, CLI_DISCARD, .dest = &o.discard },
@@ -292,7 +292,7 @@ int cmd_add(int argc, char **argv)
         { "snapshot", 'l', CLI_STRING, .dest = &o.snapshot },
         { "key-file", 0, CLI_KEY_FILE, .dest = &key },
         { "key-env", 0, CLI_KEY_ENV, .dest = &key },
-        { "size", 's', CLI_SIZE, .dest = &create_size, .seen = &create, .bad = "invalid size '%s' (e.g. 10G)" },
+        { "size", 's', CLI_SIZE, .dest = &create_size, .seen = &create, .bad = "invalid size '%s' (e.g. 10G: " SIZE_RANGE ")" },
         { .letter = 'v', .type = CLI_VERBOSE },
         { 0 },
     };

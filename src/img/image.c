@@ -197,6 +197,21 @@ int img_close(struct image *img)
     return img->ops->close(img);
 }
 
+void img_describe_files(struct image *img, char *buf, size_t len)
+{
+    size_t n = 0;
+    buf[0] = '\0';
+    const char *sep = "backing chain: ";
+    for (struct image *b = img->ops->backing ? img->ops->backing(img) : NULL; b && n < len;
+         b = b->ops->backing ? b->ops->backing(b) : NULL) {
+        n += (size_t)snprintf(buf + n, len - n, "%s%s (%s)", sep, b->path, img_format_name(b));
+        sep = ", ";
+    }
+    const char *df = img->ops->data_file ? img->ops->data_file(img) : NULL;
+    if (df && n < len)
+        snprintf(buf + n, len - n, "%sdata file: %s", n ? "; " : "", df);
+}
+
 int img_parse_discard(const char *s, enum img_discard *out)
 {
     if (!strcmp(s, "ignore") || !strcmp(s, "off"))

@@ -104,6 +104,10 @@ struct image_ops {
                            char *err, size_t errlen);
     int (*snapshot_apply)(struct image *img, const char *spec, char *err, size_t errlen);
     int (*resize)(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
+    /* Optional: the backing image (NULL if none) and the external data
+     * file's path (NULL if none), for messages. */
+    struct image *(*backing)(struct image *img);
+    const char *(*data_file)(struct image *img);
 };
 
 struct image {
@@ -130,6 +134,10 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
 int img_close(struct image *img);
 
 void img_get_stats(struct image *img, struct img_stats *st);
+
+/* What else the image reads from, for the log: "backing chain: A (qcow2),
+ * B (raw); data file: D", or "" when nothing. */
+void img_describe_files(struct image *img, char *buf, size_t len);
 
 /* ---- internal snapshots and resize ------------------------------------------
  * Exclusive operations: no request may be in flight on the image (offline

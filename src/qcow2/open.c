@@ -315,6 +315,17 @@ static void qcow2_stats(struct image *img, struct img_stats *st)
     st->clusters_allocated = stat_get(&q->clusters_allocated);
 }
 
+static struct image *qcow2_backing(struct image *img)
+{
+    return to_qcow2(img)->backing;
+}
+
+static const char *qcow2_data_file(struct image *img)
+{
+    struct qcow2 *q = to_qcow2(img);
+    return has_data_file(q) ? q->data_file.path : NULL;
+}
+
 static const struct image_ops qcow2_ops = {
     .name = "qcow2",
     .read = qcow2_co_read,
@@ -329,6 +340,8 @@ static const struct image_ops qcow2_ops = {
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_apply = qcow2_snapshot_apply,
     .resize = qcow2_resize,
+    .backing = qcow2_backing,
+    .data_file = qcow2_data_file,
 };
 
 static uint32_t slices_for(uint64_t bytes, uint32_t slice, uint32_t min)

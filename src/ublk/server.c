@@ -225,7 +225,7 @@ static void answer_resize(struct served *sv, const char *arg, char *reply, size_
     bool rel = *arg == '+';
     int64_t v = parse_size(arg + rel);
     if (v < 0) {
-        reply_error(reply, len, "invalid size");
+        reply_error(reply, len, "invalid size (0 to 8 EiB - 1 bytes, a number with an optional k, M, G, T, P or E suffix)");
         return;
     }
     uint64_t size = rel ? cur + (uint64_t)v : (uint64_t)v;
@@ -613,6 +613,10 @@ static void announce(struct daemon *d)
     uq_info("%s %s (%s, %llu bytes%s): %u queue(s) of depth %u", o->recover ? "took over, serving" : "serving",
             o->image, format_name(d->img), (unsigned long long)img_size(d->img),
             d->read_only ? ", read-only" : "", d->info.nr_hw_queues, d->info.queue_depth);
+    char files[2048];
+    img_describe_files(d->img, files, sizeof(files));
+    if (files[0])
+        uq_info("%s", files);
     if (d->stopping) {
         uq_error("ublk device %u: the starting command went away; removing the device", d->dev_id);
         ublk_ctrl_stop_dev(d->ctrl, d->dev_id);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Error messages keep their root cause and name the file and the fix: a backing chain deeper
 # than QEMU's limit, a missing base file far down a long chain (neither cut off by one prefix
-# per image), -f qcow2 on a file that is not qcow2.  Each asserted on the message and the exit.
+# per image), -f qcow2 on a file that is not qcow2, sizes out of range (the range named), and -v
+# naming the backing chain and data file served.  Each asserted on the message and the exit.
 # timeout: 300
 . "$(dirname "$0")/../lib/lib.sh"
 need_cmd qemu-img || { skip messages "qemu-img is missing"; exit 0; }
@@ -45,6 +46,30 @@ mv moved.raw base.raw
 qemu-img create -q -f raw plain.raw 1M
 expect_msg qcow2_on_raw_nbd "plain.raw is not a qcow2 image" "-f raw" -- nbd --format qcow2 --socket "$W/s.sock" plain.raw
 expect_msg qcow2_on_raw_check "plain.raw is not a qcow2 image" -- check -f qcow2 plain.raw
+
+# Sizes: negative, too large, and a bad --cache-size give the allowed range.
+expect_msg2() {  # expect_msg with exit code 2 (bad arguments)
+    local name=$1 pat=$2; shift 2
+    bounded 60 "$UQ" "$@" >out.txt 2>&1
+    local rc=$?
+    if [[ $rc -eq 2 ]] && grep -qE -- "$pat" out.txt; then ok "messages_$name"
+    else notok "messages_$name" "exit $rc, want 2: $(head -c 300 out.txt)"; fi
+}
+expect_msg2 create_negative_size "invalid size '-5G': a size cannot be negative \(0 to 8 EiB" create x.qcow2 -5G
+expect_msg2 create_size_too_large "invalid size '99999999999T' \(0 to 8 EiB" create x.qcow2 99999999999T
+expect_msg2 nbd_cache_size "invalid --cache-size 'lots' \(0 to 8 EiB" nbd --cache-size lots --socket s.sock plain.raw
+[[ ! -e x.qcow2 ]] && ok messages_create_nothing_made || notok messages_create_nothing_made "x.qcow2 was made"
+
+# -v names what else is served: the backing chain and the data file.
+qemu-img create -q -f qcow2 -o data_file=top.data -b "$long-2.qcow2" -F qcow2 top.qcow2 1M
+if bounded 60 "$UQ" nbd -v --fork --pid-file "$W/v.pid" --socket "$W/v.sock" top.qcow2 2>v.log; then
+    kill -TERM "$(cat "$W/v.pid")"
+    grep -q "backing chain: .*$long-2.qcow2 (qcow2), .*$long-1.qcow2 (qcow2), .*base.raw (raw); data file: .*top.data" v.log &&
+        ok messages_verbose_names_files || notok messages_verbose_names_files "$(tr '\n' ' ' <v.log)"
+else
+    notok messages_verbose_names_files "the server did not start: $(tr '\n' ' ' <v.log)"
+fi
+bounded 30 bash -c 'while [[ -e $1 ]]; do sleep 0.05; done' _ "$W/v.sock"
 
 san_clean && ok messages_sanitizers_clean || notok messages_sanitizers_clean "sanitizer report"
 exit $LIB_FAILED
