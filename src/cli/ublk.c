@@ -41,7 +41,7 @@ static void add_usage(FILE *out)
         "until 'ublk-qcow2 del'.  Its log: %s/ublkN.log.\n\n"
         "Options:\n"
         "  -n, --id ID            device number N (default: the first free one)\n"
-        "  -q, --queues N         hardware queues, one thread each (default %u, max %u)\n"
+        "  -q, --queues N         hardware queues, one engine thread for all (default %u, max %u)\n"
         "  -d, --depth N          requests in flight per queue (default %u, max %u)\n"
         "  -r, --read-only        refuse writes\n"
         "  -f, --format FMT       auto (default), raw or qcow2\n"

@@ -1,5 +1,5 @@
-/* ublk queues: per-queue threads, per-tag coroutines, forwarding of requests
- * to the single engine thread (see queue.h). */
+/* ublk queues: one engine thread serving the tags of every queue (see
+ * queue.h). */
 #include "ublk/queue.h"
 #include "io/log.h"
 #include "io/coroutine.h"
@@ -20,15 +20,6 @@
 #include <time.h>
 #include <unistd.h>
 
-enum msg_kind { MSG_REQUEST, MSG_COMPLETION, MSG_QUEUE_DONE, MSG_QUIT };
-
-struct ublk_msg {
-    struct mbox_msg m;      /* first: a mbox_msg pointer is a ublk_msg pointer */
-    enum msg_kind kind;
-    struct ublk_tag *tag;
-    struct ublk_queue *q;
-};
-
 struct ublk_tag {
     struct ublk_queue *q;
     unsigned tag;
@@ -38,25 +29,14 @@ struct ublk_tag {
     int result;             /* committed with the next COMMIT_AND_FETCH */
     /* The request being served (a copy of the descriptor). */
     struct ublksrv_io_desc desc;
-    struct ublk_msg msg;    /* request to the engine, then its completion back */
-    bool done;              /* forwarded request completed */
 };
 
 struct ublk_queue {
     struct ublk_queues *qs;
     unsigned qid;
-    pthread_t thread;
-    bool thread_started;
-    struct loop *loop;
     const struct ublksrv_io_desc *descs;
     size_t descs_len;
     struct ublk_tag *tags;
-    unsigned live_tags;
-    /* Queue 0: requests from other queues and their QUEUE_DONE notes.
-     * Other queues: completions from the engine, and QUIT. */
-    struct mailbox *mbox;
-    struct ublk_msg done_msg, quit_msg;
-    int err;
 };
 
 enum start_state { START_WAIT, START_GO, START_ABORT };
@@ -78,25 +58,31 @@ struct ublk_queues {
     int cdev_fd;
     int done_fd;
     struct ublk_queue *queues;
-    atomic_uint running;        /* threads not yet finished */
+    /* The one thread: it fetches and commits every queue's tags on its own
+     * ring and runs the engine, so no request crosses a thread. */
+    pthread_t thread;
+    bool thread_started;
+    struct loop *loop;
+    unsigned live_tags;         /* tag coroutines still fetching (all queues) */
+    int err;
     atomic_ullong served;
     /* Written by the engine thread only (tag_execute). */
     struct {
         stat_counter ops[5], bytes[2], errors, in_flight;
     } st;
-    /* Exclusive calls (engine thread): ctl is queue 0's inbox for them; the
-     * gate, while closed, holds new requests before they enter the engine;
-     * active counts the requests inside it. */
+    /* Exclusive calls (engine thread): ctl is the engine's inbox for them;
+     * the gate, while closed, holds new requests before they enter the
+     * engine; active counts the requests inside it. */
     struct mailbox *ctl;
     struct engine_call ctl_quit;
     bool ctl_closed;            /* under lock: no call is taken any more */
     bool gate_closed;
     unsigned active;
     struct co_queue gate, drained;
-    /* Start-up handshake: every thread makes its loop, then waits for go. */
+    /* Start-up handshake: the thread makes its loop, then waits for go. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    unsigned ready, failed;
+    bool ready;
     enum start_state state;
 };
 
@@ -106,7 +92,7 @@ static size_t page_round(size_t n)
     return (n + pg - 1) / pg * pg;
 }
 
-/* ---- the engine: every img_* call happens on queue 0's thread ------------- */
+/* ---- the engine: every img_* call happens on the engine thread ------------- */
 
 static int tag_execute_op(struct ublk_tag *t);
 static int tag_execute_counted(struct ublk_tag *t);
@@ -180,81 +166,6 @@ static int tag_execute_op(struct ublk_tag *t)
     }
 }
 
-/* Runs on the engine thread for a request forwarded by another queue. */
-static void engine_request(void *arg)
-{
-    struct ublk_tag *t = arg;
-    t->result = tag_execute(t);
-    t->msg.kind = MSG_COMPLETION;
-    /* After the post the tag belongs to its queue again: touch nothing. */
-    if (mailbox_post(t->q->mbox, &t->msg.m) < 0) {
-        uq_error("cannot wake queue %u: %s", t->q->qid, strerror(errno));
-        abort();
-    }
-}
-
-/* Queue 0's inbox: spawn each forwarded request, count finished queues. */
-static void engine_inbox(void *arg)
-{
-    struct ublk_queue *q = arg;
-    unsigned remaining = q->qs->cfg.nr_queues - 1;
-    while (remaining > 0) {
-        struct mbox_msg *m = mailbox_wait(q->mbox);
-        if (!m) {
-            uq_error("engine mailbox failed: %s", strerror(errno));
-            abort();
-        }
-        while (m) {
-            struct ublk_msg *msg = (struct ublk_msg *)m;
-            m = m->next;
-            if (msg->kind == MSG_REQUEST)
-                co_spawn(engine_request, msg->tag);
-            else if (msg->kind == MSG_QUEUE_DONE)
-                remaining--;
-        }
-    }
-}
-
-/* Other queues: hand completions back to the waiting tag coroutines. */
-static void completion_inbox(void *arg)
-{
-    struct ublk_queue *q = arg;
-    bool quit = false;
-    while (!quit) {
-        struct mbox_msg *m = mailbox_wait(q->mbox);
-        if (!m) {
-            uq_error("queue %u mailbox failed: %s", q->qid, strerror(errno));
-            abort();
-        }
-        while (m) {
-            struct ublk_msg *msg = (struct ublk_msg *)m;
-            m = m->next;
-            if (msg->kind == MSG_COMPLETION) {
-                msg->tag->done = true;
-                co_wake(msg->tag->co);
-            } else if (msg->kind == MSG_QUIT) {
-                quit = true;
-            }
-        }
-    }
-}
-
-static int tag_serve(struct ublk_tag *t)
-{
-    struct ublk_queue *q = t->q;
-    if (q->qid == 0)
-        return tag_execute(t);
-    t->done = false;
-    t->msg.kind = MSG_REQUEST;
-    if (mailbox_post(q->qs->queues[0].mbox, &t->msg.m) < 0) {
-        uq_error("cannot wake the engine: %s", strerror(errno));
-        abort();
-    }
-    while (!t->done)
-        co_yield();
-    return t->result;
-}
-
 /* ---- exclusive calls ---------------------------------------------------------- */
 
 static void call_finish(struct engine_call *c, int result)
@@ -266,9 +177,9 @@ static void call_finish(struct engine_call *c, int result)
     pthread_mutex_unlock(c->lock);
 }
 
-/* Queue 0: take each call, quiesce (close the gate, wait for the requests
- * inside the engine to finish), run it, reopen the gate.  The quit note
- * (queue 0's tags are all done) ends this coroutine, so the loop can end. */
+/* Take each call, quiesce (close the gate, wait for the requests inside the
+ * engine to finish), run it, reopen the gate.  The quit note (every tag is
+ * done) ends this coroutine, so the loop can end. */
 static void engine_control(void *arg)
 {
     struct ublk_queues *qs = arg;
@@ -320,7 +231,7 @@ int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *ar
     return r < 0 ? r : c.result;
 }
 
-/* Queue 0's thread is ending: calls still in the inbox get -ESHUTDOWN, and
+/* The engine thread is ending: calls still in the inbox get -ESHUTDOWN, and
  * later ones are refused at once. */
 static void control_close(struct ublk_queues *qs)
 {
@@ -352,25 +263,13 @@ static void prep_io_cmd(struct io_uring_sqe *sqe, void *arg)
     cmd->addr = (uint64_t)(uintptr_t)t->buf;
 }
 
-static void queue_finished(struct ublk_queue *q)
+/* Every tag is done (the device is stopping): end the control coroutine,
+ * so the loop can end. */
+static void tags_finished(struct ublk_queues *qs)
 {
-    if (q->qid == 0) {
-        /* No request comes from this queue any more: end the control
-         * coroutine (the engine inbox ends once every other queue is done). */
-        q->qs->ctl_quit.fn = NULL;
-        if (mailbox_post(q->qs->ctl, &q->qs->ctl_quit.m) < 0) {
-            fprintf(stderr, "ublk: queue 0 cannot post: %s\n", strerror(errno));
-            abort();
-        }
-        return;
-    }
-    if (q->qs->cfg.nr_queues == 1)
-        return;
-    q->done_msg.kind = MSG_QUEUE_DONE;
-    q->quit_msg.kind = MSG_QUIT;
-    if (mailbox_post(q->qs->queues[0].mbox, &q->done_msg.m) < 0 ||
-        mailbox_post(q->mbox, &q->quit_msg.m) < 0) {
-        uq_error("queue %u cannot post: %s", q->qid, strerror(errno));
+    qs->ctl_quit.fn = NULL;
+    if (mailbox_post(qs->ctl, &qs->ctl_quit.m) < 0) {
+        uq_error("ublk: the engine cannot post to itself: %s", strerror(errno));
         abort();
     }
 }
@@ -392,37 +291,37 @@ static void tag_loop(void *arg)
                     t->cmd_op == UBLK_U_IO_FETCH_REQ || t->cmd_op == UBLK_IO_FETCH_REQ
                         ? "FETCH_REQ" : "COMMIT_AND_FETCH_REQ",
                     res < 0 ? strerror(-res) : "unexpected result");
-            if (!q->err)
-                q->err = res < 0 ? res : -EPROTO;
+            if (!q->qs->err)
+                q->qs->err = res < 0 ? res : -EPROTO;
             break;
         }
         t->desc = q->descs[t->tag];
-        t->result = tag_serve(t);
+        t->result = tag_execute(t);
         atomic_fetch_add_explicit(&q->qs->served, 1, memory_order_relaxed);
         t->cmd_op = ioctl ? UBLK_U_IO_COMMIT_AND_FETCH_REQ : UBLK_IO_COMMIT_AND_FETCH_REQ;
     }
-    if (--q->live_tags == 0)
-        queue_finished(q);
+    if (--q->qs->live_tags == 0)
+        tags_finished(q->qs);
 }
 
-/* ---- queue threads ---------------------------------------------------------- */
+/* ---- the engine thread ------------------------------------------------------ */
 
-static void *queue_thread(void *arg)
+/* Before Linux 6.16 the task that fetched a queue's tags must issue every
+ * later command for them (the queue's daemon task); nothing stops one task
+ * from being the daemon of every queue, so one thread serves them all. */
+static void *engine_thread(void *arg)
 {
-    struct ublk_queue *q = arg;
-    struct ublk_queues *qs = q->qs;
-    unsigned depth = qs->cfg.depth;
+    struct ublk_queues *qs = arg;
+    unsigned total = qs->cfg.nr_queues * qs->cfg.depth;
 
     /* Room for every tag's command plus the engine's own file I/O. */
-    q->loop = loop_new(depth * 2 < 256 ? 256 : depth * 2);
-    int err = q->loop ? 0 : -errno;
+    unsigned entries = total * 2 < 256 ? 256 : total * 2 > 4096 ? 4096 : total * 2;
+    qs->loop = loop_new(entries);
+    int err = qs->loop ? 0 : -errno;
 
     pthread_mutex_lock(&qs->lock);
-    if (err) {
-        q->err = err;
-        qs->failed++;
-    }
-    qs->ready++;
+    qs->err = err;
+    qs->ready = true;
     pthread_cond_broadcast(&qs->cond);
     while (qs->state == START_WAIT)
         pthread_cond_wait(&qs->cond, &qs->lock);
@@ -430,28 +329,23 @@ static void *queue_thread(void *arg)
     pthread_mutex_unlock(&qs->lock);
 
     if (go) {
-        q->live_tags = depth;
-        for (unsigned i = 0; i < depth; i++)
-            q->tags[i].co = co_spawn(tag_loop, &q->tags[i]);
-        if (qs->cfg.nr_queues > 1)
-            co_spawn(q->qid == 0 ? engine_inbox : completion_inbox, q);
-        if (q->qid == 0)
-            co_spawn(engine_control, qs);
-        int r = loop_run(q->loop);
-        if (r < 0 && !q->err)
-            q->err = r;
+        qs->live_tags = total;
+        for (unsigned i = 0; i < qs->cfg.nr_queues; i++)
+            for (unsigned t = 0; t < qs->cfg.depth; t++)
+                qs->queues[i].tags[t].co = co_spawn(tag_loop, &qs->queues[i].tags[t]);
+        co_spawn(engine_control, qs);
+        int r = loop_run(qs->loop);
+        if (r < 0 && !qs->err)
+            qs->err = r;
     }
-    if (q->qid == 0)
-        control_close(qs);
+    control_close(qs);
     co_pool_release();
-    loop_free(q->loop);
-    q->loop = NULL;
+    loop_free(qs->loop);
+    qs->loop = NULL;
 
-    if (atomic_fetch_sub(&qs->running, 1) == 1) {
-        uint64_t one = 1;
-        if (write(qs->done_fd, &one, sizeof(one)) < 0)
-            uq_error("cannot signal the end of the queues: %s", strerror(errno));
-    }
+    uint64_t one = 1;
+    if (write(qs->done_fd, &one, sizeof(one)) < 0)
+        uq_error("cannot signal the end of the queues: %s", strerror(errno));
     return NULL;
 }
 
@@ -485,7 +379,6 @@ static void queues_free(struct ublk_queues *qs)
         for (unsigned t = 0; q->tags && t < qs->cfg.depth; t++)
             io_free(q->tags[t].buf);
         free(q->tags);
-        mailbox_free(q->mbox);
     }
     mailbox_free(qs->ctl);
     free(qs->queues);
@@ -524,17 +417,6 @@ static int queue_setup(struct ublk_queues *qs, struct ublk_queue *q, unsigned qi
         q->tags[t].q = q;
         q->tags[t].tag = t;
         q->tags[t].buf = io_alloc(qs->cfg.buf_bytes);
-        q->tags[t].msg.tag = &q->tags[t];
-        q->tags[t].msg.q = q;
-    }
-    q->done_msg.q = q->quit_msg.q = q;
-    if (qs->cfg.nr_queues > 1) {
-        q->mbox = mailbox_new();
-        if (!q->mbox) {
-            int e = errno;
-            snprintf(err, errlen, "cannot create a mailbox: %s", strerror(e));
-            return -e;
-        }
     }
     return 0;
 }
@@ -587,41 +469,27 @@ int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **ou
         }
     }
 
-    /* Threads first make their loops; no fetch goes out until all did, so
+    /* The thread first makes its loop; no fetch goes out until it did, so
      * a failure here leaves nothing behind in the kernel. */
-    unsigned started = 0;
-    for (unsigned i = 0; i < cfg->nr_queues; i++) {
-        atomic_fetch_add(&qs->running, 1);
-        ret = pthread_create(&qs->queues[i].thread, NULL, queue_thread, &qs->queues[i]);
-        if (ret != 0) {
-            atomic_fetch_sub(&qs->running, 1);
-            snprintf(err, errlen, "cannot create the thread of queue %u: %s", i, strerror(ret));
-            ret = -ret;
-            break;
-        }
-        qs->queues[i].thread_started = true;
-        started++;
-        ret = 0;
+    ret = pthread_create(&qs->thread, NULL, engine_thread, qs);
+    if (ret != 0) {
+        snprintf(err, errlen, "cannot create the engine thread: %s", strerror(ret));
+        queues_free(qs);
+        return -ret;
     }
+    qs->thread_started = true;
     pthread_mutex_lock(&qs->lock);
-    while (qs->ready < started)
+    while (!qs->ready)
         pthread_cond_wait(&qs->cond, &qs->lock);
-    if (ret == 0 && qs->failed) {
-        for (unsigned i = 0; i < cfg->nr_queues; i++)
-            if (qs->queues[i].err) {
-                ret = qs->queues[i].err;
-                snprintf(err, errlen, "cannot create the io_uring of queue %u: %s", i, strerror(-ret));
-                break;
-            }
-    }
+    ret = qs->err;
+    if (ret < 0)
+        snprintf(err, errlen, "cannot create the engine's io_uring: %s", strerror(-ret));
     qs->state = ret == 0 ? START_GO : START_ABORT;
     pthread_cond_broadcast(&qs->cond);
     pthread_mutex_unlock(&qs->lock);
 
     if (ret < 0) {
-        for (unsigned i = 0; i < cfg->nr_queues; i++)
-            if (qs->queues[i].thread_started)
-                pthread_join(qs->queues[i].thread, NULL);
+        pthread_join(qs->thread, NULL);
         queues_free(qs);
         return ret;
     }
@@ -654,14 +522,9 @@ void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st)
 
 int ublk_queues_stop(struct ublk_queues *qs)
 {
-    int ret = 0;
-    for (unsigned i = 0; i < qs->cfg.nr_queues; i++) {
-        struct ublk_queue *q = &qs->queues[i];
-        if (q->thread_started)
-            pthread_join(q->thread, NULL);
-        if (q->err && !ret)
-            ret = q->err;
-    }
+    if (qs->thread_started)
+        pthread_join(qs->thread, NULL);
+    int ret = qs->err;
     queues_free(qs);
     return ret;
 }

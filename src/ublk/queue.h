@@ -1,12 +1,13 @@
-/* The ublk I/O path: one thread per hardware queue, one coroutine per tag.
+/* The ublk I/O path: one engine thread, one coroutine per tag.
  *
- * Each queue thread owns a loop (io_uring) on which its tags' FETCH_REQ and
- * COMMIT_AND_FETCH_REQ commands go out (before kernel 6.16 the task that
- * fetched a queue's tags must issue every later command for them).  The
- * image engine is single-threaded: only queue 0's thread calls img_*.  The
- * other queues forward each request through a mailbox to queue 0's thread
- * and get the result back through their own mailbox; buffers are shared
- * memory, so no data is copied.  With one queue nothing is forwarded.
+ * The engine thread owns one loop (io_uring) on which the FETCH_REQ and
+ * COMMIT_AND_FETCH_REQ commands of every queue's tags go out, and it runs
+ * the image engine (single-threaded) in the same coroutines: a request is
+ * fetched, served and committed by the thread that owns the image, with no
+ * hop between threads.  `-q N` sets the device's hardware queues (blk-mq
+ * contexts), not threads.  Before kernel 6.16 the task that fetched a
+ * queue's tags must issue every later command for them; one task may be
+ * that task for every queue.
  */
 #ifndef UQ_UBLK_QUEUE_H
 #define UQ_UBLK_QUEUE_H
@@ -30,7 +31,7 @@ struct ublk_queues_cfg {
 struct ublk_queues;
 
 /* Open /dev/ublkcN, map each queue's descriptor array, allocate the tag
- * buffers and start the queue threads; each one fetches all its tags.
+ * buffers and start the engine thread, which fetches every queue's tags.
  * Returns 0 once every thread is running (START_DEV may be sent now), or
  * -errno with a message in err; nothing is left running on failure.
  * The calling thread should block the signals it handles first: the queue
@@ -38,11 +39,11 @@ struct ublk_queues;
 int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **out,
                       char *err, size_t errlen);
 
-/* An eventfd that becomes readable once every queue thread has finished
+/* An eventfd that becomes readable once the engine thread has finished
  * (after STOP_DEV aborted their fetches). */
 int ublk_queues_done_fd(const struct ublk_queues *qs);
 
-/* Wait for every queue thread (STOP_DEV must have been sent, or the device
+/* Wait for the engine thread (STOP_DEV must have been sent, or the device
  * must be going away), then unmap, close /dev/ublkcN and free.  Returns 0,
  * or the first -errno a queue hit. */
 int ublk_queues_stop(struct ublk_queues *qs);

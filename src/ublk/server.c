@@ -514,7 +514,7 @@ static int claim_device(struct daemon *d)
     return 0;
 }
 
-/* Signals are read from a signalfd; the queue threads inherit the mask. */
+/* Signals are read from a signalfd; the engine thread inherits the mask. */
 static int signals_to_fd(void)
 {
     sigset_t sigs;
