@@ -195,6 +195,9 @@ static int release_entry(struct qcow2 *q, uint64_t e, bool punch)
     case QCOW2_CLUSTER_COMPRESSED: {
         uint64_t coff, nbytes;
         qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
+        /* Readers in flight keep the old bytes (rule 5); nothing that
+         * starts from now on may find them in the cache. */
+        qcow2_zc_invalidate(q, coff, nbytes);
         drop(q, coff, nbytes);
         break;
     }
@@ -359,21 +362,9 @@ static int read_compressed(struct qcow2 *q, uint64_t e, uint64_t off, uint64_t l
     }
     if (nbytes > q->host_end - coff)
         nbytes = q->host_end - coff;   /* the last compressed cluster may end the file */
-    uint8_t *in = malloc(nbytes);
-    uint8_t *out = malloc(cs);
-    int r = -ENOMEM;
-    if (in && out) {
-        ssize_t n = file_pread_any(&q->file, in, nbytes, coff);
-        r = n < 0 ? (int)n : qcow2_decompress(q->h.compression_type, in, n, out, cs);
-        if (r == 0)
-            memcpy(buf, out + offset_into_cluster(q, off), len);
-        else if (n >= 0)
-            uq_error("%s: compressed cluster at 0x%llx does not decompress",
-                     q->img.path, (unsigned long long)coff);
-    }
-    free(in);
-    free(out);
-    return r;
+    (void)cs;
+    /* Through the cache of decompressed clusters, inflated on the pool. */
+    return qcow2_zc_read(q, coff, nbytes, off, offset_into_cluster(q, off), len, buf);
 }
 
 enum ext_kind { EXT_NONE, EXT_HOST, EXT_ZERO, EXT_BACKING };
@@ -1073,4 +1064,29 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
         r = zero_range(q, off, len, &z);
     qcow2_req_end(q, &rq);
     return r;
+}
+
+/* ---- compressed clusters (zwrite.c places the data) ---------------------------- */
+
+int qcow2_map_compressed(struct qcow2 *q, uint64_t off, uint64_t ce)
+{
+    struct mslice *s;
+    uint32_t idx;
+    int r = pin_entry_for_update(q, off, &s, &idx);
+    if (r < 0)
+        return r;
+    uint64_t old = l2e_get(q, s, idx), obm = l2bm_get(q, s, idx);
+    if (!entry_ok(q, old, obm, off)) {
+        qcow2_cache_put(&q->l2c, s);
+        return -EIO;
+    }
+    /* The data is on disk already (zwrite.c writes it before calling
+     * here); a compressed entry is never COPIED and, with extended L2,
+     * has an all-zero bitmap: it covers the whole cluster. */
+    l2e_set(q, s, idx, ce);
+    l2bm_set(q, s, idx, 0);
+    qcow2_cache_mark_dirty(s);
+    qcow2_cache_put(&q->l2c, s);
+    /* The old reference goes once this change is durable (rule 5). */
+    return release_entry(q, old, false);
 }
