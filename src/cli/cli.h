@@ -17,6 +17,11 @@ int cmd_resize(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_check(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+
+/* create's -o OPT=VALUE,... parser (img.c), also for convert's -o. */
+struct create_opts;
+bool cli_create_options(struct create_opts *o, const char *list);
 
 /* Progress bar on stderr (progress.c): drawn only when stderr is a terminal.
  * progress_update has the engine's tool_progress_fn signature (ctx = the

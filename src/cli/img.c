@@ -226,6 +226,17 @@ static bool create_options(struct create_cli *c, const char *list)
     return true;
 }
 
+/* convert's -o: the same options as create's, into o (the values stay
+ * allocated until exit). */
+bool cli_create_options(struct create_opts *o, const char *list)
+{
+    static struct create_cli c;
+    c.o = *o;
+    bool ok = create_options(&c, list);
+    *o = c.o;
+    return ok;
+}
+
 static void print_formatting(const char *path, const struct create_opts *o, uint64_t size)
 {
     printf("Formatting '%s', fmt=%s", path, o->format == IMG_FMT_RAW ? "raw" : "qcow2");
