@@ -257,6 +257,7 @@ static void usage(FILE *out)
         "  --size-limit SIZE  only touch the first SIZE bytes of the image\n"
         "  --format FMT       auto|raw|qcow2 (default auto)\n"
         "  --cache-size SIZE  qcow2 metadata cache size\n"
+        "  --compress-threads N  threads that decompress compressed clusters (default: the CPUs)\n"
         "  --seed N           random seed (default 1)\n"
         "  --key-file FILE    passphrase of a LUKS-encrypted image (FILE's exact bytes)\n"
         "  --key-env VAR      the passphrase from the environment variable VAR\n"
@@ -282,7 +283,7 @@ static bool parse_u64(const char *s, uint64_t *out)
 static int parse_args(int argc, char **argv, struct bench_cfg *c)
 {
     enum { O_RW = 256, O_BS, O_DEPTH, O_SECONDS, O_IOS, O_SIZE_LIMIT, O_FORMAT,
-           O_CACHE_SIZE, O_SEED, O_JSON, O_KEY_FILE, O_KEY_ENV };
+           O_CACHE_SIZE, O_SEED, O_JSON, O_KEY_FILE, O_KEY_ENV, O_COMPRESS_THREADS };
     static const struct option longopts[] = {
         { "rw",         required_argument, NULL, O_RW },
         { "bs",         required_argument, NULL, O_BS },
@@ -292,6 +293,7 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         { "size-limit", required_argument, NULL, O_SIZE_LIMIT },
         { "format",     required_argument, NULL, O_FORMAT },
         { "cache-size", required_argument, NULL, O_CACHE_SIZE },
+        { "compress-threads", required_argument, NULL, O_COMPRESS_THREADS },
         { "seed",       required_argument, NULL, O_SEED },
         { "json",       no_argument,       NULL, O_JSON },
         { "key-file",   required_argument, NULL, O_KEY_FILE },
@@ -382,6 +384,10 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
                 return 2;
             }
             c->cache_size = (uint64_t)sz;
+            break;
+        case O_COMPRESS_THREADS:
+            if (!cli_compress_threads("bench", optarg))
+                return 2;
             break;
         case O_SEED:
             if (!parse_u64(optarg, &c->seed)) {

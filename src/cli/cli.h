@@ -51,6 +51,11 @@ bool cli_parse_uint(const char *s, unsigned long min, unsigned long max, unsigne
 /* A ublk device id for `-n`: on a bad one, says so naming cmd and returns false. */
 bool cli_parse_dev_id(const char *cmd, const char *s, uint32_t *out);
 
+/* --compress-threads N (convert.c): the worker pool's size, 0 to 16; also
+ * exported as UBLK_QCOW2_COMPRESS_THREADS for a daemon started from here.
+ * Says why and returns false on a bad value. */
+bool cli_compress_threads(const char *cmd, const char *arg);
+
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -44,6 +44,18 @@ static void convert_usage(FILE *out)
         "existing file of another format unless -n and -O say so.\n");
 }
 
+bool cli_compress_threads(const char *cmd, const char *arg)
+{
+    unsigned long n;
+    if (!cli_parse_uint(arg, 0, 16, &n)) {
+        cli_error("%s: --compress-threads takes 0 to 16, not '%s'", cmd, arg);
+        return false;
+    }
+    wp_set_threads((int)n);
+    setenv("UBLK_QCOW2_COMPRESS_THREADS", arg, 1);
+    return true;
+}
+
 static bool fmt_arg(const char *s, enum img_format *f)
 {
     if (!strcmp(s, "qcow2"))
@@ -130,15 +142,10 @@ int cmd_convert(int argc, char **argv)
         case 'W':
             o.unordered = true;
             break;
-        case 'T': {
-            unsigned long n;
-            if (!cli_parse_uint(optarg, 0, 16, &n)) {
-                cli_error("convert: --compress-threads takes 0 to 16");
+        case 'T':
+            if (!cli_compress_threads("convert", optarg))
                 return 2;
-            }
-            wp_set_threads((int)n);
             break;
-        }
         case 'p':
             progress = true;
             break;

@@ -64,6 +64,8 @@ static void usage(FILE *out)
         "  -r, --read-only          refuse writes (export flagged read-only)\n"
         "  -f, --format FMT         auto (default), raw or qcow2\n"
         "      --cache-size SIZE    qcow2 metadata cache size (e.g. 32M)\n"
+        "      --compress-threads N threads that decompress compressed clusters (default:\n"
+        "                           the CPUs; 0: on the serving thread)\n"
         "      --discard MODE       ignore (default, as qemu-nbd): TRIM does nothing and\n"
         "                           write-zeroes keeps clusters allocated; unmap: TRIM and\n"
         "                           write-zeroes free clusters and punch holes in the file\n"
@@ -419,7 +421,7 @@ static int serve_forked(const struct nbd_cli *cli)
 int cmd_nbd(int argc, char **argv)
 {
     enum { OPT_BIND = 256, OPT_CACHE_SIZE, OPT_FORK, OPT_PID_FILE, OPT_DISCARD, OPT_NO_UNREF,
-           OPT_KEY_FILE, OPT_KEY_ENV };
+           OPT_KEY_FILE, OPT_KEY_ENV, OPT_COMPRESS_THREADS };
     static const struct option longopts[] = {
         { "socket",      required_argument, NULL, 'k' },
         { "bind",        required_argument, NULL, OPT_BIND },
@@ -427,6 +429,7 @@ int cmd_nbd(int argc, char **argv)
         { "read-only",   no_argument,       NULL, 'r' },
         { "format",      required_argument, NULL, 'f' },
         { "cache-size",  required_argument, NULL, OPT_CACHE_SIZE },
+        { "compress-threads", required_argument, NULL, OPT_COMPRESS_THREADS },
         { "fork",        no_argument,       NULL, OPT_FORK },
         { "pid-file",    required_argument, NULL, OPT_PID_FILE },
         { "discard",     required_argument, NULL, OPT_DISCARD },
@@ -482,6 +485,10 @@ int cmd_nbd(int argc, char **argv)
                 return 2;
             }
             cli.img_opts.cache_size = (uint64_t)size;
+            break;
+        case OPT_COMPRESS_THREADS:
+            if (!cli_compress_threads("nbd", optarg))
+                return 2;
             break;
         case OPT_FORK:
             cli.fork = true;

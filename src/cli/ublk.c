@@ -46,6 +46,8 @@ static void add_usage(FILE *out)
         "  -r, --read-only        refuse writes\n"
         "  -f, --format FMT       auto (default), raw or qcow2\n"
         "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
+        "      --compress-threads N  threads that decompress compressed clusters\n"
+        "                         (default: the CPUs; 0: on the engine thread)\n"
         "      --discard MODE     ignore (default, as qemu-nbd): discards do nothing and\n"
         "                         write-zeroes keeps clusters allocated; unmap: discards and\n"
         "                         write-zeroes free clusters and punch holes in the file\n"
@@ -249,6 +251,7 @@ int cmd_add(int argc, char **argv)
         { "read-only", no_argument, NULL, 'r' },
         { "format", required_argument, NULL, 'f' },
         { "cache-size", required_argument, NULL, 'c' },
+        { "compress-threads", required_argument, NULL, 'T' },
         { "foreground", no_argument, NULL, 'F' },
         { "recovery", no_argument, NULL, 'R' },
         { "discard", required_argument, NULL, 'D' },
@@ -312,6 +315,10 @@ int cmd_add(int argc, char **argv)
                 cli_error("add: unknown format '%s' (auto, raw or qcow2)", optarg);
                 return 2;
             }
+            break;
+        case 'T':
+            if (!cli_compress_threads("add", optarg))
+                return 2;
             break;
         case 'c': {
             int64_t sz = parse_size(optarg);

@@ -78,11 +78,26 @@ static void *worker(void *arg)
     return NULL;
 }
 
+/* A forked child (a daemon) has none of the parent's threads: it starts
+ * its own pool on first use.  Jobs queued in the parent stay the parent's. */
+static void after_fork_child(void)
+{
+    pthread_mutex_init(&wp_lock, NULL);
+    pthread_cond_init(&wp_cond, NULL);
+    wp_head = wp_tail = NULL;
+    wp_started = false;
+}
+
 /* Called with wp_lock held. */
 static void start_locked(void)
 {
+    static bool atfork;
     if (wp_started)
         return;
+    if (!atfork) {
+        atfork = true;
+        pthread_atfork(NULL, NULL, after_fork_child);
+    }
     wp_started = true;
     if (wp_nthreads < 0)
         wp_nthreads = default_threads();
