@@ -403,6 +403,10 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
 /* Compress a cluster on the worker pool (parks the coroutine): the length
  * of the compressed data, -ENOSPC if it does not fit in out_len. */
 ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len);
+/* n clusters of in_len bytes at in[i] into out[i] (out_len bytes), all in
+ * parallel on the pool; res[i] as qcow2_zc_compress. */
+void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
+                            uint8_t *const *out, size_t out_len, ssize_t *res);
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st);
 
 /* zwrite.c: compressed clusters, packed into host clusters as QEMU packs them */

@@ -399,6 +399,30 @@ ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uin
     return j.result;
 }
 
+void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
+                            uint8_t *const *out, size_t out_len, ssize_t *res)
+{
+    struct zjob *j = calloc(n, sizeof(*j));
+    if (!j) {
+        for (size_t i = 0; i < n; i++)
+            res[i] = -ENOMEM;
+        return;
+    }
+    /* All on the pool at once: the workers take them in parallel. */
+    for (size_t i = 0; i < n; i++) {
+        j[i] = (struct zjob){
+            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in[i],
+            .in_len = in_len, .out = out[i], .out_len = out_len, .compress = true,
+        };
+        wp_submit(&q->port, &j[i].wp);
+    }
+    for (size_t i = 0; i < n; i++) {
+        wp_wait(&q->port, &j[i].wp);
+        res[i] = j[i].result;
+    }
+    free(j);
+}
+
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st)
 {
     if (!q->zc)

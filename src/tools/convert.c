@@ -66,45 +66,46 @@ static void set_err(struct conv *c, int r, const char *what, uint64_t off)
     }
 }
 
-/* One block [off, off+len) that differs from what the target reads. */
-static int put_block(struct conv *c, const uint8_t *data, uint64_t off, uint64_t len, uint8_t *cbuf)
+enum act { A_SKIP, A_ZERO, A_DATA, A_COMP };
+
+/* Write runs of blocks [k0, k1) of one kind in one request. */
+static int put_run(struct conv *c, enum act a, const uint8_t *sbuf, uint64_t off, uint64_t from,
+                   uint64_t to)
 {
-    const struct convert_opts *o = c->o;
-    if (o->min_sparse && all_zero(data, len))
-        return img_write_zeroes(c->dst, off, len, 0);
-    if (o->compress && len == cl_size(c->dq)) {
-        uint64_t cs = cl_size(c->dq);
-        /* Only what compresses to less than a cluster is stored compressed
-         * (as QEMU: else the cluster is written as it is). */
-        ssize_t n = qcow2_zc_compress(c->dq, data, cs, cbuf, cs - 1);
-        if (n > 0)
-            return qcow2_co_write_compressed(c->dst, cbuf, (size_t)n, off);
-        if (n != -ENOSPC)
-            return n < 0 ? (int)n : -EIO;
-    }
-    return img_write(c->dst, data, off, len, 0);
+    if (a == A_ZERO)
+        return img_write_zeroes(c->dst, off + from, to - from, 0);
+    return img_write(c->dst, sbuf + from, off + from, to - from, 0);
 }
 
 static void worker_co(void *arg)
 {
     struct conv *c = arg;
     const struct convert_opts *o = c->o;
+    uint64_t nb = c->chunk / c->block;
     uint8_t *sbuf = io_alloc(c->chunk), *tbuf = io_alloc(c->chunk);
-    uint8_t *cbuf = c->dq ? malloc(cl_size(c->dq)) : NULL;
+    uint8_t *cbuf = o->compress ? malloc(c->chunk) : NULL;
+    enum act *act = calloc(nb, sizeof(*act));
+    const uint8_t **zin = calloc(nb, sizeof(*zin));
+    uint8_t **zout = calloc(nb, sizeof(*zout));
+    ssize_t *zres = calloc(nb, sizeof(*zres));
+    size_t *zidx = calloc(nb, sizeof(*zidx));
+    bool fresh_zero = !o->existing && !o->create.backing_file;
+    if (!act || !zin || !zout || !zres || !zidx || (o->compress && !cbuf))
+        set_err(c, -ENOMEM, "allocating buffers", 0);
     while (!c->err && c->next * c->chunk < c->size) {
         uint64_t idx = c->next++;
         uint64_t off = idx * c->chunk, len = c->size - off < c->chunk ? c->size - off : c->chunk;
-        /* Whole blocks: the image sizes are multiples of 512; a block past
-         * the end of a qcow2 target's last cluster is compared and written
-         * only up to the end. */
         int r = img_read(c->src, sbuf, off, len);
         if (r < 0) {
             set_err(c, r, "reading the source", off);
             break;
         }
+        /* The last block may be partial: zeros after the end (a compressed
+         * last cluster is padded with them, as QEMU pads it). */
+        uint64_t blocks = (len + c->block - 1) / c->block;
+        memset(sbuf + len, 0, blocks * c->block - len);
         /* What the target reads now: zeros (new), the backing file (-B),
          * or the old content (-n).  Equal blocks are not written. */
-        bool fresh_zero = !o->existing && !o->create.backing_file;
         if (!fresh_zero) {
             r = img_read(c->dst, tbuf, off, len);
             if (r < 0) {
@@ -112,34 +113,58 @@ static void worker_co(void *arg)
                 break;
             }
         }
+        size_t nz = 0;
+        for (uint64_t k = 0; k < blocks; k++) {
+            uint64_t b = k * c->block, n = len - b < c->block ? len - b : c->block;
+            bool zero = all_zero(sbuf + b, n);
+            bool same = fresh_zero ? zero : !memcmp(sbuf + b, tbuf + b, n);
+            if (same)
+                /* -S 0: a new image gets everything allocated, zeros too. */
+                act[k] = o->min_sparse || !fresh_zero ? A_SKIP : A_DATA;
+            else if (zero && o->min_sparse)
+                act[k] = A_ZERO;
+            else if (o->compress) {
+                act[k] = A_COMP;
+                zin[nz] = sbuf + b;
+                zout[nz] = cbuf + b;
+                zidx[nz++] = k;
+            } else
+                act[k] = A_DATA;
+        }
+        /* Compression first, in parallel with the other chunks'; only the
+         * writes wait for their turn. */
+        if (nz)
+            qcow2_zc_compress_many(c->dq, nz, zin, c->block, zout, c->block - 1, zres);
+        for (size_t i = 0; i < nz; i++) {
+            if (zres[i] == -ENOSPC)
+                act[zidx[i]] = A_DATA;      /* does not compress: stored as it is (QEMU too) */
+            else if (zres[i] <= 0)
+                r = zres[i] < 0 ? (int)zres[i] : -EIO;
+        }
+        if (r < 0) {
+            set_err(c, r, "compressing", off);
+            break;
+        }
         /* Ordered mode: wait for this chunk's turn before writing. */
         while (!o->unordered && c->next_write != idx && !c->err)
             co_queue_wait(&c->turn);
-        for (uint64_t b = 0; b < len && r == 0 && !c->err; b += c->block) {
-            uint64_t n = len - b < c->block ? len - b : c->block;
-            bool same = fresh_zero ? all_zero(sbuf + b, n) : !memcmp(sbuf + b, tbuf + b, n);
-            if (same && o->min_sparse)
-                continue;
-            if (same && fresh_zero && !o->min_sparse) {
-                /* -S 0: everything allocated, zeros too (qemu-img's "fully
-                 * allocated" output). */
-                r = img_write(c->dst, sbuf + b, off + b, n, 0);
+        size_t zi = 0;
+        for (uint64_t k = 0; k < blocks && r == 0 && !c->err;) {
+            uint64_t b = k * c->block;
+            if (act[k] == A_COMP) {
+                while (zidx[zi] != k)
+                    zi++;
+                r = qcow2_co_write_compressed(c->dst, cbuf + b, (size_t)zres[zi], off + b);
+                k++;
                 continue;
             }
-            if (same)
-                continue;
-            if (o->compress && n < cl_size(c->dq)) {
-                /* The image's last, partial cluster: compressed with zeros
-                 * after the end, as QEMU pads it. */
-                memset(sbuf + b + n, 0, cl_size(c->dq) - n);
-                if (!o->min_sparse || !all_zero(sbuf + b, n)) {
-                    ssize_t z = qcow2_zc_compress(c->dq, sbuf + b, cl_size(c->dq), cbuf, cl_size(c->dq) - 1);
-                    r = z > 0 ? qcow2_co_write_compressed(c->dst, cbuf, (size_t)z, off + b)
-                              : img_write(c->dst, sbuf + b, off + b, n, 0);
-                    continue;
-                }
-            }
-            r = put_block(c, sbuf + b, off + b, n, cbuf);
+            uint64_t k1 = k + 1;
+            while (k1 < blocks && act[k1] == act[k])
+                k1++;
+            uint64_t to = k1 * c->block < len ? k1 * c->block : len;
+            if (act[k] != A_SKIP)
+                r = put_run(c, act[k], sbuf, off, b, to);
+            k = k1;
         }
         if (r < 0)
             set_err(c, r, "writing the target", off);
@@ -152,6 +177,11 @@ static void worker_co(void *arg)
     io_free(sbuf);
     io_free(tbuf);
     free(cbuf);
+    free(act);
+    free(zin);
+    free(zout);
+    free(zres);
+    free(zidx);
     if (c->err)
         co_queue_wake_all(&c->turn);
     if (--c->live == 0)
