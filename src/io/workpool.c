@@ -5,6 +5,8 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "io/coroutine.h"
@@ -58,6 +60,11 @@ int wp_threads(void)
 static void *worker(void *arg)
 {
     (void)arg;
+    /* Below the engine threads: on a busy machine the scheduler prefers the
+     * threads serving requests (uncompressed reads keep their latency while
+     * a compressed stream is being inflated). */
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 5) < 0)
+        uq_debug("compression worker: cannot lower its priority");
     for (;;) {
         pthread_mutex_lock(&wp_lock);
         while (!wp_head)

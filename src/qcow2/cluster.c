@@ -417,12 +417,30 @@ static int extent_issue(struct qcow2 *q, struct extent *x)
     return r;
 }
 
+/* The compressed clusters of one multi-cluster read are decompressed in
+ * parallel: each by a child coroutine (parked on the worker pool), all
+ * finished before the read returns (so they are covered by its qreq). */
+struct zgroup { unsigned live; int err; struct co_queue done; };
+struct zchild { struct qcow2 *q; uint64_t e, off, n; uint8_t *buf; struct zgroup *g; };
+
+static void zchild_run(void *arg)
+{
+    struct zchild *c = arg;
+    int r = read_cluster_part(c->q, c->e, 0, c->off, c->n, c->buf);
+    if (r < 0 && !c->g->err)
+        c->g->err = r;
+    if (--c->g->live == 0)
+        co_queue_wake_all(&c->g->done);
+    free(c);
+}
+
 int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
 {
     struct qcow2 *q = to_qcow2(img);
     uint8_t *buf = vbuf;
     struct qreq rq;
     struct extent x = { .kind = EXT_NONE };
+    struct zgroup zg = { .live = 0, .err = 0, .done = CO_QUEUE_INIT };
     int r = 0;
     qcow2_req_begin(q, &rq);
     while (len && r == 0) {
@@ -452,7 +470,14 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
             x.len += n;
         } else {
             r = extent_issue(q, &x);
-            if (r == 0 && k == EXT_NONE)
+            struct zchild *zc = NULL;
+            if (r == 0 && k == EXT_NONE && t == QCOW2_CLUSTER_COMPRESSED && len > n && co_in_coroutine())
+                zc = malloc(sizeof(*zc));
+            if (zc) {
+                *zc = (struct zchild){ .q = q, .e = e, .off = off, .n = n, .buf = buf, .g = &zg };
+                zg.live++;
+                co_spawn(zchild_run, zc);
+            } else if (r == 0 && k == EXT_NONE)
                 r = read_cluster_part(q, e, bm, off, n, buf);
             else
                 x = (struct extent){ .kind = k, .host = host, .off = off, .len = n, .buf = buf };
@@ -463,6 +488,10 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
     }
     if (r == 0)
         r = extent_issue(q, &x);
+    while (zg.live)
+        co_queue_wait(&zg.done);
+    if (r == 0)
+        r = zg.err;
     qcow2_req_end(q, &rq);
     return r;
 }
