@@ -47,7 +47,9 @@ Environment:
                    concurrent runs
   BENCH_SECONDS    seconds per measurement (default 4, quick 2; decimals allowed)
   BENCH_ROUNDS     rounds of the engine and nbd workloads (default 3, quick 1)
-  BENCH_ONLY       sections, comma-separated: engine,nbd,tls,sizes,ublk (default all)
+  BENCH_ONLY       sections, comma-separated: engine,nbd,tls,sizes,ublk,compressed (default all;
+                   compressed is bench/compressed.py: compressed-image reads, latency under a
+                   compressed stream, convert -c, into BENCH_RESULTS/compressed.{md,json})
   BENCH_WORKLOADS  only these workloads, comma-separated (names as in latest.json)
   BENCH_QUICK=1    check that the suite works: 2 s per measurement, small images, 1 VM round
   BENCH_SIZE       image size for engine/nbd (default 2G, quick 256M)
@@ -208,8 +210,8 @@ class Config:
         # 3 rounds: a median that one slow round cannot move (a full run near 25 minutes).
         self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
-        self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "tls", "sizes", "ublk"],
-                                   ["engine", "nbd", "tls", "sizes", "ublk"])
+        self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "tls", "sizes", "ublk", "compressed"],
+                                   ["engine", "nbd", "tls", "sizes", "ublk", "compressed"])
         self.pki = os.path.join(self.dir, "pki")
         self.workloads = self.names("BENCH_WORKLOADS", list(WORKLOADS), list(WORKLOADS))
         self.fresh = env.get("BENCH_FRESH", "") not in ("", "0")
@@ -711,6 +713,13 @@ def check_tools(cfg):
 
 def suite_main(binary):
     cfg = Config(binary)
+    if "compressed" in cfg.sections:
+        # Its own report: bench/compressed.py (BENCH_RESULTS/compressed.{md,json}).
+        import compressed
+        rc = compressed.main(binary)
+        cfg.sections = [s for s in cfg.sections if s != "compressed"]
+        if not cfg.sections:
+            return rc
     check_tools(cfg)
     os.makedirs(os.path.join(cfg.dir, "logs"), exist_ok=True)
     # Two runs sharing BENCH_DIR would mix their results and stop each other's servers.

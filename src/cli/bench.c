@@ -258,6 +258,7 @@ static void usage(FILE *out)
         "  --size-limit SIZE  only touch the first SIZE bytes of the image\n"
         "  --format FMT       auto|raw|qcow2 (default auto)\n"
         "  --cache-size SIZE  qcow2 metadata cache size\n"
+        "  --compress-threads N  threads that decompress compressed clusters (default: the CPUs)\n"
         "  --seed N           random seed (default 1)\n"
         "  --key-file FILE    passphrase of a LUKS-encrypted image (FILE's exact bytes)\n"
         "  --key-env VAR      the passphrase from the environment variable VAR\n"
@@ -358,6 +359,7 @@ static int parse_args(int argc, char **argv, struct bench_cfg *c)
         { "size-limit", 0, CLI_SIZE, .dest = &c->size_limit, .min = 1, .bad = "invalid --size-limit '%s'" },
         { "format", 0, CLI_FORMAT, .dest = &c->format, .bad = "unknown --format '%s' (auto, raw, qcow2)" },
         { "cache-size", 0, CLI_SIZE, .dest = &c->cache_size, .bad = "invalid --cache-size '%s' (" SIZE_RANGE ")" },
+        CLI_OPT_COMPRESS_THREADS,
         { "seed", 0, CLI_CALL, .dest = &c->seed, .take = take_u64 },
         { "json", 0, CLI_FLAG, .dest = &c->json },
         { "key-file", 0, CLI_KEY_FILE, .dest = &c->key },

@@ -17,6 +17,21 @@ int cmd_resize(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_check(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+
+/* create's -o OPT=VALUE,... parser (img.c), also for convert's -o. */
+struct create_opts;
+bool cli_create_options(struct create_opts *o, const char *list);
+/* -o OPT=VALUE,... given several times: the lists in order (applied after
+ * the format is known), -o help lists the names. */
+struct option_lists {
+    const char *list[32];
+    int n;
+};
+struct cli_cmd;
+struct cli_opt;
+int cli_take_option_list(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg,
+                         int argc, char **argv);
 
 /* Progress bar on stderr (progress.c): drawn only when stderr is a terminal.
  * progress_update has the engine's tool_progress_fn signature (ctx = the
@@ -59,6 +74,16 @@ int cli_ask_daemon(const char *cmd, uint32_t id, const char *request, char *repl
 
 /* What a size may be, for every "invalid size" message. */
 #define SIZE_RANGE "0 to 8 EiB - 1 bytes, a number with an optional k, M, G, T, P or E suffix"
+
+/* --compress-threads N (convert.c): the worker pool's size, 0 to 16; also
+ * exported as UBLK_QCOW2_COMPRESS_THREADS for a daemon started from here.
+ * Says why and returns false on a bad value. */
+bool cli_compress_threads(const char *cmd, const char *arg);
+/* --compress-threads N as a row of a command's option table. */
+int cli_take_compress_threads(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg,
+                              int argc, char **argv);
+#define CLI_OPT_COMPRESS_THREADS \
+    { "compress-threads", 0, CLI_CALL, .take = cli_take_compress_threads }
 
 /* Print "ublk-qcow2: <msg>\n" to stderr (printf-style). */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

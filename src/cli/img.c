@@ -214,6 +214,17 @@ static bool create_options(struct create_cli *c, const char *list)
     return true;
 }
 
+/* convert's -o: the same options as create's, into o (the values stay
+ * allocated until exit). */
+bool cli_create_options(struct create_opts *o, const char *list)
+{
+    static struct create_cli c;
+    c.o = *o;
+    bool ok = create_options(&c, list);
+    *o = c.o;
+    return ok;
+}
+
 static void print_formatting(const char *path, const struct create_opts *o, uint64_t size)
 {
     printf("Formatting '%s', fmt=%s", path, o->format == IMG_FMT_RAW ? "raw" : "qcow2");
@@ -237,13 +248,8 @@ static void print_formatting(const char *path, const struct create_opts *o, uint
 }
 
 /* -o LIST, kept in the order given: the lists are read once -f is known. */
-struct option_lists {
-    const char *list[32];
-    int n;
-};
-
-static int take_option_list(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg,
-                            int argc, char **argv)
+int cli_take_option_list(const struct cli_cmd *cmd, const struct cli_opt *o, const char *arg,
+                         int argc, char **argv)
 {
     struct option_lists *ol = o->dest;
     if (!strcmp(arg, "help") || !strcmp(arg, "?")) {
@@ -253,7 +259,7 @@ static int take_option_list(const struct cli_cmd *cmd, const struct cli_opt *o, 
         return 0;
     }
     if (ol->n == (int)(sizeof(ol->list) / sizeof(ol->list[0]))) {
-        cli_error("create: too many -o options");
+        cli_error("%s: too many -o options", cmd->name);
         return 2;
     }
     ol->list[ol->n++] = arg;
@@ -269,7 +275,7 @@ int cmd_create(int argc, char **argv)
     int ret = 1;
     const struct cli_opt opts[] = {
         { "format", 'f', CLI_NEW_FORMAT, .dest = &c.o.format },
-        { "options", 'o', CLI_CALL, .dest = &lists, .take = take_option_list },
+        { "options", 'o', CLI_CALL, .dest = &lists, .take = cli_take_option_list },
         { "backing", 'b', CLI_STRING, .dest = &c.o.backing_file },
         { "backing-format", 'F', CLI_STRING, .dest = &c.o.backing_fmt },
         { "quiet", 'q', CLI_FLAG, .dest = &quiet },

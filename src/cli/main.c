@@ -27,6 +27,7 @@ static const struct subcommand subcommands[] = {
     { "create", cmd_create, "create a qcow2 or raw image (qemu-img create's options)" },
     { "info",  cmd_info,  "describe an image and its backing chain (as qemu-img info)" },
     { "check", cmd_check, "check an image's metadata and repair it (as qemu-img check)" },
+    { "convert", cmd_convert, "copy an image to qcow2 (compressed or not) or raw (as qemu-img convert)" },
     { "snapshot", cmd_snapshot, "list, create, delete or apply internal qcow2 snapshots" },
     { "resize", cmd_resize, "change the virtual size of an image (or grow a live device)" },
 };

@@ -75,6 +75,8 @@ static void usage(FILE *out)
         "  -r, --read-only          refuse writes (export flagged read-only)\n"
         "  -f, --format FMT         auto (default), raw or qcow2\n"
         "      --cache-size SIZE    qcow2 metadata cache size (e.g. 32M)\n"
+        "      --compress-threads N threads that decompress compressed clusters (default:\n"
+        "                           the CPUs; 0: on the serving thread)\n"
         "      --discard MODE       ignore (default, as qemu-nbd): TRIM does nothing and\n"
         "                           write-zeroes keeps clusters allocated; unmap: TRIM and\n"
         "                           write-zeroes free clusters and punch holes in the file\n"
@@ -601,6 +603,7 @@ int cmd_nbd(int argc, char **argv)
         /* how the image is opened */
         { "format", 'f', CLI_FORMAT, .dest = &io->format },
         { "cache-size", 0, CLI_SIZE, .dest = &io->cache_size, .bad = "invalid --cache-size '%s' (" SIZE_RANGE ")" },
+        CLI_OPT_COMPRESS_THREADS,
         { "discard", 0, CLI_DISCARD, .dest = &io->discard },
         { "discard-no-unref", 0, CLI_FLAG, .dest = &io->discard_no_unref },
         { "snapshot", 'l', CLI_STRING, .dest = &io->snapshot },

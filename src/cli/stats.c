@@ -32,6 +32,7 @@ static void stats_usage(FILE *out)
 struct sample {
     uint64_t reads, writes, read_bytes, write_bytes, flushes, discards, write_zeroes;
     uint64_t errors, in_flight, cache_hits, cache_misses, clusters_allocated;
+    uint64_t zcache_hits, zcache_misses, clusters_decompressed;     /* 0 from older daemons */
     char image[4096], format[16];
 };
 
@@ -57,6 +58,9 @@ static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
             return 1;
         }
     }
+    json_get_u64(reply, "zcache_hits", &s->zcache_hits);
+    json_get_u64(reply, "zcache_misses", &s->zcache_misses);
+    json_get_u64(reply, "clusters_decompressed", &s->clusters_decompressed);
     if (!json_get_string(reply, "image", s->image, sizeof(s->image)))
         s->image[0] = '\0';
     if (!json_get_string(reply, "format", s->format, sizeof(s->format)))
@@ -86,6 +90,10 @@ static void print_sample(uint32_t id, const struct sample *s)
         printf("cache hits    - (no metadata lookups)\n");
     printf("allocated     %llu clusters since the device was added\n",
            (unsigned long long)s->clusters_allocated);
+    if (s->zcache_hits + s->zcache_misses)
+        printf("compressed    %llu reads: %llu from the decompressed-cluster cache, %llu clusters decompressed\n",
+               (unsigned long long)(s->zcache_hits + s->zcache_misses),
+               (unsigned long long)s->zcache_hits, (unsigned long long)s->clusters_decompressed);
 }
 
 static volatile sig_atomic_t interrupted;

@@ -46,6 +46,8 @@ static void add_usage(FILE *out)
         "  -r, --read-only        refuse writes\n"
         "  -f, --format FMT       auto (default), raw or qcow2\n"
         "  -c, --cache-size SIZE  qcow2 metadata cache, e.g. 32M (default: sized to the image)\n"
+        "      --compress-threads N  threads that decompress compressed clusters\n"
+        "                         (default: the CPUs; 0: on the engine thread)\n"
         "      --discard MODE     ignore (default, as qemu-nbd): discards do nothing and\n"
         "                         write-zeroes keeps clusters allocated; unmap: discards and\n"
         "                         write-zeroes free clusters and punch holes in the file\n"
@@ -285,6 +287,7 @@ int cmd_add(int argc, char **argv)
         { "read-only", 'r', CLI_FLAG, .dest = &o.read_only },
         { "format", 'f', CLI_FORMAT, .dest = &o.format },
         { "cache-size", 'c', CLI_SIZE, .dest = &o.cache_size, .min = 1, .bad = "invalid cache size '%s' (e.g. 32M; at least 1 byte, " SIZE_RANGE ")" },
+        CLI_OPT_COMPRESS_THREADS,
         { "foreground", 0, CLI_FLAG, .dest = &foreground },
         { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
         { "discard", 0, CLI_DISCARD, .dest = &o.discard },

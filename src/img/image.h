@@ -81,6 +81,9 @@ struct img_snapshot {
 struct img_stats {
     uint64_t cache_hits, cache_misses;  /* metadata cache (L2 + refcount) lookups */
     uint64_t clusters_allocated;        /* host clusters allocated since open */
+    uint64_t zcache_hits, zcache_misses;    /* reads of compressed clusters served from /
+                                               not found in the decompressed-cluster cache */
+    uint64_t clusters_decompressed;     /* decompressions run (on the worker pool) */
 };
 
 /* Progress of a long operation: done of total units so far (ctx is the

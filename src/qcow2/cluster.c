@@ -195,6 +195,9 @@ static int release_entry(struct qcow2 *q, uint64_t e, bool punch)
     case QCOW2_CLUSTER_COMPRESSED: {
         uint64_t coff, nbytes;
         qcow2_compressed_desc(&q->h, e, &coff, &nbytes);
+        /* Readers in flight keep the old bytes (rule 5); nothing that
+         * starts from now on may find them in the cache. */
+        qcow2_zc_invalidate(q, coff, nbytes);
         drop(q, coff, nbytes);
         break;
     }
@@ -359,21 +362,9 @@ static int read_compressed(struct qcow2 *q, uint64_t e, uint64_t off, uint64_t l
     }
     if (nbytes > q->host_end - coff)
         nbytes = q->host_end - coff;   /* the last compressed cluster may end the file */
-    uint8_t *in = malloc(nbytes);
-    uint8_t *out = malloc(cs);
-    int r = -ENOMEM;
-    if (in && out) {
-        ssize_t n = file_pread_any(&q->file, in, nbytes, coff);
-        r = n < 0 ? (int)n : qcow2_decompress(q->h.compression_type, in, n, out, cs);
-        if (r == 0)
-            memcpy(buf, out + offset_into_cluster(q, off), len);
-        else if (n >= 0)
-            uq_error("%s: compressed cluster at 0x%llx does not decompress",
-                     q->img.path, (unsigned long long)coff);
-    }
-    free(in);
-    free(out);
-    return r;
+    (void)cs;
+    /* Through the cache of decompressed clusters, inflated on the pool. */
+    return qcow2_zc_read(q, coff, nbytes, off, offset_into_cluster(q, off), len, buf);
 }
 
 enum ext_kind { EXT_NONE, EXT_HOST, EXT_ZERO, EXT_BACKING };
@@ -426,12 +417,30 @@ static int extent_issue(struct qcow2 *q, struct extent *x)
     return r;
 }
 
+/* The compressed clusters of one multi-cluster read are decompressed in
+ * parallel: each by a child coroutine (parked on the worker pool), all
+ * finished before the read returns (so they are covered by its qreq). */
+struct zgroup { unsigned live; int err; struct co_queue done; };
+struct zchild { struct qcow2 *q; uint64_t e, off, n; uint8_t *buf; struct zgroup *g; };
+
+static void zchild_run(void *arg)
+{
+    struct zchild *c = arg;
+    int r = read_cluster_part(c->q, c->e, 0, c->off, c->n, c->buf);
+    if (r < 0 && !c->g->err)
+        c->g->err = r;
+    if (--c->g->live == 0)
+        co_queue_wake_all(&c->g->done);
+    free(c);
+}
+
 int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
 {
     struct qcow2 *q = to_qcow2(img);
     uint8_t *buf = vbuf;
     struct qreq rq;
     struct extent x = { .kind = EXT_NONE };
+    struct zgroup zg = { .live = 0, .err = 0, .done = CO_QUEUE_INIT };
     int r = 0;
     qcow2_req_begin(q, &rq);
     while (len && r == 0) {
@@ -461,7 +470,14 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
             x.len += n;
         } else {
             r = extent_issue(q, &x);
-            if (r == 0 && k == EXT_NONE)
+            struct zchild *zc = NULL;
+            if (r == 0 && k == EXT_NONE && t == QCOW2_CLUSTER_COMPRESSED && len > n && co_in_coroutine())
+                zc = malloc(sizeof(*zc));
+            if (zc) {
+                *zc = (struct zchild){ .q = q, .e = e, .off = off, .n = n, .buf = buf, .g = &zg };
+                zg.live++;
+                co_spawn(zchild_run, zc);
+            } else if (r == 0 && k == EXT_NONE)
                 r = read_cluster_part(q, e, bm, off, n, buf);
             else
                 x = (struct extent){ .kind = k, .host = host, .off = off, .len = n, .buf = buf };
@@ -472,6 +488,10 @@ int qcow2_co_read(struct image *img, void *vbuf, uint64_t off, uint64_t len)
     }
     if (r == 0)
         r = extent_issue(q, &x);
+    while (zg.live)
+        co_queue_wait(&zg.done);
+    if (r == 0)
+        r = zg.err;
     qcow2_req_end(q, &rq);
     return r;
 }
@@ -1073,4 +1093,29 @@ int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len)
         r = zero_range(q, off, len, &z);
     qcow2_req_end(q, &rq);
     return r;
+}
+
+/* ---- compressed clusters (zwrite.c places the data) ---------------------------- */
+
+int qcow2_map_compressed(struct qcow2 *q, uint64_t off, uint64_t ce)
+{
+    struct mslice *s;
+    uint32_t idx;
+    int r = pin_entry_for_update(q, off, &s, &idx);
+    if (r < 0)
+        return r;
+    uint64_t old = l2e_get(q, s, idx), obm = l2bm_get(q, s, idx);
+    if (!entry_ok(q, old, obm, off)) {
+        qcow2_cache_put(&q->l2c, s);
+        return -EIO;
+    }
+    /* The data is on disk already (zwrite.c writes it before calling
+     * here); a compressed entry is never COPIED and, with extended L2,
+     * has an all-zero bitmap: it covers the whole cluster. */
+    l2e_set(q, s, idx, ce);
+    l2bm_set(q, s, idx, 0);
+    qcow2_cache_mark_dirty(s);
+    qcow2_cache_put(&q->l2c, s);
+    /* The old reference goes once this change is durable (rule 5). */
+    return release_entry(q, old, false);
 }

@@ -9,7 +9,10 @@
 
 #include "qcow2/format.h"
 
-static int zlib_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len)
+/* want < out_len: only the first want bytes are needed (a read of the start
+ * of a cluster); inflating stops there.  want == out_len: the whole cluster,
+ * which must come out exactly. */
+static int zlib_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len, size_t want)
 {
     z_stream zs;
     int ret;
@@ -23,9 +26,11 @@ static int zlib_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_
     zs.next_in = (Bytef *)in;
     zs.avail_in = (uInt)in_len;
     zs.next_out = out;
-    zs.avail_out = (uInt)out_len;
-    ret = inflate(&zs, Z_FINISH);
+    zs.avail_out = (uInt)want;
+    ret = inflate(&zs, want < out_len ? Z_SYNC_FLUSH : Z_FINISH);
     inflateEnd(&zs);
+    if (want < out_len)
+        return (ret == Z_OK || ret == Z_STREAM_END || ret == Z_BUF_ERROR) && zs.avail_out == 0 ? 0 : -EIO;
     /* The descriptor only knows the length to 512 bytes, so trailing input is
      * fine (Z_BUF_ERROR once the output is full); a short output is not. */
     if ((ret != Z_STREAM_END && ret != Z_BUF_ERROR) || zs.avail_out != 0)
@@ -86,11 +91,11 @@ static ZSTD_DCtx *thread_dctx(void)
     return dctx;
 }
 
-static int zstd_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len)
+static int zstd_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len, size_t want)
 {
     ZSTD_DCtx *dctx = thread_dctx();
     ZSTD_inBuffer input = { in, in_len, 0 };
-    ZSTD_outBuffer output = { out, out_len, 0 };
+    ZSTD_outBuffer output = { out, want, 0 };
     size_t zret = 1;
     int ret = 0;
 
@@ -111,8 +116,9 @@ static int zstd_decompress(const uint8_t *in, size_t in_len, uint8_t *out, size_
         }
     }
     /* Output full but the frame not finished: let it consume the frame
-     * epilogue (e.g. a checksum); more data means the cluster was too big. */
-    if (ret == 0 && zret != 0) {
+     * epilogue (e.g. a checksum); more data means the cluster was too big.
+     * A prefix (want < out_len) stops as soon as it is there. */
+    if (ret == 0 && zret != 0 && want == out_len) {
         zret = ZSTD_decompressStream(dctx, &output, &input);
         if (ZSTD_isError(zret) || zret != 0)
             ret = -EIO;
@@ -142,11 +148,19 @@ static ssize_t zstd_compress(const uint8_t *in, size_t in_len, uint8_t *out, siz
 int qcow2_decompress(enum qcow2_compression type, const uint8_t *in, size_t in_len,
                      uint8_t *out, size_t out_len)
 {
+    return qcow2_decompress_prefix(type, in, in_len, out, out_len, out_len);
+}
+
+int qcow2_decompress_prefix(enum qcow2_compression type, const uint8_t *in, size_t in_len,
+                            uint8_t *out, size_t out_len, size_t want)
+{
+    if (want == 0 || want > out_len)
+        want = out_len;
     switch (type) {
     case QCOW2_COMP_ZLIB:
-        return zlib_decompress(in, in_len, out, out_len);
+        return zlib_decompress(in, in_len, out, out_len, want);
     case QCOW2_COMP_ZSTD:
-        return zstd_decompress(in, in_len, out, out_len);
+        return zstd_decompress(in, in_len, out, out_len, want);
     }
     return -EIO;
 }

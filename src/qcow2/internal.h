@@ -12,6 +12,8 @@
  *   snapshot.c  internal snapshots: list, create, delete, apply, open one
  *   resize.c    virtual size changes
  *   exclusive.c what the exclusive operations (resize, snapshots) share
+ *   zcache.c    recently decompressed clusters; (de)compression on the worker pool
+ *   zwrite.c    writing compressed clusters (convert -c)
  */
 #ifndef UQ_QCOW2_INTERNAL_H
 #define UQ_QCOW2_INTERNAL_H
@@ -23,6 +25,7 @@
 #include "io/coroutine.h"
 #include "io/file.h"
 #include "io/stat.h"
+#include "io/workpool.h"
 #include "qcow2/format.h"
 #include "img/image.h"
 #include "qcow2/verdict.h"
@@ -178,6 +181,11 @@ struct qcow2 {
     struct file data_file;
     int data_lock_fd;           /* QEMU-style locks on the data file; -1 if none */
     bool data_raw;              /* data_file_raw: the data file is a raw image of the guest */
+
+    /* Compressed clusters (zcache.c, zwrite.c). */
+    struct zcache *zc;          /* recently decompressed clusters; NULL if none */
+    struct wp_port port;        /* completions of this engine's pool jobs */
+    struct zwriter *zw;         /* compressed-cluster packing state; NULL until used */
 
     struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
     struct luks *crypto;        /* LUKS master key contexts (crypto.c); NULL if not encrypted */
@@ -391,5 +399,36 @@ int qcow2_read_snapshots(struct qcow2 *q, char *err, size_t errlen);
 int qcow2_rebuild_refcounts(struct qcow2 *q, char *err, size_t errlen);
 /* Write the 512-byte sector of the L1 table at l1_off holding entry i. */
 int qcow2_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i);
+
+/* zcache.c: a bounded cache of decompressed clusters, keyed by their host
+ * descriptor (offset and byte length of the compressed data).  Whatever frees
+ * or changes a compressed cluster's host bytes calls qcow2_zc_invalidate on
+ * the host range first (refcount reaching 0, an L2 entry letting a
+ * compressed cluster go, a compressed write placing data); entries being
+ * decompressed when that happens are never published. */
+int qcow2_zc_init(struct qcow2 *q, uint64_t bytes);
+void qcow2_zc_free(struct qcow2 *q);
+void qcow2_zc_invalidate(struct qcow2 *q, uint64_t off, uint64_t len);
+/* Read [in, in+len) of the compressed cluster at host [coff, coff+nbytes),
+ * guest_off naming the guest cluster (fault injection). */
+int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
+                  uint64_t in, uint64_t len, uint8_t *buf);
+/* Compress a cluster on the worker pool (parks the coroutine): the length
+ * of the compressed data, -ENOSPC if it does not fit in out_len. */
+ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len);
+/* n clusters of in_len bytes at in[i] into out[i] (out_len bytes), all in
+ * parallel on the pool; res[i] as qcow2_zc_compress. */
+void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
+                            uint8_t *const *out, size_t out_len, ssize_t *res);
+void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st);
+
+/* zwrite.c: compressed clusters, packed into host clusters as QEMU packs them */
+int qcow2_co_write_compressed(struct image *img, const void *cdata, size_t clen, uint64_t off);
+int qcow2_zw_finish(struct qcow2 *q);      /* write the partly filled host cluster */
+void qcow2_zw_free(struct qcow2 *q);
+
+/* cluster.c: point the L2 entry of guest cluster off at compressed data
+ * (entry e, a compressed descriptor), dropping the old reference. */
+int qcow2_map_compressed(struct qcow2 *q, uint64_t off, uint64_t e);
 
 #endif

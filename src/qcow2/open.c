@@ -260,6 +260,8 @@ static void qcow2_free(struct qcow2 *q)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
     qcow2_cache_free(&q->l2c);
     qcow2_cache_free(&q->rcc);
+    qcow2_zw_free(q);
+    qcow2_zc_free(q);
     qcow2_ol_free(q);
     while (q->frees_pending) {
         struct deferred_free *d = q->frees_pending;
@@ -313,6 +315,7 @@ static void qcow2_stats(struct image *img, struct img_stats *st)
     st->cache_hits = stat_get(&q->l2c.hits) + stat_get(&q->rcc.hits);
     st->cache_misses = stat_get(&q->l2c.misses) + stat_get(&q->rcc.misses);
     st->clusters_allocated = stat_get(&q->clusters_allocated);
+    qcow2_zc_stats(q, st);
 }
 
 static struct image *qcow2_backing(struct image *img)
@@ -501,16 +504,21 @@ static int init_caches(struct qcow2 *q, const struct img_opts *o, char *err, siz
 {
     uint32_t slice = q->h.cluster_size < 4096 ? (uint32_t)q->h.cluster_size : 4096;
     uint64_t l2_need = ((q->h.size + q->h.cluster_size - 1) >> q->h.cluster_bits) * q->h.l2_entry_size;
-    uint64_t l2_bytes, rc_bytes;
+    uint64_t l2_bytes, rc_bytes, zc_bytes;
     if (o->cache_size) {
+        /* An eighth for decompressed clusters (zcache.c, filled only by
+         * compressed reads). */
         rc_bytes = o->cache_size / 4;
-        l2_bytes = o->cache_size - rc_bytes;
+        zc_bytes = o->cache_size / 8;
+        l2_bytes = o->cache_size - rc_bytes - zc_bytes;
     } else {
         l2_bytes = l2_need < (32u << 20) ? l2_need : (32u << 20);
         rc_bytes = l2_bytes / 4;
+        zc_bytes = 8u << 20;
     }
     if (qcow2_cache_init(&q->l2c, q, "L2", true, slice, slices_for(l2_bytes, slice, MIN_L2_SLICES)) < 0 ||
-        qcow2_cache_init(&q->rcc, q, "refcount", false, slice, slices_for(rc_bytes, slice, MIN_RC_SLICES)) < 0) {
+        qcow2_cache_init(&q->rcc, q, "refcount", false, slice, slices_for(rc_bytes, slice, MIN_RC_SLICES)) < 0 ||
+        qcow2_zc_init(q, zc_bytes) < 0) {
         snprintf(err, errlen, "%s: out of memory for the metadata cache", q->file.path);
         return -ENOMEM;
     }

@@ -151,11 +151,14 @@ static void append_frees(struct deferred_free **list, struct deferred_free *more
  * flush runs may point at data not yet synced, so they wait for the next. */
 int qcow2_flush(struct qcow2 *q)
 {
+    /* Compressed writes completed so far may still sit in the packing
+     * buffer: written and mapped first, so this flush covers them. */
+    int zr = qcow2_zw_finish(q);
     co_mutex_lock(&q->flush_lock);
     struct mcopy *rcc = NULL, *l2c = NULL;
     struct sector_copy *rt = NULL, *l1 = NULL;
     uint32_t nrc = 0, nl2 = 0, nrt = 0, nl1 = 0;
-    int r = qcow2_cache_snapshot_dirty(&q->rcc, &rcc, &nrc);
+    int r = zr < 0 ? zr : qcow2_cache_snapshot_dirty(&q->rcc, &rcc, &nrc);
     if (r == 0)
         r = qcow2_cache_snapshot_dirty(&q->l2c, &l2c, &nl2);
     if (r == 0)

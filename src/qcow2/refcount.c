@@ -100,6 +100,9 @@ int qcow2_rc_update(struct qcow2 *q, uint64_t cluster, int64_t delta)
         }
         if (cluster < q->free_hint)
             q->free_hint = cluster;
+        /* Free: the allocator may hand it out for new data, so no cached
+         * decompressed cluster may outlive the bytes it came from. */
+        qcow2_zc_invalidate(q, cluster * cl_size(q), cl_size(q));
     }
     qcow2_refcount_set(s->data, q->h.refcount_order, idx, old + delta);
     qcow2_cache_mark_dirty(s);

@@ -106,4 +106,31 @@ struct check_opts {
 int img_check(const char *path, enum img_format fmt, const struct check_opts *opts,
               struct check_result *res, char *err, size_t errlen);
 
+/* ---- convert (convert.c) ------------------------------------------------------- */
+struct convert_opts {
+    const char *src;                /* the source image (any format, its chain is followed) */
+    enum img_format src_format;     /* -f (AUTO probes) */
+    const char *snapshot;           /* -l: copy this internal snapshot of the source */
+    bool force_share;               /* -U: read a source others may be writing */
+    const char *dst;
+    struct create_opts create;      /* -O (create.format), -o, -B/-F: the target's options */
+    bool format_given;              /* -O was given (with -n: write that format into the file) */
+    bool compress;                  /* -c: compressed clusters (the target's compression_type) */
+    bool existing;                  /* -n: write into an existing image, do not create it */
+    uint64_t min_sparse;            /* -S: zero runs of this size (bytes) stay holes; 0: none */
+    unsigned parallel;              /* -m: coroutines (default 8) */
+    bool unordered;                 /* -W: writes may go out of order */
+    tool_progress_fn progress;      /* bytes copied of the source's size */
+    void *progress_ctx;
+};
+
+void convert_opts_init(struct convert_opts *o);
+/* Copy o->src to o->dst as qemu-img convert does: blocks that read the same
+ * in the target already (zeros in a new image, the backing file with -B,
+ * the old data with -n) are not written; zero blocks become write-zeroes.
+ * Refuses (-EINVAL/-EBUSY/-EEXIST, reason in err) to write the source or a
+ * file of its chain, an image in use (locked), or an existing file of
+ * another format (without -n and an explicit -O). */
+int img_convert(const struct convert_opts *o, char *err, size_t errlen);
+
 #endif

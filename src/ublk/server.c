@@ -134,13 +134,16 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
     fprintf(f, ", \"uptime_s\": %.3f, \"reads\": %llu, \"writes\": %llu, \"read_bytes\": %llu, "
                "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
                "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
-               "\"clusters_allocated\": %llu}",
+               "\"clusters_allocated\": %llu, \"zcache_hits\": %llu, \"zcache_misses\": %llu, "
+               "\"clusters_decompressed\": %llu}",
             up, (unsigned long long)io.reads, (unsigned long long)io.writes,
             (unsigned long long)io.read_bytes, (unsigned long long)io.write_bytes,
             (unsigned long long)io.flushes, (unsigned long long)io.discards,
             (unsigned long long)io.write_zeroes, (unsigned long long)io.errors,
             (unsigned long long)io.in_flight, (unsigned long long)is.cache_hits,
-            (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated);
+            (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated,
+            (unsigned long long)is.zcache_hits, (unsigned long long)is.zcache_misses,
+            (unsigned long long)is.clusters_decompressed);
     bool ok = !ferror(f) && ftell(f) < (long)len - 1;
     fclose(f);
     if (!ok)

@@ -1,0 +1,433 @@
+/* Compressed clusters on the read side: a bounded cache of recently
+ * decompressed clusters, and (de)compression on the worker pool.
+ *
+ * Key: the host descriptor (byte offset and length of the compressed data),
+ * never the guest offset: a guest cluster's mapping may change at any time,
+ * the bytes at a host descriptor change only once those host clusters were
+ * freed and reused (or a compressed write placed new data there).  Every
+ * such path calls qcow2_zc_invalidate first:
+ *   - refcount.c, when a cluster's refcount reaches 0 (free: may be reused);
+ *   - cluster.c, when an L2 entry lets a compressed cluster go (rewrite,
+ *     discard, write-zeroes): the data stays valid for readers already in
+ *     flight (rule 5 keeps the clusters until they finish), but nothing new
+ *     should find it;
+ *   - zwrite.c, before compressed data is placed at a host range.
+ * An entry being decompressed when its range is invalidated is taken out of
+ * the hash at once: its waiters (requests that started before, entitled to
+ * the old bytes) still get the data, but it is never published, so no
+ * request that starts later can see it.
+ *
+ * Only the engine's thread touches the cache (no locks); workers see only a
+ * job's own buffers.  A read needing the start of a cluster may decompress
+ * only the prefix it needs (zlib stops early); a read from the cluster's
+ * first byte takes all of it, so sequential readers decompress each cluster
+ * once and the reads after it hit the cache. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/log.h"
+#include "qcow2/internal.h"
+
+#define ZC_MIN_ENTRIES 4u
+
+struct zc_entry {
+    uint64_t coff, nbytes;          /* key: the compressed data's host range */
+    uint8_t *data;                  /* cluster_size bytes */
+    uint32_t valid;                 /* bytes valid from the start (when loaded) */
+    uint32_t target;                /* bytes being decompressed (while loading) */
+    uint32_t pins;                  /* requests waiting for it to load */
+    int err;                        /* the load failed: waiters fail with it */
+    bool loading, hashed;
+    struct co_queue waiters;
+    struct zc_entry *hnext;
+    struct zc_entry *prev, *next;   /* LRU (hashed entries only) */
+};
+
+struct zcache {
+    uint32_t max, count;            /* entries allowed, entries existing */
+    struct zc_entry **hash;         /* by the host cluster the data starts in */
+    uint32_t hash_mask;
+    struct zc_entry lru;            /* sentinel: lru.next is the least recently used */
+    uint64_t *faults;               /* fault injection: guest clusters whose decompression fails */
+    size_t nfaults;
+    stat_counter hits, misses, decompressed;
+};
+
+struct zjob {
+    struct wp_job wp;
+    enum qcow2_compression type;
+    const uint8_t *in;
+    size_t in_len;
+    uint8_t *out;
+    size_t out_len, want;
+    bool fail;                      /* fault injection */
+    ssize_t result;
+    bool compress;
+};
+
+static void zjob_run(struct wp_job *w)
+{
+    struct zjob *j = (struct zjob *)w;
+    if (j->fail)
+        j->result = -EIO;
+    else if (j->compress)
+        j->result = qcow2_compress(j->type, j->in, j->in_len, j->out, j->out_len);
+    else
+        j->result = qcow2_decompress_prefix(j->type, j->in, j->in_len, j->out, j->out_len, j->want);
+}
+
+static void parse_faults(struct zcache *z)
+{
+    /* UBLK_QCOW2_FAULT_DECOMPRESS=OFF[,OFF...]: decompressing the guest
+     * cluster holding any OFF fails on the worker (tests). */
+    const char *env = getenv("UBLK_QCOW2_FAULT_DECOMPRESS");
+    if (!env || !*env)
+        return;
+    for (const char *p = env; *p;) {
+        char *end;
+        unsigned long long v = strtoull(p, &end, 0);
+        if (end == p)
+            break;
+        uint64_t *n = realloc(z->faults, (z->nfaults + 1) * sizeof(*n));
+        if (!n)
+            break;
+        z->faults = n;
+        z->faults[z->nfaults++] = v;
+        p = *end == ',' ? end + 1 : end;
+    }
+}
+
+int qcow2_zc_init(struct qcow2 *q, uint64_t bytes)
+{
+    int r = wp_port_init(&q->port);
+    if (r < 0)
+        return r;
+    struct zcache *z = calloc(1, sizeof(*z));
+    if (!z)
+        return -ENOMEM;
+    uint64_t n = bytes / cl_size(q);
+    if (n < ZC_MIN_ENTRIES)
+        n = ZC_MIN_ENTRIES;
+    if (n > (1u << 20))
+        n = 1u << 20;
+    z->max = (uint32_t)n;
+    uint32_t buckets = 16;
+    while (buckets < z->max * 2)
+        buckets <<= 1;
+    z->hash = calloc(buckets, sizeof(*z->hash));
+    if (!z->hash) {
+        free(z);
+        return -ENOMEM;
+    }
+    z->hash_mask = buckets - 1;
+    z->lru.prev = z->lru.next = &z->lru;
+    parse_faults(z);
+    q->zc = z;
+    return 0;
+}
+
+static void entry_free(struct zcache *z, struct zc_entry *e)
+{
+    free(e->data);
+    free(e);
+    z->count--;
+}
+
+void qcow2_zc_free(struct qcow2 *q)
+{
+    struct zcache *z = q->zc;
+    if (z) {
+        for (uint32_t b = 0; b <= z->hash_mask; b++)
+            while (z->hash[b]) {
+                struct zc_entry *e = z->hash[b];
+                z->hash[b] = e->hnext;
+                entry_free(z, e);
+            }
+        free(z->hash);
+        free(z->faults);
+        free(z);
+        q->zc = NULL;
+    }
+    if (q->port.mb)
+        wp_port_destroy(&q->port);
+}
+
+static inline uint32_t bucket(const struct qcow2 *q, const struct zcache *z, uint64_t host_cluster)
+{
+    (void)q;
+    return (uint32_t)((host_cluster * 0x9e3779b97f4a7c15ull) >> 32) & z->hash_mask;
+}
+
+static void lru_unlink(struct zc_entry *e)
+{
+    e->prev->next = e->next;
+    e->next->prev = e->prev;
+    e->prev = e->next = e;
+}
+
+static void lru_push(struct zcache *z, struct zc_entry *e)
+{
+    e->prev = z->lru.prev;
+    e->next = &z->lru;
+    z->lru.prev->next = e;
+    z->lru.prev = e;
+}
+
+/* Take e out of the hash and the LRU: no lookup finds it any more.  Freed
+ * now if nobody uses it, else by the last user. */
+static void unhash(struct qcow2 *q, struct zcache *z, struct zc_entry *e)
+{
+    struct zc_entry **pp = &z->hash[bucket(q, z, e->coff >> cl_bits(q))];
+    while (*pp && *pp != e)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = e->hnext;
+    e->hashed = false;
+    lru_unlink(e);
+    if (!e->loading && !e->pins)
+        entry_free(z, e);
+}
+
+void qcow2_zc_invalidate(struct qcow2 *q, uint64_t off, uint64_t len)
+{
+    struct zcache *z = q->zc;
+    if (!z || !z->count || !len)
+        return;
+    /* Compressed data is shorter than a cluster plus a sector, so an entry
+     * overlapping the range starts at most one host cluster before it. */
+    uint64_t first = off >> cl_bits(q), last = (off + len - 1) >> cl_bits(q);
+    if (first)
+        first--;
+    if (last - first > z->hash_mask) {
+        /* A huge range: walk every entry instead of every cluster. */
+        for (uint32_t b = 0; b <= z->hash_mask; b++)
+            for (struct zc_entry *e = z->hash[b], *n; e; e = n) {
+                n = e->hnext;
+                if (e->coff < off + len && off < e->coff + e->nbytes)
+                    unhash(q, z, e);
+            }
+        return;
+    }
+    for (uint64_t c = first; c <= last; c++)
+        for (struct zc_entry *e = z->hash[bucket(q, z, c)], *n; e; e = n) {
+            n = e->hnext;
+            if ((e->coff >> cl_bits(q)) == c && e->coff < off + len && off < e->coff + e->nbytes)
+                unhash(q, z, e);
+        }
+}
+
+static struct zc_entry *lookup(struct qcow2 *q, struct zcache *z, uint64_t coff, uint64_t nbytes)
+{
+    for (struct zc_entry *e = z->hash[bucket(q, z, coff >> cl_bits(q))]; e; e = e->hnext)
+        if (e->coff == coff && e->nbytes == nbytes)
+            return e;
+    return NULL;
+}
+
+/* A new entry for (coff, nbytes), loading; NULL when every entry is busy
+ * (the read then decompresses into a buffer of its own). */
+static struct zc_entry *entry_new(struct qcow2 *q, struct zcache *z, uint64_t coff, uint64_t nbytes)
+{
+    struct zc_entry *e = NULL;
+    if (z->count >= z->max) {
+        /* Evict the least recently used entry nobody is using. */
+        for (struct zc_entry *v = z->lru.next; v != &z->lru; v = v->next)
+            if (!v->loading && !v->pins) {
+                e = v;
+                break;
+            }
+        if (!e)
+            return NULL;
+        uint8_t *data = e->data;
+        e->data = NULL;     /* keep the buffer for the new entry */
+        e->loading = true;  /* not freed by unhash */
+        unhash(q, z, e);
+        memset(e, 0, sizeof(*e));
+        e->data = data;
+    } else {
+        e = calloc(1, sizeof(*e));
+        if (!e)
+            return NULL;
+        e->data = malloc(cl_size(q));
+        if (!e->data) {
+            free(e);
+            return NULL;
+        }
+        z->count++;
+    }
+    e->coff = coff;
+    e->nbytes = nbytes;
+    e->loading = true;
+    e->hashed = true;
+    e->waiters = (struct co_queue)CO_QUEUE_INIT;
+    uint32_t b = bucket(q, z, coff >> cl_bits(q));
+    e->hnext = z->hash[b];
+    z->hash[b] = e;
+    lru_push(z, e);
+    return e;
+}
+
+static bool fault_at(const struct zcache *z, const struct qcow2 *q, uint64_t guest_off)
+{
+    for (size_t i = 0; i < z->nfaults; i++)
+        if (start_of_cluster(q, z->faults[i]) == start_of_cluster(q, guest_off))
+            return true;
+    return false;
+}
+
+/* Read the compressed bytes and decompress the first want bytes into out
+ * (on the pool).  0 or -errno (logged). */
+static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
+                uint8_t *out, size_t want)
+{
+    uint64_t cs = cl_size(q);
+    uint8_t *in = malloc(nbytes);
+    if (!in)
+        return -ENOMEM;
+    ssize_t n = file_pread_any(&q->file, in, nbytes, coff);
+    int r = (int)(n < 0 ? n : 0);
+    if (r == 0) {
+        struct zjob j = {
+            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in, .in_len = (size_t)n,
+            .out = out, .out_len = cs, .want = want,
+            .fail = q->zc && q->zc->nfaults && fault_at(q->zc, q, guest_off),
+        };
+        wp_run(&q->port, &j.wp);
+        r = (int)j.result;
+        if (q->zc)
+            stat_add(&q->zc->decompressed, 1);
+        if (r < 0)
+            uq_error("%s: compressed cluster at 0x%llx (guest offset 0x%llx) does not decompress",
+                     q->img.path, (unsigned long long)coff, (unsigned long long)start_of_cluster(q, guest_off));
+    }
+    free(in);
+    return r;
+}
+
+/* How much of the cluster to decompress for a read of [in, in+len):
+ * everything when the read starts the cluster (sequential readers read the
+ * rest next) or needs most of it; else the prefix up to the read's end,
+ * rounded to 4 KiB (zlib stops early: a random read costs half as much). */
+static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len)
+{
+    uint64_t cs = cl_size(q), need = (in + len + 4095) & ~4095ull;
+    if (in == 0 || need >= cs - cs / 4)
+        return cs;
+    return need;
+}
+
+int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
+                  uint64_t in, uint64_t len, uint8_t *buf)
+{
+    struct zcache *z = q->zc;
+    uint64_t cs = cl_size(q);
+    for (;;) {
+        struct zc_entry *e = z ? lookup(q, z, coff, nbytes) : NULL;
+        if (e && !e->loading && e->valid >= in + len) {
+            stat_add(&z->hits, 1);
+            memcpy(buf, e->data + in, len);
+            lru_unlink(e);
+            lru_push(z, e);
+            return 0;
+        }
+        if (e && e->loading && e->target >= in + len) {
+            /* Someone is decompressing what we need: wait for it. */
+            stat_add(&z->hits, 1);
+            e->pins++;
+            co_queue_wait(&e->waiters);
+            e->pins--;
+            int r = e->err;
+            if (r == 0)
+                memcpy(buf, e->data + in, len);
+            if (!e->hashed && !e->loading && !e->pins)
+                entry_free(z, e);
+            return r;
+        }
+        if (e && e->loading) {
+            /* A shorter prefix is on its way; wait, then decompress more. */
+            e->pins++;
+            co_queue_wait(&e->waiters);
+            e->pins--;
+            if (!e->hashed && !e->loading && !e->pins)
+                entry_free(z, e);
+            continue;
+        }
+        if (e)
+            unhash(q, z, e);    /* too short a prefix: replaced by a longer one */
+        break;
+    }
+    if (z)
+        stat_add(&z->misses, 1);
+    size_t want = want_for(q, in, len);
+    struct zc_entry *e = z ? entry_new(q, z, coff, nbytes) : NULL;
+    if (!e) {
+        uint8_t *out = malloc(cs);
+        if (!out)
+            return -ENOMEM;
+        int r = load(q, coff, nbytes, guest_off, out, want);
+        if (r == 0)
+            memcpy(buf, out + in, len);
+        free(out);
+        return r;
+    }
+    e->target = (uint32_t)want;
+    int r = load(q, coff, nbytes, guest_off, e->data, want);
+    e->loading = false;
+    e->err = r;
+    if (r == 0) {
+        e->valid = (uint32_t)want;
+        memcpy(buf, e->data + in, len);
+    }
+    co_queue_wake_all(&e->waiters);
+    /* Failed, or invalidated while it was loading: never published.  The
+     * waiters (started before the invalidation) copy out first. */
+    if (r < 0 && e->hashed)
+        unhash(q, z, e);
+    else if (!e->hashed && !e->pins)
+        entry_free(z, e);
+    return r;
+}
+
+ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len)
+{
+    struct zjob j = {
+        .wp.fn = zjob_run, .type = q->h.compression_type, .in = in, .in_len = in_len,
+        .out = out, .out_len = out_len, .compress = true,
+    };
+    wp_run(&q->port, &j.wp);
+    return j.result;
+}
+
+void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
+                            uint8_t *const *out, size_t out_len, ssize_t *res)
+{
+    struct zjob *j = calloc(n, sizeof(*j));
+    if (!j) {
+        for (size_t i = 0; i < n; i++)
+            res[i] = -ENOMEM;
+        return;
+    }
+    /* All on the pool at once: the workers take them in parallel. */
+    for (size_t i = 0; i < n; i++) {
+        j[i] = (struct zjob){
+            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in[i],
+            .in_len = in_len, .out = out[i], .out_len = out_len, .compress = true,
+        };
+        wp_submit(&q->port, &j[i].wp);
+    }
+    for (size_t i = 0; i < n; i++) {
+        wp_wait(&q->port, &j[i].wp);
+        res[i] = j[i].result;
+    }
+    free(j);
+}
+
+void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st)
+{
+    if (!q->zc)
+        return;
+    st->zcache_hits = stat_get(&q->zc->hits);
+    st->zcache_misses = stat_get(&q->zc->misses);
+    st->clusters_decompressed = stat_get(&q->zc->decompressed);
+}

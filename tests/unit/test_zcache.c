@@ -1,0 +1,407 @@
+/* The cache of decompressed clusters and the worker pool, on a real image
+ * driven by coroutines on an io_uring loop (as the servers drive it):
+ *   - reading a compressed cluster piece by piece decompresses it once
+ *     (also when all the pieces are requested at once);
+ *   - readers running all the time never see a cluster's content from
+ *     before a rewrite, discard, or free-and-reuse that completed before
+ *     their read started (the reuse places new compressed data at the very
+ *     host descriptor the cache holds);
+ *   - a failed decompression (fault injected on the worker) fails that read
+ *     with EIO and nothing else. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "io/coroutine.h"
+#include "io/loop.h"
+#include "qcow2/internal.h"
+#include "tools/tools.h"
+#include "unit.h"
+
+#define CS      65536u
+#define NCL     16u             /* guest clusters used */
+#define PIECE   4096u
+#define READERS 8
+
+static char dir[64], path[128];
+
+/* Content of version vid of guest cluster c: every 4 KiB piece starts with
+ * (c, vid), then compressible bytes that depend on vid (vid 0: zeros). */
+static void content(uint8_t *buf, uint32_t c, uint32_t vid)
+{
+    if (vid == 0) {
+        memset(buf, 0, CS);
+        return;
+    }
+    for (uint32_t p = 0; p < CS; p += PIECE) {
+        uint8_t *b = buf + p;
+        memcpy(b, &c, 4);
+        memcpy(b + 4, &vid, 4);
+        for (uint32_t i = 8; i < PIECE; i++)
+            b[i] = (uint8_t)((i / 7 + vid * 31 + p / PIECE) & 0x3f);
+    }
+}
+
+static uint32_t piece_vid(const uint8_t *b, uint32_t c, bool *ok)
+{
+    uint32_t cc, vid;
+    memcpy(&cc, b, 4);
+    memcpy(&vid, b + 4, 4);
+    bool zero = true;
+    for (uint32_t i = 0; i < PIECE && zero; i++)
+        zero = b[i] == 0;
+    if (zero) {
+        *ok = true;
+        return 0;
+    }
+    *ok = cc == c;
+    return vid;
+}
+
+struct ctx {
+    struct image *img;
+    struct qcow2 *q;
+    /* history of versions per cluster: hist[c][0..n[c]) committed */
+    uint32_t hist[NCL][256];
+    uint32_t n[NCL];
+    uint32_t next_vid;
+    bool writer_done;
+    int readers_live;
+    unsigned reads, bad, errors;
+    struct co_queue done_q;
+    int fault_r, other_r;
+};
+
+static int write_compressed_cluster(struct ctx *x, uint32_t c, uint32_t vid)
+{
+    uint8_t *raw = io_alloc(CS), *comp = malloc(CS);
+    content(raw, c, vid);
+    ssize_t n = qcow2_zc_compress(x->q, raw, CS, comp, CS - 1);
+    int r = n < 0 ? (int)n : qcow2_co_write_compressed(x->img, comp, (size_t)n, (uint64_t)c * CS);
+    /* A compressed write is mapped once its host cluster is written: at the
+     * latest by the next flush. */
+    if (r == 0)
+        r = img_flush(x->img);
+    io_free(raw);
+    free(comp);
+    return r;
+}
+
+static void commit(struct ctx *x, uint32_t c, uint32_t vid)
+{
+    if (x->n[c] < 256)
+        x->hist[c][x->n[c]++] = vid;
+}
+
+/* Is vid committed at index >= from (or the one in flight)? */
+static bool vid_ok(struct ctx *x, uint32_t c, uint32_t from, uint32_t vid, uint32_t inflight)
+{
+    if (vid == inflight)
+        return true;
+    for (uint32_t k = from; k < x->n[c]; k++)
+        if (x->hist[c][k] == vid)
+            return true;
+    return false;
+}
+
+static uint32_t inflight_vid[NCL];
+static int zero_fd = -1;
+
+static void reader(void *arg)
+{
+    struct ctx *x = arg;
+    uint8_t *buf = io_alloc(PIECE);
+    unsigned seed = (unsigned)x->readers_live * 7919u + 1;
+    while (!x->writer_done) {
+        seed = seed * 1103515245u + 12345u;
+        uint32_t c = (seed >> 8) % NCL, p = (seed >> 20) % (CS / PIECE);
+        uint32_t from = x->n[c] ? x->n[c] - 1 : 0;
+        int r = img_read(x->img, buf, (uint64_t)c * CS + p * PIECE, PIECE);
+        x->reads++;
+        /* A cache hit never parks: go through the ring once, so the loop
+         * submits the others' I/O (the writer's) between reads. */
+        uint8_t one;
+        io_pread(zero_fd, &one, 1, 0);
+        if (r < 0) {
+            x->errors++;
+            continue;
+        }
+        bool ok;
+        uint32_t vid = piece_vid(buf, c, &ok);
+        if (!ok || !vid_ok(x, c, from, vid, inflight_vid[c])) {
+            if (x->bad++ < 5)
+                printf("#   cluster %u piece %u: read version %u, committed from index %u\n", c, p, vid, from);
+        }
+    }
+    io_free(buf);
+    if (--x->readers_live == 0)
+        co_queue_wake_all(&x->done_q);
+}
+
+static void writer(void *arg)
+{
+    struct ctx *x = arg;
+    uint8_t *raw = io_alloc(CS);
+    int r = 0;
+    for (uint32_t round = 0; round < 24 && r == 0; round++) {
+        uint32_t c = (round * 5) % NCL, vid = ++x->next_vid;
+        inflight_vid[c] = vid;
+        switch (round % 4) {
+        case 0:     /* rewrite (uncompressed: the compressed cluster is let go) */
+            content(raw, c, vid);
+            r = img_write(x->img, raw, (uint64_t)c * CS, CS, 0);
+            break;
+        case 1:     /* discard */
+            inflight_vid[c] = 0;
+            r = img_discard(x->img, (uint64_t)c * CS, CS);
+            vid = 0;
+            break;
+        case 2:     /* compressed again */
+            r = write_compressed_cluster(x, c, vid);
+            break;
+        case 3: {
+            /* Free and reuse: let go of every cluster (their host clusters
+             * reach refcount 0 once flushed), then compress new content:
+             * the allocator hands out the same host clusters, the first
+             * piece at the very descriptor a cached entry had. */
+            for (uint32_t k = 0; k < NCL && r == 0; k++) {
+                inflight_vid[k] = 0;
+                r = img_discard(x->img, (uint64_t)k * CS, CS);
+                if (r == 0)
+                    commit(x, k, 0);
+            }
+            for (int f = 0; f < 2 && r == 0; f++)
+                r = img_flush(x->img);
+            for (uint32_t k = 0; k < NCL && r == 0; k++) {
+                uint32_t v = ++x->next_vid;
+                inflight_vid[k] = v;
+                r = write_compressed_cluster(x, k, v);
+                if (r == 0)
+                    commit(x, k, v);
+            }
+            vid = x->hist[c][x->n[c] - 1];
+            break;
+        }
+        }
+        if (r == 0)
+            commit(x, c, vid);
+        if (r == 0 && round % 3 == 2)
+            r = img_flush(x->img);
+    }
+    CHECK_EQ(r, 0);
+    io_free(raw);
+    x->writer_done = true;
+}
+
+static void run_concurrent(void *arg)
+{
+    struct ctx *x = arg;
+    int r = 0;
+    for (uint32_t c = 0; c < NCL && r == 0; c++) {
+        uint32_t vid = ++x->next_vid;
+        r = write_compressed_cluster(x, c, vid);
+        commit(x, c, vid);
+    }
+    CHECK_EQ(r, 0);
+    x->readers_live = READERS;
+    for (int i = 0; i < READERS; i++)
+        co_spawn(reader, x);
+    writer(x);
+    while (x->readers_live)
+        co_queue_wait(&x->done_q);
+}
+
+static struct image *open_img(void)
+{
+    struct img_opts o = { .format = IMG_FMT_QCOW2, .discard = IMG_DISCARD_UNMAP };
+    char err[256];
+    struct image *img = img_open(path, &o, err, sizeof(err));
+    if (!img)
+        printf("#   open: %s\n", err);
+    return img;
+}
+
+static bool make_image(void)
+{
+    struct create_opts co;
+    create_opts_init(&co);
+    co.size = (uint64_t)NCL * CS * 4;
+    co.size_set = true;
+    co.cluster_size = CS;
+    char err[256];
+    if (img_create(path, &co, err, sizeof(err)) < 0) {
+        printf("#   create: %s\n", err);
+        return false;
+    }
+    return true;
+}
+
+static void run_in_loop(co_fn fn, void *arg)
+{
+    struct loop *l = loop_new(256);
+    co_spawn(fn, arg);
+    CHECK_EQ(loop_run(l), 0);
+    loop_free(l);
+}
+
+static void test_rewrite_discard_reuse_under_reads(void)
+{
+    static struct ctx x;
+    if (!make_image())
+        { CHECK(0); return; }
+    x.img = open_img();
+    if (!x.img)
+        { CHECK(0); return; }
+    x.q = to_qcow2(x.img);
+    run_in_loop(run_concurrent, &x);
+    struct img_stats st;
+    img_get_stats(x.img, &st);
+    printf("#   %u reads, %llu decompressions, %llu cache hits, %u bad\n", x.reads,
+           (unsigned long long)st.clusters_decompressed, (unsigned long long)st.zcache_hits, x.bad);
+    CHECK(x.reads > 100);
+    CHECK_EQ(x.bad, 0);
+    CHECK_EQ(x.errors, 0);
+    CHECK(st.zcache_hits > 0);
+    CHECK_EQ(img_close(x.img), 0);
+}
+
+/* Sequential pieces, one after another and then all at once. */
+struct seq { struct image *img; int r; unsigned live; struct co_queue q; uint32_t c, p; };
+
+static void seq_piece(void *arg)
+{
+    struct seq *s = arg;
+    uint32_t p = s->p++;
+    uint8_t *buf = io_alloc(PIECE), *want = io_alloc(CS);
+    content(want, s->c, 1000 + s->c);
+    int r = img_read(s->img, buf, (uint64_t)s->c * CS + p * PIECE, PIECE);
+    if (r < 0 || memcmp(buf, want + p * PIECE, PIECE) != 0)
+        s->r = r < 0 ? r : -EBADMSG;
+    io_free(buf);
+    io_free(want);
+    if (--s->live == 0)
+        co_queue_wake_all(&s->q);
+}
+
+static void seq_main(void *arg)
+{
+    struct seq *s = arg;
+    struct ctx x = { .img = s->img, .q = to_qcow2(s->img) };
+    for (uint32_t c = 0; c < 2 && s->r == 0; c++)
+        s->r = write_compressed_cluster(&x, c, 1000 + c);
+    if (s->r)
+        return;
+    /* Cluster 0: one piece at a time. */
+    s->c = 0;
+    s->p = 0;
+    for (uint32_t i = 0; i < CS / PIECE; i++) {
+        s->live = 1;
+        seq_piece(s);
+    }
+    /* Cluster 1: all pieces in flight at once. */
+    s->c = 1;
+    s->p = 0;
+    s->live = CS / PIECE;
+    for (uint32_t i = 0; i < CS / PIECE; i++)
+        co_spawn(seq_piece, s);
+    while (s->live)
+        co_queue_wait(&s->q);
+}
+
+static void test_piecewise_reads_decompress_once(void)
+{
+    if (!make_image())
+        { CHECK(0); return; }
+    struct seq s = { .img = open_img() };
+    if (!s.img)
+        { CHECK(0); return; }
+    run_in_loop(seq_main, &s);
+    CHECK_EQ(s.r, 0);
+    struct img_stats st;
+    img_get_stats(s.img, &st);
+    CHECK_EQ(st.clusters_decompressed, 2);
+    CHECK_EQ(st.zcache_hits, 2 * (CS / PIECE) - 2);
+    CHECK_EQ(img_close(s.img), 0);
+}
+
+/* Fault injection: decompressing guest cluster 3 fails on the worker. */
+struct fault { struct image *img; int bad_r, good_r, again_r; unsigned live; struct co_queue q; };
+
+static void fault_good(void *arg)
+{
+    struct fault *f = arg;
+    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
+    for (uint32_t c = 0; c < NCL && f->good_r == 0; c++) {
+        if (c == 3)
+            continue;
+        content(want, c, 1 + c);
+        int r = img_read(f->img, buf, (uint64_t)c * CS, CS);
+        if (r < 0 || memcmp(buf, want, CS) != 0)
+            f->good_r = r < 0 ? r : -EBADMSG;
+    }
+    io_free(buf);
+    io_free(want);
+    if (--f->live == 0)
+        co_queue_wake_all(&f->q);
+}
+
+static void fault_bad(void *arg)
+{
+    struct fault *f = arg;
+    uint8_t *buf = io_alloc(PIECE);
+    f->bad_r = img_read(f->img, buf, 3 * CS + PIECE, PIECE);
+    f->again_r = img_read(f->img, buf, 3 * CS, PIECE);
+    io_free(buf);
+    if (--f->live == 0)
+        co_queue_wake_all(&f->q);
+}
+
+static void fault_main(void *arg)
+{
+    struct fault *f = arg;
+    struct ctx x = { .img = f->img, .q = to_qcow2(f->img) };
+    int r = 0;
+    for (uint32_t c = 0; c < NCL && r == 0; c++)
+        r = write_compressed_cluster(&x, c, 1 + c);
+    CHECK_EQ(r, 0);
+    f->live = 2;
+    co_spawn(fault_bad, f);
+    co_spawn(fault_good, f);
+    while (f->live)
+        co_queue_wait(&f->q);
+}
+
+static void test_fault_fails_that_read_only(void)
+{
+    if (!make_image())
+        { CHECK(0); return; }
+    setenv("UBLK_QCOW2_FAULT_DECOMPRESS", "0x30000", 1);
+    struct fault f = { .img = open_img() };
+    unsetenv("UBLK_QCOW2_FAULT_DECOMPRESS");
+    if (!f.img)
+        { CHECK(0); return; }
+    run_in_loop(fault_main, &f);
+    CHECK_EQ(f.bad_r, -EIO);
+    CHECK_EQ(f.again_r, -EIO);      /* a failure is never cached */
+    CHECK_EQ(f.good_r, 0);
+    CHECK_EQ(img_close(f.img), 0);
+}
+
+int main(void)
+{
+    snprintf(dir, sizeof(dir), "/tmp/uq-zcache.XXXXXX");
+    if (!mkdtemp(dir))
+        return 1;
+    snprintf(path, sizeof(path), "%s/c.qcow2", dir);
+    zero_fd = open("/dev/zero", O_RDONLY | O_CLOEXEC);
+    RUN_TEST(test_piecewise_reads_decompress_once);
+    RUN_TEST(test_rewrite_discard_reuse_under_reads);
+    RUN_TEST(test_fault_fails_that_read_only);
+    unlink(path);
+    rmdir(dir);
+    close(zero_fd);
+    co_pool_release();
+    UNIT_EXIT();
+}
