@@ -338,7 +338,7 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
      * client) instead of killing the server with the image half-flushed. */
     signal(SIGXFSZ, SIG_IGN);
 
-    run->loop = loop_new(256);
+    run->loop = loop_new_flags(256, LOOP_COALESCE);
     if (!run->loop) {
         snprintf(err, errlen, "cannot create the io_uring event loop");
         return -1;
