@@ -42,6 +42,7 @@ struct nbd_cli {
     unsigned nallow;
     unsigned max_connections;
     unsigned handshake_timeout_ms;
+    unsigned request_timeout_ms;
 };
 
 struct nbd_run {
@@ -108,6 +109,9 @@ static void usage(FILE *out)
         "      --handshake-timeout SECS\n"
         "                           close connections that have not finished the NBD (and\n"
         "                           TLS) handshake within SECS seconds (default 10)\n"
+        "      --request-timeout SECS\n"
+        "                           close connections that leave a request (its header or\n"
+        "                           WRITE data) unfinished for SECS seconds (default 30)\n"
         "\n"
         "      --fork               detach once listening; exit 1 if startup failed\n"
         "      --pid-file FILE      write the server's pid to FILE (removed at exit)\n"
@@ -361,7 +365,7 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
      * client) instead of killing the server with the image half-flushed. */
     signal(SIGXFSZ, SIG_IGN);
 
-    run->loop = loop_new(256);
+    run->loop = loop_new_flags(256, LOOP_COALESCE);
     if (!run->loop) {
         snprintf(err, errlen, "cannot create the io_uring event loop");
         return -1;
@@ -395,6 +399,7 @@ static int run_setup(struct nbd_run *run, char *err, size_t errlen)
     eo.nallow = cli->nallow;
     eo.max_connections = cli->max_connections;
     eo.handshake_timeout_ms = cli->handshake_timeout_ms;
+    eo.request_timeout_ms = cli->request_timeout_ms;
     snprintf(desc, sizeof(desc), "ublk-qcow2 %s image", img_format_name(run->img));
     eo.description = desc;
     run->srv = nbd_server_new(run->img, &eo);
@@ -593,6 +598,8 @@ int cmd_nbd(int argc, char **argv)
     static struct cli_key key;
     unsigned hs_timeout_s = 0;
     bool hs_timeout_given = false;
+    unsigned req_timeout_s = 0;
+    bool req_timeout_given = false;
     struct img_opts *io = &cli.img_opts;
     const struct cli_opt opts[] = {
         /* where to listen and what to call the export */
@@ -620,6 +627,8 @@ int cmd_nbd(int argc, char **argv)
           .bad = "invalid --max-connections '%s' (a number from 1 to %lu)" },
         { "handshake-timeout", 0, CLI_UINT, .dest = &hs_timeout_s, .seen = &hs_timeout_given, .min = 1,
           .max = 3600, .bad = "invalid --handshake-timeout '%s' (seconds, 1 to %lu)" },
+        { "request-timeout", 0, CLI_UINT, .dest = &req_timeout_s, .seen = &req_timeout_given, .min = 1,
+          .max = 3600, .bad = "invalid --request-timeout '%s' (seconds, 1 to %lu)" },
         /* the process */
         { "fork", 0, CLI_FLAG, .dest = &cli.fork },
         { "pid-file", 0, CLI_STRING, .dest = &cli.pid_file },
@@ -633,6 +642,8 @@ int cmd_nbd(int argc, char **argv)
         return rc;
     if (hs_timeout_given)
         cli.handshake_timeout_ms = hs_timeout_s * 1000;
+    if (req_timeout_given)
+        cli.request_timeout_ms = req_timeout_s * 1000;
     cli.image = argv[optind];
     io->key = key.data;
     io->key_len = key.len;

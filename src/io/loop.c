@@ -18,10 +18,15 @@
 #ifndef IORING_SETUP_SINGLE_ISSUER
 #define IORING_SETUP_SINGLE_ISSUER (1U << 12)
 #endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
 
 struct loop {
     struct io_uring ring;
     unsigned inflight;      /* SQEs queued or submitted, CQE not yet reaped */
+    unsigned file_inflight; /* of which file I/O: completes without any peer */
+    bool coalesce;          /* LOOP_COALESCE granted (deferred task work) */
     bool stopping;
 };
 
@@ -30,11 +35,17 @@ struct io_waiter {
     struct co *co;
     int res;
     bool done;
+    bool file;              /* counted in file_inflight */
 };
 
 static __thread struct loop *cur_loop;
 
 struct loop *loop_new(unsigned entries)
+{
+    return loop_new_flags(entries, 0);
+}
+
+struct loop *loop_new_flags(unsigned entries, unsigned flags)
 {
     struct loop *l = calloc(1, sizeof(*l));
     if (!l) {
@@ -42,11 +53,24 @@ struct loop *loop_new(unsigned entries)
         return NULL;
     }
     struct io_uring_params p;
-    memset(&p, 0, sizeof(p));
-    /* A bigger CQ than SQ: many coroutines may have I/O in flight at once. */
-    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_CQSIZE;
-    p.cq_entries = entries * 4;
-    int ret = io_uring_queue_init_params(entries, &l->ring, &p);
+    int ret = -EINVAL;
+    if (flags & LOOP_COALESCE) {
+        /* Deferred task work: the kernel wakes a waiter for file I/O
+         * completions only once as many as it asked for are pending (socket
+         * readiness still wakes it at once), see loop_run.  Linux 6.1+. */
+        memset(&p, 0, sizeof(p));
+        p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 4;
+        ret = io_uring_queue_init_params(entries, &l->ring, &p);
+        l->coalesce = ret == 0;
+    }
+    if (ret == -EINVAL) {
+        memset(&p, 0, sizeof(p));
+        /* A bigger CQ than SQ: many coroutines may have I/O in flight at once. */
+        p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 4;
+        ret = io_uring_queue_init_params(entries, &l->ring, &p);
+    }
     if (ret == -EINVAL) {
         memset(&p, 0, sizeof(p));
         p.flags = IORING_SETUP_CQSIZE;
@@ -102,6 +126,8 @@ static void loop_reap(struct loop *l)
         w->res = cqe->res;
         w->done = true;
         l->inflight--;
+        if (w->file)
+            l->file_inflight--;
         co_wake(w->co);
     }
     io_uring_cq_advance(&l->ring, seen);
@@ -119,8 +145,15 @@ int loop_run(struct loop *l)
             uq_error("loop: all coroutines parked with no I/O in flight");
             return -EDEADLK;
         }
-        /* One submit for every SQE queued by the coroutines that just ran. */
-        int ret = io_uring_submit_and_wait(&l->ring, 1);
+        /* One submit for every SQE queued by the coroutines that just ran.
+         * With many file I/Os in flight, sleep until a quarter of them are
+         * done (or a socket has news): bigger batches per wakeup and per
+         * submit, which the block layer dispatches together.  Only file I/O
+         * is counted, since it completes whatever any peer does. */
+        unsigned want = 1;
+        if (l->coalesce && l->file_inflight >= 8)
+            want = l->file_inflight / 4;
+        int ret = io_uring_submit_and_wait(&l->ring, want);
         if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
             uq_error("loop: io_uring_submit_and_wait: %s", strerror(-ret));
             return ret;
@@ -140,8 +173,10 @@ static struct io_uring_sqe *loop_sqe(struct loop *l)
 {
     struct io_uring_sqe *sqe;
     while ((sqe = io_uring_get_sqe(&l->ring)) == NULL) {
-        /* SQ full: push what is queued to the kernel to make room. */
-        int ret = io_uring_submit(&l->ring);
+        /* SQ full: push what is queued to the kernel to make room (and,
+         * with deferred task work, post the completions that are ready). */
+        int ret = l->coalesce ? io_uring_submit_and_get_events(&l->ring)
+                              : io_uring_submit(&l->ring);
         if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) {
             uq_error("loop: io_uring_submit: %s", strerror(-ret));
             abort();
@@ -152,14 +187,20 @@ static struct io_uring_sqe *loop_sqe(struct loop *l)
     return sqe;
 }
 
-static int loop_wait(struct loop *l, struct io_uring_sqe *sqe)
+static int loop_wait_as(struct loop *l, struct io_uring_sqe *sqe, bool file)
 {
-    struct io_waiter w = { co_self(), 0, false };
+    struct io_waiter w = { co_self(), 0, false, file };
     io_uring_sqe_set_data(sqe, &w);
     l->inflight++;
+    l->file_inflight += file;
     while (!w.done)
         co_yield();
     return w.res;
+}
+
+static int loop_wait(struct loop *l, struct io_uring_sqe *sqe)
+{
+    return loop_wait_as(l, sqe, false);
 }
 
 int io_submit_wait(io_prep_fn prep, void *arg)
@@ -197,7 +238,7 @@ static ssize_t rw_once(bool write, bool now, int fd, const struct iovec *iov, in
                 io_uring_prep_readv(sqe, fd, iov, iovcnt, off);
         }
         sqe->rw_flags = rw_flags;
-        return loop_wait(l, sqe);
+        return loop_wait_as(l, sqe, true);
     }
     do {
         if (write)

@@ -22,6 +22,11 @@ struct loop;
 
 /* Create this thread's loop (ring with `entries` SQEs) and make it current. */
 struct loop *loop_new(unsigned entries);
+/* LOOP_COALESCE: while many file reads and writes are in flight, wake for
+ * their completions in batches (fewer wakeups and submits per I/O, for
+ * servers at high queue depth); ignored where the kernel cannot. */
+#define LOOP_COALESCE 1u
+struct loop *loop_new_flags(unsigned entries, unsigned flags);
 void loop_free(struct loop *l);
 struct loop *loop_current(void);
 

@@ -96,7 +96,8 @@ struct nbd_server {
     unsigned nallow;
     unsigned max_conns;
     unsigned hs_timeout_ms;
-    bool ticker_running;        /* handshake timeout coroutine alive */
+    unsigned req_timeout_ms;
+    bool ticker_running;        /* handshake and request timeout coroutine alive */
     struct co_queue slot_free;  /* listener waiting for a connection slot */
     uint64_t log_window;        /* rate limit of refusal lines: current second */
     unsigned log_count, log_dropped;
@@ -112,6 +113,7 @@ struct nbd_conn {
     bool handshaking;           /* before NBD_OPT_GO: under the handshake timeout */
     bool quiet;                 /* cut on purpose: no more error lines */
     uint64_t hs_deadline;       /* CLOCK_MONOTONIC ms */
+    uint64_t req_deadline;      /* waiting for the rest of a request until then; 0: not */
     size_t rx_cap;
     bool strict_align;          /* client asked for block sizes: misaligned -> EINVAL */
     bool no_zeroes;
@@ -275,6 +277,19 @@ static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
     return io_recv(c->fd, buf, len, 0);
 }
 
+static void ticker_start(struct nbd_server *s);
+
+/* In transmission, a request begun must be complete within the request
+ * timeout; the ticker cuts the connection otherwise.  Cleared by conn_serve
+ * once the unit (header, payload) is in. */
+static void rx_arm_deadline(struct nbd_conn *c)
+{
+    if (c->handshaking || c->req_deadline)
+        return;
+    c->req_deadline = now_ms() + c->s->req_timeout_ms;
+    ticker_start(c->s);
+}
+
 /* Make `need` bytes available at rx + rx_start.  Returns 1, 0 on a clean
  * EOF (nothing of the unit received), or -errno (-EPIPE: EOF mid-unit). */
 static int rx_need(struct nbd_conn *c, size_t need)
@@ -290,6 +305,8 @@ static int rx_need(struct nbd_conn *c, size_t need)
         c->rx_end = have;
     }
     while (c->rx_end < need) {
+        if (c->rx_end > 0)
+            rx_arm_deadline(c);     /* part of a unit is here: the rest is due */
         ssize_t n = conn_recv(c, c->rx + c->rx_end, c->rx_cap - c->rx_end);
         if (n == -EINTR || n == -EAGAIN)
             continue;
@@ -309,6 +326,8 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
     size_t have = c->rx_end - c->rx_start;
     size_t n = have < len ? have : len;
 
+    if (n < len)
+        rx_arm_deadline(c);
     if (len <= RX_SMALL && len <= c->rx_cap && n < len) {
         /* A small payload cut by the end of the buffer: refill the buffer
          * instead of receiving only the rest, so the same recv also brings
@@ -1168,6 +1187,7 @@ static void conn_serve(struct nbd_conn *c)
                 conn_log(c, "connection lost: %s", strerror(-r));
             break;
         }
+        c->req_deadline = 0;        /* the header is in */
         nbd_parse_request(c->rx + c->rx_start, &h);
         if (h.magic != NBD_REQUEST_MAGIC) {
             conn_log(c, "bad request magic 0x%08x, closing", h.magic);
@@ -1221,6 +1241,7 @@ static void conn_serve(struct nbd_conn *c)
                 req_free(rq);
                 break;
             }
+            c->req_deadline = 0;
         }
         co_spawn(req_run, rq);
     }
@@ -1304,14 +1325,16 @@ static struct nbd_conn *oldest_handshaking(struct nbd_server *s)
 static void conn_cut(struct nbd_conn *c)
 {
     c->handshaking = false;
+    c->req_deadline = 0;
     c->quiet = true;
     shutdown(c->fd, SHUT_RDWR);
 }
 
-/* Closes handshakes that are not done by their deadline, so idle or slow
- * connections cannot hold slots (or memory) for long.  Runs while some
- * connection is in its handshake; sleeps at most a second at a time so
- * shutdown is never held up for long. */
+/* Closes handshakes that are not done by their deadline, and connections
+ * stalled in the middle of a request, so idle, slow or hostile clients
+ * cannot hold slots (or memory) for long.  Runs while some connection has
+ * a deadline; sleeps at most a second at a time so shutdown is never held
+ * up for long (and a deadline set meanwhile is seen within a second). */
 static void ticker_run(void *arg)
 {
     struct nbd_server *s = arg;
@@ -1319,15 +1342,22 @@ static void ticker_run(void *arg)
     while (!s->stopping) {
         uint64_t now = now_ms(), next = UINT64_MAX;
         for (struct nbd_conn *c = s->conns; c; c = c->next) {
-            if (!c->handshaking)
+            uint64_t deadline = c->handshaking ? c->hs_deadline : c->req_deadline;
+            if (!deadline)
                 continue;
-            if (c->hs_deadline <= now) {
-                if (refusal_log_ok(s))
-                    uq_error("nbd: client %llu (%s): handshake not finished within %u ms, closing",
-                             (unsigned long long)c->id, c->peer, s->hs_timeout_ms);
+            if (deadline <= now) {
+                if (refusal_log_ok(s)) {
+                    if (c->handshaking)
+                        uq_error("nbd: client %llu (%s): handshake not finished within %u ms, closing",
+                                 (unsigned long long)c->id, c->peer, s->hs_timeout_ms);
+                    else
+                        uq_error("nbd: client %llu (%s): request not received in full within %u ms "
+                                 "(--request-timeout), closing",
+                                 (unsigned long long)c->id, c->peer, s->req_timeout_ms);
+                }
                 conn_cut(c);
-            } else if (c->hs_deadline < next) {
-                next = c->hs_deadline;
+            } else if (deadline < next) {
+                next = deadline;
             }
         }
         if (next == UINT64_MAX)
@@ -1336,6 +1366,14 @@ static void ticker_run(void *arg)
     }
     s->ticker_running = false;
     co_queue_wake_all(&s->idle_wait);
+}
+
+static void ticker_start(struct nbd_server *s)
+{
+    if (s->ticker_running || s->stopping)
+        return;
+    s->ticker_running = true;
+    co_spawn(ticker_run, s);
 }
 
 static int conn_grow_rx(struct nbd_conn *c)
@@ -1516,10 +1554,7 @@ int nbd_server_add_client(struct nbd_server *s, int fd)
     memcpy(c->peer, peer, sizeof(peer));
     c->handshaking = true;
     c->hs_deadline = now_ms() + s->hs_timeout_ms;
-    if (!s->ticker_running) {
-        s->ticker_running = true;
-        co_spawn(ticker_run, s);
-    }
+    ticker_start(s);
     c->next = s->conns;
     if (s->conns)
         s->conns->prev = c;
@@ -1634,6 +1669,8 @@ struct nbd_server *nbd_server_new(struct image *img, const struct nbd_export_opt
     s->max_conns = opts->max_connections ? opts->max_connections : NBD_MAX_CONNECTIONS;
     s->hs_timeout_ms = opts->handshake_timeout_ms ? opts->handshake_timeout_ms
                                                   : NBD_HANDSHAKE_TIMEOUT_MS;
+    s->req_timeout_ms = opts->request_timeout_ms ? opts->request_timeout_ms
+                                                 : NBD_REQUEST_TIMEOUT_MS;
     if (opts->nallow) {
         s->allow = calloc(opts->nallow, sizeof(*s->allow));
         if (!s->allow) {

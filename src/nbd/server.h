@@ -37,6 +37,7 @@ struct nbd_export_opts {
     unsigned nallow;
     unsigned max_connections;   /* 0 = NBD_MAX_CONNECTIONS */
     unsigned handshake_timeout_ms;  /* 0 = NBD_HANDSHAKE_TIMEOUT_MS */
+    unsigned request_timeout_ms;    /* 0 = NBD_REQUEST_TIMEOUT_MS */
 };
 
 /* Parse ADDR[/PREFIX] (IPv4 or IPv6).  0, or -1 with err set. */
@@ -52,6 +53,10 @@ int nbd_allow_parse(const char *spec, struct nbd_allow *out, char *err, size_t e
 #define NBD_SHUTDOWN_GRACE_MS 10000u         /* replies still unsent then are dropped */
 #define NBD_MAX_CONNECTIONS  1024u
 #define NBD_HANDSHAKE_TIMEOUT_MS 10000u      /* from accept to NBD_OPT_GO, as qemu-nbd */
+/* A request (header or WRITE payload) begun must arrive in full within this
+ * long of the server starting to wait for its rest: a client stalled in the
+ * middle of a payload would otherwise hold its buffer until it disconnects. */
+#define NBD_REQUEST_TIMEOUT_MS 30000u
 
 /* The server does not own img; the caller closes it after nbd_server_wait(). */
 struct nbd_server *nbd_server_new(struct image *img, const struct nbd_export_opts *opts);

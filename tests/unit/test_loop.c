@@ -56,12 +56,12 @@ static void fn_block(void *arg)
     io_free(r);
 }
 
-static void test_coroutine_file_io(void)
+static void coroutine_file_io(unsigned flags)
 {
     char err[256];
     CHECK_EQ(file_open(&tf, tmp_path, true, FILE_CACHE_AUTO, err, sizeof(err)), 0);
     printf("#   %s opened %s\n", tmp_path, tf.direct ? "O_DIRECT" : "buffered");
-    struct loop *l = loop_new(32);      /* fewer SQEs than coroutines */
+    struct loop *l = loop_new_flags(32, flags);     /* fewer SQEs than coroutines */
     CHECK(l != NULL);
     CHECK(loop_current() == l);
     blk_errors = 0;
@@ -73,6 +73,18 @@ static void test_coroutine_file_io(void)
     CHECK_EQ(file_size(&tf), NBLK * BLK);
     loop_free(l);
     CHECK(loop_current() == NULL);
+}
+
+static void test_coroutine_file_io(void)
+{
+    coroutine_file_io(0);
+}
+
+/* The same with completions waited for in batches: every one arrives. */
+static void test_coroutine_file_io_coalesce(void)
+{
+    file_close(&tf);
+    coroutine_file_io(LOOP_COALESCE);
 }
 
 /* A file in memory (tmpfs): reads and writes run inline; the same
@@ -374,6 +386,7 @@ int main(void)
 {
     make_tmp();
     RUN_TEST(test_coroutine_file_io);
+    RUN_TEST(test_coroutine_file_io_coalesce);
     RUN_TEST(test_sync_file_io);
     RUN_TEST(test_in_memory_file);
     RUN_TEST(test_short_read_eof);
