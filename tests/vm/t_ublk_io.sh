@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# ublk data path in the test VM (one boot): fio write+verify through
+# ublk data path in the test VM, one boot on each kernel (6.12 and the newest, 7.x; result
+# names end in @6.12 / @7.2): fio write+verify through
 # /dev/ublkbN on preallocated and empty qcow2 images with 1 and 2 queues,
 # then the device's contents against the image (qemu-img check + compare);
 # `del` under load; image locks against qemu and a second `add`; ID in use;
 # add --size creating the image it serves;
 # kill -9 without --recovery;
 # SIGTERM; list --json; daemon logs free of sanitizer reports.
-# timeout: 600
+# timeout: 900
+# soak-timeout: 1300
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"
-vm_ublk_test ublk_io
+vm_ublk_test ublk_io 6.12 newest
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"
@@ -123,4 +125,8 @@ check ublk_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_test_run ublk_io_vm --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+vm_timeout=420
+[ "${SOAK:-0}" = 1 ] && vm_timeout=600     # two more fio cases
+vm_test_on 6.12 ublk_io_vm --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"; rc1=$?
+vm_test_on newest ublk_io_vm --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"; rc2=$?
+[ $rc1 -eq 0 ] && [ $rc2 -eq 0 ]
