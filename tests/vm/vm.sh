@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
 	--kernel) [ $# -ge 2 ] || die "--kernel needs 6.12, newest or a version"; kernel=$2; shift 2 ;;
 	--prepare) prepare_only=1; shift ;;
 	--) shift; break ;;
-	-h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option '$1' (usage: vm.sh [--kernel 6.12|newest|VERSION] [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...)" ;;
 	esac
 done
