@@ -3,7 +3,7 @@
 # VM, on both kernels (6.12 and the newest): ADD_DEV / GET_DEV_INFO / SET+GET_PARAMS /
 # DEL_DEV with ioctl-encoded and legacy opcodes.  On a host without ublk: the
 # "no ublk" error.
-# timeout: 400
+# timeout: 700
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

@@ -11,8 +11,8 @@
 # the state file, the passphrase in no state or log file), and QEMU reads what was written.
 # Two boots: everything on the newest kernel (7.x), then the recovery rounds again on 6.12
 # (the driver's recovery code changed between them).  Result names end in @7.2 / @6.12.
-# timeout: 720
-# soak-timeout: 1020
+# timeout: 1000
+# soak-timeout: 1300
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"

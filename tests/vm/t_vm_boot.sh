@@ -4,7 +4,7 @@
 # One boot for the checks on each kernel (6.12 and the newest, 7.x: results end in
 # @6.12 / @7.2); two more on 6.12 for the boot retry (a panic before the command
 # starts boots again, a panic after it does not).
-# timeout: 400
+# timeout: 600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 tmp=${UQ_TMP:-}
