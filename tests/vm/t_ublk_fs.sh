@@ -145,6 +145,8 @@ rounds=4
 [ "${SOAK:-0}" = 1 ] && rounds=12
 qemu-img create -q -f qcow2 "$W/rec.qcow2" 64M
 if uq_add --recovery -q 2 --discard unmap --discard-no-unref "$W/rec.qcow2"; then
+	check ublk_recovery_list_json_features eval '"$UQ" list -n "$ID" --json |
+		jq -e ".[0].features | index(\"user_recovery\") != null and index(\"user_recovery_reissue\") != null"'
 	check_fails ublk_recover_live_refused "LIVE, served by pid" "$UQ" recover -n "$ID"
 	rec_ok=0 rec_t0=$SECONDS
 	for r in $(seq 1 $rounds); do

@@ -77,6 +77,9 @@ if uq_add "$W/lock.qcow2"; then
 	check ublk_add_failure_leaves_nothing test "$(ls /dev | grep -c '^ublkc')" = "$before"
 	check ublk_add_failure_unlocks qemu-io -c 'write 0 4k' "$W/other.qcow2"
 	check ublk_list_json_parses eval '"$UQ" list --json | jq -e "length >= 1 and (.[0] | has(\"state\") and has(\"image\") and has(\"pid\"))"'
+	# The kernel's features as GET_FEATURES gives them to ublk_ctrl_test, and the device's.
+	check ublk_list_json_features eval '"$UQ" list -n "$lock_id" --json | jq -e --arg k "${UBLK_FEATURES#* }" \
+		"(.[0].kernel_features | join(\" \")) == \$k and (.[0].features | index(\"cmd_ioctl_encode\")) != null"'
 	check ublk_list_text eval '"$UQ" list -n "$lock_id" | grep -q "^$lock_id  *LIVE .*lock.qcow2"'
 	# SIGTERM to the daemon: it stops and removes its device by itself.
 	pid=$("$UQ" list --json | jq ".[] | select(.id == $lock_id) | .pid")
