@@ -12,10 +12,10 @@
 #                     which ublk_guest_lib.sh asks for the kernel's ublk features), then
 #                     vm_require NAME KERNEL...
 #   vm_test_on KERNEL NAME ARGS...  one boot of KERNEL running vm.sh ARGS...: prints
-#                     `# NAME: Linux VERSION (KERNEL)`, returns the guest's status, or prints
-#                     `not ok NAME` and returns 1 if the VM failed to boot or timed out.  In a
-#                     test that boots more than one kernel every result line names its kernel:
-#                     `ok ublk_ctrl_open@7.2`.
+#                     `# NAME: Linux VERSION (KERNEL)` before and the seconds it took after;
+#                     returns the guest's status, or prints `not ok NAME` and returns 1 if
+#                     the VM failed to boot or timed out.  In a test that boots more than one
+#                     kernel every result line names its kernel: `ok ublk_ctrl_open@7.2`.
 #   vm_test_run NAME ARGS...  the test's last step: vm_test_on (the first kernel) NAME ARGS...,
 #                     then exit with its status.
 VM_SH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/vm.sh
@@ -76,9 +76,10 @@ vm_ublk_test() {
 }
 
 vm_test_on() {
-	local k=$1 name=$2 kver tag rc
+	local k=$1 name=$2 kver tag rc t0
 	shift 2
 	kver=$(vm_kver "$k")
+	t0=$SECONDS
 	echo "# $name: Linux $kver (--kernel ${UQ_VM_KERNEL:-$k})"
 	if [ ${#VM_KERNELS[@]} -gt 1 ]; then
 		tag=$(printf '%s' "$kver" | sed -E 's/^([0-9]+\.[0-9]+).*/\1/')
@@ -89,6 +90,7 @@ vm_test_on() {
 		"$VM_SH" --kernel "$kver" "$@"
 		rc=$?
 	fi
+	echo "# $name: $((SECONDS - t0)) s on Linux $kver"
 	if [ $rc -eq 125 ]; then
 		echo "not ok $name: the VM failed to boot or timed out"; return 1
 	fi
