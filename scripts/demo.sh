@@ -6,7 +6,8 @@
 # system on the /dev/ublkbN it prints, mounts it, writes and checksums a few
 # files, unmounts, detaches, attaches again and verifies the checksums, then
 # `ublk-qcow2 del` and `qemu-img check`.  If this kernel has no ublk, the same
-# demo runs inside a throw-away VM with Debian's 6.12 kernel (tests/vm/vm.sh).
+# demo runs inside a throw-away VM with the newest Linux (7.x) of Debian unstable
+# (tests/vm/vm.sh --kernel newest; UQ_VM_KERNEL=6.12 picks Debian 12's instead).
 # Part 2 (NBD): serves IMAGE over NBD, writes and reads 64 MiB through the
 # export with QEMU's own client, stops the server, and lets qemu-img judge it.
 #
@@ -127,9 +128,12 @@ ublk_part() {
         ublk_demo
         return
     fi
-    echo "this kernel has no ublk (CONFIG_BLK_DEV_UBLK); running the demo inside a VM with Debian's 6.12 kernel"
-    local t0=$SECONDS rc=0
-    tests/vm/vm.sh --timeout 600 -- scripts/demo.sh --in-vm ${image:+"$image"} || rc=$?
+    local t0=$SECONDS rc=0 kernel=${UQ_VM_KERNEL:-newest} kver
+    echo "this kernel has no ublk (CONFIG_BLK_DEV_UBLK); running the demo inside a VM (tests/vm/vm.sh --kernel $kernel)"
+    kver=$(tests/vm/vm.sh --kernel "$kernel" --prepare) ||
+        { echo "demo: could not fetch or prepare the VM's kernel (tests/vm/vm.sh --kernel $kernel --prepare)" >&2; return 1; }
+    echo "the VM boots Debian's Linux $kver"
+    tests/vm/vm.sh --kernel "$kver" --timeout 600 -- scripts/demo.sh --in-vm ${image:+"$image"} || rc=$?
     if [ $rc -eq 125 ]; then
         echo "demo: the VM failed to boot or timed out (tests/vm/vm.sh; VM_VERBOSE=1 shows its console)" >&2
     fi

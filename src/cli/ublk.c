@@ -489,6 +489,31 @@ int cmd_del(int argc, char **argv)
 
 /* ---- list ----------------------------------------------------------------------- */
 
+/* UBLK_F_* names (lower case, without the prefix) as a JSON array: the features a device
+ * was granted (its flags from GET_DEV_INFO), or the kernel's (GET_FEATURES). */
+static void put_feature_names(uint64_t flags)
+{
+    static const char *const names[] = {
+        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
+        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
+        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
+        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
+        "shmem_zc",
+    };
+    const char *sep = "";
+    printf("[");
+    for (unsigned i = 0; i < 64; i++) {
+        if (!(flags & (1ULL << i)))
+            continue;
+        if (i < sizeof(names) / sizeof(names[0]))
+            printf("%s\"%s\"", sep, names[i]);
+        else
+            printf("%s\"bit%u\"", sep, i);
+        sep = ", ";
+    }
+    printf("]");
+}
+
 static void list_usage(FILE *out)
 {
     fprintf(out,
@@ -498,7 +523,9 @@ static void list_usage(FILE *out)
         "daemon pid and image.\n\n"
         "Options:\n"
         "  -n, --id ID     only this device (an error if it does not exist)\n"
-        "  -j, --json      a JSON array of objects\n"
+        "  -j, --json      a JSON array of objects; \"features\" names the ublk\n"
+        "                  features (UBLK_F_*) the device was granted,\n"
+        "                  \"kernel_features\" those this kernel offers\n"
         "      --udev-name the stable name of device ID: its image path escaped as\n"
         "                  'systemd-escape --path' does (for the udev rule that makes\n"
         "                  /dev/disk/by-ublk-qcow2/NAME)\n"
@@ -635,6 +662,8 @@ int cmd_list(int argc, char **argv)
         ublk_ctrl_close(ctrl);
         return rc;
     }
+    uint64_t kernel_features = 0;
+    bool features_known = ublk_ctrl_features(ctrl, &kernel_features);
     uint32_t ids[1024];
     size_t n;
     if (have_id) {
@@ -675,10 +704,18 @@ int cmd_list(int argc, char **argv)
                 json_put_string(stdout, st.image);
                 printf(", \"format\": ");
                 json_put_string(stdout, st.format);
-                printf(", \"read_only\": %s}", st.read_only ? "true" : "false");
+                printf(", \"read_only\": %s", st.read_only ? "true" : "false");
             } else {
-                printf("null, \"format\": null, \"read_only\": null}");
+                printf("null, \"format\": null, \"read_only\": null");
             }
+            printf(", \"features\": ");
+            put_feature_names(info.flags);
+            printf(", \"kernel_features\": ");
+            if (features_known)
+                put_feature_names(kernel_features);
+            else
+                printf("null");
+            printf("}");
         } else {
             printf("%-4u %-9s %-6u %-5u %-8d %s\n", ids[i], state, info.nr_hw_queues,
                    info.queue_depth, (int)info.ublksrv_pid, have_st ? st.image : "-");

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# ublk data path in the test VM (one boot): fio write+verify through
+# ublk data path in the test VM, one boot on each kernel (6.12 and the newest, 7.x; result
+# names end in @6.12 / @7.2): fio write+verify through
 # /dev/ublkbN on preallocated and empty qcow2 images with 1 and 2 queues,
 # then the device's contents against the image (qemu-img check + compare);
 # `del` under load; image locks against qemu and a second `add`; ID in use;
 # add --size creating the image it serves;
 # kill -9 without --recovery;
 # SIGTERM; list --json; daemon logs free of sanitizer reports.
-# timeout: 600
+# timeout: 900
+# soak-timeout: 1300
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"
-vm_ublk_test ublk_io
+vm_ublk_test ublk_io 6.12 newest
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"
@@ -75,6 +77,9 @@ if uq_add "$W/lock.qcow2"; then
 	check ublk_add_failure_leaves_nothing test "$(ls /dev | grep -c '^ublkc')" = "$before"
 	check ublk_add_failure_unlocks qemu-io -c 'write 0 4k' "$W/other.qcow2"
 	check ublk_list_json_parses eval '"$UQ" list --json | jq -e "length >= 1 and (.[0] | has(\"state\") and has(\"image\") and has(\"pid\"))"'
+	# The kernel's features as GET_FEATURES gives them to ublk_ctrl_test, and the device's.
+	check ublk_list_json_features eval '"$UQ" list -n "$lock_id" --json | jq -e --arg k "${UBLK_FEATURES#* }" \
+		"(.[0].kernel_features | join(\" \")) == \$k and (.[0].features | index(\"cmd_ioctl_encode\")) != null"'
 	check ublk_list_text eval '"$UQ" list -n "$lock_id" | grep -q "^$lock_id  *LIVE .*lock.qcow2"'
 	# SIGTERM to the daemon: it stops and removes its device by itself.
 	pid=$("$UQ" list --json | jq ".[] | select(.id == $lock_id) | .pid")
@@ -123,4 +128,8 @@ check ublk_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_test_run ublk_io_vm --timeout 540 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+vm_timeout=420
+[ "${SOAK:-0}" = 1 ] && vm_timeout=600     # two more fio cases
+vm_test_on 6.12 ublk_io_vm --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"; rc1=$?
+vm_test_on newest ublk_io_vm --timeout $vm_timeout -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"; rc2=$?
+[ $rc1 -eq 0 ] && [ $rc2 -eq 0 ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Operator features of a live ublk device, in the test VM (one boot):
+# Operator features of a live ublk device, in the test VM (one boot, Debian 12's 6.12):
 # `stats` (text, JSON, --watch) from the daemon's control socket, counters
 # that match the I/O done; logging (-v, the device and image named on every
 # line, syslog once daemonised); readiness for systemd (sd_notify) and stop
@@ -10,7 +10,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"
-vm_ublk_test ublk_ops
+vm_ublk_test ublk_ops 6.12
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Snapshots and resize of live ublk devices, in the test VM (one boot):
+# Snapshots and resize of live ublk devices, in the test VM:
 #  - fio writes with crc32c verification on a 2-queue device while `snapshot create -n`
 #    takes snapshots (I/O quiesced, flushed, snapshot taken, resumed): fio sees no error and
 #    every block verifies; each snapshot then passes qemu-img convert -l; one is taken with
@@ -7,17 +7,85 @@
 #  - the snapshot instant: with the writer paused, known data, a snapshot, more writes: the
 #    snapshot (qemu-img convert -l, and 'add --snapshot' as a read-only device) holds exactly
 #    the known data, the device the later data; qemu-img check clean after del;
-#  - 'resize -n' on this 6.12 kernel (no UBLK_F_UPDATE_SIZE) fails naming the version needed,
-#    and changes nothing; a read-only device refuses a snapshot.
-# timeout: 420
+#  - a read-only device refuses a snapshot;
+#  - live resize ('resize -n'), by the kernel's features: with UBLK_F_UPDATE_SIZE (Linux 6.16+)
+#    a device grows while in use (data intact, the new space reads as zeroes, grown twice more
+#    under fio verify with 2 queues, qemu-img check clean, the image's new size); without it
+#    the command fails naming Linux 6.16 and changes nothing.  Shrinking is refused on both.
+# Two boots: everything on the newest kernel (7.x: live resize works), then the resize cases
+# alone on 6.12 (the fallback).  Result names end in @7.2 / @6.12.
+# timeout: 600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"
-vm_ublk_test ublk_snap
+vm_ublk_test ublk_snap newest 6.12
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"
 cd "$W" || exit 1
+part=${1:-all}	# all, or resize: the live resize cases only
+
+# --- live resize: works with UBLK_F_UPDATE_SIZE, refused without it -------------------------
+resize_cases() {
+	qemu-img create -q -f qcow2 "$W/r.qcow2" 64M
+	if ! uq_add -q 2 "$W/r.qcow2"; then
+		nok ublk_snap_resize "add failed: $(tr '\n' ' ' < "$W/add.err")"; return
+	fi
+	head -c 8M /dev/urandom >"$W/R0"
+	head -c 8M /dev/urandom >"$W/R1"
+	dd if="$W/R0" of="$DEV" bs=1M oflag=direct status=none
+	check_fails ublk_snap_shrink_refused "can only grow" "$UQ" resize -n "$ID" 32M
+	if has_feature update_size; then
+		echo "# UBLK_F_UPDATE_SIZE: live resize must work"
+		check ublk_snap_resize_grows "$UQ" resize -n "$ID" +64M
+		check ublk_snap_resize_device_size sh -c "[ \$(blockdev --getsize64 $DEV) = $((128 << 20)) ]"
+		check ublk_snap_resize_data_intact sh -c "dd if=$DEV bs=1M count=8 iflag=direct status=none | cmp -s - $W/R0"
+		check ublk_snap_resize_new_space_zero sh -c "dd if=$DEV bs=1M skip=64 count=64 iflag=direct status=none | cmp -s -n $((64 << 20)) - /dev/zero"
+		check ublk_snap_resize_write_new_space dd if="$W/R1" of="$DEV" bs=1M seek=96 oflag=direct status=none
+		# Grown twice more while fio writes and verifies [32M, 64M) through both queues.
+		rm -f "$W/rfio.rc"
+		( fio --name=resizeverify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite \
+			--bs=4k --iodepth=16 --offset=32M --size=32M --verify=crc32c --verify_fatal=1 \
+			--do_verify=1 >"$W/rfio.out" 2>&1; echo $? >"$W/rfio.rc" ) &
+		fio_pid=$!
+		grown=0
+		for size in 192M 256M; do
+			want=$(( $(dev_ios "$DEV") + 300 ))
+			wait_for 120 sh -c "[ \$(awk '{print \$1 + \$5}' /sys/block/${DEV#/dev/}/stat) -ge $want ] || [ -e $W/rfio.rc ]"
+			"$UQ" resize -n "$ID" "$size" >"$W/resize.out" 2>&1 && grown=$((grown + 1))
+		done
+		wait "$fio_pid"
+		frc=$(cat "$W/rfio.rc" 2>/dev/null || echo 99)
+		if [ $frc -eq 0 ] && ! grep -q -E "verify failed|err= *[1-9]" "$W/rfio.out"; then
+			ok ublk_snap_resize_under_fio_verifies
+		else
+			nok ublk_snap_resize_under_fio_verifies "fio exit $frc: $(grep -m2 -E 'err|verify' "$W/rfio.out" | tr '\n' ' ')"
+		fi
+		if [ $grown = 2 ]; then ok ublk_snap_resize_under_fio; else
+			nok ublk_snap_resize_under_fio "$grown of 2 resizes: $(tr '\n' ' ' < "$W/resize.out")"; fi
+		check ublk_snap_resize_final_size sh -c "[ \$(blockdev --getsize64 $DEV) = $((256 << 20)) ]"
+		check ublk_snap_resize_del uq_del "$ID"
+		check ublk_snap_resize_qemu_img_check qemu-img check "$W/r.qcow2"
+		check ublk_snap_resize_image_size sh -c "[ \$(qemu-img info --output=json $W/r.qcow2 | jq '.\"virtual-size\"') = $((256 << 20)) ]"
+		qemu-img convert -O raw "$W/r.qcow2" "$W/r.raw"
+		check ublk_snap_resize_image_data sh -c "cmp -n 8388608 $W/r.raw $W/R0 && cmp -n 8388608 -i 100663296:0 $W/r.raw $W/R1"
+		rm -f "$W/r.raw"
+	else
+		echo "# no UBLK_F_UPDATE_SIZE: live resize must be refused"
+		check_fails ublk_snap_resize_needs_6_16 "Linux 6\.16" "$UQ" resize -n "$ID" +64M
+		check ublk_snap_resize_unchanged sh -c "[ \$(blockdev --getsize64 $DEV) = 67108864 ]"
+		check ublk_snap_resize_del uq_del "$ID"
+		check ublk_snap_resize_qemu_img_check qemu-img check "$W/r.qcow2"
+		check ublk_snap_resize_image_unchanged sh -c "[ \$(qemu-img info --output=json $W/r.qcow2 | jq '.\"virtual-size\"') = 67108864 ]"
+	fi
+}
+if [ "$part" = resize ]; then
+	resize_cases
+	check ublk_snap_daemon_logs_clean logs_clean
+	[ $FAILED -eq 0 ]
+	exit
+fi
+
 snaps() { qemu-img info -U --output=json "$1" | jq -r '[(.snapshots // [])[].name] | join(" ")'; }
 
 # --- snapshots while fio writes and verifies ------------------------------------------
@@ -91,9 +159,6 @@ if uq_add "$W/k.qcow2"; then
 	check ublk_snap_create "$UQ" snapshot create -n "$ID" known
 	dd if="$W/B" of="$DEV" bs=1M oflag=direct status=none
 	check ublk_snap_device_has_later_data sh -c "dd if=$DEV bs=1M count=8 iflag=direct status=none | cmp -s - $W/B"
-	check_fails ublk_snap_resize_needs_6_16 "Linux 6\.16" "$UQ" resize -n "$ID" +64M
-	check ublk_snap_resize_unchanged sh -c "[ \$(blockdev --getsize64 $DEV) = 67108864 ]"
-	check_fails ublk_snap_shrink_refused "can only grow" "$UQ" resize -n "$ID" 32M
 	check ublk_snap_k_del uq_del "$ID"
 	check ublk_snap_k_check qemu-img check "$W/k.qcow2"
 	check ublk_snap_k_size sh -c "[ \$(qemu-img info --output=json $W/k.qcow2 | jq '.\"virtual-size\"') = 67108864 ]"
@@ -114,9 +179,12 @@ else
 	nok ublk_snap_instant "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
 check_fails ublk_snap_no_daemon "no running daemon" "$UQ" snapshot create -n 77 x
+resize_cases
 
 check ublk_snap_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
 EOF
 
-vm_test_run ublk_snap_vm --timeout 360 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh"
+vm_test_on newest ublk_snap_vm --timeout 420 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh" all; rc1=$?
+vm_test_on 6.12 ublk_snap_vm --timeout 150 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh" resize; rc2=$?
+[ $rc1 -eq 0 ] && [ $rc2 -eq 0 ]

@@ -4,6 +4,9 @@
  *
  *   ublk_ctrl_test            add/info/params/delete devices
  *   ublk_ctrl_test absent     open must fail with ENOENT (kernel without ublk)
+ *   ublk_ctrl_test features   print the kernel's GET_FEATURES bits, then their
+ *                             names (lower case, without UBLK_F_), on one line;
+ *                             the guest tests branch on these (ublk_guest_lib.sh)
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -174,10 +177,47 @@ static void test_bad_id(struct ublk_ctrl *c)
         result("ublk_ctrl_bad_id", NULL);
 }
 
+/* UBLK_F_* bit names, from include/uapi/linux/ublk_cmd.h (bits 14-19: Linux 7.x). */
+static const char *const feature_names[] = {
+    "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
+    "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
+    "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
+    "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
+    "shmem_zc",
+};
+
+static int print_features(void)
+{
+    struct ublk_ctrl *c;
+    uint64_t features;
+    if (ublk_ctrl_open(&c) < 0)
+        return 1;
+    bool known = ublk_ctrl_features(c, &features);
+    ublk_ctrl_close(c);
+    if (!known) {
+        fprintf(stderr, "ublk_ctrl_test: GET_FEATURES failed (kernel older than 6.5)\n");
+        return 1;
+    }
+    printf("0x%llx", (unsigned long long)features);
+    for (unsigned i = 0; i < 64; i++) {
+        if (!(features & (1ULL << i)))
+            continue;
+        if (i < sizeof(feature_names) / sizeof(feature_names[0]))
+            printf(" %s", feature_names[i]);
+        else
+            printf(" bit%u", i);
+    }
+    putchar('\n');
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct ublk_ctrl *c;
     int ret;
+
+    if (argc > 1 && !strcmp(argv[1], "features"))
+        return print_features();
 
     if (argc > 1 && !strcmp(argv[1], "absent")) {
         ret = ublk_ctrl_open(&c);

@@ -1,8 +1,20 @@
 # Helpers for guest-side ublk test scripts (bash, run as root inside the VM;
-# sourced).  Needs UQ (the binary) and VM_TMP (guest tmpfs).
+# sourced).  Needs UQ (the binary), UQ_CTRL_TEST (tests/vm/ublk_ctrl_test, built by
+# vm_ublk_test) and VM_TMP (guest tmpfs).
 W=$VM_TMP/uq
 mkdir -p "$W"
 FAILED=0
+
+# The kernel's ublk features, as GET_FEATURES reports them to the daemon's control
+# path: the bits in hex, then the UBLK_F_* names in lower case (update_size, ...).
+# Tests branch on these, never on the kernel's version.
+if ! UBLK_FEATURES=$("${UQ_CTRL_TEST:-/nonexistent}" features 2>&1); then
+	echo "not ok ublk_guest_features: cannot read the kernel's ublk features: $UBLK_FEATURES"
+	exit 1
+fi
+echo "# guest: Linux $(uname -r), ublk features $UBLK_FEATURES"
+# has_feature NAME: the kernel has UBLK_F_NAME (lower case, e.g. update_size).
+has_feature() { case " $UBLK_FEATURES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 ok() { echo "ok $1"; }
 nok() { echo "not ok $1: $2"; FAILED=1; }

@@ -1,10 +1,19 @@
 #!/bin/bash
-# Run a command as root inside a throw-away QEMU (TCG) guest that boots Debian's
-# stock 6.12 kernel and sees the host's root file system over 9p.  The host
-# kernel has no ublk and no KVM; this guest has ublk_drv, nbd, loop and ext4.
+# Run a command as root inside a throw-away QEMU (TCG) guest that boots a stock
+# Debian kernel and sees the host's root file system over 9p.  The host kernel
+# has no ublk and no KVM; this guest has ublk_drv, nbd, loop and ext4.
 #
-#   tests/vm/vm.sh [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...
-#   tests/vm/vm.sh --prepare     only fetch/build the cached kernel and initramfs
+#   tests/vm/vm.sh [--kernel K] [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...
+#   tests/vm/vm.sh [--kernel K] --prepare   only fetch/build the cached kernel and
+#                                           initramfs; prints the kernel version
+#
+# --kernel picks the guest kernel (default 6.12):
+#   6.12     Debian 12's newest 6.12 (linux-image-6.12.*+deb12-amd64-unsigned from
+#            the machine's own apt sources)
+#   newest   the newest Linux 7.x or later in Debian unstable (sid), fetched with
+#            apt-get download under a private apt configuration (the machine's
+#            Debian mirror, suite sid; the machine's apt setup is not touched)
+#   VERSION  that kernel, e.g. 6.12.117+deb12-amd64 or 7.2.13+deb14-amd64
 #
 # One COMMAND argument is a shell script (sh -c); several are an argv, quoted.
 # The command runs chrooted into the host root, cwd = the current directory,
@@ -16,10 +25,11 @@
 # is booted again, up to three boots in all; VM_TEST_BOOT_PANIC=1 makes the
 # first boot panic, to test that.
 #
-# Kernel and initramfs are cached under ${XDG_CACHE_HOME:-~/.cache}/ublk-qcow2/vm.
-# Env: VM_KERNEL_VERSION=6.12.N+deb12-amd64 picks a kernel; VM_KERNEL_REFRESH=1
-# asks apt for the newest instead of reusing a cached one; VM_VERBOSE=1 shows
-# the guest console.
+# Kernels and initramfs are cached under ${XDG_CACHE_HOME:-~/.cache}/ublk-qcow2/vm,
+# one directory per kernel version (the private apt state for sid in apt-sid/).
+# Env: VM_KERNEL_VERSION=6.12.N+deb12-amd64 picks the 6.12 kernel; VM_KERNEL_REFRESH=1
+# asks apt for the newest 6.12 / sid kernel instead of reusing a cached one;
+# VM_VERBOSE=1 shows the guest console.
 set -u -o pipefail
 
 VM_FAIL=125
@@ -29,20 +39,27 @@ timeout_s=600
 mem=2G
 smp=2
 prepare_only=
+kernel=6.12
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_s=$2; shift 2 ;;
 	--mem) [ $# -ge 2 ] || die "--mem needs a size like 2G"; mem=$2; shift 2 ;;
 	--smp) [ $# -ge 2 ] || die "--smp needs a cpu count"; smp=$2; shift 2 ;;
+	--kernel) [ $# -ge 2 ] || die "--kernel needs 6.12, newest or a version"; kernel=$2; shift 2 ;;
 	--prepare) prepare_only=1; shift ;;
 	--) shift; break ;;
-	-h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-	*) die "unknown option '$1' (usage: vm.sh [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...)" ;;
+	-h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown option '$1' (usage: vm.sh [--kernel 6.12|newest|VERSION] [--timeout SECS] [--mem SIZE] [--smp N] -- COMMAND...)" ;;
 	esac
 done
 [ $# -gt 0 ] || [ -n "$prepare_only" ] || die "no command given (usage: vm.sh [options] -- COMMAND...)"
 case "$timeout_s" in ''|*[!0-9]*) die "--timeout must be whole seconds, got '$timeout_s'" ;; esac
 case "$smp" in ''|*[!0-9]*) die "--smp must be a number, got '$smp'" ;; esac
+case "$kernel" in
+6.12|newest) ;;
+[0-9]*.*-*[a-z0-9]) case "$kernel" in *[!A-Za-z0-9.+_-]*) die "--kernel '$kernel': not a kernel version" ;; esac ;;
+*) die "--kernel must be 6.12, newest or a version like 7.2.13+deb14-amd64, got '$kernel'" ;;
+esac
 
 for tool in qemu-system-x86_64 timeout cpio gzip xz sha256sum flock; do
 	command -v "$tool" >/dev/null || die "missing '$tool' (Debian: apt-get install qemu-system-x86 cpio xz-utils coreutils util-linux)"
@@ -54,8 +71,11 @@ mkdir -p "$cache_root" || die "cannot create cache dir $cache_root"
 
 # Modules the guest loads, in the order asked; dependencies are resolved from
 # each module's own .modinfo, so this list only needs what we want to use.
-# crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at mount.
-WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic crc16 mbcache jbd2 libcrc32c ext4"
+# A name ending in '?' is loaded where the kernel has it as a module and left
+# out where it has not (built in, or gone): crc32c_generic and libcrc32c exist
+# in 6.12 (crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at
+# mount); from Linux 6.14 on crc32c is a library built into the kernel.
+WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic? crc16 mbcache jbd2 libcrc32c? ext4"
 # Modules the guest does not load at boot but offers in /run/vm-modules, for
 # tests to insmod with their own parameters (brd: a RAM disk for a file system
 # with real asynchronous O_DIRECT, unlike tmpfs).
@@ -67,12 +87,16 @@ kernel_complete() {	# $1 = cached kernel dir
 	for m in $OPTIONAL_MODULES; do [ -f "$1/modules/optional/$m.ko" ] || return 1; done
 }
 
+# newest_cached_kernel GLOB...: the newest complete cached kernel whose version matches a GLOB.
 newest_cached_kernel() {
-	local d best=
-	for d in "$cache_root"/6.12.*; do
-		kernel_complete "$d" && best=${d##*/}
+	local g d list=
+	for g in "$@"; do
+		for d in "$cache_root"/$g; do
+			kernel_complete "$d" && list="$list${d##*/}
+"
+		done
 	done
-	[ -n "$best" ] && printf '%s\n' "$best" | sort -V | tail -n1
+	[ -n "$list" ] && printf '%s' "$list" | sort -V | tail -n1
 }
 
 newest_apt_kernel() {
@@ -87,36 +111,141 @@ newest_apt_kernel() {
 	printf '%s\n' "$list" | sed 's/^linux-image-//; s/-unsigned$//' | sort -V | tail -n1
 }
 
+# ---- Debian unstable (sid), through a private apt configuration
+# The machine's apt sources, lists and caches are only read (to find its Debian
+# mirror), never written: sid's index and the downloads live in $sid_dir.
+sid_dir=$cache_root/apt-sid
+SID_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
+# The Debian archive URI this machine uses: the first non-security 'deb' source
+# whose URI names a Debian archive, from sources.list, *.list (one-line format)
+# or *.sources (deb822).  Default: deb.debian.org.
+machine_debian_uri() {
+	local f uri=
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+		[ -r "$f" ] || continue
+		uri=$(awk '$1 == "deb" {
+			i = 2
+			if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+			if ($i ~ /^(https?|ftp):\/\/.*\/debian\/?$/ && $(i + 1) !~ /security/) { print $i; exit }
+		}' "$f")
+		[ -n "$uri" ] && break
+	done
+	if [ -z "$uri" ]; then
+		for f in /etc/apt/sources.list.d/*.sources; do
+			[ -r "$f" ] || continue
+			uri=$(awk 'BEGIN { RS = ""; FS = "\n" }
+			{
+				types = ""; uris = ""; suites = ""; enabled = "yes"
+				for (i = 1; i <= NF; i++) {
+					if ($i ~ /^#/) continue
+					split($i, kv, /:[ \t]*/)
+					k = tolower(kv[1]); v = substr($i, length(kv[1]) + 2); sub(/^[ \t]+/, "", v)
+					if (k == "types") types = v; else if (k == "uris") uris = v
+					else if (k == "suites") suites = v; else if (k == "enabled") enabled = tolower(v)
+				}
+				if (enabled == "no" || (" " types " ") !~ / deb / || suites ~ /security/) next
+				n = split(uris, u, /[ \t]+/)
+				for (j = 1; j <= n; j++) if (u[j] ~ /^(https?|ftp):\/\/.*\/debian\/?$/) { print u[j]; exit }
+			}' "$f")
+			[ -n "$uri" ] && break
+		done
+	fi
+	printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
+
+# sid_apt apt-get|apt-cache ARGS...: the tool with only the private sid source.
+sid_apt() {
+	local tool=$1; shift
+	"$tool" -o Dir::Etc::sourcelist="$sid_dir/sources.list" -o Dir::Etc::sourceparts="$sid_dir/empty" \
+		-o Dir::Etc::preferences=/dev/null -o Dir::Etc::preferencesparts="$sid_dir/empty" \
+		-o Dir::State::Lists="$sid_dir/lists" -o Dir::Cache="$sid_dir/cache" \
+		-o Dir::State::status="$sid_dir/empty-status" \
+		-o APT::Architecture=amd64 -o APT::Architectures=amd64 -o Acquire::Languages=none \
+		-o APT::Sandbox::User="$(id -un)" "$@"
+}
+
+sid_update() {
+	command -v apt-get >/dev/null || die "need apt-get to fetch a kernel from Debian unstable"
+	[ -r "$SID_KEYRING" ] || die "missing $SID_KEYRING (Debian: apt-get install debian-archive-keyring)"
+	mkdir -p "$sid_dir/lists/partial" "$sid_dir/cache/archives/partial" "$sid_dir/empty" || die "cannot create $sid_dir"
+	: > "$sid_dir/empty-status"
+	local uri
+	uri=$(machine_debian_uri)
+	echo "deb [signed-by=$SID_KEYRING] $uri sid main" > "$sid_dir/sources.list"
+	echo "vm.sh: reading Debian unstable's package index from $uri (private apt state in $sid_dir)" >&2
+	sid_apt apt-get -qq update >&2 2>"$sid_dir/update.err" ||
+		{ cat "$sid_dir/update.err" >&2; die "apt-get update of Debian unstable ($uri sid) failed"; }
+}
+
+# The newest Linux 7.x or later of flavour amd64 in sid, as a version (7.2.13+deb14-amd64).
+newest_sid_kernel() {
+	local list
+	sid_update
+	list=$(sid_apt apt-cache search --names-only '^linux-binary-unsigned-[0-9]+\.[0-9.]+\+deb[0-9]+-amd64$' 2>/dev/null |
+		cut -d' ' -f1 | sed 's/^linux-binary-unsigned-//' | awk -F. '$1 >= 7')
+	[ -n "$list" ] || return 1
+	printf '%s\n' "$list" | sort -V | tail -n1
+}
+
 # The .modinfo section is NUL-separated key=value strings.
 mod_field() { tr '\0' '\n' < "$1" | sed -n "s/^$2=//p" | head -n1; }
 
-# Download the kernel package, keep vmlinuz and the modules we need (decompressed).
+# Unpack the kernel packages of $1 into $2/x; sets kimage and mroot.
+#   6.12 (Debian 12): one package, linux-image-V-unsigned (boot/vmlinuz-V, lib/modules/V)
+#   sid: linux-binary-unsigned-V (usr/lib/modules/V/vmlinuz.unsigned), linux-modules-V
+#        (the .ko.xz) and linux-base-V (modules.builtin, config)
+download_kernel() {
+	local kver=$1 work=$2 pkgs pkg
+	case "$kver" in
+	*+deb12-*)
+		pkgs=linux-image-$kver-unsigned
+		echo "vm.sh: downloading $pkgs (about 100 MB, once)" >&2
+		if ! (cd "$work" && apt-get download $pkgs >&2 2>"$work/apt.err"); then
+			cat "$work/apt.err" >&2; rm -rf "$work"
+			die "could not download $pkgs (is it in 'apt-cache policy $pkgs'? try apt-get update)"
+		fi
+		kimage=$work/x/boot/vmlinuz-$kver mroot=$work/x/lib/modules/$kver ;;
+	*)
+		pkgs="linux-binary-unsigned-$kver linux-modules-$kver linux-base-$kver"
+		[ -f "$sid_dir/sources.list" ] || sid_update
+		echo "vm.sh: downloading $pkgs from Debian unstable (about 125 MB, once)" >&2
+		if ! (cd "$work" && sid_apt apt-get download $pkgs >&2 2>"$work/apt.err"); then
+			# A stale index names files the mirror no longer has: read it again, once.
+			sid_update
+			if ! (cd "$work" && sid_apt apt-get download $pkgs >&2 2>"$work/apt.err"); then
+				cat "$work/apt.err" >&2; rm -rf "$work"
+				die "could not download $pkgs from Debian unstable (is $kver still in sid? --kernel newest takes the current one)"
+			fi
+		fi
+		kimage=$work/x/usr/lib/modules/$kver/vmlinuz.unsigned mroot=$work/x/usr/lib/modules/$kver ;;
+	esac
+	for pkg in "$work"/*.deb; do
+		dpkg-deb -x "$pkg" "$work/x" || { rm -rf "$work"; die "dpkg-deb could not unpack $pkg"; }
+	done
+	[ -f "$kimage" ] && [ -d "$mroot/kernel" ] || { rm -rf "$work"; die "$pkgs: no kernel image or modules for $kver"; }
+}
+
+# Download the kernel, keep vmlinuz and the modules we need (decompressed).
 fetch_kernel() {
-	local kver=$1 dir=$cache_root/$1 work pkg
+	local kver=$1 dir=$cache_root/$1 work kimage mroot
 	command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "need apt-get and dpkg-deb to fetch the guest kernel"
 	work=$(mktemp -d "$cache_root/.fetch.XXXXXX") || die "mktemp failed"
-	pkg=linux-image-$kver-unsigned
-	echo "vm.sh: downloading $pkg (about 100 MB, once)" >&2
-	if ! (cd "$work" && apt-get download "$pkg" >&2 2>"$work/apt.err"); then
-		cat "$work/apt.err" >&2; rm -rf "$work"
-		die "could not download $pkg (is it in 'apt-cache policy $pkg'? try apt-get update)"
-	fi
-	dpkg-deb -x "$work"/*.deb "$work/x" || { rm -rf "$work"; die "dpkg-deb could not unpack $pkg"; }
-	local mroot=$work/x/lib/modules/$kver
-	[ -f "$work/x/boot/vmlinuz-$kver" ] && [ -d "$mroot/kernel" ] || { rm -rf "$work"; die "$pkg has no vmlinuz-$kver or modules"; }
+	download_kernel "$kver" "$work"
 	mkdir -p "$work/out/modules"
-	cp "$work/x/boot/vmlinuz-$kver" "$work/out/vmlinuz"
-	cp "$work/x/boot/config-$kver" "$work/out/config" 2>/dev/null
+	cp "$kimage" "$work/out/vmlinuz"
+	cp "$work/x/boot/config-$kver" "$work/out/config" 2>/dev/null || cp "$mroot/config" "$work/out/config" 2>/dev/null
 
 	local order=() seen=" "
 	add_module() {	# depth-first: dependencies before the module
-		local m=$1 f dep
+		local m=${1%\?} f dep
 		case "$seen" in *" $m "*) return 0 ;; esac
 		seen="$seen$m "
 		f=$(find "$mroot/kernel" -name "$m.ko.xz" -o -name "$m.ko" | head -n1)
 		if [ -z "$f" ]; then
 			grep -q "/$m\.ko$" "$mroot/modules.builtin" 2>/dev/null && return 0
-			die "module $m is neither in $pkg nor built in"
+			case "$1" in *\?) return 0 ;; esac
+			die "module $m is neither in the packages of $kver nor built in"
 		fi
 		case "$f" in
 		*.xz) xz -dc "$f" > "$work/out/modules/$m.ko" || die "xz could not decompress $f" ;;
@@ -133,7 +262,7 @@ fetch_kernel() {
 	mkdir -p "$work/out/modules/optional"
 	for m in $OPTIONAL_MODULES; do
 		f=$(find "$mroot/kernel" -name "$m.ko.xz" | head -n1)
-		[ -n "$f" ] || die "module $m is not in $pkg"
+		[ -n "$f" ] || die "module $m is not in the packages of $kver"
 		xz -dc "$f" > "$work/out/modules/optional/$m.ko" || die "xz could not decompress $f"
 	done
 	rm -rf "$dir"
@@ -217,15 +346,27 @@ build_initramfs() {	# $1 = kernel dir, $2 = output file
 	mv "$work.cpio.gz" "$out"
 }
 
-prepare() {	# sets kdir and initrd; serialised across concurrent runs
-	local kver=${VM_KERNEL_VERSION:-}
-	if [ -z "$kver" ] && [ -z "${VM_KERNEL_REFRESH:-}" ]; then
-		kver=$(newest_cached_kernel)
-	fi
-	if [ -z "$kver" ]; then
-		command -v apt-cache >/dev/null || die "no cached kernel and no apt-cache to find one"
-		kver=$(newest_apt_kernel) || die "no linux-image-6.12.*+deb12-amd64-unsigned in apt (needs Debian 12 bookworm or bookworm-security sources)"
-	fi
+prepare() {	# sets kver, kdir and initrd; serialised across concurrent runs
+	kver=
+	case "$kernel" in
+	6.12)
+		kver=${VM_KERNEL_VERSION:-}
+		if [ -z "$kver" ] && [ -z "${VM_KERNEL_REFRESH:-}" ]; then
+			kver=$(newest_cached_kernel '6.12.*')
+		fi
+		if [ -z "$kver" ]; then
+			command -v apt-cache >/dev/null || die "no cached kernel and no apt-cache to find one"
+			kver=$(newest_apt_kernel) || die "no linux-image-6.12.*+deb12-amd64-unsigned in apt (needs Debian 12 bookworm or bookworm-security sources)"
+		fi ;;
+	newest)
+		if [ -z "${VM_KERNEL_REFRESH:-}" ]; then
+			kver=$(newest_cached_kernel '[7-9].*' '[1-9][0-9].*')
+		fi
+		if [ -z "$kver" ]; then
+			kver=$(newest_sid_kernel) || die "no linux-binary-unsigned-7.*-amd64 in Debian unstable"
+		fi ;;
+	*) kver=$kernel ;;
+	esac
 	kdir=$cache_root/$kver
 	if ! kernel_complete "$kdir"; then
 		fetch_kernel "$kver"
@@ -241,7 +382,7 @@ flock -w 900 9 || die "timed out waiting for another vm.sh preparing the cache"
 prepare
 flock -u 9
 exec 9>&-
-[ -z "$prepare_only" ] || exit 0
+[ -z "$prepare_only" ] || { printf '%s\n' "$kver"; exit 0; }
 
 # ---------------------------------------------------------------- run
 # The run directory lives on the host and is seen at the same path by the
