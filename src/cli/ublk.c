@@ -66,6 +66,8 @@ static void add_usage(FILE *out)
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
+        "      --no-zero-copy     copy every request through a buffer per tag even where\n"
+        "                         the kernel has zero copy (Linux 6.16+, root only)\n"
         "  -h, --help             this help\n",
         UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
         UBLK_MAX_QUEUE_DEPTH);
@@ -290,6 +292,7 @@ int cmd_add(int argc, char **argv)
         CLI_OPT_COMPRESS_THREADS,
         { "foreground", 0, CLI_FLAG, .dest = &foreground },
         { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
+        { "no-zero-copy", 0, CLI_FLAG, .dest = &o.no_zero_copy },
         { "discard", 0, CLI_DISCARD, .dest = &o.discard },
         { "discard-no-unref", 0, CLI_FLAG, .dest = &o.discard_no_unref },
         { "snapshot", 'l', CLI_STRING, .dest = &o.snapshot },
@@ -493,25 +496,7 @@ int cmd_del(int argc, char **argv)
  * was granted (its flags from GET_DEV_INFO), or the kernel's (GET_FEATURES). */
 static void put_feature_names(uint64_t flags)
 {
-    static const char *const names[] = {
-        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
-        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
-        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
-        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
-        "shmem_zc",
-    };
-    const char *sep = "";
-    printf("[");
-    for (unsigned i = 0; i < 64; i++) {
-        if (!(flags & (1ULL << i)))
-            continue;
-        if (i < sizeof(names) / sizeof(names[0]))
-            printf("%s\"%s\"", sep, names[i]);
-        else
-            printf("%s\"bit%u\"", sep, i);
-        sep = ", ";
-    }
-    printf("]");
+    ublk_put_feature_names(stdout, flags);
 }
 
 static void list_usage(FILE *out)
@@ -704,9 +689,10 @@ int cmd_list(int argc, char **argv)
                 json_put_string(stdout, st.image);
                 printf(", \"format\": ");
                 json_put_string(stdout, st.format);
-                printf(", \"read_only\": %s", st.read_only ? "true" : "false");
+                printf(", \"read_only\": %s, \"zero_copy\": %s", st.read_only ? "true" : "false",
+                       st.zero_copy ? "true" : "false");
             } else {
-                printf("null, \"format\": null, \"read_only\": null");
+                printf("null, \"format\": null, \"read_only\": null, \"zero_copy\": null");
             }
             printf(", \"features\": ");
             put_feature_names(info.flags);

@@ -127,6 +127,21 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
     return img->ops->write_zeroes(img, off, len, flags);
 }
 
+int img_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m)
+{
+    if ((flags & IMG_MAP_WRITE) && img->read_only)
+        return -EROFS;
+    int r = check_range(img, off, len);
+    if (r < 0 || len == 0 || !img->ops->map)
+        return r;
+    return img->ops->map(img, off, len, flags, m);
+}
+
+int img_map_end(struct image *img, struct img_map *m, unsigned flags, int result)
+{
+    return img->ops->map_end(img, m, flags, result);
+}
+
 void img_get_stats(struct image *img, struct img_stats *st)
 {
     memset(st, 0, sizeof(*st));

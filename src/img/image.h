@@ -65,6 +65,18 @@ struct img_opts {
 
 struct image;
 
+/* A guest range that lies in one piece in one file (img_map), so a
+ * frontend may move its bytes itself, without them passing through the
+ * engine's memory (zero copy: the kernel's pages straight to the file). */
+struct img_map {
+    struct file *file;          /* the file holding the range */
+    uint64_t host;              /* where in it the range starts */
+    /* The format's: the request stays open (clusters it maps are not
+     * freed and reused) until img_map_end. */
+    _Alignas(8) unsigned char priv[64];
+};
+#define IMG_MAP_WRITE (1u << 8)     /* img_map: for a write (with IMG_FUA if asked) */
+
 /* An internal snapshot as `qemu-img snapshot -l` shows it. */
 struct img_snapshot {
     char *id, *name;
@@ -107,6 +119,9 @@ struct image_ops {
                            char *err, size_t errlen);
     int (*snapshot_apply)(struct image *img, const char *spec, char *err, size_t errlen);
     int (*resize)(struct image *img, uint64_t size, bool shrink, char *err, size_t errlen);
+    /* Optional (NULL: never mapped); see img_map. */
+    int (*map)(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m);
+    int (*map_end)(struct image *img, struct img_map *m, unsigned flags, int result);
     /* Optional: the backing image (NULL if none) and the external data
      * file's path (NULL if none), for messages. */
     struct image *(*backing)(struct image *img);
@@ -137,6 +152,20 @@ int img_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned fla
 int img_close(struct image *img);
 
 void img_get_stats(struct image *img, struct img_stats *st);
+
+/* Zero copy.  img_map: is [off, off+len) plain data in one contiguous
+ * extent of one file, which the caller may read (or, with IMG_MAP_WRITE,
+ * overwrite: already allocated and ours, no copy-on-write needed) in
+ * place with the file's alignment rules (file->direct)?  1: yes, m says
+ * where; the caller does the I/O (a write with RWF_DSYNC if IMG_FUA),
+ * then must call img_map_end with the I/O's result (0 or -errno) and the
+ * same flags, which finishes the request (for a FUA write: a flush when
+ * the mapping itself is not durable yet) and returns its final result.
+ * 0: not that simple (zeros, backing file, compressed, encrypted,
+ * allocation or COW, a file in memory...): use img_read/img_write.
+ * -errno: the request fails. */
+int img_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m);
+int img_map_end(struct image *img, struct img_map *m, unsigned flags, int result);
 
 /* What else the image reads from, for the log: "backing chain: A (qcow2),
  * B (raw); data file: D", or "" when nothing. */

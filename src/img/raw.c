@@ -53,6 +53,25 @@ static int raw_write(struct image *img, const void *buf, uint64_t off, uint64_t 
     return n < 0 ? (int)n : 0;
 }
 
+/* Every range of a raw image is its file's, except that a write to the
+ * first sector of a probed image must be checked (raw_write) first. */
+static int raw_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m)
+{
+    struct raw *r = img->priv;
+    (void)len;
+    if ((flags & IMG_MAP_WRITE) && r->probed && off < IMG_PROBE_BYTES)
+        return 0;
+    m->file = &r->file;
+    m->host = off;
+    return 1;
+}
+
+static int raw_map_end(struct image *img, struct img_map *m, unsigned flags, int result)
+{
+    (void)img, (void)m, (void)flags;
+    return result;      /* FUA: the write itself used RWF_DSYNC, as raw_write does */
+}
+
 static int raw_flush(struct image *img)
 {
     struct raw *r = img->priv;
@@ -163,6 +182,8 @@ static const struct image_ops raw_ops = {
     .flush = raw_flush,
     .discard = raw_discard,
     .write_zeroes = raw_write_zeroes,
+    .map = raw_map,
+    .map_end = raw_map_end,
     .close = raw_close,
     .resize = raw_resize,
 };

@@ -213,6 +213,44 @@ int io_submit_wait(io_prep_fn prep, void *arg)
     return loop_wait(l, sqe);
 }
 
+int loop_register_sparse(struct loop *l, unsigned n)
+{
+    return io_uring_register_buffers_sparse(&l->ring, n);
+}
+
+ssize_t io_rw_fixed(bool write, int fd, unsigned idx, uint64_t buf_off, size_t len, uint64_t off,
+                    int rw_flags)
+{
+    struct loop *l = async_loop();
+    if (!l)
+        return -EINVAL;
+    size_t done = 0;
+    while (done < len) {
+        struct io_uring_sqe *sqe = loop_sqe(l);
+        /* For a buffer the kernel registered (a bvec table), the address
+         * is the byte offset into that buffer. */
+        if (write)
+            io_uring_prep_write_fixed(sqe, fd, (void *)(uintptr_t)(buf_off + done),
+                                      (unsigned)(len - done), off + done, (int)idx);
+        else
+            io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)(buf_off + done),
+                                     (unsigned)(len - done), off + done, (int)idx);
+        sqe->rw_flags = rw_flags;
+        int ret = loop_wait_as(l, sqe, true);
+        if (ret == -EINTR || ret == -EAGAIN)
+            continue;
+        if (ret < 0)
+            return ret;
+        if (ret == 0) {
+            if (write)
+                return -EIO;
+            break;
+        }
+        done += (size_t)ret;
+    }
+    return (ssize_t)done;
+}
+
 /* ---- positional file I/O ---------------------------------------------- */
 
 #define IOV_WINDOW 64

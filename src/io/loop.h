@@ -75,6 +75,18 @@ struct io_uring_sqe;
 typedef void (*io_prep_fn)(struct io_uring_sqe *sqe, void *arg);
 int io_submit_wait(io_prep_fn prep, void *arg);
 
+/* Fixed buffers (io_uring registered buffers) of the current thread's
+ * loop.  loop_register_sparse: a table of n empty slots, for buffers the
+ * kernel installs itself (ublk's automatic buffer registration); -errno
+ * if the kernel cannot.  io_rw_fixed: full-length I/O between fd at off
+ * and bytes [buf_off, buf_off+len) of the buffer in slot idx, from a
+ * coroutine only (no system call can reach a registered buffer).  Returns
+ * the bytes moved (less than len only for a read at end of file) or
+ * -errno; rw_flags as for io_pwrite. */
+int loop_register_sparse(struct loop *l, unsigned n);
+ssize_t io_rw_fixed(bool write, int fd, unsigned idx, uint64_t buf_off, size_t len, uint64_t off,
+                    int rw_flags);
+
 /* Aligned allocation for O_DIRECT buffers (4096 bytes). Aborts on OOM. */
 void *io_alloc(size_t len);
 void *io_zalloc(size_t len);

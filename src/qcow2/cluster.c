@@ -1119,3 +1119,107 @@ int qcow2_map_compressed(struct qcow2 *q, uint64_t off, uint64_t ce)
     /* The old reference goes once this change is durable (rule 5). */
     return release_entry(q, old, false);
 }
+
+/* ---- zero copy: ranges a frontend may move itself (img_map) ------------------- */
+
+struct qmap {
+    struct qreq rq;             /* open from map to map_end: mapped clusters stay ours */
+    bool flush;                 /* FUA write to a mapping not yet on disk */
+};
+_Static_assert(sizeof(struct qmap) <= sizeof(((struct img_map *)0)->priv), "img_map.priv too small");
+
+/* A read maps only what qcow2_co_read would read as one host extent
+ * (normal clusters, every subcluster allocated, contiguous in one file);
+ * a write only what qcow2_co_write would overwrite in place.  Anything
+ * that needs the bytes (zeros, backing file, compressed, LUKS) or changes
+ * the mapping (allocation, COW) goes the copy way. */
+int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m)
+{
+    struct qcow2 *q = to_qcow2(img);
+    struct qmap *st = (struct qmap *)m->priv;
+    bool write = flags & IMG_MAP_WRITE, fua = flags & IMG_FUA;
+    uint64_t cs = cl_size(q), end = off + len, host = 0;
+    int r = 0;
+    if (q->crypto)
+        return 0;
+    if (write && q->broken)
+        return -EIO;
+    st->flush = false;
+    qcow2_req_begin(q, &st->rq);
+    if (!write) {
+        for (uint64_t o = off; o < end;) {
+            uint64_t in = offset_into_cluster(q, o), n = MIN(end - o, cs - in), e, bm;
+            bool has_table;
+            r = peek_entry(q, o, &e, &bm, &has_table);
+            if (r < 0)
+                goto out;
+            if (etype(q, e) != QCOW2_CLUSTER_NORMAL || (q->extl2 && bm != SC_ALL) ||
+                !qcow2_datafile_entry_ok(q, e, o))
+                goto out;
+            uint64_t h = (e & L2E_OFFSET_MASK) + in;
+            if (o == off)
+                host = h;
+            else if (h != host + (o - off))
+                goto out;
+            o += n;
+        }
+        m->file = q->data;
+        m->host = host;
+        return 1;
+    }
+    /* The same steps as the in-place branch of qcow2_co_write, for the
+     * whole range at once (one slice, contiguous host clusters). */
+    uint64_t in = offset_into_cluster(q, off), n = MIN(len, cs - in);
+    struct mslice *s;
+    uint32_t idx;
+    r = pin_entry_for_update(q, off, &s, &idx);
+    if (r < 0)
+        goto out;
+    uint64_t e = l2e_get(q, s, idx);
+    if (is_inplace(q, e) && !entry_ok(q, e, l2bm_get(q, s, idx), off)) {
+        qcow2_cache_put(&q->l2c, s);
+        r = -EIO;
+        goto out;
+    }
+    if (!writable_in_place(q, s, idx, in, n)) {
+        qcow2_cache_put(&q->l2c, s);
+        goto out;
+    }
+    uint64_t first_host = e & L2E_OFFSET_MASK;
+    for (uint32_t k = idx + 1; n < len && k < entries_per_slice(q); k++) {
+        if (!writable_in_place(q, s, k, 0, MIN(len - n, cs)) ||
+            (l2e_get(q, s, k) & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
+            break;
+        n += MIN(len - n, cs);
+    }
+    /* RWF_DSYNC makes only the data durable: entries not on disk yet
+     * need a flush after it (map_end), as in qcow2_co_write. */
+    if (fua && !mapping_durable(q, s))
+        st->flush = true;
+    qcow2_cache_put(&q->l2c, s);
+    if (n < len)
+        goto out;
+    r = check_own_range(q, off, first_host + in, len);
+    if (r < 0)
+        goto out;
+    /* Dirty bitmaps are marked before the data changes, as for any write. */
+    qcow2_bitmaps_mark(q, off, len);
+    m->file = q->data;
+    m->host = first_host + in;
+    return 1;
+out:
+    qcow2_req_end(q, &st->rq);
+    return r;
+}
+
+int qcow2_co_map_end(struct image *img, struct img_map *m, unsigned flags, int result)
+{
+    struct qcow2 *q = to_qcow2(img);
+    struct qmap *st = (struct qmap *)m->priv;
+    qcow2_req_end(q, &st->rq);
+    /* FUA on a mapping allocated since the last flush: the data is durable
+     * (RWF_DSYNC), the L2/L1 entries naming it only after this flush. */
+    if (result == 0 && (flags & IMG_MAP_WRITE) && (flags & IMG_FUA) && st->flush)
+        result = qcow2_flush(q);
+    return result;
+}

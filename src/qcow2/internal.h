@@ -256,6 +256,8 @@ int qcow2_write_new_cluster(struct qcow2 *q, uint64_t off, const uint8_t *conten
 /* cluster.c */
 int qcow2_co_read(struct image *img, void *buf, uint64_t off, uint64_t len);
 int qcow2_co_write(struct image *img, const void *buf, uint64_t off, uint64_t len, unsigned flags);
+int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m);
+int qcow2_co_map_end(struct image *img, struct img_map *m, unsigned flags, int result);
 int qcow2_co_write_zeroes(struct image *img, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct image *img, uint64_t off, uint64_t len);
 

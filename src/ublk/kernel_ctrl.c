@@ -340,3 +340,26 @@ const char *ublk_state_name(unsigned state)
     default: return "?";
     }
 }
+
+void ublk_put_feature_names(FILE *f, uint64_t flags)
+{
+    static const char *const names[] = {
+        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
+        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
+        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
+        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
+        "shmem_zc",
+    };
+    const char *sep = "";
+    fprintf(f, "[");
+    for (unsigned i = 0; i < 64; i++) {
+        if (!(flags & (1ULL << i)))
+            continue;
+        if (i < sizeof(names) / sizeof(names[0]))
+            fprintf(f, "%s\"%s\"", sep, names[i]);
+        else
+            fprintf(f, "%s\"bit%u\"", sep, i);
+        sep = ", ";
+    }
+    fprintf(f, "]");
+}

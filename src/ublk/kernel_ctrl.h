@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/types.h>
 
 #include "ublk/uapi.h"
@@ -64,5 +65,13 @@ int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors
 
 /* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
 const char *ublk_state_name(unsigned state);
+
+/* The device serves requests with zero copy (see ublk/queue.h). */
+static inline bool ublk_uses_zero_copy(uint64_t flags)
+{
+    return (flags & UBLK_F_AUTO_BUF_REG) && (flags & UBLK_F_USER_COPY);
+}
+/* UBLK_F_* names (lower case, without the prefix) as a JSON array. */
+void ublk_put_feature_names(FILE *f, uint64_t flags);
 
 #endif

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,6 +38,11 @@ struct ublk_queue {
     const struct ublksrv_io_desc *descs;
     size_t descs_len;
     struct ublk_tag *tags;
+};
+
+/* A bounce buffer of the copy path (zero copy devices), kept for reuse. */
+struct bounce {
+    struct bounce *next;
 };
 
 enum start_state { START_WAIT, START_GO, START_ABORT };
@@ -66,6 +72,7 @@ struct ublk_queues {
     unsigned live_tags;         /* tag coroutines still fetching (all queues) */
     int err;
     atomic_ullong served;
+    struct bounce *bounces;     /* free bounce buffers (engine thread only) */
     /* Written by the engine thread only (tag_execute). */
     struct {
         stat_counter ops[5], bytes[2], errors, in_flight;
@@ -133,6 +140,78 @@ static int tag_execute_counted(struct ublk_tag *t)
     return r;
 }
 
+static void *bounce_get(struct ublk_queues *qs)
+{
+    struct bounce *b = qs->bounces;
+    if (!b)
+        return io_alloc(qs->cfg.buf_bytes);
+    qs->bounces = b->next;
+    return b;
+}
+
+static void bounce_put(struct ublk_queues *qs, void *p)
+{
+    struct bounce *b = p;
+    b->next = qs->bounces;
+    qs->bounces = b;
+}
+
+/* The copy path of a zero copy device: the request's bytes move between
+ * its pages and a bounce buffer by user copy (a plain memory copy in the
+ * kernel, which never waits: done inline), and the engine does the rest. */
+static int tag_rw_copy(struct ublk_tag *t, bool write, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct ublk_queues *qs = t->q->qs;
+    struct image *img = qs->cfg.img;
+    off_t pos = (off_t)ublk_user_copy_pos(t->q->qid, t->tag, 0);
+    void *buf = bounce_get(qs);
+    int r = 0;
+    if (write) {
+        ssize_t n = pread(qs->cdev_fd, buf, len, pos);
+        r = n < 0 ? -errno : (uint64_t)n != len ? -EIO : 0;
+        if (r == 0)
+            r = img_write(img, buf, off, len, flags);
+    } else {
+        r = img_read(img, buf, off, len);
+        if (r == 0) {
+            ssize_t n = pwrite(qs->cdev_fd, buf, len, pos);
+            r = n < 0 ? -errno : (uint64_t)n != len ? -EIO : 0;
+        }
+    }
+    bounce_put(qs, buf);
+    return r;
+}
+
+/* A read or write on a zero copy device: in place with the request's
+ * registered pages when the image says the range is one plain extent,
+ * else the copy path. */
+static int tag_rw_zc(struct ublk_tag *t, bool write, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct ublk_queues *qs = t->q->qs;
+    struct image *img = qs->cfg.img;
+    /* Registration failed (the kernel said so instead of failing the
+     * request): only user copy reaches the data. */
+    if (ublksrv_get_flags(&t->desc) & UBLK_IO_F_NEED_REG_BUF)
+        return tag_rw_copy(t, write, off, len, flags);
+    unsigned mf = flags | (write ? IMG_MAP_WRITE : 0);
+    struct img_map m;
+    int r = img_map(img, off, len, mf, &m);
+    if (r <= 0)
+        return r < 0 ? r : tag_rw_copy(t, write, off, len, flags);
+    unsigned idx = t->q->qid * qs->cfg.depth + t->tag;
+    /* FUA: RWF_DSYNC makes this data durable before the completion;
+     * img_map_end adds the flush a mapping not yet on disk needs. */
+    ssize_t n = io_rw_fixed(write, m.file->fd, idx, 0, len, m.host,
+                            write && (flags & IMG_FUA) ? RWF_DSYNC : 0);
+    bool short_read = !write && n >= 0 && (uint64_t)n < len;
+    r = img_map_end(img, &m, mf, n < 0 ? (int)n : 0);
+    /* A read past the end of the file (a cluster allocated but never
+     * written out): the copy path reads the rest as zeros. */
+    if (r == 0 && short_read)
+        return tag_rw_copy(t, write, off, len, flags);
+    return r;
+}
+
 static int tag_execute_op(struct ublk_tag *t)
 {
     struct image *img = t->q->qs->cfg.img;
@@ -146,13 +225,15 @@ static int tag_execute_op(struct ublk_tag *t)
     case UBLK_IO_OP_READ:
         if (len > t->q->qs->cfg.buf_bytes)
             return -EIO;
-        r = img_read(img, t->buf, off, len);
+        r = t->q->qs->cfg.zero_copy ? tag_rw_zc(t, false, off, len, 0) : img_read(img, t->buf, off, len);
         return r < 0 ? r : (int)len;
     case UBLK_IO_OP_WRITE:
         if (len > t->q->qs->cfg.buf_bytes)
             return -EIO;
         /* FUA: the kernel wants this write durable before it completes. */
-        r = img_write(img, t->buf, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0);
+        r = t->q->qs->cfg.zero_copy
+            ? tag_rw_zc(t, true, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0)
+            : img_write(img, t->buf, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0);
         return r < 0 ? r : (int)len;
     case UBLK_IO_OP_FLUSH:
         return img_flush(img);
@@ -260,7 +341,12 @@ static void prep_io_cmd(struct io_uring_sqe *sqe, void *arg)
     cmd->q_id = (uint16_t)q->qid;
     cmd->tag = (uint16_t)t->tag;
     cmd->result = t->result;
-    cmd->addr = (uint64_t)(uintptr_t)t->buf;
+    /* Zero copy: the slot where the kernel registers the next request's
+     * pages (FALLBACK: if it cannot, it says so in the descriptor rather
+     * than failing the request). */
+    cmd->addr = q->qs->cfg.zero_copy
+        ? ublk_auto_buf_reg_addr(q->qid * q->qs->cfg.depth + t->tag, UBLK_AUTO_BUF_REG_FALLBACK)
+        : (uint64_t)(uintptr_t)t->buf;
 }
 
 /* Every tag is done (the device is stopping): end the control coroutine,
@@ -318,6 +404,14 @@ static void *engine_thread(void *arg)
     unsigned entries = total * 2 < 256 ? 256 : total * 2 > 4096 ? 4096 : total * 2;
     qs->loop = loop_new(entries);
     int err = qs->loop ? 0 : -errno;
+    /* Zero copy: one empty slot per tag, which the kernel fills with the
+     * request's pages as it hands the request over and empties as the
+     * commit completes it. */
+    if (err == 0 && qs->cfg.zero_copy) {
+        err = loop_register_sparse(qs->loop, total);
+        if (err < 0)
+            uq_error("cannot register %u buffer slots for zero copy: %s", total, strerror(-err));
+    }
 
     pthread_mutex_lock(&qs->lock);
     qs->err = err;
@@ -380,6 +474,11 @@ static void queues_free(struct ublk_queues *qs)
             io_free(q->tags[t].buf);
         free(q->tags);
     }
+    while (qs->bounces) {
+        struct bounce *b = qs->bounces;
+        qs->bounces = b->next;
+        io_free(b);
+    }
     mailbox_free(qs->ctl);
     free(qs->queues);
     if (qs->cdev_fd >= 0)
@@ -416,7 +515,8 @@ static int queue_setup(struct ublk_queues *qs, struct ublk_queue *q, unsigned qi
     for (unsigned t = 0; t < depth; t++) {
         q->tags[t].q = q;
         q->tags[t].tag = t;
-        q->tags[t].buf = io_alloc(qs->cfg.buf_bytes);
+        /* Zero copy needs no buffer per tag (the copy path borrows one). */
+        q->tags[t].buf = qs->cfg.zero_copy ? NULL : io_alloc(qs->cfg.buf_bytes);
     }
     return 0;
 }
@@ -426,7 +526,8 @@ int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **ou
 {
     *out = NULL;
     if (cfg->nr_queues == 0 || cfg->depth == 0 || cfg->depth > UBLK_MAX_QUEUE_DEPTH ||
-        cfg->buf_bytes == 0 || cfg->buf_bytes % IO_ALIGN) {
+        cfg->buf_bytes == 0 || cfg->buf_bytes % IO_ALIGN ||
+        (cfg->zero_copy && cfg->nr_queues * cfg->depth > 16384)) {
         snprintf(err, errlen, "invalid queue configuration");
         return -EINVAL;
     }

@@ -25,6 +25,13 @@ struct ublk_queues_cfg {
     unsigned depth;             /* tags per queue */
     uint32_t buf_bytes;         /* per tag: the device's max_io_buf_bytes */
     bool ioctl_encode;          /* send UBLK_U_IO_* opcodes, else legacy ones */
+    /* Zero copy: the device has UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY.
+     * Each request's pages are registered in the engine's ring (slot
+     * qid * depth + tag); reads and writes the image can take in place
+     * (img_map) go between those pages and the file with fixed-buffer
+     * I/O, the rest through a pooled bounce buffer filled and emptied by
+     * pread/pwrite on /dev/ublkcN.  No per-tag buffers then. */
+    bool zero_copy;
     struct image *img;
 };
 

@@ -109,6 +109,7 @@ struct served {
     struct ublk_queues *qs;
     struct ublk_ctrl *ctrl;
     bool read_only;
+    uint64_t flags;             /* the device's UBLK_F_* */
     struct timespec started;
 };
 
@@ -131,6 +132,9 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
     json_put_string(f, sv->o->image);
     fprintf(f, ", \"format\": ");
     json_put_string(f, img_format_name(sv->img));
+    /* Which path serves the device: the ublk features it was granted. */
+    fprintf(f, ", \"zero_copy\": %s, \"features\": ", ublk_uses_zero_copy(sv->flags) ? "true" : "false");
+    ublk_put_feature_names(f, sv->flags);
     fprintf(f, ", \"uptime_s\": %.3f, \"reads\": %llu, \"writes\": %llu, \"read_bytes\": %llu, "
                "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
                "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
@@ -348,7 +352,24 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
      * (a repeated block write is harmless) rather than failing. */
     if (o->recovery)
         info->flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+    /* Zero copy where the kernel has it (6.16+): automatic registration of
+     * each request's pages, and user copy for the requests that need
+     * their bytes.  Neither is open to unprivileged devices, and the
+     * ring's buffer table has at most 16384 slots (one per tag). */
+    uint64_t features = 0, zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+    bool want_zc = !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &features) &&
+                   (features & zc) == zc && o->nr_queues * o->depth <= 16384;
+    if (want_zc)
+        info->flags |= zc;
+    struct ublksrv_ctrl_dev_info asked = *info;
     int r = ublk_ctrl_add_dev(ctrl, info);
+    if (r == -EINVAL && want_zc) {
+        /* A kernel that refuses the combination: the copy path for all. */
+        uq_warn("the kernel refused zero copy (%s); serving with copies", strerror(-r));
+        *info = asked;
+        info->flags &= ~zc;
+        r = ublk_ctrl_add_dev(ctrl, info);
+    }
     if (r < 0) {
         if (r == -EEXIST)
             uq_error("ublk device %u already exists (pick another -n, or 'ublk-qcow2 del -n %u')",
@@ -543,6 +564,7 @@ static void write_state_file(const struct daemon *d)
         .queues = d->info.nr_hw_queues, .depth = d->info.queue_depth,
         .buf_bytes = d->buf_bytes, .cache_size = o->cache_size,
         .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
+        .zero_copy = ublk_uses_zero_copy(d->info.flags),
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
     snprintf(st.key_file, sizeof(st.key_file), "%s", o->key_file ? o->key_file : "");
@@ -563,6 +585,8 @@ static int start_device(struct daemon *d)
         .dev_id = d->dev_id, .nr_queues = d->info.nr_hw_queues, .depth = d->info.queue_depth,
         .buf_bytes = d->buf_bytes, .ioctl_encode = ublk_ctrl_uses_ioctl_encoding(d->ctrl),
         .img = d->img,
+        /* From the device's flags: a recovered device keeps its path. */
+        .zero_copy = ublk_uses_zero_copy(d->info.flags),
     };
     int r = ublk_queues_start(&qcfg, &d->qs, err, sizeof(err));
     if (r < 0) {
@@ -633,7 +657,7 @@ static int serve_until_stopped(struct daemon *d)
 {
     char err[512];
     struct served sv = { .id = d->dev_id, .o = d->o, .img = d->img, .qs = d->qs, .ctrl = d->ctrl,
-                         .read_only = d->read_only };
+                         .read_only = d->read_only, .flags = d->info.flags };
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
     struct ctl_server *ctl = ctl_server_start(d->dev_id, answer, &sv, err, sizeof(err));
     if (!ctl)
@@ -771,6 +795,7 @@ int ublk_state_write(const struct ublk_state *s)
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
             (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
             s->discard_no_unref ? "true" : "false");
+    fprintf(f, ", \"zero_copy\": %s", s->zero_copy ? "true" : "false");
     if (s->snapshot[0]) {
         fprintf(f, ", \"snapshot\": ");
         json_put_string(f, s->snapshot);
@@ -834,6 +859,7 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     char mode[16];
     s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
     s->discard_no_unref = json_get_true(buf, "discard_no_unref");
+    s->zero_copy = json_get_true(buf, "zero_copy");
     if (!json_get_string(buf, "snapshot", s->snapshot, sizeof(s->snapshot)))
         s->snapshot[0] = '\0';
     if (!json_get_string(buf, "key_file", s->key_file, sizeof(s->key_file)))

@@ -58,6 +58,10 @@ struct ublk_server_opts {
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
+    /* Do not ask for zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY)
+     * even where the kernel has it: every request through a per-tag
+     * buffer, as on older kernels (for comparison). */
+    bool no_zero_copy;
     /* Take over the existing quiesced device dev_id instead of adding one. */
     bool recover;
     /* Start-up progress for a waiting parent: "id N\n" after ADD_DEV and
@@ -85,6 +89,7 @@ struct ublk_state {
     uint64_t cache_size;
     bool discard_unmap;
     bool discard_no_unref;
+    bool zero_copy;             /* requests served with zero copy (see ublk/queue.h) */
     char snapshot[512];         /* "" unless serving an internal snapshot */
     char key_file[PATH_MAX];    /* where the passphrase came from ("" if not a file) */
     char key_env[256];          /* ... or the environment variable's name */

@@ -87,6 +87,44 @@
 #define UBLK_F_PER_IO_DAEMON (1ULL << 13)           /* 6.16 */
 #endif
 
+#ifndef UBLK_F_BUF_REG_OFF_DAEMON
+#define UBLK_F_BUF_REG_OFF_DAEMON (1ULL << 14)
+#endif
+#ifndef UBLK_F_BATCH_IO
+#define UBLK_F_BATCH_IO (1ULL << 15)
+#endif
+
+/* UBLK_F_USER_COPY: a request's data is read or written with pread/pwrite
+ * on /dev/ublkcN at UBLKSRV_IO_BUF_OFFSET + (qid << QID_OFF) +
+ * (tag << TAG_OFF) + the offset within the request. */
+#ifndef UBLK_TAG_OFF
+#define UBLK_IO_BUF_BITS 25
+#define UBLK_TAG_OFF UBLK_IO_BUF_BITS
+#define UBLK_TAG_BITS 16
+#define UBLK_QID_OFF (UBLK_TAG_OFF + UBLK_TAG_BITS)
+#endif
+
+/* UBLK_F_AUTO_BUF_REG: FETCH_REQ / COMMIT_AND_FETCH_REQ carry in addr the
+ * slot (bits 0-15) of the issuing ring's buffer table where the kernel
+ * installs the next request's pages, and flags (bits 16-23). */
+#ifndef UBLK_AUTO_BUF_REG_FALLBACK
+#define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
+#endif
+/* In a descriptor's flags: automatic registration failed (with FALLBACK
+ * asked for); the request's data is reachable by user copy only. */
+#ifndef UBLK_IO_F_NEED_REG_BUF
+#define UBLK_IO_F_NEED_REG_BUF (1U << 17)
+#endif
+static inline unsigned long long ublk_auto_buf_reg_addr(unsigned index, unsigned flags)
+{
+    return (unsigned long long)(index & 0xffff) | (unsigned long long)(flags & 0xff) << 16;
+}
+static inline unsigned long long ublk_user_copy_pos(unsigned qid, unsigned tag, unsigned long long off)
+{
+    return UBLKSRV_IO_BUF_OFFSET + ((unsigned long long)qid << UBLK_QID_OFF) +
+           ((unsigned long long)tag << UBLK_TAG_OFF) + off;
+}
+
 #ifndef UBLK_S_DEV_FAIL_IO
 #define UBLK_S_DEV_FAIL_IO 3
 #endif
