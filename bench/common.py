@@ -51,6 +51,8 @@ WORKLOADS = {
     "randread_4k": dict(rw="randread", bs="4k", title="randread 4k"),
     "randrw_4k": dict(rw="randrw", bs="4k", title="randrw 4k (r/w)"),
     "rw_512k": dict(rw="rw", bs="512k", title="rw 512k (r/w)"),
+    "read_512k": dict(rw="read", bs="512k", title="read 512k, sequential"),
+    "write_512k": dict(rw="write", bs="512k", title="write 512k, sequential"),
     "lat_read_4k": dict(rw="randread", bs="4k", depth=1, latency=True, title="4k read, depth 1"),
     "lat_write_4k": dict(rw="randwrite", bs="4k", depth=1, latency=True,
                          title="4k write, depth 1"),
@@ -73,8 +75,11 @@ ALLOC_CAP_PER_CLUSTER = 0.25
 # file after 65536 such writes on the loaded development machine.
 ALLOC_MAX_WRITES = 32768
 CLUSTER = 65536             # qemu-img create's default, used by every image made here
-VM_WORKLOADS = ["randread_4k", "randwrite_4k"]
-VM_PATHS = ["ublk_qcow2", "ublk_raw", "loop_raw", "qemu_nbd"]
+VM_WORKLOADS = ["randread_4k", "randwrite_4k", "read_512k", "write_512k"]
+# _nozc: add --no-zero-copy (only where the kernel has zero copy: elsewhere the same as
+# without); _q2: add -q 2.
+VM_PATHS = ["ublk_qcow2", "ublk_qcow2_nozc", "ublk_qcow2_q2", "ublk_raw", "ublk_raw_nozc",
+            "loop_raw", "qemu_nbd"]
 SUBSTRATES = ["brd", "tmpfs"]
 
 LABELS = {
@@ -93,7 +98,10 @@ LABELS = {
     "fio_cow": "fio: the copies' disk traffic (64k random reads of the backing file and 64k "
                "random writes, in parallel; (reads + writes) / 2 per second)",
     "ublk_qcow2": "ours, /dev/ublkbN, qcow2",
+    "ublk_qcow2_nozc": "ours, /dev/ublkbN, qcow2, --no-zero-copy",
+    "ublk_qcow2_q2": "ours, /dev/ublkbN, qcow2, -q 2",
     "ublk_raw": "ours, /dev/ublkbN, raw file",
+    "ublk_raw_nozc": "ours, /dev/ublkbN, raw file, --no-zero-copy",
     "loop_raw": "kernel loop, --direct-io=on, raw file (the limit)",
     "qemu_nbd": "qemu-nbd on the kernel nbd driver, qcow2",
 }

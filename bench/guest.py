@@ -48,6 +48,7 @@ class GuestPath:
 
     def __init__(self, path, a, raw, qcow2, work):
         self.path, self.a, self.dev, self.pid, self.stop_cmds = path, a, None, None, []
+        self.zero_copy = None
         try:
             self.attach(path, a, raw, qcow2, work)
         except BaseException:
@@ -56,11 +57,14 @@ class GuestPath:
 
     def attach(self, path, a, raw, qcow2, work):
         if path.startswith("ublk"):
-            img, fmt = (qcow2, "qcow2") if path == "ublk_qcow2" else (raw, "raw")
-            self.dev = run([a.bin, "add", "-q", "1", "-f", fmt, img], timeout=120).strip()
+            img, fmt = (qcow2, "qcow2") if path.startswith("ublk_qcow2") else (raw, "raw")
+            q = "2" if path.endswith("_q2") else "1"
+            extra = ["--no-zero-copy"] if path.endswith("_nozc") else []
+            self.dev = run([a.bin, "add", "-q", q, "-f", fmt] + extra + [img], timeout=120).strip()
             n = self.dev.removeprefix("/dev/ublkb")
             self.stop_cmds = [[a.bin, "del", "-n", n]]
-            self.pid = json.loads(run([a.bin, "list", "-n", n, "--json"]))[0]["pid"]
+            st = json.loads(run([a.bin, "list", "-n", n, "--json"]))[0]
+            self.pid, self.zero_copy = st["pid"], st.get("zero_copy")
         elif path == "loop_raw":
             self.dev = run(["losetup", "--direct-io=on", "-f", "--show", raw]).strip()
             self.stop_cmds = [["losetup", "-d", self.dev]]
@@ -125,6 +129,9 @@ def main(argv):
     if not os.path.exists("/dev/ublk-control"):
         raise BenchError("no /dev/ublk-control in this kernel")
     emit("info", kernel=os.uname().release, cpus=os.cpu_count())
+    # Results are per kernel: the substrate is named with it (tmpfs@7.2).
+    a.ktag = ".".join(os.uname().release.split(".")[:2])
+    a.zc = None     # does this kernel give devices zero copy? (the first ublk path says)
     failed = False
     for sub in a.substrates.split(","):
         teardown = []
@@ -155,13 +162,17 @@ def guest_substrate_run(a, sub, work):
     ok = True
     for rnd in range(1, a.rounds + 1):
         for path in VM_PATHS:
+            if path.endswith("_nozc") and a.zc is False:
+                continue    # no zero copy on this kernel: the same as the path without _nozc
             glog(f"{sub} round {rnd}: {path} ...")
             dev = None
             try:
                 dev = GuestPath(path, a, raw, qcow2, work)
+                if path == "ublk_qcow2":
+                    a.zc = bool(dev.zero_copy)
                 for wl in a.workloads.split(","):
-                    rec = {"section": "ublk", "substrate": sub, "round": rnd, "path": path,
-                           "workload": wl}
+                    rec = {"section": "ublk", "substrate": f"{sub}@{a.ktag}", "round": rnd,
+                           "path": path, "workload": wl, "zero_copy": dev.zero_copy}
                     t0 = time.monotonic()
                     try:
                         rec.update(guest_fio(a, dev, wl, work))
@@ -175,7 +186,7 @@ def guest_substrate_run(a, sub, work):
             except (BenchError, OSError, ValueError, subprocess.SubprocessError) as e:
                 glog(f"  {path}: {e}")
                 for wl in a.workloads.split(","):
-                    emit("result", section="ublk", substrate=sub, round=rnd, path=path,
+                    emit("result", section="ublk", substrate=f"{sub}@{a.ktag}", round=rnd, path=path,
                          workload=wl, error=str(e))
                 ok = False
             finally:

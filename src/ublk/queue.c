@@ -341,12 +341,15 @@ static void prep_io_cmd(struct io_uring_sqe *sqe, void *arg)
     cmd->q_id = (uint16_t)q->qid;
     cmd->tag = (uint16_t)t->tag;
     cmd->result = t->result;
-    /* Zero copy: the slot where the kernel registers the next request's
-     * pages (FALLBACK: if it cannot, it says so in the descriptor rather
-     * than failing the request). */
-    cmd->addr = q->qs->cfg.zero_copy
-        ? ublk_auto_buf_reg_addr(q->qid * q->qs->cfg.depth + t->tag, UBLK_AUTO_BUF_REG_FALLBACK)
-        : (uint64_t)(uintptr_t)t->buf;
+    /* Zero copy: the SQE's own addr (not the command's, which user copy
+     * wants zero) names the slot where the kernel registers the next
+     * request's pages (FALLBACK: if it cannot, it says so in the
+     * descriptor rather than failing the request). */
+    if (q->qs->cfg.zero_copy)
+        sqe->addr = ublk_auto_buf_reg_addr(q->qid * q->qs->cfg.depth + t->tag,
+                                           UBLK_AUTO_BUF_REG_FALLBACK);
+    else
+        cmd->addr = (uint64_t)(uintptr_t)t->buf;
 }
 
 /* Every tag is done (the device is stopping): end the control coroutine,

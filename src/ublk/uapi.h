@@ -104,7 +104,7 @@
 #define UBLK_QID_OFF (UBLK_TAG_OFF + UBLK_TAG_BITS)
 #endif
 
-/* UBLK_F_AUTO_BUF_REG: FETCH_REQ / COMMIT_AND_FETCH_REQ carry in addr the
+/* UBLK_F_AUTO_BUF_REG: FETCH_REQ / COMMIT_AND_FETCH_REQ carry in the SQE's addr the
  * slot (bits 0-15) of the issuing ring's buffer table where the kernel
  * installs the next request's pages, and flags (bits 16-23). */
 #ifndef UBLK_AUTO_BUF_REG_FALLBACK
