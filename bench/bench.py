@@ -67,6 +67,7 @@ Environment:
   BENCH_UBLK_SECONDS      seconds per measurement in the VM (default 6, quick 2)
   BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 3, quick 1)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
+  BENCH_UBLK_KERNELS      VM kernels, one boot each (default 6.12,newest; see tests/vm/vm.sh)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
 """
@@ -210,6 +211,7 @@ class Config:
         # 3 rounds: a median that one slow round cannot move (a full run near 25 minutes).
         self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
+        self.ukernels = [k for k in env.get("BENCH_UBLK_KERNELS", "6.12,newest").split(",") if k]
         self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "tls", "sizes", "ublk", "compressed"],
                                    ["engine", "nbd", "tls", "sizes", "ublk", "compressed"])
         self.pki = os.path.join(self.dir, "pki")
@@ -283,7 +285,7 @@ def plan(cfg):
                                                                          "compressed_4k"]))
     host += n("engine", ["overlay_4k"]) or n("nbd", ["overlay_4k"])
     host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
-    vm = len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
+    vm = len(cfg.ukernels) * len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
     # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
     secs = host * (cfg.secs + 1.5) + vm * (cfg.usecs + 10)
     secs += 15 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
@@ -638,17 +640,27 @@ class HostBench:
 # ---- the VM part (ublk) --------------------------------------------------------------------------
 
 def run_vm(cfg, results):
-    """One boot of the test VM running guest.py; returns what the guest reported."""
+    """One boot of the test VM per kernel (BENCH_UBLK_KERNELS, default 6.12 and the newest)
+    running guest.py; returns what the guests reported (info keys prefixed by the kernel)."""
+    info = {}
+    for k in cfg.ukernels:
+        for key, v in run_vm_on(cfg, results, k).items():
+            info[f"{k}:{key}"] = v
+        info["exit"] = info.get("exit") or info.get(f"{k}:exit")
+    return info
+
+
+def run_vm_on(cfg, results, kernel):
     c = cfg
     wls = [w for w in VM_WORKLOADS if w in c.workloads]
     if not wls:
         return {}
     per_sub = 300 + c.usize / (4 << 20) + c.rounds * len(VM_PATHS) * (len(wls) * (c.usecs + 20) + 30)
     timeout = int(120 + len(c.substrates) * per_sub)
-    out_path = os.path.join(c.dir, "logs", "vm.out")
-    log(f"ublk: booting the test VM (QEMU TCG), {size_name(c.usize)} images on "
+    out_path = os.path.join(c.dir, "logs", f"vm-{kernel}.out")
+    log(f"ublk: booting the test VM (QEMU TCG, kernel {kernel}), {size_name(c.usize)} images on "
         f"{', '.join(c.substrates)}, iodepth {c.udepth}, {c.rounds} round(s); at most {timeout} s")
-    argv = [VM_SH, "--mem", "4G", "--timeout", str(timeout), "--",
+    argv = [VM_SH, "--kernel", kernel, "--mem", "4G", "--timeout", str(timeout), "--",
             os.path.join(HERE, "guest.py"), "--bin", c.bin,
             "--seconds", f"{c.usecs:g}", "--depth", str(c.udepth), "--size", str(c.usize),
             "--rounds", str(c.rounds), "--substrates", ",".join(c.substrates),

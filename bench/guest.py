@@ -198,7 +198,7 @@ def guest_substrate_run(a, sub, work):
                         ok = False
     # After all that writing, the qcow2 must still be consistent.
     chk = subprocess.run(["qemu-img", "check", "-q", qcow2], capture_output=True, text=True)
-    emit("info", **{f"qcow2_check_{sub}": "ok" if chk.returncode == 0
+    emit("info", **{f"qcow2_check_{sub}@{a.ktag}": "ok" if chk.returncode == 0
                     else (chk.stdout + chk.stderr).strip()[:300]})
     return ok and chk.returncode == 0
 
