@@ -66,8 +66,9 @@ static void add_usage(FILE *out)
         "      --recovery         if the daemon dies, keep the device (I/O waits) until\n"
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
-        "      --no-zero-copy     copy every request through a buffer per tag even where\n"
-        "                         the kernel has zero copy (Linux 6.16+, root only)\n"
+        "      --zero-copy        zero copy where the kernel has it (Linux 6.16+, root\n"
+        "                         only; experimental, off by default)\n"
+        "      --no-zero-copy     copy every request through a buffer per tag (default)\n"
         "  -h, --help             this help\n",
         UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
         UBLK_MAX_QUEUE_DEPTH);
@@ -292,6 +293,7 @@ int cmd_add(int argc, char **argv)
         CLI_OPT_COMPRESS_THREADS,
         { "foreground", 0, CLI_FLAG, .dest = &foreground },
         { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
+        { "zero-copy", 0, CLI_FLAG, .dest = &o.zero_copy },
         { "no-zero-copy", 0, CLI_FLAG, .dest = &o.no_zero_copy },
         { "discard", 0, CLI_DISCARD, .dest = &o.discard },
         { "discard-no-unref", 0, CLI_FLAG, .dest = &o.discard_no_unref },

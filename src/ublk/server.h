@@ -58,10 +58,11 @@ struct ublk_server_opts {
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
-    /* Do not ask for zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY)
-     * even where the kernel has it: every request through a per-tag
-     * buffer, as on older kernels (for comparison). */
-    bool no_zero_copy;
+    /* Ask for zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY) where the
+     * kernel has it (opt-in until it is measured and tested everywhere);
+     * no_zero_copy (the default) serves every request through a per-tag
+     * buffer, as on older kernels. */
+    bool zero_copy, no_zero_copy;
     /* Take over the existing quiesced device dev_id instead of adding one. */
     bool recover;
     /* Start-up progress for a waiting parent: "id N\n" after ADD_DEV and

@@ -21,8 +21,8 @@ has_feature auto_buf_reg && has_feature user_copy && ZC=1
 # fio verify through a device: NAME QUEUES BS ZC(0|1) CREATE-OPTIONS...
 zc_fio() {
 	local name=$1 q=$2 bs=$3 zc=$4; shift 4
-	local img=$W/$name.qcow2 opt=
-	[ "$zc" = 1 ] || opt=--no-zero-copy
+	local img=$W/$name.qcow2 opt=--no-zero-copy
+	[ "$zc" = 1 ] && opt=--zero-copy
 	rm -f "$img" "$W/$name.raw"
 	qemu-img create -q -f qcow2 "$@" "$img" 16M
 	if ! uq_add -q "$q" $opt "$img"; then
@@ -56,7 +56,7 @@ done
 
 # Raw image, zero copy where the kernel has it.
 rm -f "$W/r.raw"; truncate -s 16M "$W/r.raw"
-if uq_add -f raw -q 2 "$W/r.raw"; then
+if uq_add -f raw -q 2 --zero-copy "$W/r.raw"; then
 	check zc_raw_fio_verify fio_verify "$DEV" --bs=64k --size=16M
 	check zc_raw_copy dd if="$DEV" of="$W/r.copy" bs=1M iflag=direct status=none
 	check zc_raw_del uq_del "$ID"
@@ -68,7 +68,7 @@ rm -f "$W/r.raw" "$W/r.copy"
 # through the device (4k and 512k requests), compared with QEMU's reading of the image.
 zc_kind() {	# NAME IMAGE [ADD-OPTIONS...]
 	local name=$1 img=$2; shift 2
-	if ! uq_add -r "$@" "$img"; then
+	if ! uq_add -r --zero-copy "$@" "$img"; then
 		nok "zc_kind_${name}_add" "$(tr '\n' ' ' < "$W/add.err")"; return
 	fi
 	check "zc_kind_${name}_path" test "$("$UQ" list --json | jq ".[] | select(.id == $ID) | .zero_copy")" = true
