@@ -76,7 +76,7 @@ mkdir -p "$cache_root" || die "cannot create cache dir $cache_root"
 # in 6.12 (crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at
 # mount); from Linux 6.14 on crc32c is a library built into the kernel.
 # dm_mod: LVM on ublk devices (tests/vm/t_ublk_del.sh).
-WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic? crc16 mbcache jbd2 libcrc32c? ext4 dm_mod"
+WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic? crc16 mbcache jbd2 libcrc32c? ext4 dm-mod"
 # Modules the guest does not load at boot but offers in /run/vm-modules, for
 # tests to insmod with their own parameters (brd: a RAM disk for a file system
 # with real asynchronous O_DIRECT, unlike tmpfs).
