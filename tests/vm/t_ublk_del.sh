@@ -8,7 +8,7 @@
 # mounted device but stops it once it is unmounted.  A GPT image with two ext4
 # partitions and an LVM PV is written through ublk, then read through QEMU's own
 # qcow2 code (qemu-nbd -c in the guest): the same files.
-# timeout: 900
+# timeout: 1500
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/vm_lib.sh"
@@ -130,15 +130,30 @@ else
 	nok gpt "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
 
-# --- an MBR image: partitions appear and are named in list --json ---------------------------
+# --- an MBR image: partitions appear, list --json and the udev rule name them ----------------
+# A real udevd with our rule (the guest's /run is its own), last: its probes
+# open devices, which the cases above must not see.
+mkdir -p /run/udev/rules.d
+sed "s|@BINDIR@/ublk-qcow2|$UQ|" "$ROOT/dist/99-ublk-qcow2.rules.in" >/run/udev/rules.d/99-ublk-qcow2.rules
+export SYSTEMD_IGNORE_CHROOT=1
+SYSTEMD_IGNORE_CHROOT=1 /lib/systemd/systemd-udevd --daemon >"$W/udevd.log" 2>&1 || nok udevd "$(tr '\n' ' ' <"$W/udevd.log")"
 qemu-img create -q -f raw "$W/mbr.raw" 32M
 printf 'label: dos\nsize=8M\nsize=8M\n' | sfdisk -q "$W/mbr.raw" >/dev/null 2>&1
 if uq_add "$W/mbr.raw"; then
 	check mbr_partitions eval 'wait_for 20 test -b ${DEV}p2 && "$UQ" list -n $ID --json | jq -e ".[0].partitions | length == 2"'
-	check mbr_del uq_del "$ID"
+	udevadm settle -t 30
+	name=$(systemd-escape --path "$W/mbr.raw")
+	check udev_names_disk test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name")" = "$DEV"
+	check udev_names_partitions eval 'test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name-part1")" = "${DEV}p1" &&
+		test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name-part2")" = "${DEV}p2"'
+	check mbr_del timeout 120 "$UQ" del -n "$ID"
+	udevadm settle -t 30
+	check udev_partition_links_gone test ! -e "/dev/disk/by-ublk-qcow2/$name-part1"
 else
 	nok mbr "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
+udevadm control --exit
+rm -f /run/udev/rules.d/99-ublk-qcow2.rules
 
 check del_daemon_logs_clean logs_clean
 [ $FAILED -eq 0 ]
@@ -146,6 +161,6 @@ EOF
 
 rc=0
 for k in 6.12 newest; do
-	vm_test_on "$k" ublk_del_vm --timeout 420 -- env LIB="$here/ublk_guest_lib.sh" bash "$tmp/guest.sh" || rc=1
+	vm_test_on "$k" ublk_del_vm --timeout 660 -- env LIB="$here/ublk_guest_lib.sh" ROOT="$root" bash "$tmp/guest.sh" || rc=1
 done
 exit $rc
