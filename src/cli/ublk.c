@@ -20,6 +20,7 @@
 #include "cli/opts.h"
 #include "tools/tools.h"
 #include "io/log.h"
+#include "ublk/inuse.h"
 #include "ublk/kernel_ctrl.h"
 #include "ublk/server.h"
 
@@ -382,17 +383,25 @@ static bool is_our_daemon(pid_t pid)
 static void del_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 del -n ID | --all [--timeout SECS]\n\n"
+        "Usage: ublk-qcow2 del -n ID | --all [--force] [--timeout SECS]\n\n"
         "Stop ublk device(s): the daemon finishes the requests in flight, flushes\n"
         "and closes the image and exits; then the device is deleted.\n\n"
+        "A device in use is left alone (exit 1, still serving): mounted (the disk\n"
+        "or a partition), swap, held by dm/LVM/md, or open in a process.  The\n"
+        "message names each user and how to release it.  Where the kernel has\n"
+        "UBLK_F_SAFE_STOP_DEV (Linux 7.0+) it refuses the stop itself, so a user\n"
+        "arriving during del cannot be missed.\n\n"
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "  -a, --all          every ublk device\n"
+        "  -f, --force        stop it even if in use (its users get I/O errors;\n"
+        "                     a mounted file system is cut off)\n"
         "  -t, --timeout SECS how long to wait for a daemon to exit (default %d)\n"
         "  -h, --help         this help\n", DEL_DEFAULT_TIMEOUT_S);
 }
 
-static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool quiet_missing)
+static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool quiet_missing,
+                   bool force)
 {
     struct ublksrv_ctrl_dev_info info;
     int r = ublk_ctrl_get_dev_info(c, id, &info);
@@ -418,7 +427,23 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
     /* Taken before STOP_DEV, so the pid cannot be reused under us. */
     int pidfd = pid > 0 ? (int)syscall(SYS_pidfd_open, pid, 0) : -1;
 
-    r = ublk_ctrl_stop_dev(c, id);
+    static char why[8192];
+    if (!force) {
+        r = ublk_stop_if_unused(c, id, info.flags, why, sizeof(why));
+        if (r == -EBUSY) {
+            cli_error("del: /dev/ublkb%u is in use; not stopping it (it keeps serving):\n%s"
+                      "Release it as said, or stop it anyway with 'ublk-qcow2 del -n %u --force' "
+                      "(its users then get I/O errors)", id, why, id);
+            if (pidfd >= 0)
+                close(pidfd);
+            return 1;
+        }
+    } else {
+        if (ublk_dev_users(id, why, sizeof(why)) > 0)
+            uq_warn("del --force: stopping /dev/ublkb%u while in use; these users now get "
+                    "I/O errors (the device goes once they let go):\n%s", id, why);
+        r = ublk_ctrl_stop_dev(c, id);
+    }
     if (r < 0 && r != -ENODEV) {
         cli_error("del: cannot stop ublk device %u: %s", id, strerror(-r));
         if (pidfd >= 0)
@@ -433,13 +458,16 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
         while (pr < 0 && errno == EINTR);
         close(pidfd);
         if (pr == 0) {
-            cli_error("del: the daemon of ublk device %u (pid %d) did not exit within %u s; "
-                      "the device is stopped but not deleted", id, (int)pid, timeout_s);
+            cli_error("del: the daemon of ublk device %u (pid %d) did not exit within %u s "
+                      "(still flushing the image? its log: %s/ublk%u.log); the device is stopped "
+                      "but not deleted", id, (int)pid, timeout_s, UBLK_STATE_DIR, id);
             return 1;
         }
     }
-    /* The daemon deletes its own device on the way out; this covers a dead one. */
-    r = ublk_ctrl_del_dev(c, id);
+    /* The daemon deletes its own device on the way out; this covers a dead
+     * one.  Not waiting: a file system forced away keeps the disk until
+     * it is unmounted. */
+    r = ublk_ctrl_del_dev_nowait(c, id);
     if (r < 0 && r != -ENODEV) {
         cli_error("del: cannot delete ublk device %u: %s", id, strerror(-r));
         return 1;
@@ -450,12 +478,13 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
 
 int cmd_del(int argc, char **argv)
 {
-    bool all = false, have_id = false;
+    bool all = false, have_id = false, force = false;
     uint32_t id = 0;
     unsigned timeout_s = DEL_DEFAULT_TIMEOUT_S;
     const struct cli_opt opts[] = {
         CLI_OPT_ID(&id, &have_id),
         { "all", 'a', CLI_FLAG, .dest = &all },
+        { "force", 'f', CLI_FLAG, .dest = &force },
         { "timeout", 't', CLI_UINT, .dest = &timeout_s, .min = 1, .max = 86400,
           .bad = "invalid timeout '%s' (seconds, 1 to 86400)" },
         { 0 },
@@ -474,13 +503,13 @@ int cmd_del(int argc, char **argv)
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
     if (have_id) {
-        rc = del_one(ctrl, id, timeout_s, false);
+        rc = del_one(ctrl, id, timeout_s, false, force);
     } else {
         rc = 0;
         uint32_t ids[1024];
         size_t n = list_ids(ids, 1024);
         for (size_t i = 0; i < n; i++)
-            if (del_one(ctrl, ids[i], timeout_s, true))
+            if (del_one(ctrl, ids[i], timeout_s, true, force))
                 rc = 1;
     }
     ublk_ctrl_close(ctrl);
@@ -523,12 +552,14 @@ static void list_usage(FILE *out)
         "daemon pid and image.\n\n"
         "Options:\n"
         "  -n, --id ID     only this device (an error if it does not exist)\n"
-        "  -j, --json      a JSON array of objects; \"features\" names the ublk\n"
+        "  -j, --json      a JSON array of objects; \"partitions\" lists the\n"
+        "                  partition devices (/dev/ublkbNpM); \"features\" names the ublk\n"
         "                  features (UBLK_F_*) the device was granted,\n"
         "                  \"kernel_features\" those this kernel offers\n"
         "      --udev-name the stable name of device ID: its image path escaped as\n"
         "                  'systemd-escape --path' does (for the udev rule that makes\n"
-        "                  /dev/disk/by-ublk-qcow2/NAME)\n"
+        "                  /dev/disk/by-ublk-qcow2/NAME, and NAME-partM for its\n"
+        "                  partitions)\n"
         "      --owner     \"UID GID\" of the user who added unprivileged device ID\n"
         "                  (for the udev rule that gives its nodes to that user)\n"
         "  -h, --help      this help\n");
@@ -708,6 +739,14 @@ int cmd_list(int argc, char **argv)
             } else {
                 printf("null, \"format\": null, \"read_only\": null");
             }
+            /* The kernel's partitions of the disk (partition table in the image). */
+            static char parts[128 * 24];
+            int np = ublk_dev_partitions(ids[i], parts, sizeof(parts));
+            printf(", \"partitions\": [");
+            const char *pp = parts;
+            for (int k = 0; k < np; k++, pp += strlen(pp) + 1)
+                printf("%s\"%s\"", k ? ", " : "", pp);
+            printf("]");
             printf(", \"features\": ");
             put_feature_names(info.flags);
             printf(", \"kernel_features\": ");

@@ -305,6 +305,19 @@ int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id)
     return ctrl_cmd(c, &r);
 }
 
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, uint32_t dev_id)
+{
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_TRY_STOP_DEV, .dev_id = dev_id };
+    return ctrl_cmd(c, &r);
+}
+
+int ublk_ctrl_del_dev_nowait(struct ublk_ctrl *c, uint32_t dev_id)
+{
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_DEL_DEV_ASYNC, .dev_id = dev_id };
+    int ret = c->legacy ? -EOPNOTSUPP : ctrl_cmd(c, &r);
+    return ret == -EOPNOTSUPP || ret == -EINVAL ? ublk_ctrl_del_dev(c, dev_id) : ret;
+}
+
 int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id)
 {
     struct ctrl_req r = {

@@ -52,6 +52,13 @@ int ublk_ctrl_get_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_param
 int ublk_ctrl_start_dev(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
 /* Removes /dev/ublkbN and aborts the queues' pending fetches. */
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
+/* TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV): STOP_DEV, or -EBUSY if the block
+ * device or a partition is open (mounted, a dm/md holder, a process);
+ * the check and the stop are one step in the kernel. */
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
+/* DEL_DEV_ASYNC (6.9+) where the kernel has it, else DEL_DEV: the device
+ * goes once its last user (a forced-away mount) lets go, without waiting. */
+int ublk_ctrl_del_dev_nowait(struct ublk_ctrl *c, uint32_t dev_id);
 
 /* Crash recovery (UBLK_F_USER_RECOVERY*): a new daemon takes over a
  * quiesced device. */

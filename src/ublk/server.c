@@ -4,6 +4,7 @@
 #include "ublk/server.h"
 #include "io/imagelock.h"
 #include "ublk/ctl_socket.h"
+#include "ublk/inuse.h"
 #include "ublk/kernel_ctrl.h"
 #include "ublk/queue.h"
 
@@ -446,6 +447,7 @@ struct daemon {
     struct ublk_queues *qs;
     int sig_fd;
     bool stopping;
+    bool stop_pending;          /* asked to stop by a signal while in use */
     uint64_t served;            /* requests, once the queues ended */
     bool served_known;
 };
@@ -626,6 +628,29 @@ static void announce(struct daemon *d)
     }
 }
 
+/* A signal asks for a stop as `del` does: never while the device is in use
+ * (mounted, held, open), which would cut a file system off.  In use, it
+ * says by what and keeps serving; the stop is tried again every second,
+ * so it happens once the users let go (systemd's stop waits for that).
+ * `del --force` is the way to stop it regardless. */
+static void stop_when_unused(struct daemon *d, int signo)
+{
+    char why[2048];
+    int r = ublk_stop_if_unused(d->ctrl, d->dev_id, d->info.flags, why, sizeof(why));
+    d->stop_pending = r == -EBUSY;
+    if (r < 0 && r != -EBUSY && r != -ENODEV)
+        uq_error("ublk device %u: STOP_DEV failed: %s", d->dev_id, strerror(-r));
+    if (r != -EBUSY || !signo)
+        return;
+    /* One line for the journal. */
+    for (char *p = why; *p; p++)
+        if (*p == '\n')
+            *p = p[1] ? ';' : '\0';
+    uq_error("ublk device %u: signal %d: not stopping /dev/ublkb%u while it is in use; it keeps "
+             "serving and stops once released (or now, cutting its users off: ublk-qcow2 del -n %u "
+             "--force):%s", d->dev_id, signo, d->dev_id, d->dev_id, why);
+}
+
 /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal.
  * Meanwhile answer `ublk-qcow2 stats` (and later requests) on the control
  * socket.  Returns the exit code. */
@@ -645,24 +670,26 @@ static int serve_until_stopped(struct daemon *d)
         { .fd = ctl_server_fd(ctl), .events = POLLIN },
     };
     for (;;) {
-        if (poll(pf, 3, -1) < 0) {
+        int pr = poll(pf, 3, d->stop_pending ? 1000 : -1);
+        if (pr < 0) {
             if (errno == EINTR)
                 continue;
             uq_error("poll: %s", strerror(errno));
             break;
         }
+        if (pr == 0 && d->stop_pending)
+            stop_when_unused(d, 0);
         if (pf[1].revents)
             break;
         if (pf[2].revents)
             ctl_server_accept(ctl);
         if (pf[0].revents) {
             struct signalfd_siginfo si;
-            if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && !d->stopping) {
-                uq_error("ublk device %u: signal %u, stopping", d->dev_id, si.ssi_signo);
+            if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && (!d->stopping || d->stop_pending)) {
+                if (!d->stopping)
+                    uq_error("ublk device %u: signal %u, stopping", d->dev_id, si.ssi_signo);
                 d->stopping = true;
-                int r = ublk_ctrl_stop_dev(d->ctrl, d->dev_id);
-                if (r < 0)
-                    uq_error("ublk device %u: STOP_DEV failed: %s", d->dev_id, strerror(-r));
+                stop_when_unused(d, (int)si.ssi_signo);
             }
         }
     }
@@ -697,8 +724,9 @@ static int shut_down(struct daemon *d, int rc)
     if (d->lock_fd >= 0)
         close(d->lock_fd);
     if (d->added) {
-        /* The char device is closed by now, so DEL_DEV does not wait. */
-        int r = ublk_ctrl_del_dev(d->ctrl, d->dev_id);
+        /* The char device is closed by now; a file system that `del --force`
+         * cut off may still hold the disk: the kernel deletes it then. */
+        int r = ublk_ctrl_del_dev_nowait(d->ctrl, d->dev_id);
         if (r < 0 && r != -ENODEV)
             uq_error("cannot delete ublk device %u: %s", d->dev_id, strerror(-r));
         ublk_state_remove(d->dev_id);
