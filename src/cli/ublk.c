@@ -547,7 +547,8 @@ static void list_usage(FILE *out)
 {
     fprintf(out,
         "Usage: ublk-qcow2 list [-n ID] [--json]\n"
-        "       ublk-qcow2 list -n ID --udev-name | --owner\n\n"
+        "       ublk-qcow2 list -n ID --udev-name | --owner\n"
+        "       ublk-qcow2 list --udev-name-of ublkbN[pM]\n\n"
         "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
         "daemon pid and image.\n\n"
         "Options:\n"
@@ -560,6 +561,8 @@ static void list_usage(FILE *out)
         "                  'systemd-escape --path' does (for the udev rule that makes\n"
         "                  /dev/disk/by-ublk-qcow2/NAME, and NAME-partM for its\n"
         "                  partitions)\n"
+        "      --udev-name-of ublkbN[pM]  the same for the device or partition udev\n"
+        "                  knows by that kernel name (NAME, or NAME-partM)\n"
         "      --owner     \"UID GID\" of the user who added unprivileged device ID\n"
         "                  (for the udev rule that gives its nodes to that user)\n"
         "  -h, --help      this help\n");
@@ -618,8 +621,9 @@ static bool device_state(uint32_t id, const struct ublksrv_ctrl_dev_info *info, 
     return ublk_state_read_in(dir, id, st) == 0;
 }
 
-/* list -n ID --udev-name: one line, or exit 1 if the device is unknown. */
-static int print_udev_name(uint32_t id)
+/* list -n ID --udev-name: one line, or exit 1 if the device is unknown;
+ * part > 0: the name of its partition part (NAME-partM, as by-id names). */
+static int print_udev_name(uint32_t id, unsigned long part)
 {
     static struct ublk_state st;
     char name[PATH_MAX * 4];
@@ -638,8 +642,33 @@ static int print_udev_name(uint32_t id)
         cli_error("list: the image path of ublk device %u is too long for a name", id);
         return 1;
     }
-    printf("%s\n", name);
+    if (part)
+        printf("%s-part%lu\n", name, part);
+    else
+        printf("%s\n", name);
     return 0;
+}
+
+/* list --udev-name-of KERNEL: the name of the device or partition udev
+ * knows as KERNEL (ublkbN or ublkbNpM). */
+static int print_udev_name_of(const char *kernel)
+{
+    unsigned long id, part = 0;
+    char num[32];
+    const char *p = !strncmp(kernel, "ublkb", 5) ? kernel + 5 : NULL;
+    size_t n = p ? strspn(p, "0123456789") : 0;
+    bool ok = n > 0 && n < sizeof(num);
+    if (ok) {
+        memcpy(num, p, n);
+        num[n] = '\0';
+        ok = cli_parse_uint(num, 0, UINT32_MAX - 1, &id) &&
+             (!p[n] || (p[n] == 'p' && cli_parse_uint(p + n + 1, 1, 1u << 20, &part)));
+    }
+    if (!ok) {
+        cli_error("list: '%s' is not a ublk block device name (ublkbN or ublkbNpM)", kernel);
+        return 2;
+    }
+    return print_udev_name((uint32_t)id, part);
 }
 
 /* list -n ID --owner: "UID GID" of an unprivileged device (for the udev
@@ -664,11 +693,13 @@ static int print_owner(struct ublk_ctrl *ctrl, uint32_t id)
 int cmd_list(int argc, char **argv)
 {
     bool json = false, have_id = false, udev_name = false, owner = false;
+    const char *udev_name_of = NULL;
     uint32_t id = 0;
     const struct cli_opt opts[] = {
         CLI_OPT_ID(&id, &have_id),
         { "json", 'j', CLI_FLAG, .dest = &json },
         { "udev-name", 0, CLI_FLAG, .dest = &udev_name },
+        { "udev-name-of", 0, CLI_STRING, .dest = &udev_name_of },
         { "owner", 0, CLI_FLAG, .dest = &owner },
         { 0 },
     };
@@ -677,13 +708,15 @@ int cmd_list(int argc, char **argv)
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
+    if (udev_name_of)
+        return print_udev_name_of(udev_name_of);
     if (udev_name || owner) {
         if (!have_id || json || (udev_name && owner)) {
             cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
             return 2;
         }
         if (udev_name)
-            return print_udev_name(id);
+            return print_udev_name(id, 0);
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
