@@ -23,6 +23,7 @@ static const struct subcommand subcommands[] = {
     { "del",   cmd_del,   "stop and remove ublk devices" },
     { "list",  cmd_list,  "show ublk devices, their state and images" },
     { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
+    { "restart", cmd_restart, "replace a live ublk device's daemon (upgrade) without failing I/O" },
     { "stats", cmd_stats, "show a ublk device's counters (requests, bytes, errors, cache)" },
     { "create", cmd_create, "create a qcow2 or raw image (qemu-img create's options)" },
     { "info",  cmd_info,  "describe an image and its backing chain (as qemu-img info)" },
