@@ -22,7 +22,7 @@ static const struct subcommand subcommands[] = {
     { "add",   cmd_add,   "serve an image as a ublk block device /dev/ublkbN" },
     { "del",   cmd_del,   "stop and remove ublk devices" },
     { "list",  cmd_list,  "show ublk devices, their state and images" },
-    { "recover", cmd_recover, "restart the daemon of a ublk device added with --recovery" },
+    { "recover", cmd_recover, "start a new daemon for a --recovery ublk device whose daemon died" },
     { "restart", cmd_restart, "replace a live ublk device's daemon (upgrade) without failing I/O" },
     { "stats", cmd_stats, "show a ublk device's counters (requests, bytes, errors, cache)" },
     { "create", cmd_create, "create a qcow2 or raw image (qemu-img create's options)" },

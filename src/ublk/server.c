@@ -301,7 +301,10 @@ static void answer_restart(struct served *sv, char *reply, size_t len)
     }
     /* Set first: on the QUIESCE path every tag may be aborted and the
      * engine end on its own, which must not read as a STOP_DEV (delete). */
-    atomic_store(sv->handing_over, true);
+    if (atomic_exchange(sv->handing_over, true)) {
+        reply_error(reply, len, "a restart of this device is already under way");
+        return;
+    }
     bool quiesced = false;
     if (sv->dev_flags & UBLK_F_QUIESCE) {
         /* The kernel stops handing us requests (new ones wait in its
