@@ -21,6 +21,7 @@
 #include "tools/tools.h"
 #include "io/log.h"
 #include "ublk/inuse.h"
+#include "ublk/ctl_socket.h"
 #include "ublk/kernel_ctrl.h"
 #include "ublk/server.h"
 
@@ -819,6 +820,42 @@ static void recover_usage(FILE *out)
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
 
+/* The options of device id's next daemon, from its state file (and its
+ * passphrase, from where `add` took it unless key already holds one);
+ * 1 after saying why not. */
+static int opts_from_state(const char *cmd, uint32_t id, struct ublk_state *st, struct cli_key *key,
+                           struct ublk_server_opts *out)
+{
+    int r = ublk_state_read(id, st);
+    if (r < 0) {
+        cli_error("%s: %s %s/ublk%u.json: the image of ublk device %u is not known", cmd,
+                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+        return 1;
+    }
+    struct ublk_server_opts o = {
+        .image = st->image, .dev_id = id, .nr_queues = st->queues, .depth = st->depth,
+        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st->read_only, .cache_size = st->cache_size,
+        .discard = st->discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
+        .discard_no_unref = st->discard_no_unref,
+        .format = !strcmp(st->format, "raw") ? IMG_FMT_RAW
+                : !strcmp(st->format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
+        .recovery = true, .recover = true, .notify_fd = -1,
+        .snapshot = st->snapshot[0] ? st->snapshot : NULL,
+    };
+    /* The passphrase from where `add` took it, unless given now. */
+    if (!key->data && st->key_file[0] && cli_key_from_file(cmd, st->key_file, key))
+        return 1;
+    if (!key->data && st->key_env[0]) {
+        static char var[sizeof(st->key_env)];
+        snprintf(var, sizeof(var), "%s", st->key_env);
+        if (cli_key_from_env(cmd, var, key))
+            return 1;
+    }
+    set_key_opts(&o, key);
+    *out = o;
+    return 0;
+}
+
 int cmd_recover(int argc, char **argv)
 {
     static struct cli_key key;
@@ -866,33 +903,140 @@ int cmd_recover(int argc, char **argv)
         return 1;
     }
     static struct ublk_state st;
-    r = ublk_state_read(id, &st);
-    if (r < 0) {
-        cli_error("recover: %s %s/ublk%u.json: the image of ublk device %u is not known",
-                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+    struct ublk_server_opts o;
+    if (opts_from_state("recover", id, &st, &key, &o))
         return 1;
-    }
-    struct ublk_server_opts o = {
-        .image = st.image, .dev_id = id, .nr_queues = st.queues, .depth = st.depth,
-        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
-        .discard = st.discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
-        .discard_no_unref = st.discard_no_unref,
-        .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
-                : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
-        .recovery = true, .recover = true, .notify_fd = -1,
-        .snapshot = st.snapshot[0] ? st.snapshot : NULL,
-    };
-    /* The passphrase from where `add` took it, unless given now. */
-    if (!key.data && st.key_file[0] && cli_key_from_file("recover", st.key_file, &key))
-        return 1;
-    if (!key.data && st.key_env[0]) {
-        static char var[sizeof(st.key_env)];
-        snprintf(var, sizeof(var), "%s", st.key_env);
-        if (cli_key_from_env("recover", var, &key))
-            return 1;
-    }
-    set_key_opts(&o, &key);
     rc = run_daemon(&o, foreground, NULL);
     cli_key_clear(&key);
+    return rc;
+}
+
+/* ---- restart -------------------------------------------------------------------- */
+
+#define RESTART_EXIT_TIMEOUT_S 60   /* the old daemon's drain, flush and exit */
+
+static void restart_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 restart -n ID [--foreground] [--key-file FILE | --key-env VAR]\n\n"
+        "Replace the running daemon of ublk device ID, added with --recovery, by a\n"
+        "new one (e.g. after an upgrade of ublk-qcow2) while the device stays in\n"
+        "use: the old daemon stops taking requests, finishes those in flight,\n"
+        "flushes the image and exits; the new one takes the device over as\n"
+        "'recover' does.  Requests issued meanwhile wait; none fails and no\n"
+        "acknowledged write is lost.  Prints /dev/ublkbID once the new daemon serves.\n"
+        "The image and its options come from %s/ublkID.json; an encrypted\n"
+        "image's passphrase is read again from where `add` took it unless given here.\n\n"
+        "Options:\n"
+        "  -n, --id ID        the device /dev/ublkbID\n"
+        "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "      --key-file FILE, --key-env VAR   passphrase of a LUKS-encrypted image\n"
+        "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
+        "  -h, --help         this help\n", UBLK_STATE_DIR);
+}
+
+int cmd_restart(int argc, char **argv)
+{
+    static struct cli_key key;
+    bool foreground = false, have_id = false;
+    uint32_t id = 0;
+    const struct cli_opt opts[] = {
+        CLI_OPT_ID(&id, &have_id),
+        { "foreground", 0, CLI_FLAG, .dest = &foreground },
+        { "verbose", 'v', .type = CLI_VERBOSE },
+        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        { 0 },
+    };
+    const struct cli_cmd cmd = { "restart", restart_usage, opts, .usage_exit = 2,
+                                 .operands = CLI_OPERANDS_NONE };
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc != CLI_GO_ON)
+        return rc;
+    if (!have_id) {
+        cli_error("restart: -n ID is required");
+        restart_usage(stderr);
+        return 2;
+    }
+    struct ublk_ctrl *ctrl;
+    if (ublk_ctrl_open(&ctrl) < 0)
+        return 1;
+    struct ublksrv_ctrl_dev_info info;
+    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
+    ublk_ctrl_close(ctrl);
+    if (r < 0) {
+        if (r == -ENODEV)
+            cli_error("restart: there is no ublk device %u", id);
+        else
+            cli_error("restart: ublk device %u: %s", id, strerror(-r));
+        return 1;
+    }
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+        cli_error("restart: ublk device %u was not added with --recovery, so it cannot outlive its "
+                  "daemon; to make it restartable: 'ublk-qcow2 del -n %u', then 'ublk-qcow2 add "
+                  "--recovery ...'; the device is unchanged", id, id);
+        return 1;
+    }
+    pid_t pid = info.ublksrv_pid;
+    if (info.state != UBLK_S_DEV_LIVE || pid <= 0 || kill(pid, 0) < 0) {
+        cli_error("restart: the daemon of ublk device %u is not running (the device is %s): start a "
+                  "new one with 'ublk-qcow2 recover -n %u'", id, ublk_state_name(info.state), id);
+        return 1;
+    }
+    /* Everything the new daemon needs (state file, passphrase) is read
+     * before the old one is asked to go: a failure here changes nothing. */
+    static struct ublk_state st;
+    struct ublk_server_opts o;
+    if (opts_from_state("restart", id, &st, &key, &o))
+        return 1;
+    /* Taken before the request, so the pid cannot be reused under us. */
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        cli_error("restart: cannot watch the daemon of ublk device %u (pid %d): %s", id, (int)pid,
+                  strerror(errno));
+        cli_key_clear(&key);
+        return 1;
+    }
+    char reply[CTL_LINE_MAX], err[CTL_LINE_MAX];
+    r = ctl_request_wait(id, "restart", reply, sizeof(reply), RESTART_EXIT_TIMEOUT_S * 1000);
+    if (r < 0 || json_get_string(reply, "error", err, sizeof(err))) {
+        if (r == -ENOENT)
+            cli_error("restart: the daemon of ublk device %u (pid %d) has no control socket in %s; "
+                      "the device is unchanged", id, (int)pid, UBLK_STATE_DIR);
+        else if (r < 0)
+            cli_error("restart: cannot ask the daemon of ublk device %u (pid %d): %s; if it is "
+                      "exiting, 'ublk-qcow2 recover -n %u' starts a new one once the device is "
+                      "QUIESCED", id, (int)pid, strerror(-r), id);
+        else if (!strcmp(err, "unknown request"))
+            cli_error("restart: the daemon of ublk device %u (pid %d) is older than 'restart' and "
+                      "cannot hand the device over; the device is unchanged", id, (int)pid);
+        else
+            cli_error("restart: %s", err);
+        close(pidfd);
+        cli_key_clear(&key);
+        return 1;
+    }
+    /* It has drained and flushed; wait for it to be gone (its rings closed:
+     * only then is the device QUIESCED and its image lock free). */
+    struct pollfd pf = { .fd = pidfd, .events = POLLIN };
+    int pr;
+    do
+        pr = poll(&pf, 1, RESTART_EXIT_TIMEOUT_S * 1000);
+    while (pr < 0 && errno == EINTR);
+    close(pidfd);
+    if (pr <= 0) {
+        cli_error("restart: the old daemon of ublk device %u (pid %d) did not exit within %d s; its "
+                  "I/O waits; once it has exited, 'ublk-qcow2 recover -n %u' starts the new one",
+                  id, (int)pid, RESTART_EXIT_TIMEOUT_S, id);
+        cli_key_clear(&key);
+        return 1;
+    }
+    bool live = false;
+    rc = run_daemon(&o, foreground, &live);
+    cli_key_clear(&key);
+    if (rc && !live)
+        cli_error("restart: the new daemon of ublk device %u did not start; the device keeps its "
+                  "I/O waiting (nothing is lost): fix the problem above, then 'ublk-qcow2 recover -n %u'",
+                  id, id);
     return rc;
 }

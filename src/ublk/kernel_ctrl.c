@@ -343,6 +343,13 @@ int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors
     return ctrl_cmd(c, &r);
 }
 
+int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout_ms)
+{
+    /* Only in ioctl form, like UPDATE_SIZE. */
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_QUIESCE_DEV, .dev_id = dev_id, .data0 = timeout_ms };
+    return ctrl_cmd(c, &r);
+}
+
 const char *ublk_state_name(unsigned state)
 {
     switch (state) {

@@ -69,6 +69,14 @@ int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daem
  * size in 512-byte sectors. */
 int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors);
 
+/* QUIESCE_DEV (UBLK_F_QUIESCE, Linux 6.16+; the device must have been
+ * added with it, which needs USER_RECOVERY): the kernel stops handing
+ * requests to the daemon (new ones wait, requeued), waits up to timeout_ms
+ * (0: forever) until every queue has an idle tag, then completes the idle
+ * tags' fetches with UBLK_IO_RES_ABORT.  Requests the daemon holds stay its
+ * own to finish; the device turns QUIESCED once the daemon has exited. */
+int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout_ms);
+
 /* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
 const char *ublk_state_name(unsigned state);
 
