@@ -256,6 +256,88 @@ void convert_opts_init(struct convert_opts *o)
     o->parallel = 8;
 }
 
+/* The target as it is: never the source (or a file of its chain: it would
+ * be read while overwritten), never its own backing file, never a served
+ * image (its lock: *dst_lock holds ours), and an existing file of another
+ * format only with -n and -O. */
+static int check_target(const struct convert_opts *o, struct image *src, enum img_format dfmt,
+                        bool *exists, int *dst_lock, char *err, size_t errlen)
+{
+    char msg[1024];
+    struct stat dst_st;
+    *exists = stat(o->dst, &dst_st) == 0;
+    if (!*exists)
+        return 0;
+    if (is_source(&dst_st, src))
+        return fail(-EINVAL, err, errlen, "%s is the source image (or part of its backing chain)", o->dst);
+    if (o->create.backing_file) {
+        char bpath[PATH_MAX];
+        if (qcow2_resolve_backing(o->dst, o->create.backing_file, bpath, sizeof(bpath), msg, sizeof(msg)) == 0 &&
+            same_file(&dst_st, bpath))
+            return fail(-EINVAL, err, errlen, "%s cannot be its own backing file", o->dst);
+    }
+    if (!S_ISREG(dst_st.st_mode))
+        return 0;
+    /* A served image (ours or QEMU's) holds the lock: refuse it. */
+    *dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
+    if (*dst_lock == -EBUSY)
+        return fail(-EBUSY, err, errlen, "%s", msg);
+    enum img_format have = dst_st.st_size ? probe(o->dst) : dfmt;
+    if (have != dfmt && (!o->existing || !o->format_given))
+        return fail(-EEXIST, err, errlen, "%s exists and is a %s image, not %s; remove it first%s", o->dst,
+                    have == IMG_FMT_QCOW2 ? "qcow2" : "raw", dfmt == IMG_FMT_QCOW2 ? "qcow2" : "raw",
+                    o->existing ? " or give -O explicitly" : " (or use -n to write into it)");
+    return 0;
+}
+
+/* Create the target (unless -n), sized as the source unless -o says, and
+ * hold its lock in *dst_lock. */
+static int make_target(const struct convert_opts *o, uint64_t size, bool exists, int *dst_lock,
+                       char *err, size_t errlen)
+{
+    char msg[1024];
+    if (o->existing)
+        return exists ? 0 : fail(-ENOENT, err, errlen, "%s does not exist (-n writes into an existing image)", o->dst);
+    /* img_create takes the lock itself while it writes. */
+    if (*dst_lock >= 0) {
+        close(*dst_lock);
+        *dst_lock = -1;
+    }
+    struct create_opts co = o->create;
+    if (!co.size_set) {
+        co.size = size;
+        co.size_set = true;
+    }
+    co.progress = NULL;
+    int r = img_create(o->dst, &co, msg, sizeof(msg));
+    if (r < 0)
+        return fail(r, err, errlen, "%s", msg);
+    *dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
+    if (*dst_lock == -EBUSY)
+        return fail(-EBUSY, err, errlen, "%s", msg);
+    return 0;
+}
+
+/* The copy itself: the coroutines on a loop of their own. */
+static int run_copy(struct conv *c, char *err, size_t errlen)
+{
+    struct loop *l = loop_new(256);
+    if (!l)
+        return fail(-ENOMEM, err, errlen, "cannot set up io_uring");
+    co_spawn(main_co, c);
+    int r = loop_run(l);
+    loop_free(l);
+    co_pool_release();
+    if (r == 0 && c->err) {
+        r = c->err;
+        fail(r, err, errlen, "%s at offset %llu failed: %s", c->err_what, (unsigned long long)c->err_off,
+             strerror(-r));
+    } else if (r < 0) {
+        fail(r, err, errlen, "the I/O loop failed: %s", strerror(-r));
+    }
+    return r;
+}
+
 int img_convert(const struct convert_opts *o, char *err, size_t errlen)
 {
     char msg[1024];
@@ -286,64 +368,12 @@ int img_convert(const struct convert_opts *o, char *err, size_t errlen)
     }
     struct conv c = { .o = o, .src = src, .size = img_size(src) };
     struct image *dst = NULL;
-    int r = 0;
-    struct stat dst_st;
-    bool exists = stat(o->dst, &dst_st) == 0;
-    /* Never the source itself (or a file of its chain): it would be read
-     * while overwritten. */
-    if (exists && is_source(&dst_st, src)) {
-        r = fail(-EINVAL, err, errlen, "%s is the source image (or part of its backing chain)", o->dst);
+    bool exists;
+    int r = check_target(o, src, dfmt, &exists, &dst_lock, err, errlen);
+    if (r == 0)
+        r = make_target(o, c.size, exists, &dst_lock, err, errlen);
+    if (r < 0)
         goto out;
-    }
-    if (exists && o->create.backing_file) {
-        char bpath[PATH_MAX];
-        if (qcow2_resolve_backing(o->dst, o->create.backing_file, bpath, sizeof(bpath), msg, sizeof(msg)) == 0 &&
-            same_file(&dst_st, bpath)) {
-            r = fail(-EINVAL, err, errlen, "%s cannot be its own backing file", o->dst);
-            goto out;
-        }
-    }
-    if (exists && S_ISREG(dst_st.st_mode)) {
-        /* A served image (ours or QEMU's) holds the lock: refuse it. */
-        dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
-        if (dst_lock == -EBUSY) {
-            r = fail(-EBUSY, err, errlen, "%s", msg);
-            goto out;
-        }
-        enum img_format have = dst_st.st_size ? probe(o->dst) : dfmt;
-        if (have != dfmt && (!o->existing || !o->format_given)) {
-            r = fail(-EEXIST, err, errlen, "%s exists and is a %s image, not %s; remove it first%s", o->dst,
-                     have == IMG_FMT_QCOW2 ? "qcow2" : "raw", dfmt == IMG_FMT_QCOW2 ? "qcow2" : "raw",
-                     o->existing ? " or give -O explicitly" : " (or use -n to write into it)");
-            goto out;
-        }
-    }
-    if (!o->existing) {
-        /* img_create takes the lock itself while it writes. */
-        if (dst_lock >= 0) {
-            close(dst_lock);
-            dst_lock = -1;
-        }
-        struct create_opts co = o->create;
-        if (!co.size_set) {
-            co.size = c.size;
-            co.size_set = true;
-        }
-        co.progress = NULL;
-        r = img_create(o->dst, &co, msg, sizeof(msg));
-        if (r < 0) {
-            fail(r, err, errlen, "%s", msg);
-            goto out;
-        }
-        dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
-        if (dst_lock == -EBUSY) {
-            r = fail(-EBUSY, err, errlen, "%s", msg);
-            goto out;
-        }
-    } else if (!exists) {
-        r = fail(-ENOENT, err, errlen, "%s does not exist (-n writes into an existing image)", o->dst);
-        goto out;
-    }
     struct img_opts dopt = { .format = dfmt, .discard = IMG_DISCARD_UNMAP };
     dst = img_open(o->dst, &dopt, msg, sizeof(msg));
     if (!dst) {
@@ -366,25 +396,8 @@ int img_convert(const struct convert_opts *o, char *err, size_t errlen)
      * -S's size for raw (4 KiB by default); chunks: at least 1 MiB. */
     c.block = c.dq ? cl_size(c.dq) : (o->min_sparse ? o->min_sparse : 65536);
     c.chunk = c.block >= (1u << 20) ? c.block : (1u << 20) / c.block * c.block;
-    if (!c.size)
-        goto out;
-
-    struct loop *l = loop_new(256);
-    if (!l) {
-        r = fail(-ENOMEM, err, errlen, "cannot set up io_uring");
-        goto out;
-    }
-    co_spawn(main_co, &c);
-    r = loop_run(l);
-    loop_free(l);
-    co_pool_release();
-    if (r == 0 && c.err) {
-        r = c.err;
-        fail(r, err, errlen, "%s at offset %llu failed: %s", c.err_what, (unsigned long long)c.err_off,
-             strerror(-r));
-    } else if (r < 0) {
-        fail(r, err, errlen, "the I/O loop failed: %s", strerror(-r));
-    }
+    if (c.size)
+        r = run_copy(&c, err, errlen);
 out:
     if (dst) {
         int cr = img_close(dst);
