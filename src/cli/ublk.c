@@ -856,43 +856,54 @@ static int opts_from_state(const char *cmd, uint32_t id, struct ublk_state *st, 
     return 0;
 }
 
-int cmd_recover(int argc, char **argv)
+/* recover and restart: -n ID, the daemon's options, and the device's info
+ * (it must exist).  CLI_GO_ON, or the exit code after saying why. */
+static int takeover_args(const char *name, void (*usage)(FILE *), int argc, char **argv, struct cli_key *key,
+                         bool *foreground, uint32_t *id, struct ublksrv_ctrl_dev_info *info)
 {
-    static struct cli_key key;
-    bool foreground = false, have_id = false;
-    uint32_t id = 0;
+    bool have_id = false;
     const struct cli_opt opts[] = {
-        CLI_OPT_ID(&id, &have_id),
-        { "foreground", 0, CLI_FLAG, .dest = &foreground },
+        CLI_OPT_ID(id, &have_id),
+        { "foreground", 0, CLI_FLAG, .dest = foreground },
         { "verbose", 'v', .type = CLI_VERBOSE },
-        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
-        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        { "key-file", 0, CLI_KEY_FILE, .dest = key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = key },
         { 0 },
     };
-    const struct cli_cmd cmd = { "recover", recover_usage, opts, .usage_exit = 2,
-                                 .operands = CLI_OPERANDS_NONE };
+    const struct cli_cmd cmd = { name, usage, opts, .usage_exit = 2, .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
     if (!have_id) {
-        cli_error("recover: -n ID is required");
-        recover_usage(stderr);
+        cli_error("%s: -n ID is required", name);
+        usage(stderr);
         return 2;
     }
     /* Check the device first: clearer than the image lock a live daemon holds. */
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
-    struct ublksrv_ctrl_dev_info info;
-    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
+    int r = ublk_ctrl_get_dev_info(ctrl, *id, info);
     ublk_ctrl_close(ctrl);
     if (r < 0) {
         if (r == -ENODEV)
-            cli_error("recover: there is no ublk device %u", id);
+            cli_error("%s: there is no ublk device %u", name, *id);
         else
-            cli_error("recover: ublk device %u: %s", id, strerror(-r));
+            cli_error("%s: ublk device %u: %s", name, *id, strerror(-r));
         return 1;
     }
+    return CLI_GO_ON;
+}
+
+int cmd_recover(int argc, char **argv)
+{
+    static struct cli_key key;
+    bool foreground = false;
+    uint32_t id = 0;
+    struct ublksrv_ctrl_dev_info info;
+    int rc = takeover_args("recover", recover_usage, argc, argv, &key, &foreground, &id, &info);
+    if (rc != CLI_GO_ON)
+        return rc;
     if (!(info.flags & UBLK_F_USER_RECOVERY)) {
         cli_error("recover: ublk device %u was not added with --recovery", id);
         return 1;
@@ -938,39 +949,13 @@ static void restart_usage(FILE *out)
 int cmd_restart(int argc, char **argv)
 {
     static struct cli_key key;
-    bool foreground = false, have_id = false;
+    bool foreground = false;
     uint32_t id = 0;
-    const struct cli_opt opts[] = {
-        CLI_OPT_ID(&id, &have_id),
-        { "foreground", 0, CLI_FLAG, .dest = &foreground },
-        { "verbose", 'v', .type = CLI_VERBOSE },
-        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
-        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
-        { 0 },
-    };
-    const struct cli_cmd cmd = { "restart", restart_usage, opts, .usage_exit = 2,
-                                 .operands = CLI_OPERANDS_NONE };
-    int rc = cli_parse(&cmd, argc, argv);
+    struct ublksrv_ctrl_dev_info info;
+    int rc = takeover_args("restart", restart_usage, argc, argv, &key, &foreground, &id, &info);
     if (rc != CLI_GO_ON)
         return rc;
-    if (!have_id) {
-        cli_error("restart: -n ID is required");
-        restart_usage(stderr);
-        return 2;
-    }
-    struct ublk_ctrl *ctrl;
-    if (ublk_ctrl_open(&ctrl) < 0)
-        return 1;
-    struct ublksrv_ctrl_dev_info info;
-    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
-    ublk_ctrl_close(ctrl);
-    if (r < 0) {
-        if (r == -ENODEV)
-            cli_error("restart: there is no ublk device %u", id);
-        else
-            cli_error("restart: ublk device %u: %s", id, strerror(-r));
-        return 1;
-    }
+    int r;
     if (!(info.flags & UBLK_F_USER_RECOVERY)) {
         cli_error("restart: ublk device %u was not added with --recovery, so it cannot outlive its "
                   "daemon; to make it restartable: 'ublk-qcow2 del -n %u', then 'ublk-qcow2 add "
