@@ -519,30 +519,6 @@ int cmd_del(int argc, char **argv)
 
 /* ---- list ----------------------------------------------------------------------- */
 
-/* UBLK_F_* names (lower case, without the prefix) as a JSON array: the features a device
- * was granted (its flags from GET_DEV_INFO), or the kernel's (GET_FEATURES). */
-static void put_feature_names(uint64_t flags)
-{
-    static const char *const names[] = {
-        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
-        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
-        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
-        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
-        "shmem_zc",
-    };
-    const char *sep = "";
-    printf("[");
-    for (unsigned i = 0; i < 64; i++) {
-        if (!(flags & (1ULL << i)))
-            continue;
-        if (i < sizeof(names) / sizeof(names[0]))
-            printf("%s\"%s\"", sep, names[i]);
-        else
-            printf("%s\"bit%u\"", sep, i);
-        sep = ", ";
-    }
-    printf("]");
-}
 
 static void list_usage(FILE *out)
 {
@@ -782,10 +758,10 @@ int cmd_list(int argc, char **argv)
                 printf("%s\"%s\"", k ? ", " : "", pp);
             printf("]");
             printf(", \"features\": ");
-            put_feature_names(info.flags);
+            ublk_put_feature_names(stdout, info.flags);
             printf(", \"kernel_features\": ");
             if (features_known)
-                put_feature_names(kernel_features);
+                ublk_put_feature_names(stdout, kernel_features);
             else
                 printf("null");
             printf("}");

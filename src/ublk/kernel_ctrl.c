@@ -350,6 +350,29 @@ int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout
     return ctrl_cmd(c, &r);
 }
 
+void ublk_put_feature_names(FILE *out, uint64_t flags)
+{
+    static const char *const names[] = {
+        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
+        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
+        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
+        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
+        "shmem_zc",
+    };
+    const char *sep = "";
+    fprintf(out, "[");
+    for (unsigned i = 0; i < 64; i++) {
+        if (!(flags & (1ULL << i)))
+            continue;
+        if (i < sizeof(names) / sizeof(names[0]))
+            fprintf(out, "%s\"%s\"", sep, names[i]);
+        else
+            fprintf(out, "%s\"bit%u\"", sep, i);
+        sep = ", ";
+    }
+    fprintf(out, "]");
+}
+
 const char *ublk_state_name(unsigned state)
 {
     switch (state) {

@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/types.h>
 
 #include "ublk/uapi.h"
@@ -79,5 +80,8 @@ int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout
 
 /* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
 const char *ublk_state_name(unsigned state);
+/* UBLK_F_* names (lower case, without the prefix) as a JSON array: the
+ * features a device was granted (its flags), or the kernel's (GET_FEATURES). */
+void ublk_put_feature_names(FILE *out, uint64_t flags);
 
 #endif

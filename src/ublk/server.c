@@ -143,7 +143,7 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
                "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
                "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
                "\"clusters_allocated\": %llu, \"zcache_hits\": %llu, \"zcache_misses\": %llu, "
-               "\"clusters_decompressed\": %llu}",
+               "\"clusters_decompressed\": %llu",
             up, (unsigned long long)io.reads, (unsigned long long)io.writes,
             (unsigned long long)io.read_bytes, (unsigned long long)io.write_bytes,
             (unsigned long long)io.flushes, (unsigned long long)io.discards,
@@ -152,6 +152,10 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
             (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated,
             (unsigned long long)is.zcache_hits, (unsigned long long)is.zcache_misses,
             (unsigned long long)is.clusters_decompressed);
+    /* The ublk features the device uses (granted at ADD_DEV). */
+    fprintf(f, ", \"features\": ");
+    ublk_put_feature_names(f, sv->dev_flags);
+    fprintf(f, "}");
     bool ok = !ferror(f) && ftell(f) < (long)len - 1;
     fclose(f);
     if (!ok)

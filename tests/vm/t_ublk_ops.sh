@@ -30,6 +30,10 @@ if uq_add "$W/st.qcow2"; then
 		.clusters_allocated >= 64 and .cache_hits + .cache_misses > 0' "$W/st.json"
 	check ublk_stats_json_names_image jq -e --arg img "$W/st.qcow2" \
 		'.image == $img and .format == "qcow2" and .id == '"$ID" "$W/st.json"
+	# The ublk features the device uses (the kernel grants every device some, e.g.
+	# uring_cmd_comp_in_task), as names.
+	check ublk_stats_json_features jq -e '(.features | type) == "array" and (.features | length) > 0 and
+		all(.features[]; test("^[a-z_0-9]+$"))' "$W/st.json"
 	"$UQ" stats -n "$ID" >"$W/st.txt" 2>&1
 	check ublk_stats_text eval 'grep -q "^writes  *[0-9][0-9]* (4.0 MiB)" "$W/st.txt" &&
 		grep -q "^image  *$W/st.qcow2 (qcow2)" "$W/st.txt" && grep -q "^errors  *0$" "$W/st.txt"'
