@@ -144,15 +144,16 @@ printf 'label: dos\nsize=8M\nsize=8M\n' | sfdisk -q "$W/mbr.raw" >/dev/null 2>&1
 if uq_add "$W/mbr.raw"; then
 	check mbr_partitions eval 'wait_for 20 test -b ${DEV}p2 && "$UQ" list -n $ID --json | jq -e ".[0].partitions | length == 2"'
 	udevadm settle -t 30
-	name=$(systemd-escape --path "$W/mbr.raw")
+	# (not "name": check's own local of that name would shadow it inside wait_for's eval)
+	link=$(systemd-escape --path "$W/mbr.raw")
 	# udevd may still be taking the partitions' events when settle returns: wait (bounded)
 	# for the links to appear.
-	check udev_names_disk wait_for 30 eval 'test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name")" = "$DEV"'
-	check udev_names_partitions wait_for 30 eval 'test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name-part1")" = "${DEV}p1" &&
-		test "$(readlink -f "/dev/disk/by-ublk-qcow2/$name-part2")" = "${DEV}p2"'
+	check udev_names_disk wait_for 30 eval 'test "$(readlink -f "/dev/disk/by-ublk-qcow2/$link")" = "$DEV"'
+	check udev_names_partitions wait_for 30 eval 'test "$(readlink -f "/dev/disk/by-ublk-qcow2/$link-part1")" = "${DEV}p1" &&
+		test "$(readlink -f "/dev/disk/by-ublk-qcow2/$link-part2")" = "${DEV}p2"'
 	check mbr_del timeout 120 "$UQ" del -n "$ID"
 	udevadm settle -t 30
-	check udev_partition_links_gone wait_for 30 test ! -e "/dev/disk/by-ublk-qcow2/$name-part1"
+	check udev_partition_links_gone wait_for 30 test ! -e "/dev/disk/by-ublk-qcow2/$link-part1"
 else
 	nok mbr "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
