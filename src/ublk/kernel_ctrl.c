@@ -350,8 +350,9 @@ int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout
     return ctrl_cmd(c, &r);
 }
 
-void ublk_put_feature_names(FILE *out, uint64_t flags)
+const char *ublk_feature_name(unsigned bit)
 {
+    /* UBLK_F_* bit names, from include/uapi/linux/ublk_cmd.h (bits 14-19: Linux 7.x). */
     static const char *const names[] = {
         "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
         "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
@@ -359,13 +360,19 @@ void ublk_put_feature_names(FILE *out, uint64_t flags)
         "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
         "shmem_zc",
     };
+    return bit < sizeof(names) / sizeof(names[0]) ? names[bit] : NULL;
+}
+
+void ublk_put_feature_names(FILE *out, uint64_t flags)
+{
     const char *sep = "";
     fprintf(out, "[");
     for (unsigned i = 0; i < 64; i++) {
         if (!(flags & (1ULL << i)))
             continue;
-        if (i < sizeof(names) / sizeof(names[0]))
-            fprintf(out, "%s\"%s\"", sep, names[i]);
+        const char *name = ublk_feature_name(i);
+        if (name)
+            fprintf(out, "%s\"%s\"", sep, name);
         else
             fprintf(out, "%s\"bit%u\"", sep, i);
         sep = ", ";

@@ -83,5 +83,7 @@ const char *ublk_state_name(unsigned state);
 /* UBLK_F_* names (lower case, without the prefix) as a JSON array: the
  * features a device was granted (its flags), or the kernel's (GET_FEATURES). */
 void ublk_put_feature_names(FILE *out, uint64_t flags);
+/* The name of UBLK_F_* bit `bit` (lower case, no prefix), or NULL if unknown. */
+const char *ublk_feature_name(unsigned bit);
 
 #endif
