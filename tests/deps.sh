@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(build-essential pkg-config liburing-dev zlib1g-dev libzstd-dev libsystemd-dev libssl-dev libgnutls28-dev gnutls-bin qemu-utils fio
       libnbd-bin nbdkit e2fsprogs python3 jq clang qemu-system-x86 busybox-static cpio
-      xz-utils kmod udev systemd gnuplot-nox debian-archive-keyring)
+      xz-utils kmod udev systemd gnuplot-nox debian-archive-keyring lvm2 fdisk)
 
 # One dpkg-query for all packages; unknown ones simply do not appear in its output.
 installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "${PKGS[@]}" 2>/dev/null |

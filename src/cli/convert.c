@@ -110,6 +110,7 @@ int cmd_convert(int argc, char **argv)
         return rc;
     if (quiet)
         progress = false;
+    wp_set_background(false);   /* compressing is convert's job, not a side task */
     if (argc - optind != 2) {
         cli_error(argc - optind < 2 ? "convert: SOURCE and TARGET needed" : "convert: too many arguments");
         convert_usage(stderr);

@@ -34,7 +34,24 @@ struct sample {
     uint64_t errors, in_flight, cache_hits, cache_misses, clusters_allocated;
     uint64_t zcache_hits, zcache_misses, clusters_decompressed;     /* 0 from older daemons */
     char image[4096], format[16];
+    char features[512];         /* the ublk features, "a b c" ("" from older daemons) */
 };
+
+/* The names of the reply's "features" array, space-separated. */
+static void feature_list(const char *reply, char *out, size_t len)
+{
+    const char *p = strstr(reply, "\"features\": [");
+    size_t n = 0;
+    out[0] = '\0';
+    if (!p)
+        return;
+    for (p += 13; *p && *p != ']' && n + 2 < len; p++) {
+        if (*p == '"' || *p == ' ')
+            continue;
+        out[n++] = *p == ',' ? ' ' : *p;
+    }
+    out[n] = '\0';
+}
 
 /* Ask the daemon; 0, or 1 after saying why. */
 static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
@@ -65,6 +82,7 @@ static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
         s->image[0] = '\0';
     if (!json_get_string(reply, "format", s->format, sizeof(s->format)))
         s->format[0] = '\0';
+    feature_list(reply, s->features, sizeof(s->features));
     return 0;
 }
 
@@ -75,6 +93,8 @@ static void print_sample(uint32_t id, const struct sample *s)
     uint64_t lookups = s->cache_hits + s->cache_misses;
     printf("device        /dev/ublkb%u\n", id);
     printf("image         %s (%s)\n", s->image, s->format);
+    if (s->features[0])
+        printf("ublk features %s\n", s->features);
     printf("reads         %llu (%.1f MiB)\n", (unsigned long long)s->reads, mib(s->read_bytes));
     printf("writes        %llu (%.1f MiB)\n", (unsigned long long)s->writes, mib(s->write_bytes));
     printf("flushes       %llu\n", (unsigned long long)s->flushes);

@@ -20,6 +20,8 @@
 #include "cli/opts.h"
 #include "tools/tools.h"
 #include "io/log.h"
+#include "ublk/inuse.h"
+#include "ublk/ctl_socket.h"
 #include "ublk/kernel_ctrl.h"
 #include "ublk/server.h"
 
@@ -387,17 +389,25 @@ static bool is_our_daemon(pid_t pid)
 static void del_usage(FILE *out)
 {
     fprintf(out,
-        "Usage: ublk-qcow2 del -n ID | --all [--timeout SECS]\n\n"
+        "Usage: ublk-qcow2 del -n ID | --all [--force] [--timeout SECS]\n\n"
         "Stop ublk device(s): the daemon finishes the requests in flight, flushes\n"
         "and closes the image and exits; then the device is deleted.\n\n"
+        "A device in use is left alone (exit 1, still serving): mounted (the disk\n"
+        "or a partition), swap, held by dm/LVM/md, or open in a process.  The\n"
+        "message names each user and how to release it.  Where the kernel has\n"
+        "UBLK_F_SAFE_STOP_DEV (Linux 7.0+) it refuses the stop itself, so a user\n"
+        "arriving during del cannot be missed.\n\n"
         "Options:\n"
         "  -n, --id ID        the device /dev/ublkbID\n"
         "  -a, --all          every ublk device\n"
+        "  -f, --force        stop it even if in use (its users get I/O errors;\n"
+        "                     a mounted file system is cut off)\n"
         "  -t, --timeout SECS how long to wait for a daemon to exit (default %d)\n"
         "  -h, --help         this help\n", DEL_DEFAULT_TIMEOUT_S);
 }
 
-static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool quiet_missing)
+static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool quiet_missing,
+                   bool force)
 {
     struct ublksrv_ctrl_dev_info info;
     int r = ublk_ctrl_get_dev_info(c, id, &info);
@@ -423,7 +433,23 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
     /* Taken before STOP_DEV, so the pid cannot be reused under us. */
     int pidfd = pid > 0 ? (int)syscall(SYS_pidfd_open, pid, 0) : -1;
 
-    r = ublk_ctrl_stop_dev(c, id);
+    static char why[8192];
+    if (!force) {
+        r = ublk_stop_if_unused(c, id, info.flags, why, sizeof(why));
+        if (r == -EBUSY) {
+            cli_error("del: /dev/ublkb%u is in use; not stopping it (it keeps serving):\n%s"
+                      "Release it as said, or stop it anyway with 'ublk-qcow2 del -n %u --force' "
+                      "(its users then get I/O errors)", id, why, id);
+            if (pidfd >= 0)
+                close(pidfd);
+            return 1;
+        }
+    } else {
+        if (ublk_dev_users(id, why, sizeof(why)) > 0)
+            uq_warn("del --force: stopping /dev/ublkb%u while in use; these users now get "
+                    "I/O errors (the device goes once they let go):\n%s", id, why);
+        r = ublk_ctrl_stop_dev(c, id);
+    }
     if (r < 0 && r != -ENODEV) {
         cli_error("del: cannot stop ublk device %u: %s", id, strerror(-r));
         if (pidfd >= 0)
@@ -438,13 +464,16 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
         while (pr < 0 && errno == EINTR);
         close(pidfd);
         if (pr == 0) {
-            cli_error("del: the daemon of ublk device %u (pid %d) did not exit within %u s; "
-                      "the device is stopped but not deleted", id, (int)pid, timeout_s);
+            cli_error("del: the daemon of ublk device %u (pid %d) did not exit within %u s "
+                      "(still flushing the image? its log: %s/ublk%u.log); the device is stopped "
+                      "but not deleted", id, (int)pid, timeout_s, UBLK_STATE_DIR, id);
             return 1;
         }
     }
-    /* The daemon deletes its own device on the way out; this covers a dead one. */
-    r = ublk_ctrl_del_dev(c, id);
+    /* The daemon deletes its own device on the way out; this covers a dead
+     * one.  Not waiting: a file system forced away keeps the disk until
+     * it is unmounted. */
+    r = ublk_ctrl_del_dev_nowait(c, id);
     if (r < 0 && r != -ENODEV) {
         cli_error("del: cannot delete ublk device %u: %s", id, strerror(-r));
         return 1;
@@ -455,12 +484,13 @@ static int del_one(struct ublk_ctrl *c, uint32_t id, unsigned timeout_s, bool qu
 
 int cmd_del(int argc, char **argv)
 {
-    bool all = false, have_id = false;
+    bool all = false, have_id = false, force = false;
     uint32_t id = 0;
     unsigned timeout_s = DEL_DEFAULT_TIMEOUT_S;
     const struct cli_opt opts[] = {
         CLI_OPT_ID(&id, &have_id),
         { "all", 'a', CLI_FLAG, .dest = &all },
+        { "force", 'f', CLI_FLAG, .dest = &force },
         { "timeout", 't', CLI_UINT, .dest = &timeout_s, .min = 1, .max = 86400,
           .bad = "invalid timeout '%s' (seconds, 1 to 86400)" },
         { 0 },
@@ -479,13 +509,13 @@ int cmd_del(int argc, char **argv)
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
     if (have_id) {
-        rc = del_one(ctrl, id, timeout_s, false);
+        rc = del_one(ctrl, id, timeout_s, false, force);
     } else {
         rc = 0;
         uint32_t ids[1024];
         size_t n = list_ids(ids, 1024);
         for (size_t i = 0; i < n; i++)
-            if (del_one(ctrl, ids[i], timeout_s, true))
+            if (del_one(ctrl, ids[i], timeout_s, true, force))
                 rc = 1;
     }
     ublk_ctrl_close(ctrl);
@@ -494,28 +524,27 @@ int cmd_del(int argc, char **argv)
 
 /* ---- list ----------------------------------------------------------------------- */
 
-/* UBLK_F_* names (lower case, without the prefix) as a JSON array: the features a device
- * was granted (its flags from GET_DEV_INFO), or the kernel's (GET_FEATURES). */
-static void put_feature_names(uint64_t flags)
-{
-    ublk_put_feature_names(stdout, flags);
-}
 
 static void list_usage(FILE *out)
 {
     fprintf(out,
         "Usage: ublk-qcow2 list [-n ID] [--json]\n"
-        "       ublk-qcow2 list -n ID --udev-name | --owner\n\n"
+        "       ublk-qcow2 list -n ID --udev-name | --owner\n"
+        "       ublk-qcow2 list --udev-name-of ublkbN[pM]\n\n"
         "Show ublk devices: id, state (LIVE, QUIESCED, DEAD), queues, depth,\n"
         "daemon pid and image.\n\n"
         "Options:\n"
         "  -n, --id ID     only this device (an error if it does not exist)\n"
-        "  -j, --json      a JSON array of objects; \"features\" names the ublk\n"
+        "  -j, --json      a JSON array of objects; \"partitions\" lists the\n"
+        "                  partition devices (/dev/ublkbNpM); \"features\" names the ublk\n"
         "                  features (UBLK_F_*) the device was granted,\n"
         "                  \"kernel_features\" those this kernel offers\n"
         "      --udev-name the stable name of device ID: its image path escaped as\n"
         "                  'systemd-escape --path' does (for the udev rule that makes\n"
-        "                  /dev/disk/by-ublk-qcow2/NAME)\n"
+        "                  /dev/disk/by-ublk-qcow2/NAME, and NAME-partM for its\n"
+        "                  partitions)\n"
+        "      --udev-name-of ublkbN[pM]  the same for the device or partition udev\n"
+        "                  knows by that kernel name (NAME, or NAME-partM)\n"
         "      --owner     \"UID GID\" of the user who added unprivileged device ID\n"
         "                  (for the udev rule that gives its nodes to that user)\n"
         "  -h, --help      this help\n");
@@ -574,8 +603,9 @@ static bool device_state(uint32_t id, const struct ublksrv_ctrl_dev_info *info, 
     return ublk_state_read_in(dir, id, st) == 0;
 }
 
-/* list -n ID --udev-name: one line, or exit 1 if the device is unknown. */
-static int print_udev_name(uint32_t id)
+/* list -n ID --udev-name: one line, or exit 1 if the device is unknown;
+ * part > 0: the name of its partition part (NAME-partM, as by-id names). */
+static int print_udev_name(uint32_t id, unsigned long part)
 {
     static struct ublk_state st;
     char name[PATH_MAX * 4];
@@ -594,8 +624,33 @@ static int print_udev_name(uint32_t id)
         cli_error("list: the image path of ublk device %u is too long for a name", id);
         return 1;
     }
-    printf("%s\n", name);
+    if (part)
+        printf("%s-part%lu\n", name, part);
+    else
+        printf("%s\n", name);
     return 0;
+}
+
+/* list --udev-name-of KERNEL: the name of the device or partition udev
+ * knows as KERNEL (ublkbN or ublkbNpM). */
+static int print_udev_name_of(const char *kernel)
+{
+    unsigned long id, part = 0;
+    char num[32];
+    const char *p = !strncmp(kernel, "ublkb", 5) ? kernel + 5 : NULL;
+    size_t n = p ? strspn(p, "0123456789") : 0;
+    bool ok = n > 0 && n < sizeof(num);
+    if (ok) {
+        memcpy(num, p, n);
+        num[n] = '\0';
+        ok = cli_parse_uint(num, 0, UINT32_MAX - 1, &id) &&
+             (!p[n] || (p[n] == 'p' && cli_parse_uint(p + n + 1, 1, 1u << 20, &part)));
+    }
+    if (!ok) {
+        cli_error("list: '%s' is not a ublk block device name (ublkbN or ublkbNpM)", kernel);
+        return 2;
+    }
+    return print_udev_name((uint32_t)id, part);
 }
 
 /* list -n ID --owner: "UID GID" of an unprivileged device (for the udev
@@ -620,11 +675,13 @@ static int print_owner(struct ublk_ctrl *ctrl, uint32_t id)
 int cmd_list(int argc, char **argv)
 {
     bool json = false, have_id = false, udev_name = false, owner = false;
+    const char *udev_name_of = NULL;
     uint32_t id = 0;
     const struct cli_opt opts[] = {
         CLI_OPT_ID(&id, &have_id),
         { "json", 'j', CLI_FLAG, .dest = &json },
         { "udev-name", 0, CLI_FLAG, .dest = &udev_name },
+        { "udev-name-of", 0, CLI_STRING, .dest = &udev_name_of },
         { "owner", 0, CLI_FLAG, .dest = &owner },
         { 0 },
     };
@@ -633,13 +690,15 @@ int cmd_list(int argc, char **argv)
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
+    if (udev_name_of)
+        return print_udev_name_of(udev_name_of);
     if (udev_name || owner) {
         if (!have_id || json || (udev_name && owner)) {
             cli_error("list: --udev-name and --owner need -n ID (and nothing else)");
             return 2;
         }
         if (udev_name)
-            return print_udev_name(id);
+            return print_udev_name(id, 0);
     }
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
@@ -696,11 +755,19 @@ int cmd_list(int argc, char **argv)
             } else {
                 printf("null, \"format\": null, \"read_only\": null, \"zero_copy\": null");
             }
+            /* The kernel's partitions of the disk (partition table in the image). */
+            static char parts[128 * 24];
+            int np = ublk_dev_partitions(ids[i], parts, sizeof(parts));
+            printf(", \"partitions\": [");
+            const char *pp = parts;
+            for (int k = 0; k < np; k++, pp += strlen(pp) + 1)
+                printf("%s\"%s\"", k ? ", " : "", pp);
+            printf("]");
             printf(", \"features\": ");
-            put_feature_names(info.flags);
+            ublk_put_feature_names(stdout, info.flags);
             printf(", \"kernel_features\": ");
             if (features_known)
-                put_feature_names(kernel_features);
+                ublk_put_feature_names(stdout, kernel_features);
             else
                 printf("null");
             printf("}");
@@ -735,43 +802,90 @@ static void recover_usage(FILE *out)
         "  -h, --help         this help\n", UBLK_STATE_DIR);
 }
 
-int cmd_recover(int argc, char **argv)
+/* The options of device id's next daemon, from its state file (and its
+ * passphrase, from where `add` took it unless key already holds one);
+ * 1 after saying why not. */
+static int opts_from_state(const char *cmd, uint32_t id, struct ublk_state *st, struct cli_key *key,
+                           struct ublk_server_opts *out)
 {
-    static struct cli_key key;
-    bool foreground = false, have_id = false;
-    uint32_t id = 0;
+    int r = ublk_state_read(id, st);
+    if (r < 0) {
+        cli_error("%s: %s %s/ublk%u.json: the image of ublk device %u is not known", cmd,
+                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+        return 1;
+    }
+    struct ublk_server_opts o = {
+        .image = st->image, .dev_id = id, .nr_queues = st->queues, .depth = st->depth,
+        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st->read_only, .cache_size = st->cache_size,
+        .discard = st->discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
+        .discard_no_unref = st->discard_no_unref,
+        .format = !strcmp(st->format, "raw") ? IMG_FMT_RAW
+                : !strcmp(st->format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
+        .recovery = true, .recover = true, .notify_fd = -1,
+        .snapshot = st->snapshot[0] ? st->snapshot : NULL,
+    };
+    /* The passphrase from where `add` took it, unless given now. */
+    if (!key->data && st->key_file[0] && cli_key_from_file(cmd, st->key_file, key))
+        return 1;
+    if (!key->data && st->key_env[0]) {
+        static char var[sizeof(st->key_env)];
+        snprintf(var, sizeof(var), "%s", st->key_env);
+        if (cli_key_from_env(cmd, var, key))
+            return 1;
+    }
+    set_key_opts(&o, key);
+    *out = o;
+    return 0;
+}
+
+/* recover and restart: -n ID, the daemon's options, and the device's info
+ * (it must exist).  CLI_GO_ON, or the exit code after saying why. */
+static int takeover_args(const char *name, void (*usage)(FILE *), int argc, char **argv, struct cli_key *key,
+                         bool *foreground, uint32_t *id, struct ublksrv_ctrl_dev_info *info)
+{
+    bool have_id = false;
     const struct cli_opt opts[] = {
-        CLI_OPT_ID(&id, &have_id),
-        { "foreground", 0, CLI_FLAG, .dest = &foreground },
+        CLI_OPT_ID(id, &have_id),
+        { "foreground", 0, CLI_FLAG, .dest = foreground },
         { "verbose", 'v', .type = CLI_VERBOSE },
-        { "key-file", 0, CLI_KEY_FILE, .dest = &key },
-        { "key-env", 0, CLI_KEY_ENV, .dest = &key },
+        { "key-file", 0, CLI_KEY_FILE, .dest = key },
+        { "key-env", 0, CLI_KEY_ENV, .dest = key },
         { 0 },
     };
-    const struct cli_cmd cmd = { "recover", recover_usage, opts, .usage_exit = 2,
-                                 .operands = CLI_OPERANDS_NONE };
+    const struct cli_cmd cmd = { name, usage, opts, .usage_exit = 2, .operands = CLI_OPERANDS_NONE };
     int rc = cli_parse(&cmd, argc, argv);
     if (rc != CLI_GO_ON)
         return rc;
     if (!have_id) {
-        cli_error("recover: -n ID is required");
-        recover_usage(stderr);
+        cli_error("%s: -n ID is required", name);
+        usage(stderr);
         return 2;
     }
     /* Check the device first: clearer than the image lock a live daemon holds. */
     struct ublk_ctrl *ctrl;
     if (ublk_ctrl_open(&ctrl) < 0)
         return 1;
-    struct ublksrv_ctrl_dev_info info;
-    int r = ublk_ctrl_get_dev_info(ctrl, id, &info);
+    int r = ublk_ctrl_get_dev_info(ctrl, *id, info);
     ublk_ctrl_close(ctrl);
     if (r < 0) {
         if (r == -ENODEV)
-            cli_error("recover: there is no ublk device %u", id);
+            cli_error("%s: there is no ublk device %u", name, *id);
         else
-            cli_error("recover: ublk device %u: %s", id, strerror(-r));
+            cli_error("%s: ublk device %u: %s", name, *id, strerror(-r));
         return 1;
     }
+    return CLI_GO_ON;
+}
+
+int cmd_recover(int argc, char **argv)
+{
+    static struct cli_key key;
+    bool foreground = false;
+    uint32_t id = 0;
+    struct ublksrv_ctrl_dev_info info;
+    int rc = takeover_args("recover", recover_usage, argc, argv, &key, &foreground, &id, &info);
+    if (rc != CLI_GO_ON)
+        return rc;
     if (!(info.flags & UBLK_F_USER_RECOVERY)) {
         cli_error("recover: ublk device %u was not added with --recovery", id);
         return 1;
@@ -782,33 +896,114 @@ int cmd_recover(int argc, char **argv)
         return 1;
     }
     static struct ublk_state st;
-    r = ublk_state_read(id, &st);
-    if (r < 0) {
-        cli_error("recover: %s %s/ublk%u.json: the image of ublk device %u is not known",
-                  r == -ENOENT ? "no state file" : "unreadable state file", UBLK_STATE_DIR, id, id);
+    struct ublk_server_opts o;
+    if (opts_from_state("recover", id, &st, &key, &o))
         return 1;
-    }
-    struct ublk_server_opts o = {
-        .image = st.image, .dev_id = id, .nr_queues = st.queues, .depth = st.depth,
-        .buf_bytes = UBLK_IO_BUF_BYTES, .read_only = st.read_only, .cache_size = st.cache_size,
-        .discard = st.discard_unmap ? IMG_DISCARD_UNMAP : IMG_DISCARD_IGNORE,
-        .discard_no_unref = st.discard_no_unref,
-        .format = !strcmp(st.format, "raw") ? IMG_FMT_RAW
-                : !strcmp(st.format, "qcow2") ? IMG_FMT_QCOW2 : IMG_FMT_AUTO,
-        .recovery = true, .recover = true, .notify_fd = -1,
-        .snapshot = st.snapshot[0] ? st.snapshot : NULL,
-    };
-    /* The passphrase from where `add` took it, unless given now. */
-    if (!key.data && st.key_file[0] && cli_key_from_file("recover", st.key_file, &key))
-        return 1;
-    if (!key.data && st.key_env[0]) {
-        static char var[sizeof(st.key_env)];
-        snprintf(var, sizeof(var), "%s", st.key_env);
-        if (cli_key_from_env("recover", var, &key))
-            return 1;
-    }
-    set_key_opts(&o, &key);
     rc = run_daemon(&o, foreground, NULL);
     cli_key_clear(&key);
+    return rc;
+}
+
+/* ---- restart -------------------------------------------------------------------- */
+
+#define RESTART_EXIT_TIMEOUT_S 60   /* the old daemon's drain, flush and exit */
+
+static void restart_usage(FILE *out)
+{
+    fprintf(out,
+        "Usage: ublk-qcow2 restart -n ID [--foreground] [--key-file FILE | --key-env VAR]\n\n"
+        "Replace the running daemon of ublk device ID, added with --recovery, by a\n"
+        "new one (e.g. after an upgrade of ublk-qcow2) while the device stays in\n"
+        "use: the old daemon stops taking requests, finishes those in flight,\n"
+        "flushes the image and exits; the new one takes the device over as\n"
+        "'recover' does.  Requests issued meanwhile wait; none fails and no\n"
+        "acknowledged write is lost.  Prints /dev/ublkbID once the new daemon serves.\n"
+        "The image and its options come from %s/ublkID.json; an encrypted\n"
+        "image's passphrase is read again from where `add` took it unless given here.\n\n"
+        "Options:\n"
+        "  -n, --id ID        the device /dev/ublkbID\n"
+        "      --foreground   serve in the foreground until SIGINT/SIGTERM\n"
+        "      --key-file FILE, --key-env VAR   passphrase of a LUKS-encrypted image\n"
+        "  -v, --verbose      log more (start, stop); twice for debugging detail\n"
+        "  -h, --help         this help\n", UBLK_STATE_DIR);
+}
+
+int cmd_restart(int argc, char **argv)
+{
+    static struct cli_key key;
+    bool foreground = false;
+    uint32_t id = 0;
+    struct ublksrv_ctrl_dev_info info;
+    int rc = takeover_args("restart", restart_usage, argc, argv, &key, &foreground, &id, &info);
+    if (rc != CLI_GO_ON)
+        return rc;
+    int r;
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+        cli_error("restart: ublk device %u was not added with --recovery, so it cannot outlive its "
+                  "daemon; to make it restartable: 'ublk-qcow2 del -n %u', then 'ublk-qcow2 add "
+                  "--recovery ...'; the device is unchanged", id, id);
+        return 1;
+    }
+    pid_t pid = info.ublksrv_pid;
+    if (info.state != UBLK_S_DEV_LIVE || pid <= 0 || kill(pid, 0) < 0) {
+        cli_error("restart: the daemon of ublk device %u is not running (the device is %s): start a "
+                  "new one with 'ublk-qcow2 recover -n %u'", id, ublk_state_name(info.state), id);
+        return 1;
+    }
+    /* Everything the new daemon needs (state file, passphrase) is read
+     * before the old one is asked to go: a failure here changes nothing. */
+    static struct ublk_state st;
+    struct ublk_server_opts o;
+    if (opts_from_state("restart", id, &st, &key, &o))
+        return 1;
+    /* Taken before the request, so the pid cannot be reused under us. */
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        cli_error("restart: cannot watch the daemon of ublk device %u (pid %d): %s", id, (int)pid,
+                  strerror(errno));
+        cli_key_clear(&key);
+        return 1;
+    }
+    char reply[CTL_LINE_MAX], err[CTL_LINE_MAX];
+    r = ctl_request_wait(id, "restart", reply, sizeof(reply), RESTART_EXIT_TIMEOUT_S * 1000);
+    if (r < 0 || json_get_string(reply, "error", err, sizeof(err))) {
+        if (r == -ENOENT)
+            cli_error("restart: the daemon of ublk device %u (pid %d) has no control socket in %s; "
+                      "the device is unchanged", id, (int)pid, UBLK_STATE_DIR);
+        else if (r < 0)
+            cli_error("restart: cannot ask the daemon of ublk device %u (pid %d): %s; if it is "
+                      "exiting, 'ublk-qcow2 recover -n %u' starts a new one once the device is "
+                      "QUIESCED", id, (int)pid, strerror(-r), id);
+        else if (!strcmp(err, "unknown request"))
+            cli_error("restart: the daemon of ublk device %u (pid %d) is older than 'restart' and "
+                      "cannot hand the device over; the device is unchanged", id, (int)pid);
+        else
+            cli_error("restart: %s", err);
+        close(pidfd);
+        cli_key_clear(&key);
+        return 1;
+    }
+    /* It has drained and flushed; wait for it to be gone (its rings closed:
+     * only then is the device QUIESCED and its image lock free). */
+    struct pollfd pf = { .fd = pidfd, .events = POLLIN };
+    int pr;
+    do
+        pr = poll(&pf, 1, RESTART_EXIT_TIMEOUT_S * 1000);
+    while (pr < 0 && errno == EINTR);
+    close(pidfd);
+    if (pr <= 0) {
+        cli_error("restart: the old daemon of ublk device %u (pid %d) did not exit within %d s; its "
+                  "I/O waits; once it has exited, 'ublk-qcow2 recover -n %u' starts the new one",
+                  id, (int)pid, RESTART_EXIT_TIMEOUT_S, id);
+        cli_key_clear(&key);
+        return 1;
+    }
+    bool live = false;
+    rc = run_daemon(&o, foreground, &live);
+    cli_key_clear(&key);
+    if (rc && !live)
+        cli_error("restart: the new daemon of ublk device %u did not start; the device keeps its "
+                  "I/O waiting (nothing is lost): fix the problem above, then 'ublk-qcow2 recover -n %u'",
+                  id, id);
     return rc;
 }

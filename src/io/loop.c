@@ -439,6 +439,33 @@ ssize_t io_send(int fd, const void *buf, size_t len, int flags)
     return ret < 0 ? -errno : ret;
 }
 
+int io_sendv_all(int fd, struct iovec *iov, int cnt)
+{
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    while (cnt > 0) {
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)cnt;
+        ssize_t r = io_sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r < 0)
+            return (int)r;
+        if (r == 0)
+            return -EPIPE;
+        while (cnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
 ssize_t io_sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     struct loop *l = async_loop();

@@ -60,6 +60,9 @@ ssize_t io_recv(int fd, void *buf, size_t len, int flags);
 ssize_t io_send(int fd, const void *buf, size_t len, int flags);
 struct msghdr;
 ssize_t io_sendmsg(int fd, const struct msghdr *msg, int flags);
+/* Every byte of iov (cnt entries, advanced as sent) to the socket fd
+ * (MSG_NOSIGNAL); 0, or -errno (-EPIPE when the peer is gone). */
+int io_sendv_all(int fd, struct iovec *iov, int cnt);
 ssize_t io_read(int fd, void *buf, size_t len);
 int io_accept(int fd);
 /* Loop until all len bytes moved; returns len, 0 on EOF before any byte

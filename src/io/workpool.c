@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -19,6 +20,7 @@ static pthread_cond_t wp_cond = PTHREAD_COND_INITIALIZER;
 static struct wp_job *wp_head, *wp_tail;
 static int wp_nthreads = -1;        /* -1: not decided yet */
 static bool wp_started;
+static bool wp_background = true;   /* see worker() */
 
 static int default_threads(void)
 {
@@ -33,6 +35,13 @@ static int default_threads(void)
     if (n < 1)
         n = 1;
     return n > WP_MAX_THREADS ? WP_MAX_THREADS : (int)n;
+}
+
+void wp_set_background(bool background)
+{
+    pthread_mutex_lock(&wp_lock);
+    wp_background = background;
+    pthread_mutex_unlock(&wp_lock);
 }
 
 int wp_set_threads(int n)
@@ -60,11 +69,19 @@ int wp_threads(void)
 static void *worker(void *arg)
 {
     (void)arg;
-    /* Below the engine threads: on a busy machine the scheduler prefers the
-     * threads serving requests (uncompressed reads keep their latency while
-     * a compressed stream is being inflated). */
-    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 5) < 0)
-        uq_debug("compression worker: cannot lower its priority");
+    /* Serving (the default): far below the threads serving requests, with
+     * SCHED_BATCH (a worker never preempts the engine on wake-up) at nice
+     * 19, so uncompressed reads keep their latency while a compressed stream
+     * is inflated; with the engine idle the workers still get every free
+     * CPU.  A batch job (convert) whose work is the compression keeps the
+     * normal priority. */
+    if (wp_background) {
+        struct sched_param sp = { .sched_priority = 0 };
+        if (sched_setscheduler((pid_t)syscall(SYS_gettid), SCHED_BATCH, &sp) < 0)
+            uq_debug("compression worker: cannot switch to SCHED_BATCH");
+        if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) < 0)
+            uq_debug("compression worker: cannot lower its priority");
+    }
     for (;;) {
         pthread_mutex_lock(&wp_lock);
         while (!wp_head)

@@ -42,6 +42,10 @@ void wp_port_destroy(struct wp_port *p);  /* no job may be outstanding */
 /* Set the number of worker threads (0: run jobs inline).  Takes effect if
  * the pool has not started yet; returns -EBUSY otherwise. */
 int wp_set_threads(int n);
+/* Workers below the serving threads (true, the default: latency of other
+ * requests first) or at normal priority (false: a batch job such as
+ * convert, whose work the compression is).  Before the pool starts. */
+void wp_set_background(bool background);
 /* The number of worker threads the pool has (or will have). */
 int wp_threads(void);
 

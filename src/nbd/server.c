@@ -364,32 +364,9 @@ static int rx_copy(struct nbd_conn *c, void *dst, size_t len)
 /* Send every byte described by iov (modified on the way). */
 static int send_iov(struct nbd_conn *c, struct iovec *iov, int cnt)
 {
-    struct msghdr msg;
-
     if (c->tls)
         return nbd_tls_sendv(c->tls, iov, cnt);
-    memset(&msg, 0, sizeof(msg));
-    while (cnt > 0) {
-        msg.msg_iov = iov;
-        msg.msg_iovlen = (size_t)cnt;
-        ssize_t r = io_sendmsg(c->fd, &msg, MSG_NOSIGNAL);
-        if (r == -EINTR || r == -EAGAIN)
-            continue;
-        if (r < 0)
-            return (int)r;
-        if (r == 0)
-            return -EPIPE;
-        while (cnt > 0 && (size_t)r >= iov->iov_len) {
-            r -= (ssize_t)iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + r;
-            iov->iov_len -= (size_t)r;
-        }
-    }
-    return 0;
+    return io_sendv_all(c->fd, iov, cnt);
 }
 
 static int send_all(struct nbd_conn *c, const void *buf, size_t len)

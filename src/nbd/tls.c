@@ -296,30 +296,7 @@ static int tls_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
 /* Every byte of iov to the socket, the caller holding send_lock. */
 static int sock_send_all(struct nbd_tls *t, struct iovec *iov, int cnt)
 {
-    struct msghdr msg;
-
-    memset(&msg, 0, sizeof(msg));
-    while (cnt > 0) {
-        msg.msg_iov = iov;
-        msg.msg_iovlen = (size_t)cnt;
-        ssize_t r = io_sendmsg(t->fd, &msg, MSG_NOSIGNAL);
-        if (r == -EINTR || r == -EAGAIN)
-            continue;
-        if (r < 0)
-            return (int)r;
-        if (r == 0)
-            return -EPIPE;
-        while (cnt > 0 && (size_t)r >= iov->iov_len) {
-            r -= (ssize_t)iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + r;
-            iov->iov_len -= (size_t)r;
-        }
-    }
-    return 0;
+    return io_sendv_all(t->fd, iov, cnt);
 }
 
 /* Send what was collected in out; records appended meanwhile (by the

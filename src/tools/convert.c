@@ -203,16 +203,6 @@ static void main_co(void *arg)
         set_err(c, r, "flushing the target", 0);
 }
 
-static int fail(int r, char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static int fail(int r, char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return r;
-}
-
 static bool same_file(const struct stat *a, const char *path)
 {
     struct stat b;
@@ -256,18 +246,100 @@ void convert_opts_init(struct convert_opts *o)
     o->parallel = 8;
 }
 
+/* The target as it is: never the source (or a file of its chain: it would
+ * be read while overwritten), never its own backing file, never a served
+ * image (its lock: *dst_lock holds ours), and an existing file of another
+ * format only with -n and -O. */
+static int check_target(const struct convert_opts *o, struct image *src, enum img_format dfmt,
+                        bool *exists, int *dst_lock, char *err, size_t errlen)
+{
+    char msg[1024];
+    struct stat dst_st;
+    *exists = stat(o->dst, &dst_st) == 0;
+    if (!*exists)
+        return 0;
+    if (is_source(&dst_st, src))
+        return tools_fail(-EINVAL, err, errlen, "%s is the source image (or part of its backing chain)", o->dst);
+    if (o->create.backing_file) {
+        char bpath[PATH_MAX];
+        if (qcow2_resolve_backing(o->dst, o->create.backing_file, bpath, sizeof(bpath), msg, sizeof(msg)) == 0 &&
+            same_file(&dst_st, bpath))
+            return tools_fail(-EINVAL, err, errlen, "%s cannot be its own backing file", o->dst);
+    }
+    if (!S_ISREG(dst_st.st_mode))
+        return 0;
+    /* A served image (ours or QEMU's) holds the lock: refuse it. */
+    *dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
+    if (*dst_lock == -EBUSY)
+        return tools_fail(-EBUSY, err, errlen, "%s", msg);
+    enum img_format have = dst_st.st_size ? probe(o->dst) : dfmt;
+    if (have != dfmt && (!o->existing || !o->format_given))
+        return tools_fail(-EEXIST, err, errlen, "%s exists and is a %s image, not %s; remove it first%s", o->dst,
+                    have == IMG_FMT_QCOW2 ? "qcow2" : "raw", dfmt == IMG_FMT_QCOW2 ? "qcow2" : "raw",
+                    o->existing ? " or give -O explicitly" : " (or use -n to write into it)");
+    return 0;
+}
+
+/* Create the target (unless -n), sized as the source unless -o says, and
+ * hold its lock in *dst_lock. */
+static int make_target(const struct convert_opts *o, uint64_t size, bool exists, int *dst_lock,
+                       char *err, size_t errlen)
+{
+    char msg[1024];
+    if (o->existing)
+        return exists ? 0 : tools_fail(-ENOENT, err, errlen, "%s does not exist (-n writes into an existing image)", o->dst);
+    /* img_create takes the lock itself while it writes. */
+    if (*dst_lock >= 0) {
+        close(*dst_lock);
+        *dst_lock = -1;
+    }
+    struct create_opts co = o->create;
+    if (!co.size_set) {
+        co.size = size;
+        co.size_set = true;
+    }
+    co.progress = NULL;
+    int r = img_create(o->dst, &co, msg, sizeof(msg));
+    if (r < 0)
+        return tools_fail(r, err, errlen, "%s", msg);
+    *dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
+    if (*dst_lock == -EBUSY)
+        return tools_fail(-EBUSY, err, errlen, "%s", msg);
+    return 0;
+}
+
+/* The copy itself: the coroutines on a loop of their own. */
+static int run_copy(struct conv *c, char *err, size_t errlen)
+{
+    struct loop *l = loop_new(256);
+    if (!l)
+        return tools_fail(-ENOMEM, err, errlen, "cannot set up io_uring");
+    co_spawn(main_co, c);
+    int r = loop_run(l);
+    loop_free(l);
+    co_pool_release();
+    if (r == 0 && c->err) {
+        r = c->err;
+        tools_fail(r, err, errlen, "%s at offset %llu failed: %s", c->err_what, (unsigned long long)c->err_off,
+             strerror(-r));
+    } else if (r < 0) {
+        tools_fail(r, err, errlen, "the I/O loop failed: %s", strerror(-r));
+    }
+    return r;
+}
+
 int img_convert(const struct convert_opts *o, char *err, size_t errlen)
 {
     char msg[1024];
     enum img_format dfmt = o->create.format;
     err[0] = '\0';
     if (o->compress && dfmt != IMG_FMT_QCOW2)
-        return fail(-EINVAL, err, errlen, "compression is not supported for the %s format (use -O qcow2)",
+        return tools_fail(-EINVAL, err, errlen, "compression is not supported for the %s format (use -O qcow2)",
                     dfmt == IMG_FMT_RAW ? "raw" : "target");
     if (o->parallel < 1 || o->parallel > 64)
-        return fail(-EINVAL, err, errlen, "-m takes 1 to 64 coroutines");
+        return tools_fail(-EINVAL, err, errlen, "-m takes 1 to 64 coroutines");
     if (o->min_sparse % 512)
-        return fail(-EINVAL, err, errlen, "-S takes a multiple of 512 bytes");
+        return tools_fail(-EINVAL, err, errlen, "-S takes a multiple of 512 bytes");
 
     /* The source (its whole chain) is opened read-only; its lock keeps
      * writers away while it is copied. */
@@ -275,90 +347,38 @@ int img_convert(const struct convert_opts *o, char *err, size_t errlen)
     if (!o->force_share) {
         src_lock = image_lock(o->src, false, msg, sizeof(msg));
         if (src_lock == -EBUSY)
-            return fail(-EBUSY, err, errlen, "%s (-U reads it anyway)", msg);
+            return tools_fail(-EBUSY, err, errlen, "%s (-U reads it anyway)", msg);
     }
     struct img_opts so = { .format = o->src_format, .read_only = true, .snapshot = o->snapshot };
     struct image *src = img_open(o->src, &so, msg, sizeof(msg));
     if (!src) {
         if (src_lock >= 0)
             close(src_lock);
-        return fail(-EINVAL, err, errlen, "%s", msg);
+        return tools_fail(-EINVAL, err, errlen, "%s", msg);
     }
     struct conv c = { .o = o, .src = src, .size = img_size(src) };
     struct image *dst = NULL;
-    int r = 0;
-    struct stat dst_st;
-    bool exists = stat(o->dst, &dst_st) == 0;
-    /* Never the source itself (or a file of its chain): it would be read
-     * while overwritten. */
-    if (exists && is_source(&dst_st, src)) {
-        r = fail(-EINVAL, err, errlen, "%s is the source image (or part of its backing chain)", o->dst);
+    bool exists;
+    int r = check_target(o, src, dfmt, &exists, &dst_lock, err, errlen);
+    if (r == 0)
+        r = make_target(o, c.size, exists, &dst_lock, err, errlen);
+    if (r < 0)
         goto out;
-    }
-    if (exists && o->create.backing_file) {
-        char bpath[PATH_MAX];
-        if (qcow2_resolve_backing(o->dst, o->create.backing_file, bpath, sizeof(bpath), msg, sizeof(msg)) == 0 &&
-            same_file(&dst_st, bpath)) {
-            r = fail(-EINVAL, err, errlen, "%s cannot be its own backing file", o->dst);
-            goto out;
-        }
-    }
-    if (exists && S_ISREG(dst_st.st_mode)) {
-        /* A served image (ours or QEMU's) holds the lock: refuse it. */
-        dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
-        if (dst_lock == -EBUSY) {
-            r = fail(-EBUSY, err, errlen, "%s", msg);
-            goto out;
-        }
-        enum img_format have = dst_st.st_size ? probe(o->dst) : dfmt;
-        if (have != dfmt && (!o->existing || !o->format_given)) {
-            r = fail(-EEXIST, err, errlen, "%s exists and is a %s image, not %s; remove it first%s", o->dst,
-                     have == IMG_FMT_QCOW2 ? "qcow2" : "raw", dfmt == IMG_FMT_QCOW2 ? "qcow2" : "raw",
-                     o->existing ? " or give -O explicitly" : " (or use -n to write into it)");
-            goto out;
-        }
-    }
-    if (!o->existing) {
-        /* img_create takes the lock itself while it writes. */
-        if (dst_lock >= 0) {
-            close(dst_lock);
-            dst_lock = -1;
-        }
-        struct create_opts co = o->create;
-        if (!co.size_set) {
-            co.size = c.size;
-            co.size_set = true;
-        }
-        co.progress = NULL;
-        r = img_create(o->dst, &co, msg, sizeof(msg));
-        if (r < 0) {
-            fail(r, err, errlen, "%s", msg);
-            goto out;
-        }
-        dst_lock = image_lock(o->dst, true, msg, sizeof(msg));
-        if (dst_lock == -EBUSY) {
-            r = fail(-EBUSY, err, errlen, "%s", msg);
-            goto out;
-        }
-    } else if (!exists) {
-        r = fail(-ENOENT, err, errlen, "%s does not exist (-n writes into an existing image)", o->dst);
-        goto out;
-    }
     struct img_opts dopt = { .format = dfmt, .discard = IMG_DISCARD_UNMAP };
     dst = img_open(o->dst, &dopt, msg, sizeof(msg));
     if (!dst) {
-        r = fail(-EINVAL, err, errlen, "%s", msg);
+        r = tools_fail(-EINVAL, err, errlen, "%s", msg);
         goto out;
     }
     if (img_size(dst) < c.size) {
-        r = fail(-ENOSPC, err, errlen, "%s is smaller (%llu bytes) than the source (%llu bytes)", o->dst,
+        r = tools_fail(-ENOSPC, err, errlen, "%s is smaller (%llu bytes) than the source (%llu bytes)", o->dst,
                  (unsigned long long)img_size(dst), (unsigned long long)c.size);
         goto out;
     }
     c.dst = dst;
     c.dq = dfmt == IMG_FMT_QCOW2 ? to_qcow2(dst) : NULL;
     if (o->compress && (has_data_file(c.dq) || c.dq->crypto)) {
-        r = fail(-ENOTSUP, err, errlen, "%s: compressed clusters cannot go to an external data file "
+        r = tools_fail(-ENOTSUP, err, errlen, "%s: compressed clusters cannot go to an external data file "
                  "or an encrypted image", o->dst);
         goto out;
     }
@@ -366,30 +386,13 @@ int img_convert(const struct convert_opts *o, char *err, size_t errlen)
      * -S's size for raw (4 KiB by default); chunks: at least 1 MiB. */
     c.block = c.dq ? cl_size(c.dq) : (o->min_sparse ? o->min_sparse : 65536);
     c.chunk = c.block >= (1u << 20) ? c.block : (1u << 20) / c.block * c.block;
-    if (!c.size)
-        goto out;
-
-    struct loop *l = loop_new(256);
-    if (!l) {
-        r = fail(-ENOMEM, err, errlen, "cannot set up io_uring");
-        goto out;
-    }
-    co_spawn(main_co, &c);
-    r = loop_run(l);
-    loop_free(l);
-    co_pool_release();
-    if (r == 0 && c.err) {
-        r = c.err;
-        fail(r, err, errlen, "%s at offset %llu failed: %s", c.err_what, (unsigned long long)c.err_off,
-             strerror(-r));
-    } else if (r < 0) {
-        fail(r, err, errlen, "the I/O loop failed: %s", strerror(-r));
-    }
+    if (c.size)
+        r = run_copy(&c, err, errlen);
 out:
     if (dst) {
         int cr = img_close(dst);
         if (r == 0 && cr < 0)
-            r = fail(cr, err, errlen, "closing %s failed: %s", o->dst, strerror(-cr));
+            r = tools_fail(cr, err, errlen, "closing %s failed: %s", o->dst, strerror(-cr));
     }
     img_close(src);
     if (src_lock >= 0)

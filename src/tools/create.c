@@ -28,8 +28,7 @@
 #define FEATURE_TABLE_ENTRIES 8
 #define ZERO_CHUNK (4u << 20)
 
-__attribute__((format(printf, 4, 5)))
-static int fail(int ret, char *err, size_t errlen, const char *fmt, ...)
+int tools_fail(int ret, char *err, size_t errlen, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -64,25 +63,25 @@ static int validate_qcow2(const struct create_opts *o, char *err, size_t errlen)
 {
     if (!pow2(o->cluster_size) || o->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS) ||
         o->cluster_size > (1u << QCOW2_MAX_CLUSTER_BITS))
-        return fail(-EINVAL, err, errlen, "Cluster size must be a power of two between 512 and 2048k");
+        return tools_fail(-EINVAL, err, errlen, "Cluster size must be a power of two between 512 and 2048k");
     if (!pow2(o->refcount_bits) || o->refcount_bits > 64)
-        return fail(-EINVAL, err, errlen, "Refcount width must be a power of two and may not exceed 64 bits");
+        return tools_fail(-EINVAL, err, errlen, "Refcount width must be a power of two and may not exceed 64 bits");
     if (o->version == 2) {
         const char *what = o->refcount_bits != 16 ? "Different refcount widths than 16 bits require"
                          : o->lazy_refcounts ? "Lazy refcounts require"
                          : o->extended_l2 ? "Extended L2 entries require"
                          : o->compression != QCOW2_COMP_ZLIB ? "Non-zlib compression types require" : NULL;
         if (what)
-            return fail(-EINVAL, err, errlen, "%s compatibility level 1.1 or above (use compat=1.1)", what);
+            return tools_fail(-EINVAL, err, errlen, "%s compatibility level 1.1 or above (use compat=1.1)", what);
     }
     if (o->extended_l2 && o->cluster_size < (1u << 14))
-        return fail(-EINVAL, err, errlen,
+        return tools_fail(-EINVAL, err, errlen,
                     "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
     if (o->backing_file && o->prealloc != PREALLOC_OFF && !o->extended_l2)
-        return fail(-EINVAL, err, errlen,
+        return tools_fail(-EINVAL, err, errlen,
                     "Backing file and preallocation can only be used at the same time if extended_l2 is on");
     if (o->backing_file && strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME)
-        return fail(-EINVAL, err, errlen, "Backing file name too long (more than %d bytes)",
+        return tools_fail(-EINVAL, err, errlen, "Backing file name too long (more than %d bytes)",
                     QCOW2_MAX_BACKING_NAME);
     return 0;
 }
@@ -95,7 +94,7 @@ static int check_backing(const char *path, const struct create_opts *o, uint64_t
     char bpath[PATH_MAX + 1100], msg[600];
     int r = qcow2_resolve_backing(path, o->backing_file, bpath, sizeof(bpath), msg, sizeof(msg));
     if (r < 0)
-        return fail(r, err, errlen, "%s", msg);
+        return tools_fail(r, err, errlen, "%s", msg);
     struct img_opts bo = { .format = IMG_FMT_AUTO, .read_only = true, .cache = FILE_CACHE_BUFFERED };
     if (!o->backing_fmt) {
         const char *detected = "";
@@ -104,7 +103,7 @@ static int check_backing(const char *path, const struct create_opts *o, uint64_t
             detected = img_format_name(b);
             img_close(b);
         }
-        return fail(-EINVAL, err, errlen, "Backing file specified without backing format%s%s%s "
+        return tools_fail(-EINVAL, err, errlen, "Backing file specified without backing format%s%s%s "
                     "(give it with -F or -o backing_fmt=)", *detected ? " (detected format: " : "",
                     detected, *detected ? ")" : "");
     }
@@ -113,11 +112,11 @@ static int check_backing(const char *path, const struct create_opts *o, uint64_t
     else if (!strcmp(o->backing_fmt, "raw"))
         bo.format = IMG_FMT_RAW;
     else
-        return fail(-ENOTSUP, err, errlen, "backing format '%s' is not supported (qcow2 or raw)",
+        return tools_fail(-ENOTSUP, err, errlen, "backing format '%s' is not supported (qcow2 or raw)",
                     o->backing_fmt);
     struct image *b = img_open(bpath, &bo, msg, sizeof(msg));
     if (!b)
-        return fail(-ENOENT, err, errlen, "Could not open backing image: %s", msg);
+        return tools_fail(-ENOENT, err, errlen, "Could not open backing image: %s", msg);
     if (!o->size_set)
         *size = img_size(b);
     img_close(b);
@@ -140,7 +139,7 @@ static int build_header(uint8_t *buf, const struct create_opts *o, const struct 
     size_t need = pos + 8 + (o->backing_fmt ? 8 + ((strlen(o->backing_fmt) + 7) & ~7u) : 0) +
                   (o->backing_file ? strlen(o->backing_file) : 0);
     if (need > cs)
-        return fail(-EINVAL, err, errlen, "the backing file name does not fit in a %llu-byte header cluster",
+        return tools_fail(-EINVAL, err, errlen, "the backing file name does not fit in a %llu-byte header cluster",
                     (unsigned long long)cs);
     if (o->backing_file && o->backing_fmt) {
         size_t n = strlen(o->backing_fmt);
@@ -201,16 +200,16 @@ static int preallocate_file(struct file *f, uint64_t len, char *err, size_t errl
 {
     int r = file_allocate(f, 0, len);
     if (r == -EOPNOTSUPP)
-        return fail(r, err, errlen, "preallocation=falloc is not supported by this file system "
+        return tools_fail(r, err, errlen, "preallocation=falloc is not supported by this file system "
                     "(use preallocation=full)");
-    return r < 0 ? fail(r, err, errlen, "cannot preallocate: %s", strerror(-r)) : 0;
+    return r < 0 ? tools_fail(r, err, errlen, "cannot preallocate: %s", strerror(-r)) : 0;
 }
 
 static int create_raw(struct file *f, const struct create_opts *o, uint64_t size, char *err, size_t errlen)
 {
     int r = 0;
     if (o->prealloc == PREALLOC_METADATA)
-        return fail(-EINVAL, err, errlen, "Unsupported preallocation mode: metadata (raw: off, falloc or full)");
+        return tools_fail(-EINVAL, err, errlen, "Unsupported preallocation mode: metadata (raw: off, falloc or full)");
     if (o->prealloc == PREALLOC_FALLOC) {
         r = preallocate_file(f, size, err, errlen);
     } else if (o->prealloc == PREALLOC_FULL) {
@@ -252,7 +251,7 @@ static int create_qcow2(struct file *f, const struct create_opts *o, uint64_t si
     uint64_t span = cs * l2_entries;                 /* guest bytes one L2 table maps */
     uint64_t l1_size = div_up(size, span);
     if (l1_size * 8 > QCOW2_MAX_L1_BYTES)
-        return fail(-EFBIG, err, errlen, "The image size is too large for file format 'qcow2' "
+        return tools_fail(-EFBIG, err, errlen, "The image size is too large for file format 'qcow2' "
                     "(try using a larger cluster size)");
     bool prealloc = o->prealloc != PREALLOC_OFF;
     uint64_t l1_clusters = div_up(l1_size * 8, cs);
@@ -268,7 +267,7 @@ static int create_qcow2(struct file *f, const struct create_opts *o, uint64_t si
         ntable = t;
     }
     if (ntable * cs > QCOW2_MAX_REFTABLE_BYTES)
-        return fail(-EFBIG, err, errlen, "The image is too large for its refcount table at this cluster size "
+        return tools_fail(-EFBIG, err, errlen, "The image is too large for its refcount table at this cluster size "
                     "(try using a larger cluster size)");
     uint64_t total = fixed + nblocks + ntable;
     uint64_t first_block = 1 + ntable, l1_cluster = first_block + nblocks, area = l1_cluster + l1_clusters;
@@ -340,12 +339,12 @@ int img_create(const char *path, const struct create_opts *o, char *err, size_t 
         if (r < 0)
             return r;
     } else if (o->backing_file) {
-        return fail(-EINVAL, err, errlen, "raw images cannot have a backing file");
+        return tools_fail(-EINVAL, err, errlen, "raw images cannot have a backing file");
     }
     if (!o->size_set && !o->backing_file)
-        return fail(-EINVAL, err, errlen, "Image creation needs a size parameter");
+        return tools_fail(-EINVAL, err, errlen, "Image creation needs a size parameter");
     if (size > (1ull << 63) - 512)
-        return fail(-EFBIG, err, errlen, "Image size must be less than 8 EiB");
+        return tools_fail(-EFBIG, err, errlen, "Image size must be less than 8 EiB");
     size = (size + 511) & ~511ull;   /* QEMU rounds the size up to whole sectors */
 
     /* An existing image is overwritten, as qemu-img does, but never one that
@@ -355,31 +354,31 @@ int img_create(const char *path, const struct create_opts *o, char *err, size_t 
     struct stat st;
     bool existed = stat(path, &st) == 0;
     if (existed && !S_ISREG(st.st_mode))
-        return fail(-EINVAL, err, errlen, "%s exists and is not a regular file", path);
+        return tools_fail(-EINVAL, err, errlen, "%s exists and is not a regular file", path);
     if (existed) {
         lock_fd = image_lock(path, true, msg, sizeof(msg));
         if (lock_fd == -EBUSY)
-            return fail(-EBUSY, err, errlen, "%s", msg);
+            return tools_fail(-EBUSY, err, errlen, "%s", msg);
     }
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         r = -errno;
         if (lock_fd >= 0)
             close(lock_fd);
-        return fail(r, err, errlen, "cannot create %s: %s", path, strerror(-r));
+        return tools_fail(r, err, errlen, "cannot create %s: %s", path, strerror(-r));
     }
     close(fd);
     struct file f;
     r = file_open(&f, path, true, FILE_CACHE_BUFFERED, msg, sizeof(msg));
     if (r < 0) {
-        fail(r, err, errlen, "%s", msg);
+        tools_fail(r, err, errlen, "%s", msg);
     } else {
         r = o->format == IMG_FMT_RAW ? create_raw(&f, o, size, err, errlen)
                                      : create_qcow2(&f, o, size, err, errlen);
         if (r == 0)
             r = file_sync(&f);
         if (r < 0 && !err[0])
-            fail(r, err, errlen, "writing %s failed: %s", path, strerror(-r));
+            tools_fail(r, err, errlen, "writing %s failed: %s", path, strerror(-r));
         file_close(&f);
     }
     if (r < 0 && !existed)

@@ -133,4 +133,8 @@ void convert_opts_init(struct convert_opts *o);
  * another format (without -n and an explicit -O). */
 int img_convert(const struct convert_opts *o, char *err, size_t errlen);
 
+/* Write the one-line reason into err (printf-style) and return ret: the
+ * tools' way to fail with a message. */
+int tools_fail(int ret, char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
 #endif

@@ -305,6 +305,19 @@ int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id)
     return ctrl_cmd(c, &r);
 }
 
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, uint32_t dev_id)
+{
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_TRY_STOP_DEV, .dev_id = dev_id };
+    return ctrl_cmd(c, &r);
+}
+
+int ublk_ctrl_del_dev_nowait(struct ublk_ctrl *c, uint32_t dev_id)
+{
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_DEL_DEV_ASYNC, .dev_id = dev_id };
+    int ret = c->legacy ? -EOPNOTSUPP : ctrl_cmd(c, &r);
+    return ret == -EOPNOTSUPP || ret == -EINVAL ? ublk_ctrl_del_dev(c, dev_id) : ret;
+}
+
 int ublk_ctrl_start_user_recovery(struct ublk_ctrl *c, uint32_t dev_id)
 {
     struct ctrl_req r = {
@@ -330,6 +343,43 @@ int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors
     return ctrl_cmd(c, &r);
 }
 
+int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout_ms)
+{
+    /* Only in ioctl form, like UPDATE_SIZE. */
+    struct ctrl_req r = { .ioctl_op = UBLK_U_CMD_QUIESCE_DEV, .dev_id = dev_id, .data0 = timeout_ms };
+    return ctrl_cmd(c, &r);
+}
+
+const char *ublk_feature_name(unsigned bit)
+{
+    /* UBLK_F_* bit names, from include/uapi/linux/ublk_cmd.h (bits 14-19: Linux 7.x). */
+    static const char *const names[] = {
+        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
+        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
+        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
+        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
+        "shmem_zc",
+    };
+    return bit < sizeof(names) / sizeof(names[0]) ? names[bit] : NULL;
+}
+
+void ublk_put_feature_names(FILE *out, uint64_t flags)
+{
+    const char *sep = "";
+    fprintf(out, "[");
+    for (unsigned i = 0; i < 64; i++) {
+        if (!(flags & (1ULL << i)))
+            continue;
+        const char *name = ublk_feature_name(i);
+        if (name)
+            fprintf(out, "%s\"%s\"", sep, name);
+        else
+            fprintf(out, "%s\"bit%u\"", sep, i);
+        sep = ", ";
+    }
+    fprintf(out, "]");
+}
+
 const char *ublk_state_name(unsigned state)
 {
     switch (state) {
@@ -339,27 +389,4 @@ const char *ublk_state_name(unsigned state)
     case UBLK_S_DEV_FAIL_IO: return "FAIL_IO";
     default: return "?";
     }
-}
-
-void ublk_put_feature_names(FILE *f, uint64_t flags)
-{
-    static const char *const names[] = {
-        "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
-        "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
-        "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
-        "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
-        "shmem_zc",
-    };
-    const char *sep = "";
-    fprintf(f, "[");
-    for (unsigned i = 0; i < 64; i++) {
-        if (!(flags & (1ULL << i)))
-            continue;
-        if (i < sizeof(names) / sizeof(names[0]))
-            fprintf(f, "%s\"%s\"", sep, names[i]);
-        else
-            fprintf(f, "%s\"bit%u\"", sep, i);
-        sep = ", ";
-    }
-    fprintf(f, "]");
 }

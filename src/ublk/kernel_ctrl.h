@@ -53,6 +53,13 @@ int ublk_ctrl_get_params(struct ublk_ctrl *c, uint32_t dev_id, struct ublk_param
 int ublk_ctrl_start_dev(struct ublk_ctrl *c, uint32_t dev_id, pid_t daemon_pid);
 /* Removes /dev/ublkbN and aborts the queues' pending fetches. */
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
+/* TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV): STOP_DEV, or -EBUSY if the block
+ * device or a partition is open (mounted, a dm/md holder, a process);
+ * the check and the stop are one step in the kernel. */
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, uint32_t dev_id);
+/* DEL_DEV_ASYNC (6.9+) where the kernel has it, else DEL_DEV: the device
+ * goes once its last user (a forced-away mount) lets go, without waiting. */
+int ublk_ctrl_del_dev_nowait(struct ublk_ctrl *c, uint32_t dev_id);
 
 /* Crash recovery (UBLK_F_USER_RECOVERY*): a new daemon takes over a
  * quiesced device. */
@@ -63,15 +70,26 @@ int ublk_ctrl_end_user_recovery(struct ublk_ctrl *c, uint32_t dev_id, pid_t daem
  * size in 512-byte sectors. */
 int ublk_ctrl_update_size(struct ublk_ctrl *c, uint32_t dev_id, uint64_t sectors);
 
+/* QUIESCE_DEV (UBLK_F_QUIESCE, Linux 6.16+; the device must have been
+ * added with it, which needs USER_RECOVERY): the kernel stops handing
+ * requests to the daemon (new ones wait, requeued), waits up to timeout_ms
+ * (0: forever) until every queue has an idle tag, then completes the idle
+ * tags' fetches with UBLK_IO_RES_ABORT.  Requests the daemon holds stay its
+ * own to finish; the device turns QUIESCED once the daemon has exited. */
+int ublk_ctrl_quiesce_dev(struct ublk_ctrl *c, uint32_t dev_id, uint32_t timeout_ms);
+
 /* "DEAD", "LIVE", "QUIESCED", "FAIL_IO" or "?". */
 const char *ublk_state_name(unsigned state);
+/* UBLK_F_* names (lower case, without the prefix) as a JSON array: the
+ * features a device was granted (its flags), or the kernel's (GET_FEATURES). */
+void ublk_put_feature_names(FILE *out, uint64_t flags);
+/* The name of UBLK_F_* bit `bit` (lower case, no prefix), or NULL if unknown. */
+const char *ublk_feature_name(unsigned bit);
 
 /* The device serves requests with zero copy (see ublk/queue.h). */
 static inline bool ublk_uses_zero_copy(uint64_t flags)
 {
     return (flags & UBLK_F_AUTO_BUF_REG) && (flags & UBLK_F_USER_COPY);
 }
-/* UBLK_F_* names (lower case, without the prefix) as a JSON array. */
-void ublk_put_feature_names(FILE *f, uint64_t flags);
 
 #endif

@@ -84,6 +84,7 @@ struct ublk_queues {
     struct engine_call ctl_quit;
     bool ctl_closed;            /* under lock: no call is taken any more */
     bool gate_closed;
+    bool gate_sealed;           /* handed over: the gate never opens again */
     unsigned active;
     struct co_queue gate, drained;
     /* Start-up handshake: the thread makes its loop, then waits for go. */
@@ -284,12 +285,19 @@ static void engine_control(void *arg)
                 }
                 return;
             }
+            if (qs->gate_sealed) {
+                /* Handed over: the image is the next daemon's now. */
+                call_finish(c, -ESHUTDOWN);
+                continue;
+            }
             qs->gate_closed = true;
             while (qs->active)
                 co_queue_wait(&qs->drained);
             int r = c->fn(c->arg);
-            qs->gate_closed = false;
-            co_queue_wake_all(&qs->gate);
+            if (!qs->gate_sealed) {
+                qs->gate_closed = false;
+                co_queue_wake_all(&qs->gate);
+            }
             call_finish(c, r);
         }
     }
@@ -310,6 +318,36 @@ int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *ar
     pthread_mutex_unlock(&qs->lock);
     pthread_cond_destroy(&c.cond);
     return r < 0 ? r : c.result;
+}
+
+static void prep_nop(struct io_uring_sqe *sqe, void *arg)
+{
+    (void)arg;
+    io_uring_prep_nop(sqe);
+}
+
+/* Run by engine_control with the gate closed and the engine drained. */
+static int hand_over(void *arg)
+{
+    struct ublk_queues *qs = arg;
+    /* Flush first: once sealed there is no way back to serving, and a
+     * failed flush must leave a daemon that still has the acknowledged
+     * writes (its metadata cache) serving the device. */
+    int r = img_flush(qs->cfg.img);
+    if (r < 0)
+        return r;
+    qs->gate_sealed = true;
+    /* The drained requests' COMMIT_AND_FETCH SQEs were queued before this
+     * NOP: once it completes they were all submitted, and the kernel
+     * completes a request as it takes its commit.  None is left
+     * executed-but-uncommitted, the one kind a reissue would repeat. */
+    io_submit_wait(prep_nop, NULL);
+    return 0;
+}
+
+int ublk_queues_hand_over(struct ublk_queues *qs)
+{
+    return ublk_queues_exclusive(qs, hand_over, qs);
 }
 
 /* The engine thread is ending: calls still in the inbox get -ESHUTDOWN, and

@@ -77,6 +77,18 @@ void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st);
  * are stopping. */
 int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *arg);
 
+/* Restart: prepare to hand the device over to a new daemon (any other
+ * thread; blocks the caller).  On the engine thread, the gate closes for
+ * good (requests fetched from now on are held, never executed, so the
+ * kernel may reissue them to the next daemon), the requests inside the
+ * engine finish, the image is flushed (every acknowledged write durable)
+ * and their commits reach the kernel.  Afterwards the engine serves
+ * nothing; only the end of the process (closing the rings) releases the
+ * tags it still has in the kernel, so ublk_queues_stop must not be called.
+ * Returns 0; or the flush's -errno, with the gate open again and serving
+ * as before; or -ESHUTDOWN once the queues are stopping. */
+int ublk_queues_hand_over(struct ublk_queues *qs);
+
 /* Device parameters for an image: 512-byte logical and 4 KiB physical
  * blocks, volatile cache + FUA, discard and write-zeroes unless read-only. */
 void ublk_params_for_image(struct ublk_params *p, const struct image *img,

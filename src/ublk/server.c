@@ -4,6 +4,7 @@
 #include "ublk/server.h"
 #include "io/imagelock.h"
 #include "ublk/ctl_socket.h"
+#include "ublk/inuse.h"
 #include "ublk/kernel_ctrl.h"
 #include "ublk/queue.h"
 
@@ -12,11 +13,13 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
@@ -109,8 +112,12 @@ struct served {
     struct ublk_queues *qs;
     struct ublk_ctrl *ctrl;
     bool read_only;
-    uint64_t flags;             /* the device's UBLK_F_* */
+    uint64_t dev_flags;         /* UBLK_F_* the device was given */
     struct timespec started;
+    /* restart: set (before anything irreversible) while this daemon hands
+     * the device over; handed_fd wakes the main thread once it has. */
+    atomic_bool *handing_over;
+    int handed_fd;
 };
 
 /* "stats": the counters as one JSON object (see ublk-qcow2 stats). */
@@ -133,13 +140,12 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
     fprintf(f, ", \"format\": ");
     json_put_string(f, img_format_name(sv->img));
     /* Which path serves the device: the ublk features it was granted. */
-    fprintf(f, ", \"zero_copy\": %s, \"features\": ", ublk_uses_zero_copy(sv->flags) ? "true" : "false");
-    ublk_put_feature_names(f, sv->flags);
+    fprintf(f, ", \"zero_copy\": %s", ublk_uses_zero_copy(sv->dev_flags) ? "true" : "false");
     fprintf(f, ", \"uptime_s\": %.3f, \"reads\": %llu, \"writes\": %llu, \"read_bytes\": %llu, "
                "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
                "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
                "\"clusters_allocated\": %llu, \"zcache_hits\": %llu, \"zcache_misses\": %llu, "
-               "\"clusters_decompressed\": %llu}",
+               "\"clusters_decompressed\": %llu",
             up, (unsigned long long)io.reads, (unsigned long long)io.writes,
             (unsigned long long)io.read_bytes, (unsigned long long)io.write_bytes,
             (unsigned long long)io.flushes, (unsigned long long)io.discards,
@@ -148,6 +154,10 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
             (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated,
             (unsigned long long)is.zcache_hits, (unsigned long long)is.zcache_misses,
             (unsigned long long)is.clusters_decompressed);
+    /* The ublk features the device uses (granted at ADD_DEV). */
+    fprintf(f, ", \"features\": ");
+    ublk_put_feature_names(f, sv->dev_flags);
+    fprintf(f, "}");
     bool ok = !ferror(f) && ftell(f) < (long)len - 1;
     fclose(f);
     if (!ok)
@@ -278,6 +288,67 @@ static void answer_resize(struct served *sv, const char *arg, char *reply, size_
     snprintf(reply, len, "{\"size\": %llu}", (unsigned long long)img_size(sv->img));
 }
 
+/* "restart": stop taking requests, finish those in flight, flush, and let
+ * the main thread exit without STOP_DEV/DEL_DEV, leaving the device to a
+ * new daemon (`ublk-qcow2 restart` starts it as `recover` does).  The
+ * reply comes once the image is flushed and the exit is under way. */
+static void answer_restart(struct served *sv, char *reply, size_t len)
+{
+    char msg[600];
+    if (!(sv->dev_flags & UBLK_F_USER_RECOVERY)) {
+        snprintf(msg, sizeof(msg), "ublk device %u was not added with --recovery: without a daemon it "
+                 "would be removed, not kept for the next one; to restart it live, 'ublk-qcow2 del -n %u' "
+                 "and add it again with 'ublk-qcow2 add --recovery'; nothing was changed", sv->id, sv->id);
+        reply_error(reply, len, msg);
+        return;
+    }
+    if (sv->handed_fd < 0) {
+        reply_error(reply, len, "this daemon cannot hand over (no eventfd); nothing was changed");
+        return;
+    }
+    /* Set first: on the QUIESCE path every tag may be aborted and the
+     * engine end on its own, which must not read as a STOP_DEV (delete). */
+    if (atomic_exchange(sv->handing_over, true)) {
+        reply_error(reply, len, "a restart of this device is already under way");
+        return;
+    }
+    bool quiesced = false;
+    if (sv->dev_flags & UBLK_F_QUIESCE) {
+        /* The kernel stops handing us requests (new ones wait in its
+         * requeue list for the next daemon) and aborts our idle fetches,
+         * while the engine, its gate still open, finishes what it has:
+         * QUIESCE_DEV waits for an idle tag per queue, which a closed
+         * gate could withhold. */
+        int r = ublk_ctrl_quiesce_dev(sv->ctrl, sv->id, 30000);
+        if (r < 0)
+            uq_warn("QUIESCE_DEV failed (%s); handing over without it", strerror(-r));
+        quiesced = r >= 0;
+    }
+    /* Gate before drain before flush: whatever the kernel still hands us is
+     * held unexecuted (reissued to the next daemon: USER_RECOVERY_REISSUE),
+     * what was executing completes and is committed, then the flush makes
+     * every acknowledged write durable before we let go of the image. */
+    int r = ublk_queues_hand_over(sv->qs);
+    if (r == -ESHUTDOWN && quiesced) {
+        r = 0;      /* every tag aborted after its last commit: drained; img_close flushes */
+    } else if (r < 0 && !quiesced) {
+        atomic_store(sv->handing_over, false);
+        snprintf(msg, sizeof(msg), "%s; the daemon keeps serving ublk device %u",
+                 r == -ESHUTDOWN ? "the device is being stopped" : strerror(-r), sv->id);
+        reply_error(reply, len, msg);
+        return;
+    } else if (r < 0) {
+        /* Quiesced: no more requests can come to us, so the next daemon
+         * must take over anyway; img_close tries the flush again. */
+        uq_error("flush before the hand-over failed: %s", strerror(-r));
+    }
+    uq_info("handing ublk device %u over to a new daemon%s", sv->id, quiesced ? " (quiesced by the kernel)" : "");
+    uint64_t one = 1;
+    if (write(sv->handed_fd, &one, sizeof(one)) < 0)
+        uq_error("cannot wake the main thread: %s", strerror(errno));
+    snprintf(reply, len, "{\"pid\": %d, \"quiesce\": %s}", (int)getpid(), quiesced ? "true" : "false");
+}
+
 /* Runs on a control client's thread (several may run at once): stats only
  * reads counters; the operations that change the device take turns. */
 static void answer(void *arg, const char *request, char *reply, size_t len)
@@ -292,6 +363,8 @@ static void answer(void *arg, const char *request, char *reply, size_t len)
         answer_snapshot(arg, request + 16, reply, len);
     else if (!strncmp(request, "resize ", 7))
         answer_resize(arg, request + 7, reply, len);
+    else if (!strcmp(request, "restart"))
+        answer_restart(arg, reply, len);
     else
         snprintf(reply, len, "{\"error\": \"unknown request\"}");
     pthread_mutex_unlock(&one_operation);
@@ -349,16 +422,25 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
         info->flags |= UBLK_F_UNPRIVILEGED_DEV;
     }
     /* REISSUE: requests in flight when a daemon dies go to the next one
-     * (a repeated block write is harmless) rather than failing. */
-    if (o->recovery)
+     * (a repeated block write is harmless) rather than failing.  `restart`
+     * needs it too: without it the kernel fails, with EIO, the requests the
+     * old daemon held at its closed gate (never executed, so reissuing them
+     * is always safe).  QUIESCE (6.16+, only with USER_RECOVERY) lets
+     * `restart` ask the kernel to stop handing requests to the old daemon. */
+    if (o->recovery) {
+        uint64_t features = 0;
+        ublk_ctrl_features(ctrl, &features);
         info->flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+        if (features & UBLK_F_QUIESCE)
+            info->flags |= UBLK_F_QUIESCE;
+    }
     /* Zero copy where the kernel has it (6.16+): automatic registration of
      * each request's pages, and user copy for the requests that need
      * their bytes.  Neither is open to unprivileged devices, and the
      * ring's buffer table has at most 16384 slots (one per tag). */
-    uint64_t features = 0, zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
-    bool want_zc = o->zero_copy && !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &features) &&
-                   (features & zc) == zc && o->nr_queues * o->depth <= 16384;
+    uint64_t zc_features = 0, zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+    bool want_zc = o->zero_copy && !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &zc_features) &&
+                   (zc_features & zc) == zc && o->nr_queues * o->depth <= 16384;
     if (want_zc)
         info->flags |= zc;
     struct ublksrv_ctrl_dev_info asked = *info;
@@ -467,6 +549,13 @@ struct daemon {
     struct ublk_queues *qs;
     int sig_fd;
     bool stopping;
+    bool stop_pending;          /* asked to stop by a signal while in use */
+    /* restart: handing the device over (set by the control socket's
+     * thread), and whether the engine could not be joined (parked on tags
+     * only the end of the process releases). */
+    atomic_bool handing_over;
+    bool abandoned;
+    int handed_fd;
     uint64_t served;            /* requests, once the queues ended */
     bool served_known;
 };
@@ -650,6 +739,29 @@ static void announce(struct daemon *d)
     }
 }
 
+/* A signal asks for a stop as `del` does: never while the device is in use
+ * (mounted, held, open), which would cut a file system off.  In use, it
+ * says by what and keeps serving; the stop is tried again every second,
+ * so it happens once the users let go (systemd's stop waits for that).
+ * `del --force` is the way to stop it regardless. */
+static void stop_when_unused(struct daemon *d, int signo)
+{
+    char why[2048];
+    int r = ublk_stop_if_unused(d->ctrl, d->dev_id, d->info.flags, why, sizeof(why));
+    d->stop_pending = r == -EBUSY;
+    if (r < 0 && r != -EBUSY && r != -ENODEV)
+        uq_error("ublk device %u: STOP_DEV failed: %s", d->dev_id, strerror(-r));
+    if (r != -EBUSY || !signo)
+        return;
+    /* One line for the journal. */
+    for (char *p = why; *p; p++)
+        if (*p == '\n')
+            *p = p[1] ? ';' : '\0';
+    uq_error("ublk device %u: signal %d: not stopping /dev/ublkb%u while it is in use; it keeps "
+             "serving and stops once released (or now, cutting its users off: ublk-qcow2 del -n %u "
+             "--force):%s", d->dev_id, signo, d->dev_id, d->dev_id, why);
+}
+
 /* Serve until the queues end: STOP_DEV from `del`, or from us on a signal.
  * Meanwhile answer `ublk-qcow2 stats` (and later requests) on the control
  * socket.  Returns the exit code. */
@@ -657,42 +769,56 @@ static int serve_until_stopped(struct daemon *d)
 {
     char err[512];
     struct served sv = { .id = d->dev_id, .o = d->o, .img = d->img, .qs = d->qs, .ctrl = d->ctrl,
-                         .read_only = d->read_only, .flags = d->info.flags };
+                         .read_only = d->read_only, .dev_flags = d->info.flags,
+                         .handing_over = &d->handing_over, .handed_fd = d->handed_fd };
     clock_gettime(CLOCK_MONOTONIC, &sv.started);
     struct ctl_server *ctl = ctl_server_start(d->dev_id, answer, &sv, err, sizeof(err));
     if (!ctl)
         uq_warn("ublk device %u: %s (no statistics)", d->dev_id, err);
 
-    struct pollfd pf[3] = {
+    struct pollfd pf[4] = {
         { .fd = d->sig_fd, .events = POLLIN },
         { .fd = ublk_queues_done_fd(d->qs), .events = POLLIN },
         { .fd = ctl_server_fd(ctl), .events = POLLIN },
+        { .fd = d->handed_fd, .events = POLLIN },
     };
     for (;;) {
-        if (poll(pf, 3, -1) < 0) {
+        int pr = poll(pf, 4, d->stop_pending ? 1000 : -1);
+        if (pr < 0) {
             if (errno == EINTR)
                 continue;
             uq_error("poll: %s", strerror(errno));
             break;
         }
+        if (pr == 0 && d->stop_pending)
+            stop_when_unused(d, 0);
         if (pf[1].revents)
             break;
+        if (pf[3].revents) {
+            /* Handed over: the engine holds its tags until we exit. */
+            d->abandoned = true;
+            break;
+        }
         if (pf[2].revents)
             ctl_server_accept(ctl);
         if (pf[0].revents) {
             struct signalfd_siginfo si;
-            if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && !d->stopping) {
-                uq_error("ublk device %u: signal %u, stopping", d->dev_id, si.ssi_signo);
+            if (read(d->sig_fd, &si, sizeof(si)) == sizeof(si) && (!d->stopping || d->stop_pending)) {
+                if (!d->stopping)
+                    uq_error("ublk device %u: signal %u, stopping", d->dev_id, si.ssi_signo);
                 d->stopping = true;
-                int r = ublk_ctrl_stop_dev(d->ctrl, d->dev_id);
-                if (r < 0)
-                    uq_error("ublk device %u: STOP_DEV failed: %s", d->dev_id, strerror(-r));
+                stop_when_unused(d, (int)si.ssi_signo);
             }
         }
     }
+    /* Waits for the restart client's thread, which has answered by now. */
     ctl_server_stop(ctl);
     d->served = ublk_queues_served(d->qs);
     d->served_known = true;
+    if (d->abandoned) {
+        d->qs = NULL;   /* never joined: the process exit ends the thread */
+        return 0;
+    }
     int r = ublk_queues_stop(d->qs);
     d->qs = NULL;
     if (r < 0)
@@ -715,25 +841,31 @@ static int shut_down(struct daemon *d, int rc)
             uq_error("%s: flush at close failed: %s", d->o->image, strerror(-r));
             rc = 1;
         } else if (d->served_known) {
-            uq_info("stopped after %llu requests; image flushed and closed", (unsigned long long)d->served);
+            uq_info("%s after %llu requests; image flushed and closed",
+                    atomic_load(&d->handing_over) ? "handed over" : "stopped", (unsigned long long)d->served);
         }
     }
     if (d->lock_fd >= 0)
         close(d->lock_fd);
-    if (d->added) {
-        /* The char device is closed by now, so DEL_DEV does not wait. */
-        int r = ublk_ctrl_del_dev(d->ctrl, d->dev_id);
+    /* Handed over: the device, QUIESCED once we are gone, and its state
+     * file are the next daemon's. */
+    if (d->added && !atomic_load(&d->handing_over)) {
+        /* The char device is closed by now; a file system that `del --force`
+         * cut off may still hold the disk: the kernel deletes it then. */
+        int r = ublk_ctrl_del_dev_nowait(d->ctrl, d->dev_id);
         if (r < 0 && r != -ENODEV)
             uq_error("cannot delete ublk device %u: %s", d->dev_id, strerror(-r));
         ublk_state_remove(d->dev_id);
     }
     ublk_ctrl_close(d->ctrl);
+    if (d->handed_fd >= 0)
+        close(d->handed_fd);
     return rc;
 }
 
 int ublk_server_run(const struct ublk_server_opts *o)
 {
-    struct daemon d = { .o = o, .lock_fd = -1, .sig_fd = -1 };
+    struct daemon d = { .o = o, .lock_fd = -1, .sig_fd = -1, .handed_fd = -1 };
     if (open_image(&d) < 0)
         return shut_down(&d, 1);
     if (ublk_ctrl_open(&d.ctrl) < 0)
@@ -745,7 +877,20 @@ int ublk_server_run(const struct ublk_server_opts *o)
     if (d.sig_fd < 0 || start_device(&d) < 0)
         return shut_down(&d, 1);
     announce(&d);
-    return shut_down(&d, serve_until_stopped(&d));
+    d.handed_fd = eventfd(0, EFD_CLOEXEC);
+    if (d.handed_fd < 0)
+        uq_warn("eventfd: %s (restart unavailable)", strerror(errno));
+    int rc = shut_down(&d, serve_until_stopped(&d));
+    if (d.abandoned) {
+        /* The image is closed; the engine thread is parked on fetches that
+         * only closing its ring releases, and no exit handler may wait for
+         * it or free what it uses: leave now.  The kernel then cancels our
+         * fetches, requeues the held requests and marks the device
+         * QUIESCED for the new daemon. */
+        fflush(NULL);
+        _exit(rc);
+    }
+    return rc;
 }
 
 /* ---- state files --------------------------------------------------------------- */

@@ -14,6 +14,7 @@
 #define UQ_UBLK_CMD_DEL_DEV_ASYNC 0x14
 #define UQ_UBLK_CMD_UPDATE_SIZE 0x15
 #define UQ_UBLK_CMD_QUIESCE_DEV 0x16
+#define UQ_UBLK_CMD_TRY_STOP_DEV 0x17
 
 /* Ioctl-encoded control opcodes (kernel >= 6.4): type 'u', nr = legacy op. */
 #ifndef UBLK_U_CMD_GET_QUEUE_AFFINITY
@@ -40,6 +41,12 @@
 #endif
 #ifndef UBLK_U_CMD_QUIESCE_DEV
 #define UBLK_U_CMD_QUIESCE_DEV _IOWR('u', UQ_UBLK_CMD_QUIESCE_DEV, struct ublksrv_ctrl_cmd)
+#endif
+
+/* STOP_DEV unless the block device is open (-EBUSY then); Linux 7.0+,
+ * every device there has UBLK_F_SAFE_STOP_DEV. */
+#ifndef UBLK_U_CMD_TRY_STOP_DEV
+#define UBLK_U_CMD_TRY_STOP_DEV _IOWR('u', UQ_UBLK_CMD_TRY_STOP_DEV, struct ublksrv_ctrl_cmd)
 #endif
 
 /* GET_FEATURES writes this many bytes. */
@@ -124,6 +131,10 @@ static inline unsigned long long ublk_user_copy_pos(unsigned qid, unsigned tag, 
     return UBLKSRV_IO_BUF_OFFSET + ((unsigned long long)qid << UBLK_QID_OFF) +
            ((unsigned long long)tag << UBLK_TAG_OFF) + off;
 }
+
+#ifndef UBLK_F_SAFE_STOP_DEV
+#define UBLK_F_SAFE_STOP_DEV (1ULL << 17)           /* 7.0 */
+#endif
 
 #ifndef UBLK_S_DEV_FAIL_IO
 #define UBLK_S_DEV_FAIL_IO 3

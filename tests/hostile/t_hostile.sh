@@ -42,13 +42,10 @@ qemu-img create -q -f qcow2 "$D/valid.qcow2" 16M &&
     "$PYTHON" "$HERE/mkbad.py" absurd "$D/dirty.qcow2" "$D/dirtysnap.qcow2" "$D" >/dev/null ||
     { notok "hostile/setup" "mkbad.py failed"; exit 1; }
 
-# QEMU-made variants.  (LUKS key setup times the CPU and can fail on a loaded machine: retry.)
-for _ in 1 2 3; do
-    qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
-        -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 "$D/luks_qemu_made.qcow2" 16M &&
-        break
+# QEMU-made variants.
+"$LIB_DIR/qemu-img-luks" create -q -f qcow2 --object secret,id=sec0,data=123456 \
+    -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 "$D/luks_qemu_made.qcow2" 16M ||
     rm -f "$D/luks_qemu_made.qcow2"
-done
 cp "$D/backed.qcow2" "$D/missing_backing_file.qcow2"   # backing name "base.qcow2" is not in $D/x
 mkdir -p "$D/x" && mv "$D/missing_backing_file.qcow2" "$D/x/"
 cp "$D/valid.qcow2" "$D/corrupt_bit.qcow2"

@@ -22,16 +22,11 @@ printf %s "$PASS" >"$UQ_TMP/key"
 img_opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=sec0${LUKS_BACKING:+,backing.encrypt.key-secret=sec0}"; }
 
 # luks_create PATH SIZE [OPTS]: a LUKS image (iter-time 10 ms: opening stays cheap), prefilled.
-# PBKDF2 timing can fail on a loaded machine: retried.
 luks_create() {
-    local path=$1 size=$2 opts=${3:-} i
-    for i in 1 2 3; do
-        qemu-img create -q -f qcow2 "${SECRET[@]}" \
-            -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10${opts:+,$opts}" "$path" "$size" \
-            >&2 && break
-        rm -f "$path"
-    done
-    [[ -f $path ]] || return 1
+    local path=$1 size=$2 opts=${3:-}
+    "$LIB_DIR/qemu-img-luks" create -q -f qcow2 "${SECRET[@]}" \
+        -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10${opts:+,$opts}" "$path" "$size" \
+        >&2 || return 1
     local args=() c
     for c in "${PREFILL[@]}"; do args+=(-c "$c"); done
     qemu-io "${SECRET[@]}" --image-opts "$(img_opts "$path")" "${args[@]}" >/dev/null
@@ -45,12 +40,9 @@ case_luks() {
         # An encrypted overlay (its own master key) over an encrypted, prefilled base: COW
         # decrypts the base's data and encrypts it again for the overlay.
         LUKS_BACKING= luks_create "$dir/base.qcow2" 16M "$opts" || { fail "could not make the base"; return; }
-        for i in 1 2 3; do
-            qemu-img create -q -f qcow2 -u -b base.qcow2 -F qcow2 "${SECRET[@]}" \
-                -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10${opts:+,$opts}" "$ours" 16M \
-                >&2 && break
-        done
-        [[ -f $ours ]] || { fail "could not make the overlay"; return; }
+        "$LIB_DIR/qemu-img-luks" create -q -f qcow2 -u -b base.qcow2 -F qcow2 "${SECRET[@]}" \
+            -o "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10${opts:+,$opts}" "$ours" 16M \
+            >&2 || { fail "could not make the overlay"; return; }
         cp "$ours" "$ref"
     elif [[ -n ${LUKS_DATAFILE:-} ]]; then
         # Each with its own data file (absolute names: QEMU 7.2 would resolve relative ones
@@ -101,14 +93,9 @@ run_case "luks overlay over a luks backing file (COW re-encrypts)" case_luks_bac
 # reads our writes back.
 luks_defaults() {
     local img=$UQ_TMP/defaults.qcow2 label="interop/luks with qemu-img's default parameters"
-    # qemu-img times PBKDF2 by the thread's CPU usage and now and then gives up ("Unable to get
-    # accurate CPU usage") on a busy machine: a QEMU-side failure, tried again.
-    local try
-    for try in 1 2 3; do
-        timeout -k 5 120 qemu-img create -q -f qcow2 "${SECRET[@]}" -o encrypt.format=luks,encrypt.key-secret=sec0 \
-            "$img" 16M >&2 && break
-        [ $try = 3 ] && { notok "$label" "qemu-img create failed"; return; }
-    done
+    timeout -k 5 300 "$LIB_DIR/qemu-img-luks" create -q -f qcow2 "${SECRET[@]}" \
+        -o encrypt.format=luks,encrypt.key-secret=sec0 "$img" 16M >&2 ||
+        { notok "$label" "qemu-img create failed"; return; }
     NBD_START_TIMEOUT=180 start_nbd "$img" --key-file "$UQ_TMP/key" || { notok "$label" "server did not start"; return; }
     qio_cmds raw "$(nbd_uri)" -- "read -P 0 0 1M" "write -P 0x5b 0 64k" "write -P 0x6c 1M 8k" "write -P 0x7d 8M 4M" ||
         notok "$label" "qemu-io through NBD failed"
@@ -134,7 +121,7 @@ refused "a key file with a trailing newline is another passphrase" "wrong passph
     "$D/disk.qcow2" --key-file "$UQ_TMP/nlkey"
 refused "no passphrase given" "encrypted.*--key-file" "$D/disk.qcow2"
 refused "unset --key-env" "not set" "$D/disk.qcow2" --key-env UQ_NO_SUCH_VARIABLE
-if qemu-img create -q -f qcow2 "${SECRET[@]}" -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv "$D/cbc.qcow2" 16M >&2; then
+if "$LIB_DIR/qemu-img-luks" create -q -f qcow2 "${SECRET[@]}" -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv "$D/cbc.qcow2" 16M >&2; then
     refused "aes-cbc-essiv (not implemented)" "cbc-essiv.*not supported" "$D/cbc.qcow2" --key-file "$UQ_TMP/key"
 else
     skip "luks/refused: aes-cbc-essiv (not implemented)" "qemu-img could not make the image"

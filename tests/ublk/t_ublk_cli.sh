@@ -29,6 +29,7 @@ expect() {
 
 expect ublk_cli_add_help 0 "Usage: ublk-qcow2 add" "$UQ" add --help
 expect ublk_cli_del_help 0 "Usage: ublk-qcow2 del" "$UQ" del --help
+expect ublk_cli_del_help_force 0 "-f, --force  *stop it even if in use" "$UQ" del --help
 expect ublk_cli_list_help 0 "Usage: ublk-qcow2 list" "$UQ" list --help
 expect ublk_cli_recover_help 0 "Usage: ublk-qcow2 recover" "$UQ" recover --help
 expect ublk_cli_recover_needs_id 2 "-n ID is required" "$UQ" recover

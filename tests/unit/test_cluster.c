@@ -111,21 +111,6 @@ static void reset_shadow(bool backing)
         memcpy(shadow, base, GUEST);
 }
 
-static bool check_clean(const char *file)
-{
-    struct check_opts o = { 0 };
-    struct check_result res;
-    char err[256];
-    memset(&res, 0, sizeof(res));
-    int r = img_check(fx_path(file), IMG_FMT_QCOW2, &o, &res, err, sizeof(err));
-    if (r < 0 || res.corruptions || res.leaks) {
-        printf("#   check %s: r=%d corruptions=%llu leaks=%llu\n", file, r,
-               (unsigned long long)res.corruptions, (unsigned long long)res.leaks);
-        return false;
-    }
-    return true;
-}
-
 #define HOST(e) ((e) & L2E_OFFSET_MASK)
 
 /* ---- tests ----------------------------------------------------------------- */
@@ -194,7 +179,7 @@ static void test_first_write_allocates(void)
     CHECK_EQ(fx_l2e(q, 0, NULL), e);
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("fw.qcow2"));
+    CHECK(fx_check_clean("fw.qcow2"));
 }
 
 /* A partial write into an unallocated cluster over a backing file: the new
@@ -219,7 +204,7 @@ static void test_cow_partial_from_backing(void)
     CHECK(host_holds(q, HOST(e5), 5 * CS, 2 * CS));
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("cow.qcow2"));
+    CHECK(fx_check_clean("cow.qcow2"));
 }
 
 /* Zero clusters: on an unallocated cluster over a backing file the zero
@@ -256,7 +241,7 @@ static void test_zero_clusters(void)
     CHECK(host_holds(q, HOST(e0), 0, CS));
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("z.qcow2"));
+    CHECK(fx_check_clean("z.qcow2"));
 
     /* With discard=unmap, write-zeroes (may unmap) and discard let our
      * clusters go once the change is durable. */
@@ -277,7 +262,7 @@ static void test_zero_clusters(void)
     CHECK_EQ(fx_rc(q, h3), 0);
     CHECK(reads_shadow(img));
     CHECK_EQ(img_close(img), 0);
-    CHECK(check_clean("z.qcow2"));
+    CHECK(fx_check_clean("z.qcow2"));
 }
 
 /* A write into a cluster shared with a snapshot: the L2 table is copied,
@@ -318,7 +303,7 @@ static void test_write_to_snapshot_shared_cluster(void)
     CHECK_EQ(fx_rc(q, HOST(e1)), 2);
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("snap.qcow2"));
+    CHECK(fx_check_clean("snap.qcow2"));
 
     struct image *img = fx_open_opts("snap.qcow2", false, true, "s1");
     if (!img)
@@ -368,7 +353,7 @@ static void test_extl2_subclusters(void)
     CHECK(host_holds(q, HOST(e1) + 7 * SC, CS + 7 * SC, SC));
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("x.qcow2"));
+    CHECK(fx_check_clean("x.qcow2"));
 }
 
 /* Two requests write different parts of one unallocated cluster: the
@@ -418,7 +403,7 @@ static void test_second_writer_waits_for_allocation(void)
     CHECK(host_holds(cq, HOST(e), 5 * CS, CS));
     CHECK(reads_shadow(&cq->img));
     CHECK_EQ(img_close(&cq->img), 0);
-    CHECK(check_clean("w2.qcow2"));
+    CHECK(fx_check_clean("w2.qcow2"));
 }
 
 /* The data write of a new cluster fails: the entry is unchanged and the
@@ -444,7 +429,7 @@ static void test_failed_write_frees_new_cluster(void)
     CHECK_EQ(HOST(fx_l2e(q, 2 * CS, NULL)), next);
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("wf.qcow2"));
+    CHECK(fx_check_clean("wf.qcow2"));
 }
 
 int main(void)

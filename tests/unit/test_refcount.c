@@ -12,22 +12,6 @@
 
 static uint64_t cs;
 
-static bool check_clean(const char *file)
-{
-    struct check_opts o = { 0 };
-    struct check_result res;
-    char err[256];
-    memset(&res, 0, sizeof(res));
-    int r = img_check(fx_path(file), IMG_FMT_QCOW2, &o, &res, err, sizeof(err));
-    if (r < 0 || res.corruptions || res.leaks || res.check_errors) {
-        printf("#   check %s: r=%d corruptions=%llu leaks=%llu errors=%llu %s\n", file, r,
-               (unsigned long long)res.corruptions, (unsigned long long)res.leaks,
-               (unsigned long long)res.check_errors, r < 0 ? err : "");
-        return false;
-    }
-    return true;
-}
-
 static uint64_t alloc1(struct qcow2 *q)
 {
     uint64_t off = 0, got = 0;
@@ -68,7 +52,7 @@ static void test_rc_fresh_image(void)
     /* Past the refcount table's reach everything reads as free. */
     CHECK_EQ(fx_rc(q, q->reftable_entries * q->h.refcount_block_entries * cs), 0);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("fresh.qcow2"));
+    CHECK(fx_check_clean("fresh.qcow2"));
 }
 
 /* First fit from free_hint; runs are contiguous inside one refcount
@@ -115,7 +99,7 @@ static void test_alloc_clusters_and_free_hint(void)
     give_back(q, ff + 5 * cs, 3);
     CHECK_EQ(q->free_hint, ff / cs);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("alloc.qcow2"));
+    CHECK(fx_check_clean("alloc.qcow2"));
 }
 
 /* Every refcount width: values up to the maximum, neighbours untouched,
@@ -176,7 +160,7 @@ static void one_width(uint32_t bits)
     CHECK_EQ(fx_rc(q, a), 0);
     CHECK(q->free_hint <= ca);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean(file));
+    CHECK(fx_check_clean(file));
 }
 
 static void test_refcount_widths(void)
@@ -211,7 +195,7 @@ static void test_refcount_below_zero_marks_broken(void)
     CHECK_EQ(qcow2_rc_update(q, q->h.l1_table_offset / cs, -1), -EIO);
     CHECK_EQ(fx_rc(q, q->h.l1_table_offset), 1);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("neg.qcow2"));
+    CHECK(fx_check_clean("neg.qcow2"));
 }
 
 /* ---- deferred frees ---- */
@@ -237,7 +221,7 @@ static void test_defer_free_after_flush(void)
     CHECK_EQ(alloc1(q), x);                     /* reused */
     give_back(q, x, 1);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("df.qcow2"));
+    CHECK(fx_check_clean("df.qcow2"));
 }
 
 /* The request tick rule: a durable free waits for every request that
@@ -272,7 +256,7 @@ static void test_defer_free_waits_for_older_requests(void)
     CHECK_EQ(fx_rc(q, y), 0);
     CHECK(q->frees_ready == NULL);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("tick.qcow2"));
+    CHECK(fx_check_clean("tick.qcow2"));
 }
 
 /* A flush that fails keeps the frees pending: the unreferencing change may
@@ -299,7 +283,7 @@ static void test_defer_free_kept_when_flush_fails(void)
     CHECK_EQ(fx_rc(q, x), 0);
     give_back(q, x + cs, 1);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("dff.qcow2"));
+    CHECK(fx_check_clean("dff.qcow2"));
 }
 
 /* A cluster whose cached slice is still pinned keeps its last reference
@@ -328,7 +312,7 @@ static void test_defer_free_of_pinned_slice_retried(void)
     CHECK(q->frees_ready == NULL);
     give_back(q, y, 1);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("busy.qcow2"));
+    CHECK(fx_check_clean("busy.qcow2"));
 }
 
 /* A discard's free punches a cluster whose last reference goes, before
@@ -353,7 +337,7 @@ static void test_defer_free_punch(void)
     fx_rules_clear();
     give_back(q, y, 1);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("punch.qcow2"));
+    CHECK(fx_check_clean("punch.qcow2"));
 }
 
 /* ---- growth ---- */
@@ -414,7 +398,7 @@ static void test_refblock_growth(void)
     CHECK_EQ(fx_rc(q, rbe * c), 1);
     give_back_runs(q, runs, n);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("rb.qcow2"));
+    CHECK(fx_check_clean("rb.qcow2"));
 }
 
 /* Past what the refcount table covers, the allocator grows it: a new table
@@ -459,7 +443,7 @@ static void test_reftable_growth(void)
     CHECK_EQ(fx_rc(q, runs[n - 1].off), 1);
     give_back_runs(q, runs, n);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("rt.qcow2"));
+    CHECK(fx_check_clean("rt.qcow2"));
 }
 
 /* A contiguous run longer than a block's range: a fresh area whose first
@@ -500,7 +484,7 @@ static void test_alloc_contiguous_area(void)
         return;
     give_back(q, off, n);
     CHECK_EQ(img_close(&q->img), 0);
-    CHECK(check_clean("area.qcow2"));
+    CHECK(fx_check_clean("area.qcow2"));
 }
 
 int main(void)

@@ -202,7 +202,7 @@ if [ "$part" = all ]; then
 	PASS=ublk-luks-passphrase
 	SEC="secret,id=s0,data=$PASS"
 	printf %s "$PASS" > "$W/key"
-	qemu-img create -q -f qcow2 --object "$SEC" \
+	"$(dirname "$LIB")/../lib/qemu-img-luks" create -q -f qcow2 --object "$SEC" \
 		-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$W/luks.qcow2" 32M
 	qemu-io --object "$SEC" --image-opts -c 'write -P 0x3c 0 1M' \
 		"driver=qcow2,file.filename=$W/luks.qcow2,encrypt.key-secret=s0" >/dev/null

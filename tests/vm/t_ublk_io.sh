@@ -47,7 +47,8 @@ if [ "${SOAK:-0}" = 1 ]; then
 	fio_case empty_q1 1
 fi
 
-# del while fio runs: no hang, fio ends, the image is consistent.
+# del while fio runs: refused (fio has it open), then del --force: no hang, fio
+# ends, the image is consistent.
 qemu-img create -q -f qcow2 "$W/load.qcow2" 128M
 if uq_add -q 2 "$W/load.qcow2"; then
 	pid=$("$UQ" list --json | jq ".[] | select(.id == $ID) | .pid")
@@ -55,7 +56,8 @@ if uq_add -q 2 "$W/load.qcow2"; then
 		--iodepth=32 --size=64M --time_based --runtime=120 >"$W/load.out" 2>&1 &
 	fio_pid=$!
 	check ublk_del_under_load_started wait_for 60 eval '[ "$(dev_ios "$DEV")" -gt 2000 ]'
-	check ublk_del_under_load uq_del "$ID"
+	check_fails ublk_del_under_load_refused "/dev/ublkb$ID is open in process [0-9]+ \(fio\)" "$UQ" del -n "$ID"
+	check ublk_del_under_load timeout 120 "$UQ" del -n "$ID" --force
 	check ublk_del_under_load_fio_ends wait_for 60 eval '! kill -0 $fio_pid 2>/dev/null'
 	kill -9 $fio_pid 2>/dev/null; wait $fio_pid 2>/dev/null
 	check ublk_del_under_load_daemon_gone test ! -d "/proc/$pid"

@@ -30,6 +30,10 @@ if uq_add "$W/st.qcow2"; then
 		.clusters_allocated >= 64 and .cache_hits + .cache_misses > 0' "$W/st.json"
 	check ublk_stats_json_names_image jq -e --arg img "$W/st.qcow2" \
 		'.image == $img and .format == "qcow2" and .id == '"$ID" "$W/st.json"
+	# The ublk features the device uses (the kernel grants every device some, e.g.
+	# uring_cmd_comp_in_task), as names.
+	check ublk_stats_json_features jq -e '(.features | type) == "array" and (.features | length) > 0 and
+		all(.features[]; test("^[a-z_0-9]+$"))' "$W/st.json"
 	"$UQ" stats -n "$ID" >"$W/st.txt" 2>&1
 	check ublk_stats_text eval 'grep -q "^writes  *[0-9][0-9]* (4.0 MiB)" "$W/st.txt" &&
 		grep -q "^image  *$W/st.qcow2 (qcow2)" "$W/st.txt" && grep -q "^errors  *0$" "$W/st.txt"'
@@ -42,6 +46,36 @@ if uq_add "$W/st.qcow2"; then
 	check_fails ublk_stats_after_del "no running daemon" "$UQ" stats -n "$ID"
 else
 	nok ublk_stats "add failed: $(tr '\n' ' ' < "$W/add.err")"
+fi
+# --- the control socket: idle clients delay nobody; another user hears "permission" ---
+# 20 clients that connect and send nothing: a server taking one client at a
+# time would keep stats and del waiting for each of them in turn.
+qemu-img create -q -f qcow2 "$W/cs.qcow2" 16M
+if uq_add "$W/cs.qcow2"; then
+	python3 -c '
+import socket, sys, time
+socks = []
+for i in range(20):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    socks.append(s)
+open(sys.argv[2], "w").write("connected\n")
+time.sleep(600)
+' "/run/ublk-qcow2/ublk$ID.sock" "$W/idle.ready" 2>"$W/idle.err" &
+	idle_pid=$!
+	if wait_for 20 test -s "$W/idle.ready"; then
+		check ublk_stats_with_20_idle_clients eval 'timeout 60 "$UQ" stats -n $ID --json | jq -e ".id == $ID"'
+		install -D -m 0755 "$UQ" "$W/nobody-bin/ublk-qcow2"
+		check_fails ublk_other_user_told_permission "permission denied on the control socket of ublk device $ID: it belongs to another user" \
+			setpriv --reuid=65534 --regid=65534 --clear-groups env XDG_RUNTIME_DIR=/nonexistent "$W/nobody-bin/ublk-qcow2" stats -n "$ID"
+		check ublk_del_with_20_idle_clients timeout 60 "$UQ" del -n "$ID"
+	else
+		nok ublk_idle_clients "the idle clients could not connect: $(tr '\n' ' ' <"$W/idle.err")"
+		uq_del "$ID"
+	fi
+	kill "$idle_pid" 2>/dev/null; wait "$idle_pid" 2>/dev/null
+else
+	nok ublk_idle_clients "add failed: $(tr '\n' ' ' < "$W/add.err")"
 fi
 # --- logging --------------------------------------------------------------------
 # A stand-in syslog daemon on the guest's /dev/log (the guest's /dev is its own).

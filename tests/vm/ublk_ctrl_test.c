@@ -177,15 +177,6 @@ static void test_bad_id(struct ublk_ctrl *c)
         result("ublk_ctrl_bad_id", NULL);
 }
 
-/* UBLK_F_* bit names, from include/uapi/linux/ublk_cmd.h (bits 14-19: Linux 7.x). */
-static const char *const feature_names[] = {
-    "support_zero_copy", "uring_cmd_comp_in_task", "need_get_data", "user_recovery",
-    "user_recovery_reissue", "unprivileged_dev", "cmd_ioctl_encode", "user_copy", "zoned",
-    "user_recovery_fail_io", "update_size", "auto_buf_reg", "quiesce", "per_io_daemon",
-    "buf_reg_off_daemon", "batch_io", "integrity", "safe_stop_dev", "no_auto_part_scan",
-    "shmem_zc",
-};
-
 static int print_features(void)
 {
     struct ublk_ctrl *c;
@@ -202,8 +193,9 @@ static int print_features(void)
     for (unsigned i = 0; i < 64; i++) {
         if (!(features & (1ULL << i)))
             continue;
-        if (i < sizeof(feature_names) / sizeof(feature_names[0]))
-            printf(" %s", feature_names[i]);
+        const char *name = ublk_feature_name(i);
+        if (name)
+            printf(" %s", name);
         else
             printf(" bit%u", i);
     }

@@ -75,7 +75,8 @@ mkdir -p "$cache_root" || die "cannot create cache dir $cache_root"
 # out where it has not (built in, or gone): crc32c_generic and libcrc32c exist
 # in 6.12 (crc32c_generic first: jbd2 and ext4 ask the crypto API for crc32c at
 # mount); from Linux 6.14 on crc32c is a library built into the kernel.
-WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic? crc16 mbcache jbd2 libcrc32c? ext4"
+# dm_mod: LVM on ublk devices (tests/vm/t_ublk_del.sh).
+WANT_MODULES="netfs 9pnet 9pnet_virtio 9p ublk_drv nbd loop crc32c_generic? crc16 mbcache jbd2 libcrc32c? ext4 dm-mod"
 # Modules the guest does not load at boot but offers in /run/vm-modules, for
 # tests to insmod with their own parameters (brd: a RAM disk for a file system
 # with real asynchronous O_DIRECT, unlike tmpfs).
@@ -84,6 +85,8 @@ OPTIONAL_MODULES="brd"
 kernel_complete() {	# $1 = cached kernel dir
 	local m
 	[ -f "$1/vmlinuz" ] && [ -f "$1/modules/order" ] || return 1
+	# A cache made for another module list is fetched again.
+	[ "$(cat "$1/modules/wanted" 2>/dev/null)" = "$WANT_MODULES" ] || return 1
 	for m in $OPTIONAL_MODULES; do [ -f "$1/modules/optional/$m.ko" ] || return 1; done
 }
 
@@ -259,6 +262,7 @@ fetch_kernel() {
 	local m
 	for m in $WANT_MODULES; do add_module "$m"; done
 	printf '%s\n' "${order[@]}" > "$work/out/modules/order"
+	printf '%s\n' "$WANT_MODULES" > "$work/out/modules/wanted"
 	mkdir -p "$work/out/modules/optional"
 	for m in $OPTIONAL_MODULES; do
 		f=$(find "$mroot/kernel" -name "$m.ko.xz" | head -n1)
