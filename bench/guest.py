@@ -59,7 +59,7 @@ class GuestPath:
         if path.startswith("ublk"):
             img, fmt = (qcow2, "qcow2") if path.startswith("ublk_qcow2") else (raw, "raw")
             q = "2" if path.endswith("_q2") else "1"
-            extra = ["--no-zero-copy"] if path.endswith("_nozc") else ["--zero-copy"]
+            extra = ["--no-zero-copy"] if path.endswith("_nozc") else []
             self.dev = run([a.bin, "add", "-q", q, "-f", fmt] + extra + [img], timeout=120).strip()
             n = self.dev.removeprefix("/dev/ublkb")
             self.stop_cmds = [[a.bin, "del", "-n", n]]

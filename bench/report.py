@@ -153,10 +153,15 @@ HOST_RATIOS = [
     ("overlay COW: qemu-nbd / fio moving the same disk traffic", "nbd_qemu", "fio_cow",
      ["overlay_4k"]),
 ]
+# (name, numerator, denominator, workloads (None: every VM workload), target): issue 5's
+# qemu-nbd ratio, issue 16's loop, raw and -q 2 ratios.
+VM_4K, VM_512K = ["randread_4k", "randwrite_4k"], ["read_512k", "write_512k"]
 VM_TARGETS = [
-    ("ublk qcow2 / qemu-nbd", "ublk_qcow2", "qemu_nbd", 6),
-    ("ublk qcow2 / ublk raw", "ublk_qcow2", "ublk_raw", 0.9),
-    ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", 0.65),
+    ("ublk qcow2 / qemu-nbd", "ublk_qcow2", "qemu_nbd", None, 6),
+    ("ublk qcow2 / ublk raw", "ublk_qcow2", "ublk_raw", None, 0.95),
+    ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_4K, 0.85),
+    ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_512K, 0.8),
+    ("ublk qcow2 -q 2 / -q 1", "ublk_qcow2_q2", "ublk_qcow2", None, 1.0),
 ]
 MEM_SLACK_KIB = 1024    # per-image tables beside the cache (L1, refcount table)
 
@@ -189,9 +194,9 @@ def evaluate(doc):
                                "ratio": d.ratio(a, b, wl)})
     subs = substrates(d)
     for sub in subs:
-        for name, a, b, t in VM_TARGETS:
-            for wl in VM_WORKLOADS:
-                if (sub, a, wl) not in d.vm:
+        for name, a, b, wls, t in VM_TARGETS:
+            for wl in wls or VM_WORKLOADS:
+                if (sub, a, wl) not in d.vm or (sub, b, wl) not in d.vm:
                     continue
                 r, rng = d.vm_ratio(sub, a, b, wl)
                 targets.append({"name": name, "numerator": a, "denominator": b, "workload": wl,
@@ -263,7 +268,7 @@ def render_md(doc, chart_name=None):
         L.append(f"![chart]({chart_name})\n")
 
     if targets:
-        L.append("## Targets (issues 5 and 14)\n")
+        L.append("## Targets (issues 5, 14 and 16)\n")
         rows = []
         for t in targets:
             where = WORKLOADS[t["workload"]]["title"] if t["workload"] in WORKLOADS \
@@ -396,11 +401,13 @@ def render_md(doc, chart_name=None):
         u = c["ublk"]
         vmi = doc.get("vm", {})
         L.append("\n## ublk block devices (inside the test VM)\n")
-        L.append(f"One boot of tests/vm/vm.sh: QEMU TCG (no KVM), 2 vCPUs, 4G RAM, Debian kernel "
-                 f"{vmi.get('kernel', '?')}. {size_name(u['size'])} raw image filled with data "
+        kernels = sorted({v for k, v in vmi.items() if k.endswith("kernel")})
+        L.append(f"One boot of tests/vm/vm.sh per kernel: QEMU TCG (no KVM), 2 vCPUs, 4G RAM, Debian "
+                 f"kernel {', '.join(kernels) or '?'}. {size_name(u['size'])} raw image filled with data "
                  f"and the same data converted to qcow2; fio io_uring O_DIRECT, 1 job, iodepth "
                  f"{u['depth']}, {u.get('seconds_each', c['seconds_each']):g} s per measurement; ublk-qcow2 with 1 "
-                 f"queue. " + (
+                 f"queue unless the path says -q 2; zero copy where the kernel has it unless the path "
+                 f"says --no-zero-copy. " + (
                      f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, qcow2, ...), "
                      f"{u['rounds']} rounds; cells are the median IOPS with the lowest and "
                      f"highest round: under TCG the numbers swing with host load. "

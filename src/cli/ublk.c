@@ -69,8 +69,8 @@ static void add_usage(FILE *out)
         "                         'ublk-qcow2 recover' starts a new one; writes not yet\n"
         "                         flushed when it died may be lost, as with a disk cache\n"
         "      --zero-copy        zero copy where the kernel has it (Linux 6.16+, root\n"
-        "                         only; experimental, off by default)\n"
-        "      --no-zero-copy     copy every request through a buffer per tag (default)\n"
+        "                         only; the default)\n"
+        "      --no-zero-copy     copy every request through a buffer per tag\n"
         "  -h, --help             this help\n",
         UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
         UBLK_MAX_QUEUE_DEPTH);

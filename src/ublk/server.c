@@ -439,7 +439,7 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
      * their bytes.  Neither is open to unprivileged devices, and the
      * ring's buffer table has at most 16384 slots (one per tag). */
     uint64_t zc_features = 0, zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
-    bool want_zc = o->zero_copy && !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &zc_features) &&
+    bool want_zc = !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &zc_features) &&
                    (zc_features & zc) == zc && o->nr_queues * o->depth <= 16384;
     if (want_zc)
         info->flags |= zc;

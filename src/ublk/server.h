@@ -58,10 +58,10 @@ struct ublk_server_opts {
     /* ADD_DEV with UBLK_F_USER_RECOVERY(_REISSUE): if the daemon dies, the
      * device stays, quiesced, until `recover` starts a new daemon. */
     bool recovery;
-    /* Ask for zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY) where the
-     * kernel has it (opt-in until it is measured and tested everywhere);
-     * no_zero_copy (the default) serves every request through a per-tag
-     * buffer, as on older kernels. */
+    /* Zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY) is asked for
+     * wherever the kernel has it; no_zero_copy serves every request through
+     * a per-tag buffer, as on older kernels.  zero_copy: asked explicitly
+     * (the default; kept so scripts may say it). */
     bool zero_copy, no_zero_copy;
     /* Take over the existing quiesced device dev_id instead of adding one. */
     bool recover;
