@@ -59,6 +59,11 @@ static int raw_map(struct image *img, uint64_t off, uint64_t len, unsigned flags
 {
     struct raw *r = img->priv;
     (void)len;
+    /* A file in memory is read and written inline by the engine (one
+     * memory copy); through the ring each request would wait for an io-wq
+     * worker (tmpfs has no asynchronous I/O), which costs more. */
+    if (r->file.in_memory)
+        return 0;
     if ((flags & IMG_MAP_WRITE) && r->probed && off < IMG_PROBE_BYTES)
         return 0;
     m->file = &r->file;

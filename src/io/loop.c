@@ -213,6 +213,21 @@ int io_submit_wait(io_prep_fn prep, void *arg)
     return loop_wait(l, sqe);
 }
 
+/* One transfer's result in a loop moving len bytes: 1 go on (counted in
+ * *done, or an interrupted try to repeat), 0 stop at the end of the file
+ * (a read), -errno fail (a write that made no progress: -EIO). */
+static int rw_progress(ssize_t ret, bool write, size_t *done)
+{
+    if (ret == -EINTR || ret == -EAGAIN)
+        return 1;
+    if (ret < 0)
+        return (int)ret;
+    if (ret == 0)
+        return write ? -EIO : 0;
+    *done += (size_t)ret;
+    return 1;
+}
+
 int loop_register_sparse(struct loop *l, unsigned n)
 {
     return io_uring_register_buffers_sparse(&l->ring, n);
@@ -236,17 +251,12 @@ ssize_t io_rw_fixed(bool write, int fd, unsigned idx, uint64_t buf_off, size_t l
             io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)(buf_off + done),
                                      (unsigned)(len - done), off + done, (int)idx);
         sqe->rw_flags = rw_flags;
-        int ret = loop_wait_as(l, sqe, true);
-        if (ret == -EINTR || ret == -EAGAIN)
-            continue;
-        if (ret < 0)
-            return ret;
-        if (ret == 0) {
-            if (write)
-                return -EIO;
+        int r = rw_progress(loop_wait_as(l, sqe, true), write, &done);
+        if (r <= 0) {
+            if (r < 0)
+                return r;
             break;
         }
-        done += (size_t)ret;
     }
     return (ssize_t)done;
 }
@@ -320,17 +330,12 @@ static ssize_t rw_full(bool write, bool now, int fd, const struct iovec *iov, in
         cur = win;
     }
     while (done < total) {
-        ssize_t ret = rw_once(write, now, fd, cur, curcnt, off + done, rw_flags);
-        if (ret == -EINTR || ret == -EAGAIN)
-            continue;
-        if (ret < 0)
-            return ret;
-        if (ret == 0) {
-            if (write)
-                return -EIO;    /* no progress possible */
-            break;              /* end of file */
+        int r = rw_progress(rw_once(write, now, fd, cur, curcnt, off + done, rw_flags), write, &done);
+        if (r <= 0) {
+            if (r < 0)
+                return r;
+            break;
         }
-        done += (size_t)ret;
         if (done < total) {
             curcnt = iov_window(iov, iovcnt, done, win);
             cur = win;

@@ -739,6 +739,22 @@ static bool writable_in_place(struct qcow2 *q, const struct mslice *s, uint32_t 
     return (extl2_alloc_bits(bm) & m) == m && !(extl2_zero_bits(bm) & m);
 }
 
+/* A write of len bytes whose first n land in place at first_host (entry
+ * idx of s): how many of them can go in place as one host extent, taking
+ * the following entries while they are writable in place and contiguous. */
+static uint64_t inplace_extent(struct qcow2 *q, const struct mslice *s, uint32_t idx, uint64_t n,
+                               uint64_t len, uint64_t first_host)
+{
+    uint64_t cs = cl_size(q);
+    for (uint32_t k = idx + 1; n < len && k < entries_per_slice(q); k++) {
+        if (!writable_in_place(q, s, k, 0, MIN(len - n, cs)) ||
+            (l2e_get(q, s, k) & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
+            break;
+        n += MIN(len - n, cs);
+    }
+    return n;
+}
+
 /* Are the L2 entries in slice s, and the L1 entries naming L2 tables, on
  * disk as they are in memory?  Conservative: any dirty L1 sector or a flush
  * (or refcount-table growth) in progress counts as "not yet". */
@@ -781,12 +797,7 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             /* Owned clusters are overwritten in place; contiguous host
              * clusters in this slice merge into one write. */
             uint64_t first_host = e & L2E_OFFSET_MASK;
-            for (uint32_t k = idx + 1; n < len && k < entries_per_slice(q); k++) {
-                if (!writable_in_place(q, s, k, 0, MIN(len - n, cs)) ||
-                    (l2e_get(q, s, k) & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
-                    break;
-                n += MIN(len - n, cs);
-            }
+            n = inplace_extent(q, s, idx, n, len, first_host);
             /* RWF_DSYNC makes only the data durable: if the entries
              * mapping it are not on disk yet (allocated since the last
              * flush, or a flush is writing them now), FUA needs a flush. */
@@ -1140,7 +1151,9 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
     bool write = flags & IMG_MAP_WRITE, fua = flags & IMG_FUA;
     uint64_t cs = cl_size(q), end = off + len, host = 0;
     int r = 0;
-    if (q->crypto)
+    /* Encrypted data needs its bytes; a data file in memory is served
+     * inline (see raw_map). */
+    if (q->crypto || q->data->in_memory)
         return 0;
     if (write && q->broken)
         return -EIO;
@@ -1186,12 +1199,7 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
         goto out;
     }
     uint64_t first_host = e & L2E_OFFSET_MASK;
-    for (uint32_t k = idx + 1; n < len && k < entries_per_slice(q); k++) {
-        if (!writable_in_place(q, s, k, 0, MIN(len - n, cs)) ||
-            (l2e_get(q, s, k) & L2E_OFFSET_MASK) != first_host + (k - idx) * cs)
-            break;
-        n += MIN(len - n, cs);
-    }
+    n = inplace_extent(q, s, idx, n, len, first_host);
     /* RWF_DSYNC makes only the data durable: entries not on disk yet
      * need a flush after it (map_end), as in qcow2_co_write. */
     if (fua && !mapping_durable(q, s))

@@ -14,9 +14,17 @@ vm_ublk_test ublk_zc 6.12 newest
 
 cat >"$tmp/guest.sh" <<'EOF'
 . "$LIB"
-cd "$W" || exit 1
 ZC=0
 has_feature auto_buf_reg && has_feature user_copy && ZC=1
+# Images on ext4 on a RAM disk (brd), as on a real disk: files in memory (tmpfs, where
+# every other VM test works) are served by the copy path.
+mkdir -p "$W/brd"
+if ! insmod /run/vm-modules/brd.ko rd_nr=1 rd_size=262144 ||
+	! mkfs.ext4 -q -F /dev/ram0 || ! mount /dev/ram0 "$W/brd"; then
+	echo "not ok zc_brd: no ext4 on a brd RAM disk"; exit 1
+fi
+TMPW=$W W=$W/brd
+cd "$W" || exit 1
 
 # fio verify through a device: NAME QUEUES BS ZC(0|1) CREATE-OPTIONS...
 zc_fio() {
@@ -151,7 +159,18 @@ M
 	rm -f "$W"/k.* "$W"/ref.raw "$W"/base.qcow2 "$W"/mid.qcow2 "$W"/src.raw
 fi
 
+# A file in memory: the copy path, same data.
+if [ $ZC = 1 ]; then
+	rm -f "$TMPW/m.raw"; truncate -s 8M "$TMPW/m.raw"
+	if uq_add -f raw "$TMPW/m.raw"; then
+		check zc_tmpfs_fio_verify fio_verify "$DEV" --bs=64k --size=8M
+		check zc_tmpfs_del uq_del "$ID"
+	else nok zc_tmpfs_add "$(tr '\n' ' ' < "$W/add.err")"; fi
+	rm -f "$TMPW/m.raw"
+fi
+
 check zc_daemon_logs_clean logs_clean
+cd / && umount "$W" && rmmod brd
 [ $FAILED -eq 0 ]
 EOF
 
