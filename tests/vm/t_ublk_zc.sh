@@ -5,7 +5,8 @@
 # with --no-zero-copy (the per-tag buffers; on 6.12 the only path), then qemu-img check and
 # compare; and, where zero copy exists, every kind of image of the interop matrix (cluster
 # sizes, refcount widths, v2/v3, backing chain with a short backing file, compressed,
-# extended L2, zero clusters, LUKS, raw) attached read-only and compared with QEMU's reading.
+# extended L2, zero clusters, LUKS, raw) attached read-only and compared with QEMU's reading
+# (4k requests over the first 2M, 512k requests over the whole image).
 # timeout: 1600
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -88,10 +89,11 @@ zc_kind() {	# NAME IMAGE [ADD-OPTIONS...]
 		nok "zc_kind_${name}_add" "$(tr '\n' ' ' < "$W/add.err")"; return
 	fi
 	check "zc_kind_${name}_path" test "$("$UQ" list --json | jq ".[] | select(.id == $ID) | .zero_copy")" = true
-	check "zc_kind_${name}_read_4k" dd if="$DEV" of="$W/k4.raw" bs=4k iflag=direct status=none
+	# 4k requests over the first 2M (data, a hole, the partial extent at 1536k), 512k over all.
+	check "zc_kind_${name}_read_4k" dd if="$DEV" of="$W/k4.raw" bs=4k count=512 iflag=direct status=none
 	check "zc_kind_${name}_read_512k" dd if="$DEV" of="$W/k512.raw" bs=512k iflag=direct status=none
 	check "zc_kind_${name}_del" uq_del "$ID"
-	check "zc_kind_${name}_compare_4k" cmp "$W/k4.raw" "$W/ref.raw"
+	check "zc_kind_${name}_compare_4k" cmp -n 2M "$W/k4.raw" "$W/ref.raw"
 	check "zc_kind_${name}_compare_512k" cmp "$W/k512.raw" "$W/ref.raw"
 	rm -f "$W/k4.raw" "$W/k512.raw"
 }
