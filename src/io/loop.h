@@ -28,6 +28,12 @@ struct loop *loop_new(unsigned entries);
 #define LOOP_COALESCE 1u
 struct loop *loop_new_flags(unsigned entries, unsigned flags);
 void loop_free(struct loop *l);
+/* Register [base, base+len) with the ring (one region per loop): reads and
+ * writes whose buffer lies inside it skip the kernel's per-I/O page pinning.
+ * The memory stays pinned until loop_unregister_buffer; 0 or -errno (e.g.
+ * over RLIMIT_MEMLOCK: then nothing changes). */
+int loop_register_buffer(struct loop *l, void *base, size_t len);
+void loop_unregister_buffer(struct loop *l);
 struct loop *loop_current(void);
 
 /* Run until loop_stop() was called and no coroutine is left alive, or until
