@@ -59,6 +59,12 @@
 #define STREAM_MIN        (1u << 20)
 #define STREAM_CHUNK      (256u << 10)
 #define SPARE_MAX         256u          /* idle payload buffers kept */
+/* Small reads and write payloads use slots of one buffer registered with
+ * the ring (fixed buffers): the kernel then need not pin the pages of every
+ * 4 KiB I/O.  A fixed, bounded set for the whole server (1 MiB pinned);
+ * when all are taken, requests use ordinary buffers. */
+#define SLOT_SIZE         4096u
+#define SLOTS             256u
 
 struct nbd_conn;
 
@@ -89,6 +95,11 @@ struct nbd_server {
     uint64_t pool_bytes;        /* buffer bytes held by idle requests and spares */
     struct { uint8_t *buf; size_t cap; } spare[SPARE_MAX];  /* detached payload buffers */
     unsigned nspare;
+    uint8_t *slots;             /* SLOTS x SLOT_SIZE, registered with the loop */
+    struct loop *slots_loop;
+    bool slots_tried;
+    unsigned nfree_slots;
+    uint16_t free_slots[SLOTS];
 
     enum nbd_tls_mode tls_mode;
     struct nbd_tls_creds *tls;
@@ -138,8 +149,10 @@ struct nbd_req {
     uint64_t cookie, off;
     uint32_t len;
     uint64_t cost;              /* bytes reserved against NBD_MEM_LIMIT */
-    uint8_t *buf;               /* WRITE payload or READ data (io_alloc) */
+    uint8_t *buf;               /* pooled buffer (io_alloc) */
     size_t buf_cap;
+    uint8_t *slot;              /* a registered slot in use, or NULL */
+    uint8_t *payload;           /* WRITE payload: slot or buf */
     uint8_t *data;              /* reply data inside buf */
     uint32_t data_len;
     bool stream;                /* READ served by the sender in pieces */
@@ -427,6 +440,52 @@ static uint8_t *req_buf(struct nbd_req *rq, size_t len)
     return rq->buf;
 }
 
+/* Set up the slots once, from the loop's thread; without them (no memory,
+ * RLIMIT_MEMLOCK) every request uses ordinary buffers. */
+static void slots_init(struct nbd_server *s)
+{
+    struct loop *l = loop_current();
+
+    s->slots_tried = true;
+    if (!l)
+        return;
+    s->slots = io_alloc(SLOTS * SLOT_SIZE);
+    if (loop_register_buffer(l, s->slots, SLOTS * SLOT_SIZE) < 0) {
+        io_free(s->slots);
+        s->slots = NULL;
+        return;
+    }
+    s->slots_loop = l;
+    for (unsigned i = 0; i < SLOTS; i++)
+        s->free_slots[i] = (uint16_t)(SLOTS - 1 - i);
+    s->nfree_slots = SLOTS;
+}
+
+/* A buffer of at least len bytes: a free slot if len fits one, else
+ * req_buf's. */
+static uint8_t *req_small_buf(struct nbd_req *rq, size_t len)
+{
+    struct nbd_server *s = rq->c->s;
+
+    if (!rq->slot && len <= SLOT_SIZE) {
+        if (!s->slots_tried)
+            slots_init(s);
+        if (s->nfree_slots)
+            rq->slot = s->slots + (size_t)s->free_slots[--s->nfree_slots] * SLOT_SIZE;
+    }
+    return rq->slot && len <= SLOT_SIZE ? rq->slot : req_buf(rq, len);
+}
+
+static void req_put_slot(struct nbd_req *rq)
+{
+    struct nbd_server *s = rq->c->s;
+
+    if (!rq->slot)
+        return;
+    s->free_slots[s->nfree_slots++] = (uint16_t)((size_t)(rq->slot - s->slots) / SLOT_SIZE);
+    rq->slot = NULL;
+}
+
 /* A write is done with its payload once written: the buffer goes back for
  * reuse now rather than with the reply, so a client that does not read
  * its replies does not keep its payloads alive. */
@@ -434,6 +493,8 @@ static void req_drop_buf(struct nbd_req *rq)
 {
     struct nbd_server *s = rq->c->s;
 
+    req_put_slot(rq);
+    rq->payload = NULL;
     if (!rq->buf)
         return;
     if (rq->buf_cap <= POOL_BUF_MAX && s->nspare < SPARE_MAX &&
@@ -857,7 +918,7 @@ static int do_read(struct nbd_req *rq)
         return 0;       /* the sender reads it (stream_read) */
     a0 = round_down(rq->off, SECTOR);
     a1 = round_up(rq->off + rq->len, SECTOR);
-    buf = req_buf(rq, a1 - a0);
+    buf = req_small_buf(rq, a1 - a0);
     co_rwlock_rdlock(&s->rmw_lock);
     r = img_read(s->img, buf, a0, a1 - a0);
     co_rwlock_unlock(&s->rmw_lock);
@@ -882,7 +943,7 @@ static int do_write(struct nbd_req *rq)
     rq->c->dirty = true;
     if (aligned(rq)) {
         co_rwlock_rdlock(&s->rmw_lock);
-        r = img_write(s->img, rq->buf, rq->off, rq->len, flags);
+        r = img_write(s->img, rq->payload, rq->off, rq->len, flags);
         co_rwlock_unlock(&s->rmw_lock);
         return r < 0 ? r : 0;
     }
@@ -902,7 +963,7 @@ static int do_write(struct nbd_req *rq)
     if (r >= 0 && rq->off + rq->len != a1 && (alen > SECTOR || rq->off == a0))
         r = img_read(s->img, bounce + alen - SECTOR, a1 - SECTOR, SECTOR);
     if (r >= 0) {
-        memcpy(bounce + (rq->off - a0), rq->buf, rq->len);
+        memcpy(bounce + (rq->off - a0), rq->payload, rq->len);
         r = img_write(s->img, bounce, a0, alen, flags);
     }
     co_rwlock_unlock(&s->rmw_lock);
@@ -996,6 +1057,7 @@ static void req_free(struct nbd_req *rq)
     struct nbd_conn *c = rq->c;
 
     mem_release(c, rq->cost);
+    req_put_slot(rq);
     req_put(c->s, rq);
     c->inflight--;
     co_queue_wake_one(&c->slot_wait);
@@ -1211,7 +1273,8 @@ static void conn_serve(struct nbd_conn *c)
         c->inflight++;
 
         if (rq->type == NBD_CMD_WRITE && rq->len) {
-            r = rx_copy(c, req_buf(rq, rq->len), rq->len);
+            rq->payload = req_small_buf(rq, rq->len);
+            r = rx_copy(c, rq->payload, rq->len);
             if (r < 0) {
                 conn_log(c, "connection lost in the middle of a write payload: %s",
                          r == -EPIPE || r == -ECONNRESET ? "closed by the client" : strerror(-r));
@@ -1683,6 +1746,11 @@ void nbd_server_free(struct nbd_server *s)
     }
     while (s->nspare)
         io_free(s->spare[--s->nspare].buf);
+    if (s->slots) {
+        if (s->slots_loop == loop_current())
+            loop_unregister_buffer(s->slots_loop);
+        io_free(s->slots);
+    }
     free(s->name);
     free(s->description);
     free(s->allow);
