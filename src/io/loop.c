@@ -30,6 +30,7 @@ struct loop {
     const uint8_t *fixed;   /* registered buffer 0, or NULL */
     size_t fixed_len;
     bool stopping;
+    struct co_queue turn_wait;  /* loop_wait_file_turn */
 };
 
 /* A parked coroutine waiting for one CQE; lives on that coroutine's stack. */
@@ -185,14 +186,26 @@ int loop_run(struct loop *l)
             return ret;
         }
         loop_reap(l);
+        co_queue_wake_all(&l->turn_wait);
     }
 }
+
 
 /* ---- coroutine-mode plumbing ------------------------------------------ */
 
 static inline struct loop *async_loop(void)
 {
     return co_self() ? cur_loop : NULL;
+}
+
+bool loop_wait_file_turn(unsigned min)
+{
+    struct loop *l = async_loop();
+
+    if (!l || !l->coalesce || l->file_inflight < min)
+        return false;
+    co_queue_wait(&l->turn_wait);
+    return true;
 }
 
 static struct io_uring_sqe *loop_sqe(struct loop *l)

@@ -41,6 +41,10 @@ struct loop *loop_current(void);
  * -errno if the ring failed. */
 int loop_run(struct loop *l);
 void loop_stop(struct loop *l);
+/* In a coroutine, with LOOP_COALESCE and at least min file reads and writes
+ * in flight: park until the loop next wakes up (their completions bound the
+ * wait) and return true; else return false at once. */
+bool loop_wait_file_turn(unsigned min);
 bool loop_stopping(struct loop *l);
 
 /* Full-length positional I/O.  Reads return the bytes read (less than len

