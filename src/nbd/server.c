@@ -490,6 +490,21 @@ static void slots_init(struct nbd_server *s)
     s->nfree_slots = SLOTS;
 }
 
+/* Unregister and free the slots (no request holds one); the next request
+ * sets them up again. */
+static void slots_release(struct nbd_server *s)
+{
+    if (s->slots) {
+        if (s->slots_loop == loop_current())
+            loop_unregister_buffer(s->slots_loop);
+        io_free(s->slots);
+        s->slots = NULL;
+    }
+    s->slots_loop = NULL;
+    s->nfree_slots = 0;
+    s->slots_tried = false;
+}
+
 /* A buffer of at least len bytes: a free slot if len fits one, else
  * req_buf's. */
 static uint8_t *req_small_buf(struct nbd_req *rq, size_t len)
@@ -1370,9 +1385,10 @@ static void conn_run(void *arg)
     free(c->rx);
     free(c);
     if (s->nconns == 0) {
-        /* Back to the idle footprint: large pooled buffers, and the heap
-         * pages freed by the connections that left. */
+        /* Back to the idle footprint: large pooled buffers, the slots,
+         * and the heap pages freed by the connections that left. */
         pool_trim(s);
+        slots_release(s);
         co_pool_release();      /* idle coroutine stacks: touched pages stay resident */
         malloc_trim(0);
     }
@@ -1777,11 +1793,7 @@ void nbd_server_free(struct nbd_server *s)
     }
     while (s->nspare)
         io_free(s->spare[--s->nspare].buf);
-    if (s->slots) {
-        if (s->slots_loop == loop_current())
-            loop_unregister_buffer(s->slots_loop);
-        io_free(s->slots);
-    }
+    slots_release(s);
     free(s->name);
     free(s->description);
     free(s->allow);
