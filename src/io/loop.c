@@ -190,7 +190,6 @@ int loop_run(struct loop *l)
     }
 }
 
-
 /* ---- coroutine-mode plumbing ------------------------------------------ */
 
 static inline struct loop *async_loop(void)

@@ -299,7 +299,7 @@ static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
  * keeping a receive armed: the client's next requests are then picked up
  * with the disk completions the loop wakes for anyway, rather than each
  * send of the client waking the loop on its own (randread 4k on disk:
- * about 5% less CPU per I/O).  Non-blocking recv.  Only while the
+ * about 3% less CPU per I/O).  Non-blocking recv.  Only while the
  * connection's own requests are being served: a connection whose replies
  * merely wait to be sent, or an idle one, waits on the ring as before, so
  * the polling is bounded by the I/O actually done. */
