@@ -18,10 +18,14 @@
  * request that starts later can see it.
  *
  * Only the engine's thread touches the cache (no locks); workers see only a
- * job's own buffers.  A read needing the start of a cluster may decompress
- * only the prefix it needs (zlib stops early); a read from the cluster's
- * first byte takes all of it, so sequential readers decompress each cluster
- * once and the reads after it hit the cache. */
+ * job's own buffers.  Partial decompression: a read of [a, b) needs only
+ * the prefix [0, b), and inflating costs about linearly in the output, so a
+ * random read decompresses only that prefix (half a cluster on average).
+ * The entry remembers how much is valid; a read beyond it is a miss.  The
+ * whole cluster is decompressed when the reader is sequential (the read
+ * continues where a recent one ended, see want_for) or touches a cluster a
+ * second time, so sequential readers decompress each cluster once and the
+ * reads after it hit the cache. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +34,7 @@
 #include "qcow2/internal.h"
 
 #define ZC_MIN_ENTRIES 4u
+#define ZC_STREAMS 16u              /* sequential readers recognised at once */
 
 struct zc_entry {
     uint64_t coff, nbytes;          /* key: the compressed data's host range */
@@ -49,6 +54,8 @@ struct zcache {
     struct zc_entry **hash;         /* by the host cluster the data starts in */
     uint32_t hash_mask;
     struct zc_entry lru;            /* sentinel: lru.next is the least recently used */
+    uint64_t ends[ZC_STREAMS];      /* guest offsets where recent reads ended, + 1 (0: none) */
+    uint32_t ends_next;
     uint64_t *faults;               /* fault injection: guest clusters whose decompression fails */
     size_t nfaults;
     stat_counter hits, misses, decompressed;
@@ -305,16 +312,26 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
     return r;
 }
 
-/* How much of the cluster to decompress for a read of [in, in+len):
- * everything when the read starts the cluster (sequential readers read the
- * rest next) or needs most of it; else the prefix up to the read's end,
- * rounded to 4 KiB (zlib stops early: a random read costs half as much). */
-static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len)
+/* Does a read at guest_off continue one that ended there recently (a
+ * sequential reader)?  Then note where this one ends, for the next. */
+static bool continues(struct zcache *z, uint64_t guest_off, uint64_t len)
+{
+    bool seq = false;
+    for (uint32_t i = 0; i < ZC_STREAMS && !seq; i++)
+        seq = z->ends[i] == guest_off + 1;
+    z->ends[z->ends_next++ % ZC_STREAMS] = guest_off + len + 1;
+    return seq;
+}
+
+/* How much of the cluster to decompress for a read of [in, in+len): all of
+ * it for a sequential reader (it reads the rest next) or when the cluster
+ * was touched before (its prefix was too short: locality, do not creep up
+ * on it 4 KiB at a time); else the prefix up to the read's end, rounded to
+ * 4 KiB so that small reads of one page share it. */
+static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len, bool whole)
 {
     uint64_t cs = cl_size(q), need = (in + len + 4095) & ~4095ull;
-    if (in == 0 || need >= cs - cs / 4)
-        return cs;
-    return need;
+    return whole || need >= cs ? cs : need;
 }
 
 int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
@@ -322,6 +339,7 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
 {
     struct zcache *z = q->zc;
     uint64_t cs = cl_size(q);
+    bool whole = z && continues(z, guest_off, len);
     for (;;) {
         struct zc_entry *e = z ? lookup(q, z, coff, nbytes) : NULL;
         if (e && !e->loading && e->valid >= in + len) {
@@ -345,7 +363,8 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
             return r;
         }
         if (e && e->loading) {
-            /* A shorter prefix is on its way; wait, then decompress more. */
+            /* A shorter prefix is on its way; wait, then decompress all. */
+            whole = true;
             e->pins++;
             co_queue_wait(&e->waiters);
             e->pins--;
@@ -353,13 +372,15 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
                 entry_free(z, e);
             continue;
         }
-        if (e)
-            unhash(q, z, e);    /* too short a prefix: replaced by a longer one */
+        if (e) {
+            whole = true;
+            unhash(q, z, e);    /* too short a prefix: replaced by the whole cluster */
+        }
         break;
     }
     if (z)
         stat_add(&z->misses, 1);
-    size_t want = want_for(q, in, len);
+    size_t want = want_for(q, in, len, whole);
     struct zc_entry *e = z ? entry_new(q, z, coff, nbytes) : NULL;
     if (!e) {
         uint8_t *out = malloc(cs);
