@@ -35,6 +35,7 @@
 
 #define ZC_MIN_ENTRIES 4u
 #define ZC_STREAMS 16u              /* sequential readers recognised at once */
+#define ZC_ALIGN 4096u              /* compressed data is read in aligned spans of this */
 
 struct zc_entry {
     uint64_t coff, nbytes;          /* key: the compressed data's host range */
@@ -296,14 +297,22 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
                 uint8_t *out, size_t want, uint64_t from, uint64_t len, uint8_t *buf)
 {
     uint64_t cs = cl_size(q);
-    uint8_t *in = malloc(nbytes);
-    if (!in)
+    /* The sector-aligned span around the compressed bytes, into an aligned
+     * buffer: with O_DIRECT an unaligned read would go through a bounce
+     * buffer and a copy on the engine thread. */
+    uint64_t head = coff & (ZC_ALIGN - 1), span = (head + nbytes + ZC_ALIGN - 1) & ~(uint64_t)(ZC_ALIGN - 1);
+    void *mem;
+    if (posix_memalign(&mem, ZC_ALIGN, span) != 0)
         return -ENOMEM;
-    ssize_t n = file_pread_any(&q->file, in, nbytes, coff);
+    uint8_t *in = mem;
+    ssize_t n = file_pread_any(&q->file, in, span, coff - head);
     int r = (int)(n < 0 ? n : 0);
     if (r == 0) {
+        /* Short at the end of the file: what is there (the stream judges). */
+        uint64_t got = (uint64_t)n > head ? (uint64_t)n - head : 0;
+        size_t in_len = (size_t)(got < nbytes ? got : nbytes);
         struct zjob j = {
-            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in, .in_len = (size_t)n,
+            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in + head, .in_len = in_len,
             .out = out, .out_len = cs, .want = want,
             .copy_to = buf, .copy_off = (size_t)from, .copy_len = (size_t)len,
             .fail = q->zc && q->zc->nfaults && fault_at(q->zc, q, guest_off),
