@@ -92,6 +92,16 @@ static int write_compressed_cluster(struct ctx *x, uint32_t c, uint32_t vid)
     return r;
 }
 
+/* Guest clusters 0..n-1 compressed, cluster c with version vid0 + c. */
+static int write_clusters(struct image *img, uint32_t n, uint32_t vid0)
+{
+    struct ctx x = { .img = img, .q = to_qcow2(img) };
+    int r = 0;
+    for (uint32_t c = 0; c < n && r == 0; c++)
+        r = write_compressed_cluster(&x, c, vid0 + c);
+    return r;
+}
+
 static void commit(struct ctx *x, uint32_t c, uint32_t vid)
 {
     if (x->n[c] < 256)
@@ -294,9 +304,7 @@ static void seq_piece(void *arg)
 static void seq_main(void *arg)
 {
     struct seq *s = arg;
-    struct ctx x = { .img = s->img, .q = to_qcow2(s->img) };
-    for (uint32_t c = 0; c < 2 && s->r == 0; c++)
-        s->r = write_compressed_cluster(&x, c, 1000 + c);
+    s->r = write_clusters(s->img, 2, 1000);
     if (s->r)
         return;
     /* Cluster 0: one piece at a time. */
@@ -360,9 +368,7 @@ static void pre_read(struct pre *s, uint32_t c, uint32_t p)
 static void pre_main(void *arg)
 {
     struct pre *s = arg;
-    struct ctx x = { .img = s->img, .q = to_qcow2(s->img) };
-    for (uint32_t c = 0; c < 4 && s->r == 0; c++)
-        s->r = write_compressed_cluster(&x, c, 500 + c);
+    s->r = write_clusters(s->img, 4, 500);
     if (s->r)
         return;
     pre_read(s, 2, 5);          /* random: the prefix [0, 24k) */
@@ -443,11 +449,7 @@ static void fault_bad(void *arg)
 static void fault_main(void *arg)
 {
     struct fault *f = arg;
-    struct ctx x = { .img = f->img, .q = to_qcow2(f->img) };
-    int r = 0;
-    for (uint32_t c = 0; c < NCL && r == 0; c++)
-        r = write_compressed_cluster(&x, c, 1 + c);
-    CHECK_EQ(r, 0);
+    CHECK_EQ(write_clusters(f->img, NCL, 1), 0);
     f->live = 2;
     co_spawn(fault_bad, f);
     co_spawn(fault_good, f);
