@@ -297,7 +297,7 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
                 uint8_t *out, size_t want, uint64_t from, uint64_t len, uint8_t *buf)
 {
     uint64_t cs = cl_size(q);
-    /* The sector-aligned span around the compressed bytes, into an aligned
+    /* The 4 KiB-aligned span around the compressed bytes, into an aligned
      * buffer: with O_DIRECT an unaligned read would go through a bounce
      * buffer and a copy on the engine thread. */
     uint64_t head = coff & (ZC_ALIGN - 1), span = (head + nbytes + ZC_ALIGN - 1) & ~(uint64_t)(ZC_ALIGN - 1);
