@@ -27,7 +27,10 @@ struct loop {
     unsigned inflight;      /* SQEs queued or submitted, CQE not yet reaped */
     unsigned file_inflight; /* of which file I/O: completes without any peer */
     bool coalesce;          /* LOOP_COALESCE granted (deferred task work) */
+    const uint8_t *fixed;   /* registered buffer 0, or NULL */
+    size_t fixed_len;
     bool stopping;
+    struct co_queue turn_wait;  /* loop_wait_file_turn */
 };
 
 /* A parked coroutine waiting for one CQE; lives on that coroutine's stack. */
@@ -86,6 +89,30 @@ struct loop *loop_new_flags(unsigned entries, unsigned flags)
     }
     cur_loop = l;
     return l;
+}
+
+int loop_register_buffer(struct loop *l, void *base, size_t len)
+{
+    struct iovec iov = { base, len };
+    int r;
+
+    if (l->fixed)
+        return -EBUSY;
+    r = io_uring_register_buffers(&l->ring, &iov, 1);
+    if (r < 0)
+        return r;
+    l->fixed = base;
+    l->fixed_len = len;
+    return 0;
+}
+
+void loop_unregister_buffer(struct loop *l)
+{
+    if (!l->fixed)
+        return;
+    io_uring_unregister_buffers(&l->ring);
+    l->fixed = NULL;
+    l->fixed_len = 0;
 }
 
 void loop_free(struct loop *l)
@@ -159,6 +186,7 @@ int loop_run(struct loop *l)
             return ret;
         }
         loop_reap(l);
+        co_queue_wake_all(&l->turn_wait);
     }
 }
 
@@ -167,6 +195,16 @@ int loop_run(struct loop *l)
 static inline struct loop *async_loop(void)
 {
     return co_self() ? cur_loop : NULL;
+}
+
+bool loop_wait_file_turn(unsigned min)
+{
+    struct loop *l = async_loop();
+
+    if (!l || !l->coalesce || l->file_inflight < min)
+        return false;
+    co_queue_wait(&l->turn_wait);
+    return true;
 }
 
 static struct io_uring_sqe *loop_sqe(struct loop *l)
@@ -274,7 +312,15 @@ static ssize_t rw_once(bool write, bool now, int fd, const struct iovec *iov, in
 
     if (l) {
         struct io_uring_sqe *sqe = loop_sqe(l);
-        if (iovcnt == 1) {
+        const uint8_t *b = iov[0].iov_base;
+        if (iovcnt == 1 && l->fixed && b >= l->fixed && iov[0].iov_len <= l->fixed_len &&
+            (size_t)(b - l->fixed) <= l->fixed_len - iov[0].iov_len) {
+            /* Inside the registered buffer: no page pinning per I/O. */
+            if (write)
+                io_uring_prep_write_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, off, 0);
+            else
+                io_uring_prep_read_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, off, 0);
+        } else if (iovcnt == 1) {
             if (write)
                 io_uring_prep_write(sqe, fd, iov[0].iov_base, iov[0].iov_len, off);
             else

@@ -28,6 +28,12 @@ struct loop *loop_new(unsigned entries);
 #define LOOP_COALESCE 1u
 struct loop *loop_new_flags(unsigned entries, unsigned flags);
 void loop_free(struct loop *l);
+/* Register [base, base+len) with the ring (one region per loop): reads and
+ * writes whose buffer lies inside it skip the kernel's per-I/O page pinning.
+ * The memory stays pinned until loop_unregister_buffer; 0 or -errno (e.g.
+ * over RLIMIT_MEMLOCK: then nothing changes). */
+int loop_register_buffer(struct loop *l, void *base, size_t len);
+void loop_unregister_buffer(struct loop *l);
 struct loop *loop_current(void);
 
 /* Run until loop_stop() was called and no coroutine is left alive, or until
@@ -35,6 +41,10 @@ struct loop *loop_current(void);
  * -errno if the ring failed. */
 int loop_run(struct loop *l);
 void loop_stop(struct loop *l);
+/* In a coroutine, with LOOP_COALESCE and at least min file reads and writes
+ * in flight: park until the loop next wakes up (their completions bound the
+ * wait) and return true; else return false at once. */
+bool loop_wait_file_turn(unsigned min);
 bool loop_stopping(struct loop *l);
 
 /* Full-length positional I/O.  Reads return the bytes read (less than len

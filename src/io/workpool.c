@@ -66,6 +66,16 @@ int wp_threads(void)
     return n;
 }
 
+static void post(struct wp_job *j)
+{
+    /* The job's memory is the owner's again once posted: touch it no more. */
+    int r = mailbox_post(j->port->mb, &j->msg);
+    if (r < 0) {
+        uq_error("compression worker: cannot wake the engine: %d", r);
+        abort();    /* the owner would wait forever */
+    }
+}
+
 static void *worker(void *arg)
 {
     (void)arg;
@@ -82,22 +92,37 @@ static void *worker(void *arg)
         if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) < 0)
             uq_debug("compression worker: cannot lower its priority");
     }
+    struct wp_job *held = NULL;
     for (;;) {
         pthread_mutex_lock(&wp_lock);
-        while (!wp_head)
+        while (!held && !wp_head)
             pthread_cond_wait(&wp_cond, &wp_lock);
         struct wp_job *j = wp_head;
+        /* Keep a finished job back while running the next one of the same
+         * port, then post both: one wake-up of the engine for two jobs (a
+         * wake-up costs it about as much as handling a job).  Only when
+         * the next is already queued, so a lone job is never delayed, and
+         * one at a time, so none waits longer than one more job. */
+        if (held && (!j || j->port != held->port)) {
+            pthread_mutex_unlock(&wp_lock);
+            post(held);
+            held = NULL;
+            continue;
+        }
         wp_head = j->qnext;
         if (!wp_head)
             wp_tail = NULL;
+        bool hold = !held && wp_head && wp_head->port == j->port;
         pthread_mutex_unlock(&wp_lock);
         j->fn(j);
-        /* The job's memory is the owner's again once posted: touch it no more. */
-        int r = mailbox_post(j->port->mb, &j->msg);
-        if (r < 0) {
-            uq_error("compression worker: cannot wake the engine: %d", r);
-            abort();    /* the owner would wait forever */
+        if (held) {
+            post(held);
+            held = NULL;
         }
+        if (hold)
+            held = j;
+        else
+            post(j);
     }
     return NULL;
 }

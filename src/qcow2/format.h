@@ -238,8 +238,10 @@ int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8
  * -EIO when the input is not a valid stream for the image's compression type. */
 int qcow2_decompress(enum qcow2_compression type, const uint8_t *in, size_t in_len,
                      uint8_t *out, size_t out_len);
-/* Only the first want bytes (0 < want <= out_len) of the cluster: cheaper for
- * zlib, which stops inflating there; want == out_len is qcow2_decompress. */
+/* Only the first want bytes (0 < want <= out_len) of the cluster, the rest of
+ * out untouched: zlib stops inflating there, zstd after the block holding it;
+ * want == out_len is qcow2_decompress.  -EIO when the input ends or is
+ * malformed before want bytes came out (what follows them is not judged). */
 int qcow2_decompress_prefix(enum qcow2_compression type, const uint8_t *in, size_t in_len,
                             uint8_t *out, size_t out_len, size_t want);
 /* Compress one cluster; returns the compressed length, or -ENOSPC if it does

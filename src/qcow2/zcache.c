@@ -18,10 +18,14 @@
  * request that starts later can see it.
  *
  * Only the engine's thread touches the cache (no locks); workers see only a
- * job's own buffers.  A read needing the start of a cluster may decompress
- * only the prefix it needs (zlib stops early); a read from the cluster's
- * first byte takes all of it, so sequential readers decompress each cluster
- * once and the reads after it hit the cache. */
+ * job's own buffers.  Partial decompression: a read of [a, b) needs only
+ * the prefix [0, b), and inflating costs about linearly in the output, so a
+ * random read decompresses only that prefix (half a cluster on average).
+ * The entry remembers how much is valid; a read beyond it is a miss.  The
+ * whole cluster is decompressed when the reader is sequential (the read
+ * continues where a recent one ended, see want_for) or touches a cluster a
+ * second time, so sequential readers decompress each cluster once and the
+ * reads after it hit the cache. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +34,8 @@
 #include "qcow2/internal.h"
 
 #define ZC_MIN_ENTRIES 4u
+#define ZC_STREAMS 16u              /* sequential readers recognised at once */
+#define ZC_ALIGN 4096u              /* compressed data is read in aligned spans of this */
 
 struct zc_entry {
     uint64_t coff, nbytes;          /* key: the compressed data's host range */
@@ -49,6 +55,8 @@ struct zcache {
     struct zc_entry **hash;         /* by the host cluster the data starts in */
     uint32_t hash_mask;
     struct zc_entry lru;            /* sentinel: lru.next is the least recently used */
+    uint64_t ends[ZC_STREAMS];      /* guest offsets where recent reads ended, + 1 (0: none) */
+    uint32_t ends_next;
     uint64_t *faults;               /* fault injection: guest clusters whose decompression fails */
     size_t nfaults;
     stat_counter hits, misses, decompressed;
@@ -61,6 +69,8 @@ struct zjob {
     size_t in_len;
     uint8_t *out;
     size_t out_len, want;
+    uint8_t *copy_to;               /* the read's buffer: gets out[copy_off, +copy_len) */
+    size_t copy_off, copy_len;
     bool fail;                      /* fault injection */
     ssize_t result;
     bool compress;
@@ -75,6 +85,11 @@ static void zjob_run(struct wp_job *w)
         j->result = qcow2_compress(j->type, j->in, j->in_len, j->out, j->out_len);
     else
         j->result = qcow2_decompress_prefix(j->type, j->in, j->in_len, j->out, j->out_len, j->want);
+    /* The reader's copy too: a 64 KiB memcpy is a good part of what a
+     * compressed read costs the engine thread, where every other request
+     * waits for it.  The buffer is the parked reader's alone. */
+    if (!j->compress && j->result == 0 && j->copy_len)
+        memcpy(j->copy_to, j->out + j->copy_off, j->copy_len);
 }
 
 static void parse_faults(struct zcache *z)
@@ -276,21 +291,30 @@ static bool fault_at(const struct zcache *z, const struct qcow2 *q, uint64_t gue
     return false;
 }
 
-/* Read the compressed bytes and decompress the first want bytes into out
- * (on the pool).  0 or -errno (logged). */
+/* Read the compressed bytes and decompress the first want bytes into out,
+ * then copy out[from, from+len) into buf (on the pool).  0 or -errno (logged). */
 static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
-                uint8_t *out, size_t want)
+                uint8_t *out, size_t want, uint64_t from, uint64_t len, uint8_t *buf)
 {
     uint64_t cs = cl_size(q);
-    uint8_t *in = malloc(nbytes);
-    if (!in)
+    /* The 4 KiB-aligned span around the compressed bytes, into an aligned
+     * buffer: with O_DIRECT an unaligned read would go through a bounce
+     * buffer and a copy on the engine thread. */
+    uint64_t head = coff & (ZC_ALIGN - 1), span = (head + nbytes + ZC_ALIGN - 1) & ~(uint64_t)(ZC_ALIGN - 1);
+    void *mem;
+    if (posix_memalign(&mem, ZC_ALIGN, span) != 0)
         return -ENOMEM;
-    ssize_t n = file_pread_any(&q->file, in, nbytes, coff);
+    uint8_t *in = mem;
+    ssize_t n = file_pread_any(&q->file, in, span, coff - head);
     int r = (int)(n < 0 ? n : 0);
     if (r == 0) {
+        /* Short at the end of the file: what is there (the stream judges). */
+        uint64_t got = (uint64_t)n > head ? (uint64_t)n - head : 0;
+        size_t in_len = (size_t)(got < nbytes ? got : nbytes);
         struct zjob j = {
-            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in, .in_len = (size_t)n,
+            .wp.fn = zjob_run, .type = q->h.compression_type, .in = in + head, .in_len = in_len,
             .out = out, .out_len = cs, .want = want,
+            .copy_to = buf, .copy_off = (size_t)from, .copy_len = (size_t)len,
             .fail = q->zc && q->zc->nfaults && fault_at(q->zc, q, guest_off),
         };
         wp_run(&q->port, &j.wp);
@@ -305,16 +329,26 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
     return r;
 }
 
-/* How much of the cluster to decompress for a read of [in, in+len):
- * everything when the read starts the cluster (sequential readers read the
- * rest next) or needs most of it; else the prefix up to the read's end,
- * rounded to 4 KiB (zlib stops early: a random read costs half as much). */
-static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len)
+/* Does a read at guest_off continue one that ended there recently (a
+ * sequential reader)?  Then note where this one ends, for the next. */
+static bool continues(struct zcache *z, uint64_t guest_off, uint64_t len)
+{
+    bool seq = false;
+    for (uint32_t i = 0; i < ZC_STREAMS && !seq; i++)
+        seq = z->ends[i] == guest_off + 1;
+    z->ends[z->ends_next++ % ZC_STREAMS] = guest_off + len + 1;
+    return seq;
+}
+
+/* How much of the cluster to decompress for a read of [in, in+len): all of
+ * it for a sequential reader (it reads the rest next) or when the cluster
+ * was touched before (its prefix was too short: locality, do not creep up
+ * on it 4 KiB at a time); else the prefix up to the read's end, rounded to
+ * 4 KiB so that small reads of one page share it. */
+static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len, bool whole)
 {
     uint64_t cs = cl_size(q), need = (in + len + 4095) & ~4095ull;
-    if (in == 0 || need >= cs - cs / 4)
-        return cs;
-    return need;
+    return whole || need >= cs ? cs : need;
 }
 
 int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
@@ -322,6 +356,7 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
 {
     struct zcache *z = q->zc;
     uint64_t cs = cl_size(q);
+    bool whole = z && continues(z, guest_off, len);
     for (;;) {
         struct zc_entry *e = z ? lookup(q, z, coff, nbytes) : NULL;
         if (e && !e->loading && e->valid >= in + len) {
@@ -345,7 +380,8 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
             return r;
         }
         if (e && e->loading) {
-            /* A shorter prefix is on its way; wait, then decompress more. */
+            /* A shorter prefix is on its way; wait, then decompress all. */
+            whole = true;
             e->pins++;
             co_queue_wait(&e->waiters);
             e->pins--;
@@ -353,32 +389,30 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
                 entry_free(z, e);
             continue;
         }
-        if (e)
-            unhash(q, z, e);    /* too short a prefix: replaced by a longer one */
+        if (e) {
+            whole = true;
+            unhash(q, z, e);    /* too short a prefix: replaced by the whole cluster */
+        }
         break;
     }
     if (z)
         stat_add(&z->misses, 1);
-    size_t want = want_for(q, in, len);
+    size_t want = want_for(q, in, len, whole);
     struct zc_entry *e = z ? entry_new(q, z, coff, nbytes) : NULL;
     if (!e) {
         uint8_t *out = malloc(cs);
         if (!out)
             return -ENOMEM;
-        int r = load(q, coff, nbytes, guest_off, out, want);
-        if (r == 0)
-            memcpy(buf, out + in, len);
+        int r = load(q, coff, nbytes, guest_off, out, want, in, len, buf);
         free(out);
         return r;
     }
     e->target = (uint32_t)want;
-    int r = load(q, coff, nbytes, guest_off, e->data, want);
+    int r = load(q, coff, nbytes, guest_off, e->data, want, in, len, buf);
     e->loading = false;
     e->err = r;
-    if (r == 0) {
+    if (r == 0)
         e->valid = (uint32_t)want;
-        memcpy(buf, e->data + in, len);
-    }
     co_queue_wake_all(&e->waiters);
     /* Failed, or invalidated while it was loading: never published.  The
      * waiters (started before the invalidation) copy out first. */

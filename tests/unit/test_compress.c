@@ -178,6 +178,59 @@ static void test_zstd_qemu_stream(void)
     CHECK_EQ(qcow2_decompress(QCOW2_COMP_ZSTD, comp, n, out, cs), -EIO);
 }
 
+/* Partial decompression (a read needing only the start of a cluster): the
+ * first want bytes come out right and nothing after them is written; input
+ * that ends, or is malformed, before the prefix is complete is an error,
+ * never a short or garbage prefix; input broken only after the prefix still
+ * gives it (those bytes are intact), while the whole cluster fails. */
+static void prefix(enum qcow2_compression type)
+{
+    size_t cs = 65536;
+    fill(src, cs, 17);
+    ssize_t n = qcow2_compress(type, src, cs, comp, cs);
+    CHECK(n > 64);
+    if (n <= 64)
+        return;
+    for (size_t want = 512; want <= cs; want *= 2) {
+        memset(out, 0xee, cs);
+        CHECK_EQ(qcow2_decompress_prefix(type, comp, (size_t)n, out, cs, want), 0);
+        CHECK(memcmp(out, src, want) == 0);
+        size_t k = want;
+        while (k < cs && out[k] == 0xee)
+            k++;
+        CHECK_EQ(k, cs);
+    }
+    /* Input ending inside the prefix: 16 bytes cannot hold 4 KiB of it. */
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, 16, out, cs, 4096), -EIO);
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, 0, out, cs, 4096), -EIO);
+    /* Input cut short of the end: the whole cluster fails; a prefix either
+     * comes out right (zlib decodes as it goes) or fails (zstd decodes a
+     * block at a time), never anything else. */
+    CHECK_EQ(qcow2_decompress(type, comp, (size_t)n * 3 / 4, out, cs), -EIO);
+    memset(out, 0, cs);
+    int r = qcow2_decompress_prefix(type, comp, (size_t)n / 2, out, cs, 4096);
+    if (type == QCOW2_COMP_ZLIB)
+        CHECK_EQ(r, 0);
+    CHECK(r == -EIO || (r == 0 && memcmp(out, src, 4096) == 0));
+    /* A stream whose content ends before the prefix does: error. */
+    n = qcow2_compress(type, src, cs / 4, comp, cs);
+    CHECK(n > 0);
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, (size_t)n, out, cs, cs / 4), 0);
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, (size_t)n, out, cs, cs / 2), -EIO);
+    /* Malformed from the start: a deflate block of the reserved type 3
+     * (zlib), a damaged frame magic (zstd). */
+    n = qcow2_compress(type, src, cs, comp, cs);
+    if (type == QCOW2_COMP_ZLIB)
+        comp[0] |= 6;
+    else
+        comp[0] ^= 0xff;
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, (size_t)n, out, cs, 4096), -EIO);
+    CHECK_EQ(qcow2_decompress_prefix(type, comp, (size_t)n, out, cs, 512), -EIO);
+}
+
+static void test_zlib_prefix(void) { prefix(QCOW2_COMP_ZLIB); }
+static void test_zstd_prefix(void) { prefix(QCOW2_COMP_ZSTD); }
+
 /* Per-thread zstd contexts: each thread decompresses on its own and frees its
  * context at exit (LeakSanitizer in the debug build checks the latter). */
 struct thread_arg { const uint8_t *in; size_t in_len; int ok; };
@@ -227,6 +280,8 @@ int main(void)
     RUN_TEST(test_incompressible);
     RUN_TEST(test_zlib_qemu_stream);
     RUN_TEST(test_zstd_qemu_stream);
+    RUN_TEST(test_zlib_prefix);
+    RUN_TEST(test_zstd_prefix);
     RUN_TEST(test_zstd_threads);
     RUN_TEST(test_bad_type);
     UNIT_EXIT();

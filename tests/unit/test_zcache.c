@@ -1,7 +1,10 @@
 /* The cache of decompressed clusters and the worker pool, on a real image
  * driven by coroutines on an io_uring loop (as the servers drive it):
  *   - reading a compressed cluster piece by piece decompresses it once
- *     (also when all the pieces are requested at once);
+ *     (also when all the pieces are requested at once) when the reader is
+ *     sequential, twice at most when it is the stream's first cluster;
+ *   - a random read decompresses only the prefix it needs; a read beyond a
+ *     cached prefix decompresses the whole cluster (zlib and zstd);
  *   - readers running all the time never see a cluster's content from
  *     before a rewrite, discard, or free-and-reuse that completed before
  *     their read started (the reuse places new compressed data at the very
@@ -86,6 +89,16 @@ static int write_compressed_cluster(struct ctx *x, uint32_t c, uint32_t vid)
         r = img_flush(x->img);
     io_free(raw);
     free(comp);
+    return r;
+}
+
+/* Guest clusters 0..n-1 compressed, cluster c with version vid0 + c. */
+static int write_clusters(struct image *img, uint32_t n, uint32_t vid0)
+{
+    struct ctx x = { .img = img, .q = to_qcow2(img) };
+    int r = 0;
+    for (uint32_t c = 0; c < n && r == 0; c++)
+        r = write_compressed_cluster(&x, c, vid0 + c);
     return r;
 }
 
@@ -223,10 +236,13 @@ static struct image *open_img(void)
     return img;
 }
 
+static enum qcow2_compression make_type = QCOW2_COMP_ZLIB;
+
 static bool make_image(void)
 {
     struct create_opts co;
     create_opts_init(&co);
+    co.compression = make_type;
     co.size = (uint64_t)NCL * CS * 4;
     co.size_set = true;
     co.cluster_size = CS;
@@ -288,9 +304,7 @@ static void seq_piece(void *arg)
 static void seq_main(void *arg)
 {
     struct seq *s = arg;
-    struct ctx x = { .img = s->img, .q = to_qcow2(s->img) };
-    for (uint32_t c = 0; c < 2 && s->r == 0; c++)
-        s->r = write_compressed_cluster(&x, c, 1000 + c);
+    s->r = write_clusters(s->img, 2, 1000);
     if (s->r)
         return;
     /* Cluster 0: one piece at a time. */
@@ -321,10 +335,84 @@ static void test_piecewise_reads_decompress_once(void)
     CHECK_EQ(s.r, 0);
     struct img_stats st;
     img_get_stats(s.img, &st);
-    CHECK_EQ(st.clusters_decompressed, 2);
-    CHECK_EQ(st.zcache_hits, 2 * (CS / PIECE) - 2);
+    /* Cluster 0 starts the stream: its first piece looks like a random read
+     * (a 4 KiB prefix), the second one takes all of it.  Cluster 1 continues
+     * the stream: decompressed once, all its pieces waiting for that. */
+    CHECK_EQ(st.clusters_decompressed, 3);
+    CHECK_EQ(st.zcache_hits, 2 * (CS / PIECE) - 3);
     CHECK_EQ(img_close(s.img), 0);
 }
+
+/* Random reads decompress a prefix; one beyond it decompresses the whole
+ * cluster; one continuing where the last ended does too. */
+struct pre { struct image *img; int r; uint64_t dec, hits; };
+
+/* Read piece p of cluster c and check it; what it cost in decompressions
+ * and cache hits goes to s->dec and s->hits. */
+static void pre_read(struct pre *s, uint32_t c, uint32_t p)
+{
+    struct img_stats a, b;
+    uint8_t *buf = io_alloc(PIECE), *want = io_alloc(CS);
+    content(want, c, 500 + c);
+    img_get_stats(s->img, &a);
+    int r = img_read(s->img, buf, (uint64_t)c * CS + p * PIECE, PIECE);
+    img_get_stats(s->img, &b);
+    if (s->r == 0 && (r < 0 || memcmp(buf, want + p * PIECE, PIECE) != 0))
+        s->r = r < 0 ? r : -EBADMSG;
+    s->dec = b.clusters_decompressed - a.clusters_decompressed;
+    s->hits = b.zcache_hits - a.zcache_hits;
+    io_free(buf);
+    io_free(want);
+}
+
+static void pre_main(void *arg)
+{
+    struct pre *s = arg;
+    s->r = write_clusters(s->img, 4, 500);
+    if (s->r)
+        return;
+    pre_read(s, 2, 5);          /* random: the prefix [0, 24k) */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 2, 2);          /* inside the prefix: a hit */
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 2, 0);
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 2, 9);          /* beyond it: the whole cluster */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 2, 13);
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 2, 15);         /* ends where cluster 3 starts */
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 3, 0);          /* sequential: the whole cluster at once */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 3, 12);
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 0, 0);          /* random, at a cluster's start: 4 KiB */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 0, 7);          /* a second touch: all of it */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 0, 3);
+    CHECK(s->dec == 0 && s->hits == 1);
+}
+
+static void prefix_reads(enum qcow2_compression type)
+{
+    make_type = type;
+    bool made = make_image();
+    make_type = QCOW2_COMP_ZLIB;
+    if (!made)
+        { CHECK(0); return; }
+    struct pre s = { .img = open_img() };
+    if (!s.img)
+        { CHECK(0); return; }
+    CHECK_EQ(to_qcow2(s.img)->h.compression_type, type);
+    run_in_loop(pre_main, &s);
+    CHECK_EQ(s.r, 0);
+    CHECK_EQ(img_close(s.img), 0);
+}
+
+static void test_prefix_reads_zlib(void) { prefix_reads(QCOW2_COMP_ZLIB); }
+static void test_prefix_reads_zstd(void) { prefix_reads(QCOW2_COMP_ZSTD); }
 
 /* Fault injection: decompressing guest cluster 3 fails on the worker. */
 struct fault { struct image *img; int bad_r, good_r, again_r; unsigned live; struct co_queue q; };
@@ -361,11 +449,7 @@ static void fault_bad(void *arg)
 static void fault_main(void *arg)
 {
     struct fault *f = arg;
-    struct ctx x = { .img = f->img, .q = to_qcow2(f->img) };
-    int r = 0;
-    for (uint32_t c = 0; c < NCL && r == 0; c++)
-        r = write_compressed_cluster(&x, c, 1 + c);
-    CHECK_EQ(r, 0);
+    CHECK_EQ(write_clusters(f->img, NCL, 1), 0);
     f->live = 2;
     co_spawn(fault_bad, f);
     co_spawn(fault_good, f);
@@ -397,6 +481,8 @@ int main(void)
     snprintf(path, sizeof(path), "%s/c.qcow2", dir);
     zero_fd = open("/dev/zero", O_RDONLY | O_CLOEXEC);
     RUN_TEST(test_piecewise_reads_decompress_once);
+    RUN_TEST(test_prefix_reads_zlib);
+    RUN_TEST(test_prefix_reads_zstd);
     RUN_TEST(test_rewrite_discard_reuse_under_reads);
     RUN_TEST(test_fault_fails_that_read_only);
     unlink(path);
