@@ -341,14 +341,17 @@ static bool continues(struct zcache *z, uint64_t guest_off, uint64_t len)
 }
 
 /* How much of the cluster to decompress for a read of [in, in+len): all of
- * it for a sequential reader (it reads the rest next) or when the cluster
- * was touched before (its prefix was too short: locality, do not creep up
- * on it 4 KiB at a time); else the prefix up to the read's end, rounded to
+ * it for a sequential reader (it reads the rest next), for a read from the
+ * cluster's first byte (several sequential readers at once, e.g. a deep
+ * queue of interleaved jobs, defeat `continues`: with prefixes there the
+ * engine's 4k sequential reads cost 4x the CPU), or when the cluster was
+ * touched before (its prefix was too short: locality, do not creep up on
+ * it 4 KiB at a time); else the prefix up to the read's end, rounded to
  * 4 KiB so that small reads of one page share it. */
 static size_t want_for(const struct qcow2 *q, uint64_t in, uint64_t len, bool whole)
 {
     uint64_t cs = cl_size(q), need = (in + len + 4095) & ~4095ull;
-    return whole || need >= cs ? cs : need;
+    return whole || in == 0 || need >= cs ? cs : need;
 }
 
 int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,

@@ -335,11 +335,11 @@ static void test_piecewise_reads_decompress_once(void)
     CHECK_EQ(s.r, 0);
     struct img_stats st;
     img_get_stats(s.img, &st);
-    /* Cluster 0 starts the stream: its first piece looks like a random read
-     * (a 4 KiB prefix), the second one takes all of it.  Cluster 1 continues
-     * the stream: decompressed once, all its pieces waiting for that. */
-    CHECK_EQ(st.clusters_decompressed, 3);
-    CHECK_EQ(st.zcache_hits, 2 * (CS / PIECE) - 3);
+    /* Cluster 0's first piece starts the cluster: all of it.  Cluster 1
+     * continues the stream: decompressed once too, all its pieces waiting
+     * for that. */
+    CHECK_EQ(st.clusters_decompressed, 2);
+    CHECK_EQ(st.zcache_hits, 2 * (CS / PIECE) - 2);
     CHECK_EQ(img_close(s.img), 0);
 }
 
@@ -387,11 +387,15 @@ static void pre_main(void *arg)
     CHECK(s->dec == 1 && s->hits == 0);
     pre_read(s, 3, 12);
     CHECK(s->dec == 0 && s->hits == 1);
-    pre_read(s, 0, 0);          /* random, at a cluster's start: 4 KiB */
+    pre_read(s, 0, 0);          /* random, at a cluster's start: all of it */
     CHECK(s->dec == 1 && s->hits == 0);
-    pre_read(s, 0, 7);          /* a second touch: all of it */
+    pre_read(s, 0, 7);
+    CHECK(s->dec == 0 && s->hits == 1);
+    pre_read(s, 1, 3);          /* random: the prefix [0, 16k) */
     CHECK(s->dec == 1 && s->hits == 0);
-    pre_read(s, 0, 3);
+    pre_read(s, 1, 7);          /* a second touch: all of it */
+    CHECK(s->dec == 1 && s->hits == 0);
+    pre_read(s, 1, 12);
     CHECK(s->dec == 0 && s->hits == 1);
 }
 
