@@ -251,6 +251,18 @@ int io_submit_wait(io_prep_fn prep, void *arg)
     return loop_wait(l, sqe);
 }
 
+/* A READ_FIXED or WRITE_FIXED of registered buffer idx; addr is a user
+ * address for a buffer we registered, the offset into it for one the
+ * kernel registered. */
+static void prep_rw_fixed(struct io_uring_sqe *sqe, bool write, int fd, void *addr, size_t len,
+                          uint64_t off, unsigned idx)
+{
+    if (write)
+        io_uring_prep_write_fixed(sqe, fd, addr, (unsigned)len, off, (int)idx);
+    else
+        io_uring_prep_read_fixed(sqe, fd, addr, (unsigned)len, off, (int)idx);
+}
+
 /* One transfer's result in a loop moving len bytes: 1 go on (counted in
  * *done, or an interrupted try to repeat), 0 stop at the end of the file
  * (a read), -errno fail (a write that made no progress: -EIO). */
@@ -282,12 +294,7 @@ ssize_t io_rw_fixed(bool write, int fd, unsigned idx, uint64_t buf_off, size_t l
         struct io_uring_sqe *sqe = loop_sqe(l);
         /* For a buffer the kernel registered (a bvec table), the address
          * is the byte offset into that buffer. */
-        if (write)
-            io_uring_prep_write_fixed(sqe, fd, (void *)(uintptr_t)(buf_off + done),
-                                      (unsigned)(len - done), off + done, (int)idx);
-        else
-            io_uring_prep_read_fixed(sqe, fd, (void *)(uintptr_t)(buf_off + done),
-                                     (unsigned)(len - done), off + done, (int)idx);
+        prep_rw_fixed(sqe, write, fd, (void *)(uintptr_t)(buf_off + done), len - done, off + done, idx);
         sqe->rw_flags = rw_flags;
         int r = rw_progress(loop_wait_as(l, sqe, true), write, &done);
         if (r <= 0) {
@@ -316,10 +323,7 @@ static ssize_t rw_once(bool write, bool now, int fd, const struct iovec *iov, in
         if (iovcnt == 1 && l->fixed && b >= l->fixed && iov[0].iov_len <= l->fixed_len &&
             (size_t)(b - l->fixed) <= l->fixed_len - iov[0].iov_len) {
             /* Inside the registered buffer: no page pinning per I/O. */
-            if (write)
-                io_uring_prep_write_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, off, 0);
-            else
-                io_uring_prep_read_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, off, 0);
+            prep_rw_fixed(sqe, write, fd, iov[0].iov_base, iov[0].iov_len, off, 0);
         } else if (iovcnt == 1) {
             if (write)
                 io_uring_prep_write(sqe, fd, iov[0].iov_base, iov[0].iov_len, off);

@@ -213,6 +213,19 @@ static int tag_rw_zc(struct ublk_tag *t, bool write, uint64_t off, uint64_t len,
     return r;
 }
 
+/* A read or write: zero copy devices by tag_rw_zc, others with the tag's
+ * buffer. */
+static int tag_rw(struct ublk_tag *t, bool write, uint64_t off, uint64_t len, unsigned flags)
+{
+    struct ublk_queues *qs = t->q->qs;
+    if (len > qs->cfg.buf_bytes)
+        return -EIO;
+    int r = qs->cfg.zero_copy ? tag_rw_zc(t, write, off, len, flags)
+            : write ? img_write(qs->cfg.img, t->buf, off, len, flags)
+            : img_read(qs->cfg.img, t->buf, off, len);
+    return r < 0 ? r : (int)len;
+}
+
 static int tag_execute_op(struct ublk_tag *t)
 {
     struct image *img = t->q->qs->cfg.img;
@@ -220,22 +233,13 @@ static int tag_execute_op(struct ublk_tag *t)
     unsigned op = ublksrv_get_op(d);
     uint64_t off = d->start_sector << 9;
     uint64_t len = (uint64_t)d->nr_sectors << 9;
-    int r;
 
     switch (op) {
     case UBLK_IO_OP_READ:
-        if (len > t->q->qs->cfg.buf_bytes)
-            return -EIO;
-        r = t->q->qs->cfg.zero_copy ? tag_rw_zc(t, false, off, len, 0) : img_read(img, t->buf, off, len);
-        return r < 0 ? r : (int)len;
+        return tag_rw(t, false, off, len, 0);
     case UBLK_IO_OP_WRITE:
-        if (len > t->q->qs->cfg.buf_bytes)
-            return -EIO;
         /* FUA: the kernel wants this write durable before it completes. */
-        r = t->q->qs->cfg.zero_copy
-            ? tag_rw_zc(t, true, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0)
-            : img_write(img, t->buf, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0);
-        return r < 0 ? r : (int)len;
+        return tag_rw(t, true, off, len, (d->op_flags & UBLK_IO_F_FUA) ? IMG_FUA : 0);
     case UBLK_IO_OP_FLUSH:
         return img_flush(img);
     case UBLK_IO_OP_DISCARD:
