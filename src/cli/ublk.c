@@ -524,7 +524,6 @@ int cmd_del(int argc, char **argv)
 
 /* ---- list ----------------------------------------------------------------------- */
 
-
 static void list_usage(FILE *out)
 {
     fprintf(out,
@@ -751,7 +750,7 @@ int cmd_list(int argc, char **argv)
                 printf(", \"format\": ");
                 json_put_string(stdout, st.format);
                 printf(", \"read_only\": %s, \"zero_copy\": %s", st.read_only ? "true" : "false",
-                       st.zero_copy ? "true" : "false");
+                       ublk_uses_zero_copy(info.flags) ? "true" : "false");
             } else {
                 printf("null, \"format\": null, \"read_only\": null, \"zero_copy\": null");
             }

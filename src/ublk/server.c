@@ -427,9 +427,9 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
      * old daemon held at its closed gate (never executed, so reissuing them
      * is always safe).  QUIESCE (6.16+, only with USER_RECOVERY) lets
      * `restart` ask the kernel to stop handing requests to the old daemon. */
+    uint64_t features = 0;
+    bool features_known = ublk_ctrl_features(ctrl, &features);
     if (o->recovery) {
-        uint64_t features = 0;
-        ublk_ctrl_features(ctrl, &features);
         info->flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
         if (features & UBLK_F_QUIESCE)
             info->flags |= UBLK_F_QUIESCE;
@@ -438,9 +438,9 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
      * each request's pages, and user copy for the requests that need
      * their bytes.  Neither is open to unprivileged devices, and the
      * ring's buffer table has at most 16384 slots (one per tag). */
-    uint64_t zc_features = 0, zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
-    bool want_zc = !o->no_zero_copy && geteuid() == 0 && ublk_ctrl_features(ctrl, &zc_features) &&
-                   (zc_features & zc) == zc && o->nr_queues * o->depth <= 16384;
+    uint64_t zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+    bool want_zc = !o->no_zero_copy && geteuid() == 0 && features_known && (features & zc) == zc &&
+                   o->nr_queues * o->depth <= 16384;
     if (want_zc)
         info->flags |= zc;
     struct ublksrv_ctrl_dev_info asked = *info;
@@ -653,7 +653,6 @@ static void write_state_file(const struct daemon *d)
         .queues = d->info.nr_hw_queues, .depth = d->info.queue_depth,
         .buf_bytes = d->buf_bytes, .cache_size = o->cache_size,
         .discard_unmap = o->discard == IMG_DISCARD_UNMAP, .discard_no_unref = o->discard_no_unref,
-        .zero_copy = ublk_uses_zero_copy(d->info.flags),
     };
     snprintf(st.image, sizeof(st.image), "%s", o->image);
     snprintf(st.key_file, sizeof(st.key_file), "%s", o->key_file ? o->key_file : "");
@@ -940,7 +939,6 @@ int ublk_state_write(const struct ublk_state *s)
             s->read_only ? "true" : "false", s->recovery ? "true" : "false", s->queues, s->depth, s->buf_bytes,
             (unsigned long long)s->cache_size, s->discard_unmap ? "unmap" : "ignore",
             s->discard_no_unref ? "true" : "false");
-    fprintf(f, ", \"zero_copy\": %s", s->zero_copy ? "true" : "false");
     if (s->snapshot[0]) {
         fprintf(f, ", \"snapshot\": ");
         json_put_string(f, s->snapshot);
@@ -1004,7 +1002,6 @@ int ublk_state_read_in(const char *dir, uint32_t id, struct ublk_state *s)
     char mode[16];
     s->discard_unmap = json_get_string(buf, "discard", mode, sizeof(mode)) && !strcmp(mode, "unmap");
     s->discard_no_unref = json_get_true(buf, "discard_no_unref");
-    s->zero_copy = json_get_true(buf, "zero_copy");
     if (!json_get_string(buf, "snapshot", s->snapshot, sizeof(s->snapshot)))
         s->snapshot[0] = '\0';
     if (!json_get_string(buf, "key_file", s->key_file, sizeof(s->key_file)))

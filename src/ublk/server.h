@@ -90,7 +90,6 @@ struct ublk_state {
     uint64_t cache_size;
     bool discard_unmap;
     bool discard_no_unref;
-    bool zero_copy;             /* requests served with zero copy (see ublk/queue.h) */
     char snapshot[512];         /* "" unless serving an internal snapshot */
     char key_file[PATH_MAX];    /* where the passphrase came from ("" if not a file) */
     char key_env[256];          /* ... or the environment variable's name */
