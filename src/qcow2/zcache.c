@@ -35,7 +35,7 @@
 
 #define ZC_MIN_ENTRIES 4u
 #define ZC_STREAMS 16u              /* sequential readers recognised at once */
-#define ZC_ALIGN 4096u              /* compressed data is read in aligned spans of this */
+#define ZC_ALIGN 512u               /* compressed data is read in aligned spans of this */
 
 struct zc_entry {
     uint64_t coff, nbytes;          /* key: the compressed data's host range */
@@ -297,9 +297,11 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
                 uint8_t *out, size_t want, uint64_t from, uint64_t len, uint8_t *buf)
 {
     uint64_t cs = cl_size(q);
-    /* The 4 KiB-aligned span around the compressed bytes, into an aligned
-     * buffer: with O_DIRECT an unaligned read would go through a bounce
-     * buffer and a copy on the engine thread. */
+    /* The 512-byte-aligned span around the compressed bytes (the file's
+     * O_DIRECT alignment), into an aligned buffer: an unaligned read would
+     * go through a bounce buffer and a copy on the engine thread.  Not 4 KiB:
+     * random compressed reads are bound by the disk's bandwidth, and 4 KiB
+     * spans read ~10% more bytes (26k vs 30-36k zstd reads/s here). */
     uint64_t head = coff & (ZC_ALIGN - 1), span = (head + nbytes + ZC_ALIGN - 1) & ~(uint64_t)(ZC_ALIGN - 1);
     void *mem;
     if (posix_memalign(&mem, ZC_ALIGN, span) != 0)
