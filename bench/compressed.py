@@ -132,6 +132,21 @@ def engine(env, binary, img, wl):
     return {"iops": d["iops"], "cpu_us_per_io": (d["cpu_user_s"] + d["cpu_sys_s"]) / ios * 1e6}
 
 
+def disk_ceiling(env, img):
+    """What the device itself allows for random compressed reads: fio O_DIRECT random reads
+    of the size of one cluster's compressed data (the file's size over its clusters, in
+    512-byte-aligned spans as the engine reads them), at the same depth.  A random 4k read
+    of a compressed cluster needs all of its compressed bytes (a zstd cluster is one block),
+    so no server can beat this on this device."""
+    bs = (os.path.getsize(img) // max(1, env.size // 65536) + 511) // 512 * 512 + 512
+    out = os.path.join(env.logs, "z-ceiling.json")
+    run(["fio", "--name=ceiling", f"--filename={img}", "--rw=randread", f"--bs={bs}", "--blockalign=512",
+         "--direct=1", "--ioengine=io_uring", f"--iodepth={env.depth}", f"--runtime={env.secs}s",
+         "--time_based", "--norandommap", "--gtod_reduce=1", "--output-format=json", f"--output={out}"],
+        timeout=env.secs + 120)
+    return {"iops": parse_fio(out)["read_iops"], "cpu_us_per_io": 0.0}
+
+
 def p99_test(env, img):
     """p99 of 4k reads of uncompressed clusters, idle and with a compressed stream."""
     res = {}
@@ -178,6 +193,8 @@ def main(binary):
                      ("engine, uncompressed source", lambda: engine(env, env.binary, imgs["plain"], wl))]
             if env.baseline:
                 paths.append(("engine, baseline build", lambda: engine(env, env.baseline, imgs[comp], wl)))
+            if wl == "randread_4k":
+                paths.append(("disk ceiling (fio, compressed bytes)", lambda: disk_ceiling(env, imgs[comp])))
             for kind in ("ours", "qemu"):
                 def nbd(kind=kind):
                     with Server(env, kind, imgs[comp]) as s:
@@ -228,6 +245,10 @@ def report(doc):
             if o and q:
                 lines.append(f"| {comp} {wl} NBD >= {want}x qemu-nbd | {o / q:.2f}x | "
                              f"{'yes' if o / q >= want else 'no'} |")
+            d = get(comp, wl, "disk ceiling (fio, compressed bytes)").get("iops")
+            if o and q and d:
+                lines.append(f"| (the device's ceiling for {comp} {wl}: {d / q:.2f}x qemu-nbd; "
+                             f"ours reach {o / d:.0%} of it) | | |")
         e, b = get(comp, "read_4k", "engine").get("iops"), get(comp, "read_4k", "engine, baseline build").get("iops")
         if e and b:
             lines.append(f"| {comp} read_4k engine >= 8x the baseline build | {e / b:.1f}x | "

@@ -29,12 +29,19 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "io/log.h"
 #include "qcow2/internal.h"
 
 #define ZC_MIN_ENTRIES 4u
 #define ZC_STREAMS 16u              /* sequential readers recognised at once */
+/* A decompression expected to take less than this runs on the engine
+ * thread: handing a job to a worker and back costs the engine about 8 us of
+ * CPU (two wake-ups), more than a small zstd inflate itself (64 KiB of the
+ * bench's data: ~5 us), and the other requests wait no longer than they
+ * would for the hand-over.  zlib (~100 us a cluster) stays on the pool. */
+#define ZC_INLINE_NS 10000u
 #define ZC_ALIGN 512u               /* compressed data is read in aligned spans of this */
 
 struct zc_entry {
@@ -59,6 +66,9 @@ struct zcache {
     uint32_t ends_next;
     uint64_t *faults;               /* fault injection: guest clusters whose decompression fails */
     size_t nfaults;
+    uint64_t ns_per_kib;            /* recent decompression cost (EWMA; 0: none measured yet) */
+    uint64_t inline_ns;             /* ZC_INLINE_NS (tests: UBLK_QCOW2_ZC_INLINE_NS) */
+    uint64_t inline_jobs;
     stat_counter hits, misses, decompressed;
 };
 
@@ -73,8 +83,16 @@ struct zjob {
     size_t copy_off, copy_len;
     bool fail;                      /* fault injection */
     ssize_t result;
+    uint64_t ns;                    /* how long the decompression took */
     bool compress;
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void zjob_run(struct wp_job *w)
 {
@@ -83,13 +101,24 @@ static void zjob_run(struct wp_job *w)
         j->result = -EIO;
     else if (j->compress)
         j->result = qcow2_compress(j->type, j->in, j->in_len, j->out, j->out_len);
-    else
+    else {
+        uint64_t t0 = now_ns();
         j->result = qcow2_decompress_prefix(j->type, j->in, j->in_len, j->out, j->out_len, j->want);
+        j->ns = now_ns() - t0;
+    }
     /* The reader's copy too: a 64 KiB memcpy is a good part of what a
      * compressed read costs the engine thread, where every other request
      * waits for it.  The buffer is the parked reader's alone. */
     if (!j->compress && j->result == 0 && j->copy_len)
         memcpy(j->copy_to, j->out + j->copy_off, j->copy_len);
+}
+
+static void parse_test_env(struct zcache *z)
+{
+    /* UBLK_QCOW2_ZC_INLINE_NS=N: the inline threshold (tests: 0 never,
+     * a huge N always once a cost is known). */
+    const char *v = getenv("UBLK_QCOW2_ZC_INLINE_NS");
+    z->inline_ns = v && *v ? strtoull(v, NULL, 0) : ZC_INLINE_NS;
 }
 
 static void parse_faults(struct zcache *z)
@@ -138,6 +167,7 @@ int qcow2_zc_init(struct qcow2 *q, uint64_t bytes)
     z->hash_mask = buckets - 1;
     z->lru.prev = z->lru.next = &z->lru;
     parse_faults(z);
+    parse_test_env(z);
     q->zc = z;
     return 0;
 }
@@ -291,6 +321,27 @@ static bool fault_at(const struct zcache *z, const struct qcow2 *q, uint64_t gue
     return false;
 }
 
+/* Run a decompression job inline when it is expected to be cheaper than
+ * the hand-over to a worker (ZC_INLINE_NS), else on the pool; learn its
+ * cost either way.  The estimate follows the image's data (wall time: a
+ * worker's preemption makes it larger, which only errs towards the pool). */
+static void run_decompress(struct zcache *z, struct wp_port *port, struct zjob *j)
+{
+    uint64_t kib = (j->want + 1023) / 1024;
+    if (z && z->ns_per_kib && z->ns_per_kib * kib <= z->inline_ns) {
+        zjob_run(&j->wp);
+        z->inline_jobs++;
+    } else
+        wp_run(port, &j->wp);
+    if (!z)
+        return;
+    stat_add(&z->decompressed, 1);
+    if (j->result == 0 && j->ns) {
+        uint64_t cost = j->ns / (kib ? kib : 1);
+        z->ns_per_kib = z->ns_per_kib ? (z->ns_per_kib * 7 + cost) / 8 : cost;
+    }
+}
+
 /* Read the compressed bytes and decompress the first want bytes into out,
  * then copy out[from, from+len) into buf (on the pool).  0 or -errno (logged). */
 static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
@@ -319,10 +370,8 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
             .copy_to = buf, .copy_off = (size_t)from, .copy_len = (size_t)len,
             .fail = q->zc && q->zc->nfaults && fault_at(q->zc, q, guest_off),
         };
-        wp_run(&q->port, &j.wp);
+        run_decompress(q->zc, &q->port, &j);
         r = (int)j.result;
-        if (q->zc)
-            stat_add(&q->zc->decompressed, 1);
         if (r < 0)
             uq_error("%s: compressed cluster at 0x%llx (guest offset 0x%llx) does not decompress",
                      q->img.path, (unsigned long long)coff, (unsigned long long)start_of_cluster(q, guest_off));
@@ -460,6 +509,11 @@ void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in,
         res[i] = j[i].result;
     }
     free(j);
+}
+
+uint64_t qcow2_zc_inline_jobs(const struct qcow2 *q)
+{
+    return q->zc ? q->zc->inline_jobs : 0;
 }
 
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st)

@@ -10,7 +10,10 @@
  *     their read started (the reuse places new compressed data at the very
  *     host descriptor the cache holds);
  *   - a failed decompression (fault injected on the worker) fails that read
- *     with EIO and nothing else. */
+ *     with EIO and nothing else;
+ *   - decompressions expected to be cheap run inline on the engine thread
+ *     (after the first has measured the cost), with the same results and
+ *     the same failure rule; a threshold of 0 keeps every one on the pool. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -477,6 +480,35 @@ static void test_fault_fails_that_read_only(void)
     CHECK_EQ(img_close(f.img), 0);
 }
 
+/* The inline rule, made deterministic by its threshold: huge (every job
+ * after the first runs inline) or 0 (none does).  Data and a failure are
+ * the same either way. */
+static void inline_rule(const char *threshold, bool want_inline)
+{
+    if (!make_image())
+        { CHECK(0); return; }
+    setenv("UBLK_QCOW2_ZC_INLINE_NS", threshold, 1);
+    setenv("UBLK_QCOW2_FAULT_DECOMPRESS", "0x30000", 1);
+    struct fault f = { .img = open_img() };
+    unsetenv("UBLK_QCOW2_FAULT_DECOMPRESS");
+    unsetenv("UBLK_QCOW2_ZC_INLINE_NS");
+    if (!f.img)
+        { CHECK(0); return; }
+    run_in_loop(fault_main, &f);
+    CHECK_EQ(f.bad_r, -EIO);
+    CHECK_EQ(f.again_r, -EIO);
+    CHECK_EQ(f.good_r, 0);
+    uint64_t n = qcow2_zc_inline_jobs(to_qcow2(f.img));
+    if (want_inline)
+        CHECK(n >= NCL - 2);        /* all but the first job and maybe one racing it */
+    else
+        CHECK_EQ(n, 0);
+    CHECK_EQ(img_close(f.img), 0);
+}
+
+static void test_cheap_decompression_inline(void) { inline_rule("1000000000000", true); }
+static void test_inline_threshold_zero_uses_pool(void) { inline_rule("0", false); }
+
 int main(void)
 {
     snprintf(dir, sizeof(dir), "/tmp/uq-zcache.XXXXXX");
@@ -489,6 +521,8 @@ int main(void)
     RUN_TEST(test_prefix_reads_zstd);
     RUN_TEST(test_rewrite_discard_reuse_under_reads);
     RUN_TEST(test_fault_fails_that_read_only);
+    RUN_TEST(test_cheap_decompression_inline);
+    RUN_TEST(test_inline_threshold_zero_uses_pool);
     unlink(path);
     rmdir(dir);
     close(zero_fd);
