@@ -61,6 +61,8 @@ Environment:
   BENCH_DEPTH      queue depth (default 128)
   BENCH_SIZES      sparse image sizes (default 1G,8G,64G; quick 64M,256M,1G)
   BENCH_COMPRESSED_SIZE  compressed image size (default 1G, quick 64M)
+  BENCH_COMPRESSED_SUBSTRATES  disk,ram (default both): where the compressed section's images
+                   are; ram is ext4 on a loop device over /dev/shm (not bound by the disk)
   BENCH_UBLK_SIZE  image size in the VM (default 512M, quick 256M; the VM gets 4G RAM; making
                    the images under TCG takes about 3 minutes per GiB and substrate)
   BENCH_UBLK_DEPTH fio iodepth in the VM (default 64)
