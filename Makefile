@@ -5,9 +5,9 @@
 #   make soak       long crash/fuzz/soak runs
 #   make fuzz       libFuzzer targets (clang, ASan/UBSan) in build/fuzz (tests/fuzz/t_fuzz.sh runs them)
 CC      ?= cc
-PKGS    := liburing zlib libzstd libsystemd libcrypto gnutls
+PKGS    := liburing zlib libzstd libdeflate libsystemd libcrypto gnutls
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luring -lz -lzstd -lsystemd -lcrypto -lgnutls)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luring -lz -lzstd -ldeflate -lsystemd -lcrypto -lgnutls)
 
 WARN    := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64
 CFLAGS_release := -O2 -g

@@ -3,7 +3,7 @@
 # Fast no-op when everything is present; non-interactive (run as root, e.g. on CI).
 set -euo pipefail
 
-PKGS=(build-essential pkg-config liburing-dev zlib1g-dev libzstd-dev libsystemd-dev libssl-dev libgnutls28-dev gnutls-bin qemu-utils fio
+PKGS=(build-essential pkg-config liburing-dev zlib1g-dev libzstd-dev libdeflate-dev libsystemd-dev libssl-dev libgnutls28-dev gnutls-bin qemu-utils fio
       libnbd-bin nbdkit e2fsprogs python3 jq clang qemu-system-x86 busybox-static cpio
       xz-utils kmod udev systemd gnuplot-nox debian-archive-keyring lvm2 fdisk)
 

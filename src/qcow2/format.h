@@ -238,10 +238,12 @@ int qcow2_snapshots_serialize(const struct qcow2_snapshot *s, uint32_t nb, uint8
  * -EIO when the input is not a valid stream for the image's compression type. */
 int qcow2_decompress(enum qcow2_compression type, const uint8_t *in, size_t in_len,
                      uint8_t *out, size_t out_len);
-/* Only the first want bytes (0 < want <= out_len) of the cluster, the rest of
- * out untouched: zlib stops inflating there, zstd after the block holding it;
- * want == out_len is qcow2_decompress.  -EIO when the input ends or is
- * malformed before want bytes came out (what follows them is not judged). */
+/* At least the first want bytes (0 < want <= out_len) of the cluster: zlib
+ * stops inflating there (or inflates all of it by libdeflate when want is
+ * half the cluster or more), zstd after the block holding it; the rest of
+ * out untouched.  Returns how many bytes from the start are valid (want or
+ * out_len); want == out_len is qcow2_decompress.  -EIO when the input ends or
+ * is malformed before those bytes came out (what follows is not judged). */
 int qcow2_decompress_prefix(enum qcow2_compression type, const uint8_t *in, size_t in_len,
                             uint8_t *out, size_t out_len, size_t want);
 /* Compress one cluster; returns the compressed length, or -ENOSPC if it does

@@ -109,7 +109,7 @@ static void zjob_run(struct wp_job *w)
     /* The reader's copy too: a 64 KiB memcpy is a good part of what a
      * compressed read costs the engine thread, where every other request
      * waits for it.  The buffer is the parked reader's alone. */
-    if (!j->compress && j->result == 0 && j->copy_len)
+    if (!j->compress && j->result > 0 && j->copy_len)
         memcpy(j->copy_to, j->out + j->copy_off, j->copy_len);
 }
 
@@ -336,14 +336,16 @@ static void run_decompress(struct zcache *z, struct wp_port *port, struct zjob *
     if (!z)
         return;
     stat_add(&z->decompressed, 1);
-    if (j->result == 0 && j->ns) {
-        uint64_t cost = j->ns / (kib ? kib : 1);
+    if (j->result > 0 && j->ns) {
+        uint64_t out_kib = ((uint64_t)j->result + 1023) / 1024;
+        uint64_t cost = j->ns / (out_kib ? out_kib : 1);
         z->ns_per_kib = z->ns_per_kib ? (z->ns_per_kib * 7 + cost) / 8 : cost;
     }
 }
 
 /* Read the compressed bytes and decompress the first want bytes into out,
- * then copy out[from, from+len) into buf (on the pool).  0 or -errno (logged). */
+ * then copy out[from, from+len) into buf (on the pool).  The bytes of out
+ * valid from its start (want, or the whole cluster), or -errno (logged). */
 static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_off,
                 uint8_t *out, size_t want, uint64_t from, uint64_t len, uint8_t *buf)
 {
@@ -459,14 +461,14 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
             return -ENOMEM;
         int r = load(q, coff, nbytes, guest_off, out, want, in, len, buf);
         free(out);
-        return r;
+        return r < 0 ? r : 0;
     }
     e->target = (uint32_t)want;
     int r = load(q, coff, nbytes, guest_off, e->data, want, in, len, buf);
     e->loading = false;
-    e->err = r;
-    if (r == 0)
-        e->valid = (uint32_t)want;
+    e->err = r < 0 ? r : 0;
+    if (r > 0)
+        e->valid = (uint32_t)r;
     co_queue_wake_all(&e->waiters);
     /* Failed, or invalidated while it was loading: never published.  The
      * waiters (started before the invalidation) copy out first. */
@@ -474,7 +476,7 @@ int qcow2_zc_read(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t gues
         unhash(q, z, e);
     else if (!e->hashed && !e->pins)
         entry_free(z, e);
-    return r;
+    return r < 0 ? r : 0;
 }
 
 ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uint8_t *out, size_t out_len)
