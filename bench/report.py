@@ -162,6 +162,10 @@ VM_TARGETS = [
     ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_4K, 0.85),
     ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_512K, 0.8),
     ("ublk qcow2 -q 2 / -q 1", "ublk_qcow2_q2", "ublk_qcow2", None, 1.0),
+    # Batch I/O against the per-tag commands (the paths not taken by default add the option).
+    ("ublk qcow2 --batch-io / per tag", "ublk_qcow2_batch", "ublk_qcow2", None, 1.0),
+    ("ublk qcow2 -q 2 --batch-io / per tag", "ublk_qcow2_q2_batch", "ublk_qcow2_q2", None, 1.0),
+    ("ublk raw --batch-io / per tag", "ublk_raw_batch", "ublk_raw", None, 1.0),
 ]
 MEM_SLACK_KIB = 1024    # per-image tables beside the cache (L1, refcount table)
 
