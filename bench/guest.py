@@ -167,7 +167,8 @@ def guest_substrate_run(a, sub, work):
         f.write("1")
     ok = True
     for rnd in range(1, a.rounds + 1):
-        for path in VM_PATHS:
+        # Odd rounds in order, even ones reversed: no path always runs right after another.
+        for path in (VM_PATHS if rnd % 2 else VM_PATHS[::-1]):
             if a.paths and path not in a.paths:
                 continue
             if path.endswith("_nozc") and a.zc is False:

@@ -412,7 +412,7 @@ def render_md(doc, chart_name=None):
                  f"{u['depth']}, {u.get('seconds_each', c['seconds_each']):g} s per measurement; ublk-qcow2 with 1 "
                  f"queue unless the path says -q 2; zero copy where the kernel has it unless the path "
                  f"says --no-zero-copy. " + (
-                     f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, qcow2, ...), "
+                     f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, then the reverse order, ...), "
                      f"{u['rounds']} rounds; cells are the median IOPS with the lowest and "
                      f"highest round: under TCG the numbers swing with host load. "
                      if u["rounds"] > 1 else
