@@ -70,6 +70,7 @@ Environment:
   BENCH_UBLK_ROUNDS       rounds of interleaved paths in the VM (default 3, quick 1)
   BENCH_UBLK_SUBSTRATES   brd,tmpfs (default both)
   BENCH_UBLK_KERNELS      VM kernels, one boot each (default 6.12,newest; see tests/vm/vm.sh)
+  BENCH_UBLK_PATHS        VM paths to measure (default all: see VM_PATHS in bench/common.py)
   BENCH_FRESH=1    recreate the kept images
   BENCH_RESULTS    where latest.{md,json,png} go (default bench/results)
 """
@@ -214,6 +215,7 @@ class Config:
         self.rounds = self.posint("BENCH_UBLK_ROUNDS", "1" if q else "3")
         self.substrates = self.names("BENCH_UBLK_SUBSTRATES", SUBSTRATES, SUBSTRATES)
         self.ukernels = [k for k in env.get("BENCH_UBLK_KERNELS", "6.12,newest").split(",") if k]
+        self.upaths = self.names("BENCH_UBLK_PATHS", VM_PATHS, VM_PATHS)
         self.sections = self.names("BENCH_ONLY", ["engine", "nbd", "tls", "sizes", "ublk", "compressed"],
                                    ["engine", "nbd", "tls", "sizes", "ublk", "compressed"])
         self.pki = os.path.join(self.dir, "pki")
@@ -287,7 +289,7 @@ def plan(cfg):
                                                                          "compressed_4k"]))
     host += n("engine", ["overlay_4k"]) or n("nbd", ["overlay_4k"])
     host += len(cfg.sizes) * 2 * n("sizes", SIZE_WORKLOADS)
-    vm = len(cfg.ukernels) * len(cfg.substrates) * cfg.rounds * len(VM_PATHS) * n("ublk", VM_WORKLOADS)
+    vm = len(cfg.ukernels) * len(cfg.substrates) * cfg.rounds * len(cfg.upaths) * n("ublk", VM_WORKLOADS)
     # Deleting the images the allocating runs leave takes seconds each (see ALLOC_MAX_WRITES).
     secs = host * (cfg.secs + 1.5) + vm * (cfg.usecs + 10)
     secs += 15 * (n("engine", ["alloc_4k", "overlay_4k"]) + 2 * n("nbd", ["alloc_4k"])
@@ -657,7 +659,7 @@ def run_vm_on(cfg, results, kernel):
     wls = [w for w in VM_WORKLOADS if w in c.workloads]
     if not wls:
         return {}
-    per_sub = 300 + c.usize / (4 << 20) + c.rounds * len(VM_PATHS) * (len(wls) * (c.usecs + 20) + 30)
+    per_sub = 300 + c.usize / (4 << 20) + c.rounds * len(c.upaths) * (len(wls) * (c.usecs + 20) + 30)
     timeout = int(120 + len(c.substrates) * per_sub)
     out_path = os.path.join(c.dir, "logs", f"vm-{kernel}.out")
     log(f"ublk: booting the test VM (QEMU TCG, kernel {kernel}), {size_name(c.usize)} images on "
@@ -666,7 +668,7 @@ def run_vm_on(cfg, results, kernel):
             os.path.join(HERE, "guest.py"), "--bin", c.bin,
             "--seconds", f"{c.usecs:g}", "--depth", str(c.udepth), "--size", str(c.usize),
             "--rounds", str(c.rounds), "--substrates", ",".join(c.substrates),
-            "--workloads", ",".join(wls)]
+            "--workloads", ",".join(wls), "--paths", ",".join(c.upaths)]
     with open(out_path, "w") as out:
         # Guest progress goes to our stderr as it happens; results to out_path.
         rc = subprocess.run(argv, stdout=out).returncode

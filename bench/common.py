@@ -77,8 +77,10 @@ ALLOC_MAX_WRITES = 32768
 CLUSTER = 65536             # qemu-img create's default, used by every image made here
 VM_WORKLOADS = ["randread_4k", "randwrite_4k", "read_512k", "write_512k"]
 # _nozc: add --no-zero-copy (only where the kernel has zero copy: elsewhere the same as
-# without); _q2: add -q 2.
-VM_PATHS = ["ublk_qcow2", "ublk_qcow2_nozc", "ublk_qcow2_q2", "ublk_raw", "ublk_raw_nozc",
+# without); _q2: add -q 2; _batch / _nobatch: add --batch-io / --no-batch-io (only where the
+# kernel has batch I/O), the one the default is not, so that both are measured.
+VM_PATHS = ["ublk_qcow2", "ublk_qcow2_nozc", "ublk_qcow2_batch", "ublk_qcow2_q2",
+            "ublk_qcow2_q2_batch", "ublk_raw", "ublk_raw_nozc", "ublk_raw_batch",
             "loop_raw", "qemu_nbd"]
 SUBSTRATES = ["brd", "tmpfs"]
 
@@ -100,6 +102,12 @@ LABELS = {
     "ublk_qcow2": "ours, /dev/ublkbN, qcow2",
     "ublk_qcow2_nozc": "ours, /dev/ublkbN, qcow2, --no-zero-copy",
     "ublk_qcow2_q2": "ours, /dev/ublkbN, qcow2, -q 2",
+    "ublk_qcow2_batch": "ours, /dev/ublkbN, qcow2, --batch-io",
+    "ublk_qcow2_q2_batch": "ours, /dev/ublkbN, qcow2, -q 2, --batch-io",
+    "ublk_raw_batch": "ours, /dev/ublkbN, raw file, --batch-io",
+    "ublk_qcow2_nobatch": "ours, /dev/ublkbN, qcow2, --no-batch-io",
+    "ublk_qcow2_q2_nobatch": "ours, /dev/ublkbN, qcow2, -q 2, --no-batch-io",
+    "ublk_raw_nobatch": "ours, /dev/ublkbN, raw file, --no-batch-io",
     "ublk_raw": "ours, /dev/ublkbN, raw file",
     "ublk_raw_nozc": "ours, /dev/ublkbN, raw file, --no-zero-copy",
     "loop_raw": "kernel loop, --direct-io=on, raw file (the limit)",

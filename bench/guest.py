@@ -48,7 +48,7 @@ class GuestPath:
 
     def __init__(self, path, a, raw, qcow2, work):
         self.path, self.a, self.dev, self.pid, self.stop_cmds = path, a, None, None, []
-        self.zero_copy = None
+        self.zero_copy = self.batch_io = None
         try:
             self.attach(path, a, raw, qcow2, work)
         except BaseException:
@@ -58,13 +58,16 @@ class GuestPath:
     def attach(self, path, a, raw, qcow2, work):
         if path.startswith("ublk"):
             img, fmt = (qcow2, "qcow2") if path.startswith("ublk_qcow2") else (raw, "raw")
-            q = "2" if path.endswith("_q2") else "1"
+            q = "2" if "_q2" in path else "1"
             extra = ["--no-zero-copy"] if path.endswith("_nozc") else []
+            extra += {"_batch": ["--batch-io"], "_nobatch": ["--no-batch-io"]}.get(
+                path[path.rfind("_"):], [])
             self.dev = run([a.bin, "add", "-q", q, "-f", fmt] + extra + [img], timeout=120).strip()
             n = self.dev.removeprefix("/dev/ublkb")
             self.stop_cmds = [[a.bin, "del", "-n", n]]
             st = json.loads(run([a.bin, "list", "-n", n, "--json"]))[0]
             self.pid, self.zero_copy = st["pid"], st.get("zero_copy")
+            self.batch_io = st.get("batch_io")
         elif path == "loop_raw":
             self.dev = run(["losetup", "--direct-io=on", "-f", "--show", raw]).strip()
             self.stop_cmds = [["losetup", "-d", self.dev]]
@@ -123,7 +126,9 @@ def main(argv):
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--substrates", required=True)
     ap.add_argument("--workloads", required=True)
+    ap.add_argument("--paths", default="")
     a = ap.parse_args(argv)
+    a.paths = [p for p in a.paths.split(",") if p]
     if "VM_TMP" not in os.environ:
         raise BenchError("run me inside tests/vm/vm.sh")
     if not os.path.exists("/dev/ublk-control"):
@@ -132,6 +137,7 @@ def main(argv):
     # Results are per kernel: the substrate is named with it (tmpfs@7.2).
     a.ktag = ".".join(os.uname().release.split(".")[:2])
     a.zc = None     # does this kernel give devices zero copy? (the first ublk path says)
+    a.batch = None  # and batch I/O? (the first _batch path says)
     failed = False
     for sub in a.substrates.split(","):
         teardown = []
@@ -161,18 +167,28 @@ def guest_substrate_run(a, sub, work):
         f.write("1")
     ok = True
     for rnd in range(1, a.rounds + 1):
-        for path in VM_PATHS:
+        # Odd rounds in order, even ones reversed: no path always runs right after another.
+        for path in (VM_PATHS if rnd % 2 else VM_PATHS[::-1]):
+            if a.paths and path not in a.paths:
+                continue
             if path.endswith("_nozc") and a.zc is False:
                 continue    # no zero copy on this kernel: the same as the path without _nozc
+            if path.endswith("batch") and a.batch is False:
+                continue    # no batch I/O on this kernel: per tag, whatever the option says
             glog(f"{sub} round {rnd}: {path} ...")
             dev = None
             try:
                 dev = GuestPath(path, a, raw, qcow2, work)
                 if path == "ublk_qcow2":
                     a.zc = bool(dev.zero_copy)
+                if path.endswith("_batch"):
+                    a.batch = bool(dev.batch_io)
+                    if not a.batch:
+                        continue    # (closed below) the kernel has no batch I/O
                 for wl in a.workloads.split(","):
                     rec = {"section": "ublk", "substrate": f"{sub}@{a.ktag}", "round": rnd,
-                           "path": path, "workload": wl, "zero_copy": dev.zero_copy}
+                           "path": path, "workload": wl, "zero_copy": dev.zero_copy,
+                           "batch_io": dev.batch_io}
                     t0 = time.monotonic()
                     try:
                         rec.update(guest_fio(a, dev, wl, work))

@@ -162,6 +162,10 @@ VM_TARGETS = [
     ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_4K, 0.85),
     ("ublk qcow2 / kernel loop", "ublk_qcow2", "loop_raw", VM_512K, 0.8),
     ("ublk qcow2 -q 2 / -q 1", "ublk_qcow2_q2", "ublk_qcow2", None, 1.0),
+    # Batch I/O against the per-tag commands (the paths not taken by default add the option).
+    ("ublk qcow2 --batch-io / per tag", "ublk_qcow2_batch", "ublk_qcow2", None, 1.0),
+    ("ublk qcow2 -q 2 --batch-io / per tag", "ublk_qcow2_q2_batch", "ublk_qcow2_q2", None, 1.0),
+    ("ublk raw --batch-io / per tag", "ublk_raw_batch", "ublk_raw", None, 1.0),
 ]
 MEM_SLACK_KIB = 1024    # per-image tables beside the cache (L1, refcount table)
 
@@ -408,7 +412,7 @@ def render_md(doc, chart_name=None):
                  f"{u['depth']}, {u.get('seconds_each', c['seconds_each']):g} s per measurement; ublk-qcow2 with 1 "
                  f"queue unless the path says -q 2; zero copy where the kernel has it unless the path "
                  f"says --no-zero-copy. " + (
-                     f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, qcow2, ...), "
+                     f"The paths run interleaved (qcow2, raw, loop, qemu-nbd, then the reverse order, ...), "
                      f"{u['rounds']} rounds; cells are the median IOPS with the lowest and "
                      f"highest round: under TCG the numbers swing with host load. "
                      if u["rounds"] > 1 else

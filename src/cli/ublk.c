@@ -71,6 +71,9 @@ static void add_usage(FILE *out)
         "      --zero-copy        zero copy where the kernel has it (Linux 6.16+, root\n"
         "                         only; the default)\n"
         "      --no-zero-copy     copy every request through a buffer per tag\n"
+        "      --batch-io         fetch and commit requests in batches where the kernel\n"
+        "                         has it (Linux 7.0+; elsewhere per tag)\n"
+        "      --no-batch-io      fetch and commit each request by itself (the default)\n"
         "  -h, --help             this help\n",
         UBLK_STATE_DIR, UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES, UBLK_DEFAULT_DEPTH,
         UBLK_MAX_QUEUE_DEPTH);
@@ -297,6 +300,8 @@ int cmd_add(int argc, char **argv)
         { "recovery", 0, CLI_FLAG, .dest = &o.recovery },
         { "zero-copy", 0, CLI_FLAG, .dest = &o.zero_copy },
         { "no-zero-copy", 0, CLI_FLAG, .dest = &o.no_zero_copy },
+        { "batch-io", 0, CLI_FLAG, .dest = &o.batch_io },
+        { "no-batch-io", 0, CLI_FLAG, .dest = &o.no_batch_io },
         { "discard", 0, CLI_DISCARD, .dest = &o.discard },
         { "discard-no-unref", 0, CLI_FLAG, .dest = &o.discard_no_unref },
         { "snapshot", 'l', CLI_STRING, .dest = &o.snapshot },
@@ -754,6 +759,8 @@ int cmd_list(int argc, char **argv)
             } else {
                 printf("null, \"format\": null, \"read_only\": null, \"zero_copy\": null");
             }
+            /* From the device's flags, like zero_copy: a recovered device keeps it. */
+            printf(", \"batch_io\": %s", ublk_uses_batch_io(info.flags) ? "true" : "false");
             /* The kernel's partitions of the disk (partition table in the image). */
             static char parts[128 * 24];
             int np = ublk_dev_partitions(ids[i], parts, sizeof(parts));

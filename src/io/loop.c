@@ -140,14 +140,26 @@ bool loop_stopping(struct loop *l)
     return l->stopping;
 }
 
+/* A CQE's user data: an io_waiter, or an io_cqe_sink with the low bit set
+ * (both are aligned), or NULL (nobody waits). */
+#define SINK_BIT 1ul
+
 static void loop_reap(struct loop *l)
 {
     struct io_uring_cqe *cqe;
     unsigned head, seen = 0;
 
     io_uring_for_each_cqe(&l->ring, head, cqe) {
-        struct io_waiter *w = io_uring_cqe_get_data(cqe);
+        uintptr_t ud = (uintptr_t)io_uring_cqe_get_data(cqe);
+        struct io_waiter *w = (struct io_waiter *)ud;
         seen++;
+        if (ud & SINK_BIT) {
+            struct io_cqe_sink *s = (struct io_cqe_sink *)(ud & ~SINK_BIT);
+            if (!(cqe->flags & IORING_CQE_F_MORE))
+                l->inflight--;
+            s->fn(s, cqe->res, cqe->flags);
+            continue;
+        }
         if (!w)
             continue;
         w->res = cqe->res;
@@ -249,6 +261,62 @@ int io_submit_wait(io_prep_fn prep, void *arg)
     struct io_uring_sqe *sqe = loop_sqe(l);
     prep(sqe, arg);
     return loop_wait(l, sqe);
+}
+
+int io_submit_sink(io_prep_fn prep, void *arg, struct io_cqe_sink *sink)
+{
+    struct loop *l = cur_loop;
+    if (!l)
+        return -EINVAL;
+    struct io_uring_sqe *sqe = loop_sqe(l);
+    prep(sqe, arg);
+    io_uring_sqe_set_data(sqe, (void *)((uintptr_t)sink | SINK_BIT));
+    l->inflight++;
+    return 0;
+}
+
+int loop_submit_sync(struct loop *l, io_prep_fn prep, void *arg)
+{
+    if (l->inflight)
+        return -EBUSY;
+    struct io_uring_sqe *sqe = loop_sqe(l);
+    prep(sqe, arg);
+    io_uring_sqe_set_data(sqe, NULL);
+    int ret = io_uring_submit_and_wait(&l->ring, 1);
+    if (ret < 0)
+        return ret;
+    struct io_uring_cqe *cqe;
+    ret = io_uring_wait_cqe(&l->ring, &cqe);
+    if (ret < 0)
+        return ret;
+    ret = cqe->res;
+    io_uring_cqe_seen(&l->ring, cqe);
+    return ret;
+}
+
+struct io_uring_buf_ring *loop_buf_ring_new(struct loop *l, unsigned entries, unsigned bgid)
+{
+    size_t len = (size_t)entries * sizeof(struct io_uring_buf);
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    void *p = NULL;
+    /* The kernel maps the ring by pages: page-aligned, whole pages. */
+    int r = posix_memalign(&p, pg, (len + pg - 1) / pg * pg);
+    if (r != 0) {
+        errno = r;
+        return NULL;
+    }
+    struct io_uring_buf_ring *br = p;
+    io_uring_buf_ring_init(br);
+    struct io_uring_buf_reg reg = {
+        .ring_addr = (uint64_t)(uintptr_t)br, .ring_entries = entries, .bgid = (uint16_t)bgid,
+    };
+    r = io_uring_register_buf_ring(&l->ring, &reg, 0);
+    if (r < 0) {
+        free(p);
+        errno = -r;
+        return NULL;
+    }
+    return br;
 }
 
 /* A READ_FIXED or WRITE_FIXED of registered buffer idx; addr is a user

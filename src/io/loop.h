@@ -88,6 +88,31 @@ struct io_uring_sqe;
 typedef void (*io_prep_fn)(struct io_uring_sqe *sqe, void *arg);
 int io_submit_wait(io_prep_fn prep, void *arg);
 
+/* An SQE whose completions go to a function instead of a waiting
+ * coroutine: one CQE, or many for a multishot operation (each but the last
+ * flagged IORING_CQE_F_MORE).  fn(sink, res, cqe flags) runs on the loop's
+ * thread as the loop reaps each CQE, outside any coroutine (it may wake
+ * coroutines, not wait); the sink must live until the last CQE.  The loop
+ * counts the SQE in flight until then.  Returns 0, or -EINVAL without a
+ * loop on this thread. */
+struct io_cqe_sink {
+    void (*fn)(struct io_cqe_sink *sink, int res, unsigned flags);
+};
+int io_submit_sink(io_prep_fn prep, void *arg, struct io_cqe_sink *sink);
+
+/* Submit one SQE and wait for its CQE outside the coroutines (a set-up
+ * step before the loop runs: nothing else may be in flight, else -EBUSY).
+ * Returns the CQE res, or -errno. */
+int loop_submit_sync(struct loop *l, io_prep_fn prep, void *arg);
+
+/* A ring of provided buffers (group bgid, entries a power of two) for
+ * operations that pick their buffer (IOSQE_BUFFER_SELECT); fill it with
+ * liburing's io_uring_buf_ring_add/advance.  It goes with the loop
+ * (loop_free); free the memory (free()) after that.  NULL and errno on
+ * failure. */
+struct io_uring_buf_ring;
+struct io_uring_buf_ring *loop_buf_ring_new(struct loop *l, unsigned entries, unsigned bgid);
+
 /* Fixed buffers (io_uring registered buffers) of the current thread's
  * loop.  loop_register_sparse: a table of n empty slots, for buffers the
  * kernel installs itself (ublk's automatic buffer registration); -errno

@@ -92,4 +92,10 @@ static inline bool ublk_uses_zero_copy(uint64_t flags)
     return (flags & UBLK_F_AUTO_BUF_REG) && (flags & UBLK_F_USER_COPY);
 }
 
+/* The device fetches and commits requests in batches (see ublk/queue.h). */
+static inline bool ublk_uses_batch_io(uint64_t flags)
+{
+    return flags & UBLK_F_BATCH_IO;
+}
+
 #endif

@@ -28,8 +28,30 @@ struct ublk_tag {
     struct co *co;
     unsigned cmd_op;        /* next command: FETCH, then COMMIT_AND_FETCH */
     int result;             /* committed with the next COMMIT_AND_FETCH */
+    bool fetched;           /* batch I/O: a request came for it, not yet served */
+    bool idle;              /* batch I/O: parked, waiting for a request */
     /* The request being served (a copy of the descriptor). */
     struct ublksrv_io_desc desc;
+};
+
+/* Batch I/O (UBLK_F_BATCH_IO) state of one queue: one multishot fetch
+ * brings the tags of new requests into provided buffers, one committer
+ * sends the results of the requests served since its last commit. */
+struct ublk_batch {
+    struct io_cqe_sink sink;        /* the fetch's CQEs */
+    struct io_uring_buf_ring *br;   /* buffer group qid: nbufs of buf_len */
+    uint8_t *bufs;
+    unsigned nbufs, buf_len;
+    struct co *fetcher, *committer;
+    int fetch_res;                  /* of the fetch's last CQE */
+    bool fetch_over;                /* that CQE came */
+    bool ended;                     /* no request will come any more */
+    unsigned live_tags;             /* tag coroutines not yet ended */
+    /* Commit elements: cur fills while the other one is being committed. */
+    uint8_t *elems[2];
+    unsigned n[2], cur;
+    bool committing;
+    struct co_queue flushed;        /* woken when nothing is left to commit */
 };
 
 struct ublk_queue {
@@ -38,6 +60,7 @@ struct ublk_queue {
     const struct ublksrv_io_desc *descs;
     size_t descs_len;
     struct ublk_tag *tags;
+    struct ublk_batch b;
 };
 
 /* A bounce buffer of the copy path (zero copy devices), kept for reuse. */
@@ -69,8 +92,14 @@ struct ublk_queues {
     pthread_t thread;
     bool thread_started;
     struct loop *loop;
-    unsigned live_tags;         /* tag coroutines still fetching (all queues) */
+    /* Per tag: tag coroutines still fetching (all queues); batch I/O:
+     * queues still serving (their committer has not ended). */
+    unsigned live_tags;
     int err;
+    char errmsg[200];           /* why the engine thread could not start */
+    /* Batch I/O: each commit element's size and the commands' flags. */
+    unsigned elem_bytes;
+    uint16_t batch_flags;
     atomic_ullong served;
     struct bounce *bounces;     /* free bounce buffers (engine thread only) */
     /* Written by the engine thread only (tag_execute). */
@@ -324,6 +353,8 @@ int ublk_queues_exclusive(struct ublk_queues *qs, int (*fn)(void *arg), void *ar
     return r < 0 ? r : c.result;
 }
 
+static void batch_wait_committed(struct ublk_queues *qs);
+
 static void prep_nop(struct io_uring_sqe *sqe, void *arg)
 {
     (void)arg;
@@ -341,10 +372,16 @@ static int hand_over(void *arg)
     if (r < 0)
         return r;
     qs->gate_sealed = true;
+    /* None may be left executed-but-uncommitted, the one kind a reissue
+     * would repeat; the kernel completes a request as it takes its commit. */
+    if (qs->cfg.batch_io) {
+        /* The drained requests are in their queue's commit elements: wait
+         * until the committers have had every one taken. */
+        batch_wait_committed(qs);
+        return 0;
+    }
     /* The drained requests' COMMIT_AND_FETCH SQEs were queued before this
-     * NOP: once it completes they were all submitted, and the kernel
-     * completes a request as it takes its commit.  None is left
-     * executed-but-uncommitted, the one kind a reissue would repeat. */
+     * NOP: once it completes they were all submitted. */
     io_submit_wait(prep_nop, NULL);
     return 0;
 }
@@ -435,6 +472,273 @@ static void tag_loop(void *arg)
         tags_finished(q->qs);
 }
 
+/* ---- batch I/O (UBLK_F_BATCH_IO, Linux 7.0+) ----------------------------------
+ *
+ * Per queue: PREP_IO_CMDS hands the kernel every tag at once (before
+ * START_DEV or END_USER_RECOVERY, which wait for it); one multishot
+ * FETCH_IO_CMDS then brings the tags of new requests, many per CQE, into a
+ * ring of provided buffers; the tag coroutines serve them as before; one
+ * committer per queue sends COMMIT_IO_CMDS with the results of every request
+ * finished since its last one.  All on the engine's ring: with zero copy the
+ * kernel registers each request's pages in the ring of the fetch (slot
+ * buf_index of the tag's last PREP or COMMIT element) and unregisters them
+ * at the commit only if the commit comes through the same ring. */
+
+struct batch_cmd {
+    struct ublk_queue *q;
+    unsigned op;            /* UBLK_U_IO_{PREP,COMMIT,FETCH}_IO_CMDS */
+    const uint8_t *elems;   /* PREP, COMMIT: nr elements of elem_bytes */
+    unsigned nr;
+};
+
+static void prep_batch_cmd(struct io_uring_sqe *sqe, void *arg)
+{
+    const struct batch_cmd *c = arg;
+    struct ublk_queues *qs = c->q->qs;
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = qs->cdev_fd;
+    sqe->cmd_op = c->op;
+    struct ublk_batch_io *cmd = (struct ublk_batch_io *)sqe->cmd;
+    cmd->q_id = (uint16_t)c->q->qid;
+    cmd->nr_elem = (uint16_t)c->nr;
+    if (c->op == UBLK_U_IO_FETCH_IO_CMDS) {
+        /* Tags (16 bits each) into a buffer of group qid. */
+        cmd->elem_bytes = sizeof(uint16_t);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = (uint16_t)c->q->qid;
+        sqe->uring_cmd_flags = IORING_URING_CMD_MULTISHOT;
+        return;
+    }
+    cmd->elem_bytes = (uint8_t)qs->elem_bytes;
+    cmd->flags = qs->batch_flags;
+    sqe->addr = (uint64_t)(uintptr_t)c->elems;
+    sqe->len = c->nr * qs->elem_bytes;
+}
+
+/* The PREP or COMMIT element of a tag: with zero copy the slot for its
+ * next request's pages (FALLBACK: the kernel says so in the descriptor if
+ * it cannot register them), else its buffer's address. */
+static void batch_elem(const struct ublk_queue *q, unsigned tag, int result, uint8_t *e)
+{
+    struct ublk_queues *qs = q->qs;
+    struct ublk_elem_header h = { .tag = (uint16_t)tag, .result = result };
+    if (qs->cfg.zero_copy)
+        h.buf_index = (uint16_t)(q->qid * qs->cfg.depth + tag);
+    memcpy(e, &h, sizeof(h));
+    if (!qs->cfg.zero_copy) {
+        uint64_t addr = (uint64_t)(uintptr_t)q->tags[tag].buf;
+        memcpy(e + sizeof(h), &addr, sizeof(addr));
+    }
+}
+
+/* On the engine thread before the loop runs: the fetch buffers, and every
+ * tag of every queue prepared.  0, or -errno with qs->errmsg set. */
+static int batch_setup(struct ublk_queues *qs)
+{
+    for (unsigned i = 0; i < qs->cfg.nr_queues; i++) {
+        struct ublk_queue *q = &qs->queues[i];
+        struct ublk_batch *b = &q->b;
+        b->br = loop_buf_ring_new(qs->loop, b->nbufs, q->qid);
+        if (!b->br) {
+            int e = errno;
+            snprintf(qs->errmsg, sizeof(qs->errmsg), "cannot register the fetch buffers of queue %u: %s",
+                     q->qid, strerror(e));
+            return -e;
+        }
+        for (unsigned k = 0; k < b->nbufs; k++)
+            io_uring_buf_ring_add(b->br, b->bufs + (size_t)k * b->buf_len, b->buf_len, (unsigned short)k,
+                                  io_uring_buf_ring_mask(b->nbufs), (int)k);
+        io_uring_buf_ring_advance(b->br, (int)b->nbufs);
+        for (unsigned t = 0; t < qs->cfg.depth; t++)
+            batch_elem(q, t, 0, b->elems[0] + (size_t)t * qs->elem_bytes);
+        struct batch_cmd c = { q, UBLK_U_IO_PREP_IO_CMDS, b->elems[0], qs->cfg.depth };
+        int r = loop_submit_sync(qs->loop, prep_batch_cmd, &c);
+        if (r < 0) {
+            snprintf(qs->errmsg, sizeof(qs->errmsg), "PREP_IO_CMDS of queue %u failed: %s", q->qid,
+                     strerror(-r));
+            return r;
+        }
+    }
+    return 0;
+}
+
+/* A tag the fetch brought: its coroutine serves the request. */
+static void batch_deliver(struct ublk_queue *q, unsigned tag)
+{
+    if (tag >= q->qs->cfg.depth || !q->tags[tag].idle || q->tags[tag].fetched) {
+        uq_error("queue %u: the kernel handed over %s tag %u", q->qid,
+                 tag >= q->qs->cfg.depth ? "an invalid" : "a busy", tag);
+        return;
+    }
+    q->tags[tag].fetched = true;
+    co_wake(q->tags[tag].co);
+}
+
+/* The fetch's CQEs (as the loop reaps them): tags in a provided buffer. */
+static void batch_fetched(struct io_cqe_sink *sink, int res, unsigned flags)
+{
+    struct ublk_queue *q = (struct ublk_queue *)((char *)sink - offsetof(struct ublk_queue, b.sink));
+    struct ublk_batch *b = &q->b;
+    if (flags & IORING_CQE_F_BUFFER) {
+        unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        if (bid < b->nbufs) {
+            uint8_t *buf = b->bufs + (size_t)bid * b->buf_len;
+            for (int i = 0; i + 2 <= res; i += 2) {
+                uint16_t tag;
+                memcpy(&tag, buf + i, sizeof(tag));
+                batch_deliver(q, tag);
+            }
+            /* The tags are copied out: the buffer can take more at once. */
+            io_uring_buf_ring_add(b->br, buf, b->buf_len, (unsigned short)bid,
+                                  io_uring_buf_ring_mask(b->nbufs), 0);
+            io_uring_buf_ring_advance(b->br, 1);
+        }
+    }
+    if (!(flags & IORING_CQE_F_MORE)) {
+        b->fetch_res = res;
+        b->fetch_over = true;
+        co_wake(b->fetcher);
+    }
+}
+
+/* Keeps one fetch going on the queue until the kernel aborts it (the device
+ * stops or is quiesced), then lets the idle tags end. */
+static void batch_fetcher(void *arg)
+{
+    struct ublk_queue *q = arg;
+    struct ublk_batch *b = &q->b;
+    for (;;) {
+        b->fetch_over = false;
+        struct batch_cmd c = { q, UBLK_U_IO_FETCH_IO_CMDS, NULL, b->buf_len / sizeof(uint16_t) };
+        if (io_submit_sink(prep_batch_cmd, &c, &b->sink) < 0)
+            abort();    /* the engine thread always has its loop */
+        while (!b->fetch_over)
+            co_yield();
+        if (b->fetch_res == UBLK_IO_RES_ABORT)
+            break;
+        /* Ended by the kernel without an abort (no free buffer, a full
+         * CQ: it keeps the tags it could not post): fetch again. */
+        if (b->fetch_res >= 0 || b->fetch_res == -ENOBUFS)
+            continue;
+        uq_error("queue %u: FETCH_IO_CMDS failed: %s", q->qid, strerror(-b->fetch_res));
+        if (!q->qs->err)
+            q->qs->err = b->fetch_res;
+        break;
+    }
+    b->ended = true;
+    /* The idle tags end now, the busy ones once their request is served
+     * (only idle ones are woken: a wake is for the event a coroutine
+     * parked for). */
+    for (unsigned t = 0; t < q->qs->cfg.depth; t++)
+        if (q->tags[t].idle)
+            co_wake(q->tags[t].co);
+}
+
+/* Send nr elements; the kernel stops at the first it refuses (a tag it
+ * does not think we hold): report it and send the rest. */
+static void batch_commit(struct ublk_queue *q, const uint8_t *elems, unsigned nr)
+{
+    struct ublk_queues *qs = q->qs;
+    unsigned done = 0;
+    while (done < nr) {
+        struct batch_cmd c = { q, UBLK_U_IO_COMMIT_IO_CMDS, elems + (size_t)done * qs->elem_bytes,
+                               nr - done };
+        int r = io_submit_wait(prep_batch_cmd, &c);
+        unsigned took = r > 0 ? (unsigned)r / qs->elem_bytes : 0;
+        done += took;
+        if (done == nr)
+            break;
+        uint16_t tag;
+        memcpy(&tag, elems + (size_t)done * qs->elem_bytes, sizeof(tag));
+        uq_error("queue %u: COMMIT_IO_CMDS refused tag %u: %s", q->qid, tag,
+                 r < 0 ? strerror(-r) : "refused");
+        if (!qs->err)
+            qs->err = r < 0 ? r : -EPROTO;
+        done++;
+    }
+}
+
+/* The queue's committer.  A served request wakes it; it runs after every
+ * coroutine already ready in this pass of the scheduler (the queue is
+ * FIFO), so the requests whose I/O completed together are committed
+ * together, by one COMMIT_IO_CMDS that goes out with the loop's next
+ * submit: when their per-tag commits would have gone out, no later.
+ * While one commit is in flight the next requests fill the other array. */
+static void batch_committer(void *arg)
+{
+    struct ublk_queue *q = arg;
+    struct ublk_batch *b = &q->b;
+    for (;;) {
+        while (b->n[b->cur] == 0 && b->live_tags > 0)
+            co_yield();
+        if (b->n[b->cur] == 0)
+            break;      /* every tag ended, nothing left to commit */
+        unsigned i = b->cur;
+        b->cur ^= 1;
+        b->committing = true;
+        batch_commit(q, b->elems[i], b->n[i]);
+        b->committing = false;
+        b->n[i] = 0;
+        if (b->n[b->cur] == 0)
+            co_queue_wake_all(&b->flushed);
+    }
+    if (--q->qs->live_tags == 0)
+        tags_finished(q->qs);
+}
+
+/* Wait until every request served so far was committed (hand_over). */
+static void batch_wait_committed(struct ublk_queues *qs)
+{
+    for (unsigned i = 0; i < qs->cfg.nr_queues; i++) {
+        struct ublk_batch *b = &qs->queues[i].b;
+        while (b->n[0] || b->n[1] || b->committing)
+            co_queue_wait(&b->flushed);
+    }
+}
+
+/* A tag's coroutine with batch I/O: serve each request the fetch brings,
+ * hand its result to the committer. */
+static void batch_tag_loop(void *arg)
+{
+    struct ublk_tag *t = arg;
+    struct ublk_queue *q = t->q;
+    struct ublk_batch *b = &q->b;
+    for (;;) {
+        t->idle = true;
+        while (!t->fetched && !b->ended)
+            co_yield();
+        t->idle = false;
+        if (!t->fetched)
+            break;
+        t->desc = q->descs[t->tag];
+        t->result = tag_execute(t);
+        atomic_fetch_add_explicit(&q->qs->served, 1, memory_order_relaxed);
+        /* Cleared before the commit can reach the kernel: the tag's next
+         * request can only come after it. */
+        t->fetched = false;
+        batch_elem(q, t->tag, t->result, b->elems[b->cur] + (size_t)b->n[b->cur] * q->qs->elem_bytes);
+        b->n[b->cur]++;
+        co_wake(b->committer);
+    }
+    if (--b->live_tags == 0)
+        co_wake(b->committer);
+}
+
+/* Spawn every queue's coroutines (engine thread). */
+static void batch_spawn(struct ublk_queues *qs)
+{
+    qs->live_tags = qs->cfg.nr_queues;
+    for (unsigned i = 0; i < qs->cfg.nr_queues; i++) {
+        struct ublk_queue *q = &qs->queues[i];
+        q->b.live_tags = qs->cfg.depth;
+        for (unsigned t = 0; t < qs->cfg.depth; t++)
+            q->tags[t].co = co_spawn(batch_tag_loop, &q->tags[t]);
+        q->b.committer = co_spawn(batch_committer, q);
+        q->b.fetcher = co_spawn(batch_fetcher, q);
+    }
+}
+
 /* ---- the engine thread ------------------------------------------------------ */
 
 /* Before Linux 6.16 the task that fetched a queue's tags must issue every
@@ -455,8 +759,13 @@ static void *engine_thread(void *arg)
     if (err == 0 && qs->cfg.zero_copy) {
         err = loop_register_sparse(qs->loop, total);
         if (err < 0)
-            uq_error("cannot register %u buffer slots for zero copy: %s", total, strerror(-err));
+            snprintf(qs->errmsg, sizeof(qs->errmsg), "cannot register %u buffer slots for zero copy: %s",
+                     total, strerror(-err));
     }
+    /* Batch I/O: every tag prepared before START_DEV (or END_USER_RECOVERY)
+     * can be sent, since they wait for it; a failure is reported at once. */
+    if (err == 0 && qs->cfg.batch_io)
+        err = batch_setup(qs);
 
     pthread_mutex_lock(&qs->lock);
     qs->err = err;
@@ -468,10 +777,14 @@ static void *engine_thread(void *arg)
     pthread_mutex_unlock(&qs->lock);
 
     if (go) {
-        qs->live_tags = total;
-        for (unsigned i = 0; i < qs->cfg.nr_queues; i++)
-            for (unsigned t = 0; t < qs->cfg.depth; t++)
-                qs->queues[i].tags[t].co = co_spawn(tag_loop, &qs->queues[i].tags[t]);
+        if (qs->cfg.batch_io) {
+            batch_spawn(qs);
+        } else {
+            qs->live_tags = total;
+            for (unsigned i = 0; i < qs->cfg.nr_queues; i++)
+                for (unsigned t = 0; t < qs->cfg.depth; t++)
+                    qs->queues[i].tags[t].co = co_spawn(tag_loop, &qs->queues[i].tags[t]);
+        }
         co_spawn(engine_control, qs);
         int r = loop_run(qs->loop);
         if (r < 0 && !qs->err)
@@ -518,6 +831,11 @@ static void queues_free(struct ublk_queues *qs)
         for (unsigned t = 0; q->tags && t < qs->cfg.depth; t++)
             io_free(q->tags[t].buf);
         free(q->tags);
+        /* The loop, which had the buffer ring registered, is gone. */
+        free(q->b.br);
+        free(q->b.bufs);
+        free(q->b.elems[0]);
+        free(q->b.elems[1]);
     }
     while (qs->bounces) {
         struct bounce *b = qs->bounces;
@@ -533,6 +851,30 @@ static void queues_free(struct ublk_queues *qs)
     pthread_mutex_destroy(&qs->lock);
     pthread_cond_destroy(&qs->cond);
     free(qs);
+}
+
+/* Batch I/O memory of a queue: fetch buffers, two arrays of commit
+ * elements.  A fetch CQE brings at least one tag and the buffer goes back
+ * to the ring as the loop reaps it, so one buffer per tag can never run
+ * out; the kernel puts at most 128 tags in one. */
+static int batch_queue_alloc(struct ublk_queue *q, char *err, size_t errlen)
+{
+    struct ublk_batch *b = &q->b;
+    unsigned depth = q->qs->cfg.depth;
+    b->nbufs = 1;
+    while (b->nbufs < depth)
+        b->nbufs <<= 1;
+    b->buf_len = (depth < 128 ? depth : 128) * sizeof(uint16_t);
+    b->bufs = malloc((size_t)b->nbufs * b->buf_len);
+    b->elems[0] = malloc((size_t)depth * q->qs->elem_bytes);
+    b->elems[1] = malloc((size_t)depth * q->qs->elem_bytes);
+    b->flushed = (struct co_queue)CO_QUEUE_INIT;
+    b->sink.fn = batch_fetched;
+    if (!b->bufs || !b->elems[0] || !b->elems[1]) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    return 0;
 }
 
 static int queue_setup(struct ublk_queues *qs, struct ublk_queue *q, unsigned qid,
@@ -563,6 +905,8 @@ static int queue_setup(struct ublk_queues *qs, struct ublk_queue *q, unsigned qi
         /* Zero copy needs no buffer per tag (the copy path borrows one). */
         q->tags[t].buf = qs->cfg.zero_copy ? NULL : io_alloc(qs->cfg.buf_bytes);
     }
+    if (qs->cfg.batch_io)
+        return batch_queue_alloc(q, err, errlen);
     return 0;
 }
 
@@ -582,6 +926,9 @@ int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **ou
         return -ENOMEM;
     }
     qs->cfg = *cfg;
+    /* Batch elements: the header; without zero copy, the tag's buffer. */
+    qs->elem_bytes = sizeof(struct ublk_elem_header) + (cfg->zero_copy ? 0 : sizeof(uint64_t));
+    qs->batch_flags = cfg->zero_copy ? UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK : UBLK_BATCH_F_HAS_BUF_ADDR;
     qs->cdev_fd = -1;
     pthread_mutex_init(&qs->lock, NULL);
     pthread_cond_init(&qs->cond, NULL);
@@ -628,7 +975,9 @@ int ublk_queues_start(const struct ublk_queues_cfg *cfg, struct ublk_queues **ou
     while (!qs->ready)
         pthread_cond_wait(&qs->cond, &qs->lock);
     ret = qs->err;
-    if (ret < 0)
+    if (ret < 0 && qs->errmsg[0])
+        snprintf(err, errlen, "%s", qs->errmsg);
+    else if (ret < 0)
         snprintf(err, errlen, "cannot create the engine's io_uring: %s", strerror(-ret));
     qs->state = ret == 0 ? START_GO : START_ABORT;
     pthread_cond_broadcast(&qs->cond);

@@ -32,6 +32,11 @@ struct ublk_queues_cfg {
      * I/O, the rest through a pooled bounce buffer filled and emptied by
      * pread/pwrite on /dev/ublkcN.  No per-tag buffers then. */
     bool zero_copy;
+    /* Batch I/O: the device has UBLK_F_BATCH_IO.  Each queue's tags are
+     * prepared at once (PREP_IO_CMDS), fetched by one multishot command
+     * (FETCH_IO_CMDS) and committed in batches (COMMIT_IO_CMDS) instead of
+     * FETCH_REQ and COMMIT_AND_FETCH_REQ per tag; with or without zero copy. */
+    bool batch_io;
     struct image *img;
 };
 

@@ -140,7 +140,8 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
     fprintf(f, ", \"format\": ");
     json_put_string(f, img_format_name(sv->img));
     /* Which path serves the device: the ublk features it was granted. */
-    fprintf(f, ", \"zero_copy\": %s", ublk_uses_zero_copy(sv->dev_flags) ? "true" : "false");
+    fprintf(f, ", \"zero_copy\": %s, \"batch_io\": %s", ublk_uses_zero_copy(sv->dev_flags) ? "true" : "false",
+            ublk_uses_batch_io(sv->dev_flags) ? "true" : "false");
     fprintf(f, ", \"uptime_s\": %.3f, \"reads\": %llu, \"writes\": %llu, \"read_bytes\": %llu, "
                "\"write_bytes\": %llu, \"flushes\": %llu, \"discards\": %llu, \"write_zeroes\": %llu, "
                "\"errors\": %llu, \"in_flight\": %llu, \"cache_hits\": %llu, \"cache_misses\": %llu, "
@@ -313,7 +314,11 @@ static void answer_restart(struct served *sv, char *reply, size_t len)
         return;
     }
     bool quiesced = false;
-    if (sv->dev_flags & UBLK_F_QUIESCE) {
+    /* Not with batch I/O: there QUIESCE_DEV aborts the queues' fetches the
+     * way STOP_DEV does (Linux 7.2), and the requests that come while no
+     * daemon serves the device fail with EIO instead of waiting.  The
+     * fallback below leaves them waiting (the device QUIESCED at our exit). */
+    if ((sv->dev_flags & UBLK_F_QUIESCE) && !(sv->dev_flags & UBLK_F_BATCH_IO)) {
         /* The kernel stops handing us requests (new ones wait in its
          * requeue list for the next daemon) and aborts our idle fetches,
          * while the engine, its gate still open, finishes what it has:
@@ -443,8 +448,21 @@ static int add_device(struct ublk_ctrl *ctrl, const struct ublk_server_opts *o,
                    o->nr_queues * o->depth <= 16384;
     if (want_zc)
         info->flags |= zc;
+    /* Batch I/O (7.0+) where asked for (or by default) and the kernel has
+     * it; elsewhere the per-tag commands, silently, as for zero copy. */
+    bool want_batch = !o->no_batch_io && (o->batch_io || UBLK_BATCH_IO_DEFAULT) &&
+                      (features & UBLK_F_BATCH_IO);
+    if (want_batch)
+        info->flags |= UBLK_F_BATCH_IO;
     struct ublksrv_ctrl_dev_info asked = *info;
     int r = ublk_ctrl_add_dev(ctrl, info);
+    if (r == -EINVAL && want_batch) {
+        uq_warn("the kernel refused batch I/O (%s); serving per tag", strerror(-r));
+        *info = asked;
+        info->flags &= ~UBLK_F_BATCH_IO;
+        asked = *info;
+        r = ublk_ctrl_add_dev(ctrl, info);
+    }
     if (r == -EINVAL && want_zc) {
         /* A kernel that refuses the combination: the copy path for all. */
         uq_warn("the kernel refused zero copy (%s); serving with copies", strerror(-r));
@@ -675,6 +693,7 @@ static int start_device(struct daemon *d)
         .img = d->img,
         /* From the device's flags: a recovered device keeps its path. */
         .zero_copy = ublk_uses_zero_copy(d->info.flags),
+        .batch_io = ublk_uses_batch_io(d->info.flags),
     };
     int r = ublk_queues_start(&qcfg, &d->qs, err, sizeof(err));
     if (r < 0) {

@@ -34,6 +34,9 @@ void ublk_state_dir_of(uid_t uid, char *buf, size_t len);
 #define UBLK_DEFAULT_DEPTH 128
 #define UBLK_MAX_QUEUES 64
 #define UBLK_IO_BUF_BYTES (512u << 10)      /* per tag; max request size */
+/* Batch I/O unless --no-batch-io (or only with --batch-io): see
+ * docs/design.md for the measurements behind the choice. */
+#define UBLK_BATCH_IO_DEFAULT false
 
 struct ublk_server_opts {
     const char *image;          /* absolute path */
@@ -63,6 +66,10 @@ struct ublk_server_opts {
      * a per-tag buffer, as on older kernels.  zero_copy: asked explicitly
      * (the default; kept so scripts may say it). */
     bool zero_copy, no_zero_copy;
+    /* Batch I/O (UBLK_F_BATCH_IO, Linux 7.0+): batch_io asks for it,
+     * no_batch_io keeps the per-tag commands; neither: the default,
+     * UBLK_BATCH_IO_DEFAULT.  Where the kernel lacks it, per tag. */
+    bool batch_io, no_batch_io;
     /* Take over the existing quiesced device dev_id instead of adding one. */
     bool recover;
     /* Start-up progress for a waiting parent: "id N\n" after ADD_DEV and

@@ -98,7 +98,41 @@
 #define UBLK_F_BUF_REG_OFF_DAEMON (1ULL << 14)
 #endif
 #ifndef UBLK_F_BATCH_IO
-#define UBLK_F_BATCH_IO (1ULL << 15)
+#define UBLK_F_BATCH_IO (1ULL << 15)                /* 7.0 */
+#endif
+
+/* UBLK_F_BATCH_IO (Linux 7.0): requests are prepared, fetched and committed
+ * per queue in batches instead of per tag (FETCH_REQ and COMMIT_AND_FETCH_REQ
+ * are refused on such a device).  PREP_IO_CMDS and COMMIT_IO_CMDS take an
+ * array of elements at the SQE's addr (nr_elem of elem_bytes each: the
+ * header, then the buffer address with HAS_BUF_ADDR); PREP answers 0, COMMIT
+ * the bytes of the elements it handled (it stops at the first it refuses).
+ * FETCH_IO_CMDS is multishot (IORING_URING_CMD_MULTISHOT, a provided buffer
+ * group in the SQE's buf_group): each CQE brings 16-bit tags. */
+#ifndef UBLK_U_IO_PREP_IO_CMDS
+struct ublk_elem_header {
+    __u16 tag;
+    __u16 buf_index;        /* UBLK_F_AUTO_BUF_REG: slot for the tag's next request */
+    __s32 result;           /* COMMIT only */
+};
+struct ublk_batch_io {
+    __u16 q_id;
+    __u16 flags;
+    __u16 nr_elem;
+    __u8 elem_bytes;
+    __u8 reserved;
+    __u64 reserved2;
+};
+#define UBLK_BATCH_F_HAS_ZONE_LBA (1 << 0)
+#define UBLK_BATCH_F_HAS_BUF_ADDR (1 << 1)
+#define UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK (1 << 2)
+#define UBLK_U_IO_PREP_IO_CMDS _IOWR('u', 0x25, struct ublk_batch_io)
+#define UBLK_U_IO_COMMIT_IO_CMDS _IOWR('u', 0x26, struct ublk_batch_io)
+#define UBLK_U_IO_FETCH_IO_CMDS _IOWR('u', 0x27, struct ublk_batch_io)
+#endif
+/* io_uring: a URING_CMD that completes many times (FETCH_IO_CMDS needs it). */
+#ifndef IORING_URING_CMD_MULTISHOT
+#define IORING_URING_CMD_MULTISHOT (1U << 1)
 #endif
 
 /* UBLK_F_USER_COPY: a request's data is read or written with pread/pwrite
