@@ -423,6 +423,9 @@ ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uin
 void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
                             uint8_t *const *out, size_t out_len, ssize_t *res);
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st);
+/* A read of uncompressed data is being served (compressed reads then share
+ * the disk politely: zcache.c, ZC_SHARED_READS). */
+void qcow2_zc_note_plain_read(struct qcow2 *q);
 /* Decompressions run inline on the engine thread so far (tests). */
 uint64_t qcow2_zc_inline_jobs(const struct qcow2 *q);
 
