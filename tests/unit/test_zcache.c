@@ -11,9 +11,10 @@
  *     host descriptor the cache holds);
  *   - a failed decompression (fault injected on the worker) fails that read
  *     with EIO and nothing else;
- *   - decompressions expected to be cheap run inline on the engine thread
- *     (after the first has measured the cost), with the same results and
- *     the same failure rule; a threshold of 0 keeps every one on the pool. */
+ *   - prefix decompressions expected to be cheap run inline on the engine
+ *     thread (after the first has measured the cost), with the same results
+ *     and the same failure rule; whole clusters and a threshold of 0 keep
+ *     them on the pool. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -480,30 +481,55 @@ static void test_fault_fails_that_read_only(void)
     CHECK_EQ(img_close(f.img), 0);
 }
 
-/* The inline rule, made deterministic by its threshold: huge (every job
- * after the first runs inline) or 0 (none does).  Data and a failure are
- * the same either way. */
+/* The inline rule, made deterministic by its threshold: huge (every prefix
+ * decompression after the first runs inline) or 0 (none does); whole
+ * clusters always go to the pool.  Data and a failure are the same either
+ * way. */
+struct inl { struct image *img; int r, bad_r; };
+
+static void inline_main(void *arg)
+{
+    struct inl *x = arg;
+    x->r = write_clusters(x->img, NCL, 1);
+    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
+    /* The second piece of each cluster: a random read's prefix. */
+    for (uint32_t c = 0; c < NCL && x->r == 0; c++) {
+        int r = img_read(x->img, buf, (uint64_t)c * CS + PIECE, PIECE);
+        if (c == 3) {
+            x->bad_r = r;
+            continue;
+        }
+        content(want, c, 1 + c);
+        if (r < 0 || memcmp(buf, want + PIECE, PIECE) != 0)
+            x->r = r < 0 ? r : -EBADMSG;
+    }
+    /* A whole cluster: never inline. */
+    if (x->r == 0)
+        x->r = img_read(x->img, buf, 5 * CS, CS);
+    io_free(buf);
+    io_free(want);
+}
+
 static void inline_rule(const char *threshold, bool want_inline)
 {
     if (!make_image())
         { CHECK(0); return; }
     setenv("UBLK_QCOW2_ZC_INLINE_NS", threshold, 1);
     setenv("UBLK_QCOW2_FAULT_DECOMPRESS", "0x30000", 1);
-    struct fault f = { .img = open_img() };
+    struct inl x = { .img = open_img() };
     unsetenv("UBLK_QCOW2_FAULT_DECOMPRESS");
     unsetenv("UBLK_QCOW2_ZC_INLINE_NS");
-    if (!f.img)
+    if (!x.img)
         { CHECK(0); return; }
-    run_in_loop(fault_main, &f);
-    CHECK_EQ(f.bad_r, -EIO);
-    CHECK_EQ(f.again_r, -EIO);
-    CHECK_EQ(f.good_r, 0);
-    uint64_t n = qcow2_zc_inline_jobs(to_qcow2(f.img));
+    run_in_loop(inline_main, &x);
+    CHECK_EQ(x.r, 0);
+    CHECK_EQ(x.bad_r, -EIO);
+    uint64_t n = qcow2_zc_inline_jobs(to_qcow2(x.img));
     if (want_inline)
-        CHECK(n >= NCL - 2);        /* all but the first job and maybe one racing it */
+        CHECK_EQ(n, (uint64_t)NCL - 1);   /* every prefix but the first (it measures) */
     else
         CHECK_EQ(n, 0);
-    CHECK_EQ(img_close(f.img), 0);
+    CHECK_EQ(img_close(x.img), 0);
 }
 
 static void test_cheap_decompression_inline(void) { inline_rule("1000000000000", true); }
