@@ -559,6 +559,176 @@ static uint64_t cow_end(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t
     }
 }
 
+/* ---- allocating writes, in phases ----------------------------------------------
+ * write_alloc runs them in one go; img_map (zero copy) runs alloc_begin,
+ * lets the frontend write the data, and commits in img_map_end. */
+
+/* One allocating write into the clusters mapped by slice s from entry idx
+ * on, from alloc_begin to alloc_finish. */
+struct alloc_plan {
+    struct inflight_alloc a;    /* in q->allocs: other writers to these clusters wait */
+    struct mslice *s;           /* pinned until alloc_finish */
+    uint32_t idx;
+    bool reuse;                 /* our own zeroed cluster (ZERO_ALLOC), filled in place */
+    uint64_t c0;                /* the first guest cluster */
+    uint64_t host, got;         /* the run of host clusters: where, how many */
+    uint64_t e0, bm0, el, bml;  /* the first and the last entry the run replaces */
+    uint64_t off, data_end;     /* the guest data the run takes: [off, data_end) */
+    uint64_t cow_from, cow_to;  /* what the run holds once written (guest offsets) */
+    uint64_t head_len, tail_len;    /* copied from the old content around the data */
+    uint64_t wr;                /* where the write starts: cow_from, or off without a head */
+};
+
+/* [cow_from, cow_to): the part of the clusters from off's to data_end's
+ * that a write of [off, data_end) replacing entries (e0, bm0) .. (el, bml)
+ * leaves holding something (see cow_start). */
+static void cow_range(const struct qcow2 *q, struct alloc_plan *p)
+{
+    uint64_t span_start = start_of_cluster(q, p->off), last_start = start_of_cluster(q, p->data_end - 1);
+    p->cow_from = span_start + cow_start(q, p->e0, p->bm0, p->off - span_start);
+    p->cow_to = last_start + cow_end(q, p->el, p->bml, p->data_end - last_start);
+}
+
+/* Do the copy-on-write head and tail read as zeros? */
+static bool padding_reads_zero(const struct qcow2 *q, const struct alloc_plan *p)
+{
+    uint64_t span_start = start_of_cluster(q, p->off), last_start = start_of_cluster(q, p->data_end - 1);
+    return part_reads_zero(q, p->e0, p->bm0, p->cow_from - span_start, p->off - span_start) &&
+           part_reads_zero(q, p->el, p->bml, p->data_end - last_start, p->cow_to - last_start);
+}
+
+/* Where in the file the write of the plan starts. */
+static uint64_t alloc_host(const struct qcow2 *q, const struct alloc_plan *p)
+{
+    return p->host + (p->wr - p->c0 * cl_size(q));
+}
+
+/* A refcount may have called a table's cluster free (a damaged image):
+ * the range about to be written must be no metadata.  A data file holds
+ * none. */
+static int alloc_check(struct qcow2 *q, const struct alloc_plan *p)
+{
+    if (has_data_file(q))
+        return 0;
+    uint64_t n = p->head_len + (p->data_end - p->off) + p->tail_len;
+    return qcow2_ol_check(q, alloc_host(q, p), n, 0, "guest data");
+}
+
+/* The write failed (or is not done after all): nothing names the new
+ * clusters yet, so they are free again at once. */
+static void alloc_abort(struct qcow2 *q, struct alloc_plan *p)
+{
+    if (p->reuse || has_data_file(q))
+        return;
+    for (uint64_t i = 0; i < p->got; i++)
+        qcow2_rc_update(q, p->host / cl_size(q) + i, -1);
+}
+
+/* The end of every plan: unpin the slice, let waiting writers go. */
+static void alloc_finish(struct qcow2 *q, struct alloc_plan *p)
+{
+    qcow2_cache_put(&q->l2c, p->s);
+    unlink_alloc(q, &p->a);
+}
+
+/* Begin an allocating write of [off, off+len) whose first cluster is
+ * mapped by entry idx of the pinned slice s: take a run of new clusters
+ * (contiguous in the file) for as many of the write's clusters as need
+ * one in this slice, or our own zeroed cluster, and work out the copy-on-
+ * write around the data.  The clusters count as in flight until
+ * alloc_finish; nothing names them before alloc_commit (their refcount is
+ * raised first, rule 1).  0: the plan owns s; -errno: all given back. */
+static int alloc_begin(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t off, uint64_t len,
+                       struct alloc_plan *p)
+{
+    uint64_t cs = cl_size(q), c0 = off >> cl_bits(q), end = off + len;
+    *p = (struct alloc_plan){ .s = s, .idx = idx, .c0 = c0, .off = off,
+                              .e0 = l2e_get(q, s, idx), .bm0 = l2bm_get(q, s, idx) };
+    p->reuse = is_zero_alloc_owned(q, p->e0);
+    uint64_t want = 1;
+    while (!p->reuse && idx + want < entries_per_slice(q) && (c0 + want) * cs < end) {
+        uint64_t ek = l2e_get(q, s, idx + want);
+        if (is_inplace(q, ek) || is_zero_alloc_owned(q, ek) || find_alloc(q, c0 + want))
+            break;
+        want++;
+    }
+    p->a = (struct inflight_alloc){ .first = c0, .last = c0 + want - 1, .waiters = CO_QUEUE_INIT,
+                                    .next = q->allocs };
+    q->allocs = &p->a;
+    if (!entry_ok(q, p->e0, p->bm0, off)) {
+        alloc_finish(q, p);
+        return -EIO;
+    }
+    bool fresh = false;
+    if (p->reuse) {
+        p->host = p->e0 & L2E_OFFSET_MASK;
+        p->got = 1;
+    } else if (has_data_file(q)) {
+        /* The data file has a place for every guest cluster: its own. */
+        p->host = c0 * cs;
+        p->got = want;
+    } else {
+        co_mutex_lock(&q->alloc_lock);
+        uint64_t end_before = q->host_end;
+        int r = qcow2_alloc_clusters(q, want, &p->host, &p->got);
+        co_mutex_unlock(&q->alloc_lock);
+        if (r < 0) {
+            p->got = 0;
+            alloc_finish(q, p);
+            return r;
+        }
+        p->a.last = c0 + p->got - 1;
+        /* Clusters past the file's end were never written: they read as
+         * zeros already, so COW from zeros needs no write at all (not when
+         * encrypted: plain zeros must be stored encrypted). */
+        fresh = p->host >= end_before && !q->crypto;
+    }
+    uint64_t last_start = (c0 + p->got - 1) * cs;
+    uint32_t li = idx + (uint32_t)p->got - 1;
+    p->data_end = MIN(end, last_start + cs);
+    p->el = l2e_get(q, s, li);
+    p->bml = l2bm_get(q, s, li);
+    if (li != idx && !entry_ok(q, p->el, p->bml, last_start)) {
+        alloc_abort(q, p);
+        alloc_finish(q, p);
+        return -EIO;
+    }
+    cow_range(q, p);
+    p->head_len = off - p->cow_from;
+    p->tail_len = p->cow_to - p->data_end;
+    p->wr = p->cow_from;
+    if (fresh && padding_reads_zero(q, p)) {
+        p->head_len = p->tail_len = 0;
+        p->wr = off;
+    }
+    return 0;
+}
+
+/* The data (with the copied head and tail) is written: now the L2 entries
+ * (and subcluster bitmaps) name the new clusters, never before (rule 2),
+ * and the flush that makes them durable syncs the data first (rule 4). */
+static void alloc_commit(struct qcow2 *q, struct alloc_plan *p)
+{
+    uint64_t cs = cl_size(q), span_start = p->c0 * cs, last_start = span_start + (p->got - 1) * cs;
+    for (uint64_t i = 0; i < p->got; i++) {
+        uint32_t k = p->idx + (uint32_t)i;
+        uint64_t old = l2e_get(q, p->s, k), obm = l2bm_get(q, p->s, k);
+        l2e_set(q, p->s, k, (p->host + i * cs) | QCOW_OFLAG_COPIED);
+        if (q->extl2) {
+            /* The subclusters written are allocated now; the others keep
+             * their state (zero, or unallocated: backing file). */
+            uint64_t from = i == 0 ? p->cow_from - span_start : 0;
+            uint64_t to = i == p->got - 1 ? p->cow_to - last_start : cs;
+            uint32_t m = units_touched(q, from, to);
+            l2bm_set(q, p->s, k, mkbm(extl2_alloc_bits(obm) | m, extl2_zero_bits(obm) & ~m));
+        }
+        /* The old reference goes once this change is durable (rule 5). */
+        if (!p->reuse)
+            release_entry(q, old, false);   /* never fails without punch */
+    }
+    qcow2_cache_mark_dirty(p->s);
+}
+
 /* Allocate and write clusters for the start of [off, off+len), all mapped by
  * slice s at idx.  The parts of the new clusters around the data are copied
  * from the old content (backing file, zeros, shared or compressed cluster;
@@ -570,108 +740,37 @@ static uint64_t cow_end(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t
 static int write_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, const uint8_t *buf,
                        uint64_t off, uint64_t len, uint64_t *done)
 {
-    uint64_t cs = cl_size(q), c0 = off >> cl_bits(q), end = off + len;
-    uint64_t e0 = l2e_get(q, s, idx), bm0 = l2bm_get(q, s, idx);
-    if (!entry_ok(q, e0, bm0, off)) {
-        qcow2_cache_put(&q->l2c, s);
-        return -EIO;
-    }
-    bool reuse = is_zero_alloc_owned(q, e0);   /* our own zeroed cluster: fill it in place */
-    uint64_t want = 1;
-    while (!reuse && idx + want < entries_per_slice(q) && (c0 + want) * cs < end) {
-        uint64_t ek = l2e_get(q, s, idx + want);
-        if (is_inplace(q, ek) || is_zero_alloc_owned(q, ek) || find_alloc(q, c0 + want))
-            break;
-        want++;
-    }
-    struct inflight_alloc a = { .first = c0, .last = c0 + want - 1, .waiters = CO_QUEUE_INIT };
-    a.next = q->allocs;
-    q->allocs = &a;
-
-    uint64_t host = e0 & L2E_OFFSET_MASK, got = 1;
+    struct alloc_plan p;
+    int r = alloc_begin(q, s, idx, off, len, &p);
+    if (r < 0)
+        return r;
     uint8_t *head = NULL, *tail = NULL;
-    bool fresh = false;
-    int r = 0;
-    if (!reuse && has_data_file(q)) {
-        /* The data file has a place for every guest cluster: its own. */
-        host = c0 * cs;
-        got = want;
-    } else if (!reuse) {
-        co_mutex_lock(&q->alloc_lock);
-        uint64_t end_before = q->host_end;
-        r = qcow2_alloc_clusters(q, want, &host, &got);
-        co_mutex_unlock(&q->alloc_lock);
-        if (r < 0)
-            goto out;
-        a.last = c0 + got - 1;
-        /* Clusters past the file's end were never written: they read as
-         * zeros already, so COW from zeros needs no write at all (not when
-         * encrypted: plain zeros must be stored encrypted). */
-        fresh = host >= end_before && !q->crypto;
-    }
-    uint64_t span_start = c0 * cs, span_end = (c0 + got) * cs, last_start = span_end - cs;
-    uint64_t data_end = MIN(end, span_end);
-    uint32_t li = idx + (uint32_t)got - 1;
-    uint64_t el = l2e_get(q, s, li), bml = l2bm_get(q, s, li);
-    if (li != idx && !entry_ok(q, el, bml, last_start)) {
-        r = -EIO;
-        goto fail;
-    }
-    /* [cow_from, cow_to): what the new clusters hold once written. */
-    uint64_t cow_from = span_start + cow_start(q, e0, bm0, off - span_start);
-    uint64_t cow_to = last_start + cow_end(q, el, bml, data_end - last_start);
-    uint64_t head_len = off - cow_from, tail_len = cow_to - data_end, wr = cow_from;
-    if (fresh && part_reads_zero(q, e0, bm0, cow_from - span_start, off - span_start) &&
-        part_reads_zero(q, el, bml, data_end - last_start, cow_to - last_start)) {
-        head_len = tail_len = 0;
-        wr = off;
-    }
     struct iovec iov[3];
     int niov = 0;
-    if (head_len) {
-        head = io_alloc(head_len);
-        r = read_cluster_part(q, e0, bm0, cow_from, head_len, head);
-        iov[niov++] = (struct iovec){ head, head_len };
+    if (p.head_len) {
+        head = io_alloc(p.head_len);
+        r = read_cluster_part(q, p.e0, p.bm0, p.cow_from, p.head_len, head);
+        iov[niov++] = (struct iovec){ head, p.head_len };
     }
-    iov[niov++] = (struct iovec){ (void *)buf, data_end - off };
-    if (r == 0 && tail_len) {
-        tail = io_alloc(tail_len);
-        r = read_cluster_part(q, el, bml, data_end, tail_len, tail);
-        iov[niov++] = (struct iovec){ tail, tail_len };
+    iov[niov++] = (struct iovec){ (void *)buf, p.data_end - off };
+    if (r == 0 && p.tail_len) {
+        tail = io_alloc(p.tail_len);
+        r = read_cluster_part(q, p.el, p.bml, p.data_end, p.tail_len, tail);
+        iov[niov++] = (struct iovec){ tail, p.tail_len };
     }
-    if (r == 0 && !has_data_file(q))   /* a refcount may have called a table's cluster free */
-        r = qcow2_ol_check(q, host, head_len + (data_end - off) + tail_len, 0, "guest data");
     if (r == 0)
-        r = qcow2_data_writev(q, iov, niov, host + (wr - span_start), false);
-    if (r < 0)
-        goto fail;
-    for (uint64_t i = 0; i < got; i++) {
-        uint32_t k = idx + (uint32_t)i;
-        uint64_t old = l2e_get(q, s, k), obm = l2bm_get(q, s, k);
-        l2e_set(q, s, k, (host + i * cs) | QCOW_OFLAG_COPIED);
-        if (q->extl2) {
-            /* The subclusters written are allocated now; the others keep
-             * their state (zero, or unallocated: backing file). */
-            uint64_t from = i == 0 ? cow_from - span_start : 0;
-            uint64_t to = i == got - 1 ? cow_to - last_start : cs;
-            uint32_t m = units_touched(q, from, to);
-            l2bm_set(q, s, k, mkbm(extl2_alloc_bits(obm) | m, extl2_zero_bits(obm) & ~m));
-        }
-        if (!reuse)
-            release_entry(q, old, false);   /* never fails without punch */
+        r = alloc_check(q, &p);
+    if (r == 0)
+        r = qcow2_data_writev(q, iov, niov, alloc_host(q, &p), false);
+    if (r == 0) {
+        alloc_commit(q, &p);
+        *done = p.data_end - off;
+    } else {
+        alloc_abort(q, &p);
     }
-    qcow2_cache_mark_dirty(s);
-    *done = data_end - off;
-    goto out;
-fail:
-    if (!reuse && !has_data_file(q))    /* nothing points at the new clusters yet: free them now */
-        for (uint64_t i = 0; i < got; i++)
-            qcow2_rc_update(q, host / cs + i, -1);
-out:
     io_free(head);
     io_free(tail);
-    qcow2_cache_put(&q->l2c, s);
-    unlink_alloc(q, &a);
+    alloc_finish(q, &p);
     return r;
 }
 
