@@ -73,7 +73,7 @@ struct img_map {
     uint64_t host;              /* where in it the range starts */
     /* The format's: the request stays open (clusters it maps are not
      * freed and reused) until img_map_end. */
-    _Alignas(8) unsigned char priv[64];
+    _Alignas(8) unsigned char priv[256];
 };
 #define IMG_MAP_WRITE (1u << 8)     /* img_map: for a write (with IMG_FUA if asked) */
 
@@ -155,14 +155,16 @@ void img_get_stats(struct image *img, struct img_stats *st);
 
 /* Zero copy.  img_map: is [off, off+len) plain data in one contiguous
  * extent of one file, which the caller may read (or, with IMG_MAP_WRITE,
- * overwrite: already allocated and ours, no copy-on-write needed) in
- * place with the file's alignment rules (file->direct)?  1: yes, m says
- * where; the caller does the I/O (a write with RWF_DSYNC if IMG_FUA),
- * then must call img_map_end with the I/O's result (0 or -errno) and the
- * same flags, which finishes the request (for a FUA write: a flush when
- * the mapping itself is not durable yet) and returns its final result.
+ * write: clusters ours to overwrite, or new ones allocated for the whole
+ * range, no copy-on-write needed) in place with the file's alignment
+ * rules (file->direct)?  1: yes, m says where; the caller does the I/O (a
+ * write with RWF_DSYNC if IMG_FUA), then must call img_map_end with the
+ * I/O's result (0 or -errno) and the same flags, which finishes the
+ * request (a new mapping takes effect only then, or is given back on an
+ * error; for a FUA write: a flush when the mapping itself is not durable
+ * yet) and returns its final result.  m must stay where it is until then.
  * 0: not that simple (zeros, backing file, compressed, encrypted,
- * allocation or COW, a file in memory...): use img_read/img_write.
+ * copy-on-write, a file in memory...): use img_read/img_write.
  * -errno: the request fails. */
 int img_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m);
 int img_map_end(struct image *img, struct img_map *m, unsigned flags, int result);

@@ -1235,69 +1235,121 @@ int qcow2_map_compressed(struct qcow2 *q, uint64_t off, uint64_t ce)
 
 struct qmap {
     struct qreq rq;             /* open from map to map_end: mapped clusters stay ours */
-    bool flush;                 /* FUA write to a mapping not yet on disk */
+    bool flush;                 /* FUA write whose mapping is not on disk yet */
+    bool alloc;                 /* an allocating write: plan is open until map_end */
+    struct alloc_plan plan;
 };
 _Static_assert(sizeof(struct qmap) <= sizeof(((struct img_map *)0)->priv), "img_map.priv too small");
 
 /* A read maps only what qcow2_co_read would read as one host extent
- * (normal clusters, every subcluster allocated, contiguous in one file);
- * a write only what qcow2_co_write would overwrite in place.  Anything
- * that needs the bytes (zeros, backing file, compressed, LUKS) or changes
- * the mapping (allocation, COW) goes the copy way. */
-int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m)
+ * (normal clusters, every subcluster allocated, contiguous in one file). */
+static int map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct img_map *m)
 {
-    struct qcow2 *q = to_qcow2(img);
-    struct qmap *st = (struct qmap *)m->priv;
-    bool write = flags & IMG_MAP_WRITE, fua = flags & IMG_FUA;
     uint64_t cs = cl_size(q), end = off + len, host = 0;
-    int r = 0;
-    /* Encrypted data needs its bytes; a data file in memory is served
-     * inline (see raw_map). */
-    if (q->crypto || q->data->in_memory)
-        return 0;
-    if (write && q->broken)
-        return -EIO;
-    st->flush = false;
-    qcow2_req_begin(q, &st->rq);
-    if (!write) {
-        for (uint64_t o = off; o < end;) {
-            uint64_t in = offset_into_cluster(q, o), n = MIN(end - o, cs - in), e, bm;
-            bool has_table;
-            r = peek_entry(q, o, &e, &bm, &has_table);
-            if (r < 0)
-                goto out;
-            if (etype(q, e) != QCOW2_CLUSTER_NORMAL || (q->extl2 && bm != SC_ALL) ||
-                !qcow2_datafile_entry_ok(q, e, o))
-                goto out;
-            uint64_t h = (e & L2E_OFFSET_MASK) + in;
-            if (o == off)
-                host = h;
-            else if (h != host + (o - off))
-                goto out;
-            o += n;
-        }
-        qcow2_zc_note_plain_read(q);
-        m->file = q->data;
-        m->host = host;
-        return 1;
+    for (uint64_t o = off; o < end;) {
+        uint64_t in = offset_into_cluster(q, o), n = MIN(end - o, cs - in), e, bm;
+        bool has_table;
+        int r = peek_entry(q, o, &e, &bm, &has_table);
+        if (r < 0)
+            return r;
+        if (etype(q, e) != QCOW2_CLUSTER_NORMAL || (q->extl2 && bm != SC_ALL) ||
+            !qcow2_datafile_entry_ok(q, e, o))
+            return 0;
+        uint64_t h = (e & L2E_OFFSET_MASK) + in;
+        if (o == off)
+            host = h;
+        else if (h != host + (o - off))
+            return 0;
+        o += n;
     }
-    /* The same steps as the in-place branch of qcow2_co_write, for the
-     * whole range at once (one slice, contiguous host clusters). */
-    uint64_t in = offset_into_cluster(q, off), n = MIN(len, cs - in);
+    qcow2_zc_note_plain_read(q);
+    m->file = q->data;
+    m->host = host;
+    return 1;
+}
+
+/* Before allocating for a zero copy write of [off, off+len) whose first
+ * entry is idx of s: could new clusters take the data alone, with no
+ * copy-on-write head or tail?  Yes when nothing around the data needs
+ * copying (cluster bounds; with extended L2 subcluster bounds of clusters
+ * holding no data), or maybe when what is around it reads as zeros (no
+ * backing file): new clusters past the end of the file need no zeros
+ * written (alloc_begin decides).  A cheap guess, so that writes which
+ * cannot map do not allocate only to give the clusters back. */
+static bool alloc_may_skip_cow(struct qcow2 *q, const struct mslice *s, uint32_t idx, uint64_t off,
+                               uint64_t len)
+{
+    uint64_t span = ((off + len - 1) >> cl_bits(q)) - (off >> cl_bits(q));
+    if (idx + span >= entries_per_slice(q))
+        return false;       /* more than this slice: never one run */
+    struct alloc_plan p = { .off = off, .data_end = off + len,
+                            .e0 = l2e_get(q, s, idx), .bm0 = l2bm_get(q, s, idx),
+                            .el = l2e_get(q, s, idx + (uint32_t)span),
+                            .bml = l2bm_get(q, s, idx + (uint32_t)span) };
+    cow_range(q, &p);
+    if (p.cow_from == off && p.cow_to == off + len)
+        return true;
+    /* Zeros are left unwritten only in new clusters at the file's end. */
+    return !has_data_file(q) && !is_zero_alloc_owned(q, p.e0) && padding_reads_zero(q, &p);
+}
+
+/* The write_alloc branch of qcow2_co_write split around the frontend's
+ * data write: the clusters are allocated here, the frontend writes the
+ * data, and qcow2_co_map_end names them in the L2 entries (alloc_commit).
+ * Only when the new run takes the whole request with no copy-on-write
+ * head or tail; else nothing is kept and the copy path does it (0).
+ * Takes s. */
+static int map_alloc(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t off, uint64_t len,
+                     bool fua, struct qmap *st, struct img_map *m)
+{
+    if (!alloc_may_skip_cow(q, s, idx, off, len)) {
+        qcow2_cache_put(&q->l2c, s);
+        return 0;
+    }
+    struct alloc_plan *p = &st->plan;
+    int r = alloc_begin(q, s, idx, off, len, p);
+    if (r < 0)
+        return r;
+    bool whole = p->data_end == off + len && !p->head_len && !p->tail_len;
+    r = whole ? alloc_check(q, p) : 0;
+    if (!whole || r < 0) {
+        alloc_abort(q, p);
+        alloc_finish(q, p);
+        return r;
+    }
+    /* Dirty bitmaps are marked before the data changes, as for any write. */
+    qcow2_bitmaps_mark(q, off, len);
+    st->alloc = true;
+    /* The entries change only in map_end: a FUA write needs the flush that
+     * makes them durable, as write_alloc's caller does. */
+    st->flush = fua;
+    m->file = q->data;
+    m->host = alloc_host(q, p);
+    return 1;
+}
+
+/* A write maps what qcow2_co_write would overwrite in place (the same
+ * steps as its in-place branch, for the whole range at once: one slice,
+ * contiguous host clusters), or allocate without copy-on-write (map_alloc). */
+static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, struct qmap *st,
+                     struct img_map *m)
+{
+    uint64_t in = offset_into_cluster(q, off), n = MIN(len, cl_size(q) - in);
     struct mslice *s;
     uint32_t idx;
-    r = pin_entry_for_update(q, off, &s, &idx);
+    int r = pin_entry_for_update(q, off, &s, &idx);
     if (r < 0)
-        goto out;
+        return r;
     uint64_t e = l2e_get(q, s, idx);
-    if (is_inplace(q, e) && !entry_ok(q, e, l2bm_get(q, s, idx), off)) {
+    if (!is_inplace(q, e))
+        return map_alloc(q, s, idx, off, len, fua, st, m);
+    if (!entry_ok(q, e, l2bm_get(q, s, idx), off)) {
         qcow2_cache_put(&q->l2c, s);
-        r = -EIO;
-        goto out;
+        return -EIO;
     }
     if (!writable_in_place(q, s, idx, in, n)) {
         qcow2_cache_put(&q->l2c, s);
-        goto out;
+        return 0;           /* subclusters to fill: write_subclusters */
     }
     uint64_t first_host = e & L2E_OFFSET_MASK;
     n = inplace_extent(q, s, idx, n, len, first_host);
@@ -1307,17 +1359,35 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
         st->flush = true;
     qcow2_cache_put(&q->l2c, s);
     if (n < len)
-        goto out;
+        return 0;
     r = check_own_range(q, off, first_host + in, len);
     if (r < 0)
-        goto out;
+        return r;
     /* Dirty bitmaps are marked before the data changes, as for any write. */
     qcow2_bitmaps_mark(q, off, len);
     m->file = q->data;
     m->host = first_host + in;
     return 1;
-out:
-    qcow2_req_end(q, &st->rq);
+}
+
+/* Anything that needs the bytes (zeros, backing file, compressed, LUKS) or
+ * a copy-on-write goes the copy way. */
+int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struct img_map *m)
+{
+    struct qcow2 *q = to_qcow2(img);
+    struct qmap *st = (struct qmap *)m->priv;
+    bool write = flags & IMG_MAP_WRITE;
+    /* Encrypted data needs its bytes; a data file in memory is served
+     * inline (see raw_map). */
+    if (q->crypto || q->data->in_memory)
+        return 0;
+    if (write && q->broken)
+        return -EIO;
+    st->flush = st->alloc = false;
+    qcow2_req_begin(q, &st->rq);
+    int r = write ? map_write(q, off, len, flags & IMG_FUA, st, m) : map_read(q, off, len, m);
+    if (r != 1)
+        qcow2_req_end(q, &st->rq);
     return r;
 }
 
@@ -1325,9 +1395,21 @@ int qcow2_co_map_end(struct image *img, struct img_map *m, unsigned flags, int r
 {
     struct qcow2 *q = to_qcow2(img);
     struct qmap *st = (struct qmap *)m->priv;
+    if (st->alloc) {
+        /* The frontend's data write has completed: only now may the L2
+         * entries name the new clusters (rule 2), as in write_alloc.  A
+         * failed write leaves them unnamed: free them. */
+        if (result == 0)
+            alloc_commit(q, &st->plan);
+        else
+            alloc_abort(q, &st->plan);
+        alloc_finish(q, &st->plan);
+    }
     qcow2_req_end(q, &st->rq);
-    /* FUA on a mapping allocated since the last flush: the data is durable
-     * (RWF_DSYNC), the L2/L1 entries naming it only after this flush. */
+    /* FUA on a mapping that is not on disk yet (allocated since the last
+     * flush, or just now): the data is durable (RWF_DSYNC), the L2/L1
+     * entries naming it only after this flush, which syncs the data before
+     * writing them (rule 4). */
     if (result == 0 && (flags & IMG_MAP_WRITE) && (flags & IMG_FUA) && st->flush)
         result = qcow2_flush(q);
     return result;

@@ -432,6 +432,250 @@ static void test_failed_write_frees_new_cluster(void)
     CHECK(fx_check_clean("wf.qcow2"));
 }
 
+/* ---- zero copy: allocating writes through img_map ------------------------------ */
+
+/* One zero copy write as the ublk frontend does it: img_map, the data
+ * written straight into the file where the map says (what WRITE_FIXED
+ * does), img_map_end with that write's result (io_result forces one).
+ * With hold it parks between the map and the write until released. */
+struct mjob {
+    struct image *img;
+    uint64_t off, len;
+    unsigned flags;
+    const uint8_t *data;
+    int io_result, mapped, r;
+    bool hold, released, done;
+    struct co_queue q;
+    struct img_map m;
+};
+
+static void co_map(void *arg)
+{
+    struct mjob *j = arg;
+    j->mapped = img_map(j->img, j->off, j->len, j->flags | IMG_MAP_WRITE, &j->m);
+    if (j->mapped == 1) {
+        while (j->hold && !j->released)
+            co_queue_wait(&j->q);
+        int res = j->io_result;
+        if (res == 0 && pwrite(j->m.file->fd, j->data, j->len, (off_t)j->m.host) != (ssize_t)j->len)
+            res = -EIO;
+        j->r = img_map_end(j->img, &j->m, j->flags | IMG_MAP_WRITE, res);
+    }
+    j->done = true;
+}
+
+/* Map and write len bytes of pattern seed at off; the map's answer (1:
+ * zero copy, then *r is img_map_end's result).  The shadow follows a
+ * successful write. */
+static int zc_wr(struct qcow2 *q, uint64_t off, uint64_t len, unsigned seed, unsigned flags, int io_result,
+                 uint64_t *host, int *r)
+{
+    uint8_t *buf = io_alloc(len);
+    fx_fill(buf, len, seed);
+    struct mjob j = { .img = &q->img, .off = off, .len = len, .flags = flags, .data = buf,
+                      .io_result = io_result, .mapped = -999, .r = -999, .q = CO_QUEUE_INIT };
+    if (fx_run(co_map, &j) < 0)
+        j.mapped = -EDEADLK;
+    if (j.mapped == 1 && j.r == 0 && off < GUEST)
+        memcpy(shadow + off, buf, MIN(len, GUEST - off));
+    if (host)
+        *host = j.m.host;
+    if (r)
+        *r = j.r;
+    io_free(buf);
+    return j.mapped;
+}
+
+/* The unit tests' images live on tmpfs, which img_map never maps (such
+ * files are served inline): pretend the file is on a disk. */
+static struct qcow2 *zc_open(const char *file)
+{
+    struct qcow2 *q = fx_open(file);
+    if (q)
+        q->data->in_memory = false;
+    return q;
+}
+
+/* Whole clusters of an empty image map: new clusters, named by their L2
+ * entries (COPIED, refcount 1) only in img_map_end; a failed data write
+ * gives them back (no leak, the next write gets them). */
+static void test_zc_alloc_whole_clusters(void)
+{
+    CHECK_EQ(fx_create("zc.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = zc_open("zc.qcow2");
+    if (!q)
+        return;
+    reset_shadow(false);
+    uint64_t alloc0 = stat_get(&q->clusters_allocated), host = 0;
+    int r = -999;
+    CHECK_EQ(zc_wr(q, CS, 2 * CS, 30, 0, 0, &host, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK_EQ(stat_get(&q->clusters_allocated) - alloc0, 3);     /* L2 table + 2 data */
+    uint64_t e1 = fx_l2e(q, CS, NULL), e2 = fx_l2e(q, 2 * CS, NULL);
+    CHECK_EQ(e1, host | QCOW_OFLAG_COPIED);
+    CHECK_EQ(e2, (host + CS) | QCOW_OFLAG_COPIED);
+    CHECK_EQ(fx_rc(q, host), 1);
+    CHECK_EQ(fx_rc(q, host + CS), 1);
+    CHECK(q->allocs == NULL);
+    CHECK(reads_shadow(&q->img));
+
+    /* The data write fails: the entry stays empty, the cluster is free. */
+    uint64_t h4 = 0;
+    CHECK_EQ(zc_wr(q, 4 * CS, CS, 31, 0, -EIO, &h4, &r), 1);
+    CHECK_EQ(r, -EIO);
+    CHECK_EQ(fx_l2e(q, 4 * CS, NULL), 0);
+    CHECK_EQ(fx_rc(q, h4), 0);
+    CHECK(q->allocs == NULL);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(wr(q, 4 * CS, CS, 32), 0);            /* the copy path gets it again */
+    CHECK_EQ(HOST(fx_l2e(q, 4 * CS, NULL)), h4);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(fx_check_clean("zc.qcow2"));
+    q = fx_open("zc.qcow2");
+    if (!q)
+        return;
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+}
+
+/* Part of a cluster: without a backing file a new cluster at the end of
+ * the file needs no zeros written around the data, so it maps; over a
+ * backing file the head and tail must be copied: the copy path, nothing
+ * allocated.  Whole clusters over a backing file map; with extended L2 so
+ * does a whole subcluster (only it becomes allocated). */
+static void test_zc_alloc_partial(void)
+{
+    CHECK_EQ(fx_create("zp.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = zc_open("zp.qcow2");
+    if (q) {
+        reset_shadow(false);
+        uint64_t host = 0;
+        int r = -999;
+        CHECK_EQ(zc_wr(q, 6 * CS + 4096, 8192, 33, 0, 0, &host, &r), 1);
+        CHECK_EQ(r, 0);
+        CHECK_EQ(fx_l2e(q, 6 * CS, NULL), (host - 4096) | QCOW_OFLAG_COPIED);
+        CHECK(reads_shadow(&q->img));
+        CHECK_EQ(img_close(&q->img), 0);
+        CHECK(fx_check_clean("zp.qcow2"));
+    }
+    CHECK_EQ(fx_create("zb.qcow2", 64 << 20, 0, 0, false, "base.raw", "raw"), 0);
+    q = zc_open("zb.qcow2");
+    if (q) {
+        reset_shadow(true);
+        CHECK_EQ(wr(q, 0, 4096, 34), 0);           /* the L2 table exists */
+        uint64_t alloc0 = stat_get(&q->clusters_allocated), end0 = q->host_end;
+        CHECK_EQ(zc_wr(q, 6 * CS + 4096, 8192, 35, 0, 0, NULL, NULL), 0);
+        CHECK_EQ(stat_get(&q->clusters_allocated), alloc0);
+        CHECK_EQ(q->host_end, end0);
+        CHECK_EQ(fx_l2e(q, 6 * CS, NULL), 0);
+        int r = -999;
+        CHECK_EQ(zc_wr(q, 6 * CS, CS, 36, 0, 0, NULL, &r), 1);
+        CHECK_EQ(r, 0);
+        CHECK(fx_l2e(q, 6 * CS, NULL) & QCOW_OFLAG_COPIED);
+        CHECK(reads_shadow(&q->img));
+        CHECK_EQ(img_close(&q->img), 0);
+        CHECK(fx_check_clean("zb.qcow2"));
+    }
+    const uint64_t SC = CS / 32;
+    CHECK_EQ(fx_create("zx.qcow2", 64 << 20, 0, 0, true, "base.raw", "raw"), 0);
+    q = zc_open("zx.qcow2");
+    if (q) {
+        reset_shadow(true);
+        uint64_t host = 0, bm;
+        int r = -999;
+        CHECK_EQ(zc_wr(q, 2 * CS + 3 * SC, SC, 37, 0, 0, &host, &r), 1);
+        CHECK_EQ(r, 0);
+        CHECK_EQ(fx_l2e(q, 2 * CS, &bm), (host - 3 * SC) | QCOW_OFLAG_COPIED);
+        CHECK_EQ(bm, 1ull << 3);
+        CHECK_EQ(zc_wr(q, 3 * CS + 512, 1024, 38, 0, 0, NULL, NULL), 0);
+        CHECK(reads_shadow(&q->img));
+        CHECK_EQ(img_close(&q->img), 0);
+        CHECK(fx_check_clean("zx.qcow2"));
+    }
+}
+
+/* While a zero copy allocation is open (mapped, data not yet written) a
+ * second writer to the same cluster waits for it (the allocation in
+ * flight), then writes in place into the cluster it made. */
+static struct mjob zja;
+static struct job zjb;
+
+static void co_zc_two_writers(void *arg)
+{
+    co_spawn(co_map, &zja);
+    fx_settle();
+    CHECK_EQ(zja.mapped, 1);
+    co_spawn(co_job, &zjb);
+    fx_settle();
+    CHECK(!zja.done && !zjb.done);
+    CHECK(cq->allocs != NULL && cq->allocs->first == 5 && cq->allocs->last == 5);
+    CHECK(cq->allocs != NULL && !co_queue_empty(&cq->allocs->waiters));     /* b waits */
+    CHECK_EQ(fx_l2e(cq, 5 * CS, NULL), 0);        /* nothing names the cluster yet */
+    zja.released = true;
+    co_queue_wake_all(&zja.q);
+}
+
+static void test_zc_second_writer_waits(void)
+{
+    CHECK_EQ(fx_create("zw.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    cq = zc_open("zw.qcow2");
+    if (!cq)
+        return;
+    reset_shadow(false);
+    CHECK_EQ(wr(cq, 0, 4096, 39), 0);              /* the L2 table exists */
+    uint8_t *a = io_alloc(CS), *b = io_alloc(4096);
+    fx_fill(a, CS, 40);
+    fx_fill(b, 4096, 41);
+    zja = (struct mjob){ .img = &cq->img, .off = 5 * CS, .len = CS, .data = a, .hold = true,
+                         .q = CO_QUEUE_INIT };
+    zjb = (struct job){ .img = &cq->img, .op = OP_WRITE, .buf = b, .off = 5 * CS + 32768, .len = 4096 };
+    uint64_t alloc0 = stat_get(&cq->clusters_allocated);
+    CHECK_EQ(fx_run(co_zc_two_writers, NULL), 0);
+    CHECK(zja.done && zjb.done);
+    CHECK_EQ(zja.r, 0);
+    CHECK_EQ(zjb.r, 0);
+    CHECK_EQ(stat_get(&cq->clusters_allocated) - alloc0, 1);
+    CHECK_EQ(fx_l2e(cq, 5 * CS, NULL), zja.m.host | QCOW_OFLAG_COPIED);
+    memcpy(shadow + 5 * CS, a, CS);
+    memcpy(shadow + 5 * CS + 32768, b, 4096);
+    io_free(a);
+    io_free(b);
+    CHECK(reads_shadow(&cq->img));
+    CHECK_EQ(img_close(&cq->img), 0);
+    CHECK(fx_check_clean("zw.qcow2"));
+}
+
+/* FUA: the new entries are on disk when img_map_end returns (a flush,
+ * with its syncs); without FUA nothing is synced. */
+static void test_zc_alloc_fua_flushes(void)
+{
+    CHECK_EQ(fx_create("zf.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = zc_open("zf.qcow2");
+    if (!q)
+        return;
+    reset_shadow(false);
+    CHECK_EQ(wr(q, 0, 4096, 42), 0);
+    CHECK_EQ(flush(q), 0);
+    struct fx_rule *sync = fx_rule(FILE_OP_SYNC, 0, 1, 0, false);
+    int r = -999;
+    CHECK_EQ(zc_wr(q, 2 * CS, CS, 43, 0, 0, NULL, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK_EQ(sync->hits, 0);
+    uint64_t host = 0;
+    CHECK_EQ(zc_wr(q, 3 * CS, CS, 44, IMG_FUA, 0, &host, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK(sync->hits >= 1);
+    fx_rules_clear();
+    /* The entry as the file holds it (the L2 table is the first cluster's). */
+    uint64_t l2 = q->l1[0] & L1E_OFFSET_MASK, ondisk = 0;
+    fx_peek(q, l2 + 3 * 8, &ondisk, 8);
+    CHECK_EQ(be64_load((uint8_t *)&ondisk), host | QCOW_OFLAG_COPIED);
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(fx_check_clean("zf.qcow2"));
+}
+
 int main(void)
 {
     fx_setup("test_cluster");
@@ -445,6 +689,10 @@ int main(void)
     RUN_TEST(test_extl2_subclusters);
     RUN_TEST(test_second_writer_waits_for_allocation);
     RUN_TEST(test_failed_write_frees_new_cluster);
+    RUN_TEST(test_zc_alloc_whole_clusters);
+    RUN_TEST(test_zc_alloc_partial);
+    RUN_TEST(test_zc_second_writer_waits);
+    RUN_TEST(test_zc_alloc_fua_flushes);
     fx_teardown();
     UNIT_EXIT();
 }
