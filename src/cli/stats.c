@@ -19,7 +19,8 @@ static void stats_usage(FILE *out)
         "Usage: ublk-qcow2 stats -n ID [--json] [--watch [SECS]] [--count N]\n\n"
         "Show the counters of ublk device ID, read from its daemon: requests by\n"
         "kind, bytes, errors, requests in flight, metadata cache hits, clusters\n"
-        "allocated since the device was added.\n\n"
+        "allocated since the device was added; on a zero copy device, how many\n"
+        "reads and writes went zero copy and how many were copied.\n\n"
         "Options:\n"
         "  -n, --id ID          the device /dev/ublkbID\n"
         "  -j, --json           print the counters as one JSON object\n"
@@ -33,6 +34,8 @@ struct sample {
     uint64_t reads, writes, read_bytes, write_bytes, flushes, discards, write_zeroes;
     uint64_t errors, in_flight, cache_hits, cache_misses, clusters_allocated;
     uint64_t zcache_hits, zcache_misses, clusters_decompressed;     /* 0 from older daemons */
+    uint64_t zero_copy_reads, zero_copy_writes, copied_reads, copied_writes;    /* likewise */
+    bool zero_copy;
     char image[4096], format[16];
     char features[512];         /* the ublk features, "a b c" ("" from older daemons) */
 };
@@ -78,6 +81,11 @@ static int fetch(uint32_t id, char *reply, size_t len, struct sample *s)
     json_get_u64(reply, "zcache_hits", &s->zcache_hits);
     json_get_u64(reply, "zcache_misses", &s->zcache_misses);
     json_get_u64(reply, "clusters_decompressed", &s->clusters_decompressed);
+    json_get_u64(reply, "zero_copy_reads", &s->zero_copy_reads);
+    json_get_u64(reply, "zero_copy_writes", &s->zero_copy_writes);
+    json_get_u64(reply, "copied_reads", &s->copied_reads);
+    json_get_u64(reply, "copied_writes", &s->copied_writes);
+    s->zero_copy = json_get_true(reply, "zero_copy");
     if (!json_get_string(reply, "image", s->image, sizeof(s->image)))
         s->image[0] = '\0';
     if (!json_get_string(reply, "format", s->format, sizeof(s->format)))
@@ -97,6 +105,11 @@ static void print_sample(uint32_t id, const struct sample *s)
         printf("ublk features %s\n", s->features);
     printf("reads         %llu (%.1f MiB)\n", (unsigned long long)s->reads, mib(s->read_bytes));
     printf("writes        %llu (%.1f MiB)\n", (unsigned long long)s->writes, mib(s->write_bytes));
+    /* Only a zero copy device serves some requests one way, some the other. */
+    if (s->zero_copy)
+        printf("zero copy     %llu reads, %llu writes; copied: %llu reads, %llu writes\n",
+               (unsigned long long)s->zero_copy_reads, (unsigned long long)s->zero_copy_writes,
+               (unsigned long long)s->copied_reads, (unsigned long long)s->copied_writes);
     printf("flushes       %llu\n", (unsigned long long)s->flushes);
     printf("discards      %llu\n", (unsigned long long)s->discards);
     printf("write-zeroes  %llu\n", (unsigned long long)s->write_zeroes);

@@ -105,6 +105,10 @@ struct ublk_queues {
     /* Written by the engine thread only (tag_execute). */
     struct {
         stat_counter ops[5], bytes[2], errors, in_flight;
+        /* Reads and writes ([ST_READ], [ST_WRITE]) by how their data moved:
+         * between the request's pages and the file (zero copy), or through a
+         * buffer of the daemon (a bounce buffer, or the tag's own). */
+        stat_counter zero_copy[2], copied[2];
     } st;
     /* Exclusive calls (engine thread): ctl is the engine's inbox for them;
      * the gate, while closed, holds new requests before they enter the
@@ -196,6 +200,7 @@ static int tag_rw_copy(struct ublk_tag *t, bool write, uint64_t off, uint64_t le
     off_t pos = (off_t)ublk_user_copy_pos(t->q->qid, t->tag, 0);
     void *buf = bounce_get(qs);
     int r = 0;
+    stat_add(&qs->st.copied[write ? ST_WRITE : ST_READ], 1);
     if (write) {
         ssize_t n = pread(qs->cdev_fd, buf, len, pos);
         r = n < 0 ? -errno : (uint64_t)n != len ? -EIO : 0;
@@ -239,6 +244,7 @@ static int tag_rw_zc(struct ublk_tag *t, bool write, uint64_t off, uint64_t len,
      * written out): the copy path reads the rest as zeros. */
     if (r == 0 && short_read)
         return tag_rw_copy(t, write, off, len, flags);
+    stat_add(&qs->st.zero_copy[write ? ST_WRITE : ST_READ], 1);
     return r;
 }
 
@@ -249,6 +255,8 @@ static int tag_rw(struct ublk_tag *t, bool write, uint64_t off, uint64_t len, un
     struct ublk_queues *qs = t->q->qs;
     if (len > qs->cfg.buf_bytes)
         return -EIO;
+    if (!qs->cfg.zero_copy)
+        stat_add(&qs->st.copied[write ? ST_WRITE : ST_READ], 1);
     int r = qs->cfg.zero_copy ? tag_rw_zc(t, write, off, len, flags)
             : write ? img_write(qs->cfg.img, t->buf, off, len, flags)
             : img_read(qs->cfg.img, t->buf, off, len);
@@ -1013,6 +1021,10 @@ void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st)
     st->write_bytes = stat_get(&qs->st.bytes[ST_WRITE]);
     st->errors = stat_get(&qs->st.errors);
     st->in_flight = stat_get(&qs->st.in_flight);
+    st->zero_copy_reads = stat_get(&qs->st.zero_copy[ST_READ]);
+    st->zero_copy_writes = stat_get(&qs->st.zero_copy[ST_WRITE]);
+    st->copied_reads = stat_get(&qs->st.copied[ST_READ]);
+    st->copied_writes = stat_get(&qs->st.copied[ST_WRITE]);
 }
 
 int ublk_queues_stop(struct ublk_queues *qs)

@@ -70,6 +70,11 @@ struct ublk_io_stats {
     uint64_t read_bytes, write_bytes;
     uint64_t errors;            /* requests that completed with an error */
     uint64_t in_flight;         /* requests executing in the engine now */
+    /* Reads and writes whose data moved between the request's pages and
+     * the image file (zero copy), and those whose data passed through a
+     * buffer of the daemon (the copy path of a zero copy device, or every
+     * request of a device without zero copy). */
+    uint64_t zero_copy_reads, zero_copy_writes, copied_reads, copied_writes;
 };
 void ublk_queues_stats(const struct ublk_queues *qs, struct ublk_io_stats *st);
 

@@ -155,6 +155,10 @@ static void answer_stats(struct served *sv, char *reply, size_t len)
             (unsigned long long)is.cache_misses, (unsigned long long)is.clusters_allocated,
             (unsigned long long)is.zcache_hits, (unsigned long long)is.zcache_misses,
             (unsigned long long)is.clusters_decompressed);
+    fprintf(f, ", \"zero_copy_reads\": %llu, \"zero_copy_writes\": %llu, \"copied_reads\": %llu, "
+               "\"copied_writes\": %llu",
+            (unsigned long long)io.zero_copy_reads, (unsigned long long)io.zero_copy_writes,
+            (unsigned long long)io.copied_reads, (unsigned long long)io.copied_writes);
     /* The ublk features the device uses (granted at ADD_DEV). */
     fprintf(f, ", \"features\": ");
     ublk_put_feature_names(f, sv->dev_flags);

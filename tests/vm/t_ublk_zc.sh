@@ -2,7 +2,8 @@
 # Zero copy (UBLK_F_AUTO_BUF_REG + UBLK_F_USER_COPY) and its fallbacks, one boot on each
 # kernel (result names end in @6.12 / @7.2): fio write+verify, 4k and 512k, 1 and 2 queues,
 # with zero copy (where the kernel has it: list --json and stats say which path serves) and
-# with --no-zero-copy (the per-tag buffers; on 6.12 the only path), then qemu-img check and
+# with --no-zero-copy (the per-tag buffers; on 6.12 the only path), the stats of which path
+# served each request (allocating writes on empty images zero copy), then qemu-img check and
 # compare; and, where zero copy exists, every kind of image of the interop matrix (cluster
 # sizes, refcount widths, v2/v3, backing chain with a short backing file, compressed,
 # extended L2, zero clusters, LUKS, raw) attached read-only and compared with QEMU's reading
@@ -27,6 +28,27 @@ fi
 TMPW=$W W=$W/brd
 cd "$W" || exit 1
 
+# Which path served the reads and writes so far (stats): every one counted once, zero copy
+# or copied.  On an empty image every first write to a cluster allocates; with zero copy
+# none of these needs copy-on-write (whole clusters at 512k; at 4k new clusters at the end
+# of the file, where the rest of the cluster reads as zeros unwritten), so none is copied.
+# Without zero copy everything is.  NAME ZC(0|1)
+zc_paths() {
+	local name=$1 zc=$2 s=$W/zc_stats.json
+	"$UQ" stats -n "$ID" --json >"$s" 2>&1
+	echo "# $name: $(jq -c '{reads, writes, zero_copy_reads, zero_copy_writes, copied_reads, copied_writes}' "$s")"
+	check "zc_${name}_stats_paths" jq -e '.zero_copy_reads + .copied_reads == .reads and
+		.zero_copy_writes + .copied_writes == .writes and .errors == 0' "$s"
+	if [ "$zc" = 0 ]; then
+		check "zc_${name}_stats_all_copied" jq -e '.zero_copy_reads == 0 and .zero_copy_writes == 0 and
+			.copied_writes == .writes and .writes > 0' "$s"
+		return
+	fi
+	case $name in *empty*)
+		check "zc_${name}_stats_alloc_zero_copy" jq -e '.zero_copy_writes > 0 and .copied_writes == 0' "$s"
+	esac
+}
+
 # fio verify through a device: NAME QUEUES BS ZC(0|1) CREATE-OPTIONS...
 zc_fio() {
 	local name=$1 q=$2 bs=$3 zc=$4; shift 4
@@ -43,6 +65,7 @@ zc_fio() {
 		check "zc_${name}_stats_features" eval '"$UQ" stats -n $ID --json | jq -e ".zero_copy == true and (.features | index(\"auto_buf_reg\")) and (.features | index(\"user_copy\"))" >/dev/null'
 	fi
 	check "zc_${name}_fio_verify" fio_verify "$DEV" --bs="$bs" --size=16M
+	zc_paths "$name" "$zc"
 	# An empty image: overwrite in place (the clusters exist now), then verify again.
 	case $name in *empty*)
 		check "zc_${name}_fio_verify_overwrite" fio_verify "$DEV" --bs="$bs" --size=16M --rw=write ;;
