@@ -72,7 +72,9 @@ struct img_map {
     struct file *file;          /* the file holding the range */
     uint64_t host;              /* where in it the range starts */
     /* The format's: the request stays open (clusters it maps are not
-     * freed and reused) until img_map_end. */
+     * freed and reused) until img_map_end; for a write into new clusters
+     * also the allocation in flight (linked into the format's lists, so m
+     * must not move). */
     _Alignas(8) unsigned char priv[256];
 };
 #define IMG_MAP_WRITE (1u << 8)     /* img_map: for a write (with IMG_FUA if asked) */
