@@ -498,7 +498,8 @@ static struct qcow2 *zc_open(const char *file)
 
 /* Whole clusters of an empty image map: new clusters, named by their L2
  * entries (COPIED, refcount 1) only in img_map_end; a failed data write
- * gives them back (no leak, the next write gets them). */
+ * gives them back (no leak, the next write gets them; a partial write
+ * that would need zeros written into it does not map). */
 static void test_zc_alloc_whole_clusters(void)
 {
     CHECK_EQ(fx_create("zc.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
@@ -527,6 +528,15 @@ static void test_zc_alloc_whole_clusters(void)
     CHECK_EQ(fx_rc(q, h4), 0);
     CHECK(q->allocs == NULL);
     CHECK(reads_shadow(&q->img));
+    /* Part of a cluster, zeros around it, but the cluster the allocator
+     * gives is that freed one, inside the file: its zeros would have to
+     * be written, so the map gives it back and says 0 (the copy path). */
+    uint64_t alloc1 = stat_get(&q->clusters_allocated);
+    CHECK_EQ(zc_wr(q, 7 * CS + 4096, 4096, 45, 0, 0, NULL, NULL), 0);
+    CHECK_EQ(stat_get(&q->clusters_allocated) - alloc1, 1);
+    CHECK_EQ(fx_l2e(q, 7 * CS, NULL), 0);
+    CHECK_EQ(fx_rc(q, h4), 0);
+    CHECK(q->allocs == NULL);
     CHECK_EQ(wr(q, 4 * CS, CS, 32), 0);            /* the copy path gets it again */
     CHECK_EQ(HOST(fx_l2e(q, 4 * CS, NULL)), h4);
     CHECK(reads_shadow(&q->img));
