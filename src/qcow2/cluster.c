@@ -333,7 +333,7 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
 {
-    qcow2_zc_note_plain_read(q);
+    qcow2_zc_note_plain_read(q, len);
     return qcow2_data_read(q, buf, len, host);
 }
 
@@ -1177,7 +1177,7 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
                 goto out;
             o += n;
         }
-        qcow2_zc_note_plain_read(q);
+        qcow2_zc_note_plain_read(q, len);
         m->file = q->data;
         m->host = host;
         return 1;
