@@ -552,36 +552,40 @@ static void pass_turn(void)
 
 struct turns { struct image *img; int r; unsigned live, plain_len; bool stop; struct co_queue q; uint32_t next; };
 
+/* Read len bytes of guest cluster c (version vid) and check them. */
+static void turns_read(struct turns *t, uint32_t c, uint32_t vid, uint32_t len)
+{
+    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
+    content(want, c, vid);
+    int r = img_read(t->img, buf, (uint64_t)c * CS, len);
+    if (r < 0 || memcmp(buf, want, len) != 0)
+        t->r = r < 0 ? r : -EBADMSG;
+    io_free(buf);
+    io_free(want);
+}
+
+static void turns_done(struct turns *t)
+{
+    t->live--;
+    co_queue_wake_all(&t->q);
+}
+
 static void turns_compressed(void *arg)
 {
     struct turns *t = arg;
     uint32_t c = t->next++;
-    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
-    content(want, c, 1 + c);
-    int r = img_read(t->img, buf, (uint64_t)c * CS, CS);
-    if (r < 0 || memcmp(buf, want, CS) != 0)
-        t->r = r < 0 ? r : -EBADMSG;
-    io_free(buf);
-    io_free(want);
-    t->live--;
-    co_queue_wake_all(&t->q);
+    turns_read(t, c, 1 + c, CS);
+    turns_done(t);
 }
 
 static void turns_plain(void *arg)
 {
     struct turns *t = arg;
-    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
-    content(want, PLAIN_C, 7);
     do {
-        int r = img_read(t->img, buf, (uint64_t)PLAIN_C * CS, t->plain_len);
-        if (r < 0 || memcmp(buf, want, t->plain_len) != 0)
-            t->r = r < 0 ? r : -EBADMSG;
+        turns_read(t, PLAIN_C, 7, t->plain_len);
         pass_turn();
     } while (!t->stop && t->r == 0);
-    io_free(buf);
-    io_free(want);
-    t->live--;
-    co_queue_wake_all(&t->q);
+    turns_done(t);
 }
 
 static void turns_main(void *arg)
