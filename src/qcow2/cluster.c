@@ -333,7 +333,7 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
 
 static int read_host(struct qcow2 *q, uint64_t host, uint64_t len, uint8_t *buf)
 {
-    qcow2_zc_note_plain_read(q);
+    qcow2_zc_note_plain_read(q, len);
     return qcow2_data_read(q, buf, len, host);
 }
 
@@ -1262,7 +1262,7 @@ static int map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct img_map 
             return 0;
         o += n;
     }
-    qcow2_zc_note_plain_read(q);
+    qcow2_zc_note_plain_read(q, len);
     m->file = q->data;
     m->host = host;
     return 1;

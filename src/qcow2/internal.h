@@ -423,11 +423,13 @@ ssize_t qcow2_zc_compress(struct qcow2 *q, const uint8_t *in, size_t in_len, uin
 void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in, size_t in_len,
                             uint8_t *const *out, size_t out_len, ssize_t *res);
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st);
-/* A read of uncompressed data is being served (compressed reads then share
- * the disk politely: zcache.c, ZC_SHARED_READS). */
-void qcow2_zc_note_plain_read(struct qcow2 *q);
+/* A read of len bytes of uncompressed data is being served (compressed
+ * loads then take turns while small ones are: zcache.c, ZC_SHARED_LOADS). */
+void qcow2_zc_note_plain_read(struct qcow2 *q, uint64_t len);
 /* Decompressions run inline on the engine thread so far (tests). */
 uint64_t qcow2_zc_inline_jobs(const struct qcow2 *q);
+/* The most compressed loads at once so far (tests); reset: start again. */
+unsigned qcow2_zc_loads_peak(struct qcow2 *q, bool reset);
 
 /* zwrite.c: compressed clusters, packed into host clusters as QEMU packs them */
 int qcow2_co_write_compressed(struct image *img, const void *cdata, size_t clen, uint64_t off);

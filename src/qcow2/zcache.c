@@ -42,15 +42,20 @@
  * bench's data: ~5 us), and the other requests wait no longer than they
  * would for the hand-over.  zlib (~100 us a cluster) stays on the pool. */
 #define ZC_INLINE_NS 10000u
-/* Compressed reads at the disk at once while plain reads are being served
- * (one within the last ZC_PLAIN_WINDOW_NS).  A compressed read moves a whole
- * cluster's compressed bytes (~half a cluster); 32 of them queued at a disk
- * of ~1 GB/s put a millisecond in front of a 4 KiB read (p99 of plain reads
- * under a compressed stream: 1,270 us vs 118 us idle).  Two keep a stream
- * going at about half the disk's bandwidth; with no plain reads around
- * (a random compressed workload, convert) there is no cap: the disk's depth
- * is what makes its bandwidth. */
-#define ZC_SHARED_READS 2u
+/* Compressed clusters loaded (read and decompressed) at once while small
+ * plain reads are being served (one within the last ZC_PLAIN_WINDOW_NS).
+ * A compressed load costs a whole cluster's compressed bytes at the disk
+ * (~half a cluster), a worker's decompression and the engine's hand-overs;
+ * a stream of them at depth 32 put a millisecond of disk queue in front of
+ * a 4 KiB read (p99 1,270 us vs 118 idle) and, with the queue capped at 2
+ * reads, still kept the engine thread saturated (p99 ~2.6x idle; capped at
+ * 2 loads ~2.0-2.4x, at 1 load 1.7-2.0x on disk and RAM disk, measured on
+ * this 2-CPU machine).  The stream still gets about 250 MB/s then.  Without
+ * small plain reads around (a random compressed workload, a sequential copy
+ * through partly rewritten clusters, convert) there is no cap: the disk's
+ * depth is what makes its bandwidth. */
+#define ZC_SHARED_LOADS 1u
+#define ZC_PLAIN_SMALL (16u << 10)  /* plain reads up to this count: random I/O, metadata */
 #define ZC_PLAIN_WINDOW_NS 1000000u
 #define ZC_ALIGN 512u               /* compressed data is read in aligned spans of this */
 
@@ -79,11 +84,11 @@ struct zcache {
     uint64_t ns_per_kib;            /* recent decompression cost (EWMA; 0: none measured yet) */
     uint64_t inline_ns;             /* ZC_INLINE_NS (tests: UBLK_QCOW2_ZC_INLINE_NS) */
     uint64_t inline_jobs;
-    /* Sharing the disk with plain reads (ZC_SHARED_READS). */
+    /* Sharing the machine with small plain reads (ZC_SHARED_LOADS). */
     uint64_t plain_reads;           /* counted by qcow2_zc_note_plain_read */
-    uint64_t plain_seen, plain_seen_ns;
-    unsigned reads;                 /* compressed reads at the disk */
-    struct co_queue read_turn;      /* compressed reads waiting for their turn */
+    uint64_t plain_seen, plain_seen_ns, plain_window_ns;
+    unsigned loads, loads_peak;     /* compressed clusters being loaded (now, at most) */
+    struct co_queue load_turn;      /* loads waiting for their turn */
     stat_counter hits, misses, decompressed;
 };
 
@@ -134,6 +139,10 @@ static void parse_test_env(struct zcache *z)
      * a huge N always once a cost is known). */
     const char *v = getenv("UBLK_QCOW2_ZC_INLINE_NS");
     z->inline_ns = v && *v ? strtoull(v, NULL, 0) : ZC_INLINE_NS;
+    /* UBLK_QCOW2_ZC_PLAIN_WINDOW_NS=N: how long a small plain read keeps
+     * loads taking turns (tests: long, so a slow run cannot fall out of it). */
+    v = getenv("UBLK_QCOW2_ZC_PLAIN_WINDOW_NS");
+    z->plain_window_ns = v && *v ? strtoull(v, NULL, 0) : ZC_PLAIN_WINDOW_NS;
 }
 
 static void parse_faults(struct zcache *z)
@@ -183,7 +192,7 @@ int qcow2_zc_init(struct qcow2 *q, uint64_t bytes)
     z->lru.prev = z->lru.next = &z->lru;
     parse_faults(z);
     parse_test_env(z);
-    z->read_turn = (struct co_queue)CO_QUEUE_INIT;
+    z->load_turn = (struct co_queue)CO_QUEUE_INIT;
     q->zc = z;
     return 0;
 }
@@ -363,13 +372,13 @@ static void run_decompress(struct zcache *z, struct wp_port *port, struct zjob *
     }
 }
 
-void qcow2_zc_note_plain_read(struct qcow2 *q)
+void qcow2_zc_note_plain_read(struct qcow2 *q, uint64_t len)
 {
-    if (q->zc)
+    if (q->zc && len <= ZC_PLAIN_SMALL)
         q->zc->plain_reads++;
 }
 
-/* Were plain reads served lately (since the last look, or within the
+/* Were small plain reads served lately (since the last look, or within the
  * window)? */
 static bool plain_reads_active(struct zcache *z)
 {
@@ -379,25 +388,26 @@ static bool plain_reads_active(struct zcache *z)
         z->plain_seen_ns = now;
         return true;
     }
-    return now - z->plain_seen_ns < ZC_PLAIN_WINDOW_NS;
+    return now - z->plain_seen_ns < z->plain_window_ns;
 }
 
-/* A turn at the disk for one compressed read (see ZC_SHARED_READS). */
-static void read_turn_take(struct zcache *z)
+/* A turn to load one compressed cluster (see ZC_SHARED_LOADS). */
+static void load_turn_take(struct zcache *z)
 {
     if (!z)
         return;
-    while (z->reads >= ZC_SHARED_READS && co_in_coroutine() && plain_reads_active(z))
-        co_queue_wait(&z->read_turn);
-    z->reads++;
+    while (z->loads >= ZC_SHARED_LOADS && co_in_coroutine() && plain_reads_active(z))
+        co_queue_wait(&z->load_turn);
+    if (++z->loads > z->loads_peak)
+        z->loads_peak = z->loads;
 }
 
-static void read_turn_give(struct zcache *z)
+static void load_turn_give(struct zcache *z)
 {
     if (!z)
         return;
-    z->reads--;
-    co_queue_wake_one(&z->read_turn);
+    z->loads--;
+    co_queue_wake_one(&z->load_turn);
 }
 
 /* Read the compressed bytes and decompress the first want bytes into out,
@@ -417,9 +427,10 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
     if (posix_memalign(&mem, ZC_ALIGN, span) != 0)
         return -ENOMEM;
     uint8_t *in = mem;
-    read_turn_take(q->zc);
+    /* The turn covers the decompression too: that is what keeps the
+     * engine and the CPUs free for the plain reads. */
+    load_turn_take(q->zc);
     ssize_t n = file_pread_any(&q->file, in, span, coff - head);
-    read_turn_give(q->zc);
     int r = (int)(n < 0 ? n : 0);
     if (r == 0) {
         /* Short at the end of the file: what is there (the stream judges). */
@@ -437,6 +448,7 @@ static int load(struct qcow2 *q, uint64_t coff, uint64_t nbytes, uint64_t guest_
             uq_error("%s: compressed cluster at 0x%llx (guest offset 0x%llx) does not decompress",
                      q->img.path, (unsigned long long)coff, (unsigned long long)start_of_cluster(q, guest_off));
     }
+    load_turn_give(q->zc);
     free(in);
     return r;
 }
@@ -575,6 +587,16 @@ void qcow2_zc_compress_many(struct qcow2 *q, size_t n, const uint8_t *const *in,
 uint64_t qcow2_zc_inline_jobs(const struct qcow2 *q)
 {
     return q->zc ? q->zc->inline_jobs : 0;
+}
+
+unsigned qcow2_zc_loads_peak(struct qcow2 *q, bool reset)
+{
+    if (!q->zc)
+        return 0;
+    unsigned n = q->zc->loads_peak;
+    if (reset)
+        q->zc->loads_peak = 0;
+    return n;
 }
 
 void qcow2_zc_stats(struct qcow2 *q, struct img_stats *st)

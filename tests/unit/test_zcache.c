@@ -14,7 +14,10 @@
  *   - prefix decompressions expected to be cheap run inline on the engine
  *     thread (after the first has measured the cost), with the same results
  *     and the same failure rule; whole clusters and a threshold of 0 keep
- *     them on the pool. */
+ *     them on the pool;
+ *   - while small plain reads are being served, compressed clusters are
+ *     loaded one at a time (with none, or only large ones, in parallel),
+ *     and every read still gets its data. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -535,6 +538,112 @@ static void inline_rule(const char *threshold, bool want_inline)
 static void test_cheap_decompression_inline(void) { inline_rule("1000000000000", true); }
 static void test_inline_threshold_zero_uses_pool(void) { inline_rule("0", false); }
 
+/* Loads taking turns: 8 whole-cluster compressed reads at once, with a
+ * reader of plain data (guest cluster PLAIN_C, written uncompressed)
+ * running alongside in pieces of plain_len bytes, or none. */
+#define PLAIN_C (NCL + 1)
+
+/* Let the other ready coroutines run, then go on. */
+static void pass_turn(void)
+{
+    co_wake(co_self());
+    co_yield();
+}
+
+struct turns { struct image *img; int r; unsigned live, plain_len; bool stop; struct co_queue q; uint32_t next; };
+
+/* Read len bytes of guest cluster c (version vid) and check them. */
+static void turns_read(struct turns *t, uint32_t c, uint32_t vid, uint32_t len)
+{
+    uint8_t *buf = io_alloc(CS), *want = io_alloc(CS);
+    content(want, c, vid);
+    int r = img_read(t->img, buf, (uint64_t)c * CS, len);
+    if (r < 0 || memcmp(buf, want, len) != 0)
+        t->r = r < 0 ? r : -EBADMSG;
+    io_free(buf);
+    io_free(want);
+}
+
+static void turns_done(struct turns *t)
+{
+    t->live--;
+    co_queue_wake_all(&t->q);
+}
+
+static void turns_compressed(void *arg)
+{
+    struct turns *t = arg;
+    uint32_t c = t->next++;
+    turns_read(t, c, 1 + c, CS);
+    turns_done(t);
+}
+
+static void turns_plain(void *arg)
+{
+    struct turns *t = arg;
+    do {
+        turns_read(t, PLAIN_C, 7, t->plain_len);
+        pass_turn();
+    } while (!t->stop && t->r == 0);
+    turns_done(t);
+}
+
+static void turns_main(void *arg)
+{
+    struct turns *t = arg;
+    uint8_t *plain = io_alloc(CS);
+    content(plain, PLAIN_C, 7);
+    t->r = write_clusters(t->img, 8, 1);
+    if (t->r == 0)
+        t->r = img_write(t->img, plain, (uint64_t)PLAIN_C * CS, CS, 0);
+    io_free(plain);
+    if (t->r < 0)
+        return;
+    t->q = (struct co_queue)CO_QUEUE_INIT;
+    if (t->plain_len) {
+        t->live++;
+        co_spawn(turns_plain, t);
+        pass_turn();    /* its first read is served before the loads start */
+    }
+    for (int i = 0; i < 8; i++) {
+        t->live++;
+        co_spawn(turns_compressed, t);
+    }
+    while (t->live > (t->plain_len ? 1u : 0u))
+        co_queue_wait(&t->q);
+    t->stop = true;
+    while (t->live)
+        co_queue_wait(&t->q);
+}
+
+static unsigned loads_at_once(unsigned plain_len)
+{
+    if (!make_image())
+        { CHECK(0); return 0; }
+    setenv("UBLK_QCOW2_ZC_PLAIN_WINDOW_NS", "60000000000", 1);
+    struct turns t = { .img = open_img(), .plain_len = plain_len };
+    unsetenv("UBLK_QCOW2_ZC_PLAIN_WINDOW_NS");
+    if (!t.img)
+        { CHECK(0); return 0; }
+    run_in_loop(turns_main, &t);
+    CHECK_EQ(t.r, 0);
+    unsigned peak = qcow2_zc_loads_peak(to_qcow2(t.img), false);
+    printf("#   plain reads of %u bytes: at most %u loads at once\n", plain_len, peak);
+    CHECK_EQ(img_close(t.img), 0);
+    return peak;
+}
+
+static void test_loads_take_turns_with_small_plain_reads(void)
+{
+    CHECK_EQ(loads_at_once(4096), 1);
+}
+
+static void test_loads_parallel_without_small_plain_reads(void)
+{
+    CHECK(loads_at_once(0) > 1);
+    CHECK(loads_at_once(CS) > 1);     /* a 64 KiB plain read is a stream's, not a latency probe */
+}
+
 int main(void)
 {
     snprintf(dir, sizeof(dir), "/tmp/uq-zcache.XXXXXX");
@@ -549,6 +658,8 @@ int main(void)
     RUN_TEST(test_fault_fails_that_read_only);
     RUN_TEST(test_cheap_decompression_inline);
     RUN_TEST(test_inline_threshold_zero_uses_pool);
+    RUN_TEST(test_loads_take_turns_with_small_plain_reads);
+    RUN_TEST(test_loads_parallel_without_small_plain_reads);
     unlink(path);
     rmdir(dir);
     close(zero_fd);
