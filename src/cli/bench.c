@@ -11,12 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 #include <sys/resource.h>
 
 #include "cli/cli.h"
 #include "cli/opts.h"
+#include "io/clock.h"
 #include "io/coroutine.h"
 #include "io/loop.h"
 #include "img/image.h"
@@ -89,13 +89,6 @@ struct bench_job {
     uint64_t quota;             /* --ios: this job's share; 0 = unlimited */
     void *rbuf, *wbuf;
 };
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* splitmix64: seeds each job's generator from --seed and the job index. */
 static uint64_t splitmix64(uint64_t *s)

@@ -29,8 +29,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "io/clock.h"
 #include "io/log.h"
 #include "qcow2/internal.h"
 
@@ -106,13 +106,6 @@ struct zjob {
     uint64_t ns;                    /* how long the decompression took */
     bool compress;
 };
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void zjob_run(struct wp_job *w)
 {
