@@ -134,6 +134,7 @@ int img_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, struc
     int r = check_range(img, off, len);
     if (r < 0 || len == 0 || !img->ops->map)
         return r;
+    m->flush_at_end = false;
     return img->ops->map(img, off, len, flags, m);
 }
 

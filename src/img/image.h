@@ -71,6 +71,8 @@ struct image;
 struct img_map {
     struct file *file;          /* the file holding the range */
     uint64_t host;              /* where in it the range starts */
+    bool flush_at_end;          /* FUA write: img_map_end flushes, which makes the data
+                                   durable too (no RWF_DSYNC needed) */
     /* The format's: the request stays open (clusters it maps are not
      * freed and reused) until img_map_end; for a write into new clusters
      * also the allocation in flight (linked into the format's lists, so m
@@ -160,11 +162,11 @@ void img_get_stats(struct image *img, struct img_stats *st);
  * write: clusters ours to overwrite, or new ones allocated for the whole
  * range, no copy-on-write needed) in place with the file's alignment
  * rules (file->direct)?  1: yes, m says where; the caller does the I/O (a
- * write with RWF_DSYNC if IMG_FUA), then must call img_map_end with the
- * I/O's result (0 or -errno) and the same flags, which finishes the
- * request (a new mapping takes effect only then, or is given back on an
- * error; for a FUA write: a flush when the mapping itself is not durable
- * yet) and returns its final result.  m must stay where it is until then.
+ * write with RWF_DSYNC if IMG_FUA, unless m->flush_at_end), then must
+ * call img_map_end with the I/O's result (0 or -errno) and the same
+ * flags, which finishes the request (a new mapping takes effect only then,
+ * or is given back on an error; for a FUA write: a flush when the mapping
+ * itself is not durable yet) and returns its final result.  m must stay where it is until then.
  * 0: not that simple (zeros, backing file, compressed, encrypted,
  * copy-on-write, a file in memory...): use img_read/img_write.
  * -errno: the request fails. */

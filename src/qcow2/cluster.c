@@ -907,8 +907,10 @@ int qcow2_co_write(struct image *img, const void *vbuf, uint64_t off, uint64_t l
             r = check_own_range(q, off, first_host + in, n);
             if (r < 0)
                 break;
+            /* With that flush to come, RWF_DSYNC would sync the data twice:
+             * the flush syncs it before the entries (rule 4). */
             struct iovec iov = { (void *)buf, n };
-            r = qcow2_data_writev(q, &iov, 1, first_host + in, fua);
+            r = qcow2_data_writev(q, &iov, 1, first_host + in, fua && !metadata_changed);
             if (r < 0)
                 break;
         } else if (is_inplace(q, e)) {
@@ -1388,6 +1390,7 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
     int r = write ? map_write(q, off, len, flags & IMG_FUA, st, m) : map_read(q, off, len, m);
     if (r != 1)
         qcow2_req_end(q, &st->rq);
+    m->flush_at_end = r == 1 && st->flush;
     return r;
 }
 
@@ -1407,9 +1410,9 @@ int qcow2_co_map_end(struct image *img, struct img_map *m, unsigned flags, int r
     }
     qcow2_req_end(q, &st->rq);
     /* FUA on a mapping that is not on disk yet (allocated since the last
-     * flush, or just now): the data is durable (RWF_DSYNC), the L2/L1
-     * entries naming it only after this flush, which syncs the data before
-     * writing them (rule 4). */
+     * flush, or just now): the L2/L1 entries naming the data are durable
+     * only after this flush, which syncs the data first (rule 4); so the
+     * frontend wrote it without RWF_DSYNC (m->flush_at_end). */
     if (result == 0 && (flags & IMG_MAP_WRITE) && (flags & IMG_FUA) && st->flush)
         result = qcow2_flush(q);
     return result;

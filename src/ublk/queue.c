@@ -234,10 +234,10 @@ static int tag_rw_zc(struct ublk_tag *t, bool write, uint64_t off, uint64_t len,
     if (r <= 0)
         return r < 0 ? r : tag_rw_copy(t, write, off, len, flags);
     unsigned idx = t->q->qid * qs->cfg.depth + t->tag;
-    /* FUA: RWF_DSYNC makes this data durable before the completion;
-     * img_map_end adds the flush a mapping not yet on disk needs. */
+    /* FUA: RWF_DSYNC makes this data durable before the completion, unless
+     * img_map_end flushes anyway (a mapping not yet on disk), which syncs it. */
     ssize_t n = io_rw_fixed(write, m.file->fd, idx, 0, len, m.host,
-                            write && (flags & IMG_FUA) ? RWF_DSYNC : 0);
+                            write && (flags & IMG_FUA) && !m.flush_at_end ? RWF_DSYNC : 0);
     bool short_read = !write && n >= 0 && (uint64_t)n < len;
     r = img_map_end(img, &m, mf, n < 0 ? (int)n : 0);
     /* A read past the end of the file (a cluster allocated but never

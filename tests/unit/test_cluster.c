@@ -467,6 +467,8 @@ static void co_map(void *arg)
 /* Map and write len bytes of pattern seed at off; the map's answer (1:
  * zero copy, then *r is img_map_end's result).  The shadow follows a
  * successful write. */
+static bool zc_flush_at_end;    /* the last zc_wr's map said: img_map_end flushes */
+
 static int zc_wr(struct qcow2 *q, uint64_t off, uint64_t len, unsigned seed, unsigned flags, int io_result,
                  uint64_t *host, int *r)
 {
@@ -482,6 +484,7 @@ static int zc_wr(struct qcow2 *q, uint64_t off, uint64_t len, unsigned seed, uns
         *host = j.m.host;
     if (r)
         *r = j.r;
+    zc_flush_at_end = j.m.flush_at_end;
     io_free(buf);
     return j.mapped;
 }
@@ -657,7 +660,9 @@ static void test_zc_second_writer_waits(void)
 }
 
 /* FUA: the new entries are on disk when img_map_end returns (a flush,
- * with its syncs); without FUA nothing is synced. */
+ * with its syncs, which also make the data durable: the map tells the
+ * frontend it need not write with RWF_DSYNC); without FUA nothing is
+ * synced. */
 static void test_zc_alloc_fua_flushes(void)
 {
     CHECK_EQ(fx_create("zf.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
@@ -671,10 +676,12 @@ static void test_zc_alloc_fua_flushes(void)
     int r = -999;
     CHECK_EQ(zc_wr(q, 2 * CS, CS, 43, 0, 0, NULL, &r), 1);
     CHECK_EQ(r, 0);
+    CHECK(!zc_flush_at_end);
     CHECK_EQ(sync->hits, 0);
     uint64_t host = 0;
     CHECK_EQ(zc_wr(q, 3 * CS, CS, 44, IMG_FUA, 0, &host, &r), 1);
     CHECK_EQ(r, 0);
+    CHECK(zc_flush_at_end);
     CHECK(sync->hits >= 1);
     fx_rules_clear();
     /* The entry as the file holds it (the L2 table is the first cluster's). */
