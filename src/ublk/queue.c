@@ -255,11 +255,13 @@ static int tag_rw(struct ublk_tag *t, bool write, uint64_t off, uint64_t len, un
     struct ublk_queues *qs = t->q->qs;
     if (len > qs->cfg.buf_bytes)
         return -EIO;
-    if (!qs->cfg.zero_copy)
+    int r;
+    if (qs->cfg.zero_copy) {
+        r = tag_rw_zc(t, write, off, len, flags);   /* counts which way it went */
+    } else {
         stat_add(&qs->st.copied[write ? ST_WRITE : ST_READ], 1);
-    int r = qs->cfg.zero_copy ? tag_rw_zc(t, write, off, len, flags)
-            : write ? img_write(qs->cfg.img, t->buf, off, len, flags)
-            : img_read(qs->cfg.img, t->buf, off, len);
+        r = write ? img_write(qs->cfg.img, t->buf, off, len, flags) : img_read(qs->cfg.img, t->buf, off, len);
+    }
     return r < 0 ? r : (int)len;
 }
 
