@@ -14,7 +14,7 @@
 
 static uint32_t hash_off(const struct mcache *c, uint64_t off)
 {
-    uint64_t x = off / c->slice_size;
+    uint64_t x = off >> c->slice_shift;     /* slice sizes are powers of two */
     x ^= x >> 17;
     x *= 0x9e3779b97f4a7c15ull;
     return (uint32_t)(x >> 32) & c->hash_mask;
@@ -42,6 +42,7 @@ int qcow2_cache_init(struct mcache *c, struct qcow2 *q, const char *name, bool i
     c->name = name;
     c->is_l2 = is_l2;
     c->slice_size = slice_size;
+    c->slice_shift = (uint32_t)__builtin_ctz(slice_size);
     c->nslices = nslices;
     uint32_t buckets = 1;
     while (buckets < nslices * 2)
@@ -126,8 +127,10 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
         struct mslice *s = lookup(c, off);
         if (s) {
             s->refs++;
-            lru_unlink(s);
-            lru_push_recent(c, s);
+            if (c->lru.lru_prev != s) {
+                lru_unlink(s);
+                lru_push_recent(c, s);
+            }
             while (s->loading)
                 co_queue_wait(&s->waiters);
             if (s->load_err) {
@@ -191,6 +194,15 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
         co_queue_wake_all(&victim->waiters);
         *out = victim;
         return 0;
+    }
+}
+
+void qcow2_cache_touch(struct mcache *c, struct mslice *s)
+{
+    stat_add(&c->hits, 1);
+    if (c->lru.lru_prev != s) {
+        lru_unlink(s);
+        lru_push_recent(c, s);
     }
 }
 

@@ -310,10 +310,12 @@ static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **s
 
 /* Copy the L2 entry (and extended-L2 bitmap) for guest offset off; both
  * are 0 with *has_table false when no L2 table exists.  The slice is not
- * kept: a freed cluster is not reused while this request is in flight. */
-static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, bool *has_table)
+ * kept: a freed cluster is not reused while this request is in flight.
+ * *seen (if asked) names the slice it was in, unpinned (for map hints). */
+static int peek_entry_seen(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, bool *has_table,
+                           struct mslice **seen)
 {
-    struct mslice *s;
+    struct mslice *s = NULL;
     uint32_t idx;
     *has_table = false;     /* defined on errors too: callers may look before checking */
     *e = *bm = 0;
@@ -326,7 +328,14 @@ static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, 
         *bm = l2bm_get(q, s, idx);
         qcow2_cache_put(&q->l2c, s);
     }
+    if (seen)
+        *seen = s;
     return 0;
+}
+
+static int peek_entry(struct qcow2 *q, uint64_t off, uint64_t *e, uint64_t *bm, bool *has_table)
+{
+    return peek_entry_seen(q, off, e, bm, has_table, NULL);
 }
 
 /* ---- reading --------------------------------------------------------------- */
@@ -1251,12 +1260,15 @@ static int map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct img_map 
     for (uint64_t o = off; o < end;) {
         uint64_t in = offset_into_cluster(q, o), n = MIN(end - o, cs - in), e, bm;
         bool has_table;
-        int r = peek_entry(q, o, &e, &bm, &has_table);
+        struct mslice *s;
+        int r = peek_entry_seen(q, o, &e, &bm, &has_table, &s);
         if (r < 0)
             return r;
         if (etype(q, e) != QCOW2_CLUSTER_NORMAL || (q->extl2 && bm != SC_ALL) ||
             !qcow2_datafile_entry_ok(q, e, o))
             return 0;
+        if (n == len)       /* one cluster: the next read of it may skip all this */
+            qcow2_hint_store(q, o, s, e, bm, false, 0);
         uint64_t h = (e & L2E_OFFSET_MASK) + in;
         if (o == off)
             host = h;
@@ -1337,15 +1349,16 @@ static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, stru
                      struct img_map *m)
 {
     uint64_t in = offset_into_cluster(q, off), n = MIN(len, cl_size(q) - in);
+    uint32_t ol_gen = q->ol.gen;    /* the overlap checks below are of this index */
     struct mslice *s;
     uint32_t idx;
     int r = pin_entry_for_update(q, off, &s, &idx);
     if (r < 0)
         return r;
-    uint64_t e = l2e_get(q, s, idx);
+    uint64_t e = l2e_get(q, s, idx), bm = l2bm_get(q, s, idx);
     if (!is_inplace(q, e))
         return map_alloc(q, s, idx, off, len, fua, st, m);
-    if (!entry_ok(q, e, l2bm_get(q, s, idx), off)) {
+    if (!entry_ok(q, e, bm, off)) {
         qcow2_cache_put(&q->l2c, s);
         return -EIO;
     }
@@ -1365,6 +1378,10 @@ static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, stru
     r = check_own_range(q, off, first_host + in, len);
     if (r < 0)
         return r;
+    /* A one-cluster write whose every subcluster is ours: later writes
+     * anywhere in the cluster go in place the same way (hint.c). */
+    if (in + len <= cl_size(q) && writable_in_place(q, s, idx, 0, cl_size(q)))
+        qcow2_hint_store(q, off, s, e, bm, true, ol_gen);
     /* Dirty bitmaps are marked before the data changes, as for any write. */
     qcow2_bitmaps_mark(q, off, len);
     m->file = q->data;
@@ -1386,6 +1403,20 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
     if (write && q->broken)
         return -EIO;
     st->flush = st->alloc = false;
+    uint64_t host;
+    /* FUA writes take the long way: they need mapping_durable. */
+    if (!(flags & IMG_FUA) && offset_into_cluster(q, off) + len <= cl_size(q) &&
+        qcow2_hint_lookup(q, off, len, write, &host)) {
+        qcow2_req_begin(q, &st->rq);
+        if (write)
+            qcow2_bitmaps_mark(q, off, len);    /* before the data changes */
+        else
+            qcow2_zc_note_plain_read(q, len);
+        m->file = q->data;
+        m->host = host;
+        m->flush_at_end = false;
+        return 1;
+    }
     qcow2_req_begin(q, &st->rq);
     int r = write ? map_write(q, off, len, flags & IMG_FUA, st, m) : map_read(q, off, len, m);
     if (r != 1)

@@ -31,6 +31,7 @@
 #include "qcow2/verdict.h"
 
 struct qcow2;
+struct map_hint;
 
 /* ---- metadata cache (cache.c) ------------------------------------------- */
 struct mslice {
@@ -49,6 +50,7 @@ struct mcache {
     const char *name;           /* "L2" or "refcount" (messages) */
     bool is_l2;
     uint32_t slice_size;
+    uint32_t slice_shift;       /* log2(slice_size) */
     uint32_t nslices;
     struct mslice *slices;
     uint8_t *mem;
@@ -65,6 +67,9 @@ void qcow2_cache_free(struct mcache *c);
 /* Pin the slice at host offset off, loading it from disk if needed. */
 int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out);
 void qcow2_cache_put(struct mcache *c, struct mslice *s);
+/* A slice used without qcow2_cache_get (map hints): counted as a hit and
+ * made the most recently used. */
+void qcow2_cache_touch(struct mcache *c, struct mslice *s);
 static inline void qcow2_cache_mark_dirty(struct mslice *s) { s->dirty = true; }
 /* Drop every cached slice inside [off, off+len) (a table being freed).
  * Slices pinned (by a request, or by a flush writing their copy) or being
@@ -126,6 +131,7 @@ struct ol_index {
     struct ol_range *ranges;    /* snapshot L1 tables, sorted by offset */
     uint64_t *max_end;          /* max end of ranges[0..i] */
     size_t nranges;
+    uint32_t gen;               /* changes with cl and ranges (map hints, hint.c) */
 };
 
 struct qcow2 {
@@ -190,6 +196,7 @@ struct qcow2 {
     struct bitmaps *bitmaps;    /* enabled dirty bitmaps kept up to date (bitmap.c); NULL if none */
     struct luks *crypto;        /* LUKS master key contexts (crypto.c); NULL if not encrypted */
     struct ol_index ol;         /* where the metadata is (overlap.c) */
+    struct map_hint *hints;     /* checked single-cluster mappings (hint.c) */
 };
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
@@ -293,6 +300,21 @@ void qcow2_ol_free(struct qcow2 *q);
 void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit);
 void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit);
 void qcow2_ol_reindex_refblocks(struct qcow2 *q);
+/* Does [off, off+len) miss the structures found from the header's fields
+ * (header, L1, refcount table, snapshot table, LUKS), outside ignore?  The
+ * indexed ones are covered by ol.gen. */
+bool qcow2_ol_fixed_clear(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore);
+
+/* ---- map hints (hint.c) ---------------------------------------------------- */
+void qcow2_hints_free(struct qcow2 *q);
+/* Remember that guest offset off's cluster maps plainly by entry (e, bm)
+ * of slice s: readable as one extent; writable in place too if the write
+ * path said so while the overlap index was at ol_gen. */
+void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t e, uint64_t bm,
+                      bool writable, uint32_t ol_gen);
+/* The host offset of [off, off+len) (one cluster) if a hint still gives
+ * the answer the map path would, for a read or a (non-FUA) write. */
+bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, uint64_t *host);
 /* Does writing [off, off+len) touch metadata other than the kinds in
  * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
  * and a message naming `what` and the structure hit. */

@@ -258,6 +258,7 @@ static void qcow2_free(struct qcow2 *q)
         close(q->backing_lock_fd);
     if (q->snapshots)
         qcow2_snapshots_free(q->snapshots, q->h.nb_snapshots);
+    qcow2_hints_free(q);    /* they point into the L2 cache */
     qcow2_cache_free(&q->l2c);
     qcow2_cache_free(&q->rcc);
     qcow2_zw_free(q);

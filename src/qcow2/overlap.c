@@ -103,6 +103,7 @@ void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
     size_t i = lower_bound(x->cl, x->n, key);
     if (i < x->n && x->cl[i] == key && bit != OL_BIT_ACTIVE_L2)
         return;
+    x->gen++;
     if (reserve(x, 1) < 0) {
         /* Without the entry a later write could destroy this table:
          * refuse writes rather than run unprotected. */
@@ -120,6 +121,7 @@ void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit)
     uint64_t key = off | bit;
     size_t i = lower_bound(x->cl, x->n, key);
     if (i < x->n && x->cl[i] == key) {
+        x->gen++;
         memmove(x->cl + i, x->cl + i + 1, (x->n - i - 1) * sizeof(*x->cl));
         x->n--;
     }
@@ -154,6 +156,7 @@ void qcow2_ol_reindex_refblocks(struct qcow2 *q)
 {
     struct ol_index *x = &q->ol;
     size_t k = 0;
+    x->gen++;
     for (size_t i = 0; i < x->n; i++)
         if ((x->cl[i] & KIND_MASK) != OL_BIT_REFBLOCK)
             x->cl[k++] = x->cl[i];
@@ -243,18 +246,19 @@ int qcow2_ol_build(struct qcow2 *q)
 
 void qcow2_ol_free(struct qcow2 *q)
 {
+    uint32_t gen = q->ol.gen;
     free(q->ol.cl);
     free(q->ol.ranges);
     free(q->ol.max_end);
     memset(&q->ol, 0, sizeof(q->ol));
+    q->ol.gen = gen + 1;    /* never back to a value a map hint may hold */
 }
 
-/* The first structure (kind bit and offset) outside `ignore` that
- * [start, end) overlaps; false if none.  start and end are cluster-aligned. */
-static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigned ignore,
-                    unsigned *bit, uint64_t *where)
+/* The structures checked by comparison with the header's fields (they may
+ * move without the index changing). */
+static bool ol_find_fixed(const struct qcow2 *q, uint64_t start, uint64_t end, unsigned ignore,
+                          unsigned *bit, uint64_t *where)
 {
-    const struct ol_index *x = &q->ol;
     uint64_t cs = cl_size(q), len = end - start;
 #define HIT(b, o) do { *bit = (b); *where = (o); return true; } while (0)
     if (!(ignore & OL_HEADER) && start < cs)
@@ -270,6 +274,18 @@ static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigne
     if (!(ignore & OL_CRYPTO) && q->h.has_crypto_ext &&
         overlaps(start, len, q->h.crypto_offset, q->h.crypto_length))
         HIT(OL_BIT_CRYPTO, q->h.crypto_offset);
+    return false;
+}
+
+/* The first structure (kind bit and offset) outside `ignore` that
+ * [start, end) overlaps; false if none.  start and end are cluster-aligned. */
+static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigned ignore,
+                    unsigned *bit, uint64_t *where)
+{
+    const struct ol_index *x = &q->ol;
+    uint64_t len = end - start;
+    if (ol_find_fixed(q, start, end, ignore, bit, where))
+        return true;
     if (!(ignore & OL_INACTIVE_L1) && x->nranges) {
         /* The last range starting before end; any range up to it that
          * reaches past start overlaps (max_end says whether one does). */
@@ -296,17 +312,30 @@ static bool ol_find(const struct qcow2 *q, uint64_t start, uint64_t end, unsigne
 #undef HIT
 }
 
+/* [off, off+len) widened to whole clusters. */
+static void whole_clusters(const struct qcow2 *q, uint64_t off, uint64_t len, uint64_t *start, uint64_t *end)
+{
+    uint64_t cs = cl_size(q), e = off + len;
+    *start = off & ~(cs - 1);
+    *end = e < off || e > UINT64_MAX - cs ? UINT64_MAX & ~(cs - 1) : (e + cs - 1) & ~(cs - 1);
+}
+
+bool qcow2_ol_fixed_clear(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore)
+{
+    uint64_t start, end, where;
+    unsigned bit;
+    whole_clusters(q, off, len, &start, &end);
+    return !len || !ol_find_fixed(q, start, end, ignore, &bit, &where);
+}
+
 int qcow2_ol_conflict(const struct qcow2 *q, uint64_t off, uint64_t len, unsigned ignore,
                 const char *what, char *msg, size_t msglen)
 {
     if (!len)
         return 0;
-    uint64_t cs = cl_size(q);
-    uint64_t start = off & ~(cs - 1);
-    uint64_t end = off + len;
-    end = end < off || end > UINT64_MAX - cs ? UINT64_MAX & ~(cs - 1) : (end + cs - 1) & ~(cs - 1);
+    uint64_t start, end, where;
     unsigned bit;
-    uint64_t where;
+    whole_clusters(q, off, len, &start, &end);
     if (!ol_find(q, start, end, ignore, &bit, &where))
         return 0;
     snprintf(msg, msglen, "refusing to write %s at 0x%llx (%llu bytes): it overlaps %s at 0x%llx",

@@ -693,6 +693,117 @@ static void test_zc_alloc_fua_flushes(void)
     CHECK(fx_check_clean("zf.qcow2"));
 }
 
+/* A zero copy map of one cluster leaves a hint (hint.c) that the next map
+ * of the cluster takes without looking up the L2 cache; it must give the
+ * long way's answer or none, whatever changed since: a discard, a
+ * snapshot sharing the cluster, a reverted snapshot, an evicted slice, a
+ * structure (indexed, or found from the header) moved onto the cluster. */
+static int zc_rd(struct qcow2 *q, uint64_t off, uint64_t len, uint64_t *host)
+{
+    struct img_map m;
+    int r = img_map(&q->img, off, len, 0, &m);
+    if (r == 1) {
+        *host = m.host;
+        img_map_end(&q->img, &m, 0, 0);
+    }
+    return r;
+}
+
+static void test_zc_hints_follow_changes(void)
+{
+    CHECK_EQ(fx_create("zh.qcow2", 64 << 20, 0, 0, false, NULL, NULL), 0);
+    struct qcow2 *q = zc_open("zh.qcow2");
+    if (!q)
+        return;
+    reset_shadow(false);
+    CHECK_EQ(wr(q, 0, 4 * CS, 50), 0);
+    uint64_t h1 = 0, h = 0, e = fx_l2e(q, CS, NULL);
+    int r = -999;
+    /* The long way leaves the hint; the next write and read take it. */
+    CHECK_EQ(zc_wr(q, CS + 4096, 4096, 51, 0, 0, &h1, &r), 1);
+    CHECK_EQ(h1, HOST(e) + 4096);
+    CHECK(qcow2_hint_lookup(q, CS + 8192, 4096, true, &h) && h == HOST(e) + 8192);
+    uint64_t hits0 = stat_get(&q->l2c.hits);
+    CHECK_EQ(zc_wr(q, CS + 8192, 4096, 52, 0, 0, &h, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK_EQ(h, HOST(e) + 8192);
+    CHECK_EQ(zc_rd(q, CS, 4096, &h), 1);
+    CHECK_EQ(h, HOST(e));
+    CHECK_EQ(stat_get(&q->l2c.hits) - hits0, 2);     /* counted as cache hits */
+    CHECK(reads_shadow(&q->img));
+
+    /* Zeroed: the hint is dead. */
+    CHECK_EQ(zero(q, CS, CS, 0), 0);
+    CHECK(!qcow2_hint_lookup(q, CS, 4096, false, &h));
+    CHECK(!qcow2_hint_lookup(q, CS, 4096, true, &h));
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(zc_wr(q, CS, CS, 53, 0, 0, &h, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK_EQ(fx_l2e(q, CS, NULL), h | QCOW_OFLAG_COPIED);
+    CHECK(reads_shadow(&q->img));
+
+    /* A snapshot shares the cluster: no write in place any more (the
+     * long way copies it), reads may still go straight to it. */
+    CHECK_EQ(zc_wr(q, 2 * CS, 4096, 54, 0, 0, &h1, &r), 1);
+    CHECK(qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    static uint8_t before[GUEST];
+    memcpy(before, shadow, GUEST);
+    char id[64], err[256];
+    CHECK_EQ(img_snapshot_create(&q->img, "s1", id, sizeof(id), err, sizeof(err)), 0);
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    CHECK_EQ(zc_wr(q, 2 * CS, 4096, 55, 0, 0, &h, &r), 0);       /* copy-on-write: copy path */
+    CHECK_EQ(wr(q, 2 * CS, 4096, 55), 0);
+    CHECK(HOST(fx_l2e(q, 2 * CS, NULL)) != h1);
+    CHECK_EQ(zc_wr(q, 2 * CS + 4096, 4096, 56, 0, 0, &h, &r), 1);
+    CHECK_EQ(h, HOST(fx_l2e(q, 2 * CS, NULL)) + 4096);
+    CHECK(reads_shadow(&q->img));
+
+    /* Back to the snapshot: the L1 entries change under the hints. */
+    CHECK_EQ(flush(q), 0);
+    CHECK_EQ(img_snapshot_apply(&q->img, "s1", err, sizeof(err)), 0);
+    memcpy(shadow, before, GUEST);
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, false, &h) || h == h1);
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    CHECK(reads_shadow(&q->img));
+
+    /* An evicted slice: no hint; the long way loads it again.  (A write
+     * that allocates leaves none: the next write in place does.) */
+    CHECK_EQ(zc_wr(q, 3 * CS, CS, 57, 0, 0, &h, &r), 1);
+    CHECK_EQ(r, 0);
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK_EQ(zc_wr(q, 3 * CS + 4096, 4096, 57, 0, 0, &h, &r), 1);
+    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK_EQ(flush(q), 0);
+    CHECK(!qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX));
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK_EQ(zc_wr(q, 3 * CS, 4096, 58, 0, 0, &h, &r), 1);
+    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+
+    /* A structure found from the header over the cluster (here the LUKS
+     * header's fields): no write by hint. */
+    uint64_t data = HOST(fx_l2e(q, 3 * CS, NULL));
+    bool had = q->h.has_crypto_ext;
+    uint64_t co = q->h.crypto_offset, cl = q->h.crypto_length;
+    q->h.has_crypto_ext = true, q->h.crypto_offset = data, q->h.crypto_length = 512;
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, false, &h));        /* reading it is harmless */
+    q->h.has_crypto_ext = had, q->h.crypto_offset = co, q->h.crypto_length = cl;
+    CHECK(reads_shadow(&q->img));
+
+    /* An indexed structure over the cluster (a damaged image): the hint
+     * is dead and the long way refuses the write. */
+    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    qcow2_ol_add(q, data, OL_BIT_REFBLOCK);
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK_EQ(zc_wr(q, 3 * CS, 4096, 59, 0, 0, &h, &r), -EIO);
+    CHECK(q->broken);
+    qcow2_ol_remove(q, data, OL_BIT_REFBLOCK);
+    q->broken = false;
+    CHECK(reads_shadow(&q->img));
+    CHECK_EQ(img_close(&q->img), 0);
+    CHECK(fx_check_clean("zh.qcow2"));
+}
+
 int main(void)
 {
     fx_setup("test_cluster");
@@ -710,6 +821,7 @@ int main(void)
     RUN_TEST(test_zc_alloc_partial);
     RUN_TEST(test_zc_second_writer_waits);
     RUN_TEST(test_zc_alloc_fua_flushes);
+    RUN_TEST(test_zc_hints_follow_changes);
     fx_teardown();
     UNIT_EXIT();
 }

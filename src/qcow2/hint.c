@@ -1,0 +1,99 @@
+/* Map hints: the zero copy path's memory of single-cluster mappings it
+ * has already checked, so that the next 4k request to the same cluster
+ * skips the L2 cache lookup and the overlap index search (the two cost
+ * most of qcow2_co_map; ublk's 4k requests pay them per I/O).
+ *
+ * A hint is never trusted, only re-validated cheaply: the L1 entry and the
+ * L2 entry (and extended-L2 bitmap) are compared with what they were, the
+ * slice is checked to still hold that table's bytes, and everything else
+ * the slow path's verdict depended on is either re-checked (the structures
+ * found from the header, the end of the file, allocations in flight) or
+ * covered by ol.gen (the overlap index: every L2 table or refcount block
+ * added, moved or dropped changes it).  So a hint gives the slow path's
+ * answer or no answer; nothing needs invalidating when metadata changes. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2/internal.h"
+
+#define HINT_SLOTS 4096u    /* direct mapped by guest cluster: 192 KiB, on first use */
+
+struct map_hint {
+    uint64_t cluster1;          /* guest cluster index + 1; 0: empty */
+    uint64_t l1e, e, bm;        /* the entries as validated */
+    struct mslice *s;           /* the L2 slice that held e */
+    uint32_t ol_gen;            /* q->ol.gen when the write path checked it */
+    bool writable;              /* the write path found it writable in place */
+};
+
+void qcow2_hints_free(struct qcow2 *q)
+{
+    free(q->hints);
+    q->hints = NULL;
+}
+
+/* The slice holding the L2 entry of guest cluster c under L1 entry l1e,
+ * and the entry's byte offset in it. */
+static uint64_t slice_of(const struct qcow2 *q, uint64_t l1e, uint64_t c, uint32_t *byte_in_slice)
+{
+    uint64_t l2i = c & (q->h.l2_entries - 1);
+    uint64_t byte = (l1e & L1E_OFFSET_MASK) + l2i * q->h.l2_entry_size;
+    uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
+    *byte_in_slice = (uint32_t)(byte - soff);
+    return soff;
+}
+
+void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t e, uint64_t bm,
+                      bool writable, uint32_t ol_gen)
+{
+    uint64_t c = off >> cl_bits(q), l1i = c >> q->h.l2_bits;
+    if (!q->hints)          /* first use: only zero copy devices map */
+        q->hints = calloc(HINT_SLOTS, sizeof(*q->hints));
+    if (!q->hints || l1i >= q->h.l1_size)
+        return;
+    uint64_t l1e = q->l1[l1i];
+    uint32_t in;
+    /* The slice must be the one the L1 entry names now (the verdict was
+     * for that table); a write's verdict also holds only if the overlap
+     * index has not changed since it was checked. */
+    if (!s->in_use || s->loading || s->off != slice_of(q, l1e, c, &in) ||
+        (writable && ol_gen != q->ol.gen))
+        return;
+    struct map_hint *h = &q->hints[c & (HINT_SLOTS - 1)];
+    *h = (struct map_hint){ .cluster1 = c + 1, .l1e = l1e, .e = e, .bm = bm, .s = s,
+                            .ol_gen = ol_gen, .writable = writable };
+}
+
+bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, uint64_t *host)
+{
+    uint64_t c = off >> cl_bits(q), l1i = c >> q->h.l2_bits, cs = cl_size(q);
+    if (!q->hints)
+        return false;
+    const struct map_hint *h = &q->hints[c & (HINT_SLOTS - 1)];
+    if (h->cluster1 != c + 1 || l1i >= q->h.l1_size || q->l1[l1i] != h->l1e)
+        return false;
+    if (write && (!h->writable || h->ol_gen != q->ol.gen))
+        return false;
+    struct mslice *s = h->s;
+    uint32_t in;
+    if (!s->in_use || s->loading || s->off != slice_of(q, h->l1e, c, &in) ||
+        be64_load(s->data + in) != h->e || (q->extl2 && be64_load(s->data + in + 8) != h->bm))
+        return false;
+    uint64_t data = (h->e & L2E_OFFSET_MASK) + (off & (cs - 1));
+    if (write) {
+        uint64_t table = h->l1e & L1E_OFFSET_MASK;
+        /* What the index does not cover, as the slow path checks it: an
+         * allocation in flight on the cluster, the structures found from
+         * the header (which may have moved onto either cluster), and data
+         * past the end of the file (the refcounts must say it is ours). */
+        for (const struct inflight_alloc *a = q->allocs; a; a = a->next)
+            if (c >= a->first && c <= a->last)
+                return false;
+        if (!qcow2_ol_fixed_clear(q, table, cs, OL_ACTIVE_L2) ||
+            (!has_data_file(q) && (data + len > q->host_end || !qcow2_ol_fixed_clear(q, data, len, 0))))
+            return false;
+    }
+    qcow2_cache_touch(&q->l2c, s);
+    *host = data;
+    return true;
+}
