@@ -57,7 +57,7 @@ void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t 
      * for that table); a write's verdict also holds only if the overlap
      * index has not changed since it was checked. */
     if (!s->in_use || s->loading || s->off != slice_of(q, l1e, c, &in) ||
-        (writable && ol_gen != q->ol.gen))
+        (writable && (ol_gen != q->ol.gen || !(l1e & QCOW_OFLAG_COPIED))))
         return;
     struct map_hint *h = &q->hints[c & (HINT_SLOTS - 1)];
     *h = (struct map_hint){ .cluster1 = c + 1, .l1e = l1e, .e = e, .bm = bm, .s = s,
