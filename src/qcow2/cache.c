@@ -34,6 +34,15 @@ static void lru_push_recent(struct mcache *c, struct mslice *s)
     c->lru.lru_prev = s;
 }
 
+/* Make s the most recently used (no work when it is already). */
+static void lru_touch(struct mcache *c, struct mslice *s)
+{
+    if (c->lru.lru_prev != s) {
+        lru_unlink(s);
+        lru_push_recent(c, s);
+    }
+}
+
 int qcow2_cache_init(struct mcache *c, struct qcow2 *q, const char *name, bool is_l2,
                 uint32_t slice_size, uint32_t nslices)
 {
@@ -127,10 +136,7 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
         struct mslice *s = lookup(c, off);
         if (s) {
             s->refs++;
-            if (c->lru.lru_prev != s) {
-                lru_unlink(s);
-                lru_push_recent(c, s);
-            }
+            lru_touch(c, s);
             while (s->loading)
                 co_queue_wait(&s->waiters);
             if (s->load_err) {
@@ -175,8 +181,7 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
         victim->refs = 1;
         victim->loading = true;
         victim->load_err = 0;
-        lru_unlink(victim);
-        lru_push_recent(c, victim);
+        lru_touch(c, victim);
 
         ssize_t n = file_pread(&c->q->file, victim->data, c->slice_size, off);
         if (n >= 0 && (size_t)n < c->slice_size)
@@ -200,10 +205,7 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
 void qcow2_cache_touch(struct mcache *c, struct mslice *s)
 {
     stat_add(&c->hits, 1);
-    if (c->lru.lru_prev != s) {
-        lru_unlink(s);
-        lru_push_recent(c, s);
-    }
+    lru_touch(c, s);
 }
 
 void qcow2_cache_put(struct mcache *c, struct mslice *s)

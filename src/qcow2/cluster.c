@@ -12,16 +12,6 @@
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
-static inline uint64_t l2e_get(const struct qcow2 *q, const struct mslice *s, uint32_t idx)
-{
-    return be64_load(s->data + (size_t)idx * q->h.l2_entry_size);
-}
-
-static inline uint64_t l2bm_get(const struct qcow2 *q, const struct mslice *s, uint32_t idx)
-{
-    return q->extl2 ? be64_load(s->data + (size_t)idx * 16 + 8) : 0;
-}
-
 static inline void l2e_set(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t e)
 {
     be64_store(s->data + (size_t)idx * q->h.l2_entry_size, e);
@@ -154,14 +144,6 @@ static bool part_reads_zero(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
     return true;
 }
 
-static struct inflight_alloc *find_alloc(struct qcow2 *q, uint64_t cluster)
-{
-    for (struct inflight_alloc *a = q->allocs; a; a = a->next)
-        if (cluster >= a->first && cluster <= a->last)
-            return a;
-    return NULL;
-}
-
 static void unlink_alloc(struct qcow2 *q, struct inflight_alloc *a)
 {
     struct inflight_alloc **pp = &q->allocs;
@@ -279,13 +261,8 @@ static int l2_lookup(struct qcow2 *q, uint64_t off, bool for_write, struct mslic
      * (an L1 entry may name the header, the L1 or the refcount table). */
     if (for_write && qcow2_ol_check(q, t, cs, OL_ACTIVE_L2, "an L2 table") < 0)
         return -EIO;
-    uint64_t byte = t + l2i * q->h.l2_entry_size;
-    uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
-    int r = qcow2_cache_get(&q->l2c, soff, sp);
-    if (r < 0)
-        return r;
-    *idxp = (uint32_t)((byte - soff) / q->h.l2_entry_size);
-    return 1;
+    int r = qcow2_cache_get(&q->l2c, l2_slice_of(q, t, l2i, idxp), sp);
+    return r < 0 ? r : 1;
 }
 
 /* Pin the writable L2 slice mapping guest offset off, once no allocation
@@ -294,7 +271,7 @@ static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **s
 {
     uint64_t c = off >> cl_bits(q);
     for (;;) {
-        struct inflight_alloc *a = find_alloc(q, c);
+        struct inflight_alloc *a = qcow2_find_alloc(q, c);
         if (a) {
             co_queue_wait(&a->waiters);
             continue;
@@ -302,7 +279,7 @@ static int pin_entry_for_update(struct qcow2 *q, uint64_t off, struct mslice **s
         int r = l2_lookup(q, off, true, sp, idxp);
         if (r < 0)
             return r;
-        if (!find_alloc(q, c))
+        if (!qcow2_find_alloc(q, c))
             return 0;
         qcow2_cache_put(&q->l2c, *sp);   /* one started while we waited for the table */
     }
@@ -657,7 +634,7 @@ static int alloc_begin(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t
     uint64_t want = 1;
     while (!p->reuse && idx + want < entries_per_slice(q) && (c0 + want) * cs < end) {
         uint64_t ek = l2e_get(q, s, idx + want);
-        if (is_inplace(q, ek) || is_zero_alloc_owned(q, ek) || find_alloc(q, c0 + want))
+        if (is_inplace(q, ek) || is_zero_alloc_owned(q, ek) || qcow2_find_alloc(q, c0 + want))
             break;
         want++;
     }
@@ -1372,15 +1349,17 @@ static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, stru
      * need a flush after it (map_end), as in qcow2_co_write. */
     if (fua && !mapping_durable(q, s))
         st->flush = true;
+    /* A one-cluster write whose every subcluster is ours: later writes
+     * anywhere in the cluster go in place the same way (hint.c).  Judged
+     * from (e, bm) while the slice is pinned: the checks below may wait. */
+    bool hint = in + len <= cl_size(q) && writable_in_place(q, s, idx, 0, cl_size(q));
     qcow2_cache_put(&q->l2c, s);
     if (n < len)
         return 0;
     r = check_own_range(q, off, first_host + in, len);
     if (r < 0)
         return r;
-    /* A one-cluster write whose every subcluster is ours: later writes
-     * anywhere in the cluster go in place the same way (hint.c). */
-    if (in + len <= cl_size(q) && writable_in_place(q, s, idx, 0, cl_size(q)))
+    if (hint)
         qcow2_hint_store(q, off, s, e, bm, true, ol_gen);
     /* Dirty bitmaps are marked before the data changes, as for any write. */
     qcow2_bitmaps_mark(q, off, len);

@@ -33,14 +33,10 @@ void qcow2_hints_free(struct qcow2 *q)
 }
 
 /* The slice holding the L2 entry of guest cluster c under L1 entry l1e,
- * and the entry's byte offset in it. */
-static uint64_t slice_of(const struct qcow2 *q, uint64_t l1e, uint64_t c, uint32_t *byte_in_slice)
+ * and the entry's index in it. */
+static uint64_t slice_of(const struct qcow2 *q, uint64_t l1e, uint64_t c, uint32_t *idx)
 {
-    uint64_t l2i = c & (q->h.l2_entries - 1);
-    uint64_t byte = (l1e & L1E_OFFSET_MASK) + l2i * q->h.l2_entry_size;
-    uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
-    *byte_in_slice = (uint32_t)(byte - soff);
-    return soff;
+    return l2_slice_of(q, l1e & L1E_OFFSET_MASK, c & (q->h.l2_entries - 1), idx);
 }
 
 void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t e, uint64_t bm,
@@ -52,11 +48,11 @@ void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t 
     if (!q->hints || l1i >= q->h.l1_size)
         return;
     uint64_t l1e = q->l1[l1i];
-    uint32_t in;
+    uint32_t idx;
     /* The slice must be the one the L1 entry names now (the verdict was
      * for that table); a write's verdict also holds only if the overlap
      * index has not changed since it was checked. */
-    if (!s->in_use || s->loading || s->off != slice_of(q, l1e, c, &in) ||
+    if (!s->in_use || s->loading || s->off != slice_of(q, l1e, c, &idx) ||
         (writable && (ol_gen != q->ol.gen || !(l1e & QCOW_OFLAG_COPIED))))
         return;
     struct map_hint *h = &q->hints[c & (HINT_SLOTS - 1)];
@@ -75,9 +71,9 @@ bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, 
     if (write && (!h->writable || h->ol_gen != q->ol.gen))
         return false;
     struct mslice *s = h->s;
-    uint32_t in;
-    if (!s->in_use || s->loading || s->off != slice_of(q, h->l1e, c, &in) ||
-        be64_load(s->data + in) != h->e || (q->extl2 && be64_load(s->data + in + 8) != h->bm))
+    uint32_t idx;
+    if (!s->in_use || s->loading || s->off != slice_of(q, h->l1e, c, &idx) ||
+        l2e_get(q, s, idx) != h->e || l2bm_get(q, s, idx) != h->bm)
         return false;
     uint64_t data = (h->e & L2E_OFFSET_MASK) + (off & (cs - 1));
     if (write) {
@@ -86,9 +82,8 @@ bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, 
          * allocation in flight on the cluster, the structures found from
          * the header (which may have moved onto either cluster), and data
          * past the end of the file (the refcounts must say it is ours). */
-        for (const struct inflight_alloc *a = q->allocs; a; a = a->next)
-            if (c >= a->first && c <= a->last)
-                return false;
+        if (qcow2_find_alloc(q, c))
+            return false;
         if (!qcow2_ol_fixed_clear(q, table, cs, OL_ACTIVE_L2) ||
             (!has_data_file(q) && (data + len > q->host_end || !qcow2_ol_fixed_clear(q, data, len, 0))))
             return false;

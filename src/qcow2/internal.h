@@ -206,6 +206,36 @@ static inline uint64_t start_of_cluster(const struct qcow2 *q, uint64_t off) { r
 static inline uint64_t offset_into_cluster(const struct qcow2 *q, uint64_t off) { return off & (cl_size(q) - 1); }
 static inline bool has_data_file(const struct qcow2 *q) { return q->data != &q->file; }
 
+/* Entry idx of an L2 slice, and its extended-L2 subcluster bitmap (0 without). */
+static inline uint64_t l2e_get(const struct qcow2 *q, const struct mslice *s, uint32_t idx)
+{
+    return be64_load(s->data + (size_t)idx * q->h.l2_entry_size);
+}
+
+static inline uint64_t l2bm_get(const struct qcow2 *q, const struct mslice *s, uint32_t idx)
+{
+    return q->extl2 ? be64_load(s->data + (size_t)idx * 16 + 8) : 0;
+}
+
+/* The slice of the L2 table at host offset table holding its entry l2i,
+ * and the entry's index in that slice. */
+static inline uint64_t l2_slice_of(const struct qcow2 *q, uint64_t table, uint64_t l2i, uint32_t *idx)
+{
+    uint64_t byte = table + l2i * q->h.l2_entry_size;
+    uint64_t soff = byte & ~(uint64_t)(q->l2c.slice_size - 1);
+    *idx = (uint32_t)((byte - soff) / q->h.l2_entry_size);
+    return soff;
+}
+
+/* The allocation in flight that covers guest cluster c, if any. */
+static inline struct inflight_alloc *qcow2_find_alloc(const struct qcow2 *q, uint64_t c)
+{
+    for (struct inflight_alloc *a = q->allocs; a; a = a->next)
+        if (c >= a->first && c <= a->last)
+            return a;
+    return NULL;
+}
+
 /* qcow2.c */
 /* Resolve a file name an image refers to (backing or data file) against the
  * image's directory; refuses protocols and non-regular files. */

@@ -44,7 +44,7 @@ static int tail_unused(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
             }
             for (uint32_t j = 0; j < per; j++) {
                 uint64_t c = (i << q->h.l2_bits) + (so / q->h.l2_entry_size) + j;
-                uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size);
+                uint64_t e = l2e_get(q, s, j);
                 enum qcow2_cluster_type ty = qcow2_l2_entry_type(&q->h, e, q->extl2);
                 bool data = ty == QCOW2_CLUSTER_NORMAL || ty == QCOW2_CLUSTER_COMPRESSED ||
                             ty == QCOW2_CLUSTER_INVALID;
@@ -103,7 +103,7 @@ static int drop_tail_tables(struct qcow2 *q)
             if (r < 0)
                 return r;
             for (uint32_t j = 0; j < per; j++) {
-                uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size);
+                uint64_t e = l2e_get(q, s, j);
                 if (qcow2_l2_entry_type(&q->h, e, q->extl2) == QCOW2_CLUSTER_ZERO_ALLOC)
                     qcow2_defer_free(q, e & L2E_OFFSET_MASK, cs);
             }

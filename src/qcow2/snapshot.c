@@ -120,7 +120,7 @@ static int collect_refs(struct qcow2 *q, const uint64_t *l1, uint32_t l1_size, c
                 break;
             }
             for (uint32_t j = 0; j < per && r == 0; j++) {
-                uint64_t e = be64_load(s->data + (size_t)j * q->h.l2_entry_size), off, len;
+                uint64_t e = l2e_get(q, s, j), off, len;
                 switch (qcow2_l2_entry_type(&q->h, e, q->extl2)) {
                 case QCOW2_CLUSTER_NORMAL:
                 case QCOW2_CLUSTER_ZERO_ALLOC:
