@@ -93,6 +93,7 @@ static void hash_remove(struct mcache *c, struct mslice *s)
         pp = &(*pp)->hnext;
     *pp = s->hnext;
     s->hnext = NULL;
+    qcow2_map_changed(c->q);    /* the slot no longer holds that table */
     s->in_use = false;
     s->dirty = false;
 }
@@ -100,6 +101,7 @@ static void hash_remove(struct mcache *c, struct mslice *s)
 static void hash_insert(struct mcache *c, struct mslice *s, uint64_t off)
 {
     uint32_t h = hash_off(c, off);
+    qcow2_map_changed(c->q);
     s->off = off;
     s->in_use = true;
     s->hnext = c->hash[h];
@@ -187,6 +189,7 @@ int qcow2_cache_get(struct mcache *c, uint64_t off, struct mslice **out)
         if (n >= 0 && (size_t)n < c->slice_size)
             memset(victim->data + n, 0, c->slice_size - n);   /* past EOF reads as zeros */
         victim->loading = false;
+        qcow2_map_changed(c->q);    /* new bytes in the slot */
         if (n < 0) {
             victim->load_err = (int)n;
             co_queue_wake_all(&victim->waiters);

@@ -14,11 +14,13 @@
 
 static inline void l2e_set(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t e)
 {
+    qcow2_map_changed(q);
     be64_store(s->data + (size_t)idx * q->h.l2_entry_size, e);
 }
 
 static inline void l2bm_set(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t bm)
 {
+    qcow2_map_changed(q);
     if (q->extl2)
         be64_store(s->data + (size_t)idx * 16 + 8, bm);
 }
@@ -220,6 +222,7 @@ static int l2_make_writable(struct qcow2 *q, uint64_t l1i)
         qcow2_rc_update(q, host / cs, -1);   /* never referenced */
         goto out;
     }
+    qcow2_map_changed(q);
     q->l1[l1i] = host | QCOW_OFLAG_COPIED;
     q->l1_dirty[l1i * 8 / 512] = 1;
     qcow2_ol_add(q, host, OL_BIT_ACTIVE_L2);
@@ -641,6 +644,7 @@ static int alloc_begin(struct qcow2 *q, struct mslice *s, uint32_t idx, uint64_t
     p->a = (struct inflight_alloc){ .first = c0, .last = c0 + want - 1, .waiters = CO_QUEUE_INIT,
                                     .next = q->allocs };
     q->allocs = &p->a;
+    qcow2_map_changed(q);   /* hints check allocations in flight */
     if (!entry_ok(q, p->e0, p->bm0, off)) {
         alloc_finish(q, p);
         return -EIO;
@@ -781,6 +785,7 @@ static int write_subclusters(struct qcow2 *q, struct mslice *s, uint32_t idx, co
         to = (to + us - 1) / us * us;
     struct inflight_alloc a = { .first = c, .last = c, .waiters = CO_QUEUE_INIT, .next = q->allocs };
     q->allocs = &a;
+    qcow2_map_changed(q);
     uint8_t *head = NULL, *tail = NULL;
     struct iovec iov[3];
     int niov = 0;
@@ -1244,8 +1249,10 @@ static int map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct img_map 
         if (etype(q, e) != QCOW2_CLUSTER_NORMAL || (q->extl2 && bm != SC_ALL) ||
             !qcow2_datafile_entry_ok(q, e, o))
             return 0;
-        if (n == len)       /* one cluster: the next read of it may skip all this */
-            qcow2_hint_store(q, o, s, e, bm, false, 0);
+        /* One cluster: the next read of it may skip all this.  Nothing
+         * waited since the entry was read: the verdict is of now. */
+        if (n == len)
+            qcow2_hint_store(q, o, s, e, bm, false, 0, q->map_gen);
         uint64_t h = (e & L2E_OFFSET_MASK) + in;
         if (o == off)
             host = h;
@@ -1333,6 +1340,7 @@ static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, stru
     if (r < 0)
         return r;
     uint64_t e = l2e_get(q, s, idx), bm = l2bm_get(q, s, idx);
+    uint64_t map_gen = q->map_gen;  /* the verdict below is of this moment */
     if (!is_inplace(q, e))
         return map_alloc(q, s, idx, off, len, fua, st, m);
     if (!entry_ok(q, e, bm, off)) {
@@ -1360,7 +1368,7 @@ static int map_write(struct qcow2 *q, uint64_t off, uint64_t len, bool fua, stru
     if (r < 0)
         return r;
     if (hint)
-        qcow2_hint_store(q, off, s, e, bm, true, ol_gen);
+        qcow2_hint_store(q, off, s, e, bm, true, ol_gen, map_gen);
     /* Dirty bitmaps are marked before the data changes, as for any write. */
     qcow2_bitmaps_mark(q, off, len);
     m->file = q->data;

@@ -29,6 +29,7 @@ int qcow2_header_commit(struct qcow2 *q)
 
 int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen)
 {
+    qcow2_map_changed(q);   /* tables and header move from here on */
     if (q->broken) {
         snprintf(err, errlen, "%s: the image was found corrupt; repair it with 'qemu-img check -r all'",
                  q->img.path);
@@ -53,6 +54,7 @@ int qcow2_exclusive_begin(struct qcow2 *q, char *err, size_t errlen)
 
 int qcow2_ol_rebuild(struct qcow2 *q)
 {
+    qcow2_map_changed(q);
     int r = qcow2_ol_build(q);
     if (r < 0)
         qcow2_mark_broken(q, "cannot index the image's metadata: %s", strerror(-r));

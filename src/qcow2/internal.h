@@ -197,7 +197,14 @@ struct qcow2 {
     struct luks *crypto;        /* LUKS master key contexts (crypto.c); NULL if not encrypted */
     struct ol_index ol;         /* where the metadata is (overlap.c) */
     struct map_hint *hints;     /* checked single-cluster mappings (hint.c) */
+    uint64_t map_gen;           /* changes with anything a map verdict depends on (hint.c) */
 };
+
+/* Anything a mapping verdict may depend on changes now (an L1 or L2
+ * entry, a cached slice, the overlap index, a header structure, the file's
+ * end, the allocations in flight): hints stop being trusted without a
+ * recheck (hint.c).  Called before or with the change, never after a wait. */
+static inline void qcow2_map_changed(struct qcow2 *q) { q->map_gen++; }
 
 static inline struct qcow2 *to_qcow2(struct image *img) { return (struct qcow2 *)img; }
 static inline uint64_t cl_size(const struct qcow2 *q) { return q->h.cluster_size; }
@@ -339,9 +346,10 @@ bool qcow2_ol_fixed_clear(const struct qcow2 *q, uint64_t off, uint64_t len, uns
 void qcow2_hints_free(struct qcow2 *q);
 /* Remember that guest offset off's cluster maps plainly by entry (e, bm)
  * of slice s: readable as one extent; writable in place too if the write
- * path said so while the overlap index was at ol_gen. */
+ * path said so while the overlap index was at ol_gen.  map_gen: q->map_gen
+ * when the verdict was reached (from e, bm in the pinned slice). */
 void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t e, uint64_t bm,
-                      bool writable, uint32_t ol_gen);
+                      bool writable, uint32_t ol_gen, uint64_t map_gen);
 /* The host offset of [off, off+len) (one cluster) if a hint still gives
  * the answer the map path would, for a read or a (non-FUA) write. */
 bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, uint64_t *host);

@@ -104,6 +104,7 @@ void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
     if (i < x->n && x->cl[i] == key && bit != OL_BIT_ACTIVE_L2)
         return;
     x->gen++;
+    qcow2_map_changed(q);
     if (reserve(x, 1) < 0) {
         /* Without the entry a later write could destroy this table:
          * refuse writes rather than run unprotected. */
@@ -122,6 +123,8 @@ void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit)
     size_t i = lower_bound(x->cl, x->n, key);
     if (i < x->n && x->cl[i] == key) {
         x->gen++;
+        qcow2_map_changed(q);
+    qcow2_map_changed(q);
         memmove(x->cl + i, x->cl + i + 1, (x->n - i - 1) * sizeof(*x->cl));
         x->n--;
     }
@@ -157,6 +160,7 @@ void qcow2_ol_reindex_refblocks(struct qcow2 *q)
     struct ol_index *x = &q->ol;
     size_t k = 0;
     x->gen++;
+    qcow2_map_changed(q);
     for (size_t i = 0; i < x->n; i++)
         if ((x->cl[i] & KIND_MASK) != OL_BIT_REFBLOCK)
             x->cl[k++] = x->cl[i];
@@ -252,6 +256,7 @@ void qcow2_ol_free(struct qcow2 *q)
     free(q->ol.max_end);
     memset(&q->ol, 0, sizeof(q->ol));
     q->ol.gen = gen + 1;    /* never back to a value a map hint may hold */
+    qcow2_map_changed(q);
 }
 
 /* The structures checked by comparison with the header's fields (they may

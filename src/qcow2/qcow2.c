@@ -43,6 +43,8 @@ void qcow2_mark_broken(struct qcow2 *q, const char *fmt, ...)
  * the update is a single atomic sector write; extensions stay untouched. */
 int qcow2_write_header_fields(struct qcow2 *q)
 {
+    /* The fields (where the fixed structures are) changed before this. */
+    qcow2_map_changed(q);
     int c = qcow2_ol_check(q, 0, 512, OL_HEADER, "the header");
     if (c < 0)
         return c;

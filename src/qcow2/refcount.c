@@ -148,6 +148,7 @@ static int create_refblock(struct qcow2 *q, uint64_t ti, uint64_t c)
 
 void qcow2_install_reftable(struct qcow2 *q, uint64_t *table, uint8_t *dirty, uint64_t entries)
 {
+    qcow2_map_changed(q);
     free(q->reftable);
     free(q->reftable_dirty);
     q->reftable = table;
@@ -225,6 +226,7 @@ static int reftable_grow(struct qcow2 *q, uint64_t need_ti)
     if (ret < 0) {
         q->h.refcount_table_offset = old_off;
         q->h.refcount_table_clusters = (uint32_t)old_clusters;
+        qcow2_map_changed(q);
         goto out;
     }
     qcow2_install_reftable(q, newtab, newdirty, entries);
@@ -307,8 +309,10 @@ int qcow2_alloc_clusters(struct qcow2 *q, uint64_t n, uint64_t *host_off, uint64
  * preallocated range reads as zeros, which fresh-cluster writes rely on. */
 void qcow2_note_host_end(struct qcow2 *q, uint64_t end)
 {
-    if (end > q->host_end)
+    if (end > q->host_end) {
         q->host_end = end;
+        qcow2_map_changed(q);
+    }
     if (end <= q->file_len || q->no_prealloc)
         return;
     /* An eighth of the file, at least 16 MiB and at most 256 MiB: a huge

@@ -329,6 +329,7 @@ static bool can_zero(const struct qcow2 *q)
 static int write_l2_entry(struct rc_walk *w, uint8_t *l2, uint64_t l2_off, uint64_t j)
 {
     struct qcow2 *q = w->q;
+    qcow2_map_changed(q);
     uint64_t sector = (j * q->h.l2_entry_size) & ~511ull;
     char msg[256];
     /* A damaged L1 entry may name other metadata as its L2 table. */
@@ -548,6 +549,7 @@ static void progress_step(struct rc_walk *w)
 
 int qcow2_write_l1_entry(struct qcow2 *q, uint64_t l1_off, const uint64_t *l1, uint32_t l1_size, uint32_t i)
 {
+    qcow2_map_changed(q);
     uint32_t first = i & ~63u;
     char msg[256];
     if (qcow2_ol_conflict(q, l1_off + (uint64_t)first * 8, 512, OL_ACTIVE_L1 | OL_INACTIVE_L1, "an L1 table entry",
@@ -779,6 +781,7 @@ static int walk_snapshots(struct rc_walk *w)
 int qcow2_walk_image(struct rc_walk *w)
 {
     struct qcow2 *q = w->q;
+    qcow2_map_changed(q);   /* -r may rewrite tables outside the cache */
     w->work_done = 0;
     w->work_total = q->h.l1_size;
     for (uint32_t i = 0; i < q->h.nb_snapshots; i++)
@@ -817,6 +820,7 @@ static int fix_copied_flags(struct rc_walk *w)
             continue;
         uint64_t want = qcow2_walk_get(w, t >> cl_bits(q)) == 1 ? QCOW_OFLAG_COPIED : 0;
         if ((q->l1[i] & QCOW_OFLAG_COPIED) != want) {
+            qcow2_map_changed(q);
             q->l1[i] = (q->l1[i] & ~QCOW_OFLAG_COPIED) | want;
             l1_changed = true;
         }
@@ -1007,6 +1011,7 @@ static int write_rebuilt(struct rc_walk *w, const struct rebuild_plan *pl, const
 int qcow2_rc_rebuild(struct rc_walk *w, bool fix_copied)
 {
     struct qcow2 *q = w->q;
+    qcow2_map_changed(q);
     uint64_t cs = cl_size(q);
     struct rebuild_plan pl = { .nused = 0 };
     uint64_t *newtab = NULL;

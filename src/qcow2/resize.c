@@ -109,6 +109,7 @@ static int drop_tail_tables(struct qcow2 *q)
             }
             qcow2_cache_put(&q->l2c, s);
         }
+        qcow2_map_changed(q);
         q->l1[i] = 0;
         q->l1_dirty[i * 8 / 512] = 1;
         qcow2_ol_remove(q, t, OL_BIT_ACTIVE_L2);     /* no longer a table once freed */
@@ -214,6 +215,7 @@ static int grow_l1(struct qcow2 *q, uint64_t need, uint64_t **old_l1, uint8_t **
      * switch; entries changed meanwhile go to the new one. */
     *old_l1 = q->l1;
     *old_dirty = q->l1_dirty;
+    qcow2_map_changed(q);
     q->l1 = nl1;
     q->l1_dirty = ndirty;
     q->h.l1_size = (uint32_t)need;

@@ -243,6 +243,7 @@ static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *
                     want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
                 }
                 if (r == 0 && (e & QCOW_OFLAG_COPIED) != want) {
+                    qcow2_map_changed(q);
                     be64_store(p, (e & ~QCOW_OFLAG_COPIED) | want);
                     qcow2_cache_mark_dirty(s);
                 }
@@ -255,6 +256,7 @@ static int set_copied(struct qcow2 *q, uint64_t *l1, uint32_t l1_size, uint8_t *
             want = rc == 1 ? QCOW_OFLAG_COPIED : 0;
         }
         if (r == 0 && (l1[i] & QCOW_OFLAG_COPIED) != want) {
+            qcow2_map_changed(q);
             l1[i] = (l1[i] & ~QCOW_OFLAG_COPIED) | want;
             if (l1_dirty)
                 l1_dirty[(uint64_t)i * 8 / 512] = 1;
@@ -612,6 +614,7 @@ static int switch_to_new_table(struct qcow2 *q, struct create_state *c, const ch
     int r = qcow2_header_commit(q);
     if (r < 0) {
         q->h.nb_snapshots = c->nb;     /* keeps q->snapshots freeable */
+        qcow2_map_changed(q);
         free(c->list[c->nb].id);
         free(c->list[c->nb].name);
         create_state_free(c);
@@ -621,6 +624,7 @@ static int switch_to_new_table(struct qcow2 *q, struct create_state *c, const ch
     q->snapshots = c->list;
     c->list = NULL;
     q->snapshot_table_len = c->tlen;
+    qcow2_map_changed(q);
     if (id_out)
         snprintf(id_out, idlen, "%s", c->id);
     create_state_free(c);
@@ -734,6 +738,7 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn p
     r = qcow2_header_commit(q);
     if (r < 0) {
         q->h.nb_snapshots = nb;
+        qcow2_map_changed(q);
         free(list);
         runs_free(&rs);
         return switch_failed(q, r, "snapshot delete", err, errlen);
@@ -742,6 +747,7 @@ int qcow2_snapshot_delete(struct image *img, const char *spec, img_progress_fn p
     free(q->snapshots);
     q->snapshots = list;
     q->snapshot_table_len = tlen;
+    qcow2_map_changed(q);
     free(gone.id);
     free(gone.name);
     free(gone.extra);
@@ -845,12 +851,14 @@ int qcow2_snapshot_apply(struct image *img, const char *spec, char *err, size_t 
     r = qcow2_header_commit(q);
     if (r < 0) {
         q->h = was;
+        qcow2_map_changed(q);
         raised = false;     /* may be in force on disk: keep the counts */
         noff = 0;
         r = switch_failed(q, r, "snapshot apply", err, errlen);
         goto out;
     }
     qcow2_derive_sizes(q);
+    qcow2_map_changed(q);
     free(q->l1);
     free(q->l1_dirty);
     q->l1 = nl1;
@@ -917,6 +925,7 @@ int qcow2_open_snapshot(struct qcow2 *q, const char *spec, char *err, size_t err
     if (sn->l1_size)
         memcpy(l1, sl1, (uint64_t)sn->l1_size * 8);
     free(sl1);
+    qcow2_map_changed(q);
     free(q->l1);
     free(q->l1_dirty);
     q->l1 = l1;

@@ -785,9 +785,11 @@ static void test_zc_hints_follow_changes(void)
     bool had = q->h.has_crypto_ext;
     uint64_t co = q->h.crypto_offset, cl = q->h.crypto_length;
     q->h.has_crypto_ext = true, q->h.crypto_offset = data, q->h.crypto_length = 512;
+    qcow2_map_changed(q);       /* as every header change does */
     CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
     CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, false, &h));        /* reading it is harmless */
     q->h.has_crypto_ext = had, q->h.crypto_offset = co, q->h.crypto_length = cl;
+    qcow2_map_changed(q);
     CHECK(reads_shadow(&q->img));
 
     /* An indexed structure over the cluster (a damaged image): the hint
@@ -802,6 +804,141 @@ static void test_zc_hints_follow_changes(void)
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(img_close(&q->img), 0);
     CHECK(fx_check_clean("zh.qcow2"));
+}
+
+/* Hints against the truth under a random mix of everything that changes
+ * mappings: copy-path and zero copy writes, write-zeroes and discard
+ * (unmapping), snapshots created, deleted and reverted to, flushes and
+ * evicted slices.  After every step each cluster's hint answers (read and
+ * write) are taken first (so that the fast way, by generation, is what
+ * answers), then compared with the L2 entry read through the cache: a
+ * plain cluster at that host offset, and for a write one the active L1
+ * and L2 entries say is ours alone (COPIED, refcount 1).  The guest must
+ * read what was written throughout. */
+static uint32_t hint_rng = 12345;
+static uint32_t hrand(uint32_t n)
+{
+    hint_rng = hint_rng * 1103515245u + 12345u;
+    return (hint_rng >> 8) % n;
+}
+
+static void test_zc_hints_random(void)
+{
+    CHECK_EQ(fx_create("zr.qcow2", GUEST, 0, 0, false, NULL, NULL), 0);
+    struct image *img = fx_open_opts("zr.qcow2", true, false, NULL);
+    if (!img)
+        return;
+    struct qcow2 *q = to_qcow2(img);
+    q->data->in_memory = false;
+    reset_shadow(false);
+    static uint8_t snap_shadow[3][GUEST];
+    char names[3][16], id[64], err[256];
+    unsigned nsnap = 0, snap_seq = 0, bad = 0, fast = 0;
+    for (unsigned step = 0; step < 400 && !bad; step++) {
+        uint64_t c = hrand(16), off = c * CS;
+        int r = 0;
+        unsigned op = hrand(10);
+        err[0] = 0;
+        switch (op) {
+        case 0: case 1:
+        {
+            uint64_t o = off + hrand(128) * 512, len = 512 + hrand(2 * CS / 512) * 512;
+            r = wr(q, o, MIN(len, GUEST - o), 60 + step);
+        }
+            break;
+        case 2: case 3: {
+            uint64_t h;
+            int mr = -999;
+            r = zc_wr(q, off + hrand(16) * 4096, 4096, 60 + step, 0, 0, &h, &mr);
+            r = r < 0 ? r : mr == -999 ? 0 : mr;
+            break;
+        }
+        case 4: {
+            uint64_t h;
+            r = zc_rd(q, off + hrand(16) * 4096, 4096, &h);
+            r = r < 0 ? r : 0;
+            break;
+        }
+        case 5:
+            r = zero(q, off, CS, 0);
+            break;
+        case 6: {
+            struct job j = { .img = img, .op = OP_DISCARD, .off = off, .len = CS };
+            r = run_job(&j);
+            if (r == 0)
+                memset(shadow + off, 0, CS);    /* discard=unmap, no backing file: zeros */
+            break;
+        }
+        case 7:
+            r = flush(q);
+            if (r == 0 && hrand(2))
+                CHECK(!qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX));
+            break;
+        case 8:
+            if (nsnap < 3) {
+                snprintf(names[nsnap], sizeof(names[nsnap]), "r%u", snap_seq++);
+                r = img_snapshot_create(img, names[nsnap], id, sizeof(id), err, sizeof(err));
+                if (r == 0)
+                    memcpy(snap_shadow[nsnap++], shadow, GUEST);
+            } else {
+                r = img_snapshot_delete(img, names[0], NULL, NULL, err, sizeof(err));
+                if (r == 0) {
+                    memmove(names[0], names[1], sizeof(names[0]) * 2);
+                    memmove(snap_shadow[0], snap_shadow[1], GUEST * 2);
+                    nsnap--;
+                }
+            }
+            break;
+        default:
+            if (nsnap) {
+                unsigned k = hrand(nsnap);
+                r = flush(q);
+                if (r == 0)
+                    r = img_snapshot_apply(img, names[k], err, sizeof(err));
+                if (r == 0)
+                    memcpy(shadow, snap_shadow[k], GUEST);
+            }
+            break;
+        }
+        if (r != 0) {
+            printf("#   step %u (op %u) failed: %d %s\n", step, op, r, err);
+            bad++;
+            break;
+        }
+        /* Every hint's answer first, then the truth. */
+        bool got[16][2];
+        uint64_t host[16][2];
+        uint64_t gen = q->map_gen;
+        for (unsigned k = 0; k < 16; k++)
+            for (unsigned w = 0; w < 2; w++)
+                got[k][w] = qcow2_hint_lookup(q, k * CS + 4096 * w, 4096, w, &host[k][w]);
+        if (q->map_gen == gen)
+            fast++;
+        for (unsigned k = 0; k < 16; k++) {
+            uint64_t bm, e = fx_l2e(q, k * CS, &bm), rc = 0;
+            for (unsigned w = 0; w < 2; w++) {
+                if (!got[k][w])
+                    continue;
+                bool ok = qcow2_l2_entry_type(&q->h, e, q->extl2) == QCOW2_CLUSTER_NORMAL &&
+                          host[k][w] == HOST(e) + 4096 * w;
+                if (ok && w)
+                    ok = (e & QCOW_OFLAG_COPIED) && (q->l1[0] & QCOW_OFLAG_COPIED) &&
+                         qcow2_rc_get(q, HOST(e) >> cl_bits(q), &rc) == 0 && rc == 1;
+                if (!ok) {
+                    printf("#   step %u: cluster %u %s hint gives 0x%llx, entry 0x%llx\n", step, k,
+                           w ? "write" : "read", (unsigned long long)host[k][w], (unsigned long long)e);
+                    bad++;
+                }
+            }
+        }
+        if (step % 16 == 15 && !reads_shadow(img))
+            bad++;
+    }
+    CHECK_EQ(bad, 0);
+    CHECK(fast > 0);
+    CHECK(reads_shadow(img));
+    CHECK_EQ(img_close(img), 0);
+    CHECK(fx_check_clean("zr.qcow2"));
 }
 
 int main(void)
@@ -822,6 +959,7 @@ int main(void)
     RUN_TEST(test_zc_second_writer_waits);
     RUN_TEST(test_zc_alloc_fua_flushes);
     RUN_TEST(test_zc_hints_follow_changes);
+    RUN_TEST(test_zc_hints_random);
     fx_teardown();
     UNIT_EXIT();
 }
