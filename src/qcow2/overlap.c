@@ -245,6 +245,8 @@ int qcow2_ol_build(struct qcow2 *q)
     if (r == 0)
         r = index_snapshots(q);
     sort_unique(x);
+    x->gen++;               /* complete only now (reading snapshot tables may wait) */
+    qcow2_map_changed(q);
     return r;
 }
 
