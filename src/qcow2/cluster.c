@@ -1393,7 +1393,7 @@ int qcow2_co_map(struct image *img, uint64_t off, uint64_t len, unsigned flags, 
     uint64_t host;
     /* FUA writes take the long way: they need mapping_durable. */
     if (!(flags & IMG_FUA) && offset_into_cluster(q, off) + len <= cl_size(q) &&
-        qcow2_hint_lookup(q, off, len, write, &host)) {
+        qcow2_hint_lookup(q, off, write, &host)) {
         qcow2_req_begin(q, &st->rq);
         if (write)
             qcow2_bitmaps_mark(q, off, len);    /* before the data changes */

@@ -80,7 +80,7 @@ void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t 
                             .map_gen = map_gen, .ol_gen = ol_gen, .writable = writable };
 }
 
-bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, uint64_t *host)
+bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, bool write, uint64_t *host)
 {
     uint64_t c = off >> cl_bits(q), l1i = c >> q->h.l2_bits, cs = cl_size(q);
     if (!q->hints)
@@ -88,12 +88,13 @@ bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, 
     struct map_hint *h = &q->hints[c & (HINT_SLOTS - 1)];
     if (h->cluster1 != c + 1 || (write && !h->writable))
         return false;
+    uint64_t cluster = h->e & L2E_OFFSET_MASK;
     if (h->map_gen == q->map_gen) {
         /* Nothing changed since the verdict.  A cache hit, but the slice's
          * place in the LRU is left alone: touching it is what this way
          * saves; if it ages out, its eviction moves the generation. */
         stat_add(&q->l2c.hits, 1);
-        *host = (h->e & L2E_OFFSET_MASK) + (off & (cs - 1));
+        *host = cluster + (off & (cs - 1));
         return true;
     }
     if (l1i >= q->h.l1_size || q->l1[l1i] != h->l1e)
@@ -103,31 +104,27 @@ bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, 
     if (!s->in_use || s->loading || s->off != slice_of(q, h->l1e, c, &idx) ||
         l2e_get(q, s, idx) != h->e || l2bm_get(q, s, idx) != h->bm)
         return false;
-    uint64_t data = (h->e & L2E_OFFSET_MASK) + (off & (cs - 1));
+    bool current = true;
     if (h->writable) {
         uint64_t table = h->l1e & L1E_OFFSET_MASK;
         /* What the index does not cover, as the slow path checks it: an
          * allocation in flight on the cluster, the structures found from
          * the header (which may have moved onto either cluster), and data
          * past the end of the file (the refcounts must say it is ours).
-         * Checked for reads too: the hint is current for both after this. */
-        bool still = h->ol_gen == q->ol.gen && !qcow2_find_alloc(q, c) &&
-                     qcow2_ol_fixed_clear(q, table, cs, OL_ACTIVE_L2) &&
-                     (has_data_file(q) || (data + cs - (off & (cs - 1)) <= q->host_end &&
-                                           qcow2_ol_fixed_clear(q, data - (off & (cs - 1)), cs, 0)));
-        if (!still) {
-            if (write)
-                return false;
-            /* Readable as it stands, not writable now: answered, but not
-             * current (the next lookup checks again). */
-            qcow2_cache_touch(&q->l2c, s);
-            *host = data;
-            return true;
-        }
+         * Checked for reads too: the hint is current for both after this.
+         * A read may still take a hint not writable now, which then stays
+         * not current (the next lookup checks again). */
+        current = h->ol_gen == q->ol.gen && !qcow2_find_alloc(q, c) &&
+                  qcow2_ol_fixed_clear(q, table, cs, OL_ACTIVE_L2) &&
+                  (has_data_file(q) ||
+                   (cluster + cs <= q->host_end && qcow2_ol_fixed_clear(q, cluster, cs, 0)));
+        if (!current && write)
+            return false;
     }
     qcow2_cache_touch(&q->l2c, s);
     /* Every input of the verdict checked as of now: current again. */
-    h->map_gen = q->map_gen;
-    *host = data;
+    if (current)
+        h->map_gen = q->map_gen;
+    *host = cluster + (off & (cs - 1));
     return true;
 }

@@ -350,9 +350,10 @@ void qcow2_hints_free(struct qcow2 *q);
  * when the verdict was reached (from e, bm in the pinned slice). */
 void qcow2_hint_store(struct qcow2 *q, uint64_t off, struct mslice *s, uint64_t e, uint64_t bm,
                       bool writable, uint32_t ol_gen, uint64_t map_gen);
-/* The host offset of [off, off+len) (one cluster) if a hint still gives
- * the answer the map path would, for a read or a (non-FUA) write. */
-bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, uint64_t len, bool write, uint64_t *host);
+/* The host offset of guest offset off if a hint still gives the answer the
+ * map path would for a read or a (non-FUA) write that stays in off's
+ * cluster (a hint's verdict is for the whole cluster). */
+bool qcow2_hint_lookup(struct qcow2 *q, uint64_t off, bool write, uint64_t *host);
 /* Does writing [off, off+len) touch metadata other than the kinds in
  * ignore (OL_* mask: the structure being written)?  0 if not; else -EIO
  * and a message naming `what` and the structure hit. */

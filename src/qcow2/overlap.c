@@ -93,6 +93,14 @@ static bool valid_table_offset(const struct qcow2 *q, uint64_t e)
     return off && !(off & (cl_size(q) - 1));
 }
 
+/* The index changes: its generation (write hints record it) and the map
+ * generation (every hint's fast way) move together. */
+static void ol_changed(struct qcow2 *q)
+{
+    q->ol.gen++;
+    qcow2_map_changed(q);
+}
+
 /* Active L2 tables are counted once per L1 entry naming them (a damaged
  * image may name one twice; dropping one entry must not forget the other);
  * other kinds once. */
@@ -103,8 +111,7 @@ void qcow2_ol_add(struct qcow2 *q, uint64_t off, unsigned bit)
     size_t i = lower_bound(x->cl, x->n, key);
     if (i < x->n && x->cl[i] == key && bit != OL_BIT_ACTIVE_L2)
         return;
-    x->gen++;
-    qcow2_map_changed(q);
+    ol_changed(q);
     if (reserve(x, 1) < 0) {
         /* Without the entry a later write could destroy this table:
          * refuse writes rather than run unprotected. */
@@ -122,9 +129,7 @@ void qcow2_ol_remove(struct qcow2 *q, uint64_t off, unsigned bit)
     uint64_t key = off | bit;
     size_t i = lower_bound(x->cl, x->n, key);
     if (i < x->n && x->cl[i] == key) {
-        x->gen++;
-        qcow2_map_changed(q);
-    qcow2_map_changed(q);
+        ol_changed(q);
         memmove(x->cl + i, x->cl + i + 1, (x->n - i - 1) * sizeof(*x->cl));
         x->n--;
     }
@@ -159,8 +164,7 @@ void qcow2_ol_reindex_refblocks(struct qcow2 *q)
 {
     struct ol_index *x = &q->ol;
     size_t k = 0;
-    x->gen++;
-    qcow2_map_changed(q);
+    ol_changed(q);
     for (size_t i = 0; i < x->n; i++)
         if ((x->cl[i] & KIND_MASK) != OL_BIT_REFBLOCK)
             x->cl[k++] = x->cl[i];
@@ -245,8 +249,7 @@ int qcow2_ol_build(struct qcow2 *q)
     if (r == 0)
         r = index_snapshots(q);
     sort_unique(x);
-    x->gen++;               /* complete only now (reading snapshot tables may wait) */
-    qcow2_map_changed(q);
+    ol_changed(q);          /* complete only now (reading snapshot tables may wait) */
     return r;
 }
 
@@ -257,8 +260,8 @@ void qcow2_ol_free(struct qcow2 *q)
     free(q->ol.ranges);
     free(q->ol.max_end);
     memset(&q->ol, 0, sizeof(q->ol));
-    q->ol.gen = gen + 1;    /* never back to a value a map hint may hold */
-    qcow2_map_changed(q);
+    q->ol.gen = gen;
+    ol_changed(q);          /* never back to a value a map hint may hold */
 }
 
 /* The structures checked by comparison with the header's fields (they may

@@ -722,7 +722,7 @@ static void test_zc_hints_follow_changes(void)
     /* The long way leaves the hint; the next write and read take it. */
     CHECK_EQ(zc_wr(q, CS + 4096, 4096, 51, 0, 0, &h1, &r), 1);
     CHECK_EQ(h1, HOST(e) + 4096);
-    CHECK(qcow2_hint_lookup(q, CS + 8192, 4096, true, &h) && h == HOST(e) + 8192);
+    CHECK(qcow2_hint_lookup(q, CS + 8192, true, &h) && h == HOST(e) + 8192);
     uint64_t hits0 = stat_get(&q->l2c.hits);
     CHECK_EQ(zc_wr(q, CS + 8192, 4096, 52, 0, 0, &h, &r), 1);
     CHECK_EQ(r, 0);
@@ -734,8 +734,8 @@ static void test_zc_hints_follow_changes(void)
 
     /* Zeroed: the hint is dead. */
     CHECK_EQ(zero(q, CS, CS, 0), 0);
-    CHECK(!qcow2_hint_lookup(q, CS, 4096, false, &h));
-    CHECK(!qcow2_hint_lookup(q, CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, CS, false, &h));
+    CHECK(!qcow2_hint_lookup(q, CS, true, &h));
     CHECK(reads_shadow(&q->img));
     CHECK_EQ(zc_wr(q, CS, CS, 53, 0, 0, &h, &r), 1);
     CHECK_EQ(r, 0);
@@ -745,12 +745,12 @@ static void test_zc_hints_follow_changes(void)
     /* A snapshot shares the cluster: no write in place any more (the
      * long way copies it), reads may still go straight to it. */
     CHECK_EQ(zc_wr(q, 2 * CS, 4096, 54, 0, 0, &h1, &r), 1);
-    CHECK(qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    CHECK(qcow2_hint_lookup(q, 2 * CS, true, &h));
     static uint8_t before[GUEST];
     memcpy(before, shadow, GUEST);
     char id[64], err[256];
     CHECK_EQ(img_snapshot_create(&q->img, "s1", id, sizeof(id), err, sizeof(err)), 0);
-    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, true, &h));
     CHECK_EQ(zc_wr(q, 2 * CS, 4096, 55, 0, 0, &h, &r), 0);       /* copy-on-write: copy path */
     CHECK_EQ(wr(q, 2 * CS, 4096, 55), 0);
     CHECK(HOST(fx_l2e(q, 2 * CS, NULL)) != h1);
@@ -762,22 +762,22 @@ static void test_zc_hints_follow_changes(void)
     CHECK_EQ(flush(q), 0);
     CHECK_EQ(img_snapshot_apply(&q->img, "s1", err, sizeof(err)), 0);
     memcpy(shadow, before, GUEST);
-    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, false, &h) || h == h1);
-    CHECK(!qcow2_hint_lookup(q, 2 * CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, false, &h) || h == h1);
+    CHECK(!qcow2_hint_lookup(q, 2 * CS, true, &h));
     CHECK(reads_shadow(&q->img));
 
     /* An evicted slice: no hint; the long way loads it again.  (A write
      * that allocates leaves none: the next write in place does.) */
     CHECK_EQ(zc_wr(q, 3 * CS, CS, 57, 0, 0, &h, &r), 1);
     CHECK_EQ(r, 0);
-    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, true, &h));
     CHECK_EQ(zc_wr(q, 3 * CS + 4096, 4096, 57, 0, 0, &h, &r), 1);
-    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(qcow2_hint_lookup(q, 3 * CS, true, &h));
     CHECK_EQ(flush(q), 0);
     CHECK(!qcow2_cache_discard_range(&q->l2c, 0, UINT64_MAX));
-    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, true, &h));
     CHECK_EQ(zc_wr(q, 3 * CS, 4096, 58, 0, 0, &h, &r), 1);
-    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(qcow2_hint_lookup(q, 3 * CS, true, &h));
 
     /* A structure found from the header over the cluster (here the LUKS
      * header's fields): no write by hint. */
@@ -786,17 +786,17 @@ static void test_zc_hints_follow_changes(void)
     uint64_t co = q->h.crypto_offset, cl = q->h.crypto_length;
     q->h.has_crypto_ext = true, q->h.crypto_offset = data, q->h.crypto_length = 512;
     qcow2_map_changed(q);       /* as every header change does */
-    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
-    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, false, &h));        /* reading it is harmless */
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, true, &h));
+    CHECK(qcow2_hint_lookup(q, 3 * CS, false, &h));        /* reading it is harmless */
     q->h.has_crypto_ext = had, q->h.crypto_offset = co, q->h.crypto_length = cl;
     qcow2_map_changed(q);
     CHECK(reads_shadow(&q->img));
 
     /* An indexed structure over the cluster (a damaged image): the hint
      * is dead and the long way refuses the write. */
-    CHECK(qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(qcow2_hint_lookup(q, 3 * CS, true, &h));
     qcow2_ol_add(q, data, OL_BIT_REFBLOCK);
-    CHECK(!qcow2_hint_lookup(q, 3 * CS, 4096, true, &h));
+    CHECK(!qcow2_hint_lookup(q, 3 * CS, true, &h));
     CHECK_EQ(zc_wr(q, 3 * CS, 4096, 59, 0, 0, &h, &r), -EIO);
     CHECK(q->broken);
     qcow2_ol_remove(q, data, OL_BIT_REFBLOCK);
@@ -911,7 +911,7 @@ static void test_zc_hints_random(void)
         uint64_t gen = q->map_gen;
         for (unsigned k = 0; k < 16; k++)
             for (unsigned w = 0; w < 2; w++)
-                got[k][w] = qcow2_hint_lookup(q, k * CS + 4096 * w, 4096, w, &host[k][w]);
+                got[k][w] = qcow2_hint_lookup(q, k * CS + 4096 * w, w, &host[k][w]);
         if (q->map_gen == gen)
             fast++;
         for (unsigned k = 0; k < 16; k++) {
